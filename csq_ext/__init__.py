@@ -1,0 +1,10 @@
+"""csq_ext: CSQ (Centered Shifted-Quadratic) attention as a PyTorch operator.
+
+``csq_ext.attention(q, k, v, ...)`` is the public entry; ``csq_ext.reference`` holds the
+O(N^2) definition it is tested against.
+"""
+from .attention import attention
+from .reference import csq_attention_reference
+
+__all__ = ["attention", "csq_attention_reference"]
+__version__ = "0.1.0"

@@ -1,0 +1,298 @@
+// CSQ attention backward on the CPU. Two passes per (batch, key/value head):
+//  1. forward order, with the key state S = sum psi(k) v~^T of earlier keys: dq and db
+//     (the gradient of each query's shift b_i), and the in-chunk parts of dk and dv;
+//  2. reverse order, with the query state R = sum phi(q, b) g~^T of later queries: the parts
+//     of dk and dv that come from later chunks, and the centering term of dk.
+// Here g~_i = [dnum_i, dden_i] is the gradient of the augmented numerator, so that the
+// gradient of w_ij is <g~_i, v~_j>.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "../csq_host.h"
+#include "csq_cpu_common.h"
+
+namespace csq {
+namespace cpu {
+namespace {
+
+template <typename scalar_t, typename acc_t>
+struct BackwardTask {
+  const AttnParams& p;
+  const int64_t b, g;
+  const int64_t N, D, Dv, Dv1, F, P, C;
+  const acc_t tau, eps;
+  std::vector<acc_t> ref, kc, vc, psi, qc, bq, gc, phi, u, blk, blk2, mu, ksum, state;
+
+  BackwardTask(const AttnParams& p_, int64_t b_, int64_t g_)
+      : p(p_), b(b_), g(g_), N(p_.seqlen), D(p_.dim_k), Dv(p_.dim_v), Dv1(p_.dim_v + 1),
+        F(num_features(p_.dim_k)), P(num_pairs(p_.dim_k)), C(p_.chunk),
+        tau(static_cast<acc_t>(p_.scale)), eps(static_cast<acc_t>(p_.eps)),
+        ref(D), kc(C * D), vc(C * Dv1), psi(C * F), qc(C * D), bq(C), gc(C * Dv1), phi(C * F),
+        u(C * F), blk(C * C), blk2(C * C), mu(C * D), ksum(D, acc_t(0)), state(F * Dv1) {
+    reference_key<scalar_t, acc_t>(p, b, g, ref.data());
+  }
+
+  int64_t qrow0(int64_t h, int64_t t0) const { return (b * p.heads_q + h) * N + t0; }
+  int64_t krow0(int64_t t0) const { return (b * p.heads_k + g) * N + t0; }
+  acc_t* out(void* base, int64_t row0, int64_t width) const {
+    return static_cast<acc_t*>(base) + row0 * width;
+  }
+
+  void load_keys(int64_t t0, int64_t rows) {
+    load_rows<scalar_t, acc_t>(p.k, p.k_stride, b, g, t0, rows, D, ref.data(), kc.data(), D);
+    load_values_aug<scalar_t, acc_t>(p, b, g, t0, rows, vc.data());
+    key_features(kc.data(), rows, D, psi.data());
+  }
+
+  // Loads q, the saved b, and g~ = [dnum, dden] for query head h.
+  void load_queries(int64_t h, int64_t t0, int64_t rows) {
+    load_rows<scalar_t, acc_t>(p.q, p.q_stride, b, h, t0, rows, D, nullptr, qc.data(), D);
+    const int64_t row0 = qrow0(h, t0);
+    const acc_t* bs = static_cast<const acc_t*>(p.b) + row0;
+    const acc_t* den = static_cast<const acc_t*>(p.den) + row0;
+    const scalar_t* y = static_cast<const scalar_t*>(p.y) + row0 * Dv;
+    for (int64_t i = 0; i < rows; ++i) {
+      bq[i] = bs[i];
+      const scalar_t* dy = row_ptr<scalar_t>(p.dy, p.dy_stride, b, h, t0 + i);
+      acc_t* gr = gc.data() + i * Dv1;
+      if (p.normalize) {
+        const acc_t inv = acc_t(1) / (den[i] + eps);
+        acc_t dot = 0;
+        for (int64_t x = 0; x < Dv; ++x) {
+          const acc_t d = static_cast<acc_t>(dy[x * p.dy_stride[3]]);
+          gr[x] = d * inv;
+          dot += d * static_cast<acc_t>(y[i * Dv + x]);
+        }
+        gr[Dv] = -dot * inv;
+      } else {
+        for (int64_t x = 0; x < Dv; ++x) gr[x] = static_cast<acc_t>(dy[x * p.dy_stride[3]]);
+        gr[Dv] = 0;
+      }
+    }
+  }
+
+  // Pass 1 for one query head and one chunk.
+  void queries_forward_order(int64_t h, int64_t t0, int64_t rows, bool state_empty) {
+    const int64_t row0 = qrow0(h, t0);
+    acc_t* dq = out(p.dq, row0, D);
+    acc_t* db = out(p.db, row0, 1);
+    std::fill(db, db + rows, acc_t(0));
+
+    // Earlier (or all) keys through the state: u_i = S g~_i, the gradient of phi_i.
+    if (!state_empty) {
+      mm_into(mat(u.data(), rows, F), mat(gc.data(), rows, Dv1),
+                 mat(state.data(), F, Dv1).t());
+      for (int64_t i = 0; i < rows; ++i) {
+        const acc_t* ui = u.data() + i * F;
+        const acc_t* qi = qc.data() + i * D;
+        const acc_t* lin = ui + P;
+        sym_matvec_add(ui, qi, D, 2 * tau * tau, 2 * tau * tau, dq + i * D);
+        acc_t qlin = 0;
+        for (int64_t x = 0; x < D; ++x) {
+          dq[i * D + x] += 2 * tau * bq[i] * lin[x];
+          qlin += qi[x] * lin[x];
+        }
+        db[i] += 2 * tau * qlin + 2 * bq[i] * ui[F - 1];
+      }
+    }
+
+    // Keys of this chunk directly: s = tau Q K^T + b, E = G~ V~^T, dS = 2 s E (j <= i).
+    if (p.causal) {
+      at::Tensor S = mat(blk.data(), rows, rows), E = mat(blk2.data(), rows, rows);
+      mm_into(S, mat(qc.data(), rows, D), mat(kc.data(), rows, D).t());
+      mm_into(E, mat(gc.data(), rows, Dv1), mat(vc.data(), rows, Dv1).t());
+      for (int64_t i = 0; i < rows; ++i) {
+        acc_t rowsum = 0;
+        for (int64_t j = 0; j < rows; ++j) {
+          const acc_t s = tau * blk[i * rows + j] + bq[i];
+          const acc_t ds = j <= i ? 2 * s * blk2[i * rows + j] : acc_t(0);
+          blk[i * rows + j] = j <= i ? s * s : acc_t(0);  // W, for dv
+          blk2[i * rows + j] = ds;
+          rowsum += ds;
+        }
+        db[i] += rowsum;
+      }
+      at::Tensor dS = E;
+      mat(dq, rows, D).addmm_(dS, mat(kc.data(), rows, D), 1, tau);
+      mat(out(p.dk, krow0(t0), D), rows, D).addmm_(dS.t(), mat(qc.data(), rows, D), 1, tau);
+      mat(out(p.dv, krow0(t0), Dv), rows, Dv).addmm_(S.t(), mat(gc.data(), rows, Dv1, Dv1)
+                                                          .narrow(1, 0, Dv));
+    }
+
+    // b_i = c_h - tau <q_i, mu_i>: the shift's gradient, and q's share through mu.
+    acc_t* dshift = static_cast<acc_t*>(p.dshift) + b * p.heads_q + h;
+    for (int64_t i = 0; i < rows; ++i) {
+      *dshift += db[i];
+      if (p.center)
+        for (int64_t x = 0; x < D; ++x) dq[i * D + x] -= tau * db[i] * mu[i * D + x];
+    }
+  }
+
+  void pass_forward_order() {
+    std::fill(state.begin(), state.end(), acc_t(0));
+    at::Tensor S = mat(state.data(), F, Dv1);
+    auto absorb_keys = [&](int64_t rows) {
+      S.addmm_(mat(psi.data(), rows, F).t(), mat(vc.data(), rows, Dv1));
+      add_rows(kc.data(), rows, D, ksum.data());
+    };
+    if (!p.causal)
+      for (int64_t t0 = 0; t0 < N; t0 += C) {
+        const int64_t rows = std::min(C, N - t0);
+        load_keys(t0, rows);
+        absorb_keys(rows);
+      }
+    for (int64_t t0 = 0; t0 < N; t0 += C) {
+      const int64_t rows = std::min(C, N - t0);
+      if (p.causal) load_keys(t0, rows);
+      if (p.center) key_means(kc.data(), rows, D, ksum.data(), t0, p.causal, N, mu.data());
+      for (int64_t hh = 0; hh < p.group; ++hh) {
+        const int64_t h = g * p.group + hh;
+        load_queries(h, t0, rows);
+        queries_forward_order(h, t0, rows, p.causal && t0 == 0);
+      }
+      if (p.causal) absorb_keys(rows);
+    }
+  }
+
+  // Centering: mu_i = mean of the keys of J(i), so key j receives sum_{i : j in J(i)} dmu_i
+  // / n_i with dmu_i = -tau db_i q_i, summed over the query heads of the group. Writes those
+  // per-query vectors of a chunk into mu (reused as scratch).
+  void centering_terms(int64_t t0, int64_t rows) {
+    std::fill(mu.begin(), mu.begin() + rows * D, acc_t(0));
+    for (int64_t hh = 0; hh < p.group; ++hh) {
+      const int64_t h = g * p.group + hh;
+      load_rows<scalar_t, acc_t>(p.q, p.q_stride, b, h, t0, rows, D, nullptr, qc.data(), D);
+      const acc_t* db = out(p.db, qrow0(h, t0), 1);
+      for (int64_t i = 0; i < rows; ++i) {
+        const acc_t n_i = p.causal ? acc_t(t0 + i + 1) : acc_t(N);
+        const acc_t coef = -tau * db[i] / n_i;
+        for (int64_t x = 0; x < D; ++x) mu[i * D + x] += coef * qc[i * D + x];
+      }
+    }
+  }
+
+  // Pass 2 for one chunk of keys: later (or all) queries through R.
+  void keys_reverse_order(int64_t t0, int64_t rows) {
+    acc_t* dk = out(p.dk, krow0(t0), D);
+    mat(out(p.dv, krow0(t0), Dv), rows, Dv)
+        .addmm_(mat(psi.data(), rows, F), mat(state.data(), F, Dv1, Dv1).narrow(1, 0, Dv));
+    mm_into(mat(u.data(), rows, F), mat(vc.data(), rows, Dv1), mat(state.data(), F, Dv1).t());
+    for (int64_t j = 0; j < rows; ++j) {
+      const acc_t* uj = u.data() + j * F;
+      sym_matvec_add(uj, kc.data() + j * D, D, acc_t(1), acc_t(2), dk + j * D);
+      for (int64_t x = 0; x < D; ++x) dk[j * D + x] += uj[P + x];
+    }
+  }
+
+  void pass_reverse_order() {
+    std::fill(state.begin(), state.end(), acc_t(0));
+    std::fill(ksum.begin(), ksum.end(), acc_t(0));  // now: sum of the centering terms so far
+    at::Tensor R = mat(state.data(), F, Dv1);
+    auto absorb_queries = [&](int64_t t0, int64_t rows) {
+      for (int64_t hh = 0; hh < p.group; ++hh) {
+        const int64_t h = g * p.group + hh;
+        load_queries(h, t0, rows);
+        query_features(qc.data(), bq.data(), rows, D, tau, phi.data());
+        R.addmm_(mat(phi.data(), rows, F).t(), mat(gc.data(), rows, Dv1));
+      }
+    };
+
+    if (!p.causal) {
+      for (int64_t t0 = 0; t0 < N; t0 += C) {
+        const int64_t rows = std::min(C, N - t0);
+        absorb_queries(t0, rows);
+        if (p.center) {
+          centering_terms(t0, rows);
+          add_rows(mu.data(), rows, D, ksum.data());
+        }
+      }
+      for (int64_t t0 = 0; t0 < N; t0 += C) {
+        const int64_t rows = std::min(C, N - t0);
+        load_keys(t0, rows);
+        keys_reverse_order(t0, rows);
+        acc_t* dk = out(p.dk, krow0(t0), D);
+        if (p.center)
+          for (int64_t j = 0; j < rows; ++j)
+            for (int64_t x = 0; x < D; ++x) dk[j * D + x] += ksum[x];
+      }
+      return;
+    }
+
+    const int64_t last0 = ((N - 1) / C) * C;
+    for (int64_t t0 = last0; t0 >= 0; t0 -= C) {
+      const int64_t rows = std::min(C, N - t0);
+      load_keys(t0, rows);
+      if (t0 != last0) keys_reverse_order(t0, rows);
+      if (p.center) {
+        // Later chunks' terms (ksum), then this chunk's as a reverse cumulative sum over i >= j.
+        centering_terms(t0, rows);
+        acc_t* dk = out(p.dk, krow0(t0), D);
+        for (int64_t j = rows - 1; j >= 0; --j)
+          for (int64_t x = 0; x < D; ++x) {
+            ksum[x] += mu[j * D + x];
+            dk[j * D + x] += ksum[x];
+          }
+      }
+      absorb_queries(t0, rows);
+    }
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> csq_bwd_cpu(
+    const at::Tensor& dy, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& shift, const at::Tensor& y, const at::Tensor& bq, const at::Tensor& den,
+    bool causal, double scale, bool center, bool normalize, double eps, int64_t chunk_size) {
+  check_inputs(q, k, v, shift, eps, chunk_size);
+  const auto acc = acc_dtype(q.scalar_type());
+  const auto B = q.size(0), Hq = q.size(1), N = q.size(2), Dv = v.size(3);
+  TORCH_CHECK(dy.sizes() == at::IntArrayRef({B, Hq, N, Dv}) && dy.scalar_type() == q.scalar_type(),
+              "csq_bwd: dy must have shape (B, Hq, N, Dv) and the dtype of q");
+  TORCH_CHECK(y.sizes() == dy.sizes() && y.scalar_type() == q.scalar_type(),
+              "csq_bwd: y must be the forward's output");
+  TORCH_CHECK(bq.sizes() == at::IntArrayRef({B, Hq, N}) && den.sizes() == bq.sizes() &&
+                  bq.scalar_type() == acc && den.scalar_type() == acc,
+              "csq_bwd: b and den must be the forward's auxiliary outputs");
+
+  auto acc_opts = q.options().dtype(acc);
+  at::Tensor dq = at::zeros(q.sizes(), acc_opts), dk = at::zeros(k.sizes(), acc_opts),
+             dv = at::zeros(v.sizes(), acc_opts), dshift = at::zeros({B, Hq}, acc_opts);
+  if (B * Hq * N > 0) {
+    at::Tensor shift_acc = shift.to(acc).contiguous();
+    at::Tensor y_c = y.contiguous(), b_c = bq.contiguous(), den_c = den.contiguous();
+    at::Tensor db = at::empty({B, Hq, N}, acc_opts);
+    AttnParams p =
+        make_params(q, k, v, shift_acc, causal, scale, center, normalize, eps, chunk_size);
+    for (int i = 0; i < 4; ++i) p.dy_stride[i] = dy.stride(i);
+    p.dy = dy.data_ptr();
+    p.y = y_c.data_ptr();
+    p.b = b_c.data_ptr();
+    p.den = den_c.data_ptr();
+    p.dq = dq.data_ptr();
+    p.dk = dk.data_ptr();
+    p.dv = dv.data_ptr();
+    p.db = db.data_ptr();
+    p.dshift = dshift.data_ptr();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "csq_bwd_cpu", [&] {
+      using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+      at::parallel_for(0, p.batch * p.heads_k, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t task = begin; task < end; ++task) {
+          BackwardTask<scalar_t, acc_t> t(p, task / p.heads_k, task % p.heads_k);
+          t.pass_forward_order();
+          t.pass_reverse_order();
+        }
+      });
+    });
+  }
+  return {dq.to(q.scalar_type()), dk.to(q.scalar_type()), dv.to(q.scalar_type()),
+          dshift.sum(0).to(shift.scalar_type())};
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace csq
+
+TORCH_LIBRARY_IMPL(csq_ext, CPU, m) { m.impl("csq_bwd", &csq::cpu::csq_bwd_cpu); }

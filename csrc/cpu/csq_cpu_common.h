@@ -1,0 +1,166 @@
+// Building blocks of the CPU kernels: loading a chunk into contiguous accumulation-type
+// buffers, the degree-2 feature maps, and the symmetric matrix-vector product that maps a
+// feature-space gradient back to q or k. The big products go through ATen (MKL/oneDNN).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "../csq_params.h"
+
+namespace csq {
+namespace cpu {
+
+// Element pointer of row `n` of head (b, h) in a (B, H, N, D) strided tensor.
+template <typename T>
+inline const T* row_ptr(const void* base, const int64_t* stride, int64_t b, int64_t h,
+                        int64_t n) {
+  return static_cast<const T*>(base) + b * stride[0] + h * stride[1] + n * stride[2];
+}
+
+// Copies rows [n0, n0 + rows) of head (b, h) into out (rows x ld), converting to acc_t and
+// subtracting `ref` (length D) when given. Handles any strides, including the last.
+template <typename scalar_t, typename acc_t>
+inline void load_rows(const void* base, const int64_t* stride, int64_t b, int64_t h, int64_t n0,
+                      int64_t rows, int64_t d, const acc_t* ref, acc_t* out, int64_t ld) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const scalar_t* src = row_ptr<scalar_t>(base, stride, b, h, n0 + i);
+    acc_t* dst = out + i * ld;
+    for (int64_t x = 0; x < d; ++x) dst[x] = static_cast<acc_t>(src[x * stride[3]]);
+    if (ref != nullptr)
+      for (int64_t x = 0; x < d; ++x) dst[x] -= ref[x];
+  }
+}
+
+// Values with a ones column appended: rows x (Dv + 1). The ones column turns the denominator
+// into the last column of the numerator, so one product serves both.
+template <typename scalar_t, typename acc_t>
+inline void load_values_aug(const AttnParams& p, int64_t b, int64_t g, int64_t n0, int64_t rows,
+                            acc_t* out) {
+  const int64_t dv1 = p.dim_v + 1;
+  load_rows<scalar_t, acc_t>(p.v, p.v_stride, b, g, n0, rows, p.dim_v, nullptr, out, dv1);
+  for (int64_t i = 0; i < rows; ++i) out[i * dv1 + p.dim_v] = acc_t(1);
+}
+
+// The reference key r: mean of the first kRefKeys keys of head (b, g) when centering, else 0.
+// Centered CSQ does not depend on r; subtracting it keeps the float32 sums small.
+template <typename scalar_t, typename acc_t>
+inline void reference_key(const AttnParams& p, int64_t b, int64_t g, acc_t* ref) {
+  const int64_t d = p.dim_k;
+  std::fill(ref, ref + d, acc_t(0));
+  if (!p.center) return;
+  const int64_t m = std::min<int64_t>(p.seqlen, kRefKeys);
+  for (int64_t j = 0; j < m; ++j) {
+    const scalar_t* src = row_ptr<scalar_t>(p.k, p.k_stride, b, g, j);
+    for (int64_t x = 0; x < d; ++x) ref[x] += static_cast<acc_t>(src[x * p.k_stride[3]]);
+  }
+  if (m > 0)
+    for (int64_t x = 0; x < d; ++x) ref[x] /= acc_t(m);
+}
+
+// Key features psi(k) = [k_x k_y (x <= y) | k_x | 1], one row of length F per key.
+template <typename acc_t>
+inline void key_features(const acc_t* k, int64_t rows, int64_t d, acc_t* psi) {
+  const int64_t f = num_features(d);
+  for (int64_t i = 0; i < rows; ++i) {
+    const acc_t* kr = k + i * d;
+    acc_t* out = psi + i * f;
+    for (int64_t x = 0; x < d; ++x) {
+      const acc_t kx = kr[x];
+      for (int64_t y = x; y < d; ++y) *out++ = kx * kr[y];
+    }
+    for (int64_t x = 0; x < d; ++x) *out++ = kr[x];
+    *out = acc_t(1);
+  }
+}
+
+// Query features phi(q, b) = [tau^2 m_xy q_x q_y | 2 tau b q_x | b^2] with m = 1 on the
+// diagonal and 2 off it (each off-diagonal pair stands for (x, y) and (y, x)), so that
+// phi(q, b) . psi(k) = (tau <q, k> + b)^2.
+template <typename acc_t>
+inline void query_features(const acc_t* q, const acc_t* bq, int64_t rows, int64_t d, acc_t tau,
+                           acc_t* phi) {
+  const int64_t f = num_features(d);
+  const acc_t t2 = tau * tau;
+  for (int64_t i = 0; i < rows; ++i) {
+    const acc_t* qr = q + i * d;
+    acc_t* out = phi + i * f;
+    for (int64_t x = 0; x < d; ++x) {
+      const acc_t qx = qr[x];
+      *out++ = t2 * qx * qx;
+      const acc_t off = 2 * t2 * qx;
+      for (int64_t y = x + 1; y < d; ++y) *out++ = off * qr[y];
+    }
+    const acc_t lin = 2 * tau * bq[i];
+    for (int64_t x = 0; x < d; ++x) *out++ = lin * qr[x];
+    *out = bq[i] * bq[i];
+  }
+}
+
+// out_z += off * sum_{y != z} u_{zy} x_y + diag * u_zz x_z, where u holds the upper triangle
+// of a symmetric D x D matrix in pair order. This is the gradient of the quadratic part of a
+// feature dot product with respect to the vector the features were built from.
+template <typename acc_t>
+inline void sym_matvec_add(const acc_t* u, const acc_t* x, int64_t d, acc_t off, acc_t diag,
+                           acc_t* out) {
+  int64_t p = 0;
+  for (int64_t a = 0; a < d; ++a) {
+    out[a] += diag * u[p] * x[a];
+    ++p;
+    acc_t acc_a = 0;
+    const acc_t xa = x[a];
+    for (int64_t c = a + 1; c < d; ++c, ++p) {
+      acc_a += u[p] * x[c];
+      out[c] += off * u[p] * xa;
+    }
+    out[a] += off * acc_a;
+  }
+}
+
+// mu'_i for the rows of a chunk starting at t0: the mean of the shifted keys query i attends
+// to. ksum holds the sum of the shifted keys before the chunk (causal) or of all keys.
+template <typename acc_t>
+inline void key_means(const acc_t* kc, int64_t rows, int64_t d, const acc_t* ksum, int64_t t0,
+                      bool causal, int64_t n_total, acc_t* mu) {
+  if (!causal) {
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t x = 0; x < d; ++x) mu[i * d + x] = ksum[x] / acc_t(n_total);
+    return;
+  }
+  for (int64_t i = 0; i < rows; ++i) {
+    const acc_t* prev = i == 0 ? ksum : mu + (i - 1) * d;  // running sums, divided below
+    for (int64_t x = 0; x < d; ++x) mu[i * d + x] = prev[x] + kc[i * d + x];
+  }
+  for (int64_t i = rows - 1; i >= 0; --i)
+    for (int64_t x = 0; x < d; ++x) mu[i * d + x] /= acc_t(t0 + i + 1);
+}
+
+// Adds the rows of a (rows x d) block to sum (d).
+template <typename acc_t>
+inline void add_rows(const acc_t* block, int64_t rows, int64_t d, acc_t* sum) {
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t x = 0; x < d; ++x) sum[x] += block[i * d + x];
+}
+
+// A row-major matrix view (leading dimension ld) of raw acc_t memory, for handing blocks to
+// ATen's GEMMs without copies.
+template <typename acc_t>
+inline at::Tensor mat(acc_t* data, int64_t rows, int64_t cols, int64_t ld) {
+  return at::from_blob(data, {rows, cols}, {ld, 1},
+                       at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
+}
+
+template <typename acc_t>
+inline at::Tensor mat(acc_t* data, int64_t rows, int64_t cols) {
+  return mat(data, rows, cols, cols);
+}
+
+// out = a @ b into an existing view (at::mm_out wants an lvalue).
+inline void mm_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b) {
+  at::mm_out(out, a, b);
+}
+
+}  // namespace cpu
+}  // namespace csq

@@ -1,0 +1,130 @@
+// CSQ attention forward on the CPU: the chunked algorithm of the spec, one task per
+// (batch, key/value head), all query heads of the group served by one key state.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "../csq_host.h"
+#include "csq_cpu_common.h"
+
+namespace csq {
+namespace cpu {
+namespace {
+
+template <typename scalar_t, typename acc_t>
+void forward_task(const AttnParams& p, int64_t b, int64_t g) {
+  const int64_t N = p.seqlen, D = p.dim_k, Dv = p.dim_v, Dv1 = Dv + 1;
+  const int64_t F = num_features(D), C = p.chunk;
+  const acc_t tau = static_cast<acc_t>(p.scale), eps = static_cast<acc_t>(p.eps);
+  const acc_t* shift = static_cast<const acc_t*>(p.shift);
+
+  std::vector<acc_t> ref(D), ksum(D, acc_t(0)), state(F * Dv1, acc_t(0));
+  std::vector<acc_t> kc(C * D), vc(C * Dv1), psi(C * F), qc(C * D), mu(C * D), bq(C),
+      phi(C * F), num(C * Dv1), w(C * C);
+  reference_key<scalar_t, acc_t>(p, b, g, ref.data());
+  at::Tensor S = mat(state.data(), F, Dv1);
+
+  // Loads keys (shifted by the reference) and augmented values of a chunk, and their features.
+  auto load_keys = [&](int64_t t0, int64_t rows) {
+    load_rows<scalar_t, acc_t>(p.k, p.k_stride, b, g, t0, rows, D, ref.data(), kc.data(), D);
+    load_values_aug<scalar_t, acc_t>(p, b, g, t0, rows, vc.data());
+    key_features(kc.data(), rows, D, psi.data());
+  };
+  // S += Psi^T V~ and the running key sum: the chunk's keys join the state.
+  auto absorb_keys = [&](int64_t rows) {
+    S.addmm_(mat(psi.data(), rows, F).t(), mat(vc.data(), rows, Dv1));
+    add_rows(kc.data(), rows, D, ksum.data());
+  };
+
+  if (!p.causal)
+    for (int64_t t0 = 0; t0 < N; t0 += C) {
+      const int64_t rows = std::min(C, N - t0);
+      load_keys(t0, rows);
+      absorb_keys(rows);
+    }
+
+  for (int64_t t0 = 0; t0 < N; t0 += C) {
+    const int64_t rows = std::min(C, N - t0);
+    if (p.causal) load_keys(t0, rows);
+    if (p.center) key_means(kc.data(), rows, D, ksum.data(), t0, p.causal, N, mu.data());
+
+    for (int64_t hh = 0; hh < p.group; ++hh) {
+      const int64_t h = g * p.group + hh;
+      load_rows<scalar_t, acc_t>(p.q, p.q_stride, b, h, t0, rows, D, nullptr, qc.data(), D);
+      for (int64_t i = 0; i < rows; ++i) {
+        acc_t qmu = 0;
+        if (p.center)
+          for (int64_t x = 0; x < D; ++x) qmu += qc[i * D + x] * mu[i * D + x];
+        bq[i] = shift[h] - tau * qmu;
+      }
+
+      // Keys of earlier chunks (or all keys) through the state: num~ = phi(Q, b) S.
+      at::Tensor Num = mat(num.data(), rows, Dv1);
+      if (p.causal && t0 == 0) {
+        Num.zero_();
+      } else {
+        query_features(qc.data(), bq.data(), rows, D, tau, phi.data());
+        mm_into(Num, mat(phi.data(), rows, F), S);
+      }
+
+      // Keys of this chunk directly: W_ij = (tau <q_i, k_j> + b_i)^2 for j <= i.
+      if (p.causal) {
+        at::Tensor W = mat(w.data(), rows, rows);
+        mm_into(W, mat(qc.data(), rows, D), mat(kc.data(), rows, D).t());
+        for (int64_t i = 0; i < rows; ++i)
+          for (int64_t j = 0; j < rows; ++j) {
+            const acc_t s = tau * w[i * rows + j] + bq[i];
+            w[i * rows + j] = j <= i ? s * s : acc_t(0);
+          }
+        Num.addmm_(W, mat(vc.data(), rows, Dv1));
+      }
+
+      const int64_t row0 = (b * p.heads_q + h) * N + t0;
+      scalar_t* y = static_cast<scalar_t*>(p.y) + row0 * Dv;
+      for (int64_t i = 0; i < rows; ++i) {
+        const acc_t den = num[i * Dv1 + Dv];
+        const acc_t inv = p.normalize ? acc_t(1) / (den + eps) : acc_t(1);
+        for (int64_t x = 0; x < Dv; ++x) y[i * Dv + x] = static_cast<scalar_t>(num[i * Dv1 + x] * inv);
+        static_cast<acc_t*>(p.b)[row0 + i] = bq[i];
+        static_cast<acc_t*>(p.den)[row0 + i] = den;
+      }
+    }
+    if (p.causal) absorb_keys(rows);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> csq_fwd_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& shift,
+    bool causal, double scale, bool center, bool normalize, double eps, int64_t chunk_size) {
+  check_inputs(q, k, v, shift, eps, chunk_size);
+  const auto acc = acc_dtype(q.scalar_type());
+  const auto B = q.size(0), Hq = q.size(1), N = q.size(2), Dv = v.size(3);
+  at::Tensor y = at::empty({B, Hq, N, Dv}, q.options());
+  at::Tensor bq = at::empty({B, Hq, N}, q.options().dtype(acc));
+  at::Tensor den = at::empty({B, Hq, N}, q.options().dtype(acc));
+  if (y.numel() == 0 && bq.numel() == 0) return {y, bq, den};
+
+  at::Tensor shift_acc = shift.to(acc).contiguous();
+  AttnParams p = make_params(q, k, v, shift_acc, causal, scale, center, normalize, eps, chunk_size);
+  p.y = y.data_ptr();
+  p.b = bq.data_ptr();
+  p.den = den.data_ptr();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "csq_fwd_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    at::parallel_for(0, p.batch * p.heads_k, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task)
+        forward_task<scalar_t, acc_t>(p, task / p.heads_k, task % p.heads_k);
+    });
+  });
+  return {y, bq, den};
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace csq
+
+TORCH_LIBRARY_IMPL(csq_ext, CPU, m) { m.impl("csq_fwd", &csq::cpu::csq_fwd_cpu); }

@@ -1,0 +1,51 @@
+"""Builds csq_ext._C against the installed torch: the CPU kernels always, the CUDA kernels when
+torch has CUDA and nvcc is found (or CSQ_FORCE_CUDA=1). See the README's build table."""
+import glob
+import os
+
+from setuptools import setup
+from torch.utils import cpp_extension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CUDA_ARCHS = "8.0;9.0a"
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+def want_cuda() -> bool:
+    if env_flag("CSQ_FORCE_CPU"):
+        return False
+    if env_flag("CSQ_FORCE_CUDA"):
+        return True  # a build machine with nvcc but no GPU
+    import torch
+    return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+
+
+def rel(pattern: str):
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+def make_extension():
+    sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
+    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    ldflags = ["-fopenmp"]
+    if not want_cuda():
+        return cpp_extension.CppExtension("csq_ext._C", sources, extra_compile_args={"cxx": cxx},
+                                          extra_link_args=ldflags)
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_CUDA_ARCHS
+    os.environ["TORCH_CUDA_ARCH_LIST"] = archs  # read by cpp_extension for -gencode flags
+    defines = ["-DCSQ_WITH_CUDA", f'-DCSQ_BUILD_CUDA_ARCHS="{archs}"']
+    nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
+    sources += rel("csrc/cuda/*.cu") + rel("csrc/cuda/*.cpp")
+    return cpp_extension.CUDAExtension(
+        "csq_ext._C", sources,
+        extra_compile_args={"cxx": cxx + defines, "nvcc": nvcc + defines},
+        extra_link_args=ldflags)
+
+
+setup(
+    ext_modules=[make_extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension},
+)
