@@ -3,8 +3,9 @@
 ``csq_ext.attention(q, k, v, ...)`` is the public entry; ``csq_ext.reference`` holds the
 O(N^2) definition it is tested against.
 """
-from .attention import attention
+from .attention import attention, decode, decode_
 from .reference import csq_attention_reference
+from .state import CSQState
 
-__all__ = ["attention", "csq_attention_reference"]
+__all__ = ["attention", "decode", "decode_", "CSQState", "csq_attention_reference"]
 __version__ = "0.1.0"

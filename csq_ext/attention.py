@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from ._ops import ops
+from .state import CSQState, num_features
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -49,10 +50,63 @@ def _validate(q, k, v, shift, eps):
     _check(eps >= 0, f"eps must be >= 0, got {eps}")
 
 
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _num_sequences(q, cu_seqlens) -> int:
+    if cu_seqlens is None:
+        return q.shape[0]
+    _check(isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.dim() == 1
+           and cu_seqlens.shape[0] >= 2 and cu_seqlens.dtype in (torch.int32, torch.int64),
+           "cu_seqlens must be an int32 or int64 tensor of shape (S + 1,): the offsets of S "
+           "packed sequences")
+    _check(q.shape[0] == 1,
+           f"with cu_seqlens, q, k, v must pack the sequences along N with batch size 1: "
+           f"q of shape (1, Hq, T, Dk), got {tuple(q.shape)}")
+    if not torch.compiler.is_compiling():  # a data-dependent check; the op checks it too
+        c = cu_seqlens.cpu()
+        _check(int(c[0]) == 0 and int(c[-1]) == q.shape[2] and bool((c[1:] >= c[:-1]).all()),
+               f"cu_seqlens must be non-decreasing offsets from 0 to T = {q.shape[2]}")
+    return cu_seqlens.shape[0] - 1
+
+
+def _check_state(state, q, k, v, S, causal, name="initial_state"):
+    _check(causal, f"{name}: a carried state continues a causal sequence; causal=False "
+           "attends to future keys, which a state cannot hold")
+    _check(isinstance(state, CSQState),
+           f"{name} must be a csq_ext.CSQState (sums, ref), got {type(state).__name__}")
+    Hk, Dk, Dv = k.shape[1], k.shape[3], v.shape[3]
+    acc = _acc_dtype(q.dtype)
+    want = (S, Hk, num_features(Dk), Dv + 1)
+    _check(tuple(state.sums.shape) == want,
+           f"{name}.sums must have shape (S, Hk, F, Dv + 1) = {want}, got "
+           f"{tuple(state.sums.shape)}")
+    _check(tuple(state.ref.shape) == (S, Hk, Dk),
+           f"{name}.ref must have shape (S, Hk, Dk) = {(S, Hk, Dk)}, got "
+           f"{tuple(state.ref.shape)}")
+    for part in ("sums", "ref"):
+        t = getattr(state, part)
+        _check(t.dtype == acc, f"{name}.{part} must be {acc} for {q.dtype} inputs, got {t.dtype}")
+        _check(t.device == q.device,
+               f"{name}.{part} must be on the device of q ({q.device}), got {t.device}")
+
+
+def _shift_tensor(shift, q):
+    if isinstance(shift, torch.Tensor):
+        return shift
+    return torch.full((q.shape[1],), float(shift), dtype=_acc_dtype(q.dtype), device=q.device)
+
+
+def _scale(scale, q) -> float:
+    return float(q.shape[3] ** -0.5 if scale is None else scale)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
               scale: float | None = None, shift: float | torch.Tensor = 1.0,
               center: bool = True, normalize: bool = True, eps: float = 1e-6,
-              chunk_size: int | None = None) -> torch.Tensor:
+              chunk_size: int | None = None, cu_seqlens: torch.Tensor | None = None,
+              initial_state: CSQState | None = None, return_state: bool = False):
     """CSQ attention: ``y_i = sum_j w_ij v_j / (sum_j w_ij + eps)`` with
     ``w_ij = (scale * <q_i, k_j - mu_i> + shift)^2``, mu_i the mean of the keys query i attends
     to (``center``), over j <= i (``causal``) or all j.
@@ -68,19 +122,73 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         normalize: divide by the sum of weights plus eps; if False return the weighted sum.
         eps: added to the denominator, >= 0.
         chunk_size: internal chunk length (tuning only; the result does not depend on it).
+        cu_seqlens: (S + 1,) int32/int64 offsets of S sequences packed along N (batch size 1),
+            as in FlashAttention's varlen API; each attends only within itself.
+        initial_state: a CSQState (causal only) that the sequences continue: the keys and
+            values of their earlier pieces. Differentiable.
+        return_state: also return the state after the last position.
 
     Returns:
-        (B, Hq, N, Dv) in the dtype of the inputs. Half precision is computed in float32.
+        (B, Hq, N, Dv) in the dtype of the inputs (half precision is computed in float32),
+        or ``(y, state)`` with ``return_state``.
 
     Equivalent to ``csq_ext.reference.csq_attention_reference`` without the N x N matrix:
     time O(N Dk^2 Dv), memory O(N (Dk + Dv)) plus O(Dk^2 Dv) per head.
     """
     _validate(q, k, v, shift, eps)
-    Hq, Dk = q.shape[1], q.shape[3]
-    tau = float(Dk ** -0.5 if scale is None else scale)
-    if not isinstance(shift, torch.Tensor):
-        shift = torch.full((Hq,), float(shift), dtype=torch.float32 if q.dtype != torch.float64
-                           else torch.float64, device=q.device)
-    y, _, _ = ops.csq_fwd(q, k, v, shift, bool(causal), tau, bool(center), bool(normalize),
-                          float(eps), int(chunk_size or 0))
-    return y
+    S = _num_sequences(q, cu_seqlens)
+    _check(causal or not return_state,
+           "return_state needs causal=True: a non-causal output depends on future keys")
+    state_in = ref_in = None
+    if initial_state is not None:
+        _check_state(initial_state, q, k, v, S, causal)
+        state_in, ref_in = initial_state.sums.contiguous(), initial_state.ref.contiguous()
+    y, _, _, sums, ref = ops.csq_fwd(
+        q, k, v, _shift_tensor(shift, q), cu_seqlens, state_in, ref_in, bool(causal),
+        _scale(scale, q), bool(center), bool(normalize), float(eps), int(chunk_size or 0),
+        bool(return_state))
+    return (y, CSQState(sums, ref)) if return_state else y
+
+
+def decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: CSQState, *,
+           scale: float | None = None, shift: float | torch.Tensor = 1.0, center: bool = True,
+           normalize: bool = True, eps: float = 1e-6):
+    """One decoding step: q (B, Hq, 1, Dk), k (B, Hk, 1, Dk), v (B, Hk, 1, Dv) for the next
+    token of each sequence, and the state of everything before it. Returns ``(y, new_state)``
+    with y (B, Hq, 1, Dv); differentiable. Costs O(Dk^2 Dv) per head whatever the position;
+    equal to ``attention`` over the whole sequence. ``decode_`` is the in-place variant."""
+    _check(q.dim() == 4 and q.shape[2] == 1,
+           f"decode takes one token per sequence: q of shape (B, Hq, 1, Dk), got "
+           f"{tuple(q.shape)}")
+    return attention(q, k, v, causal=True, scale=scale, shift=shift, center=center,
+                     normalize=normalize, eps=eps, initial_state=state, return_state=True)
+
+
+def decode_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: CSQState, *,
+            out: torch.Tensor | None = None, scale: float | None = None,
+            shift: float | torch.Tensor = 1.0, center: bool = True, normalize: bool = True,
+            eps: float = 1e-6) -> torch.Tensor:
+    """In-place decoding step for serving: adds the token to ``state.sums`` in place and writes
+    y into ``out`` (B, Hq, 1, Dv) when given, allocating nothing per step. Not differentiable.
+
+    Start a sequence with ``CSQState.empty(...)`` (ref = 0) or with the state that a prefill
+    ``attention(..., return_state=True)`` returned (its ref is the mean of the first keys, which
+    keeps float32 sums accurate when keys share a large offset)."""
+    _validate(q, k, v, shift, eps)
+    _check(q.shape[2] == 1,
+           f"decode_ takes one token per sequence: q of shape (B, Hq, 1, Dk), got "
+           f"{tuple(q.shape)}")
+    _check_state(state, q, k, v, q.shape[0], True, name="state")
+    _check(state.sums.is_contiguous() and state.ref.is_contiguous(),
+           "state.sums and state.ref must be contiguous for the in-place update")
+    B, Hq, _, _ = q.shape
+    want = (B, Hq, 1, v.shape[3])
+    if out is None:
+        out = q.new_empty(want)
+    _check(tuple(out.shape) == want and out.dtype == q.dtype and out.is_contiguous(),
+           f"out must be a contiguous {q.dtype} tensor of shape (B, Hq, 1, Dv) = {want}")
+    shift_t = _shift_tensor(shift, q).to(_acc_dtype(q.dtype)).contiguous()
+    with torch.no_grad():
+        ops.csq_decode_(state.sums, state.ref, q, k, v, shift_t, out, _scale(scale, q),
+                        bool(center), bool(normalize), float(eps))
+    return out

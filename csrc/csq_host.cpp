@@ -73,4 +73,57 @@ AttnParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   return p;
 }
 
+at::Tensor set_sequence_params(AttnParams& p, const at::Tensor& q,
+                               const c10::optional<at::Tensor>& cu_seqlens,
+                               const c10::optional<at::Tensor>& state_in,
+                               const c10::optional<at::Tensor>& ref_in) {
+  at::Tensor cu;
+  p.num_seqs = p.batch;
+  if (cu_seqlens.has_value() && cu_seqlens->defined()) {
+    const at::Tensor& c = *cu_seqlens;
+    TORCH_CHECK(c.dim() == 1 && c.size(0) >= 2 &&
+                    (c.scalar_type() == at::kInt || c.scalar_type() == at::kLong),
+                "csq_ext: cu_seqlens must be an int32 or int64 tensor of shape (S + 1,)");
+    TORCH_CHECK(p.batch == 1, "csq_ext: with cu_seqlens, q must have shape (1, Hq, T, Dk)");
+    cu = c.to(at::kCPU, at::kLong).contiguous();
+    const int64_t* cp = cu.data_ptr<int64_t>();
+    const int64_t segs = cu.size(0) - 1;
+    TORCH_CHECK(cp[0] == 0 && cp[segs] == p.seqlen,
+                "csq_ext: cu_seqlens must start at 0 and end at T = ", p.seqlen);
+    for (int64_t s = 0; s < segs; ++s)
+      TORCH_CHECK(cp[s] <= cp[s + 1], "csq_ext: cu_seqlens must be non-decreasing");
+    // The kernels index cu_seqlens on the device of q.
+    cu = cu.to(q.device());
+    p.cu_seqlens = cu.data_ptr<int64_t>();
+    p.num_seqs = segs;
+  }
+  const bool has_state = state_in.has_value() && state_in->defined();
+  const bool has_ref = ref_in.has_value() && ref_in->defined();
+  const auto acc = acc_dtype(q.scalar_type());
+  if (has_state) {
+    TORCH_CHECK(p.causal, "csq_ext: a carried state needs causal=True");
+    TORCH_CHECK(has_ref, "csq_ext: state_in needs its ref");
+    const at::Tensor& s = *state_in;
+    TORCH_CHECK(s.sizes() == at::IntArrayRef(state_shape(p)) && s.scalar_type() == acc &&
+                    s.device() == q.device() && s.is_contiguous(),
+                "csq_ext: state sums must be a contiguous ", acc, " tensor of shape (S, Hk, F, "
+                "Dv + 1) = ", at::IntArrayRef(state_shape(p)), " on ", q.device(), ", got ",
+                s.scalar_type(), " ", s.sizes(), " on ", s.device());
+    p.state_in = s.data_ptr();
+  }
+  if (has_ref) {
+    const at::Tensor& r = *ref_in;
+    TORCH_CHECK(r.sizes() == at::IntArrayRef({p.num_seqs, p.heads_k, p.dim_k}) &&
+                    r.scalar_type() == acc && r.device() == q.device() && r.is_contiguous(),
+                "csq_ext: state ref must be a contiguous ", acc, " tensor of shape (S, Hk, Dk) "
+                "= (", p.num_seqs, ", ", p.heads_k, ", ", p.dim_k, ")");
+    p.ref_in = r.data_ptr();
+  }
+  return cu;
+}
+
+std::vector<int64_t> state_shape(const AttnParams& p) {
+  return {p.num_seqs, p.heads_k, num_features(p.dim_k), p.dim_v + 1};
+}
+
 }  // namespace csq

@@ -4,6 +4,8 @@
 
 #include <ATen/ATen.h>
 
+#include <vector>
+
 #include "csq_params.h"
 
 namespace csq {
@@ -23,5 +25,16 @@ int64_t default_chunk(int64_t dim_k, bool on_cuda);
 AttnParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                        const at::Tensor& shift_acc, bool causal, double scale, bool center,
                        bool normalize, double eps, int64_t chunk_size);
+
+// Packed sequences and carried state (optional arguments of both ops). Checks them against
+// q and the params, fills the params' cu_seqlens / num_seqs / state_in / ref_in, and returns the
+// int64 copy of cu_seqlens the params point into (keep it alive while the kernel runs).
+at::Tensor set_sequence_params(AttnParams& p, const at::Tensor& q,
+                               const c10::optional<at::Tensor>& cu_seqlens,
+                               const c10::optional<at::Tensor>& state_in,
+                               const c10::optional<at::Tensor>& ref_in);
+
+// Shape of the carried sums: (S, Hk, F, Dv + 1).
+std::vector<int64_t> state_shape(const AttnParams& p);
 
 }  // namespace csq

@@ -23,14 +23,27 @@ std::string build_info() {
 
 TORCH_LIBRARY(csq_ext, m) {
   // Forward: y (B, Hq, N, Dv) in the input dtype, and what the backward needs: the per-query
-  // shift b (B, Hq, N) and the denominator den (B, Hq, N), both in the accumulation dtype.
+  // shift b (B, Hq, N) and the denominator den (B, Hq, N) in the accumulation dtype, then the
+  // carried state's sums (S, Hk, F, Dv + 1) when return_state (else an empty tensor) and the
+  // key offset ref (S, Hk, Dk) they are relative to. cu_seqlens packs S sequences into N;
+  // state_in / ref_in continue earlier sequences (causal only).
   m.def(
-      "csq_fwd(Tensor q, Tensor k, Tensor v, Tensor shift, bool causal, float scale, "
-      "bool center, bool normalize, float eps, int chunk_size) -> (Tensor, Tensor, Tensor)");
-  // Backward: dq, dk, dv in the input dtype and dshift (Hq,) in the dtype of shift.
+      "csq_fwd(Tensor q, Tensor k, Tensor v, Tensor shift, Tensor? cu_seqlens, "
+      "Tensor? state_in, Tensor? ref_in, bool causal, float scale, bool center, "
+      "bool normalize, float eps, int chunk_size, bool return_state) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Backward: dq, dk, dv in the input dtype, dshift (Hq,) in the dtype of shift, the gradient
+  // of state_in (empty when there is none) and of ref.
   m.def(
-      "csq_bwd(Tensor dy, Tensor q, Tensor k, Tensor v, Tensor shift, Tensor y, Tensor b, "
-      "Tensor den, bool causal, float scale, bool center, bool normalize, float eps, "
-      "int chunk_size) -> (Tensor, Tensor, Tensor, Tensor)");
+      "csq_bwd(Tensor dy, Tensor q, Tensor k, Tensor v, Tensor shift, Tensor? cu_seqlens, "
+      "Tensor? state_in, Tensor ref, Tensor y, Tensor b, Tensor den, Tensor? dstate_out, "
+      "bool causal, float scale, bool center, bool normalize, float eps, int chunk_size) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // One decoding step in place, for serving: the new token's key and value join `sums`, y
+  // receives the output; nothing is allocated. q (B, Hq, 1, Dk), k (B, Hk, 1, Dk),
+  // v (B, Hk, 1, Dv), y (B, Hq, 1, Dv).
+  m.def(
+      "csq_decode_(Tensor(a!) sums, Tensor ref, Tensor q, Tensor k, Tensor v, Tensor shift, "
+      "Tensor(b!) y, float scale, bool center, bool normalize, float eps) -> ()");
   m.def("build_info() -> str", &build_info);
 }

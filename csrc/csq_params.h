@@ -25,6 +25,19 @@ struct AttnParams {
   bool causal = true, center = true, normalize = true;
   int64_t chunk = 64;  // positions per chunk
 
+  // Packed variable-length batches: when cu_seqlens is set, batch == 1 and sequence s holds
+  // positions [cu_seqlens[s], cu_seqlens[s + 1]). Otherwise sequence s is batch entry s.
+  const int64_t* cu_seqlens = nullptr;
+  int64_t num_seqs = 0;
+
+  // Carried state, per (sequence, key/value head), accumulation dtype, contiguous:
+  // sums = sum_j psi(k_j - ref) [v_j, 1]^T, (S, Hk, F, Dv + 1), and the key offset ref
+  // (S, Hk, Dk) the sums are taken relative to. Its last row holds the key count.
+  const void* state_in = nullptr;  // optional
+  const void* ref_in = nullptr;    // given with state_in
+  void* state_out = nullptr;       // optional forward output
+  void* ref_out = nullptr;         // forward output: the ref used (read by the backward)
+
   // Forward outputs; read back by the backward. All contiguous.
   void* y = nullptr;    // (B, Hq, N, Dv), input dtype
   void* b = nullptr;    // (B, Hq, N), accumulation dtype: per-query effective shift, see below
@@ -37,13 +50,32 @@ struct AttnParams {
   void* dk = nullptr;        // (B, Hk, N, Dk), accumulation dtype, contiguous
   void* dv = nullptr;        // (B, Hk, N, Dv), accumulation dtype, contiguous
   void* db = nullptr;        // (B, Hq, N), accumulation dtype: dL/db_i, a workspace
-  void* dshift = nullptr;    // (B, Hq), accumulation dtype: per-batch shift gradient
+  void* dshift = nullptr;    // (S, Hq), accumulation dtype: per-sequence shift gradient
+  const void* dstate_out = nullptr;  // optional incoming gradient of state_out
+  void* dstate_in = nullptr;         // gradient of state_in (when state_in is set)
+  void* dref = nullptr;              // (S, Hk, Dk): gradient of ref through k - ref and b
 };
 
+// One unit of work: a sequence (a batch entry, or a packed segment) and a key/value head.
+struct SeqTask {
+  int64_t seq;    // state / shift-gradient index
+  int64_t batch;  // batch index of the inputs (0 for packed segments)
+  int64_t start;  // first position of the sequence in the inputs
+  int64_t len;    // its length
+  int64_t head_k;
+};
+
+inline SeqTask seq_task(const AttnParams& p, int64_t task) {
+  const int64_t s = task / p.heads_k, g = task % p.heads_k;
+  if (p.cu_seqlens == nullptr) return {s, s, 0, p.seqlen, g};
+  return {s, 0, p.cu_seqlens[s], p.cu_seqlens[s + 1] - p.cu_seqlens[s], g};
+}
+
 // Keys are summed relative to a reference key r (the mean of the first kRefKeys keys of each
-// key/value head) when centering, which keeps float32 sums accurate when keys share a large
+// key/value head, or the carried state's ref) when centering, which keeps float32 sums accurate when keys share a large
 // offset. Centered CSQ is invariant to moving every key, so r changes only rounding. The saved
-// per-query shift is b_i = c_h - tau <q_i, mu_i - r>, i.e. the shift that goes with k - r.
+// per-query shift is the shift that goes with k - r: b_i = c_h - tau <q_i, mu_i - r> when
+// centering, else b_i = c_h + tau <q_i, r> (r = 0 unless a carried state says otherwise).
 constexpr int64_t kRefKeys = 64;
 
 // Number of distinct degree-2 features of a D-vector: pairs (x, y) with x <= y.

@@ -22,42 +22,56 @@ namespace {
 template <typename scalar_t, typename acc_t>
 struct BackwardTask {
   const AttnParams& p;
-  const int64_t b, g;
-  const int64_t N, D, Dv, Dv1, F, P, C;
+  const SeqTask t;
+  const int64_t g, N, D, Dv, Dv1, F, P, C;
   const acc_t tau, eps;
-  std::vector<acc_t> ref, kc, vc, psi, qc, bq, gc, phi, u, blk, blk2, mu, ksum, state;
+  const bool carried;  // a carried state precedes the sequence
+  acc_t n0 = 0;        // its key count
+  acc_t dn0 = 0;       // gradient of that count through the key means
+  std::vector<acc_t> ref, dref, kc, vc, psi, qc, bq, gc, phi, u, blk, blk2, mu, ksum, state;
 
-  BackwardTask(const AttnParams& p_, int64_t b_, int64_t g_)
-      : p(p_), b(b_), g(g_), N(p_.seqlen), D(p_.dim_k), Dv(p_.dim_v), Dv1(p_.dim_v + 1),
+  BackwardTask(const AttnParams& p_, const SeqTask& t_)
+      : p(p_), t(t_), g(t_.head_k), N(t_.len), D(p_.dim_k), Dv(p_.dim_v), Dv1(p_.dim_v + 1),
         F(num_features(p_.dim_k)), P(num_pairs(p_.dim_k)), C(p_.chunk),
         tau(static_cast<acc_t>(p_.scale)), eps(static_cast<acc_t>(p_.eps)),
-        ref(D), kc(C * D), vc(C * Dv1), psi(C * F), qc(C * D), bq(C), gc(C * Dv1), phi(C * F),
-        u(C * F), blk(C * C), blk2(C * C), mu(C * D), ksum(D, acc_t(0)), state(F * Dv1) {
-    reference_key<scalar_t, acc_t>(p, b, g, ref.data());
+        carried(p_.state_in != nullptr), ref(D), dref(D, acc_t(0)), kc(C * D), vc(C * Dv1),
+        psi(C * F), qc(C * D), bq(C), gc(C * Dv1), phi(C * F), u(C * F), blk(C * C),
+        blk2(C * C), mu(C * D), ksum(D), state(F * Dv1) {
+    task_reference<scalar_t, acc_t>(p, t, ref.data());
   }
 
-  int64_t qrow0(int64_t h, int64_t t0) const { return (b * p.heads_q + h) * N + t0; }
-  int64_t krow0(int64_t t0) const { return (b * p.heads_k + g) * N + t0; }
+  int64_t qrow0(int64_t h, int64_t t0) const {
+    return (t.batch * p.heads_q + h) * p.seqlen + t.start + t0;
+  }
+  int64_t krow0(int64_t t0) const { return (t.batch * p.heads_k + g) * p.seqlen + t.start + t0; }
+  int64_t head_state() const { return t.seq * p.heads_k + g; }
   acc_t* out(void* base, int64_t row0, int64_t width) const {
     return static_cast<acc_t*>(base) + row0 * width;
   }
+  acc_t n_before(int64_t t0) const { return n0 + acc_t(t0); }
 
   void load_keys(int64_t t0, int64_t rows) {
-    load_rows<scalar_t, acc_t>(p.k, p.k_stride, b, g, t0, rows, D, ref.data(), kc.data(), D);
-    load_values_aug<scalar_t, acc_t>(p, b, g, t0, rows, vc.data());
+    load_rows<scalar_t, acc_t>(p.k, p.k_stride, t.batch, g, t.start + t0, rows, D, ref.data(),
+                               kc.data(), D);
+    load_values_aug<scalar_t, acc_t>(p, t.batch, g, t.start + t0, rows, vc.data());
     key_features(kc.data(), rows, D, psi.data());
+  }
+
+  void load_q(int64_t h, int64_t t0, int64_t rows) {
+    load_rows<scalar_t, acc_t>(p.q, p.q_stride, t.batch, h, t.start + t0, rows, D, nullptr,
+                               qc.data(), D);
   }
 
   // Loads q, the saved b, and g~ = [dnum, dden] for query head h.
   void load_queries(int64_t h, int64_t t0, int64_t rows) {
-    load_rows<scalar_t, acc_t>(p.q, p.q_stride, b, h, t0, rows, D, nullptr, qc.data(), D);
+    load_q(h, t0, rows);
     const int64_t row0 = qrow0(h, t0);
     const acc_t* bs = static_cast<const acc_t*>(p.b) + row0;
     const acc_t* den = static_cast<const acc_t*>(p.den) + row0;
     const scalar_t* y = static_cast<const scalar_t*>(p.y) + row0 * Dv;
     for (int64_t i = 0; i < rows; ++i) {
       bq[i] = bs[i];
-      const scalar_t* dy = row_ptr<scalar_t>(p.dy, p.dy_stride, b, h, t0 + i);
+      const scalar_t* dy = row_ptr<scalar_t>(p.dy, p.dy_stride, t.batch, h, t.start + t0 + i);
       acc_t* gr = gc.data() + i * Dv1;
       if (p.normalize) {
         const acc_t inv = acc_t(1) / (den[i] + eps);
@@ -85,7 +99,7 @@ struct BackwardTask {
     // Earlier (or all) keys through the state: u_i = S g~_i, the gradient of phi_i.
     if (!state_empty) {
       mm_into(mat(u.data(), rows, F), mat(gc.data(), rows, Dv1),
-                 mat(state.data(), F, Dv1).t());
+              mat(state.data(), F, Dv1).t());
       for (int64_t i = 0; i < rows; ++i) {
         const acc_t* ui = u.data() + i * F;
         const acc_t* qi = qc.data() + i * D;
@@ -119,21 +133,35 @@ struct BackwardTask {
       at::Tensor dS = E;
       mat(dq, rows, D).addmm_(dS, mat(kc.data(), rows, D), 1, tau);
       mat(out(p.dk, krow0(t0), D), rows, D).addmm_(dS.t(), mat(qc.data(), rows, D), 1, tau);
-      mat(out(p.dv, krow0(t0), Dv), rows, Dv).addmm_(S.t(), mat(gc.data(), rows, Dv1, Dv1)
-                                                          .narrow(1, 0, Dv));
+      mat(out(p.dv, krow0(t0), Dv), rows, Dv)
+          .addmm_(S.t(), mat(gc.data(), rows, Dv1, Dv1).narrow(1, 0, Dv));
     }
 
-    // b_i = c_h - tau <q_i, mu_i>: the shift's gradient, and q's share through mu.
-    acc_t* dshift = static_cast<acc_t*>(p.dshift) + b * p.heads_q + h;
+    // b_i = c_h - tau <q_i, mu_i> (centering) or c_h + tau <q_i, ref>: the gradients of the
+    // shift, of q through mu or ref, of the carried count through mu, and of ref.
+    acc_t* dshift = static_cast<acc_t*>(p.dshift) + t.seq * p.heads_q + h;
     for (int64_t i = 0; i < rows; ++i) {
       *dshift += db[i];
-      if (p.center)
-        for (int64_t x = 0; x < D; ++x) dq[i * D + x] -= tau * db[i] * mu[i * D + x];
+      const acc_t* qi = qc.data() + i * D;
+      if (p.center) {
+        const acc_t* mi = mu.data() + i * D;
+        acc_t qmu = 0;
+        for (int64_t x = 0; x < D; ++x) {
+          dq[i * D + x] -= tau * db[i] * mi[x];
+          qmu += qi[x] * mi[x];
+        }
+        dn0 += tau * db[i] * qmu / (n_before(t0) + acc_t(i + 1));
+      } else {
+        for (int64_t x = 0; x < D; ++x) {
+          dq[i * D + x] += tau * db[i] * ref[x];
+          dref[x] += tau * db[i] * qi[x];
+        }
+      }
     }
   }
 
   void pass_forward_order() {
-    std::fill(state.begin(), state.end(), acc_t(0));
+    n0 = task_initial_state(p, t, state.data(), ksum.data());
     at::Tensor S = mat(state.data(), F, Dv1);
     auto absorb_keys = [&](int64_t rows) {
       S.addmm_(mat(psi.data(), rows, F).t(), mat(vc.data(), rows, Dv1));
@@ -148,11 +176,12 @@ struct BackwardTask {
     for (int64_t t0 = 0; t0 < N; t0 += C) {
       const int64_t rows = std::min(C, N - t0);
       if (p.causal) load_keys(t0, rows);
-      if (p.center) key_means(kc.data(), rows, D, ksum.data(), t0, p.causal, N, mu.data());
+      if (p.center)
+        key_means(kc.data(), rows, D, ksum.data(), n_before(t0), p.causal, N, mu.data());
       for (int64_t hh = 0; hh < p.group; ++hh) {
         const int64_t h = g * p.group + hh;
         load_queries(h, t0, rows);
-        queries_forward_order(h, t0, rows, p.causal && t0 == 0);
+        queries_forward_order(h, t0, rows, p.causal && t0 == 0 && !carried);
       }
       if (p.causal) absorb_keys(rows);
     }
@@ -165,10 +194,10 @@ struct BackwardTask {
     std::fill(mu.begin(), mu.begin() + rows * D, acc_t(0));
     for (int64_t hh = 0; hh < p.group; ++hh) {
       const int64_t h = g * p.group + hh;
-      load_rows<scalar_t, acc_t>(p.q, p.q_stride, b, h, t0, rows, D, nullptr, qc.data(), D);
+      load_q(h, t0, rows);
       const acc_t* db = out(p.db, qrow0(h, t0), 1);
       for (int64_t i = 0; i < rows; ++i) {
-        const acc_t n_i = p.causal ? acc_t(t0 + i + 1) : acc_t(N);
+        const acc_t n_i = p.causal ? n_before(t0) + acc_t(i + 1) : acc_t(N);
         const acc_t coef = -tau * db[i] / n_i;
         for (int64_t x = 0; x < D; ++x) mu[i * D + x] += coef * qc[i * D + x];
       }
@@ -189,7 +218,15 @@ struct BackwardTask {
   }
 
   void pass_reverse_order() {
-    std::fill(state.begin(), state.end(), acc_t(0));
+    // R starts as the gradient of the returned state: S_out = S_in + sum_j psi_j v~_j^T gives
+    // its keys and values exactly the terms that later queries give.
+    const bool seeded = p.dstate_out != nullptr;
+    if (seeded) {
+      const acc_t* src = static_cast<const acc_t*>(p.dstate_out) + head_state() * F * Dv1;
+      std::copy(src, src + F * Dv1, state.begin());
+    } else {
+      std::fill(state.begin(), state.end(), acc_t(0));
+    }
     std::fill(ksum.begin(), ksum.end(), acc_t(0));  // now: sum of the centering terms so far
     at::Tensor R = mat(state.data(), F, Dv1);
     auto absorb_queries = [&](int64_t t0, int64_t rows) {
@@ -219,32 +256,52 @@ struct BackwardTask {
           for (int64_t j = 0; j < rows; ++j)
             for (int64_t x = 0; x < D; ++x) dk[j * D + x] += ksum[x];
       }
-      return;
-    }
-
-    const int64_t last0 = ((N - 1) / C) * C;
-    for (int64_t t0 = last0; t0 >= 0; t0 -= C) {
-      const int64_t rows = std::min(C, N - t0);
-      load_keys(t0, rows);
-      if (t0 != last0) keys_reverse_order(t0, rows);
-      if (p.center) {
-        // Later chunks' terms (ksum), then this chunk's as a reverse cumulative sum over i >= j.
-        centering_terms(t0, rows);
-        acc_t* dk = out(p.dk, krow0(t0), D);
-        for (int64_t j = rows - 1; j >= 0; --j)
-          for (int64_t x = 0; x < D; ++x) {
-            ksum[x] += mu[j * D + x];
-            dk[j * D + x] += ksum[x];
-          }
+    } else {
+      const int64_t last0 = N > 0 ? ((N - 1) / C) * C : -1;
+      for (int64_t t0 = last0; t0 >= 0; t0 -= C) {
+        const int64_t rows = std::min(C, N - t0);
+        load_keys(t0, rows);
+        if (t0 != last0 || seeded) keys_reverse_order(t0, rows);
+        if (p.center) {
+          // Later chunks' terms (ksum), then this chunk's: a reverse cumulative sum, i >= j.
+          centering_terms(t0, rows);
+          acc_t* dk = out(p.dk, krow0(t0), D);
+          for (int64_t j = rows - 1; j >= 0; --j)
+            for (int64_t x = 0; x < D; ++x) {
+              ksum[x] += mu[j * D + x];
+              dk[j * D + x] += ksum[x];
+            }
+        }
+        absorb_queries(t0, rows);
       }
-      absorb_queries(t0, rows);
     }
+    finish_state_gradients();
+  }
+
+  // The carried state was read by every query (R now sums over all of them) and, through the
+  // key means, by its key sum (ksum: all centering terms) and its count (dn0). Every key of the
+  // sequence is k - ref, so ref receives minus the sum of their gradients.
+  void finish_state_gradients() {
+    if (carried) {
+      acc_t* ds = static_cast<acc_t*>(p.dstate_in) + head_state() * F * Dv1;
+      std::copy(state.begin(), state.end(), ds);
+      if (p.center) {
+        for (int64_t x = 0; x < D; ++x) ds[(P + x) * Dv1 + Dv] += ksum[x];
+        ds[(F - 1) * Dv1 + Dv] += dn0;
+      }
+    }
+    const acc_t* dk = out(p.dk, krow0(0), D);
+    for (int64_t j = 0; j < N; ++j)
+      for (int64_t x = 0; x < D; ++x) dref[x] -= dk[j * D + x];
+    std::copy(dref.begin(), dref.end(), static_cast<acc_t*>(p.dref) + head_state() * D);
   }
 };
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> csq_bwd_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> csq_bwd_cpu(
     const at::Tensor& dy, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& shift, const at::Tensor& y, const at::Tensor& bq, const at::Tensor& den,
+    const at::Tensor& shift, const c10::optional<at::Tensor>& cu_seqlens,
+    const c10::optional<at::Tensor>& state_in, const at::Tensor& ref, const at::Tensor& y,
+    const at::Tensor& bq, const at::Tensor& den, const c10::optional<at::Tensor>& dstate_out,
     bool causal, double scale, bool center, bool normalize, double eps, int64_t chunk_size) {
   check_inputs(q, k, v, shift, eps, chunk_size);
   const auto acc = acc_dtype(q.scalar_type());
@@ -257,38 +314,50 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> csq_bwd_cpu(
                   bq.scalar_type() == acc && den.scalar_type() == acc,
               "csq_bwd: b and den must be the forward's auxiliary outputs");
 
+  at::Tensor shift_acc = shift.to(acc).contiguous();
+  at::Tensor ref_c = ref.contiguous();
+  AttnParams p = make_params(q, k, v, shift_acc, causal, scale, center, normalize, eps, chunk_size);
+  at::Tensor cu = set_sequence_params(p, q, cu_seqlens, state_in, ref_c);
+  const bool carried = p.state_in != nullptr;
+  at::Tensor dstate_c;
+  if (dstate_out.has_value() && dstate_out->defined() && dstate_out->numel() > 0) {
+    TORCH_CHECK(dstate_out->sizes() == at::IntArrayRef(state_shape(p)),
+                "csq_bwd: dstate_out must have the state's shape");
+    dstate_c = dstate_out->to(acc).contiguous();
+    p.dstate_out = dstate_c.data_ptr();
+  }
+
   auto acc_opts = q.options().dtype(acc);
   at::Tensor dq = at::zeros(q.sizes(), acc_opts), dk = at::zeros(k.sizes(), acc_opts),
-             dv = at::zeros(v.sizes(), acc_opts), dshift = at::zeros({B, Hq}, acc_opts);
-  if (B * Hq * N > 0) {
-    at::Tensor shift_acc = shift.to(acc).contiguous();
-    at::Tensor y_c = y.contiguous(), b_c = bq.contiguous(), den_c = den.contiguous();
-    at::Tensor db = at::empty({B, Hq, N}, acc_opts);
-    AttnParams p =
-        make_params(q, k, v, shift_acc, causal, scale, center, normalize, eps, chunk_size);
-    for (int i = 0; i < 4; ++i) p.dy_stride[i] = dy.stride(i);
-    p.dy = dy.data_ptr();
-    p.y = y_c.data_ptr();
-    p.b = b_c.data_ptr();
-    p.den = den_c.data_ptr();
-    p.dq = dq.data_ptr();
-    p.dk = dk.data_ptr();
-    p.dv = dv.data_ptr();
-    p.db = db.data_ptr();
-    p.dshift = dshift.data_ptr();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "csq_bwd_cpu", [&] {
-      using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-      at::parallel_for(0, p.batch * p.heads_k, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t task = begin; task < end; ++task) {
-          BackwardTask<scalar_t, acc_t> t(p, task / p.heads_k, task % p.heads_k);
-          t.pass_forward_order();
-          t.pass_reverse_order();
-        }
-      });
+             dv = at::zeros(v.sizes(), acc_opts), dshift = at::zeros({p.num_seqs, Hq}, acc_opts);
+  at::Tensor dstate_in = carried ? at::zeros(state_shape(p), acc_opts) : at::empty({0}, acc_opts);
+  at::Tensor dref = at::zeros({p.num_seqs, p.heads_k, p.dim_k}, acc_opts);
+  at::Tensor y_c = y.contiguous(), b_c = bq.contiguous(), den_c = den.contiguous();
+  at::Tensor db = at::empty({B, Hq, N}, acc_opts);
+  for (int i = 0; i < 4; ++i) p.dy_stride[i] = dy.stride(i);
+  p.dy = dy.data_ptr();
+  p.y = y_c.data_ptr();
+  p.b = b_c.data_ptr();
+  p.den = den_c.data_ptr();
+  p.dq = dq.data_ptr();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  p.db = db.data_ptr();
+  p.dshift = dshift.data_ptr();
+  p.dstate_in = carried ? dstate_in.data_ptr() : nullptr;
+  p.dref = dref.data_ptr();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "csq_bwd_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    at::parallel_for(0, p.num_seqs * p.heads_k, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        BackwardTask<scalar_t, acc_t> t(p, seq_task(p, task));
+        t.pass_forward_order();
+        t.pass_reverse_order();
+      }
     });
-  }
+  });
   return {dq.to(q.scalar_type()), dk.to(q.scalar_type()), dv.to(q.scalar_type()),
-          dshift.sum(0).to(shift.scalar_type())};
+          dshift.sum(0).to(shift.scalar_type()), dstate_in, dref};
 }
 
 }  // namespace

@@ -44,20 +44,61 @@ inline void load_values_aug(const AttnParams& p, int64_t b, int64_t g, int64_t n
   for (int64_t i = 0; i < rows; ++i) out[i * dv1 + p.dim_v] = acc_t(1);
 }
 
-// The reference key r: mean of the first kRefKeys keys of head (b, g) when centering, else 0.
-// Centered CSQ does not depend on r; subtracting it keeps the float32 sums small.
+// The reference key r of a task: the carried state's, else (when centering) the mean of the
+// sequence's first kRefKeys keys, else 0. Centered CSQ does not depend on r; subtracting it
+// keeps the float32 sums small.
 template <typename scalar_t, typename acc_t>
-inline void reference_key(const AttnParams& p, int64_t b, int64_t g, acc_t* ref) {
+inline void task_reference(const AttnParams& p, const SeqTask& t, acc_t* ref) {
   const int64_t d = p.dim_k;
+  if (p.ref_in != nullptr) {
+    const acc_t* src = static_cast<const acc_t*>(p.ref_in) + (t.seq * p.heads_k + t.head_k) * d;
+    std::copy(src, src + d, ref);
+    return;
+  }
   std::fill(ref, ref + d, acc_t(0));
   if (!p.center) return;
-  const int64_t m = std::min<int64_t>(p.seqlen, kRefKeys);
+  const int64_t m = std::min<int64_t>(t.len, kRefKeys);
   for (int64_t j = 0; j < m; ++j) {
-    const scalar_t* src = row_ptr<scalar_t>(p.k, p.k_stride, b, g, j);
+    const scalar_t* src = row_ptr<scalar_t>(p.k, p.k_stride, t.batch, t.head_k, t.start + j);
     for (int64_t x = 0; x < d; ++x) ref[x] += static_cast<acc_t>(src[x * p.k_stride[3]]);
   }
   if (m > 0)
     for (int64_t x = 0; x < d; ++x) ref[x] /= acc_t(m);
+}
+
+// Starts a task's key state: the carried sums (F x (Dv + 1)) or zeros. Fills ksum with the
+// carried sum of shifted keys and returns the carried key count (both read off the ones
+// column of the sums).
+template <typename acc_t>
+inline acc_t task_initial_state(const AttnParams& p, const SeqTask& t, acc_t* state,
+                                acc_t* ksum) {
+  const int64_t d = p.dim_k, f = num_features(d), dv1 = p.dim_v + 1;
+  if (p.state_in == nullptr) {
+    std::fill(state, state + f * dv1, acc_t(0));
+    std::fill(ksum, ksum + d, acc_t(0));
+    return acc_t(0);
+  }
+  const acc_t* src =
+      static_cast<const acc_t*>(p.state_in) + (t.seq * p.heads_k + t.head_k) * f * dv1;
+  std::copy(src, src + f * dv1, state);
+  for (int64_t x = 0; x < d; ++x) ksum[x] = state[(num_pairs(d) + x) * dv1 + p.dim_v];
+  return state[(f - 1) * dv1 + p.dim_v];
+}
+
+// Per-query shifts b_i for the rows of a chunk (see csq_params.h): with centering
+// b_i = c - tau <q_i, mu_i>, else b_i = c + tau <q_i, ref>.
+template <typename acc_t>
+inline void query_shifts(const AttnParams& p, const acc_t* qc, const acc_t* mu, const acc_t* ref,
+                         int64_t rows, acc_t shift, acc_t tau, acc_t* bq) {
+  const int64_t d = p.dim_k;
+  for (int64_t i = 0; i < rows; ++i) {
+    acc_t dot = 0;
+    if (p.center)
+      for (int64_t x = 0; x < d; ++x) dot -= qc[i * d + x] * mu[i * d + x];
+    else
+      for (int64_t x = 0; x < d; ++x) dot += qc[i * d + x] * ref[x];
+    bq[i] = shift + tau * dot;
+  }
 }
 
 // Key features psi(k) = [k_x k_y (x <= y) | k_x | 1], one row of length F per key.
@@ -119,11 +160,11 @@ inline void sym_matvec_add(const acc_t* u, const acc_t* x, int64_t d, acc_t off,
   }
 }
 
-// mu'_i for the rows of a chunk starting at t0: the mean of the shifted keys query i attends
-// to. ksum holds the sum of the shifted keys before the chunk (causal) or of all keys.
+// mu'_i for the rows of a chunk: the mean of the shifted keys query i attends to. ksum holds
+// the sum of the n_before shifted keys before the chunk (causal) or of all n_total keys.
 template <typename acc_t>
-inline void key_means(const acc_t* kc, int64_t rows, int64_t d, const acc_t* ksum, int64_t t0,
-                      bool causal, int64_t n_total, acc_t* mu) {
+inline void key_means(const acc_t* kc, int64_t rows, int64_t d, const acc_t* ksum,
+                      acc_t n_before, bool causal, int64_t n_total, acc_t* mu) {
   if (!causal) {
     for (int64_t i = 0; i < rows; ++i)
       for (int64_t x = 0; x < d; ++x) mu[i * d + x] = ksum[x] / acc_t(n_total);
@@ -134,7 +175,7 @@ inline void key_means(const acc_t* kc, int64_t rows, int64_t d, const acc_t* ksu
     for (int64_t x = 0; x < d; ++x) mu[i * d + x] = prev[x] + kc[i * d + x];
   }
   for (int64_t i = rows - 1; i >= 0; --i)
-    for (int64_t x = 0; x < d; ++x) mu[i * d + x] /= acc_t(t0 + i + 1);
+    for (int64_t x = 0; x < d; ++x) mu[i * d + x] /= n_before + acc_t(i + 1);
 }
 
 // Adds the rows of a (rows x d) block to sum (d).

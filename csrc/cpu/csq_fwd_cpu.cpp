@@ -15,22 +15,25 @@ namespace cpu {
 namespace {
 
 template <typename scalar_t, typename acc_t>
-void forward_task(const AttnParams& p, int64_t b, int64_t g) {
-  const int64_t N = p.seqlen, D = p.dim_k, Dv = p.dim_v, Dv1 = Dv + 1;
-  const int64_t F = num_features(D), C = p.chunk;
+void forward_task(const AttnParams& p, const SeqTask& t) {
+  const int64_t N = t.len, D = p.dim_k, Dv = p.dim_v, Dv1 = Dv + 1;
+  const int64_t F = num_features(D), C = p.chunk, g = t.head_k;
   const acc_t tau = static_cast<acc_t>(p.scale), eps = static_cast<acc_t>(p.eps);
   const acc_t* shift = static_cast<const acc_t*>(p.shift);
 
-  std::vector<acc_t> ref(D), ksum(D, acc_t(0)), state(F * Dv1, acc_t(0));
+  std::vector<acc_t> ref(D), ksum(D), state(F * Dv1);
   std::vector<acc_t> kc(C * D), vc(C * Dv1), psi(C * F), qc(C * D), mu(C * D), bq(C),
       phi(C * F), num(C * Dv1), w(C * C);
-  reference_key<scalar_t, acc_t>(p, b, g, ref.data());
+  task_reference<scalar_t, acc_t>(p, t, ref.data());
+  const acc_t n0 = task_initial_state(p, t, state.data(), ksum.data());
+  const bool carried = p.state_in != nullptr;
   at::Tensor S = mat(state.data(), F, Dv1);
 
   // Loads keys (shifted by the reference) and augmented values of a chunk, and their features.
   auto load_keys = [&](int64_t t0, int64_t rows) {
-    load_rows<scalar_t, acc_t>(p.k, p.k_stride, b, g, t0, rows, D, ref.data(), kc.data(), D);
-    load_values_aug<scalar_t, acc_t>(p, b, g, t0, rows, vc.data());
+    load_rows<scalar_t, acc_t>(p.k, p.k_stride, t.batch, g, t.start + t0, rows, D, ref.data(),
+                               kc.data(), D);
+    load_values_aug<scalar_t, acc_t>(p, t.batch, g, t.start + t0, rows, vc.data());
     key_features(kc.data(), rows, D, psi.data());
   };
   // S += Psi^T V~ and the running key sum: the chunk's keys join the state.
@@ -49,21 +52,18 @@ void forward_task(const AttnParams& p, int64_t b, int64_t g) {
   for (int64_t t0 = 0; t0 < N; t0 += C) {
     const int64_t rows = std::min(C, N - t0);
     if (p.causal) load_keys(t0, rows);
-    if (p.center) key_means(kc.data(), rows, D, ksum.data(), t0, p.causal, N, mu.data());
+    if (p.center)
+      key_means(kc.data(), rows, D, ksum.data(), n0 + acc_t(t0), p.causal, N, mu.data());
 
     for (int64_t hh = 0; hh < p.group; ++hh) {
       const int64_t h = g * p.group + hh;
-      load_rows<scalar_t, acc_t>(p.q, p.q_stride, b, h, t0, rows, D, nullptr, qc.data(), D);
-      for (int64_t i = 0; i < rows; ++i) {
-        acc_t qmu = 0;
-        if (p.center)
-          for (int64_t x = 0; x < D; ++x) qmu += qc[i * D + x] * mu[i * D + x];
-        bq[i] = shift[h] - tau * qmu;
-      }
+      load_rows<scalar_t, acc_t>(p.q, p.q_stride, t.batch, h, t.start + t0, rows, D, nullptr,
+                                 qc.data(), D);
+      query_shifts(p, qc.data(), mu.data(), ref.data(), rows, shift[h], tau, bq.data());
 
       // Keys of earlier chunks (or all keys) through the state: num~ = phi(Q, b) S.
       at::Tensor Num = mat(num.data(), rows, Dv1);
-      if (p.causal && t0 == 0) {
+      if (p.causal && t0 == 0 && !carried) {
         Num.zero_();
       } else {
         query_features(qc.data(), bq.data(), rows, D, tau, phi.data());
@@ -82,45 +82,60 @@ void forward_task(const AttnParams& p, int64_t b, int64_t g) {
         Num.addmm_(W, mat(vc.data(), rows, Dv1));
       }
 
-      const int64_t row0 = (b * p.heads_q + h) * N + t0;
+      const int64_t row0 = (t.batch * p.heads_q + h) * p.seqlen + t.start + t0;
       scalar_t* y = static_cast<scalar_t*>(p.y) + row0 * Dv;
       for (int64_t i = 0; i < rows; ++i) {
         const acc_t den = num[i * Dv1 + Dv];
         const acc_t inv = p.normalize ? acc_t(1) / (den + eps) : acc_t(1);
-        for (int64_t x = 0; x < Dv; ++x) y[i * Dv + x] = static_cast<scalar_t>(num[i * Dv1 + x] * inv);
+        for (int64_t x = 0; x < Dv; ++x)
+          y[i * Dv + x] = static_cast<scalar_t>(num[i * Dv1 + x] * inv);
         static_cast<acc_t*>(p.b)[row0 + i] = bq[i];
         static_cast<acc_t*>(p.den)[row0 + i] = den;
       }
     }
     if (p.causal) absorb_keys(rows);
   }
+
+  const int64_t head_state = t.seq * p.heads_k + g;
+  std::copy(ref.begin(), ref.end(), static_cast<acc_t*>(p.ref_out) + head_state * D);
+  if (p.state_out != nullptr)
+    std::copy(state.begin(), state.end(),
+              static_cast<acc_t*>(p.state_out) + head_state * F * Dv1);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> csq_fwd_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> csq_fwd_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& shift,
-    bool causal, double scale, bool center, bool normalize, double eps, int64_t chunk_size) {
+    const c10::optional<at::Tensor>& cu_seqlens, const c10::optional<at::Tensor>& state_in,
+    const c10::optional<at::Tensor>& ref_in, bool causal, double scale, bool center,
+    bool normalize, double eps, int64_t chunk_size, bool return_state) {
   check_inputs(q, k, v, shift, eps, chunk_size);
+  TORCH_CHECK(causal || !return_state, "csq_ext: return_state needs causal=True");
   const auto acc = acc_dtype(q.scalar_type());
+  at::Tensor shift_acc = shift.to(acc).contiguous();
+  AttnParams p = make_params(q, k, v, shift_acc, causal, scale, center, normalize, eps, chunk_size);
+  at::Tensor cu = set_sequence_params(p, q, cu_seqlens, state_in, ref_in);
+
   const auto B = q.size(0), Hq = q.size(1), N = q.size(2), Dv = v.size(3);
   at::Tensor y = at::empty({B, Hq, N, Dv}, q.options());
   at::Tensor bq = at::empty({B, Hq, N}, q.options().dtype(acc));
   at::Tensor den = at::empty({B, Hq, N}, q.options().dtype(acc));
-  if (y.numel() == 0 && bq.numel() == 0) return {y, bq, den};
-
-  at::Tensor shift_acc = shift.to(acc).contiguous();
-  AttnParams p = make_params(q, k, v, shift_acc, causal, scale, center, normalize, eps, chunk_size);
+  at::Tensor state_out = return_state ? at::empty(state_shape(p), q.options().dtype(acc))
+                                      : at::empty({0}, q.options().dtype(acc));
+  at::Tensor ref_out = at::empty({p.num_seqs, p.heads_k, p.dim_k}, q.options().dtype(acc));
   p.y = y.data_ptr();
   p.b = bq.data_ptr();
   p.den = den.data_ptr();
+  p.state_out = return_state ? state_out.data_ptr() : nullptr;
+  p.ref_out = ref_out.data_ptr();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "csq_fwd_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    at::parallel_for(0, p.batch * p.heads_k, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, p.num_seqs * p.heads_k, 1, [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task)
-        forward_task<scalar_t, acc_t>(p, task / p.heads_k, task % p.heads_k);
+        forward_task<scalar_t, acc_t>(p, seq_task(p, task));
     });
   });
-  return {y, bq, den};
+  return {y, bq, den, state_out, ref_out};
 }
 
 }  // namespace

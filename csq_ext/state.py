@@ -1,0 +1,54 @@
+"""The carried state of causal CSQ attention: what a sequence's keys and values leave behind
+for the queries that come after them. Its size does not depend on the sequence length."""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+
+def num_features(dim_k: int) -> int:
+    """Length of the key feature vector psi(k) = [k_x k_y (x <= y), k_x, 1]."""
+    return dim_k * (dim_k + 1) // 2 + dim_k + 1
+
+
+class CSQState(NamedTuple):
+    """Running sums of CSQ attention, per sequence and key/value head.
+
+    sums: (S, Hk, F, Dv + 1), F = Dk (Dk + 1) / 2 + Dk + 1, ``sum_j psi(k_j - ref) [v_j, 1]^T``.
+        Its blocks are the spec's running sums: rows of pairs x <= y hold ``S2`` (columns
+        ``:Dv``) and ``Z2`` (last column), the next Dk rows ``S1`` and ``Z1`` (the key sum that
+        centering needs), the last row ``S0`` and ``Z0`` (the key count).
+    ref: (S, Hk, Dk), the key offset the sums are taken relative to (the mean of the first keys
+        when centering; it keeps float32 sums accurate when keys share a large offset).
+
+    float32 for float32 / bfloat16 / float16 inputs, float64 for float64 inputs. S is the
+    batch size, or the number of packed sequences with ``cu_seqlens``. Differentiable: pass a
+    state that requires grad and gradients flow into it (truncated backpropagation through
+    time). Use the same ``scale``, ``shift``, ``center`` options for every piece of a sequence.
+    """
+
+    sums: torch.Tensor
+    ref: torch.Tensor
+
+    @staticmethod
+    def empty(batch: int, heads_k: int, dim_k: int, dim_v: int, *,
+              dtype: torch.dtype = torch.float32, device=None) -> "CSQState":
+        """The state before any token: zero sums and a zero offset."""
+        sums = torch.zeros(batch, heads_k, num_features(dim_k), dim_v + 1, dtype=dtype,
+                           device=device)
+        return CSQState(sums, torch.zeros(batch, heads_k, dim_k, dtype=dtype, device=device))
+
+    @property
+    def count(self) -> torch.Tensor:
+        """(S, Hk): how many keys the state holds."""
+        return self.sums[..., -1, -1]
+
+    def to(self, *args, **kwargs) -> "CSQState":
+        return CSQState(self.sums.to(*args, **kwargs), self.ref.to(*args, **kwargs))
+
+    def detach(self) -> "CSQState":
+        return CSQState(self.sums.detach(), self.ref.detach())
+
+    def clone(self) -> "CSQState":
+        return CSQState(self.sums.clone(), self.ref.clone())
