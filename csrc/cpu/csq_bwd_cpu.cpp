@@ -131,10 +131,17 @@ struct BackwardTask {
         db[i] += rowsum;
       }
       at::Tensor dS = E;
-      mat(dq, rows, D).addmm_(dS, mat(kc.data(), rows, D), 1, tau);
-      mat(out(p.dk, krow0(t0), D), rows, D).addmm_(dS.t(), mat(qc.data(), rows, D), 1, tau);
-      mat(out(p.dv, krow0(t0), Dv), rows, Dv)
-          .addmm_(S.t(), mat(gc.data(), rows, Dv1, Dv1).narrow(1, 0, Dv));
+      acc_t* dk = out(p.dk, krow0(t0), D);
+      acc_t* dv = out(p.dv, krow0(t0), Dv);
+      if (all_finite(kc, rows * D) && all_finite(qc, rows * D) && all_finite(gc, rows * Dv1)) {
+        mat(dq, rows, D).addmm_(dS, mat(kc.data(), rows, D), 1, tau);
+        mat(dk, rows, D).addmm_(dS.t(), mat(qc.data(), rows, D), 1, tau);
+        mat(dv, rows, Dv).addmm_(S.t(), mat(gc.data(), rows, Dv1, Dv1).narrow(1, 0, Dv));
+      } else {  // keep NaN / Inf on their side of the causal mask
+        lower_mm_add(blk2.data(), rows, kc.data(), D, D, tau, false, dq, D);
+        lower_mm_add(blk2.data(), rows, qc.data(), D, D, tau, true, dk, D);
+        lower_mm_add(blk.data(), rows, gc.data(), Dv, Dv1, acc_t(1), true, dv, Dv);
+      }
     }
 
     // b_i = c_h - tau <q_i, mu_i> (centering) or c_h + tau <q_i, ref>: the gradients of the

@@ -6,7 +6,9 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <vector>
 
 #include "../csq_params.h"
 
@@ -57,13 +59,22 @@ inline void task_reference(const AttnParams& p, const SeqTask& t, acc_t* ref) {
   }
   std::fill(ref, ref + d, acc_t(0));
   if (!p.center) return;
+  // Only finite values count: a NaN or Inf key must reach the outputs after it, not all of
+  // them through r.
+  std::vector<int64_t> count(d, 0);
   const int64_t m = std::min<int64_t>(t.len, kRefKeys);
   for (int64_t j = 0; j < m; ++j) {
     const scalar_t* src = row_ptr<scalar_t>(p.k, p.k_stride, t.batch, t.head_k, t.start + j);
-    for (int64_t x = 0; x < d; ++x) ref[x] += static_cast<acc_t>(src[x * p.k_stride[3]]);
+    for (int64_t x = 0; x < d; ++x) {
+      const acc_t kx = static_cast<acc_t>(src[x * p.k_stride[3]]);
+      if (std::isfinite(kx)) {
+        ref[x] += kx;
+        ++count[x];
+      }
+    }
   }
-  if (m > 0)
-    for (int64_t x = 0; x < d; ++x) ref[x] /= acc_t(m);
+  for (int64_t x = 0; x < d; ++x)
+    if (count[x] > 0) ref[x] /= acc_t(count[x]);
 }
 
 // Starts a task's key state: the carried sums (F x (Dv + 1)) or zeros. Fills ksum with the
@@ -196,6 +207,36 @@ inline at::Tensor mat(acc_t* data, int64_t rows, int64_t cols, int64_t ld) {
 template <typename acc_t>
 inline at::Tensor mat(acc_t* data, int64_t rows, int64_t cols) {
   return mat(data, rows, cols, cols);
+}
+
+inline bool all_finite_impl(const float* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i)
+    if (!std::isfinite(x[i])) return false;
+  return true;
+}
+inline bool all_finite_impl(const double* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i)
+    if (!std::isfinite(x[i])) return false;
+  return true;
+}
+template <typename acc_t>
+inline bool all_finite(const std::vector<acc_t>& x, int64_t n) {
+  return all_finite_impl(x.data(), n);
+}
+
+// out (rows x cols, ld ldo) += alpha * L X, or alpha * L^T X with `transpose`, where L
+// (rows x rows) is zero above the diagonal, skipping those zeros. The in-chunk products use it
+// instead of a GEMM when X holds NaN or Inf: a GEMM would spread 0 * NaN into rows that the
+// causal mask keeps them away from.
+template <typename acc_t>
+inline void lower_mm_add(const acc_t* L, int64_t rows, const acc_t* X, int64_t cols, int64_t ldx,
+                         acc_t alpha, bool transpose, acc_t* out, int64_t ldo) {
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j <= i; ++j) {
+      const acc_t l = alpha * L[i * rows + j];
+      const int64_t dst = transpose ? j : i, src = transpose ? i : j;
+      for (int64_t c = 0; c < cols; ++c) out[dst * ldo + c] += l * X[src * ldx + c];
+    }
 }
 
 // out = a @ b into an existing view (at::mm_out wants an lvalue).

@@ -79,7 +79,10 @@ void forward_task(const AttnParams& p, const SeqTask& t) {
             const acc_t s = tau * w[i * rows + j] + bq[i];
             w[i * rows + j] = j <= i ? s * s : acc_t(0);
           }
-        Num.addmm_(W, mat(vc.data(), rows, Dv1));
+        if (all_finite(vc, rows * Dv1))
+          Num.addmm_(W, mat(vc.data(), rows, Dv1));
+        else
+          lower_mm_add(w.data(), rows, vc.data(), Dv1, Dv1, acc_t(1), false, num.data(), Dv1);
       }
 
       const int64_t row0 = (t.batch * p.heads_q + h) * p.seqlen + t.start + t0;
