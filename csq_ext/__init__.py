@@ -4,7 +4,9 @@
 O(N^2) definition it is tested against.
 """
 from .attention import attention
+from .nn import CSQAttention
+from .penalty import negativity_penalty
 from .reference import csq_attention_reference
 
-__all__ = ["attention", "csq_attention_reference"]
+__all__ = ["attention", "csq_attention_reference", "CSQAttention", "negativity_penalty"]
 __version__ = "0.1.0"

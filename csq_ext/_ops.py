@@ -24,7 +24,8 @@ def _csq_fwd_fake(q, k, v, shift, causal, scale, center, normalize, eps, chunk_s
 @torch.library.register_fake("csq_ext::csq_bwd")
 def _csq_bwd_fake(dy, q, k, v, shift, y, b, den, causal, scale, center, normalize, eps,
                   chunk_size):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(shift)
+    # The kernels return contiguous gradients whatever the inputs' strides: say so here too.
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), shift.new_empty(shift.shape)
 
 
 def _fwd_setup_context(ctx, inputs, output):
