@@ -4,8 +4,11 @@
 O(N^2) definition it is tested against.
 """
 from .attention import attention, decode, decode_
+from .nn import CSQAttention
+from .penalty import negativity_penalty
 from .reference import csq_attention_reference
 from .state import CSQState
 
-__all__ = ["attention", "decode", "decode_", "CSQState", "csq_attention_reference"]
+__all__ = ["attention", "decode", "decode_", "CSQState", "csq_attention_reference",
+           "CSQAttention", "negativity_penalty"]
 __version__ = "0.1.0"

@@ -17,14 +17,25 @@ def _num_features(dim_k: int) -> int:
     return dim_k * (dim_k + 1) // 2 + dim_k + 1
 
 
+def _check_devices(q, *others):
+    # The real kernels refuse tensors on other devices; so must their shape functions, or a
+    # meta tensor among CPU tensors would return uninitialised CPU outputs.
+    for t in others:
+        if t is not None:
+            torch._check(t.device == q.device,
+                         lambda: f"csq_ext: all tensors must be on the device of q ({q.device}), "
+                                 f"got {t.device}")
+
+
 @torch.library.register_fake("csq_ext::csq_fwd")
 def _csq_fwd_fake(q, k, v, shift, cu_seqlens, state_in, ref_in, causal, scale, center,
                   normalize, eps, chunk_size, return_state):
+    _check_devices(q, k, v, shift, state_in, ref_in)
     B, Hq, N, Dk = q.shape
     Hk, Dv = k.shape[1], v.shape[-1]
     S = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     acc = _acc_dtype(q.dtype)
-    y = q.new_empty((B, Hq, N, Dv))
+    y = q.new_empty((B, Hq, N, Dv), dtype=acc)
     state_shape = (S, Hk, _num_features(Dk), Dv + 1) if return_state else (0,)
     return (y, q.new_empty((B, Hq, N), dtype=acc), q.new_empty((B, Hq, N), dtype=acc),
             q.new_empty(state_shape, dtype=acc), q.new_empty((S, Hk, Dk), dtype=acc))
@@ -33,6 +44,7 @@ def _csq_fwd_fake(q, k, v, shift, cu_seqlens, state_in, ref_in, causal, scale, c
 @torch.library.register_fake("csq_ext::csq_bwd")
 def _csq_bwd_fake(dy, q, k, v, shift, cu_seqlens, state_in, ref, y, b, den, dstate_out, causal,
                   scale, center, normalize, eps, chunk_size):
+    _check_devices(q, dy, k, v, shift, state_in, ref, y, b, den, dstate_out)
     # The kernels return contiguous gradients whatever the inputs' strides: say so here too.
     dstate = q.new_empty(state_in.shape if state_in is not None else (0,), dtype=ref.dtype)
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
@@ -41,6 +53,7 @@ def _csq_bwd_fake(dy, q, k, v, shift, cu_seqlens, state_in, ref, y, b, den, dsta
 
 @torch.library.register_fake("csq_ext::csq_decode_")
 def _csq_decode_fake(sums, ref, q, k, v, shift, y, scale, center, normalize, eps):
+    _check_devices(q, sums, ref, k, v, shift, y)
     return None
 
 

@@ -7,47 +7,49 @@ from ._ops import ops
 from .state import CSQState, num_features
 
 
-def _check(cond: bool, msg: str) -> None:
+def _check(cond: bool, message) -> None:
+    # The message is a callable, formatted only on failure: formatting sizes when the check
+    # passes would make torch.compile specialize on them (a recompile for every length).
     if not cond:
-        raise ValueError(msg)
+        raise ValueError(message())
 
 
 def _validate(q, k, v, shift, eps):
     for name, t, shape in (("q", q, "(B, Hq, N, Dk)"), ("k", k, "(B, Hk, N, Dk)"),
                            ("v", v, "(B, Hk, N, Dv)")):
-        _check(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor of shape {shape}")
-        _check(t.dim() == 4, f"{name} must have shape {shape}, got {tuple(t.shape)}")
+        _check(isinstance(t, torch.Tensor), lambda: f"{name} must be a torch.Tensor of shape {shape}")
+        _check(t.dim() == 4, lambda: f"{name} must have shape {shape}, got {tuple(t.shape)}")
         _check(t.is_floating_point(),
-               f"{name} must be floating point (float64, float32, bfloat16, float16), "
+               lambda: f"{name} must be floating point (float64, float32, bfloat16, float16), "
                f"got {t.dtype}")
     B, Hq, N, Dk = q.shape
     Hk = k.shape[1]
     _check(k.shape[0] == B and v.shape[0] == B,
-           f"k and v must have batch size B = {B} like q; got k {tuple(k.shape)}, "
+           lambda: f"k and v must have batch size B = {B} like q; got k {tuple(k.shape)}, "
            f"v {tuple(v.shape)}")
     _check(k.shape[2] == N and v.shape[2] == N,
-           f"k and v must have length N = {N} like q; got k {tuple(k.shape)}, "
+           lambda: f"k and v must have length N = {N} like q; got k {tuple(k.shape)}, "
            f"v {tuple(v.shape)}")
-    _check(k.shape[3] == Dk, f"k must have shape (B, Hk, N, Dk) with Dk = {Dk} like q, "
+    _check(k.shape[3] == Dk, lambda: f"k must have shape (B, Hk, N, Dk) with Dk = {Dk} like q, "
            f"got {tuple(k.shape)}")
-    _check(v.shape[1] == Hk, f"v must have shape (B, Hk, N, Dv) with Hk = {Hk} like k, "
+    _check(v.shape[1] == Hk, lambda: f"v must have shape (B, Hk, N, Dv) with Hk = {Hk} like k, "
            f"got {tuple(v.shape)}")
     _check(Hk > 0 and Hq % Hk == 0,
-           f"the number of query heads Hq = {Hq} must be a multiple of the number of "
+           lambda: f"the number of query heads Hq = {Hq} must be a multiple of the number of "
            f"key/value heads Hk = {Hk}")
-    _check(Dk > 0 and v.shape[3] > 0, "head sizes Dk and Dv must be positive")
+    _check(Dk > 0 and v.shape[3] > 0, lambda: "head sizes Dk and Dv must be positive")
     _check(q.dtype == k.dtype == v.dtype,
-           f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+           lambda: f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     _check(q.device == k.device == v.device,
-           f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+           lambda: f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     if isinstance(shift, torch.Tensor):
         _check(shift.shape == (Hq,),
-               f"shift must be a float or a tensor of shape (Hq,) = ({Hq},), "
+               lambda: f"shift must be a float or a tensor of shape (Hq,) = ({Hq},), "
                f"got {tuple(shift.shape)}")
-        _check(shift.is_floating_point(), f"shift must be floating point, got {shift.dtype}")
+        _check(shift.is_floating_point(), lambda: f"shift must be floating point, got {shift.dtype}")
         _check(shift.device == q.device,
-               f"shift must be on the device of q ({q.device}), got {shift.device}")
-    _check(eps >= 0, f"eps must be >= 0, got {eps}")
+               lambda: f"shift must be on the device of q ({q.device}), got {shift.device}")
+    _check(eps >= 0, lambda: f"eps must be >= 0, got {eps}")
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -59,37 +61,37 @@ def _num_sequences(q, cu_seqlens) -> int:
         return q.shape[0]
     _check(isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.dim() == 1
            and cu_seqlens.shape[0] >= 2 and cu_seqlens.dtype in (torch.int32, torch.int64),
-           "cu_seqlens must be an int32 or int64 tensor of shape (S + 1,): the offsets of S "
+           lambda: "cu_seqlens must be an int32 or int64 tensor of shape (S + 1,): the offsets of S "
            "packed sequences")
     _check(q.shape[0] == 1,
-           f"with cu_seqlens, q, k, v must pack the sequences along N with batch size 1: "
+           lambda: f"with cu_seqlens, q, k, v must pack the sequences along N with batch size 1: "
            f"q of shape (1, Hq, T, Dk), got {tuple(q.shape)}")
     if not torch.compiler.is_compiling():  # a data-dependent check; the op checks it too
         c = cu_seqlens.cpu()
         _check(int(c[0]) == 0 and int(c[-1]) == q.shape[2] and bool((c[1:] >= c[:-1]).all()),
-               f"cu_seqlens must be non-decreasing offsets from 0 to T = {q.shape[2]}")
+               lambda: f"cu_seqlens must be non-decreasing offsets from 0 to T = {q.shape[2]}")
     return cu_seqlens.shape[0] - 1
 
 
 def _check_state(state, q, k, v, S, causal, name="initial_state"):
-    _check(causal, f"{name}: a carried state continues a causal sequence; causal=False "
+    _check(causal, lambda: f"{name}: a carried state continues a causal sequence; causal=False "
            "attends to future keys, which a state cannot hold")
     _check(isinstance(state, CSQState),
-           f"{name} must be a csq_ext.CSQState (sums, ref), got {type(state).__name__}")
+           lambda: f"{name} must be a csq_ext.CSQState (sums, ref), got {type(state).__name__}")
     Hk, Dk, Dv = k.shape[1], k.shape[3], v.shape[3]
     acc = _acc_dtype(q.dtype)
     want = (S, Hk, num_features(Dk), Dv + 1)
     _check(tuple(state.sums.shape) == want,
-           f"{name}.sums must have shape (S, Hk, F, Dv + 1) = {want}, got "
+           lambda: f"{name}.sums must have shape (S, Hk, F, Dv + 1) = {want}, got "
            f"{tuple(state.sums.shape)}")
     _check(tuple(state.ref.shape) == (S, Hk, Dk),
-           f"{name}.ref must have shape (S, Hk, Dk) = {(S, Hk, Dk)}, got "
+           lambda: f"{name}.ref must have shape (S, Hk, Dk) = {(S, Hk, Dk)}, got "
            f"{tuple(state.ref.shape)}")
     for part in ("sums", "ref"):
         t = getattr(state, part)
-        _check(t.dtype == acc, f"{name}.{part} must be {acc} for {q.dtype} inputs, got {t.dtype}")
+        _check(t.dtype == acc, lambda: f"{name}.{part} must be {acc} for {q.dtype} inputs, got {t.dtype}")
         _check(t.device == q.device,
-               f"{name}.{part} must be on the device of q ({q.device}), got {t.device}")
+               lambda: f"{name}.{part} must be on the device of q ({q.device}), got {t.device}")
 
 
 def _shift_tensor(shift, q):
@@ -138,7 +140,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     _validate(q, k, v, shift, eps)
     S = _num_sequences(q, cu_seqlens)
     _check(causal or not return_state,
-           "return_state needs causal=True: a non-causal output depends on future keys")
+           lambda: "return_state needs causal=True: a non-causal output depends on future keys")
     state_in = ref_in = None
     if initial_state is not None:
         _check_state(initial_state, q, k, v, S, causal)
@@ -147,6 +149,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         q, k, v, _shift_tensor(shift, q), cu_seqlens, state_in, ref_in, bool(causal),
         _scale(scale, q), bool(center), bool(normalize), float(eps), int(chunk_size or 0),
         bool(return_state))
+    y = y.to(q.dtype)  # the op computes half precision in float32
     return (y, CSQState(sums, ref)) if return_state else y
 
 
@@ -158,7 +161,7 @@ def decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: CSQState, *
     with y (B, Hq, 1, Dv); differentiable. Costs O(Dk^2 Dv) per head whatever the position;
     equal to ``attention`` over the whole sequence. ``decode_`` is the in-place variant."""
     _check(q.dim() == 4 and q.shape[2] == 1,
-           f"decode takes one token per sequence: q of shape (B, Hq, 1, Dk), got "
+           lambda: f"decode takes one token per sequence: q of shape (B, Hq, 1, Dk), got "
            f"{tuple(q.shape)}")
     return attention(q, k, v, causal=True, scale=scale, shift=shift, center=center,
                      normalize=normalize, eps=eps, initial_state=state, return_state=True)
@@ -176,17 +179,19 @@ def decode_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: CSQState, 
     keeps float32 sums accurate when keys share a large offset)."""
     _validate(q, k, v, shift, eps)
     _check(q.shape[2] == 1,
-           f"decode_ takes one token per sequence: q of shape (B, Hq, 1, Dk), got "
+           lambda: f"decode_ takes one token per sequence: q of shape (B, Hq, 1, Dk), got "
            f"{tuple(q.shape)}")
     _check_state(state, q, k, v, q.shape[0], True, name="state")
+    _check(q.device.type == "cpu", lambda: "decode_ runs on CPU tensors; the CUDA kernel is "
+           "not written yet (csq_ext.decode works wherever attention does)")
     _check(state.sums.is_contiguous() and state.ref.is_contiguous(),
-           "state.sums and state.ref must be contiguous for the in-place update")
+           lambda: "state.sums and state.ref must be contiguous for the in-place update")
     B, Hq, _, _ = q.shape
     want = (B, Hq, 1, v.shape[3])
     if out is None:
         out = q.new_empty(want)
     _check(tuple(out.shape) == want and out.dtype == q.dtype and out.is_contiguous(),
-           f"out must be a contiguous {q.dtype} tensor of shape (B, Hq, 1, Dv) = {want}")
+           lambda: f"out must be a contiguous {q.dtype} tensor of shape (B, Hq, 1, Dv) = {want}")
     shift_t = _shift_tensor(shift, q).to(_acc_dtype(q.dtype)).contiguous()
     with torch.no_grad():
         ops.csq_decode_(state.sums, state.ref, q, k, v, shift_t, out, _scale(scale, q),

@@ -52,6 +52,7 @@ AttnParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   p.seqlen = q.size(2);
   p.dim_k = q.size(3);
   p.dim_v = v.size(3);
+  p.num_seqs = p.batch;  // set_sequence_params changes it for packed sequences
   p.group = p.heads_q / p.heads_k;
   for (int i = 0; i < 4; ++i) {
     p.q_stride[i] = q.stride(i);

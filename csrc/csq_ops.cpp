@@ -22,8 +22,9 @@ std::string build_info() {
 }  // namespace
 
 TORCH_LIBRARY(csq_ext, m) {
-  // Forward: y (B, Hq, N, Dv) in the input dtype, and what the backward needs: the per-query
-  // shift b (B, Hq, N) and the denominator den (B, Hq, N) in the accumulation dtype, then the
+  // Forward: y (B, Hq, N, Dv) in the accumulation dtype (float32 for half inputs: the public
+  // function rounds it, and the backward needs it unrounded), the per-query shift b (B, Hq, N)
+  // and the denominator den (B, Hq, N), also in the accumulation dtype, then the
   // carried state's sums (S, Hk, F, Dv + 1) when return_state (else an empty tensor) and the
   // key offset ref (S, Hk, Dk) they are relative to. cu_seqlens packs S sequences into N;
   // state_in / ref_in continue earlier sequences (causal only).

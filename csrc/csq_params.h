@@ -39,13 +39,13 @@ struct AttnParams {
   void* ref_out = nullptr;         // forward output: the ref used (read by the backward)
 
   // Forward outputs; read back by the backward. All contiguous.
-  void* y = nullptr;    // (B, Hq, N, Dv), input dtype
+  void* y = nullptr;    // (B, Hq, N, Dv), accumulation dtype (input dtype for decode_)
   void* b = nullptr;    // (B, Hq, N), accumulation dtype: per-query effective shift, see below
   void* den = nullptr;  // (B, Hq, N), accumulation dtype: sum_j w_ij
 
   // Backward only.
   int64_t dy_stride[4] = {0, 0, 0, 0};
-  const void* dy = nullptr;  // (B, Hq, N, Dv), input dtype
+  const void* dy = nullptr;  // (B, Hq, N, Dv), accumulation dtype (the gradient of y)
   void* dq = nullptr;        // (B, Hq, N, Dk), accumulation dtype, contiguous
   void* dk = nullptr;        // (B, Hk, N, Dk), accumulation dtype, contiguous
   void* dv = nullptr;        // (B, Hk, N, Dv), accumulation dtype, contiguous

@@ -68,22 +68,22 @@ struct BackwardTask {
     const int64_t row0 = qrow0(h, t0);
     const acc_t* bs = static_cast<const acc_t*>(p.b) + row0;
     const acc_t* den = static_cast<const acc_t*>(p.den) + row0;
-    const scalar_t* y = static_cast<const scalar_t*>(p.y) + row0 * Dv;
+    const acc_t* y = static_cast<const acc_t*>(p.y) + row0 * Dv;
     for (int64_t i = 0; i < rows; ++i) {
       bq[i] = bs[i];
-      const scalar_t* dy = row_ptr<scalar_t>(p.dy, p.dy_stride, t.batch, h, t.start + t0 + i);
+      const acc_t* dy = row_ptr<acc_t>(p.dy, p.dy_stride, t.batch, h, t.start + t0 + i);
       acc_t* gr = gc.data() + i * Dv1;
       if (p.normalize) {
         const acc_t inv = acc_t(1) / (den[i] + eps);
         acc_t dot = 0;
         for (int64_t x = 0; x < Dv; ++x) {
-          const acc_t d = static_cast<acc_t>(dy[x * p.dy_stride[3]]);
+          const acc_t d = dy[x * p.dy_stride[3]];
           gr[x] = d * inv;
-          dot += d * static_cast<acc_t>(y[i * Dv + x]);
+          dot += d * y[i * Dv + x];
         }
         gr[Dv] = -dot * inv;
       } else {
-        for (int64_t x = 0; x < Dv; ++x) gr[x] = static_cast<acc_t>(dy[x * p.dy_stride[3]]);
+        for (int64_t x = 0; x < Dv; ++x) gr[x] = dy[x * p.dy_stride[3]];
         gr[Dv] = 0;
       }
     }
@@ -313,10 +313,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   check_inputs(q, k, v, shift, eps, chunk_size);
   const auto acc = acc_dtype(q.scalar_type());
   const auto B = q.size(0), Hq = q.size(1), N = q.size(2), Dv = v.size(3);
-  TORCH_CHECK(dy.sizes() == at::IntArrayRef({B, Hq, N, Dv}) && dy.scalar_type() == q.scalar_type(),
-              "csq_bwd: dy must have shape (B, Hq, N, Dv) and the dtype of q");
-  TORCH_CHECK(y.sizes() == dy.sizes() && y.scalar_type() == q.scalar_type(),
-              "csq_bwd: y must be the forward's output");
+  TORCH_CHECK(dy.sizes() == at::IntArrayRef({B, Hq, N, Dv}) && dy.scalar_type() == acc,
+              "csq_bwd: dy must have shape (B, Hq, N, Dv) and the accumulation dtype of y");
+  TORCH_CHECK(y.sizes() == dy.sizes() && y.scalar_type() == acc,
+              "csq_bwd: y must be the forward's output (accumulation dtype)");
   TORCH_CHECK(bq.sizes() == at::IntArrayRef({B, Hq, N}) && den.sizes() == bq.sizes() &&
                   bq.scalar_type() == acc && den.scalar_type() == acc,
               "csq_bwd: b and den must be the forward's auxiliary outputs");

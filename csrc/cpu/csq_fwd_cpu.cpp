@@ -86,12 +86,12 @@ void forward_task(const AttnParams& p, const SeqTask& t) {
       }
 
       const int64_t row0 = (t.batch * p.heads_q + h) * p.seqlen + t.start + t0;
-      scalar_t* y = static_cast<scalar_t*>(p.y) + row0 * Dv;
+      acc_t* y = static_cast<acc_t*>(p.y) + row0 * Dv;
       for (int64_t i = 0; i < rows; ++i) {
         const acc_t den = num[i * Dv1 + Dv];
         const acc_t inv = p.normalize ? acc_t(1) / (den + eps) : acc_t(1);
         for (int64_t x = 0; x < Dv; ++x)
-          y[i * Dv + x] = static_cast<scalar_t>(num[i * Dv1 + x] * inv);
+          y[i * Dv + x] = num[i * Dv1 + x] * inv;
         static_cast<acc_t*>(p.b)[row0 + i] = bq[i];
         static_cast<acc_t*>(p.den)[row0 + i] = den;
       }
@@ -119,7 +119,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> csq_fwd_c
   at::Tensor cu = set_sequence_params(p, q, cu_seqlens, state_in, ref_in);
 
   const auto B = q.size(0), Hq = q.size(1), N = q.size(2), Dv = v.size(3);
-  at::Tensor y = at::empty({B, Hq, N, Dv}, q.options());
+  at::Tensor y = at::empty({B, Hq, N, Dv}, q.options().dtype(acc));
   at::Tensor bq = at::empty({B, Hq, N}, q.options().dtype(acc));
   at::Tensor den = at::empty({B, Hq, N}, q.options().dtype(acc));
   at::Tensor state_out = return_state ? at::empty(state_shape(p), q.options().dtype(acc))

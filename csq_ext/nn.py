@@ -1,0 +1,284 @@
+"""``CSQAttention``: a multi-head attention layer whose similarity kernel is a switch.
+
+Projections, head layout, grouped-query sharing and the output projection are the same for
+every kernel, so a quality study that swaps ``kernel=`` changes only how a query weighs its
+keys:
+
+========== ==================================================================================
+kernel     weight of key j for query i (s = scale * <q_i, k_j>, scale = 1/sqrt(head_dim))
+========== ==================================================================================
+"csq"      ``(scale * <q_i, k_j - mu_i> + c)^2``, normalized: ``csq_ext.attention``
+"softmax"  ``exp(s)``, normalized: ``torch.nn.functional.scaled_dot_product_attention``
+"linear"   ``<elu(q_i) + 1, elu(k_j) + 1>``, normalized (Katharopoulos et al., 2020)
+"taylor"   ``1 + s + s^2 / 2``, normalized (the second-order Taylor map of Based)
+"rebased"  ``s^2``, normalized: ``csq_ext.attention`` with ``center=False, shift=0.0``
+========== ==================================================================================
+
+"rebased" is our simplification of ReBased (Aksenov et al., 2024): ReBased squares a
+learnable affine map of layer-normalized q and k; here it is the bare square of the score,
+i.e. CSQ with no shift and no centering, so that it isolates what those two ingredients do.
+
+"linear" and "taylor" are written here in plain PyTorch, in an O(N) chunked form: inside a
+chunk of ``chunk_size`` positions the C x C weights are computed directly and masked; across
+chunks each query reads prefix sums of the earlier chunks' feature-map states. The feature
+map of "taylor" has ``1 + D + D(D+1)/2`` entries (the symmetric trick), that of "linear" D.
+The default chunk is 64 for "linear" and 256 for "taylor" (whose large feature map makes the
+states dear: at the sequence lengths of the quality study, N <= 256, "taylor" is in effect
+the O(N^2) masked form). ``kernel_attention_reference`` is the O(N^2) masked form the tests
+compare them against.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import attention as csq_attention
+from .penalty import negativity_penalty
+
+KERNELS = ("csq", "softmax", "linear", "taylor", "rebased")
+
+
+# ----------------------------------------------------------------------------------------------
+# Feature-map kernels ("linear", "taylor") in plain PyTorch
+# ----------------------------------------------------------------------------------------------
+def _elu1(x: torch.Tensor) -> torch.Tensor:
+    return F.elu(x) + 1.0
+
+
+def _linear_weights(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    return _elu1(q) @ _elu1(k).transpose(-1, -2)
+
+
+def _linear_features(x: torch.Tensor, scale: float) -> torch.Tensor:
+    return _elu1(x)
+
+
+def _taylor_weights(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    s = scale * (q @ k.transpose(-1, -2))
+    return 1.0 + s + 0.5 * s * s
+
+
+def _taylor_features(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """[1, sqrt(scale) x, scale / sqrt(2) * x_a x_b (a <= b, off-diagonal times sqrt(2))], so
+    that <phi(q), phi(k)> = 1 + s + s^2 / 2 with s = scale <q, k>. Built from D slices rather
+    than a gather, whose backward (a scatter) is slow on CPU."""
+    D = x.shape[-1]
+    diag = scale / math.sqrt(2.0)
+    parts = [torch.ones_like(x[..., :1]), x * math.sqrt(scale)]
+    for a in range(D):
+        row = x[..., a:a + 1] * x[..., a:]                     # x_a x_b for b >= a
+        parts.append(torch.cat([row[..., :1] * diag, row[..., 1:] * scale], dim=-1))
+    return torch.cat(parts, dim=-1)
+
+
+_FEATURE_KERNELS = {
+    "linear": (_linear_weights, _linear_features),
+    "taylor": (_taylor_weights, _taylor_features),
+}
+# Per position, the C x C block costs about C (D + Dv) and the chunk states about 2 F Dv, so
+# the best chunk grows with the feature size F: D for "linear", 1 + D + D(D+1)/2 for "taylor"
+# (561 at D = 32, where chunk 64 is about 5x slower than 256 on CPU, forward + backward).
+_DEFAULT_CHUNK = {"linear": 64, "taylor": 256}
+
+
+def _feature_attention(q, k, v, kind: str, *, causal: bool, scale: float, normalize: bool,
+                       eps: float, chunk_size: int) -> torch.Tensor:
+    """Chunked O(N C D + N F Dv) attention for a kernel with a finite feature map.
+
+    q, k: (B, H, N, D), v: (B, H, N, Dv), one head count (the caller repeats GQA heads).
+    """
+    weights, features = _FEATURE_KERNELS[kind]
+    B, H, N, D = q.shape
+    Dv = v.shape[-1]
+    if not causal:
+        fq, fk = features(q, scale), features(k, scale)
+        num = fq @ (fk.transpose(-1, -2) @ v)
+        if not normalize:
+            return num
+        return num / (fq @ fk.sum(2).unsqueeze(-1) + eps)
+
+    C = max(1, min(chunk_size, N))
+    nc = -(-N // C)
+    pad = nc * C - N
+    if pad:  # padded keys come after every real query, so the causal mask hides them
+        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+    qc, kc, vc = (t.reshape(B, H, nc, C, t.shape[-1]) for t in (q, k, v))
+
+    mask = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    w = weights(qc, kc, scale).masked_fill(~mask, 0.0)       # (B, H, nc, C, C)
+    num = w @ vc
+    den = w.sum(-1, keepdim=True)
+    if nc > 1:
+        fq, fk = features(qc, scale), features(kc, scale)     # (B, H, nc, C, F)
+        state = fk.transpose(-1, -2) @ vc                      # (B, H, nc, F, Dv)
+        zsum = fk.sum(-2)                                      # (B, H, nc, F)
+        # Exclusive prefix sums: chunk c reads the states of chunks 0 .. c-1.
+        state = torch.cat([torch.zeros_like(state[:, :, :1]), state.cumsum(2)[:, :, :-1]], 2)
+        zsum = torch.cat([torch.zeros_like(zsum[:, :, :1]), zsum.cumsum(2)[:, :, :-1]], 2)
+        num = num + fq @ state
+        den = den + fq @ zsum.unsqueeze(-1)
+    out = num if not normalize else num / (den + eps)
+    return out.reshape(B, H, nc * C, Dv)[:, :, :N]
+
+
+def kernel_attention_reference(q, k, v, kernel: str, *, causal: bool = True,
+                               scale: float | None = None, normalize: bool = True,
+                               eps: float = 1e-6) -> torch.Tensor:
+    """O(N^2) masked form of the "linear" and "taylor" kernels (the tests' oracle).
+
+    q (B, Hq, N, D), k (B, Hk, N, D), v (B, Hk, N, Dv), Hq a multiple of Hk.
+    """
+    weights, _ = _FEATURE_KERNELS[kernel]
+    Hq, Hk, N = q.shape[1], k.shape[1], q.shape[2]
+    tau = q.shape[-1] ** -0.5 if scale is None else scale
+    k, v = k.repeat_interleave(Hq // Hk, 1), v.repeat_interleave(Hq // Hk, 1)
+    w = weights(q, k, tau)
+    if causal:
+        w = w.masked_fill(~torch.ones(N, N, dtype=torch.bool, device=q.device).tril(), 0.0)
+    num = w @ v
+    return num if not normalize else num / (w.sum(-1, keepdim=True) + eps)
+
+
+# ----------------------------------------------------------------------------------------------
+# The layer
+# ----------------------------------------------------------------------------------------------
+class CSQAttention(nn.Module):
+    """Multi-head (optionally grouped-query) attention with a switchable similarity kernel.
+
+    Args:
+        embed_dim: model width E; input and output are (B, N, E).
+        num_heads: query heads Hq; the head size is E // Hq.
+        num_kv_heads: key/value heads Hk (default Hq); Hq must be a multiple of Hk.
+        causal: attend to j <= i only.
+        kernel: "csq", "softmax", "linear", "taylor" or "rebased" (see the module docstring).
+        shift: CSQ's c (kernel "csq"), a float; with ``learnable_shift`` the initial value of
+            a per-head parameter of shape (num_heads,).
+        learnable_shift: make c a trainable per-head parameter (kernel "csq" only).
+        center, normalize, eps, chunk_size: passed to ``csq_ext.attention``. ``normalize`` and
+            ``eps`` also apply to "linear", "taylor" and "rebased"; ``center`` and ``shift``
+            only to "csq" ("rebased" is fixed at center=False, shift=0.0). ``chunk_size`` is
+            also the chunk of the plain-PyTorch "linear"/"taylor" forms (default 64 / 256).
+        scale: score scale tau, default 1 / sqrt(head size) (unused by "linear").
+        bias: biases in the four projections.
+        penalty_window: window W of ``negativity_penalty`` for ``forward(x, return_penalty=True)``.
+
+    Under autocast the projections may come out in a lower precision than the parameters;
+    the layer casts q, k, v to one dtype before calling ``csq_ext.attention`` (which computes
+    half precision with float32 accumulation). "linear" and "taylor" compute in float32 when
+    their inputs are half precision; "softmax" is left to SDPA.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, num_kv_heads: int | None = None, *,
+                 causal: bool = True, kernel: str = "csq", shift: float = 1.0,
+                 learnable_shift: bool = False, center: bool = True, normalize: bool = True,
+                 eps: float = 1e-6, scale: float | None = None, bias: bool = True,
+                 chunk_size: int | None = None, penalty_window: int = 64,
+                 device=None, dtype=None):
+        super().__init__()
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if num_heads <= 0 or embed_dim % num_heads != 0:
+            raise ValueError(f"embed_dim = {embed_dim} must be a positive multiple of "
+                             f"num_heads = {num_heads}")
+        if num_kv_heads <= 0 or num_heads % num_kv_heads != 0:
+            raise ValueError(f"num_heads = {num_heads} must be a multiple of num_kv_heads = "
+                             f"{num_kv_heads}")
+        if learnable_shift and kernel != "csq":
+            raise ValueError(f"learnable_shift applies to kernel='csq' only, got {kernel!r}")
+        if kernel == "softmax" and not normalize:
+            raise ValueError("kernel='softmax' is always normalized; normalize=False is "
+                             "not supported")
+        fk = dict(device=device, dtype=dtype)
+        self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, num_kv_heads
+        self.head_dim = embed_dim // num_heads
+        self.causal, self.kernel = causal, kernel
+        self.center, self.normalize, self.eps = center, normalize, eps
+        self.scale = self.head_dim ** -0.5 if scale is None else float(scale)
+        self.chunk_size = chunk_size
+        self.penalty_window = penalty_window
+        self.q_proj = nn.Linear(embed_dim, num_heads * self.head_dim, bias=bias, **fk)
+        self.k_proj = nn.Linear(embed_dim, num_kv_heads * self.head_dim, bias=bias, **fk)
+        self.v_proj = nn.Linear(embed_dim, num_kv_heads * self.head_dim, bias=bias, **fk)
+        self.out_proj = nn.Linear(num_heads * self.head_dim, embed_dim, bias=bias, **fk)
+        if learnable_shift:
+            self.shift = nn.Parameter(torch.full((num_heads,), float(shift), **fk))
+        else:
+            self.shift = float(shift)
+
+    def extra_repr(self) -> str:
+        shift = "learnable" if isinstance(self.shift, torch.Tensor) else self.shift
+        return (f"kernel={self.kernel!r}, embed_dim={self.embed_dim}, "
+                f"num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
+                f"causal={self.causal}, shift={shift}, center={self.center}, "
+                f"normalize={self.normalize}")
+
+    def _project(self, x: torch.Tensor):
+        B, N, _ = x.shape
+        q = self.q_proj(x).view(B, N, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, N, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, N, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        return q, k, v
+
+    def _kernel_args(self):
+        """(shift, center) that the CSQ-family kernels use."""
+        if self.kernel == "rebased":
+            return 0.0, False
+        return self.shift, self.center
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The similarity step alone: q (B, Hq, N, D), k, v (B, Hk, N, D) -> (B, Hq, N, D)."""
+        if self.kernel in ("csq", "rebased"):
+            dt = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+            shift, center = self._kernel_args()
+            q, k, v = (t.to(dt) for t in (q, k, v))  # autocast may leave them mixed
+            return csq_attention(q, k, v, causal=self.causal,
+                                 scale=self.scale, shift=shift, center=center,
+                                 normalize=self.normalize, eps=self.eps,
+                                 chunk_size=self.chunk_size)
+        if self.kernel == "softmax":
+            dt = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+            q, k, v = q.to(dt), k.to(dt), v.to(dt)
+            if self.num_kv_heads != self.num_heads:
+                g = self.num_heads // self.num_kv_heads
+                k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=self.causal,
+                                                  scale=self.scale)
+        # "linear", "taylor": float32 (or float64) math, outside autocast.
+        dt = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+        if dt in (torch.float16, torch.bfloat16):
+            dt = torch.float32
+        q, k, v = q.to(dt), k.to(dt), v.to(dt)
+        if self.num_kv_heads != self.num_heads:
+            g = self.num_heads // self.num_kv_heads
+            k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+        with torch.autocast(q.device.type, enabled=False):
+            return _feature_attention(q, k, v, self.kernel, causal=self.causal,
+                                      scale=self.scale, normalize=self.normalize, eps=self.eps,
+                                      chunk_size=self.chunk_size or _DEFAULT_CHUNK[self.kernel])
+
+    def forward(self, x: torch.Tensor, *, return_penalty: bool = False):
+        """x: (B, N, embed_dim) -> (B, N, embed_dim).
+
+        With ``return_penalty=True`` (kernels "csq" and "rebased") also returns
+        ``csq_ext.negativity_penalty`` of this layer's q and k with its own scale, shift and
+        centering: ``(out, penalty)``.
+        """
+        B, N, _ = x.shape
+        q, k, v = self._project(x)
+        y = self.attend(q, k, v)
+        # The projections' dtype (the autocast dtype under autocast, else the parameters').
+        y = y.to(q.dtype).transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim)
+        out = self.out_proj(y)
+        if not return_penalty:
+            return out
+        if self.kernel not in ("csq", "rebased"):
+            raise ValueError(f"return_penalty applies to the CSQ kernels ('csq', 'rebased'), "
+                             f"not {self.kernel!r}")
+        shift, center = self._kernel_args()
+        penalty = negativity_penalty(q, k, window=self.penalty_window, scale=self.scale,
+                                     shift=shift, center=center)
+        return out, penalty

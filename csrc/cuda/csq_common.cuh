@@ -1,0 +1,202 @@
+// Building blocks shared by the CUDA kernels: dtype traits and conversions, strided element
+// access, the workspace layout, the feature map, and a small shared-memory block GEMM.
+// Torch-free: csq_params.h, CUDA headers and standard headers only.
+//
+// Notation (README.md): D = Dk, De = D + 1, V1 = Dv + 1. Extended vectors
+//   qe_i = [tau q_i, b_i],  ke_j = [k_j - r, 1],  v~_j = [v_j, 1],  g~_i = [dnum_i, dden_i],
+// so that s_ij = <qe_i, ke_j> = tau <q_i, k'_j> + b_i and w_ij = s_ij^2. The features are the
+// F = De (De + 1) / 2 pairs (x <= y) of extended coordinates, in triangular row-major order:
+//   psi_f(ke) = ke_x ke_y,   phi_f(qe) = m_f qe_x qe_y,   m_f = 1 if x == y else 2,
+// so phi(qe) . psi(ke) = <qe, ke>^2. (This is the spec's [pairs | linear | constant] feature
+// vector in another order; the order is internal to this backend.)
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <type_traits>
+
+#include "../csq_params.h"
+#include "csq_launch.h"
+
+namespace csq {
+namespace cuda {
+
+constexpr int kThreads = 256;  // every kernel but the tiny per-column ones
+constexpr int kSub = 32;       // rows staged in shared memory per step by the state kernels
+constexpr int kSlab = 32;      // feature columns staged per step by the in-chunk kernels
+constexpr int kChunkI = static_cast<int>(kChunk);
+static_assert(kChunkI % kSub == 0, "the chunk must be a whole number of sub-blocks");
+static_assert(kChunkI == 64 && kThreads == 256, "in-chunk kernels map 256 threads on 64 x 64");
+
+// ---------------------------------------------------------------------------------------------
+// dtypes
+
+template <DType DT> struct DTypeOf;
+template <> struct DTypeOf<DType::kFloat64> { using type = double; };
+template <> struct DTypeOf<DType::kFloat32> { using type = float; };
+template <> struct DTypeOf<DType::kFloat16> { using type = __half; };
+template <> struct DTypeOf<DType::kBFloat16> { using type = __nv_bfloat16; };
+
+// The generic path: any Dk, Dv <= 128, input type T, accumulation type Acc, and the number of
+// state rows (features) held by one CTA of the state kernels.
+template <DType DT>
+struct GenericTraits {
+  using T = typename DTypeOf<DT>::type;
+  using Acc = typename std::conditional<DT == DType::kFloat64, double, float>::type;
+  static constexpr int kFeatTile = DT == DType::kFloat64 ? 32 : 64;
+};
+
+template <typename Acc> __device__ __forceinline__ Acc to_acc(double x) { return Acc(x); }
+template <typename Acc> __device__ __forceinline__ Acc to_acc(float x) { return Acc(x); }
+template <typename Acc> __device__ __forceinline__ Acc to_acc(__half x) {
+  return Acc(__half2float(x));
+}
+template <typename Acc> __device__ __forceinline__ Acc to_acc(__nv_bfloat16 x) {
+  return Acc(__bfloat162float(x));
+}
+
+__device__ __forceinline__ void store_el(double* p, double x) { *p = x; }
+__device__ __forceinline__ void store_el(float* p, float x) { *p = x; }
+__device__ __forceinline__ void store_el(__half* p, float x) { *p = __float2half_rn(x); }
+__device__ __forceinline__ void store_el(__nv_bfloat16* p, float x) { *p = __float2bfloat16_rn(x); }
+
+// Element (b, h, n, d) of a strided (B, H, N, D) tensor, converted to Acc.
+template <typename Acc, typename T>
+__device__ __forceinline__ Acc load_el(const void* base, const int64_t* st, int64_t b,
+                                       int64_t h, int64_t n, int64_t d) {
+  const T* p = static_cast<const T*>(base);
+  return to_acc<Acc>(p[b * st[0] + h * st[1] + n * st[2] + d * st[3]]);
+}
+
+template <typename Acc>
+__device__ __forceinline__ Acc warp_sum(Acc x) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
+  return x;
+}
+
+__host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
+__host__ __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+__host__ __device__ __forceinline__ int round_up4(int a) { return (a + 3) & ~3; }
+
+// ---------------------------------------------------------------------------------------------
+// Workspace: four pieces, each 256-byte aligned, in the accumulation dtype.
+//   ref    (B, Hk, D)               reference key r per key/value head (zeros if !center)
+//   csum   (B, Hk, nchunks, D)      per-chunk column sums (keys; in the backward, reused for
+//                                   the centering terms of dk)
+//   prefix (B, Hk, nchunks + 1, D)  their exclusive scan, the total last
+//   rows   (B, Hq, N, Dv + 1)       forward: the state part of num~; backward: g~
+
+struct Work {
+  void* ref = nullptr;
+  void* csum = nullptr;
+  void* prefix = nullptr;
+  void* rows = nullptr;
+  int64_t nchunks = 0;
+};
+
+inline size_t align256(size_t x) { return (x + 255) & ~size_t(255); }
+
+// Returns the bytes needed; fills *w when base is not null.
+inline size_t carve_workspace(const AttnParams& p, DType dt, void* base, Work* w) {
+  const size_t a = acc_size(dt);
+  const int64_t nchunks = ceil_div(p.seqlen, kChunk);
+  const size_t bhk = size_t(p.batch * p.heads_k);
+  const size_t sizes[4] = {
+      align256(a * bhk * size_t(p.dim_k)),
+      align256(a * bhk * size_t(nchunks) * size_t(p.dim_k)),
+      align256(a * bhk * size_t(nchunks + 1) * size_t(p.dim_k)),
+      align256(a * size_t(p.batch * p.heads_q) * size_t(p.seqlen) * size_t(p.dim_v + 1))};
+  size_t off[4], total = 0;
+  for (int i = 0; i < 4; ++i) {
+    off[i] = total;
+    total += sizes[i];
+  }
+  if (base != nullptr && w != nullptr) {
+    char* c = static_cast<char*>(base);
+    w->ref = c + off[0];
+    w->csum = c + off[1];
+    w->prefix = c + off[2];
+    w->rows = c + off[3];
+    w->nchunks = nchunks;
+  }
+  return total;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Features. Pair (x, y), x <= y < De, has index x De - x (x - 1) / 2 + (y - x).
+
+__device__ __forceinline__ void feature_pair(int64_t f, int de, int* x, int* y) {
+  int xx = 0;
+  while (f >= de - xx) {
+    f -= de - xx;
+    ++xx;
+  }
+  *x = xx;
+  *y = xx + static_cast<int>(f);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Block GEMM on shared memory: for every (m, n) in [0, M) x [0, N), calls
+// emit(m, n, sum_{k < K} a(m, k) * b(k, n)). A thread owns micro-tiles of TM consecutive rows
+// and TN columns strided by NG = ceil(N / TN), so that consecutive threads read consecutive
+// columns of b (no bank conflicts) and threads of one row group read one a (broadcast).
+// a(m, k) must be readable for m < ceil(M / TM) * TM and b(k, n) for n < NG * TN: callers pad
+// their shared buffers. Tiles go to threads first_thread, first_thread + 1, ... (mod the block
+// size), so that a second small product can start on the threads the first one left idle.
+// Calls no __syncthreads itself. Returns the number of tiles.
+template <int TM, int TN, typename Acc, typename FA, typename FB, typename FE>
+__device__ __forceinline__ int block_gemm(int M, int N, int K, const FA& a, const FB& b,
+                                          const FE& emit, int first_thread = 0) {
+  const int MG = (M + TM - 1) / TM, NG = (N + TN - 1) / TN;
+  const int nt = static_cast<int>(blockDim.x);
+  const int me = (static_cast<int>(threadIdx.x) + nt - first_thread % nt) % nt;
+  for (int tile = me; tile < MG * NG; tile += nt) {
+    const int m0 = (tile / NG) * TM, n0 = tile % NG;
+    Acc acc[TM][TN];
+#pragma unroll
+    for (int i = 0; i < TM; ++i)
+#pragma unroll
+      for (int j = 0; j < TN; ++j) acc[i][j] = Acc(0);
+    for (int k = 0; k < K; ++k) {
+      Acc av[TM], bv[TN];
+#pragma unroll
+      for (int i = 0; i < TM; ++i) av[i] = a(m0 + i, k);
+#pragma unroll
+      for (int j = 0; j < TN; ++j) bv[j] = b(k, n0 + j * NG);
+#pragma unroll
+      for (int i = 0; i < TM; ++i)
+#pragma unroll
+        for (int j = 0; j < TN; ++j) acc[i][j] = fma(av[i], bv[j], acc[i][j]);
+    }
+#pragma unroll
+    for (int i = 0; i < TM; ++i)
+#pragma unroll
+      for (int j = 0; j < TN; ++j) {
+        const int m = m0 + i, n = n0 + j * NG;
+        if (m < M && n < N) emit(m, n, acc[i][j]);
+      }
+  }
+  return MG * NG;
+}
+
+// The same for N = Dv + 1 columns (values and the ones column): the first Dv columns with
+// TM x TN micro-tiles, the last column by one thread per row on the threads left idle. This
+// keeps the "+1" from costing a whole extra round of micro-tiles.
+template <int TM, int TN, typename Acc, typename FA, typename FB, typename FE>
+__device__ __forceinline__ void block_gemm_aug(int M, int dv, int K, const FA& a, const FB& b,
+                                               const FE& emit) {
+  const int tiles = block_gemm<TM, TN, Acc>(M, dv, K, a, b, emit);
+  block_gemm<1, 1, Acc>(
+      M, 1, K, a, [&](int k, int) { return b(k, dv); },
+      [&](int m, int, Acc val) { emit(m, dv, val); }, tiles);
+}
+
+}  // namespace cuda
+}  // namespace csq

@@ -1,0 +1,84 @@
+// Helpers shared by the two CUDA host files (csq_fwd_cuda.cpp, csq_bwd_cuda.cpp): what the
+// CUDA backend supports, the dtype switch, and turning a launcher Status into a torch error.
+// Includes torch; the kernels and launchers never see this file.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include "../csq_host.h"
+#include "csq_launch.h"
+
+namespace csq {
+namespace cuda_host {
+
+// Runs `__VA_ARGS__` (a lambda) with the constexpr csq::cuda::DType `DT` of `scalar_type`.
+#define CSQ_DTYPE_SWITCH(scalar_type, DT, ...)                                              \
+  [&] {                                                                                     \
+    switch (scalar_type) {                                                                  \
+      case at::kDouble: {                                                                   \
+        constexpr auto DT = ::csq::cuda::DType::kFloat64;                                   \
+        return __VA_ARGS__();                                                               \
+      }                                                                                     \
+      case at::kFloat: {                                                                    \
+        constexpr auto DT = ::csq::cuda::DType::kFloat32;                                   \
+        return __VA_ARGS__();                                                               \
+      }                                                                                     \
+      case at::kHalf: {                                                                     \
+        constexpr auto DT = ::csq::cuda::DType::kFloat16;                                   \
+        return __VA_ARGS__();                                                               \
+      }                                                                                     \
+      case at::kBFloat16: {                                                                 \
+        constexpr auto DT = ::csq::cuda::DType::kBFloat16;                                  \
+        return __VA_ARGS__();                                                               \
+      }                                                                                     \
+      default:                                                                              \
+        TORCH_CHECK(false, "csq_ext (CUDA): unsupported dtype ", scalar_type,               \
+                    "; supported: float64, float32, float16, bfloat16");                    \
+    }                                                                                       \
+  }()
+
+inline ::csq::cuda::DType to_dtype(at::ScalarType s) {
+  return CSQ_DTYPE_SWITCH(s, DT, [&] { return DT; });
+}
+
+// What the CUDA kernels support beyond csq::check_inputs.
+inline void check_supported(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const at::Tensor& shift) {
+  TORCH_CHECK(q.is_cuda() && k.is_cuda() && v.is_cuda() && shift.is_cuda(),
+              "csq_ext (CUDA): q, k, v and shift must be CUDA tensors");
+  const int64_t dk = q.size(3), dv = v.size(3), n = q.size(2);
+  const int64_t maxd = ::csq::cuda::kMaxHeadDim;
+  TORCH_CHECK(dk >= 1 && dk <= maxd && dv >= 1 && dv <= maxd,
+              "csq_ext (CUDA): supports head sizes 1 <= Dk <= ", maxd, " and 1 <= Dv <= ", maxd,
+              " (float64, float32, float16, bfloat16); got Dk = ", dk, ", Dv = ", dv,
+              ". Larger heads run on the CPU backend.");
+  const int64_t chunks = (n + ::csq::cuda::kChunk - 1) / ::csq::cuda::kChunk;
+  TORCH_CHECK(chunks <= 65535, "csq_ext (CUDA): supports sequence lengths N <= ",
+              65535 * ::csq::cuda::kChunk, ", got N = ", n);
+  TORCH_CHECK(q.size(0) * q.size(1) < (int64_t(1) << 31),
+              "csq_ext (CUDA): supports B * Hq < 2^31, got B = ", q.size(0), ", Hq = ", q.size(1));
+}
+
+// Packed sequences and carried state run on the CPU backend so far.
+inline void check_no_streaming(const c10::optional<at::Tensor>& cu_seqlens,
+                               const c10::optional<at::Tensor>& state_in, bool return_state) {
+  TORCH_CHECK(!(cu_seqlens.has_value() && cu_seqlens->defined()),
+              "csq_ext (CUDA): cu_seqlens (packed sequences) is not supported on CUDA yet; "
+              "it runs on CPU tensors");
+  TORCH_CHECK(!(state_in.has_value() && state_in->defined()) && !return_state,
+              "csq_ext (CUDA): initial_state / return_state are not supported on CUDA yet; "
+              "they run on CPU tensors");
+}
+
+inline void check_status(const ::csq::cuda::Status& st, const char* direction) {
+  TORCH_CHECK(st.ok(), "csq_ext (CUDA) ", direction, ": ", st.where, ": ",
+              st.message != nullptr ? st.message : cudaGetErrorString(st.code));
+}
+
+// A device scratch buffer from PyTorch's caching allocator, on the current stream.
+inline at::Tensor workspace(const at::Tensor& like, size_t bytes) {
+  return at::empty({static_cast<int64_t>(bytes)}, like.options().dtype(at::kByte));
+}
+
+}  // namespace cuda_host
+}  // namespace csq

@@ -1,0 +1,103 @@
+// Forward launcher: the kernel sequence of the forward, for the four input dtypes.
+//   1. zero the num~ accumulator (Work::rows)
+//   2. center: reference key r, per-chunk key sums, their scan   (else r = 0)
+//   3. b_i = c_h - tau <q_i, mu'_i>                              rowshift_kernel
+//   4. the key state against the queries, by feature tiles      state_scan_kernel<kStateFwd>
+//   5. in-chunk pairs (causal), den and y                        fwd_finalize_kernel
+#include "csq_chunk.cuh"
+#include "csq_launch_util.cuh"
+#include "csq_prefix.cuh"
+#include "csq_state.cuh"
+
+namespace csq {
+namespace cuda {
+
+size_t fwd_workspace_bytes(const AttnParams& p, DType dt) {
+  return carve_workspace(p, dt, nullptr, nullptr);
+}
+
+// Steps 1-3, shared with the backward (which recomputes r and the key sums for mu').
+template <typename T, typename Acc>
+Status launch_key_prefix(const AttnParams& p, const Work& w, cudaStream_t stream) {
+  const unsigned bhk = unsigned(p.batch * p.heads_k);
+  const dim3 chunks(bhk, unsigned(w.nchunks));
+  if (p.center) {
+    ref_key_kernel<T, Acc><<<bhk, kColThreads, 0, stream>>>(p, w);
+    CSQ_CHECK_LAUNCH("ref_key_kernel");
+    key_chunk_sum_kernel<T, Acc><<<chunks, kColThreads, 0, stream>>>(p, w);
+    CSQ_CHECK_LAUNCH("key_chunk_sum_kernel");
+    chunk_scan_kernel<Acc><<<bhk, kColThreads, 0, stream>>>(p, w, false);
+    CSQ_CHECK_LAUNCH("chunk_scan_kernel");
+  } else {
+    CSQ_RETURN_IF_ERROR(
+        cudaMemsetAsync(w.ref, 0, sizeof(Acc) * size_t(p.batch * p.heads_k * p.dim_k), stream),
+        "cudaMemsetAsync(ref)");
+  }
+  if (p.ref_out != nullptr)  // the forward reports the r it used (an output of the op)
+    CSQ_RETURN_IF_ERROR(
+        cudaMemcpyAsync(p.ref_out, w.ref, sizeof(Acc) * size_t(p.batch * p.heads_k * p.dim_k),
+                        cudaMemcpyDeviceToDevice, stream),
+        "cudaMemcpyAsync(ref_out)");
+  return Status{};
+}
+
+template <DType DT>
+Status launch_fwd(const AttnParams& p, void* workspace, size_t workspace_bytes,
+                  cudaStream_t stream) {
+  using Tr = GenericTraits<DT>;
+  using T = typename Tr::T;
+  using Acc = typename Tr::Acc;
+  constexpr int FT = Tr::kFeatTile;
+
+  Status st = check_shapes(p);
+  if (!st.ok()) return st;
+  if (p.batch * p.heads_q * p.seqlen == 0) return Status{};
+  Work w;
+  if (workspace_bytes < carve_workspace(p, DT, workspace, &w))
+    return Status{cudaErrorInvalidValue, "launch_fwd", "workspace too small"};
+
+  const unsigned bhk = unsigned(p.batch * p.heads_k), bhq = unsigned(p.batch * p.heads_q);
+  const unsigned nch = unsigned(w.nchunks);
+  const int D = int(p.dim_k), Dv = int(p.dim_v);
+
+  CSQ_RETURN_IF_ERROR(
+      cudaMemsetAsync(w.rows, 0, sizeof(Acc) * size_t(bhq) * size_t(p.seqlen) * size_t(Dv + 1),
+                      stream),
+      "cudaMemsetAsync(num)");
+  st = launch_key_prefix<T, Acc>(p, w, stream);
+  if (!st.ok()) return st;
+  rowshift_kernel<T, Acc, kRowShiftB><<<dim3(bhk, nch), kThreads, 0, stream>>>(p, w);
+  CSQ_CHECK_LAUNCH("rowshift_kernel<shift_b>");
+
+  {
+    auto kernel = state_scan_kernel<T, Acc, FT, kStateFwd>;
+    const size_t smem = state_smem_bytes<Acc>(D, Dv, FT, kStateFwd);
+    st = prepare_smem(kernel, smem, "state_scan_kernel<fwd>");
+    if (!st.ok()) return st;
+    kernel<<<dim3(bhk, unsigned(num_feature_tiles(D, FT))), kThreads, smem, stream>>>(p, w);
+    CSQ_CHECK_LAUNCH("state_scan_kernel<fwd>");
+  }
+  {
+    auto kernel = fwd_finalize_kernel<T, Acc>;
+    const size_t smem = finalize_smem_bytes<Acc>();
+    st = prepare_smem(kernel, smem, "fwd_finalize_kernel");
+    if (!st.ok()) return st;
+    kernel<<<dim3(bhq, nch), kThreads, smem, stream>>>(p, w);
+    CSQ_CHECK_LAUNCH("fwd_finalize_kernel");
+  }
+  return Status{};
+}
+
+template Status launch_key_prefix<double, double>(const AttnParams&, const Work&, cudaStream_t);
+template Status launch_key_prefix<float, float>(const AttnParams&, const Work&, cudaStream_t);
+template Status launch_key_prefix<__half, float>(const AttnParams&, const Work&, cudaStream_t);
+template Status launch_key_prefix<__nv_bfloat16, float>(const AttnParams&, const Work&,
+                                                        cudaStream_t);
+
+template Status launch_fwd<DType::kFloat64>(const AttnParams&, void*, size_t, cudaStream_t);
+template Status launch_fwd<DType::kFloat32>(const AttnParams&, void*, size_t, cudaStream_t);
+template Status launch_fwd<DType::kFloat16>(const AttnParams&, void*, size_t, cudaStream_t);
+template Status launch_fwd<DType::kBFloat16>(const AttnParams&, void*, size_t, cudaStream_t);
+
+}  // namespace cuda
+}  // namespace csq

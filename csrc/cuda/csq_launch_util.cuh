@@ -1,0 +1,58 @@
+// Launcher helpers: checking launches, opting kernels into large shared memory, and refusing
+// shapes the kernels do not support (with a message, never a crash).
+#pragma once
+
+#include "csq_common.cuh"
+
+namespace csq {
+namespace cuda {
+
+#define CSQ_RETURN_IF_ERROR(call, name)                          \
+  do {                                                           \
+    const cudaError_t csq_err_ = (call);                         \
+    if (csq_err_ != cudaSuccess) return Status{csq_err_, name};  \
+  } while (0)
+
+// After a <<<...>>> launch.
+#define CSQ_CHECK_LAUNCH(name) CSQ_RETURN_IF_ERROR(cudaGetLastError(), name)
+
+// Lets `kernel` use `bytes` of dynamic shared memory, or says why it cannot.
+template <typename Kernel>
+inline Status prepare_smem(Kernel kernel, size_t bytes, const char* name) {
+  int dev = 0, optin = 0;
+  CSQ_RETURN_IF_ERROR(cudaGetDevice(&dev), name);
+  CSQ_RETURN_IF_ERROR(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev),
+                      name);
+  if (bytes > size_t(optin))
+    return Status{cudaErrorInvalidConfiguration, name,
+                  "this head size needs more shared memory per block than the device has "
+                  "(the CUDA kernels are built for sm_80 and newer)"};
+  if (bytes > 48 * 1024)
+    CSQ_RETURN_IF_ERROR(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)),
+        name);
+  return Status{};
+}
+
+// Shapes the kernels support. The host files check the same with TORCH_CHECK first.
+inline Status check_shapes(const AttnParams& p) {
+  if (p.dim_k < 1 || p.dim_k > kMaxHeadDim || p.dim_v < 1 || p.dim_v > kMaxHeadDim)
+    return Status{cudaErrorInvalidValue, "check_shapes",
+                  "the CUDA kernels support head sizes 1 <= Dk <= 128 and 1 <= Dv <= 128"};
+  if (ceil_div(p.seqlen, kChunk) > 65535)
+    return Status{cudaErrorInvalidValue, "check_shapes",
+                  "the CUDA kernels support sequence lengths N <= 65535 * 64"};
+  if (p.batch * p.heads_q > 2147483647LL)
+    return Status{cudaErrorInvalidValue, "check_shapes", "B * Hq must be < 2^31"};
+  if (p.group < 1 || p.heads_q != p.group * p.heads_k)
+    return Status{cudaErrorInvalidValue, "check_shapes", "Hq must equal group * Hk"};
+  return Status{};
+}
+
+inline int num_feature_tiles(int64_t dim_k, int ft) {
+  const int64_t de = dim_k + 1;
+  return static_cast<int>(ceil_div(de * (de + 1) / 2, ft));
+}
+
+}  // namespace cuda
+}  // namespace csq

@@ -1,0 +1,207 @@
+// The cheap per-position kernels: the reference key, prefix sums of the keys and the per-query
+// shift b (forward), and the centering terms and shift gradient (backward). All work on
+// per-column sums of D-vectors, one thread per feature column.
+#pragma once
+
+#include "csq_common.cuh"
+
+namespace csq {
+namespace cuda {
+
+constexpr int kColThreads = static_cast<int>(kMaxHeadDim);  // one thread per key coordinate
+
+// r = mean of the first min(N, kRefKeys) keys of (b, g), per coordinate over the finite values
+// only (0 if there are none). Any finite r gives the same result (centered CSQ does not depend
+// on it); skipping non-finite keys keeps a NaN or Inf key from reaching the queries before it
+// through r. Grid (B Hk). Launched only with center.
+template <typename T, typename Acc>
+__global__ void __launch_bounds__(kColThreads) ref_key_kernel(const AttnParams p, Work w) {
+  const int64_t bg = blockIdx.x, bi = bg / p.heads_k, g = bg % p.heads_k;
+  const int D = static_cast<int>(p.dim_k);
+  const int64_t n0 = p.seqlen < kRefKeys ? p.seqlen : kRefKeys;
+  Acc* ref = static_cast<Acc*>(w.ref) + bg * D;
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    Acc s = 0;
+    int count = 0;
+    for (int64_t j = 0; j < n0; ++j) {
+      const Acc x = load_el<Acc, T>(p.k, p.k_stride, bi, g, j, d);
+      if (isfinite(x)) {
+        s += x;
+        ++count;
+      }
+    }
+    ref[d] = count > 0 ? s / Acc(count) : Acc(0);
+  }
+}
+
+// csum[b, g, t, :] = sum over the rows of chunk t of (k_j - r). Grid (B Hk, nchunks).
+template <typename T, typename Acc>
+__global__ void __launch_bounds__(kColThreads) key_chunk_sum_kernel(const AttnParams p, Work w) {
+  const int64_t bg = blockIdx.x, t = blockIdx.y, bi = bg / p.heads_k, g = bg % p.heads_k;
+  const int D = static_cast<int>(p.dim_k);
+  const int64_t row0 = t * kChunk, row1 = min64(p.seqlen, row0 + kChunk);
+  const Acc* ref = static_cast<const Acc*>(w.ref) + bg * D;
+  Acc* out = static_cast<Acc*>(w.csum) + (bg * w.nchunks + t) * D;
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    const Acc r = ref[d];
+    Acc s = 0;
+    for (int64_t j = row0; j < row1; ++j) s += load_el<Acc, T>(p.k, p.k_stride, bi, g, j, d) - r;
+    out[d] = s;
+  }
+}
+
+// The centering terms of dk: cq_i = sum_{h in group} -tau db_hi q_hi / n_i, summed over the rows
+// of chunk t into csum[b, g, t, :]. Grid (B Hk, nchunks). Needs the final db.
+template <typename T, typename Acc>
+__device__ __forceinline__ Acc centering_term(const AttnParams& p, int64_t bi, int64_t g,
+                                              int64_t row, int d, Acc tau) {
+  const Acc* db = static_cast<const Acc*>(p.db);
+  const Acc n = p.causal ? Acc(row + 1) : Acc(p.seqlen);
+  Acc s = 0;
+  for (int64_t hh = 0; hh < p.group; ++hh) {
+    const int64_t h = g * p.group + hh, bh = bi * p.heads_q + h;
+    s += db[bh * p.seqlen + row] * load_el<Acc, T>(p.q, p.q_stride, bi, h, row, d);
+  }
+  return -tau * s / n;
+}
+
+template <typename T, typename Acc>
+__global__ void __launch_bounds__(kColThreads) cq_chunk_sum_kernel(const AttnParams p, Work w) {
+  const int64_t bg = blockIdx.x, t = blockIdx.y, bi = bg / p.heads_k, g = bg % p.heads_k;
+  const int D = static_cast<int>(p.dim_k);
+  const Acc tau = Acc(p.scale);
+  const int64_t row0 = t * kChunk, row1 = min64(p.seqlen, row0 + kChunk);
+  Acc* out = static_cast<Acc*>(w.csum) + (bg * w.nchunks + t) * D;
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    Acc s = 0;
+    for (int64_t j = row0; j < row1; ++j) s += centering_term<T, Acc>(p, bi, g, j, d, tau);
+    out[d] = s;
+  }
+}
+
+// Exclusive scan of the chunk sums over chunks: prefix[t] = sum of csum over chunks before t
+// (reverse: after t); prefix[nchunks] = the total. Grid (B Hk).
+template <typename Acc>
+__global__ void __launch_bounds__(kColThreads) chunk_scan_kernel(const AttnParams p, Work w,
+                                                                 bool reverse) {
+  const int64_t bg = blockIdx.x, nch = w.nchunks;
+  const int D = static_cast<int>(p.dim_k);
+  const Acc* __restrict__ cs = static_cast<const Acc*>(w.csum) + bg * nch * D;
+  Acc* __restrict__ pre = static_cast<Acc*>(w.prefix) + bg * (nch + 1) * D;
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    Acc run = 0;
+    for (int64_t s = 0; s < nch; ++s) {
+      const int64_t t = reverse ? nch - 1 - s : s;
+      pre[t * D + d] = run;
+      run += cs[t * D + d];
+    }
+    pre[nch * D + d] = run;
+  }
+}
+
+// Row kernels that need mu'_i = mean of (k_j - r) over J(i), for the rows of chunk t of key
+// head (b, g) and every query head of its group. Grid (B Hk, nchunks).
+//   kRowShiftB:   b_i = c_h - tau <q_i, mu'_i>   (c_h when !center)
+//   kRowCenterQ:  dq_i -= tau db_i mu'_i          (launched only with center)
+enum RowMode : int { kRowShiftB = 0, kRowCenterQ = 1 };
+
+template <typename T, typename Acc, int MODE>
+__global__ void __launch_bounds__(kThreads) rowshift_kernel(const AttnParams p, Work w) {
+  __shared__ Acc mu_s[kSub][kMaxHeadDim + 1];
+  const int64_t bg = blockIdx.x, t = blockIdx.y, bi = bg / p.heads_k, g = bg % p.heads_k;
+  const int D = static_cast<int>(p.dim_k);
+  const int64_t N = p.seqlen, G = p.group, nch = w.nchunks;
+  const Acc tau = Acc(p.scale);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
+  const Acc* ref = static_cast<const Acc*>(w.ref) + bg * D;
+  const Acc* pre = static_cast<const Acc*>(w.prefix) + bg * (nch + 1) * D;
+
+  // Thread d < D carries the running sum of column d (causal) or holds the total mean.
+  Acc run = 0;
+  if (p.center && tid < D) run = p.causal ? pre[t * D + tid] : pre[nch * D + tid] / Acc(N);
+
+  for (int sb = 0; sb < kChunkI / kSub; ++sb) {
+    const int64_t row0 = t * kChunk + sb * kSub;
+    if (row0 >= N) break;  // uniform over the block
+    const int nrows = static_cast<int>(min64(kSub, N - row0));
+    __syncthreads();  // mu_s of the previous sub-block is no longer read
+    if (p.center && tid < D) {
+      for (int r = 0; r < nrows; ++r) {
+        if (p.causal) {
+          run += load_el<Acc, T>(p.k, p.k_stride, bi, g, row0 + r, tid) - ref[tid];
+          mu_s[r][tid] = run / Acc(row0 + r + 1);
+        } else {
+          mu_s[r][tid] = run;
+        }
+      }
+    }
+    __syncthreads();
+    // One warp per (query head, row).
+    for (int64_t e = warp; e < G * nrows; e += nwarps) {
+      const int64_t hh = e / nrows, h = g * G + hh, bh = bi * p.heads_q + h;
+      const int r = static_cast<int>(e % nrows);
+      const int64_t row = row0 + r;
+      if (MODE == kRowShiftB) {
+        Acc dot = 0;
+        if (p.center) {
+          for (int d = lane; d < D; d += 32)
+            dot += load_el<Acc, T>(p.q, p.q_stride, bi, h, row, d) * mu_s[r][d];
+          dot = warp_sum(dot);
+        }
+        if (lane == 0)
+          static_cast<Acc*>(p.b)[bh * N + row] =
+              static_cast<const Acc*>(p.shift)[h] - tau * dot;
+      } else {
+        const Acc coef = tau * static_cast<const Acc*>(p.db)[bh * N + row];
+        Acc* dq = static_cast<Acc*>(p.dq) + (bh * N + row) * D;
+        for (int d = lane; d < D; d += 32) dq[d] -= coef * mu_s[r][d];
+      }
+    }
+  }
+}
+
+// dk_j += sum over i >= j (causal) or all i of cq_i: a reverse cumulative sum within the chunk
+// plus prefix[t] (the terms of later chunks; reverse scan). Grid (B Hk, nchunks).
+template <typename T, typename Acc>
+__global__ void __launch_bounds__(kColThreads) center_k_kernel(const AttnParams p, Work w) {
+  const int64_t bg = blockIdx.x, t = blockIdx.y, bi = bg / p.heads_k, g = bg % p.heads_k;
+  const int D = static_cast<int>(p.dim_k);
+  const int64_t N = p.seqlen, nch = w.nchunks;
+  const Acc tau = Acc(p.scale);
+  const int64_t row0 = t * kChunk, row1 = min64(N, row0 + kChunk);
+  const Acc* pre = static_cast<const Acc*>(w.prefix) + bg * (nch + 1) * D;
+  Acc* dk = static_cast<Acc*>(p.dk) + bg * N * D;
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    if (p.causal) {
+      Acc run = pre[t * D + d];
+      for (int64_t j = row1 - 1; j >= row0; --j) {
+        run += centering_term<T, Acc>(p, bi, g, j, d, tau);
+        dk[j * D + d] += run;
+      }
+    } else {
+      const Acc total = pre[nch * D + d];
+      for (int64_t j = row0; j < row1; ++j) dk[j * D + d] += total;
+    }
+  }
+}
+
+// dshift[b, h] = sum_i db[b, h, i]. Grid (B Hq).
+template <typename Acc>
+__global__ void __launch_bounds__(kThreads) dshift_kernel(const AttnParams p) {
+  __shared__ Acc part[kThreads / 32];
+  const int64_t bh = blockIdx.x, N = p.seqlen;
+  const Acc* db = static_cast<const Acc*>(p.db) + bh * N;
+  Acc s = 0;
+  for (int64_t i = threadIdx.x; i < N; i += blockDim.x) s += db[i];
+  s = warp_sum(s);
+  if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = s;
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    s = threadIdx.x < (blockDim.x >> 5) ? part[threadIdx.x] : Acc(0);
+    s = warp_sum(s);
+    if (threadIdx.x == 0) static_cast<Acc*>(p.dshift)[bh] = s;
+  }
+}
+
+}  // namespace cuda
+}  // namespace csq

@@ -1,0 +1,46 @@
+"""Builds libcsqemu.so: the CUDA launchers and kernels of csrc/cuda compiled as plain C++ against
+the emulator in this folder. Usage: python build_emu.py [OUTDIR] (default /tmp/csqemu)."""
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CUDA_DIR = os.path.dirname(HERE)
+CSRC = os.path.dirname(CUDA_DIR)
+OUT = sys.argv[1] if len(sys.argv) > 1 else "/tmp/csqemu"
+
+LAUNCH = re.compile(r"([\w:]+(?:<[^<>;]*>)?)<<<(.*?)>>>\((.*?)\);", re.S)
+SMEM = "extern __shared__ __align__(16) unsigned char smem_raw[];"
+
+
+def transform(text):
+    text = text.replace(SMEM, "unsigned char* smem_raw = emu::dyn_smem().data();")
+    return LAUNCH.sub(r"emu::launch(\1, \2, \3);", text)
+
+
+def main():
+    src = os.path.join(OUT, "src")
+    shutil.rmtree(src, ignore_errors=True)
+    os.makedirs(os.path.join(src, "cuda"))
+    shutil.copy(os.path.join(CSRC, "csq_params.h"), src)
+    for name in os.listdir(CUDA_DIR):
+        if name.endswith((".cu", ".cuh", ".h")):
+            with open(os.path.join(CUDA_DIR, name)) as f:
+                text = transform(f.read())
+            with open(os.path.join(src, "cuda", name), "w") as f:
+                f.write(text)
+    units = [os.path.join(src, "cuda", n) for n in ("csq_fwd_launch.cu", "csq_bwd_launch.cu")]
+    units.append(os.path.join(HERE, "emu_harness.cc"))
+    lib = os.path.join(OUT, "libcsqemu.so")
+    cmd = ["g++", "-std=c++17", "-O1", "-g", "-fPIC", "-shared", "-Wall", "-Wno-unused", "-Wno-unknown-pragmas",
+           "-I", os.path.join(HERE, "include"), "-I", os.path.join(src, "cuda"),
+           "-x", "c++"] + units + ["-o", lib]
+    print(" ".join(cmd))
+    subprocess.run(cmd, check=True)
+    print(lib)
+
+
+if __name__ == "__main__":
+    main()

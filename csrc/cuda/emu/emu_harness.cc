@@ -1,0 +1,97 @@
+// C entry points over the launchers, for check_emu.py (ctypes). Emulator only.
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+
+#include "csq_launch.h"
+
+using namespace csq;
+using namespace csq::cuda;
+
+namespace {
+
+void fill(AttnParams& p, const int64_t* sz, const void* q, const int64_t* qs, const void* k,
+          const int64_t* ks, const void* v, const int64_t* vs, const void* shift, double scale,
+          double eps, int causal, int center, int normalize) {
+  p.batch = sz[0];
+  p.heads_q = sz[1];
+  p.heads_k = sz[2];
+  p.seqlen = sz[3];
+  p.dim_k = sz[4];
+  p.dim_v = sz[5];
+  p.group = p.heads_q / p.heads_k;
+  for (int i = 0; i < 4; ++i) {
+    p.q_stride[i] = qs[i];
+    p.k_stride[i] = ks[i];
+    p.v_stride[i] = vs[i];
+  }
+  p.q = q;
+  p.k = k;
+  p.v = v;
+  p.shift = shift;
+  p.scale = scale;
+  p.eps = eps;
+  p.causal = causal;
+  p.center = center;
+  p.normalize = normalize;
+  p.chunk = 7;  // ignored by the CUDA backend
+}
+
+int report(const Status& st, char* msg, int msglen) {
+  if (st.ok()) return 0;
+  snprintf(msg, msglen, "%s: %s", st.where, st.message ? st.message : "cuda error");
+  return int(st.code);
+}
+
+}  // namespace
+
+extern "C" int emu_fwd(int dt, const int64_t* sz, const void* q, const int64_t* qs, const void* k,
+                       const int64_t* ks, const void* v, const int64_t* vs, const void* shift,
+                       double scale, double eps, int causal, int center, int normalize, void* y,
+                       void* b, void* den, char* msg, int msglen) {
+  AttnParams p;
+  fill(p, sz, q, qs, k, ks, v, vs, shift, scale, eps, causal, center, normalize);
+  p.y = y;
+  p.b = b;
+  p.den = den;
+  const DType d = DType(dt);
+  std::vector<unsigned char> ws(fwd_workspace_bytes(p, d) + 1, 0xFF);  // poisoned
+  Status st;
+  switch (d) {
+    case DType::kFloat64: st = launch_fwd<DType::kFloat64>(p, ws.data(), ws.size(), nullptr); break;
+    case DType::kFloat32: st = launch_fwd<DType::kFloat32>(p, ws.data(), ws.size(), nullptr); break;
+    case DType::kFloat16: st = launch_fwd<DType::kFloat16>(p, ws.data(), ws.size(), nullptr); break;
+    case DType::kBFloat16: st = launch_fwd<DType::kBFloat16>(p, ws.data(), ws.size(), nullptr); break;
+  }
+  return report(st, msg, msglen);
+}
+
+extern "C" int emu_bwd(int dt, const int64_t* sz, const void* q, const int64_t* qs, const void* k,
+                       const int64_t* ks, const void* v, const int64_t* vs, const void* shift,
+                       double scale, double eps, int causal, int center, int normalize,
+                       const void* dy, const int64_t* dys, const void* y, const void* b,
+                       const void* den, void* dq, void* dk, void* dv, void* db, void* dshift,
+                       char* msg, int msglen) {
+  AttnParams p;
+  fill(p, sz, q, qs, k, ks, v, vs, shift, scale, eps, causal, center, normalize);
+  for (int i = 0; i < 4; ++i) p.dy_stride[i] = dys[i];
+  p.dy = dy;
+  p.y = const_cast<void*>(y);
+  p.b = const_cast<void*>(b);
+  p.den = const_cast<void*>(den);
+  p.dq = dq;
+  p.dk = dk;
+  p.dv = dv;
+  p.db = db;
+  p.dshift = dshift;
+  const DType d = DType(dt);
+  std::vector<unsigned char> ws(bwd_workspace_bytes(p, d) + 1, 0xFF);
+  Status st;
+  switch (d) {
+    case DType::kFloat64: st = launch_bwd<DType::kFloat64>(p, ws.data(), ws.size(), nullptr); break;
+    case DType::kFloat32: st = launch_bwd<DType::kFloat32>(p, ws.data(), ws.size(), nullptr); break;
+    case DType::kFloat16: st = launch_bwd<DType::kFloat16>(p, ws.data(), ws.size(), nullptr); break;
+    case DType::kBFloat16: st = launch_bwd<DType::kBFloat16>(p, ws.data(), ws.size(), nullptr); break;
+  }
+  return report(st, msg, msglen);
+}

@@ -1,0 +1,1 @@
+"""Quality study of CSQ attention against other similarity kernels (see README.md)."""

@@ -1,0 +1,287 @@
+"""The core checks on CUDA: forward and gradients against the float64 reference, gradcheck,
+CUDA against CPU, offset keys, strided inputs, odd lengths, memory. Skipped without a GPU.
+
+Inputs are drawn on the CPU (float64, seeded) and moved, so CPU and CUDA runs see the same
+numbers; the reference always runs in float64 (on the CPU for short sequences, row-blocked on
+the GPU for long ones).
+"""
+import itertools
+
+import pytest
+import torch
+
+import csq_ext
+from conftest import (FLOAT_DTYPES, HALF_DTYPES, SHAPES, TOL, TOL_F32_OFFSET, assert_rel_close,
+                      csq, csq_grads, make_qkv, rand_shift, randn, reference, reference_blocked,
+                      reference_grads, rel_err)
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+DEV = "cuda"
+FLAGS = list(itertools.product([True, False], [True, False], [True, False]))
+FLAG_IDS = [f"{'causal' if c else 'full'}-{'ctr' if m else 'noctr'}-{'norm' if n else 'raw'}"
+            for c, m, n in FLAGS]
+CAUSAL = pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+
+
+def _shift_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _grads_check(gen, shape, dtype, names=None, layout="contiguous", tol=None, **kw):
+    q, k, v = make_qkv(gen, shape, dtype, device=DEV, layout=layout)
+    shift = rand_shift(gen, shape[1], _shift_dtype(dtype), device=DEV)
+    dy = randn(gen, shape[0], shape[1], shape[3], shape[5], dtype=dtype, device=DEV)
+    y, grads = csq_grads(q, k, v, shift, dy, **kw)
+    y_ref, grads_ref = reference_grads(q, k, v, shift, dy, **kw)
+    tol = TOL[dtype] if tol is None else tol
+    assert y.device.type == "cuda" and y.dtype == dtype
+    assert_rel_close(y, y_ref, tol, "y")
+    for name in names or grads_ref:
+        assert grads[name].device.type == "cuda"
+        assert_rel_close(grads[name], grads_ref[name], tol, f"d{name}")
+    return y, grads
+
+
+# --------------------------------------------------------------------------------------------
+# Forward
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("causal,center,normalize", FLAGS, ids=FLAG_IDS)
+@pytest.mark.parametrize("n", [13, 67])
+def test_cuda_forward_flags(gen, n, causal, center, normalize, dtype):
+    q, k, v = make_qkv(gen, (2, 4, 2, n, 8, 5), dtype, device=DEV)
+    shift = rand_shift(gen, 4, _shift_dtype(dtype), device=DEV)
+    kw = dict(causal=causal, center=center, normalize=normalize, scale=0.6, shift=shift)
+    y = csq(q, k, v, **kw)
+    assert y.device.type == "cuda" and y.dtype == dtype
+    assert_rel_close(y, reference(q, k, v, **kw), TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@CAUSAL
+@pytest.mark.parametrize("shape_name", list(SHAPES))
+def test_cuda_forward_shapes(gen, shape_name, causal, dtype):
+    q, k, v = make_qkv(gen, SHAPES[shape_name], dtype, device=DEV)
+    assert_rel_close(csq(q, k, v, causal=causal), reference(q, k, v, causal=causal), TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@CAUSAL
+@pytest.mark.parametrize("n", [1, 2, 31, 63, 64, 65, 127, 129, 1000])
+def test_cuda_odd_lengths(gen, n, causal, dtype):
+    """Lengths around multiples of the CUDA chunk (64) and of typical tile sizes."""
+    q, k, v = make_qkv(gen, (1, 2, 1, n, 16, 16), dtype, device=DEV)
+    assert_rel_close(csq(q, k, v, causal=causal), reference(q, k, v, causal=causal), TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["transposed", "sliced", "expanded"])
+@CAUSAL
+def test_cuda_strided_inputs(gen, layout, causal, dtype):
+    q, k, v = make_qkv(gen, (2, 4, 2, 70, 16, 8), dtype, device=DEV, layout=layout)
+    assert not any(t.is_contiguous() for t in (q, k, v))
+    assert_rel_close(csq(q, k, v, causal=causal), reference(q, k, v, causal=causal), TOL[dtype])
+
+
+@pytest.mark.parametrize("dk,dv", [(16, 16), (32, 64), (64, 64), (128, 128), (8, 128)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cuda_head_sizes(gen, dk, dv, dtype):
+    """Common head sizes. A size the kernel does not support must raise an error that names
+    the head size, never return numbers."""
+    q, k, v = make_qkv(gen, (1, 2, 1, 100, dk, dv), dtype, device=DEV)
+    try:
+        y = csq(q, k, v)
+    except (ValueError, RuntimeError) as e:
+        assert "Dk" in str(e) or "Dv" in str(e) or "head" in str(e), str(e)
+        pytest.skip(f"head sizes ({dk}, {dv}) unsupported on CUDA: {e}")
+    assert_rel_close(y, reference(q, k, v), TOL[dtype])
+
+
+def test_cuda_empty_sequence(gen):
+    q = randn(gen, 2, 4, 0, 8, device=DEV, dtype=torch.float32, requires_grad=True)
+    k = randn(gen, 2, 2, 0, 8, device=DEV, dtype=torch.float32, requires_grad=True)
+    v = randn(gen, 2, 2, 0, 4, device=DEV, dtype=torch.float32, requires_grad=True)
+    y = csq_ext.attention(q, k, v)
+    assert y.shape == (2, 4, 0, 4) and y.device.type == "cuda"
+    y.sum().backward()
+    assert q.grad.shape == q.shape and k.grad.shape == k.shape and v.grad.shape == v.shape
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+@CAUSAL
+def test_cuda_half_long_sequence(gen, causal, dtype):
+    """bf16 / fp16 at N = 65536 (the spec's upper length) against a row-blocked float64
+    reference on the GPU."""
+    n = 65536
+    q, k, v = make_qkv(gen, (1, 1, 1, n, 32, 32), dtype, device=DEV)
+    y = csq(q, k, v, causal=causal)
+    assert_rel_close(y, reference_blocked(q, k, v, causal=causal, block=2048), TOL[dtype])
+
+
+# --------------------------------------------------------------------------------------------
+# Gradients
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("causal,center,normalize", FLAGS, ids=FLAG_IDS)
+def test_cuda_grads_full_precision(gen, causal, center, normalize, dtype):
+    _grads_check(gen, (2, 4, 2, 77, 8, 5), dtype, causal=causal, center=center,
+                 normalize=normalize)
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+@pytest.mark.parametrize("causal,center", [(True, True), (True, False), (False, True),
+                                           (False, False)])
+@pytest.mark.parametrize("shape", [(1, 2, 1, 64, 16, 16), (2, 4, 2, 300, 32, 32),
+                                   (1, 2, 2, 4096, 64, 64)], ids=["n64", "n300", "n4096"])
+def test_cuda_grads_half(gen, shape, causal, center, dtype):
+    _grads_check(gen, shape, dtype, names=["q", "k", "v"], causal=causal, center=center)
+
+
+@pytest.mark.parametrize("layout", ["transposed", "sliced", "expanded"])
+def test_cuda_grads_strided(gen, layout):
+    for causal in (True, False):
+        _grads_check(gen, (2, 4, 2, 70, 16, 8), torch.float32, layout=layout, causal=causal)
+
+
+@pytest.mark.parametrize("causal,center,normalize", FLAGS, ids=FLAG_IDS)
+def test_cuda_gradcheck(gen, causal, center, normalize):
+    q, k, v = make_qkv(gen, (1, 4, 2, 11, 3, 4), device=DEV)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    shift = rand_shift(gen, 4, device=DEV, requires_grad=True)
+
+    def fn(q, k, v, shift):
+        return csq_ext.attention(q, k, v, shift=shift, causal=causal, center=center,
+                                 normalize=normalize, scale=0.6, chunk_size=4)
+    assert torch.autograd.gradcheck(fn, (q, k, v, shift), fast_mode=False)
+
+
+def test_cuda_double_backward_raises(gen):
+    q, k, v = make_qkv(gen, SHAPES["gqa"], device=DEV)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    (dq,) = torch.autograd.grad(csq_ext.attention(q, k, v).square().sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(dq.sum(), (q, k, v), allow_unused=True)
+
+
+# --------------------------------------------------------------------------------------------
+# CUDA against CPU, properties
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@CAUSAL
+def test_cuda_matches_cpu(gen, causal, dtype):
+    """The same inputs on both devices: outputs and gradients agree to twice the dtype's
+    tolerance (each is within one tolerance of the reference)."""
+    shape = (2, 4, 2, 150, 16, 8)
+    q, k, v = make_qkv(gen, shape, dtype)
+    shift = rand_shift(gen, 4, _shift_dtype(dtype))
+    dy = randn(gen, 2, 4, 150, 8, dtype=dtype)
+    kw = dict(causal=causal)
+    y_cpu, g_cpu = csq_grads(q, k, v, shift, dy, **kw)
+    y_gpu, g_gpu = csq_grads(*(t.to(DEV) for t in (q, k, v, shift, dy)), **kw)
+    names = ["q", "k", "v"] + (["shift"] if dtype in (torch.float64, torch.float32) else [])
+    assert_rel_close(y_gpu, y_cpu, 2 * TOL[dtype], "y")
+    for name in names:
+        assert_rel_close(g_gpu[name], g_cpu[name], 2 * TOL[dtype], f"d{name}")
+
+
+@CAUSAL
+@pytest.mark.parametrize("n", [50, 1000])
+def test_cuda_float32_offset_keys(gen, causal, n):
+    """Keys with a common offset 30x their spread, float32: outputs and gradients within 1e-4
+    of the float64 reference."""
+    B, Hq, Hk, Dk, Dv = 1, 4, 2, 32, 16
+    offset = 30 * torch.sign(randn(gen, 1, Hk, 1, Dk))
+    q = randn(gen, B, Hq, n, Dk, dtype=torch.float32, device=DEV)
+    k = (randn(gen, B, Hk, n, Dk) + offset).to(DEV, torch.float32)
+    v = randn(gen, B, Hk, n, Dv, dtype=torch.float32, device=DEV)
+    shift = rand_shift(gen, Hq, torch.float32, device=DEV)
+    dy = randn(gen, B, Hq, n, Dv, dtype=torch.float32, device=DEV)
+    y, grads = csq_grads(q, k, v, shift, dy, causal=causal)
+    y_ref, grads_ref = reference_grads(q, k, v, shift, dy, causal=causal)
+    assert_rel_close(y, y_ref, TOL_F32_OFFSET, "y")
+    for name in grads:
+        assert_rel_close(grads[name], grads_ref[name], TOL_F32_OFFSET, f"d{name}")
+
+
+@CAUSAL
+def test_cuda_translation_invariance(gen, causal):
+    q, k, v = make_qkv(gen, (2, 4, 2, 90, 16, 8))
+    t = 30 * torch.sign(randn(gen, 16))
+    y = csq(q.to(DEV, torch.float32), (k + t).to(DEV, torch.float32), v.to(DEV, torch.float32),
+            causal=causal)
+    assert_rel_close(y, reference(q, k, v, causal=causal), TOL_F32_OFFSET)
+    y64 = csq(q.to(DEV), k.to(DEV), v.to(DEV), causal=causal)
+    y64_t = csq(q.to(DEV), (k + t).to(DEV), v.to(DEV), causal=causal)
+    assert_rel_close(y64_t, y64, 1e-10)
+
+
+@CAUSAL
+def test_cuda_independent_of_chunk_size(gen, causal):
+    q, k, v = make_qkv(gen, (1, 2, 1, 150, 8, 4), device=DEV)
+    base = csq(q, k, v, causal=causal)
+    for chunk in (16, 32, 64, 128):
+        assert_rel_close(csq(q, k, v, causal=causal, chunk_size=chunk), base, 1e-12,
+                         f"chunk {chunk}")
+
+
+@CAUSAL
+def test_cuda_nan_in_v_stays_causal(gen, causal):
+    q, k, v = make_qkv(gen, (1, 2, 1, 100, 8, 4), device=DEV)
+    v[0, 0, 70, 1] = float("nan")
+    y = csq(q, k, v, causal=causal)
+    bad = ~torch.isfinite(y)
+    first = 70 if causal else 0
+    assert bad[0, :, first:, 1].all()
+    bad[0, :, first:, 1] = False
+    assert not bad.any()
+
+
+def test_cuda_opcheck(gen):
+    q, k, v = make_qkv(gen, SHAPES["gqa"], torch.float32, device=DEV)
+    shift = rand_shift(gen, 4, torch.float32, device=DEV)
+    for rg in (False, True):
+        args = [t.detach().requires_grad_(rg) for t in (q, k, v, shift)]
+        torch.library.opcheck(torch.ops.csq_ext.csq_fwd.default,
+                              (*args, True, 0.5, True, True, 1e-6, 0))
+
+
+def test_cuda_rejects_mixed_devices(gen):
+    q, k, v = make_qkv(gen, SHAPES["gqa"], torch.float32)
+    with pytest.raises((ValueError, RuntimeError), match="device"):
+        csq_ext.attention(q.to(DEV), k, v.to(DEV))
+    with pytest.raises((ValueError, RuntimeError), match="shift"):
+        csq_ext.attention(q.to(DEV), k.to(DEV), v.to(DEV), shift=torch.ones(4))
+
+
+def test_cuda_no_quadratic_memory(gen):
+    """N = 32768, Dk = Dv = 16, float32, forward + backward: the peak allocation grows by far
+    less than an N x N float32 matrix (4 GiB)."""
+    n = 32768
+    q, k, v = (randn(gen, 1, 1, n, 16, dtype=torch.float32, device=DEV, requires_grad=True)
+               for _ in range(3))
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    for causal in (True, False):
+        y = csq_ext.attention(q, k, v, causal=causal)
+        grads = torch.autograd.grad(y, (q, k, v), torch.ones_like(y))
+        assert all(torch.isfinite(g).all() for g in grads)
+        del y, grads
+    torch.cuda.synchronize()
+    growth = torch.cuda.max_memory_allocated() - base
+    assert growth < 256 * 2 ** 20, f"peak CUDA memory grew by {growth / 2 ** 20:.0f} MiB"
+
+
+def test_cuda_current_stream_and_device(gen):
+    """Runs on the current stream: results produced on a side stream are correct when read on
+    that stream."""
+    q, k, v = make_qkv(gen, (2, 4, 2, 200, 16, 8), torch.float32, device=DEV)
+    expected = reference(q, k, v)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        y = csq_ext.attention(q, k, v)
+        y_host = y.to("cpu", non_blocking=False)
+    stream.synchronize()
+    assert rel_err(y_host, expected) <= TOL[torch.float32]
