@@ -127,4 +127,40 @@ std::vector<int64_t> state_shape(const AttnParams& p) {
   return {p.num_seqs, p.heads_k, num_features(p.dim_k), p.dim_v + 1};
 }
 
+BackwardTensors set_backward_params(AttnParams& p, const at::Tensor& q, const at::Tensor& k,
+                                    const at::Tensor& v, const at::Tensor& dy,
+                                    const at::Tensor& y, const at::Tensor& b,
+                                    const at::Tensor& den) {
+  const auto acc = acc_dtype(q.scalar_type());
+  const int64_t B = q.size(0), Hq = q.size(1), N = q.size(2), Dv = v.size(3);
+  const auto on_q = [&](const at::Tensor& t) { return t.device() == q.device(); };
+  TORCH_CHECK(dy.sizes() == at::IntArrayRef({B, Hq, N, Dv}) && dy.scalar_type() == acc &&
+                  on_q(dy),
+              "csq_bwd: dy must have shape (B, Hq, N, Dv) = ", at::IntArrayRef({B, Hq, N, Dv}),
+              ", the accumulation dtype ", acc, " of y and the device of q; got ", dy.sizes(),
+              " ", dy.scalar_type());
+  TORCH_CHECK(y.sizes() == dy.sizes() && y.scalar_type() == acc && on_q(y),
+              "csq_bwd: y must be the forward's output, (B, Hq, N, Dv) in ", acc);
+  TORCH_CHECK(b.sizes() == at::IntArrayRef({B, Hq, N}) && den.sizes() == b.sizes() &&
+                  b.scalar_type() == acc && den.scalar_type() == acc && on_q(b) && on_q(den),
+              "csq_bwd: b and den must be the forward's auxiliary outputs, (B, Hq, N) in ", acc);
+
+  const auto opts = q.options().dtype(acc);
+  BackwardTensors t{y.contiguous(), b.contiguous(), den.contiguous(),
+                    at::zeros(q.sizes(), opts), at::zeros(k.sizes(), opts),
+                    at::zeros(v.sizes(), opts), at::zeros({B, Hq, N}, opts),
+                    at::zeros({p.num_seqs, Hq}, opts)};
+  for (int i = 0; i < 4; ++i) p.dy_stride[i] = dy.stride(i);
+  p.dy = dy.data_ptr();
+  p.y = t.y.data_ptr();
+  p.b = t.b.data_ptr();
+  p.den = t.den.data_ptr();
+  p.dq = t.dq.data_ptr();
+  p.dk = t.dk.data_ptr();
+  p.dv = t.dv.data_ptr();
+  p.db = t.db.data_ptr();
+  p.dshift = t.dshift.data_ptr();
+  return t;
+}
+
 }  // namespace csq

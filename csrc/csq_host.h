@@ -34,6 +34,20 @@ at::Tensor set_sequence_params(AttnParams& p, const at::Tensor& q,
                                const c10::optional<at::Tensor>& state_in,
                                const c10::optional<at::Tensor>& ref_in);
 
+// The backward's own tensors, shared by every backend: contiguous views of what the forward
+// saved, and the zeroed gradients in the accumulation dtype (db is a workspace).
+struct BackwardTensors {
+  at::Tensor y, b, den, dq, dk, dv, db, dshift;
+};
+
+// Checks dy and the forward's saved y (B, Hq, N, Dv), b and den (B, Hq, N): accumulation dtype,
+// q's device. Then allocates the gradients and points p at all of them (dshift is per
+// sequence: (p.num_seqs, Hq)).
+BackwardTensors set_backward_params(AttnParams& p, const at::Tensor& q, const at::Tensor& k,
+                                    const at::Tensor& v, const at::Tensor& dy,
+                                    const at::Tensor& y, const at::Tensor& b,
+                                    const at::Tensor& den);
+
 // Shape of the carried sums: (S, Hk, F, Dv + 1).
 std::vector<int64_t> state_shape(const AttnParams& p);
 

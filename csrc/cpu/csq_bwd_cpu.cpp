@@ -312,15 +312,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     bool causal, double scale, bool center, bool normalize, double eps, int64_t chunk_size) {
   check_inputs(q, k, v, shift, eps, chunk_size);
   const auto acc = acc_dtype(q.scalar_type());
-  const auto B = q.size(0), Hq = q.size(1), N = q.size(2), Dv = v.size(3);
-  TORCH_CHECK(dy.sizes() == at::IntArrayRef({B, Hq, N, Dv}) && dy.scalar_type() == acc,
-              "csq_bwd: dy must have shape (B, Hq, N, Dv) and the accumulation dtype of y");
-  TORCH_CHECK(y.sizes() == dy.sizes() && y.scalar_type() == acc,
-              "csq_bwd: y must be the forward's output (accumulation dtype)");
-  TORCH_CHECK(bq.sizes() == at::IntArrayRef({B, Hq, N}) && den.sizes() == bq.sizes() &&
-                  bq.scalar_type() == acc && den.scalar_type() == acc,
-              "csq_bwd: b and den must be the forward's auxiliary outputs");
-
   at::Tensor shift_acc = shift.to(acc).contiguous();
   at::Tensor ref_c = ref.contiguous();
   AttnParams p = make_params(q, k, v, shift_acc, causal, scale, center, normalize, eps, chunk_size);
@@ -334,37 +325,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     p.dstate_out = dstate_c.data_ptr();
   }
 
+  const BackwardTensors t = set_backward_params(p, q, k, v, dy, y, bq, den);
   auto acc_opts = q.options().dtype(acc);
-  at::Tensor dq = at::zeros(q.sizes(), acc_opts), dk = at::zeros(k.sizes(), acc_opts),
-             dv = at::zeros(v.sizes(), acc_opts), dshift = at::zeros({p.num_seqs, Hq}, acc_opts);
   at::Tensor dstate_in = carried ? at::zeros(state_shape(p), acc_opts) : at::empty({0}, acc_opts);
   at::Tensor dref = at::zeros({p.num_seqs, p.heads_k, p.dim_k}, acc_opts);
-  at::Tensor y_c = y.contiguous(), b_c = bq.contiguous(), den_c = den.contiguous();
-  at::Tensor db = at::empty({B, Hq, N}, acc_opts);
-  for (int i = 0; i < 4; ++i) p.dy_stride[i] = dy.stride(i);
-  p.dy = dy.data_ptr();
-  p.y = y_c.data_ptr();
-  p.b = b_c.data_ptr();
-  p.den = den_c.data_ptr();
-  p.dq = dq.data_ptr();
-  p.dk = dk.data_ptr();
-  p.dv = dv.data_ptr();
-  p.db = db.data_ptr();
-  p.dshift = dshift.data_ptr();
   p.dstate_in = carried ? dstate_in.data_ptr() : nullptr;
   p.dref = dref.data_ptr();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "csq_bwd_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     at::parallel_for(0, p.num_seqs * p.heads_k, 1, [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
-        BackwardTask<scalar_t, acc_t> t(p, seq_task(p, task));
-        t.pass_forward_order();
-        t.pass_reverse_order();
+        BackwardTask<scalar_t, acc_t> work(p, seq_task(p, task));
+        work.pass_forward_order();
+        work.pass_reverse_order();
       }
     });
   });
-  return {dq.to(q.scalar_type()), dk.to(q.scalar_type()), dv.to(q.scalar_type()),
-          dshift.sum(0).to(shift.scalar_type()), dstate_in, dref};
+  return {t.dq.to(q.scalar_type()), t.dk.to(q.scalar_type()), t.dv.to(q.scalar_type()),
+          t.dshift.sum(0).to(shift.scalar_type()), dstate_in, dref};
 }
 
 }  // namespace
