@@ -1,4 +1,4 @@
-// CSQ attention backward on the CPU. Two passes per (batch, key/value head):
+// CSQ attention backward on the CPU. Two passes per (sequence, key/value head):
 //  1. forward order, with the key state S = sum psi(k) v~^T of earlier keys: dq and db
 //     (the gradient of each query's shift b_i), and the in-chunk parts of dk and dv;
 //  2. reverse order, with the query state R = sum phi(q, b) g~^T of later queries: the parts

@@ -1,5 +1,5 @@
 // CSQ attention forward on the CPU: the chunked algorithm of the spec, one task per
-// (batch, key/value head), all query heads of the group served by one key state.
+// (sequence, key/value head), all query heads of the group served by one key state.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
