@@ -172,7 +172,9 @@ def decode_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: CSQState, 
             shift: float | torch.Tensor = 1.0, center: bool = True, normalize: bool = True,
             eps: float = 1e-6) -> torch.Tensor:
     """In-place decoding step for serving: adds the token to ``state.sums`` in place and writes
-    y into ``out`` (B, Hq, 1, Dv) when given, allocating nothing per step. Not differentiable.
+    y into ``out`` (B, Hq, 1, Dv). Not differentiable. With ``out`` given and ``shift`` a
+    tensor (Hq,) of the state's dtype, a step allocates nothing (a float shift costs one
+    small tensor per call).
 
     Start a sequence with ``CSQState.empty(...)`` (ref = 0) or with the state that a prefill
     ``attention(..., return_state=True)`` returned (its ref is the mean of the first keys, which
