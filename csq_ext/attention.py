@@ -184,8 +184,8 @@ def decode_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: CSQState, 
            lambda: f"decode_ takes one token per sequence: q of shape (B, Hq, 1, Dk), got "
            f"{tuple(q.shape)}")
     _check_state(state, q, k, v, q.shape[0], True, name="state")
-    _check(q.device.type == "cpu", lambda: "decode_ runs on CPU tensors; the CUDA kernel is "
-           "not written yet (csq_ext.decode works wherever attention does)")
+    _check(q.device.type in ("cpu", "cuda"), lambda: "decode_ runs on CPU and CUDA tensors, "
+           f"got {q.device} (csq_ext.decode works wherever attention does)")
     _check(state.sums.is_contiguous() and state.ref.is_contiguous(),
            lambda: "state.sums and state.ref must be contiguous for the in-place update")
     B, Hq, _, _ = q.shape

@@ -285,3 +285,167 @@ def test_cuda_current_stream_and_device(gen):
         y_host = y.to("cpu", non_blocking=False)
     stream.synchronize()
     assert rel_err(y_host, expected) <= TOL[torch.float32]
+
+
+# --------------------------------------------------------------------------------------------
+# Streaming: the in-place decode step (csq_decode_ on CUDA)
+# --------------------------------------------------------------------------------------------
+def _prefill_state_cpu(gen, B, Hq, Hk, n, dk, dv, dtype, shift, key_offset=0.0, **kw):
+    """A state after n tokens, built by the CPU backend and moved to the GPU."""
+    q = randn(gen, B, Hq, n, dk, dtype=dtype)
+    k = (randn(gen, B, Hk, n, dk) + key_offset).to(dtype)
+    v = randn(gen, B, Hk, n, dv, dtype=dtype)
+    _, st = csq_ext.attention(q, k, v, shift=shift.cpu(), return_state=True, **kw)
+    return (q, k, v), st
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("center,normalize", [(True, True), (False, True), (True, False)])
+@pytest.mark.parametrize("dk,dv,hq,hk", [(8, 6, 4, 2), (16, 40, 6, 1), (64, 64, 8, 8)])
+def test_cuda_decode_in_place_matches_cpu(gen, dk, dv, hq, hk, center, normalize, dtype):
+    """Steps of decode_ on CUDA equal the CPU kernel's steps (outputs and the state), from a
+    prefilled state; group sizes above and below the kernel's 4 heads per pass."""
+    B = 3
+    shift = rand_shift(gen, hq, _shift_dtype(dtype))
+    kw = dict(shift=shift, center=center, normalize=normalize)
+    _, st = _prefill_state_cpu(gen, B, hq, hk, 37, dk, dv, dtype, shift, key_offset=1.5,
+                               center=center, normalize=normalize)
+    st_cpu, st_gpu = st.clone(), st.to(DEV)
+    tol = TOL[dtype]
+    for _ in range(5):
+        q = randn(gen, B, hq, 1, dk, dtype=dtype)
+        k = (randn(gen, B, hk, 1, dk) + 1.5).to(dtype)
+        v = randn(gen, B, hk, 1, dv, dtype=dtype)
+        y_cpu = csq_ext.decode_(q, k, v, st_cpu, **kw)
+        y_gpu = csq_ext.decode_(q.to(DEV), k.to(DEV), v.to(DEV), st_gpu,
+                                **{**kw, "shift": shift.to(DEV)})
+        assert y_gpu.device.type == "cuda" and y_gpu.dtype == dtype
+        assert_rel_close(y_gpu.cpu(), y_cpu, tol, "y")
+    assert_rel_close(st_gpu.sums.cpu(), st_cpu.sums, TOL[torch.float32] if dtype != torch.float64
+                     else TOL[torch.float64], "sums")
+    assert st_gpu.count.eq(37 + 5).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_cuda_decode_steps_equal_one_call(gen, dtype):
+    """An empty state, then token by token on the GPU, equals the one-call reference; strided
+    single-token views are fine."""
+    B, Hq, Hk, N, Dk, Dv = 2, 4, 2, 150, 8, 5
+    q, k, v = make_qkv(gen, (B, Hq, Hk, N, Dk, Dv), dtype, device=DEV, layout="transposed")
+    shift = rand_shift(gen, Hq, _shift_dtype(dtype), device=DEV)
+    state = csq_ext.CSQState.empty(B, Hk, Dk, Dv, dtype=_shift_dtype(dtype), device=DEV)
+    out = torch.empty(B, Hq, 1, Dv, dtype=dtype, device=DEV)
+    ys = [csq_ext.decode_(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], state, out=out,
+                          shift=shift).clone() for t in range(N)]
+    assert_rel_close(torch.cat(ys, 2), reference(q, k, v, shift=shift), TOL[dtype])
+    assert state.count.eq(N).all()
+
+
+def test_cuda_decode_float32_offset_keys(gen):
+    """A prefill state (ref = mean of the first keys) keeps float32 decoding accurate when keys
+    share an offset 30x their spread."""
+    (q, k, v), st = _prefill_state_cpu(gen, 1, 2, 1, 300, 16, 16, torch.float64,
+                                       torch.ones(2, dtype=torch.float64), key_offset=30.0)
+    q2, k2, v2 = (randn(gen, 1, h, 100, d) for h, d in ((2, 16), (1, 16), (1, 16)))
+    k2 = k2 + 30.0
+    expected = reference(torch.cat([q, q2], 2), torch.cat([k, k2], 2), torch.cat([v, v2], 2))
+    st = st.to(DEV, torch.float32)
+    ys = [csq_ext.decode_(*(t[:, :, i:i + 1].to(DEV, torch.float32) for t in (q2, k2, v2)),
+                          st).clone() for i in range(100)]
+    assert rel_err(torch.cat(ys, 2).cpu().double(), expected[:, :, 300:]) <= TOL_F32_OFFSET
+
+
+def test_cuda_decode_in_place_allocates_nothing(gen):
+    """With out and a shift tensor given, a CUDA step allocates no device memory and leaves the
+    state's and the output's storage where they are."""
+    q, k, v = (randn(gen, 2, h, 1, 8, dtype=torch.float32, device=DEV) for h in (4, 2, 2))
+    state = csq_ext.CSQState.empty(2, 2, 8, 8, device=DEV)
+    out = torch.empty(2, 4, 1, 8, device=DEV)
+    shift = torch.full((4,), 1.0, device=DEV)
+    args = (q, k, v, shift, out, 8 ** -0.5, True, True, 1e-6)
+    torch.ops.csq_ext.csq_decode_(state.sums, state.ref, *args)  # warm-up
+    torch.cuda.synchronize()
+    ptrs = (state.sums.data_ptr(), out.data_ptr())
+    before = torch.cuda.memory_stats().get("allocation.all.allocated", 0)
+    for _ in range(3):
+        torch.ops.csq_ext.csq_decode_(state.sums, state.ref, *args)
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_stats().get("allocation.all.allocated", 0) == before
+    assert ptrs == (state.sums.data_ptr(), out.data_ptr())
+    assert state.count.eq(4).all()
+
+
+def test_cuda_decode_rejects_bad_states(gen):
+    q, k, v = (randn(gen, 1, h, 1, 4, dtype=torch.float32, device=DEV) for h in (2, 1, 1))
+    state = csq_ext.CSQState.empty(1, 1, 4, 4, device=DEV)
+    with pytest.raises((ValueError, RuntimeError), match="device"):
+        csq_ext.decode_(q, k, v, state.to("cpu"))
+    with pytest.raises((ValueError, RuntimeError), match="float32"):
+        csq_ext.decode_(q, k, v, state.to(torch.float64))
+
+
+# --------------------------------------------------------------------------------------------
+# Streaming: packed variable-length batches (cu_seqlens)
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+@CAUSAL
+def test_cuda_varlen_equals_per_sequence_calls(gen, causal, index_dtype, dtype):
+    """Segments of length 1, 0, a multiple of the CUDA chunk (64) and not: forward and
+    gradients of one packed call equal per-segment calls (and the reference)."""
+    cu = torch.tensor([0, 1, 65, 65, 129, 200, 201, 330], dtype=index_dtype)
+    T = int(cu[-1])
+    q, k, v = make_qkv(gen, (1, 4, 2, T, 8, 5), dtype, device=DEV)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    shift = rand_shift(gen, 4, _shift_dtype(dtype), device=DEV, requires_grad=True)
+    dy = randn(gen, 1, 4, T, 5, dtype=dtype, device=DEV)
+    y = csq_ext.attention(q, k, v, causal=causal, shift=shift, cu_seqlens=cu.to(DEV))
+    grads = torch.autograd.grad(y, (q, k, v, shift), dy)
+    ys, gs = [], [torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), 0]
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        yi = csq_ext.attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], causal=causal,
+                               shift=shift)
+        ys.append(yi)
+        if b > a:
+            gi = torch.autograd.grad(yi, (q, k, v, shift), dy[:, :, a:b])
+            gs = [x + z for x, z in zip(gs, gi)]
+    tol = TOL[dtype]
+    assert_rel_close(y, torch.cat(ys, 2), tol, "y")
+    ref = torch.cat([reference(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], shift=shift,
+                               causal=causal) for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())],
+                    2)
+    assert_rel_close(y, ref, tol, "y vs reference")
+    for name, a, b in zip("q k v shift".split(), grads, gs):
+        assert_rel_close(a, b, tol, f"d{name}")
+
+
+def test_cuda_varlen_matches_cpu_and_gradcheck(gen):
+    cu = torch.tensor([0, 3, 4, 11])
+    q, k, v = make_qkv(gen, (1, 2, 1, 11, 3, 2), device=DEV)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: csq_ext.attention(q, k, v, cu_seqlens=cu), (q, k, v))
+    y_cpu = csq_ext.attention(q.detach().cpu(), k.detach().cpu(), v.detach().cpu(),
+                              cu_seqlens=cu)
+    assert rel_err(csq_ext.attention(q, k, v, cu_seqlens=cu).detach().cpu(), y_cpu) <= 1e-10
+
+
+def test_cuda_varlen_many_sequences(gen):
+    """More sequences than one block of the chunk-map scan (256), most of them tiny."""
+    lens = torch.randint(0, 5, (700,), generator=gen)
+    lens[10] = 300
+    cu = torch.cat([torch.zeros(1, dtype=torch.int64), lens.cumsum(0)])
+    T = int(cu[-1])
+    q, k, v = make_qkv(gen, (1, 2, 1, T, 4, 3), torch.float32, device=DEV)
+    for causal in (True, False):
+        y = csq_ext.attention(q, k, v, causal=causal, cu_seqlens=cu)
+        ref = torch.cat([reference(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], causal=causal)
+                         for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())], 2)
+        assert_rel_close(y, ref, TOL[torch.float32])
+
+
+def test_cuda_refuses_carried_state(gen):
+    """initial_state / return_state are not on CUDA yet: a clear error, never wrong numbers."""
+    q, k, v = make_qkv(gen, (1, 2, 1, 10, 4, 3), torch.float32, device=DEV)
+    with pytest.raises((ValueError, RuntimeError), match="return_state"):
+        csq_ext.attention(q, k, v, return_state=True)

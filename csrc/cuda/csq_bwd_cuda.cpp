@@ -25,7 +25,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   cuda_host::check_supported(q, k, v, shift);
   const bool has_dstate = dstate_out.has_value() && dstate_out->defined() &&
                           dstate_out->numel() > 0;
-  cuda_host::check_no_streaming(cu_seqlens, state_in, has_dstate);
+  cuda_host::check_no_state(state_in, has_dstate);
   const auto acc = acc_dtype(q.scalar_type());
   const int64_t B = q.size(0), Hq = q.size(1), N = q.size(2);
   const c10::cuda::CUDAGuard guard(q.device());
@@ -40,6 +40,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor shift_acc = shift.to(acc).contiguous();
   AttnParams p = make_params(q, k, v, shift_acc, causal, scale, center, normalize, eps,
                              chunk_size);
+  // Packed sequences: checks cu_seqlens, points p at a device copy (kept alive here); dshift
+  // is then allocated per sequence (S, Hq) by set_backward_params.
+  const at::Tensor cu = set_sequence_params(p, q, cu_seqlens, c10::nullopt, c10::nullopt);
+  cuda_host::check_packed(p);
   const BackwardTensors t = set_backward_params(p, q, k, v, dy, y, bq, den);
 
   if (B * Hq * N > 0) {  // nothing to launch for an empty sequence: the gradients are zero

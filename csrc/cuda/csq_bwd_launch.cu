@@ -53,6 +53,7 @@ Status launch_bwd(const AttnParams& p, void* workspace, size_t workspace_bytes,
     return Status{cudaErrorInvalidValue, "launch_bwd", "workspace too small"};
 
   const unsigned bhk = unsigned(B * Hk), bhq = unsigned(B * Hq), nch = unsigned(w.nchunks);
+  const unsigned shk = unsigned(num_sequences(p) * Hk);  // (sequence, kv head) tasks
   const unsigned tiles = unsigned(num_feature_tiles(D, FT));
 
   st = launch_key_prefix<T, Acc>(p, w, stream);
@@ -65,7 +66,7 @@ Status launch_bwd(const AttnParams& p, void* workspace, size_t workspace_bytes,
     const size_t smem = state_smem_bytes<Acc>(D, Dv, FT, kStateBwdQ);
     st = prepare_smem(kernel, smem, "state_scan_kernel<bwd_q>");
     if (!st.ok()) return st;
-    kernel<<<dim3(bhk, tiles), kThreads, smem, stream>>>(p, w);
+    kernel<<<dim3(shk, tiles), kThreads, smem, stream>>>(p, w);
     CSQ_CHECK_LAUNCH("state_scan_kernel<bwd_q>");
   }
   if (p.causal) {
@@ -88,7 +89,7 @@ Status launch_bwd(const AttnParams& p, void* workspace, size_t workspace_bytes,
     const size_t smem = state_smem_bytes<Acc>(D, Dv, FT, kStateBwdK);
     st = prepare_smem(kernel, smem, "state_scan_kernel<bwd_k>");
     if (!st.ok()) return st;
-    kernel<<<dim3(bhk, tiles), kThreads, smem, stream>>>(p, w);
+    kernel<<<dim3(shk, tiles), kThreads, smem, stream>>>(p, w);
     CSQ_CHECK_LAUNCH("state_scan_kernel<bwd_k>");
   }
   if (p.center) {

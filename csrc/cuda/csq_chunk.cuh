@@ -79,12 +79,14 @@ __device__ __forceinline__ void pair_times_slab(const Acc* P, const Acc* B, int 
   }
 }
 
-// Row sources of one (batch, head, chunk): the extended vectors of the spec's decomposition.
+// Row sources of one (batch, head, chunk slot): the extended vectors of the spec's
+// decomposition. Rows r < nrows are global rows row0 + r of the chunk's sequence.
 template <typename T, typename Acc>
 struct ChunkRows {
   const AttnParams& p;
   int64_t bi, h, g, bh, bg, row0;
-  int D, Dv;
+  int D, Dv, nrows;
+  bool valid;
   Acc tau;
   const Acc* ref;
   const Acc* bsave;
@@ -94,11 +96,14 @@ struct ChunkRows {
     h = bh % p.heads_q;
     g = h / p.group;
     bg = bi * p.heads_k + g;
-    row0 = t * kChunk;
+    const ChunkSpan c = chunk_span(p, w, bi, t);
+    valid = c.valid;
+    row0 = c.row0;
+    nrows = static_cast<int>(c.row1 - c.row0);
     D = static_cast<int>(p.dim_k);
     Dv = static_cast<int>(p.dim_v);
     tau = Acc(p.scale);
-    ref = static_cast<const Acc*>(w.ref) + bg * D;
+    ref = static_cast<const Acc*>(w.ref) + (c.seq * p.heads_k + g) * D;
     bsave = static_cast<const Acc*>(p.b) + bh * p.seqlen + row0;
   }
   __device__ Acc qe(int r, int z) const {
@@ -140,8 +145,9 @@ __global__ void __launch_bounds__(kThreads) fwd_finalize_kernel(const AttnParams
   Acc* den_s = W + kChunkI * kWS;
   const int64_t bh = blockIdx.x, t = blockIdx.y, N = p.seqlen;
   const ChunkRows<T, Acc> cr(p, w, bh, t);
+  if (!cr.valid) return;  // an unused chunk slot (cu_seqlens): uniform over the block
   const int Dv = cr.Dv, V1 = Dv + 1;
-  const int nrows = static_cast<int>(min64(kChunk, N - cr.row0));
+  const int nrows = cr.nrows;
   const int tid = threadIdx.x, mg = tid / 16, ng = tid % 16;
   const Acc* num = static_cast<const Acc*>(w.rows) + (bh * N + cr.row0) * V1;
 
@@ -204,7 +210,8 @@ __global__ void __launch_bounds__(kThreads) bwd_prep_kernel(const AttnParams p, 
   const int Dv = static_cast<int>(p.dim_v), V1 = Dv + 1;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
   const Acc eps = Acc(p.eps);
-  for (int64_t row = t * kChunk + warp; row < min64(N, (t + 1) * kChunk); row += nwarps) {
+  const ChunkSpan c = chunk_span(p, w, bi, t);
+  for (int64_t row = c.row0 + warp; row < c.row1; row += nwarps) {
     Acc* gr = static_cast<Acc*>(w.rows) + (bh * N + row) * V1;
     if (p.normalize) {
       const Acc inv = Acc(1) / (static_cast<const Acc*>(p.den)[bh * N + row] + eps);
@@ -238,8 +245,9 @@ __global__ void __launch_bounds__(kThreads) bwd_intra_kernel(const AttnParams p,
   Acc* W = dS + kChunkI * kWS;
   const int64_t bh = blockIdx.x, t = blockIdx.y, N = p.seqlen;
   const ChunkRows<T, Acc> cr(p, w, bh, t);
+  if (!cr.valid) return;  // an unused chunk slot (cu_seqlens): uniform over the block
   const int D = cr.D, De = D + 1, Dv = cr.Dv, V1 = Dv + 1;
-  const int nrows = static_cast<int>(min64(kChunk, N - cr.row0));
+  const int nrows = cr.nrows;
   const int tid = threadIdx.x, mg = tid / 16, ng = tid % 16;
   const Acc* gs = static_cast<const Acc*>(w.rows) + (bh * N + cr.row0) * V1;
   auto ge = [&](int r, int z) { return gs[int64_t(r) * V1 + z]; };

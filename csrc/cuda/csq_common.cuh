@@ -86,35 +86,62 @@ __host__ __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return
 __host__ __device__ __forceinline__ int round_up4(int a) { return (a + 3) & ~3; }
 
 // ---------------------------------------------------------------------------------------------
-// Workspace: four pieces, each 256-byte aligned, in the accumulation dtype.
-//   ref    (B, Hk, D)               reference key r per key/value head (zeros if !center)
+// Sequences. Without cu_seqlens, sequence s is batch entry s (positions [0, N)); with it,
+// batch == 1 and sequence s holds positions [cu[s], cu[s + 1]) of the packed inputs. Chunks of
+// kChunk positions never cross a sequence boundary. The per-chunk kernels run on chunk
+// *slots* t (grid.y): without cu_seqlens slot t is chunk t of every batch entry; with it, the
+// slots of sequence s are seq_chunk0[s] .. seq_chunk0[s + 1] - 1 (chunk_map_kernel), and slots
+// past the last sequence are unused (the CTA returns). Global row indices (the position in
+// the (B, H, N, ...) tensors) are used everywhere; only n_i and the chunk walk are per sequence.
+//
+// Workspace: six pieces, each 256-byte aligned; the first four in the accumulation dtype.
+//   ref    (S, Hk, D)               reference key r per (sequence, key/value head)
 //   csum   (B, Hk, nchunks, D)      per-chunk column sums (keys; in the backward, reused for
 //                                   the centering terms of dk)
-//   prefix (B, Hk, nchunks + 1, D)  their exclusive scan, the total last
+//   prefix (B, Hk, nchunks + 1, D)  their exclusive scan within each sequence
 //   rows   (B, Hq, N, Dv + 1)       forward: the state part of num~; backward: g~
+//   chunk_seq  (nchunks) int32      cu_seqlens only: the sequence of each slot, -1 if unused
+//   seq_chunk0 (S + 1) int32        cu_seqlens only: the first slot of each sequence
 
 struct Work {
   void* ref = nullptr;
   void* csum = nullptr;
   void* prefix = nullptr;
   void* rows = nullptr;
-  int64_t nchunks = 0;
+  int* chunk_seq = nullptr;
+  int* seq_chunk0 = nullptr;
+  int64_t nchunks = 0;  // chunk slots per (batch entry, head)
 };
 
 inline size_t align256(size_t x) { return (x + 255) & ~size_t(255); }
 
+// Number of sequences S: batch entries, or packed segments.
+__host__ __device__ inline int64_t num_sequences(const AttnParams& p) {
+  return p.cu_seqlens != nullptr ? p.num_seqs : p.batch;
+}
+
+// Chunk slots: ceil(N / C), or with cu_seqlens an upper bound of sum_s ceil(len_s / C).
+__host__ __device__ inline int64_t num_chunk_slots(const AttnParams& p) {
+  const int64_t base = (p.seqlen + kChunk - 1) / kChunk;
+  return p.cu_seqlens != nullptr ? base + p.num_seqs : base;
+}
+
 // Returns the bytes needed; fills *w when base is not null.
 inline size_t carve_workspace(const AttnParams& p, DType dt, void* base, Work* w) {
   const size_t a = acc_size(dt);
-  const int64_t nchunks = ceil_div(p.seqlen, kChunk);
+  const int64_t nchunks = num_chunk_slots(p);
+  const bool varlen = p.cu_seqlens != nullptr;
   const size_t bhk = size_t(p.batch * p.heads_k);
-  const size_t sizes[4] = {
-      align256(a * bhk * size_t(p.dim_k)),
+  const size_t shk = size_t(num_sequences(p) * p.heads_k);
+  const size_t sizes[6] = {
+      align256(a * shk * size_t(p.dim_k)),
       align256(a * bhk * size_t(nchunks) * size_t(p.dim_k)),
       align256(a * bhk * size_t(nchunks + 1) * size_t(p.dim_k)),
-      align256(a * size_t(p.batch * p.heads_q) * size_t(p.seqlen) * size_t(p.dim_v + 1))};
-  size_t off[4], total = 0;
-  for (int i = 0; i < 4; ++i) {
+      align256(a * size_t(p.batch * p.heads_q) * size_t(p.seqlen) * size_t(p.dim_v + 1)),
+      varlen ? align256(sizeof(int) * size_t(nchunks)) : 0,
+      varlen ? align256(sizeof(int) * size_t(p.num_seqs + 1)) : 0};
+  size_t off[6], total = 0;
+  for (int i = 0; i < 6; ++i) {
     off[i] = total;
     total += sizes[i];
   }
@@ -124,9 +151,47 @@ inline size_t carve_workspace(const AttnParams& p, DType dt, void* base, Work* w
     w->csum = c + off[1];
     w->prefix = c + off[2];
     w->rows = c + off[3];
+    w->chunk_seq = varlen ? reinterpret_cast<int*>(c + off[4]) : nullptr;
+    w->seq_chunk0 = varlen ? reinterpret_cast<int*>(c + off[5]) : nullptr;
     w->nchunks = nchunks;
   }
   return total;
+}
+
+// One sequence: its batch entry, first position, length, first chunk slot and chunk count.
+struct SeqSpan {
+  int64_t bi, start, len, t0, nch;
+};
+
+__device__ __forceinline__ SeqSpan seq_span(const AttnParams& p, const Work& w, int64_t s) {
+  if (p.cu_seqlens == nullptr) return SeqSpan{s, 0, p.seqlen, 0, w.nchunks};
+  const int64_t a = p.cu_seqlens[s], b = p.cu_seqlens[s + 1];
+  return SeqSpan{0, a, b - a, w.seq_chunk0[s], (b - a + kChunk - 1) / kChunk};
+}
+
+// One chunk slot t of batch entry bi: its sequence and global rows [row0, row1).
+struct ChunkSpan {
+  bool valid;
+  int64_t seq, start, len, t0, row0, row1;
+};
+
+__device__ __forceinline__ ChunkSpan chunk_span(const AttnParams& p, const Work& w, int64_t bi,
+                                                int64_t t) {
+  ChunkSpan c{false, 0, 0, 0, 0, 0, 0};
+  int64_t s = bi;
+  if (p.cu_seqlens != nullptr) {
+    s = w.chunk_seq[t];
+    if (s < 0) return c;
+  }
+  const SeqSpan q = seq_span(p, w, s);
+  c.seq = s;
+  c.start = q.start;
+  c.len = q.len;
+  c.t0 = q.t0;
+  c.row0 = q.start + (t - q.t0) * kChunk;
+  c.row1 = min64(q.start + q.len, c.row0 + kChunk);
+  c.valid = c.row0 < c.row1;
+  return c;
 }
 
 // ---------------------------------------------------------------------------------------------

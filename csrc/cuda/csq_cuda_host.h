@@ -59,15 +59,19 @@ inline void check_supported(const at::Tensor& q, const at::Tensor& k, const at::
               "csq_ext (CUDA): supports B * Hq < 2^31, got B = ", q.size(0), ", Hq = ", q.size(1));
 }
 
-// Packed sequences and carried state run on the CPU backend so far.
-inline void check_no_streaming(const c10::optional<at::Tensor>& cu_seqlens,
-                               const c10::optional<at::Tensor>& state_in, bool return_state) {
-  TORCH_CHECK(!(cu_seqlens.has_value() && cu_seqlens->defined()),
-              "csq_ext (CUDA): cu_seqlens (packed sequences) is not supported on CUDA yet; "
-              "it runs on CPU tensors");
+// Carried state runs on the CPU backend so far (packed sequences, cu_seqlens, are supported).
+inline void check_no_state(const c10::optional<at::Tensor>& state_in, bool return_state) {
   TORCH_CHECK(!(state_in.has_value() && state_in->defined()) && !return_state,
               "csq_ext (CUDA): initial_state / return_state are not supported on CUDA yet; "
               "they run on CPU tensors");
+}
+
+// With cu_seqlens the chunk slots (ceil(T / 64) + S) must fit the grid.
+inline void check_packed(const AttnParams& p) {
+  if (p.cu_seqlens == nullptr) return;
+  const int64_t slots = (p.seqlen + ::csq::cuda::kChunk - 1) / ::csq::cuda::kChunk + p.num_seqs;
+  TORCH_CHECK(slots <= 65535, "csq_ext (CUDA): with cu_seqlens, supports ceil(T / 64) + S <= "
+              "65535, got T = ", p.seqlen, ", S = ", p.num_seqs);
 }
 
 inline void check_status(const ::csq::cuda::Status& st, const char* direction) {

@@ -22,23 +22,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> csq_fwd_c
   (void)ref_in;  // comes only with state_in, refused below
   check_inputs(q, k, v, shift, eps, chunk_size);
   cuda_host::check_supported(q, k, v, shift);
-  cuda_host::check_no_streaming(cu_seqlens, state_in, return_state);
+  cuda_host::check_no_state(state_in, return_state);
   const c10::cuda::CUDAGuard guard(q.device());
 
   const auto acc = acc_dtype(q.scalar_type());
   const int64_t B = q.size(0), Hq = q.size(1), N = q.size(2), Dv = v.size(3);
+  // q, k, v are read through their strides; shift is tiny and converted here.
+  const at::Tensor shift_acc = shift.to(acc).contiguous();
+  AttnParams p = make_params(q, k, v, shift_acc, causal, scale, center, normalize, eps,
+                             chunk_size);
+  // Packed sequences: checks cu_seqlens, points p at a device copy (kept alive here).
+  const at::Tensor cu = set_sequence_params(p, q, cu_seqlens, c10::nullopt, c10::nullopt);
+  cuda_host::check_packed(p);
+
   // y in the accumulation dtype: the public function rounds it, the backward reads it exact.
   at::Tensor y = at::empty({B, Hq, N, Dv}, q.options().dtype(acc));
   at::Tensor bq = at::empty({B, Hq, N}, q.options().dtype(acc));
   at::Tensor den = at::empty({B, Hq, N}, q.options().dtype(acc));
   at::Tensor no_state = at::empty({0}, q.options().dtype(acc));
-  at::Tensor ref_out = at::zeros({B, k.size(1), q.size(3)}, q.options().dtype(acc));
+  at::Tensor ref_out = at::zeros({p.num_seqs, k.size(1), q.size(3)}, q.options().dtype(acc));
   if (B * Hq * N == 0) return {y, bq, den, no_state, ref_out};
 
-  // q, k, v are read through their strides; shift is tiny and converted here.
-  const at::Tensor shift_acc = shift.to(acc).contiguous();
-  AttnParams p = make_params(q, k, v, shift_acc, causal, scale, center, normalize, eps,
-                             chunk_size);
   p.y = y.data_ptr();
   p.b = bq.data_ptr();
   p.den = den.data_ptr();

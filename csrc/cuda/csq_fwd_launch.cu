@@ -1,6 +1,7 @@
 // Forward launcher: the kernel sequence of the forward, for the four input dtypes.
 //   1. zero the num~ accumulator (Work::rows)
-//   2. center: reference key r, per-chunk key sums, their scan   (else r = 0)
+//   2. cu_seqlens: the chunk slots of each sequence              chunk_map_kernel
+//      center: reference key r, per-chunk key sums, their scan   (else r = 0)
 //   3. b_i = c_h - tau <q_i, mu'_i>                              rowshift_kernel
 //   4. the key state against the queries, by feature tiles      state_scan_kernel<kStateFwd>
 //   5. in-chunk pairs (causal), den and y                        fwd_finalize_kernel
@@ -20,23 +21,27 @@ size_t fwd_workspace_bytes(const AttnParams& p, DType dt) {
 template <typename T, typename Acc>
 Status launch_key_prefix(const AttnParams& p, const Work& w, cudaStream_t stream) {
   const unsigned bhk = unsigned(p.batch * p.heads_k);
+  const unsigned shk = unsigned(num_sequences(p) * p.heads_k);  // (sequence, kv head) tasks
+  const size_t ref_bytes = sizeof(Acc) * size_t(shk) * size_t(p.dim_k);
   const dim3 chunks(bhk, unsigned(w.nchunks));
+  if (p.cu_seqlens != nullptr) {  // the chunk slots of the packed sequences, first
+    chunk_map_kernel<kThreads><<<1, kThreads, 0, stream>>>(p, w);
+    CSQ_CHECK_LAUNCH("chunk_map_kernel");
+  }
+  if (shk == 0) return Status{};
   if (p.center) {
-    ref_key_kernel<T, Acc><<<bhk, kColThreads, 0, stream>>>(p, w);
+    ref_key_kernel<T, Acc><<<shk, kColThreads, 0, stream>>>(p, w);
     CSQ_CHECK_LAUNCH("ref_key_kernel");
     key_chunk_sum_kernel<T, Acc><<<chunks, kColThreads, 0, stream>>>(p, w);
     CSQ_CHECK_LAUNCH("key_chunk_sum_kernel");
     chunk_scan_kernel<Acc><<<bhk, kColThreads, 0, stream>>>(p, w, false);
     CSQ_CHECK_LAUNCH("chunk_scan_kernel");
   } else {
-    CSQ_RETURN_IF_ERROR(
-        cudaMemsetAsync(w.ref, 0, sizeof(Acc) * size_t(p.batch * p.heads_k * p.dim_k), stream),
-        "cudaMemsetAsync(ref)");
+    CSQ_RETURN_IF_ERROR(cudaMemsetAsync(w.ref, 0, ref_bytes, stream), "cudaMemsetAsync(ref)");
   }
   if (p.ref_out != nullptr)  // the forward reports the r it used (an output of the op)
     CSQ_RETURN_IF_ERROR(
-        cudaMemcpyAsync(p.ref_out, w.ref, sizeof(Acc) * size_t(p.batch * p.heads_k * p.dim_k),
-                        cudaMemcpyDeviceToDevice, stream),
+        cudaMemcpyAsync(p.ref_out, w.ref, ref_bytes, cudaMemcpyDeviceToDevice, stream),
         "cudaMemcpyAsync(ref_out)");
   return Status{};
 }
@@ -57,6 +62,7 @@ Status launch_fwd(const AttnParams& p, void* workspace, size_t workspace_bytes,
     return Status{cudaErrorInvalidValue, "launch_fwd", "workspace too small"};
 
   const unsigned bhk = unsigned(p.batch * p.heads_k), bhq = unsigned(p.batch * p.heads_q);
+  const unsigned shk = unsigned(num_sequences(p) * p.heads_k);
   const unsigned nch = unsigned(w.nchunks);
   const int D = int(p.dim_k), Dv = int(p.dim_v);
 
@@ -74,7 +80,7 @@ Status launch_fwd(const AttnParams& p, void* workspace, size_t workspace_bytes,
     const size_t smem = state_smem_bytes<Acc>(D, Dv, FT, kStateFwd);
     st = prepare_smem(kernel, smem, "state_scan_kernel<fwd>");
     if (!st.ok()) return st;
-    kernel<<<dim3(bhk, unsigned(num_feature_tiles(D, FT))), kThreads, smem, stream>>>(p, w);
+    kernel<<<dim3(shk, unsigned(num_feature_tiles(D, FT))), kThreads, smem, stream>>>(p, w);
     CSQ_CHECK_LAUNCH("state_scan_kernel<fwd>");
   }
   {

@@ -1,5 +1,5 @@
-// The torch-free interface between the CUDA host files (csq_fwd_cuda.cpp, csq_bwd_cuda.cpp)
-// and the launchers (csq_fwd_launch.cu, csq_bwd_launch.cu). Only csq_params.h, the CUDA
+// The torch-free interface between the CUDA host files (csq_{fwd,bwd,decode}_cuda.cpp) and the
+// launchers (csq_{fwd,bwd,decode}_launch.cu). Only csq_params.h, the CUDA
 // runtime and standard headers: the launchers compile with nvcc alone.
 //
 // The caller fills AttnParams (csq::make_params plus the output pointers), allocates a device
@@ -53,6 +53,12 @@ template <DType DT>
 Status launch_bwd(const AttnParams& p, void* workspace, size_t workspace_bytes,
                   cudaStream_t stream);
 
+// One decoding step in place (csq_decode_). p from make_params with N = 1, p.ref_in the state's
+// ref (B, Hk, Dk), p.y (B, Hq, 1, Dv) in the input dtype, contiguous; sums (B, Hk, F, Dv + 1) in
+// the acc dtype, contiguous, updated in place. No workspace: nothing is allocated.
+template <DType DT>
+Status launch_decode(const AttnParams& p, void* sums, cudaStream_t stream);
+
 // Instantiated in the .cu files for the four dtypes.
 extern template Status launch_fwd<DType::kFloat64>(const AttnParams&, void*, size_t, cudaStream_t);
 extern template Status launch_fwd<DType::kFloat32>(const AttnParams&, void*, size_t, cudaStream_t);
@@ -64,6 +70,10 @@ extern template Status launch_bwd<DType::kFloat32>(const AttnParams&, void*, siz
 extern template Status launch_bwd<DType::kFloat16>(const AttnParams&, void*, size_t, cudaStream_t);
 extern template Status launch_bwd<DType::kBFloat16>(const AttnParams&, void*, size_t,
                                                     cudaStream_t);
+extern template Status launch_decode<DType::kFloat64>(const AttnParams&, void*, cudaStream_t);
+extern template Status launch_decode<DType::kFloat32>(const AttnParams&, void*, cudaStream_t);
+extern template Status launch_decode<DType::kFloat16>(const AttnParams&, void*, cudaStream_t);
+extern template Status launch_decode<DType::kBFloat16>(const AttnParams&, void*, cudaStream_t);
 
 }  // namespace cuda
 }  // namespace csq

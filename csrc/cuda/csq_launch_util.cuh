@@ -42,6 +42,11 @@ inline Status check_shapes(const AttnParams& p) {
   if (ceil_div(p.seqlen, kChunk) > 65535)
     return Status{cudaErrorInvalidValue, "check_shapes",
                   "the CUDA kernels support sequence lengths N <= 65535 * 64"};
+  if (num_chunk_slots(p) > 65535)
+    return Status{cudaErrorInvalidValue, "check_shapes",
+                  "with cu_seqlens the CUDA kernels support ceil(T / 64) + S <= 65535"};
+  if (p.cu_seqlens != nullptr && (p.batch != 1 || p.num_seqs < 1))
+    return Status{cudaErrorInvalidValue, "check_shapes", "cu_seqlens needs B == 1 and S >= 1"};
   if (p.batch * p.heads_q > 2147483647LL)
     return Status{cudaErrorInvalidValue, "check_shapes", "B * Hq must be < 2^31"};
   if (p.group < 1 || p.heads_q != p.group * p.heads_k)

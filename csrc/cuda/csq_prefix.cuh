@@ -10,53 +10,111 @@ namespace cuda {
 
 constexpr int kColThreads = static_cast<int>(kMaxHeadDim);  // one thread per key coordinate
 
-// r = mean of the first min(N, kRefKeys) keys of (b, g), per coordinate over the finite values
-// only (0 if there are none). Any finite r gives the same result (centered CSQ does not depend
-// on it); skipping non-finite keys keeps a NaN or Inf key from reaching the queries before it
-// through r. Grid (B Hk). Launched only with center.
+// cu_seqlens only: the chunk slots of every sequence (see csq_common.cuh). One block:
+// seq_chunk0 = exclusive scan of ceil(len_s / C) over s (a block scan per 256 sequences),
+// then chunk_seq[t] = the last s with seq_chunk0[s] <= t (an upper-bound search; empty
+// sequences own no slot), -1 past the end.
+// (A template only so that the header can be included by several units.)
+template <int kBlock>
+__global__ void __launch_bounds__(kBlock) chunk_map_kernel(const AttnParams p, Work w) {
+  __shared__ int64_t scan[kBlock];
+  __shared__ int64_t carry;
+  const int tid = threadIdx.x;
+  const int64_t S = p.num_seqs;
+  if (tid == 0) carry = 0;
+  for (int64_t base = 0; base < S; base += kBlock) {
+    const int64_t s = base + tid;
+    const int64_t n = s < S ? (p.cu_seqlens[s + 1] - p.cu_seqlens[s] + kChunk - 1) / kChunk : 0;
+    __syncthreads();  // carry is written; the previous round's scan is read
+    scan[tid] = n;
+    __syncthreads();
+    for (int off = 1; off < kBlock; off <<= 1) {  // inclusive Hillis-Steele scan
+      const int64_t add = tid >= off ? scan[tid - off] : 0;
+      __syncthreads();
+      scan[tid] += add;
+      __syncthreads();
+    }
+    if (s < S) w.seq_chunk0[s] = static_cast<int>(carry + scan[tid] - n);
+    __syncthreads();
+    if (tid == kBlock - 1) carry += scan[tid];
+  }
+  __syncthreads();
+  if (tid == 0) w.seq_chunk0[S] = static_cast<int>(carry);
+  __syncthreads();
+  const int64_t used = carry;
+  for (int64_t t = tid; t < w.nchunks; t += blockDim.x) {
+    int sq = -1;
+    if (t < used) {
+      int64_t lo = 0, hi = S;  // seq_chunk0[lo] <= t < seq_chunk0[hi]
+      while (hi - lo > 1) {
+        const int64_t mid = (lo + hi) / 2;
+        if (w.seq_chunk0[mid] <= t) lo = mid; else hi = mid;
+      }
+      sq = static_cast<int>(lo);
+    }
+    w.chunk_seq[t] = sq;
+  }
+}
+
+// r = mean of the first min(len, kRefKeys) keys of each (sequence, kv head), per coordinate
+// over the finite values only (0 if there are none). Any finite r gives the same result
+// (centered CSQ does not depend on it); skipping non-finite keys keeps a NaN or Inf key from
+// reaching the queries before it through r. Grid (S Hk). Launched only with center.
 template <typename T, typename Acc>
 __global__ void __launch_bounds__(kColThreads) ref_key_kernel(const AttnParams p, Work w) {
-  const int64_t bg = blockIdx.x, bi = bg / p.heads_k, g = bg % p.heads_k;
+  const int64_t tg = blockIdx.x, s = tg / p.heads_k, g = tg % p.heads_k;
   const int D = static_cast<int>(p.dim_k);
-  const int64_t n0 = p.seqlen < kRefKeys ? p.seqlen : kRefKeys;
-  Acc* ref = static_cast<Acc*>(w.ref) + bg * D;
+  const SeqSpan q = seq_span(p, w, s);
+  const int64_t n0 = q.len < kRefKeys ? q.len : kRefKeys;
+  Acc* ref = static_cast<Acc*>(w.ref) + tg * D;
   for (int d = threadIdx.x; d < D; d += blockDim.x) {
-    Acc s = 0;
+    Acc sum = 0;
     int count = 0;
     for (int64_t j = 0; j < n0; ++j) {
-      const Acc x = load_el<Acc, T>(p.k, p.k_stride, bi, g, j, d);
+      const Acc x = load_el<Acc, T>(p.k, p.k_stride, q.bi, g, q.start + j, d);
       if (isfinite(x)) {
-        s += x;
+        sum += x;
         ++count;
       }
     }
-    ref[d] = count > 0 ? s / Acc(count) : Acc(0);
+    ref[d] = count > 0 ? sum / Acc(count) : Acc(0);
   }
 }
 
-// csum[b, g, t, :] = sum over the rows of chunk t of (k_j - r). Grid (B Hk, nchunks).
+// The reference key of the sequence of a chunk.
+template <typename Acc>
+__device__ __forceinline__ const Acc* seq_ref(const AttnParams& p, const Work& w, int64_t seq,
+                                              int64_t g) {
+  return static_cast<const Acc*>(w.ref) + (seq * p.heads_k + g) * p.dim_k;
+}
+
+// csum[b, g, t, :] = sum over the rows of chunk slot t of (k_j - r). Grid (B Hk, nchunks).
 template <typename T, typename Acc>
 __global__ void __launch_bounds__(kColThreads) key_chunk_sum_kernel(const AttnParams p, Work w) {
   const int64_t bg = blockIdx.x, t = blockIdx.y, bi = bg / p.heads_k, g = bg % p.heads_k;
+  const ChunkSpan c = chunk_span(p, w, bi, t);
+  if (!c.valid) return;
   const int D = static_cast<int>(p.dim_k);
-  const int64_t row0 = t * kChunk, row1 = min64(p.seqlen, row0 + kChunk);
-  const Acc* ref = static_cast<const Acc*>(w.ref) + bg * D;
+  const Acc* ref = seq_ref<Acc>(p, w, c.seq, g);
   Acc* out = static_cast<Acc*>(w.csum) + (bg * w.nchunks + t) * D;
   for (int d = threadIdx.x; d < D; d += blockDim.x) {
     const Acc r = ref[d];
-    Acc s = 0;
-    for (int64_t j = row0; j < row1; ++j) s += load_el<Acc, T>(p.k, p.k_stride, bi, g, j, d) - r;
-    out[d] = s;
+    Acc sum = 0;
+    for (int64_t j = c.row0; j < c.row1; ++j)
+      sum += load_el<Acc, T>(p.k, p.k_stride, bi, g, j, d) - r;
+    out[d] = sum;
   }
 }
 
-// The centering terms of dk: cq_i = sum_{h in group} -tau db_hi q_hi / n_i, summed over the rows
-// of chunk t into csum[b, g, t, :]. Grid (B Hk, nchunks). Needs the final db.
+// The centering terms of dk: cq_i = sum_{h in group} -tau db_hi q_hi / n_i (n_i = position in
+// the sequence + 1, or its length when not causal), summed over the rows of chunk slot t into
+// csum[b, g, t, :]. Grid (B Hk, nchunks). Needs the final db.
 template <typename T, typename Acc>
-__device__ __forceinline__ Acc centering_term(const AttnParams& p, int64_t bi, int64_t g,
-                                              int64_t row, int d, Acc tau) {
+__device__ __forceinline__ Acc centering_term(const AttnParams& p, const ChunkSpan& c,
+                                              int64_t bi, int64_t g, int64_t row, int d,
+                                              Acc tau) {
   const Acc* db = static_cast<const Acc*>(p.db);
-  const Acc n = p.causal ? Acc(row + 1) : Acc(p.seqlen);
+  const Acc n = p.causal ? Acc(row - c.start + 1) : Acc(c.len);
   Acc s = 0;
   for (int64_t hh = 0; hh < p.group; ++hh) {
     const int64_t h = g * p.group + hh, bh = bi * p.heads_q + h;
@@ -68,19 +126,22 @@ __device__ __forceinline__ Acc centering_term(const AttnParams& p, int64_t bi, i
 template <typename T, typename Acc>
 __global__ void __launch_bounds__(kColThreads) cq_chunk_sum_kernel(const AttnParams p, Work w) {
   const int64_t bg = blockIdx.x, t = blockIdx.y, bi = bg / p.heads_k, g = bg % p.heads_k;
+  const ChunkSpan c = chunk_span(p, w, bi, t);
+  if (!c.valid) return;
   const int D = static_cast<int>(p.dim_k);
   const Acc tau = Acc(p.scale);
-  const int64_t row0 = t * kChunk, row1 = min64(p.seqlen, row0 + kChunk);
   Acc* out = static_cast<Acc*>(w.csum) + (bg * w.nchunks + t) * D;
   for (int d = threadIdx.x; d < D; d += blockDim.x) {
-    Acc s = 0;
-    for (int64_t j = row0; j < row1; ++j) s += centering_term<T, Acc>(p, bi, g, j, d, tau);
-    out[d] = s;
+    Acc sum = 0;
+    for (int64_t j = c.row0; j < c.row1; ++j) sum += centering_term<T, Acc>(p, c, bi, g, j, d, tau);
+    out[d] = sum;
   }
 }
 
-// Exclusive scan of the chunk sums over chunks: prefix[t] = sum of csum over chunks before t
-// (reverse: after t); prefix[nchunks] = the total. Grid (B Hk).
+// Exclusive scan of the chunk sums over the chunks of each sequence: prefix[t] = sum of csum
+// over the sequence's chunks before t (reverse: after t). The sequence total is then
+// prefix[t] + csum[t] at its last chunk (reverse: its first), see seq_total. Without
+// cu_seqlens prefix[nchunks] also holds the total. Grid (B Hk).
 template <typename Acc>
 __global__ void __launch_bounds__(kColThreads) chunk_scan_kernel(const AttnParams p, Work w,
                                                                  bool reverse) {
@@ -90,13 +151,29 @@ __global__ void __launch_bounds__(kColThreads) chunk_scan_kernel(const AttnParam
   Acc* __restrict__ pre = static_cast<Acc*>(w.prefix) + bg * (nch + 1) * D;
   for (int d = threadIdx.x; d < D; d += blockDim.x) {
     Acc run = 0;
+    int prev = -2;
     for (int64_t s = 0; s < nch; ++s) {
       const int64_t t = reverse ? nch - 1 - s : s;
+      if (p.cu_seqlens != nullptr) {
+        const int sq = w.chunk_seq[t];
+        if (sq < 0) continue;
+        if (sq != prev) run = 0;  // a new sequence
+        prev = sq;
+      }
       pre[t * D + d] = run;
       run += cs[t * D + d];
     }
     pre[nch * D + d] = run;
   }
+}
+
+// Column d of the total of the sequence of chunk c (after chunk_scan_kernel): forward scans
+// end at the last chunk of the sequence, reverse scans at its first.
+template <typename Acc>
+__device__ __forceinline__ Acc seq_total(const Acc* pre, const Acc* cs, const ChunkSpan& c,
+                                         int D, int d, bool reverse) {
+  const int64_t t = reverse ? c.t0 : c.t0 + (c.len + kChunk - 1) / kChunk - 1;
+  return pre[t * D + d] + cs[t * D + d];
 }
 
 // Row kernels that need mu'_i = mean of (k_j - r) over J(i), for the rows of chunk t of key
@@ -109,27 +186,31 @@ template <typename T, typename Acc, int MODE>
 __global__ void __launch_bounds__(kThreads) rowshift_kernel(const AttnParams p, Work w) {
   __shared__ Acc mu_s[kSub][kMaxHeadDim + 1];
   const int64_t bg = blockIdx.x, t = blockIdx.y, bi = bg / p.heads_k, g = bg % p.heads_k;
+  const ChunkSpan c = chunk_span(p, w, bi, t);
+  if (!c.valid) return;  // uniform over the block
   const int D = static_cast<int>(p.dim_k);
   const int64_t N = p.seqlen, G = p.group, nch = w.nchunks;
   const Acc tau = Acc(p.scale);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
-  const Acc* ref = static_cast<const Acc*>(w.ref) + bg * D;
+  const Acc* ref = seq_ref<Acc>(p, w, c.seq, g);
   const Acc* pre = static_cast<const Acc*>(w.prefix) + bg * (nch + 1) * D;
+  const Acc* cs = static_cast<const Acc*>(w.csum) + bg * nch * D;
 
   // Thread d < D carries the running sum of column d (causal) or holds the total mean.
   Acc run = 0;
-  if (p.center && tid < D) run = p.causal ? pre[t * D + tid] : pre[nch * D + tid] / Acc(N);
+  if (p.center && tid < D)
+    run = p.causal ? pre[t * D + tid] : seq_total(pre, cs, c, D, tid, false) / Acc(c.len);
 
   for (int sb = 0; sb < kChunkI / kSub; ++sb) {
-    const int64_t row0 = t * kChunk + sb * kSub;
-    if (row0 >= N) break;  // uniform over the block
-    const int nrows = static_cast<int>(min64(kSub, N - row0));
+    const int64_t row0 = c.row0 + sb * kSub;
+    if (row0 >= c.row1) break;  // uniform over the block
+    const int nrows = static_cast<int>(min64(kSub, c.row1 - row0));
     __syncthreads();  // mu_s of the previous sub-block is no longer read
     if (p.center && tid < D) {
       for (int r = 0; r < nrows; ++r) {
         if (p.causal) {
           run += load_el<Acc, T>(p.k, p.k_stride, bi, g, row0 + r, tid) - ref[tid];
-          mu_s[r][tid] = run / Acc(row0 + r + 1);
+          mu_s[r][tid] = run / Acc(row0 + r - c.start + 1);
         } else {
           mu_s[r][tid] = run;
         }
@@ -165,22 +246,24 @@ __global__ void __launch_bounds__(kThreads) rowshift_kernel(const AttnParams p, 
 template <typename T, typename Acc>
 __global__ void __launch_bounds__(kColThreads) center_k_kernel(const AttnParams p, Work w) {
   const int64_t bg = blockIdx.x, t = blockIdx.y, bi = bg / p.heads_k, g = bg % p.heads_k;
+  const ChunkSpan c = chunk_span(p, w, bi, t);
+  if (!c.valid) return;
   const int D = static_cast<int>(p.dim_k);
   const int64_t N = p.seqlen, nch = w.nchunks;
   const Acc tau = Acc(p.scale);
-  const int64_t row0 = t * kChunk, row1 = min64(N, row0 + kChunk);
   const Acc* pre = static_cast<const Acc*>(w.prefix) + bg * (nch + 1) * D;
+  const Acc* cs = static_cast<const Acc*>(w.csum) + bg * nch * D;
   Acc* dk = static_cast<Acc*>(p.dk) + bg * N * D;
   for (int d = threadIdx.x; d < D; d += blockDim.x) {
     if (p.causal) {
       Acc run = pre[t * D + d];
-      for (int64_t j = row1 - 1; j >= row0; --j) {
-        run += centering_term<T, Acc>(p, bi, g, j, d, tau);
+      for (int64_t j = c.row1 - 1; j >= c.row0; --j) {
+        run += centering_term<T, Acc>(p, c, bi, g, j, d, tau);
         dk[j * D + d] += run;
       }
     } else {
-      const Acc total = pre[nch * D + d];
-      for (int64_t j = row0; j < row1; ++j) dk[j * D + d] += total;
+      const Acc total = seq_total(pre, cs, c, D, d, true);
+      for (int64_t j = c.row0; j < c.row1; ++j) dk[j * D + d] += total;
     }
   }
 }

@@ -11,6 +11,8 @@
 //               read:   dv_j += psi(ke_j) . R_tile,  u_j = R_tile v~_j,
 //                       dke_j += d/dke <psi(ke_j), u_j>        -> atomics into dv, dk
 //
+// Grid (S Hk, feature tiles): a CTA per (sequence, kv head), which walks the chunks of its
+// sequence (t is the chunk index within the sequence; rows are global).
 // Causal: chunk t reads the state of chunks before t (after t for kStateBwdK); the pairs
 // inside a chunk are the in-chunk kernels' job. Not causal: the full state, then every chunk
 // reads it. Each tile adds a partial sum over its features, hence the atomics.
@@ -74,8 +76,18 @@ __global__ void __launch_bounds__(kThreads) state_scan_kernel(const AttnParams p
   const int SS = L.SS, FS = L.FS, VS = L.VS, XS = L.XS;
 
   const int tid = threadIdx.x, nthr = blockDim.x;
-  const int64_t bg = blockIdx.x, bi = bg / p.heads_k, g = bg % p.heads_k;
-  const int64_t N = p.seqlen, G = p.group, Hq = p.heads_q, nch = w.nchunks;
+  // One (sequence, kv head) task: its chunks are walked in order (reverse for kStateBwdK).
+  // The sequence's first and end rows live in shared memory (read once per staged step): kept
+  // in registers across the whole kernel they push it into spills.
+  __shared__ int64_t seq_rows[2];
+  const int64_t tg = blockIdx.x, g = tg % p.heads_k;
+  const SeqSpan sq = seq_span(p, w, tg / p.heads_k);
+  const int64_t bi = sq.bi, bg = bi * p.heads_k + g;
+  const int64_t N = p.seqlen, G = p.group, Hq = p.heads_q, nch = sq.nch;
+  if (threadIdx.x == 0) {
+    seq_rows[0] = sq.start;
+    seq_rows[1] = sq.start + sq.len;
+  }
   const int64_t F = int64_t(De) * (De + 1) / 2, f0 = int64_t(blockIdx.y) * FT;
   const int nf = static_cast<int>(min64(FT, F - f0));
   const Acc tau = Acc(p.scale);
@@ -87,7 +99,7 @@ __global__ void __launch_bounds__(kThreads) state_scan_kernel(const AttnParams p
     fx[fi] = x;
     fy[fi] = y;
   }
-  for (int d = tid; d < D; d += nthr) rs[d] = static_cast<const Acc*>(w.ref)[bg * D + d];
+  for (int d = tid; d < D; d += nthr) rs[d] = static_cast<const Acc*>(w.ref)[tg * D + d];
   __syncthreads();
   const int zlo = fx[0];  // every coordinate this tile touches is >= its first x
 
@@ -191,9 +203,9 @@ __global__ void __launch_bounds__(kThreads) state_scan_kernel(const AttnParams p
   // ---- one chunk: update the state with it.
   auto update_chunk = [&](int64_t t) {
     for (int sb = 0; sb < kChunkI / kSub; ++sb) {
-      const int64_t row0 = t * kChunk + sb * kSub;
-      if (row0 >= N) break;
-      const int nrows = static_cast<int>(min64(kSub, N - row0));
+      const int64_t row0 = seq_rows[0] + t * kChunk + sb * kSub, seq_end = seq_rows[1];
+      if (row0 >= seq_end) break;
+      const int nrows = static_cast<int>(min64(kSub, seq_end - row0));
       if (MODE != kStateBwdK) {
         __syncthreads();
         stage_k(row0, nrows);
@@ -220,9 +232,9 @@ __global__ void __launch_bounds__(kThreads) state_scan_kernel(const AttnParams p
   // ---- one chunk: read the state for it.
   auto read_chunk = [&](int64_t t) {
     for (int sb = 0; sb < kChunkI / kSub; ++sb) {
-      const int64_t row0 = t * kChunk + sb * kSub;
-      if (row0 >= N) break;
-      const int nrows = static_cast<int>(min64(kSub, N - row0));
+      const int64_t row0 = seq_rows[0] + t * kChunk + sb * kSub, seq_end = seq_rows[1];
+      if (row0 >= seq_end) break;
+      const int nrows = static_cast<int>(min64(kSub, seq_end - row0));
       if (MODE == kStateFwd) {
         for (int64_t hh = 0; hh < G; ++hh) {
           const int64_t h = g * G + hh;

@@ -160,6 +160,144 @@ def check_case(dtype, B, Hq, Hk, N, Dk, Dv, causal, center, normalize, kinds, se
     return not bad
 
 
+def emu_decode(q, k, v, shift, sums, ref, scale, center, normalize, eps):
+    """One in-place step of the CUDA decode kernels on (sums, ref); returns y."""
+    B, Hq, _, Dk = q.shape
+    Hk, Dv = k.shape[1], v.shape[-1]
+    y = torch.full((B, Hq, 1, Dv), float("nan"), dtype=q.dtype)
+    msg = ctypes.create_string_buffer(512)
+    rc = lib.emu_decode(DT[q.dtype], arr([B, Hq, Hk, 1, Dk, Dv]), ptr(q), arr(q.stride()),
+                        ptr(k), arr(k.stride()), ptr(v), arr(v.stride()), ptr(shift),
+                        ctypes.c_double(scale), ctypes.c_double(eps), int(center),
+                        int(normalize), ptr(sums), ptr(ref), ptr(y), msg, 512)
+    assert rc == 0, msg.value
+    return y
+
+
+def check_decode(dtype, B, Hq, Hk, Dk, Dv, center, normalize, prefill, steps, kinds, seed,
+                 key_offset=0.0):
+    """Decode steps of the CUDA kernels against the CPU backend's csq_decode_ (same state, same
+    tokens): the output of every step and the state after the last one. The state comes from
+    a CPU prefill of `prefill` tokens (0: CSQState.empty, ref = 0)."""
+    import csq_ext  # the CPU build: the behavioural reference for the state layout
+    g = torch.Generator().manual_seed(seed)
+    acc = acc_of(dtype)
+    shift = (torch.rand(Hq, generator=g, dtype=torch.float64) + 0.5).to(acc)
+    scale, eps = Dk ** -0.5, 1e-6
+    if prefill:
+        q0 = strided((B, Hq, prefill, Dk), dtype, g, "contiguous")
+        k0 = strided((B, Hk, prefill, Dk), dtype, g, "contiguous", key_offset)
+        v0 = strided((B, Hk, prefill, Dv), dtype, g, "contiguous")
+        _, st = csq_ext.attention(q0, k0, v0, shift=shift, center=center, normalize=normalize,
+                                  return_state=True)
+    else:
+        st = csq_ext.CSQState.empty(B, Hk, Dk, Dv, dtype=acc)
+    sums_cpu, sums_emu, ref = st.sums.clone(), st.sums.clone(), st.ref.clone()
+    errs = {}
+    for t in range(steps):
+        q = strided((B, Hq, 1, Dk), dtype, g, kinds[0])
+        k = strided((B, Hk, 1, Dk), dtype, g, kinds[1], key_offset)
+        v = strided((B, Hk, 1, Dv), dtype, g, kinds[2])
+        y_cpu = torch.empty(B, Hq, 1, Dv, dtype=dtype)
+        torch.ops.csq_ext.csq_decode_(sums_cpu, ref, q, k, v, shift, y_cpu, scale, center,
+                                      normalize, eps)
+        y = emu_decode(q, k, v, shift, sums_emu, ref, scale, center, normalize, eps)
+        errs[f"y{t}"] = rel(y, y_cpu)
+    errs["sums"] = rel(sums_emu, sums_cpu)
+    tol = TOL[dtype] * (10 if key_offset else 1)
+    bad = {k_: e for k_, e in errs.items() if not (e <= tol)}
+    name = (f"decode {str(dtype)[6:]:8s} B{B} Hq{Hq} Hk{Hk} Dk{Dk:<3d} Dv{Dv:<3d} "
+            f"center={int(center)} norm={int(normalize)} prefill={prefill} steps={steps} "
+            f"{'/'.join(kk[:5] for kk in kinds)} off={key_offset}")
+    print(("FAIL " if bad else "ok   ") + name + f"  max err {max(errs.values()):.2e}" +
+          (f"  {bad}" if bad else ""), flush=True)
+    return not bad
+
+
+def check_varlen(dtype, Hq, Hk, lens, Dk, Dv, causal, center, normalize, seed, grads=True):
+    """A packed batch (cu_seqlens) against one emulator call per sequence (each checked against
+    the reference by check_case) and against the float64 reference: y, b, den, and dq, dk, dv,
+    dshift."""
+    g = torch.Generator().manual_seed(seed)
+    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int64)
+    T = int(cu[-1])
+    q = strided((1, Hq, T, Dk), dtype, g, "transposed")
+    k = strided((1, Hk, T, Dk), dtype, g, "padded", 0.5)
+    v = strided((1, Hk, T, Dv), dtype, g, "contiguous")
+    shift = (torch.rand(Hq, generator=g, dtype=torch.float64) + 0.5).to(acc_of(dtype))
+    scale, eps = Dk ** -0.5, 1e-6
+    dy = torch.randn(1, Hq, T, Dv, generator=g, dtype=torch.float64).to(acc_of(dtype))
+    opts = (causal, scale, center, normalize, eps)
+    lib.emu_set_seqs(ctypes.cast(cu.data_ptr(), ctypes.POINTER(ctypes.c_int64)), len(lens))
+    try:
+        y, b, den = emu_fwd(q, k, v, shift, *opts)
+        if grads:
+            dq, dk, dv, dshift = emu_bwd(dy, q, k, v, shift, y, b, den, *opts)
+    finally:
+        lib.emu_set_seqs(None, 0)
+    parts = {n: [] for n in ("y", "b", "den", "dq", "dk", "dv")}
+    dshift_sum = torch.zeros_like(shift)
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    s64 = shift.double().requires_grad_()
+    loss = 0
+    yref = []
+    for a, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        sl = (slice(None), slice(None), slice(a, e))
+        if e > a:
+            ys, bs, ds = emu_fwd(q[sl], k[sl], v[sl], shift, *opts)
+            parts["y"].append(ys), parts["b"].append(bs), parts["den"].append(ds)
+            yr = reference(q64[sl], k64[sl], v64[sl], causal=causal, scale=scale, shift=s64,
+                           center=center, normalize=normalize, eps=eps)
+            yref.append(yr)
+            loss = loss + (yr * dy[sl].double()).sum()
+            if grads:
+                gq, gk, gv, gs = emu_bwd(dy[sl], q[sl], k[sl], v[sl], shift, ys, bs, ds, *opts)
+                parts["dq"].append(gq), parts["dk"].append(gk), parts["dv"].append(gv)
+                dshift_sum += gs
+    got = dict(y=y, b=b, den=den)
+    if grads:
+        got.update(dq=dq, dk=dk, dv=dv)
+    errs = {n: rel(got[n], torch.cat(parts[n], 2)) for n in ("y", "b", "den")}
+    tol = TOL[dtype]
+    errs["y_ref"] = rel(y, torch.cat(yref, 2))
+    if grads:
+        loss.backward()
+        errs.update({n: rel(got[n], torch.cat(parts[n], 2)) for n in ("dq", "dk", "dv")})
+        errs["dshift"] = rel(dshift, dshift_sum)
+        errs.update(dq_ref=rel(dq, q64.grad), dk_ref=rel(dk, k64.grad), dv_ref=rel(dv, v64.grad),
+                    dshift_ref=rel(dshift, s64.grad))
+    bad = {k_: e for k_, e in errs.items() if not (e <= tol)}
+    name = (f"varlen {str(dtype)[6:]:8s} Hq{Hq} Hk{Hk} lens={lens} Dk{Dk} Dv{Dv} "
+            f"causal={int(causal)} center={int(center)} norm={int(normalize)}")
+    print(("FAIL " if bad else "ok   ") + name + f"  max err {max(errs.values()):.2e}" +
+          (f"  {bad}" if bad else ""), flush=True)
+    return not bad
+
+
+VARLEN_CASES = [
+    # dtype, Hq, Hk, lens, Dk, Dv, causal, center, normalize
+    (torch.float64, 4, 2, [1, 0, 70, 64, 5, 130], 5, 3, True, True, True),
+    (torch.float64, 2, 1, [33, 0, 0, 100, 1], 6, 4, False, True, True),
+    (torch.float64, 2, 2, [3, 65, 9], 4, 3, True, False, False),
+    (torch.float32, 3, 1, [70, 20, 64], 16, 8, True, True, True),
+    (torch.float32, 2, 1, [129, 2], 9, 5, False, False, True),
+    (torch.bfloat16, 2, 1, [40, 90], 8, 8, True, True, True),
+]
+
+
+DECODE_CASES = [
+    # dtype, B, Hq, Hk, Dk, Dv, center, normalize, prefill, steps, kinds
+    (torch.float64, 2, 4, 2, 5, 3, True, True, 9, 3, ("contiguous",) * 3),
+    (torch.float64, 1, 6, 1, 16, 20, True, True, 70, 2, ("transposed", "padded", "every_other")),
+    (torch.float64, 2, 2, 2, 7, 17, False, False, 5, 2, ("contiguous",) * 3),
+    (torch.float64, 1, 2, 1, 3, 2, True, True, 0, 3, ("contiguous",) * 3),
+    (torch.float32, 3, 8, 2, 12, 33, True, True, 40, 2, ("padded", "contiguous", "transposed")),
+    (torch.float32, 1, 1, 1, 1, 1, True, False, 4, 2, ("contiguous",) * 3),
+    (torch.float16, 2, 4, 2, 8, 8, True, True, 30, 2, ("contiguous",) * 3),
+    (torch.bfloat16, 1, 5, 1, 16, 16, False, True, 30, 2, ("every_other", "contiguous", "padded")),
+]
+
+
 def check_nonfinite():
     """A NaN or Inf input reaches exactly the outputs that depend on it (the spec's propagation
     rule, as the project's tests state it), forward; the backward does not leak across batch
@@ -234,9 +372,31 @@ def main():
         cases = [(torch.float32, 1, 2, 1, 70, 128, 128, True, True, True, (C, C, C)),
                  (torch.float64, 1, 1, 1, 67, 128, 128, False, True, True, (C, C, C)),
                  (torch.bfloat16, 1, 1, 1, 65, 128, 96, True, True, True, (C, C, C))]
+    decode_cases = DECODE_CASES
+    if "big" in sys.argv:
+        decode_cases = [(torch.float32, 1, 2, 1, 128, 128, True, True, 10, 2, (C, C, C)),
+                        (torch.float64, 1, 1, 1, 128, 100, True, True, 10, 1, (C, C, C))]
     if QUICK:
         cases = cases[:6]
+        decode_cases = decode_cases[:3]
+    varlen_cases = VARLEN_CASES[:2] if QUICK else VARLEN_CASES
+    if "decode" in sys.argv or "varlen" in sys.argv:  # only the decode step / packed batches
+        cases = []
+    if "decode" in sys.argv:
+        varlen_cases = []
+    if "varlen" in sys.argv:
+        decode_cases = []
     ok = True
+    for i, c in enumerate(varlen_cases):
+        ok &= check_varlen(*c, seed=400 + i)
+    for i, c in enumerate(decode_cases):
+        ok &= check_decode(*c, seed=200 + i)
+    if decode_cases:
+        ok &= check_decode(torch.float32, 1, 2, 1, 8, 4, True, True, 50, 2, (C, C, C),
+                           seed=299, key_offset=30.0)
+    if "decode" in sys.argv or "varlen" in sys.argv:
+        print("ALL OK" if ok else "SOME FAILED")
+        sys.exit(0 if ok else 1)
     for i, c in enumerate(cases):
         ok &= check_case(*c, seed=i)
     ok &= check_nonfinite()

@@ -10,6 +10,10 @@ using namespace csq::cuda;
 
 namespace {
 
+// Packed sequences for the next emu_fwd / emu_bwd calls (emu_set_seqs), host memory.
+const int64_t* g_cu_seqlens = nullptr;
+int64_t g_num_seqs = 0;
+
 void fill(AttnParams& p, const int64_t* sz, const void* q, const int64_t* qs, const void* k,
           const int64_t* ks, const void* v, const int64_t* vs, const void* shift, double scale,
           double eps, int causal, int center, int normalize) {
@@ -35,6 +39,8 @@ void fill(AttnParams& p, const int64_t* sz, const void* q, const int64_t* qs, co
   p.center = center;
   p.normalize = normalize;
   p.chunk = 7;  // ignored by the CUDA backend
+  p.cu_seqlens = g_cu_seqlens;
+  p.num_seqs = g_cu_seqlens != nullptr ? g_num_seqs : p.batch;
 }
 
 int report(const Status& st, char* msg, int msglen) {
@@ -44,6 +50,12 @@ int report(const Status& st, char* msg, int msglen) {
 }
 
 }  // namespace
+
+// cu (S + 1 offsets) for the following calls, or nullptr for none.
+extern "C" void emu_set_seqs(const int64_t* cu, int64_t num_seqs) {
+  g_cu_seqlens = cu;
+  g_num_seqs = num_seqs;
+}
 
 extern "C" int emu_fwd(int dt, const int64_t* sz, const void* q, const int64_t* qs, const void* k,
                        const int64_t* ks, const void* v, const int64_t* vs, const void* shift,
@@ -92,6 +104,28 @@ extern "C" int emu_bwd(int dt, const int64_t* sz, const void* q, const int64_t* 
     case DType::kFloat32: st = launch_bwd<DType::kFloat32>(p, ws.data(), ws.size(), nullptr); break;
     case DType::kFloat16: st = launch_bwd<DType::kFloat16>(p, ws.data(), ws.size(), nullptr); break;
     case DType::kBFloat16: st = launch_bwd<DType::kBFloat16>(p, ws.data(), ws.size(), nullptr); break;
+  }
+  return report(st, msg, msglen);
+}
+
+// One in-place decoding step: sums (B, Hk, F, Dv + 1) and ref (B, Hk, Dk) in the acc dtype,
+// y (B, Hq, 1, Dv) in the input dtype.
+extern "C" int emu_decode(int dt, const int64_t* sz, const void* q, const int64_t* qs,
+                          const void* k, const int64_t* ks, const void* v, const int64_t* vs,
+                          const void* shift, double scale, double eps, int center, int normalize,
+                          void* sums, const void* ref, void* y, char* msg, int msglen) {
+  AttnParams p;
+  fill(p, sz, q, qs, k, ks, v, vs, shift, scale, eps, 1, center, normalize);
+  p.cu_seqlens = nullptr;
+  p.num_seqs = p.batch;
+  p.ref_in = ref;
+  p.y = y;
+  Status st;
+  switch (DType(dt)) {
+    case DType::kFloat64: st = launch_decode<DType::kFloat64>(p, sums, nullptr); break;
+    case DType::kFloat32: st = launch_decode<DType::kFloat32>(p, sums, nullptr); break;
+    case DType::kFloat16: st = launch_decode<DType::kFloat16>(p, sums, nullptr); break;
+    case DType::kBFloat16: st = launch_decode<DType::kBFloat16>(p, sums, nullptr); break;
   }
   return report(st, msg, msglen);
 }

@@ -1,0 +1,201 @@
+// The in-place decoding step (csq_decode_): one new token per sequence joins the carried sums,
+// and every query head of the group reads them. The sums are the public CSQState layout
+// (csq_params.h / csq_ext/state.py): per (sequence, kv head) a row-major F x (Dv + 1) matrix,
+// F = Dk (Dk + 1) / 2 + Dk + 1, rows [pairs x <= y | linear x | constant], columns [v | 1].
+//
+// A decode step is memory bound: every element of the state is read once and (except the
+// last column) written once, O(F (Dv + 1)) per head, with a handful of flops per element. So
+// the grid splits each head's state over value columns, never over feature rows:
+//
+//   decode_kernel        grid (B Hk, ceil(Dv / kDecCols)), 256 threads. CTA (bg, c) owns the
+//                        value columns [16 c, 16 c + 16) of every feature row: it adds
+//                        psi_f(k - ref) v_n to them and, in the same pass, computes the complete
+//                        numerators num_h[n] = sum_f phi_f(q_h, b_h) S_new[f, n] of its columns
+//                        for every query head h of the group. Nothing has to be reduced across
+//                        CTAs, so no scratch memory and no atomics.
+//   decode_count_kernel  grid (B Hk), 256 threads: the last column (the key count, the key sums
+//                        Z1 and Z2) += psi_f, after decode_kernel (stream order).
+//
+// Every CTA of decode_kernel also needs the last column: the key sums and count give b_h (the
+// centered shift) and the column gives the denominators. It reads the old values and adds
+// psi_f itself; nobody writes that column until decode_count_kernel, so there is no race
+// between the column CTAs (they read the same 4-byte elements, served from L2 after the first).
+#pragma once
+
+#include "csq_common.cuh"
+
+namespace csq {
+namespace cuda {
+
+constexpr int kDecCols = 16;                     // value columns per CTA (a 64-byte row segment)
+constexpr int kDecRows = kThreads / kDecCols;    // feature rows in flight per CTA
+constexpr int kDecHeads = 4;                     // query heads per pass (registers)
+
+// Walks the feature rows f = f0, f0 + step, ... of the public order, keeping the pair (x, y)
+// of f < P = D (D + 1) / 2 without a division.
+struct FeatureWalk {
+  int64_t f;
+  int x, y, D;
+  int64_t P;
+  __device__ FeatureWalk(int64_t f0, int d) : f(f0), x(0), y(0), D(d) {
+    P = int64_t(d) * (d + 1) / 2;
+    y = static_cast<int>(f0 < P ? f0 : P);
+    normalize();
+  }
+  __device__ void normalize() {
+    while (x < D && y >= D) {  // row x holds y = x .. D - 1
+      y -= D - x - 1;
+      ++x;
+    }
+  }
+  __device__ void advance(int step) {
+    f += step;
+    if (x < D) {
+      y += step;
+      normalize();
+    }
+  }
+  // 0: pair (x, y); 1: linear, coordinate lin(); 2: the constant row.
+  __device__ int kind() const { return f < P ? 0 : (f < P + D ? 1 : 2); }
+  __device__ int lin() const { return static_cast<int>(f - P); }
+};
+
+template <typename Acc>
+__device__ __forceinline__ Acc key_feature(const FeatureWalk& fw, const Acc* kq) {
+  const int kind = fw.kind();
+  return kind == 0 ? kq[fw.x] * kq[fw.y] : (kind == 1 ? kq[fw.lin()] : Acc(1));
+}
+
+// sums: (B, Hk, F, Dv + 1) acc, contiguous; p.ref_in: (B, Hk, Dk) acc; p.y: (B, Hq, 1, Dv) in
+// the input dtype, contiguous; q, k, v strided with N = 1.
+template <typename T, typename Acc>
+__global__ void __launch_bounds__(kThreads) decode_kernel(const AttnParams p, Acc* sums) {
+  __shared__ Acc kq[kMaxHeadDim];                // k - ref
+  __shared__ Acc ksum[kMaxHeadDim];              // key sum after this token (last column)
+  __shared__ Acc vt[kDecCols];                   // this CTA's value columns of v
+  __shared__ Acc qt[kDecHeads][kMaxHeadDim];     // tau q of the pass's heads
+  __shared__ Acc bq[kDecHeads];                  // their shifts b_h
+  __shared__ Acc cnt_s;                          // key count after this token
+  __shared__ Acc red[kDecHeads][kDecRows][kDecCols + 1];
+  __shared__ Acc dred[kDecHeads][kDecRows];
+
+  const int64_t bg = blockIdx.x, bi = bg / p.heads_k, g = bg % p.heads_k;
+  const int D = static_cast<int>(p.dim_k), Dv = static_cast<int>(p.dim_v), V1 = Dv + 1;
+  const int64_t P = int64_t(D) * (D + 1) / 2, F = P + D + 1;
+  const int n0 = static_cast<int>(blockIdx.y) * kDecCols;
+  const int tid = threadIdx.x, r = tid / kDecCols, c = tid % kDecCols, n = n0 + c;
+  const bool col_ok = n < Dv;
+  const Acc tau = Acc(p.scale);
+  Acc* S = sums + bg * F * V1;
+  const Acc* ref = static_cast<const Acc*>(p.ref_in) + bg * D;
+
+  for (int d = tid; d < D; d += blockDim.x) {
+    const Acc kd = load_el<Acc, T>(p.k, p.k_stride, bi, g, 0, d) - ref[d];
+    kq[d] = kd;
+    ksum[d] = S[(P + d) * V1 + Dv] + kd;
+  }
+  if (tid < kDecCols)
+    vt[tid] = n0 + tid < Dv ? load_el<Acc, T>(p.v, p.v_stride, bi, g, 0, n0 + tid) : Acc(0);
+  if (tid == 0) cnt_s = S[(F - 1) * V1 + Dv] + Acc(1);
+
+  const int64_t G = p.group;
+  for (int64_t hb = 0; hb < G; hb += kDecHeads) {
+    const int nh = static_cast<int>(min64(kDecHeads, G - hb));
+    __syncthreads();  // kq, ksum, vt written; the previous pass's qt, bq, red are read
+    for (int e = tid; e < nh * D; e += blockDim.x) {
+      const int j = e / D, d = e % D;
+      qt[j][d] = tau * load_el<Acc, T>(p.q, p.q_stride, bi, g * G + hb + j, 0, d);
+    }
+    __syncthreads();
+    {  // b_h = c_h - tau <q, mu> (center; mu = ksum / count) or c_h + tau <q, ref>: warp j
+      const int warp = tid >> 5, lane = tid & 31;
+      if (warp < nh) {
+        Acc dot = 0;
+        for (int d = lane; d < D; d += 32) dot += qt[warp][d] * (p.center ? ksum[d] : ref[d]);
+        dot = warp_sum(dot);
+        if (lane == 0) {
+          const Acc c_h = static_cast<const Acc*>(p.shift)[g * G + hb + warp];
+          bq[warp] = p.center ? c_h - dot / cnt_s : c_h + dot;
+        }
+      }
+    }
+    __syncthreads();
+
+    Acc num[kDecHeads], den[kDecHeads], bh[kDecHeads];
+#pragma unroll
+    for (int j = 0; j < kDecHeads; ++j) {
+      num[j] = den[j] = Acc(0);
+      bh[j] = j < nh ? bq[j] : Acc(0);
+    }
+    const bool first = hb == 0;  // the first pass writes the update; later ones re-read it
+    const Acc vn = vt[c];
+    for (FeatureWalk fw(r, D); fw.f < F; fw.advance(kDecRows)) {
+      const int kind = fw.kind();
+      const Acc psi = key_feature(fw, kq);
+      Acc* row = S + fw.f * V1;
+      Acc s_new = 0;
+      if (col_ok) {
+        s_new = row[n];
+        if (first) {
+          s_new += psi * vn;
+          row[n] = s_new;
+        }
+      }
+      const Acc s_den = row[Dv] + psi;  // the last column after this token
+#pragma unroll
+      for (int j = 0; j < kDecHeads; ++j) {
+        if (j >= nh) break;
+        Acc phi;
+        if (kind == 0) {
+          phi = qt[j][fw.x] * qt[j][fw.y];
+          if (fw.x != fw.y) phi *= Acc(2);
+        } else if (kind == 1) {
+          phi = Acc(2) * bh[j] * qt[j][fw.lin()];
+        } else {
+          phi = bh[j] * bh[j];
+        }
+        num[j] = fma(phi, s_new, num[j]);
+        den[j] = fma(phi, s_den, den[j]);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kDecHeads; ++j) {
+      if (j >= nh) break;
+      red[j][r][c] = num[j];
+      if (c == 0) dred[j][r] = den[j];
+    }
+    __syncthreads();
+    if (tid < nh * kDecCols) {
+      const int j = tid / kDecCols, cc = tid % kDecCols, nn = n0 + cc;
+      if (nn < Dv) {
+        Acc s = 0, d = 0;
+        for (int rr = 0; rr < kDecRows; ++rr) {
+          s += red[j][rr][cc];
+          d += dred[j][rr];
+        }
+        const Acc val = p.normalize ? s / (d + Acc(p.eps)) : s;
+        T* y = static_cast<T*>(p.y) + (bi * p.heads_q + g * G + hb + j) * Dv;
+        store_el(y + nn, val);
+      }
+    }
+  }
+}
+
+// The last column += psi_f(k - ref), after decode_kernel. Grid (B Hk).
+template <typename T, typename Acc>
+__global__ void __launch_bounds__(kThreads) decode_count_kernel(const AttnParams p, Acc* sums) {
+  __shared__ Acc kq[kMaxHeadDim];
+  const int64_t bg = blockIdx.x, bi = bg / p.heads_k, g = bg % p.heads_k;
+  const int D = static_cast<int>(p.dim_k), Dv = static_cast<int>(p.dim_v), V1 = Dv + 1;
+  const int64_t F = int64_t(D) * (D + 1) / 2 + D + 1;
+  const Acc* ref = static_cast<const Acc*>(p.ref_in) + bg * D;
+  for (int d = threadIdx.x; d < D; d += blockDim.x)
+    kq[d] = load_el<Acc, T>(p.k, p.k_stride, bi, g, 0, d) - ref[d];
+  __syncthreads();
+  Acc* S = sums + bg * F * V1;
+  for (FeatureWalk fw(threadIdx.x, D); fw.f < F; fw.advance(blockDim.x))
+    S[fw.f * V1 + Dv] += key_feature(fw, kq);
+}
+
+}  // namespace cuda
+}  // namespace csq
