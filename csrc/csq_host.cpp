@@ -163,4 +163,25 @@ BackwardTensors set_backward_params(AttnParams& p, const at::Tensor& q, const at
   return t;
 }
 
+AttnParams make_decode_params(const at::Tensor& sums, const at::Tensor& ref, const at::Tensor& q,
+                              const at::Tensor& k, const at::Tensor& v, const at::Tensor& shift,
+                              const at::Tensor& y, double scale, bool center, bool normalize,
+                              double eps) {
+  check_inputs(q, k, v, shift, eps, 0);
+  TORCH_CHECK(q.size(2) == 1, "csq_ext.decode: q, k, v must hold one token (N = 1), got N = ",
+              q.size(2));
+  const auto acc = acc_dtype(q.scalar_type());
+  TORCH_CHECK(shift.scalar_type() == acc && shift.is_contiguous(),
+              "csq_ext.decode_: shift must be a contiguous ", acc, " tensor");
+  AttnParams p = make_params(q, k, v, shift, true, scale, center, normalize, eps, 1);
+  set_sequence_params(p, q, c10::nullopt, sums, ref);  // checks sums and ref
+  TORCH_CHECK(y.sizes() == at::IntArrayRef({p.batch, p.heads_q, 1, p.dim_v}) &&
+                  y.scalar_type() == q.scalar_type() && y.is_contiguous() &&
+                  y.device() == q.device(),
+              "csq_ext.decode_: out must be a contiguous (B, Hq, 1, Dv) tensor of q's dtype on ",
+              q.device());
+  p.y = y.data_ptr();
+  return p;
+}
+
 }  // namespace csq

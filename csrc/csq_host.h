@@ -48,6 +48,14 @@ BackwardTensors set_backward_params(AttnParams& p, const at::Tensor& q, const at
                                     const at::Tensor& y, const at::Tensor& b,
                                     const at::Tensor& den);
 
+// Checks the arguments of csq_decode_ (one token; sums (B, Hk, F, Dv + 1) and ref (B, Hk, Dk)
+// contiguous in the accumulation dtype on q's device, like shift; y a contiguous
+// (B, Hq, 1, Dv) tensor of q's dtype) and fills the params, y included.
+AttnParams make_decode_params(const at::Tensor& sums, const at::Tensor& ref, const at::Tensor& q,
+                              const at::Tensor& k, const at::Tensor& v, const at::Tensor& shift,
+                              const at::Tensor& y, double scale, bool center, bool normalize,
+                              double eps);
+
 // Shape of the carried sums: (S, Hk, F, Dv + 1).
 std::vector<int64_t> state_shape(const AttnParams& p);
 

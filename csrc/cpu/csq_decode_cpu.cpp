@@ -71,18 +71,8 @@ void decode_task(const AttnParams& p, int64_t b, int64_t g, acc_t* sums, const a
 void csq_decode_cpu(at::Tensor& sums, const at::Tensor& ref, const at::Tensor& q,
                     const at::Tensor& k, const at::Tensor& v, const at::Tensor& shift,
                     at::Tensor& y, double scale, bool center, bool normalize, double eps) {
-  check_inputs(q, k, v, shift, eps, 0);
-  TORCH_CHECK(q.size(2) == 1, "csq_ext.decode: q, k, v must hold one token (N = 1), got N = ",
-              q.size(2));
-  const auto acc = acc_dtype(q.scalar_type());
-  TORCH_CHECK(shift.scalar_type() == acc && shift.is_contiguous(),
-              "csq_ext.decode_: shift must be a contiguous ", acc, " tensor");
-  AttnParams p = make_params(q, k, v, shift, true, scale, center, normalize, eps, 1);
-  at::Tensor no_cu = set_sequence_params(p, q, c10::nullopt, sums, ref);
-  TORCH_CHECK(y.sizes() == at::IntArrayRef({p.batch, p.heads_q, 1, p.dim_v}) &&
-                  y.scalar_type() == q.scalar_type() && y.is_contiguous(),
-              "csq_ext.decode_: out must be a contiguous (B, Hq, 1, Dv) tensor of q's dtype");
-  p.y = y.data_ptr();
+  const AttnParams p =
+      make_decode_params(sums, ref, q, k, v, shift, y, scale, center, normalize, eps);
   const int64_t F = num_features(p.dim_k), Dv1 = p.dim_v + 1;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "csq_decode_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
