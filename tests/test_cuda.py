@@ -12,7 +12,8 @@ import torch
 
 import csq_ext
 from conftest import (FLOAT_DTYPES, HALF_DTYPES, SHAPES, TOL, TOL_F32_OFFSET, assert_rel_close,
-                      csq, csq_grads, make_qkv, rand_shift, randn, reference, reference_blocked,
+                      check_float32_offset_keys, csq, csq_grads, make_qkv, rand_shift, randn,
+                      reference, reference_blocked,
                       reference_grads, rel_err)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -190,18 +191,7 @@ def test_cuda_matches_cpu(gen, causal, dtype):
 def test_cuda_float32_offset_keys(gen, causal, n):
     """Keys with a common offset 30x their spread, float32: outputs and gradients within 1e-4
     of the float64 reference."""
-    B, Hq, Hk, Dk, Dv = 1, 4, 2, 32, 16
-    offset = 30 * torch.sign(randn(gen, 1, Hk, 1, Dk))
-    q = randn(gen, B, Hq, n, Dk, dtype=torch.float32, device=DEV)
-    k = (randn(gen, B, Hk, n, Dk) + offset).to(DEV, torch.float32)
-    v = randn(gen, B, Hk, n, Dv, dtype=torch.float32, device=DEV)
-    shift = rand_shift(gen, Hq, torch.float32, device=DEV)
-    dy = randn(gen, B, Hq, n, Dv, dtype=torch.float32, device=DEV)
-    y, grads = csq_grads(q, k, v, shift, dy, causal=causal)
-    y_ref, grads_ref = reference_grads(q, k, v, shift, dy, causal=causal)
-    assert_rel_close(y, y_ref, TOL_F32_OFFSET, "y")
-    for name in grads:
-        assert_rel_close(grads[name], grads_ref[name], TOL_F32_OFFSET, f"d{name}")
+    check_float32_offset_keys(gen, causal, n, dk=32, dv=16, device=DEV)
 
 
 @CAUSAL

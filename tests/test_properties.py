@@ -4,8 +4,9 @@ import pytest
 import torch
 
 import csq_ext
-from conftest import (SHAPES, TOL_F32_OFFSET, assert_rel_close, call_op, csq, csq_grads,
-                      make_qkv, rand_shift, randn, reference, reference_grads, rel_err)
+from conftest import (SHAPES, TOL_F32_OFFSET, assert_rel_close, call_op,
+                      check_float32_offset_keys, csq, csq_grads, make_qkv, rand_shift, randn,
+                      reference, rel_err)
 
 CAUSAL = pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 
@@ -62,18 +63,7 @@ def test_no_invariance_without_center(gen):
 def test_float32_keys_with_large_common_offset(gen, causal, n):
     """Keys = N(0, 1) + o with |o_x| = 30 (30x their spread), in float32: outputs and gradients
     within 1e-4 of the float64 reference run on the same float32 numbers."""
-    B, Hq, Hk, Dk, Dv = 1, 4, 2, 16, 8
-    offset = 30 * torch.sign(randn(gen, 1, Hk, 1, Dk))
-    q = randn(gen, B, Hq, n, Dk, dtype=torch.float32)
-    k = (randn(gen, B, Hk, n, Dk) + offset).float()
-    v = randn(gen, B, Hk, n, Dv, dtype=torch.float32)
-    shift = rand_shift(gen, Hq, torch.float32)
-    dy = randn(gen, B, Hq, n, Dv, dtype=torch.float32)
-    y, grads = csq_grads(q, k, v, shift, dy, causal=causal)
-    y_ref, grads_ref = reference_grads(q, k, v, shift, dy, causal=causal)
-    assert_rel_close(y, y_ref, TOL_F32_OFFSET, "y")
-    for name in grads:
-        assert_rel_close(grads[name], grads_ref[name], TOL_F32_OFFSET, f"d{name}")
+    check_float32_offset_keys(gen, causal, n, dk=16, dv=8)
 
 
 # --------------------------------------------------------------------------------------------

@@ -26,19 +26,20 @@ struct BackwardTask {
   const int64_t g, N, D, Dv, Dv1, F, P, C;
   const acc_t tau, eps;
   const bool carried;  // a carried state precedes the sequence
-  acc_t n0 = 0;        // its key count
-  acc_t dn0 = 0;       // gradient of that count through the key means
-  std::vector<acc_t> ref, dref, kc, vc, psi, qc, bq, gc, phi, u, blk, blk2, mu, ksum, state;
+  acc_t dn0 = 0;       // gradient of its key count through the key means
+  // The key scan's buffers; pass 2 reuses its state for R and ksum for the centering sums.
+  KeyScan<scalar_t, acc_t> keys;
+  std::vector<acc_t>&ref, &kc, &vc, &psi, &ksum, &state;
+  std::vector<acc_t> dref, qc, bq, gc, phi, u, blk, blk2, mu;
 
   BackwardTask(const AttnParams& p_, const SeqTask& t_)
       : p(p_), t(t_), g(t_.head_k), N(t_.len), D(p_.dim_k), Dv(p_.dim_v), Dv1(p_.dim_v + 1),
         F(num_features(p_.dim_k)), P(num_pairs(p_.dim_k)), C(p_.chunk),
         tau(static_cast<acc_t>(p_.scale)), eps(static_cast<acc_t>(p_.eps)),
-        carried(p_.state_in != nullptr), ref(D), dref(D, acc_t(0)), kc(C * D), vc(C * Dv1),
-        psi(C * F), qc(C * D), bq(C), gc(C * Dv1), phi(C * F), u(C * F), blk(C * C),
-        blk2(C * C), mu(C * D), ksum(D), state(F * Dv1) {
-    task_reference<scalar_t, acc_t>(p, t, ref.data());
-  }
+        carried(p_.state_in != nullptr), keys(p_, t_), ref(keys.ref), kc(keys.kc),
+        vc(keys.vc), psi(keys.psi), ksum(keys.ksum), state(keys.state), dref(D, acc_t(0)),
+        qc(C * D), bq(C), gc(C * Dv1), phi(C * F), u(C * F), blk(C * C), blk2(C * C),
+        mu(C * D) {}
 
   int64_t qrow0(int64_t h, int64_t t0) const {
     return (t.batch * p.heads_q + h) * p.seqlen + t.start + t0;
@@ -48,14 +49,7 @@ struct BackwardTask {
   acc_t* out(void* base, int64_t row0, int64_t width) const {
     return static_cast<acc_t*>(base) + row0 * width;
   }
-  acc_t n_before(int64_t t0) const { return n0 + acc_t(t0); }
-
-  void load_keys(int64_t t0, int64_t rows) {
-    load_rows<scalar_t, acc_t>(p.k, p.k_stride, t.batch, g, t.start + t0, rows, D, ref.data(),
-                               kc.data(), D);
-    load_values_aug<scalar_t, acc_t>(p, t.batch, g, t.start + t0, rows, vc.data());
-    key_features(kc.data(), rows, D, psi.data());
-  }
+  acc_t n_before(int64_t t0) const { return keys.n0 + acc_t(t0); }
 
   void load_q(int64_t h, int64_t t0, int64_t rows) {
     load_rows<scalar_t, acc_t>(p.q, p.q_stride, t.batch, h, t.start + t0, rows, D, nullptr,
@@ -168,21 +162,11 @@ struct BackwardTask {
   }
 
   void pass_forward_order() {
-    n0 = task_initial_state(p, t, state.data(), ksum.data());
-    at::Tensor S = mat(state.data(), F, Dv1);
-    auto absorb_keys = [&](int64_t rows) {
-      S.addmm_(mat(psi.data(), rows, F).t(), mat(vc.data(), rows, Dv1));
-      add_rows(kc.data(), rows, D, ksum.data());
-    };
-    if (!p.causal)
-      for (int64_t t0 = 0; t0 < N; t0 += C) {
-        const int64_t rows = std::min(C, N - t0);
-        load_keys(t0, rows);
-        absorb_keys(rows);
-      }
+    keys.start();
+    if (!p.causal) keys.absorb_all();
     for (int64_t t0 = 0; t0 < N; t0 += C) {
       const int64_t rows = std::min(C, N - t0);
-      if (p.causal) load_keys(t0, rows);
+      if (p.causal) keys.load(t0, rows);
       if (p.center)
         key_means(kc.data(), rows, D, ksum.data(), n_before(t0), p.causal, N, mu.data());
       for (int64_t hh = 0; hh < p.group; ++hh) {
@@ -190,7 +174,7 @@ struct BackwardTask {
         load_queries(h, t0, rows);
         queries_forward_order(h, t0, rows, p.causal && t0 == 0 && !carried);
       }
-      if (p.causal) absorb_keys(rows);
+      if (p.causal) keys.absorb(rows);
     }
   }
 
@@ -256,7 +240,7 @@ struct BackwardTask {
       }
       for (int64_t t0 = 0; t0 < N; t0 += C) {
         const int64_t rows = std::min(C, N - t0);
-        load_keys(t0, rows);
+        keys.load(t0, rows);
         keys_reverse_order(t0, rows);
         acc_t* dk = out(p.dk, krow0(t0), D);
         if (p.center)
@@ -267,7 +251,7 @@ struct BackwardTask {
       const int64_t last0 = N > 0 ? ((N - 1) / C) * C : -1;
       for (int64_t t0 = last0; t0 >= 0; t0 -= C) {
         const int64_t rows = std::min(C, N - t0);
-        load_keys(t0, rows);
+        keys.load(t0, rows);
         if (t0 != last0 || seeded) keys_reverse_order(t0, rows);
         if (p.center) {
           // Later chunks' terms (ksum), then this chunk's: a reverse cumulative sum, i >= j.

@@ -239,6 +239,50 @@ inline void lower_mm_add(const acc_t* L, int64_t rows, const acc_t* X, int64_t c
     }
 }
 
+// The key side of a task's scan, shared by the forward and the backward's first pass: the
+// current chunk's shifted keys, augmented values and key features, and the key state
+// S = sum psi(k - ref) [v, 1]^T with the running sum of shifted keys.
+template <typename scalar_t, typename acc_t>
+struct KeyScan {
+  const AttnParams& p;
+  const SeqTask t;
+  const int64_t D, Dv1, F, C;
+  std::vector<acc_t> ref, kc, vc, psi, ksum, state;
+  acc_t n0 = 0;  // keys carried in by an initial state
+
+  KeyScan(const AttnParams& p_, const SeqTask& t_)
+      : p(p_), t(t_), D(p_.dim_k), Dv1(p_.dim_v + 1), F(num_features(p_.dim_k)), C(p_.chunk),
+        ref(D), kc(C * D), vc(C * Dv1), psi(C * F), ksum(D), state(F * Dv1) {
+    task_reference<scalar_t, acc_t>(p, t, ref.data());
+  }
+
+  // The state before the sequence: the carried one, or empty.
+  void start() { n0 = task_initial_state(p, t, state.data(), ksum.data()); }
+
+  // Keys (shifted by ref), values with their ones column, and key features of a chunk.
+  void load(int64_t t0, int64_t rows) {
+    load_rows<scalar_t, acc_t>(p.k, p.k_stride, t.batch, t.head_k, t.start + t0, rows, D,
+                               ref.data(), kc.data(), D);
+    load_values_aug<scalar_t, acc_t>(p, t.batch, t.head_k, t.start + t0, rows, vc.data());
+    key_features(kc.data(), rows, D, psi.data());
+  }
+
+  // The loaded chunk joins the state: S += Psi^T V~, and the running key sum.
+  void absorb(int64_t rows) {
+    mat(state.data(), F, Dv1).addmm_(mat(psi.data(), rows, F).t(), mat(vc.data(), rows, Dv1));
+    add_rows(kc.data(), rows, D, ksum.data());
+  }
+
+  // Non-causal: every key joins the state before any query reads it.
+  void absorb_all() {
+    for (int64_t t0 = 0; t0 < t.len; t0 += C) {
+      const int64_t rows = std::min(C, t.len - t0);
+      load(t0, rows);
+      absorb(rows);
+    }
+  }
+};
+
 // out = a @ b into an existing view (at::mm_out wants an lvalue).
 inline void mm_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b) {
   at::mm_out(out, a, b);

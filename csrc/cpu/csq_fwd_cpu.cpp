@@ -21,39 +21,19 @@ void forward_task(const AttnParams& p, const SeqTask& t) {
   const acc_t tau = static_cast<acc_t>(p.scale), eps = static_cast<acc_t>(p.eps);
   const acc_t* shift = static_cast<const acc_t*>(p.shift);
 
-  std::vector<acc_t> ref(D), ksum(D), state(F * Dv1);
-  std::vector<acc_t> kc(C * D), vc(C * Dv1), psi(C * F), qc(C * D), mu(C * D), bq(C),
-      phi(C * F), num(C * Dv1), w(C * C);
-  task_reference<scalar_t, acc_t>(p, t, ref.data());
-  const acc_t n0 = task_initial_state(p, t, state.data(), ksum.data());
+  KeyScan<scalar_t, acc_t> keys(p, t);
+  std::vector<acc_t>&kc = keys.kc, &vc = keys.vc, &ref = keys.ref, &ksum = keys.ksum;
+  std::vector<acc_t> qc(C * D), mu(C * D), bq(C), phi(C * F), num(C * Dv1), w(C * C);
+  keys.start();
   const bool carried = p.state_in != nullptr;
-  at::Tensor S = mat(state.data(), F, Dv1);
-
-  // Loads keys (shifted by the reference) and augmented values of a chunk, and their features.
-  auto load_keys = [&](int64_t t0, int64_t rows) {
-    load_rows<scalar_t, acc_t>(p.k, p.k_stride, t.batch, g, t.start + t0, rows, D, ref.data(),
-                               kc.data(), D);
-    load_values_aug<scalar_t, acc_t>(p, t.batch, g, t.start + t0, rows, vc.data());
-    key_features(kc.data(), rows, D, psi.data());
-  };
-  // S += Psi^T V~ and the running key sum: the chunk's keys join the state.
-  auto absorb_keys = [&](int64_t rows) {
-    S.addmm_(mat(psi.data(), rows, F).t(), mat(vc.data(), rows, Dv1));
-    add_rows(kc.data(), rows, D, ksum.data());
-  };
-
-  if (!p.causal)
-    for (int64_t t0 = 0; t0 < N; t0 += C) {
-      const int64_t rows = std::min(C, N - t0);
-      load_keys(t0, rows);
-      absorb_keys(rows);
-    }
+  at::Tensor S = mat(keys.state.data(), F, Dv1);
+  if (!p.causal) keys.absorb_all();
 
   for (int64_t t0 = 0; t0 < N; t0 += C) {
     const int64_t rows = std::min(C, N - t0);
-    if (p.causal) load_keys(t0, rows);
+    if (p.causal) keys.load(t0, rows);
     if (p.center)
-      key_means(kc.data(), rows, D, ksum.data(), n0 + acc_t(t0), p.causal, N, mu.data());
+      key_means(kc.data(), rows, D, ksum.data(), keys.n0 + acc_t(t0), p.causal, N, mu.data());
 
     for (int64_t hh = 0; hh < p.group; ++hh) {
       const int64_t h = g * p.group + hh;
@@ -96,13 +76,13 @@ void forward_task(const AttnParams& p, const SeqTask& t) {
         static_cast<acc_t*>(p.den)[row0 + i] = den;
       }
     }
-    if (p.causal) absorb_keys(rows);
+    if (p.causal) keys.absorb(rows);
   }
 
   const int64_t head_state = t.seq * p.heads_k + g;
   std::copy(ref.begin(), ref.end(), static_cast<acc_t*>(p.ref_out) + head_state * D);
   if (p.state_out != nullptr)
-    std::copy(state.begin(), state.end(),
+    std::copy(keys.state.begin(), keys.state.end(),
               static_cast<acc_t*>(p.state_out) + head_state * F * Dv1);
 }
 
