@@ -222,6 +222,26 @@ for B, Hq, Hk, N, Dk, Dv, dt, flags in cases:
         bad += not ok
         print(f"case B={B} Hq={Hq} Hk={Hk} N={N} Dk={Dk} Dv={Dv} {str(dt)[6:]} "
               f"causal={causal} {flags}: finite={ok}")
+# Carried state: a state in (with gradients into its sums and ref), a state out (with a loss
+# on it), packed segments with per-segment states, then an in-place decode step.
+for dt in (torch.float32, torch.bfloat16):
+    sdt = torch.float32
+    q0, k0, v0 = (torch.randn(3, 2, 70, 16, device=dev, dtype=dt) for _ in range(3))
+    _, st = csq_ext.attention(q0, k0[:, :1], v0[:, :1, :, :8], return_state=True)
+    sums, ref = st.sums.detach().requires_grad_(), st.ref.detach().requires_grad_()
+    cu = torch.tensor([0, 0, 1, 67], device=dev)
+    q = torch.randn(1, 2, 67, 16, device=dev, dtype=dt, requires_grad=True)
+    k = torch.randn(1, 1, 67, 16, device=dev, dtype=dt, requires_grad=True)
+    v = torch.randn(1, 1, 67, 8, device=dev, dtype=dt, requires_grad=True)
+    y, st2 = csq_ext.attention(q, k, v, cu_seqlens=cu, initial_state=csq_ext.CSQState(sums, ref),
+                               return_state=True)
+    grads = torch.autograd.grad(y.float().sum() + st2.sums.sum(), (q, k, v, sums, ref))
+    out = torch.empty(3, 2, 1, 8, device=dev, dtype=dt)
+    csq_ext.decode_(q0[:, :, :1], k0[:, :1, :1], v0[:, :1, :1, :8], st2.detach(), out=out)
+    torch.cuda.synchronize()
+    ok = all(bool(torch.isfinite(t).all()) for t in (y, st2.sums, out, *grads))
+    bad += not ok
+    print(f"case carried state, varlen, decode_ {str(dt)[6:]}: finite={ok}")
 print("SANITIZE_CASE_DONE" + (f" ({bad} cases with non-finite outputs)" if bad else ""))
 raise SystemExit(1 if bad else 0)
 EOF

@@ -12,9 +12,8 @@ import torch
 
 import csq_ext
 from conftest import (FLOAT_DTYPES, HALF_DTYPES, SHAPES, TOL, TOL_F32_OFFSET, assert_rel_close,
-                      check_float32_offset_keys, csq, csq_grads, make_qkv, rand_shift, randn,
-                      reference, reference_blocked,
-                      reference_grads, rel_err)
+                      check_float32_offset_keys, csq, csq_grads, make_qkv, poisoned_memory,
+                      rand_shift, randn, reference, reference_blocked, reference_grads, rel_err)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -434,8 +433,66 @@ def test_cuda_varlen_many_sequences(gen):
         assert_rel_close(y, ref, TOL[torch.float32])
 
 
-def test_cuda_refuses_carried_state(gen):
-    """initial_state / return_state are not on CUDA yet: a clear error, never wrong numbers."""
+# --------------------------------------------------------------------------------------------
+# Carried state (initial_state / return_state) on CUDA. tests/test_streaming.py runs its
+# streaming checks (pieces + 2048 decode steps, gradcheck through the state, varlen with
+# per-segment states) on CUDA too; these add every dtype and CUDA against CPU.
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("center", [True, False], ids=["ctr", "noctr"])
+def test_cuda_carried_state_matches_cpu_and_reference(gen, center, dtype):
+    """A state in (from a prefill), a state out with a loss on it: y, the returned state and
+    every gradient (q, k, v, shift, the carried sums and ref) on CUDA equal the CPU backend on
+    the same inputs, and y equals the float64 reference over prefill + piece."""
+    B, Hq, Hk, N0, N, Dk, Dv = 2, 4, 2, 90, 150, 16, 8
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    q0, k0, v0 = make_qkv(gen, (B, Hq, Hk, N0, Dk, Dv), dtype)
+    q, k, v = make_qkv(gen, (B, Hq, Hk, N, Dk, Dv), dtype)
+    shift = rand_shift(gen, Hq, _shift_dtype(dtype))
+    _, s0 = csq_ext.attention(q0, k0, v0, shift=shift, return_state=True)
+    dy = randn(gen, B, Hq, N, Dv, dtype=acc)
+    dsums = randn(gen, *s0.sums.shape, dtype=acc)
+
+    def run(device):
+        leaves = [t.to(device).requires_grad_() for t in (q, k, v, shift, s0.sums, s0.ref)]
+        with poisoned_memory(device):
+            y, st = csq_ext.attention(*leaves[:3], shift=leaves[3], center=center,
+                                      initial_state=csq_ext.CSQState(leaves[4], leaves[5]),
+                                      return_state=True)
+            loss = (y.to(acc) * dy.to(device)).sum() + (st.sums * dsums.to(device)).sum()
+            grads = torch.autograd.grad(loss, leaves)
+        assert y.device.type == device and st.sums.device.type == device
+        return [t.detach().cpu() for t in (y, st.sums, st.ref, *grads)]
+
+    gpu, cpu = run(DEV), run("cpu")
+    tol = {torch.float64: 1e-10, torch.float32: 1e-5}.get(dtype, TOL[dtype])
+    for name, a, b in zip("y sums ref dq dk dv dshift dsums dref".split(), gpu, cpu):
+        assert_rel_close(a, b, tol, name)
+    expected = reference(torch.cat([q0, q], 2), torch.cat([k0, k], 2), torch.cat([v0, v], 2),
+                         shift=shift, center=center)[:, :, N0:]
+    assert_rel_close(gpu[0], expected, TOL[dtype], "y vs reference")
+
+
+def test_cuda_decode_functional_equals_cpu(gen):
+    """csq_ext.decode (the functional step, through csq_fwd with a state) on CUDA."""
+    q, k, v = make_qkv(gen, (2, 4, 2, 40, 8, 6), torch.float64)
+    _, st = csq_ext.attention(q[:, :, :39], k[:, :, :39], v[:, :, :39], return_state=True)
+    last = [t[:, :, 39:] for t in (q, k, v)]
+    y_cpu, st_cpu = csq_ext.decode(*last, st)
+    y_gpu, st_gpu = csq_ext.decode(*(t.to(DEV) for t in last), st.to(DEV))
+    assert y_gpu.device.type == DEV and st_gpu.sums.device.type == DEV
+    assert rel_err(y_gpu.cpu(), y_cpu) <= 1e-10
+    assert rel_err(st_gpu.sums.cpu(), st_cpu.sums) <= 1e-10
+    assert rel_err(y_gpu.cpu(), reference(q, k, v)[:, :, 39:]) <= 1e-10
+
+
+def test_cuda_bad_states_are_rejected(gen):
+    """A state on the wrong device, or with causal=False, is refused with a clear message."""
     q, k, v = make_qkv(gen, (1, 2, 1, 10, 4, 3), torch.float32, device=DEV)
-    with pytest.raises((ValueError, RuntimeError), match="return_state"):
-        csq_ext.attention(q, k, v, return_state=True)
+    _, st = csq_ext.attention(q, k, v, return_state=True)
+    with pytest.raises(ValueError, match="device"):
+        csq_ext.attention(q, k, v, initial_state=st.to("cpu"))
+    with pytest.raises(ValueError, match="causal"):
+        csq_ext.attention(q, k, v, causal=False, initial_state=st)
+    with pytest.raises(ValueError, match="return_state needs causal"):
+        csq_ext.attention(q, k, v, causal=False, return_state=True)

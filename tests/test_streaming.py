@@ -1,5 +1,7 @@
 """Carried state, decoding and packed variable-length batches: each equals the one-call,
-whole-sequence result (issue: streaming and serving)."""
+whole-sequence result (issue: streaming and serving). The tests that take `device` run on the
+CPU and, when there is one, on a CUDA device (the same checks: the two backends share the state
+layout)."""
 import pytest
 import torch
 
@@ -10,10 +12,17 @@ from conftest import poisoned_memory, rand_shift, randn, reference, rel_err
 TOL_STREAM = {torch.float64: 1e-10, torch.float32: 1e-5}
 
 
-def qkv(gen, B, Hq, Hk, N, Dk, Dv, dtype=torch.float64, key_offset=0.0):
-    return (randn(gen, B, Hq, N, Dk, dtype=dtype),
-            (randn(gen, B, Hk, N, Dk) + key_offset).to(dtype),
-            randn(gen, B, Hk, N, Dv, dtype=dtype))
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+def device(request):
+    return request.param
+
+
+def qkv(gen, B, Hq, Hk, N, Dk, Dv, dtype=torch.float64, key_offset=0.0, device="cpu"):
+    """Drawn on the CPU (so both devices see the same numbers), then moved."""
+    return (randn(gen, B, Hq, N, Dk, dtype=dtype).to(device),
+            (randn(gen, B, Hk, N, Dk) + key_offset).to(dtype).to(device),
+            randn(gen, B, Hk, N, Dv, dtype=dtype).to(device))
 
 
 def piece(t, a, b):
@@ -21,12 +30,12 @@ def piece(t, a, b):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_prefill_in_two_pieces_then_2048_decode_steps_equals_one_call(gen, dtype):
+def test_prefill_in_two_pieces_then_2048_decode_steps_equals_one_call(gen, dtype, device):
     B, Hq, Hk, Dk, Dv = 2, 4, 2, 8, 6
     p1, p2, steps = 45, 83, 2048
     N = p1 + p2 + steps
-    q, k, v = qkv(gen, B, Hq, Hk, N, Dk, Dv, dtype, key_offset=2.0)
-    shift = rand_shift(gen, Hq, dtype=dtype)
+    q, k, v = qkv(gen, B, Hq, Hk, N, Dk, Dv, dtype, key_offset=2.0, device=device)
+    shift = rand_shift(gen, Hq, dtype=dtype, device=device)
     whole = csq_ext.attention(q, k, v, shift=shift)
     expected = reference(q, k, v, shift=shift)
     assert rel_err(whole, expected) <= TOL_STREAM[dtype]
@@ -39,7 +48,7 @@ def test_prefill_in_two_pieces_then_2048_decode_steps_equals_one_call(gen, dtype
     assert state.count.eq(p1 + p2).all()
     # Half the steps through the functional decode, half in place into one output buffer.
     ys = [y1, y2]
-    out = torch.full((B, Hq, 1, Dv), float("nan"), dtype=dtype)
+    out = torch.full((B, Hq, 1, Dv), float("nan"), dtype=dtype, device=device)
     for t in range(p1 + p2, N):
         qt, kt, vt = piece(q, t, t + 1), piece(k, t, t + 1), piece(v, t, t + 1)
         if t < p1 + p2 + steps // 2:
@@ -48,6 +57,7 @@ def test_prefill_in_two_pieces_then_2048_decode_steps_equals_one_call(gen, dtype
         else:
             ys.append(csq_ext.decode_(qt, kt, vt, state, out=out, shift=shift).clone())
     streamed = torch.cat(ys, dim=2)
+    assert streamed.device.type == device and state.sums.device.type == device
     assert torch.isfinite(streamed).all()
     assert rel_err(streamed, expected) <= TOL_STREAM[dtype]
     # The state holds every key, and only a constant amount of memory.
@@ -57,19 +67,19 @@ def test_prefill_in_two_pieces_then_2048_decode_steps_equals_one_call(gen, dtype
     assert rel_err(ys[-1], whole[:, :, -1:]) <= TOL_STREAM[dtype]
 
 
-def test_empty_state_continues_like_no_state(gen):
-    q, k, v = qkv(gen, 1, 2, 1, 30, 4, 3)
-    empty = CSQState.empty(1, 1, 4, 3, dtype=torch.float64)
+def test_empty_state_continues_like_no_state(gen, device):
+    q, k, v = qkv(gen, 1, 2, 1, 30, 4, 3, device=device)
+    empty = CSQState.empty(1, 1, 4, 3, dtype=torch.float64, device=device)
     y = csq_ext.attention(q, k, v, initial_state=empty)
     assert rel_err(y, reference(q, k, v)) <= 1e-10
-    state = CSQState.empty(1, 1, 4, 3, dtype=torch.float64)
+    state = CSQState.empty(1, 1, 4, 3, dtype=torch.float64, device=device)
     ys = [csq_ext.decode_(piece(q, t, t + 1), piece(k, t, t + 1), piece(v, t, t + 1),
                           state).clone() for t in range(30)]
     assert rel_err(torch.cat(ys, 2), reference(q, k, v)) <= 1e-10
 
 
-def test_state_options_flags_and_scale(gen):
-    q, k, v = qkv(gen, 1, 2, 2, 40, 5, 4)
+def test_state_options_flags_and_scale(gen, device):
+    q, k, v = qkv(gen, 1, 2, 2, 40, 5, 4, device=device)
     kw = dict(center=False, normalize=False, scale=0.7, shift=-0.4)
     y1, st = csq_ext.attention(piece(q, 0, 13), piece(k, 0, 13), piece(v, 0, 13),
                                return_state=True, **kw)
@@ -78,10 +88,10 @@ def test_state_options_flags_and_scale(gen):
     assert rel_err(torch.cat([y1, y2], 2), reference(q, k, v, **kw)) <= 1e-10
 
 
-def test_float32_state_with_offset_keys_stays_accurate(gen):
+def test_float32_state_with_offset_keys_stays_accurate(gen, device):
     """The state's ref keeps float32 sums accurate when keys share an offset 30x their
     spread, across pieces and decode steps."""
-    q, k, v = qkv(gen, 1, 2, 1, 600, 16, 16, torch.float64, key_offset=30.0)
+    q, k, v = qkv(gen, 1, 2, 1, 600, 16, 16, torch.float64, key_offset=30.0, device=device)
     expected = reference(q, k, v)
     q, k, v = q.float(), k.float(), v.float()
     y1, st = csq_ext.attention(piece(q, 0, 300), piece(k, 0, 300), piece(v, 0, 300),
@@ -94,11 +104,13 @@ def test_float32_state_with_offset_keys_stays_accurate(gen):
 
 
 @pytest.mark.parametrize("center", [True, False])
-def test_gradcheck_through_initial_state(gen, center):
+def test_gradcheck_through_initial_state(gen, center, device):
     """Gradients flow into the carried state (sums and ref) and out of the returned one."""
-    _, s0 = csq_ext.attention(*qkv(gen, 1, 2, 1, 7, 3, 2, key_offset=1.0), return_state=True)
-    q, k, v = (t.requires_grad_() for t in qkv(gen, 1, 2, 1, 9, 3, 2))
-    sums = (s0.sums + 0.1 * torch.rand(s0.sums.shape, generator=gen, dtype=torch.float64))
+    _, s0 = csq_ext.attention(*qkv(gen, 1, 2, 1, 7, 3, 2, key_offset=1.0, device=device),
+                              return_state=True)
+    q, k, v = (t.requires_grad_() for t in qkv(gen, 1, 2, 1, 9, 3, 2, device=device))
+    noise = torch.rand(s0.sums.shape, generator=gen, dtype=torch.float64).to(device)
+    sums = (s0.sums + 0.1 * noise)
     sums = sums.detach().requires_grad_()
     ref = s0.ref.detach().clone().requires_grad_()
 
@@ -110,11 +122,11 @@ def test_gradcheck_through_initial_state(gen, center):
     assert torch.autograd.gradcheck(run, (q, k, v, sums, ref))
 
 
-def test_gradients_of_state_pieces_equal_one_call(gen):
+def test_gradients_of_state_pieces_equal_one_call(gen, device):
     """Truncated BPTT with a state that is not detached gives the one-call gradients."""
-    q, k, v = (t.requires_grad_() for t in qkv(gen, 1, 4, 2, 50, 4, 3))
-    shift = rand_shift(gen, 4, requires_grad=True)
-    dy = randn(gen, 1, 4, 50, 3)
+    q, k, v = (t.requires_grad_() for t in qkv(gen, 1, 4, 2, 50, 4, 3, device=device))
+    shift = rand_shift(gen, 4, device=device, requires_grad=True)
+    dy = randn(gen, 1, 4, 50, 3, device=device)
     y = csq_ext.attention(q, k, v, shift=shift)
     full = torch.autograd.grad(y, (q, k, v, shift), dy)
     y1, st = csq_ext.attention(piece(q, 0, 21), piece(k, 0, 21), piece(v, 0, 21), shift=shift,
@@ -190,19 +202,57 @@ def test_varlen_equals_per_sequence_calls(gen, index_dtype, causal):
         assert rel_err(a, b) <= 1e-10, name
 
 
-def test_varlen_gradcheck_and_returned_states(gen):
+def test_varlen_gradcheck_and_returned_states(gen, device):
     cu = torch.tensor([0, 3, 4, 11])
-    q, k, v = (t.requires_grad_() for t in qkv(gen, 1, 2, 1, 11, 3, 2))
+    q, k, v = (t.requires_grad_() for t in qkv(gen, 1, 2, 1, 11, 3, 2, device=device))
     assert torch.autograd.gradcheck(
         lambda q, k, v: csq_ext.attention(q, k, v, cu_seqlens=cu, chunk_size=2), (q, k, v))
     # Per-sequence states: continuing segment s equals attention over its longer sequence.
     _, st = csq_ext.attention(q, k, v, cu_seqlens=cu, return_state=True)
     assert st.sums.shape[0] == 3 and st.count.flatten().tolist() == [3.0, 1.0, 7.0]
-    qn, kn, vn = qkv(gen, 3, 2, 1, 1, 3, 2)
+    qn, kn, vn = qkv(gen, 3, 2, 1, 1, 3, 2, device=device)
     y, _ = csq_ext.decode(qn, kn, vn, st)
     a, b = 4, 11
     longer = [torch.cat([piece(t, a, b), n[2:3]], 2) for t, n in ((q, qn), (k, kn), (v, vn))]
     assert rel_err(y[2:3], reference(*longer)[:, :, -1:]) <= 1e-10
+
+
+@pytest.mark.parametrize("center", [True, False])
+def test_varlen_with_initial_states_equals_per_sequence_calls(gen, device, center):
+    """Packed segments, each continuing its own state (lengths 0, 1, 70, 5: empty, one token,
+    more than a CUDA chunk), return their states: outputs, returned states and all gradients
+    (q, k, v, shift, the carried sums and ref) equal one call per segment."""
+    lens = [0, 1, 70, 5]
+    cu = torch.tensor([0, 0, 1, 71, 76])
+    S, T, Hq, Hk, Dk, Dv = 4, 76, 4, 2, 4, 3
+    _, s0 = csq_ext.attention(*qkv(gen, S, Hq, Hk, 6, Dk, Dv, key_offset=1.0, device=device),
+                              return_state=True)
+    sums = s0.sums.detach().requires_grad_()
+    ref = s0.ref.detach().clone().requires_grad_()
+    q, k, v = (t.requires_grad_() for t in qkv(gen, 1, Hq, Hk, T, Dk, Dv, device=device))
+    shift = rand_shift(gen, Hq, device=device, requires_grad=True)
+    dy = randn(gen, 1, Hq, T, Dv, device=device)
+    dsums = randn(gen, *sums.shape, device=device)
+    inputs = (q, k, v, shift, sums, ref)
+    kw = dict(shift=shift, center=center, return_state=True)
+
+    y, st = csq_ext.attention(q, k, v, cu_seqlens=cu, initial_state=CSQState(sums, ref), **kw)
+    grads = torch.autograd.grad((y * dy).sum() + (st.sums * dsums).sum(), inputs)
+    loss, ys, outs = 0, [], []
+    for s, (a, b) in enumerate(segments(cu)):
+        yi, si = csq_ext.attention(piece(q, a, b), piece(k, a, b), piece(v, a, b),
+                                   initial_state=CSQState(sums[s:s + 1], ref[s:s + 1]), **kw)
+        ys.append(yi)
+        outs.append(si)
+        loss = loss + (yi * piece(dy, a, b)).sum() + (si.sums * dsums[s:s + 1]).sum()
+    one_by_one = torch.autograd.grad(loss, inputs)
+    assert [b - a for a, b in segments(cu)] == lens
+    assert rel_err(y, torch.cat(ys, 2)) <= 1e-10
+    assert rel_err(st.sums, torch.cat([o.sums for o in outs])) <= 1e-10
+    assert torch.equal(st.ref, ref)  # a carried ref is kept
+    assert st.count.flatten().tolist() == [6.0 + n for n in lens for _ in range(Hk)]
+    for name, a, b in zip("q k v shift sums ref".split(), grads, one_by_one):
+        assert rel_err(a, b) <= 1e-10, name
 
 
 def test_bad_cu_seqlens_are_rejected(gen):

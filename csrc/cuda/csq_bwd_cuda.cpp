@@ -23,17 +23,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     bool causal, double scale, bool center, bool normalize, double eps, int64_t chunk_size) {
   check_inputs(q, k, v, shift, eps, chunk_size);
   cuda_host::check_supported(q, k, v, shift);
-  const bool has_dstate = dstate_out.has_value() && dstate_out->defined() &&
-                          dstate_out->numel() > 0;
-  cuda_host::check_no_state(state_in, has_dstate);
   const auto acc = acc_dtype(q.scalar_type());
-  const int64_t B = q.size(0), Hq = q.size(1), N = q.size(2);
+  const auto opts = q.options().dtype(acc);
   const c10::cuda::CUDAGuard guard(q.device());
-
-  // With no carried state, ref only re-centres the keys, which centered CSQ does not see (and
-  // is 0 without centering): its gradient is zero. No state gradient either.
-  at::Tensor dstate_in = at::empty({0}, q.options().dtype(acc));
-  at::Tensor dref = at::zeros(ref.sizes(), ref.options());
 
   // q, k, v, dy are read through their strides. The gradients are allocated in the
   // accumulation dtype, contiguous.
@@ -41,21 +33,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   AttnParams p = make_params(q, k, v, shift_acc, causal, scale, center, normalize, eps,
                              chunk_size);
   // Packed sequences: checks cu_seqlens, points p at a device copy (kept alive here); dshift
-  // is then allocated per sequence (S, Hq) by set_backward_params.
-  const at::Tensor cu = set_sequence_params(p, q, cu_seqlens, c10::nullopt, c10::nullopt);
+  // is then allocated per sequence (S, Hq) by set_backward_params. ref is the forward's (the
+  // kernels read it instead of recomputing it); state_in the carried state, if any.
+  const at::Tensor ref_c = ref.contiguous();
+  const at::Tensor cu = set_sequence_params(p, q, cu_seqlens, state_in, ref_c);
   cuda_host::check_packed(p);
+  const bool carried = p.state_in != nullptr;
+  at::Tensor dstate_c;
+  if (dstate_out.has_value() && dstate_out->defined() && dstate_out->numel() > 0) {
+    TORCH_CHECK(dstate_out->sizes() == at::IntArrayRef(state_shape(p)),
+                "csq_bwd: dstate_out must have the state's shape ",
+                at::IntArrayRef(state_shape(p)), ", got ", dstate_out->sizes());
+    dstate_c = dstate_out->to(opts).contiguous();
+    p.dstate_out = dstate_c.data_ptr();
+  }
   const BackwardTensors t = set_backward_params(p, q, k, v, dy, y, bq, den);
 
-  if (B * Hq * N > 0) {  // nothing to launch for an empty sequence: the gradients are zero
-    const cuda::DType dt = cuda_host::to_dtype(q.scalar_type());
-    const size_t bytes = cuda::bwd_workspace_bytes(p, dt);
-    at::Tensor ws = cuda_host::workspace(q, bytes);
-    const cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
-    const cuda::Status st = CSQ_DTYPE_SWITCH(q.scalar_type(), DT, [&] {
-      return cuda::launch_bwd<DT>(p, ws.data_ptr(), bytes, stream);
-    });
-    cuda_host::check_status(st, "backward");
-  }
+  // Without a carried state, ref only re-centres the keys, which centered CSQ does not see (and
+  // is 0 without centering): its gradient is zero, and there is no state gradient. With one,
+  // the kernels write both (zeroing them first).
+  at::Tensor dstate_in = carried ? at::empty(state_shape(p), opts) : at::empty({0}, opts);
+  at::Tensor dref = carried ? at::empty(ref_c.sizes(), opts) : at::zeros(ref_c.sizes(), opts);
+  p.dstate_in = carried ? dstate_in.data_ptr() : nullptr;
+  p.dref = carried ? dref.data_ptr() : nullptr;
+
+  // Also with no token (B Hq N == 0): the launcher then only zeroes the gradients and passes
+  // dstate_out through to dstate_in.
+  const cuda::DType dt = cuda_host::to_dtype(q.scalar_type());
+  const size_t bytes = cuda::bwd_workspace_bytes(p, dt);
+  at::Tensor ws = cuda_host::workspace(q, bytes);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
+  const cuda::Status st = CSQ_DTYPE_SWITCH(q.scalar_type(), DT, [&] {
+    return cuda::launch_bwd<DT>(p, ws.data_ptr(), bytes, stream);
+  });
+  cuda_host::check_status(st, "backward");
   return {t.dq.to(q.scalar_type()), t.dk.to(q.scalar_type()), t.dv.to(q.scalar_type()),
           t.dshift.sum(0).to(shift.scalar_type()), dstate_in, dref};
 }

@@ -9,6 +9,10 @@
 //   8. pass 2, query state R in reverse: dk, dv from later queries state_scan_kernel<kStateBwdK>
 //   9. center: dk += reverse cumulative sum of -tau db q / n       cq_chunk_sum, scan, center_k
 // Steps 6 and 9 need the complete db, i.e. steps 4 and 5 done (stream order).
+// A carried state (state_in, causal only): pass 1 starts from it, pass 2 from dstate_out (the
+// gradient of the returned state) and ends in dstate_in; step 6 (also run without centering,
+// where it adds tau db r) adds the gradient of the carried key count;
+//  10. carried state: dref and the gradient of the carried key sum  state_grad_kernel
 #include "csq_chunk.cuh"
 #include "csq_launch_util.cuh"
 #include "csq_prefix.cuh"
@@ -47,7 +51,16 @@ Status launch_bwd(const AttnParams& p, void* workspace, size_t workspace_bytes,
   CSQ_RETURN_IF_ERROR(cudaMemsetAsync(p.db, 0, a * size_t(B * Hq * N), stream), "memset(db)");
   CSQ_RETURN_IF_ERROR(cudaMemsetAsync(p.dshift, 0, a * size_t(B * Hq), stream),
                       "memset(dshift)");
-  if (B * Hq * N == 0) return Status{};
+  const bool carried = p.state_in != nullptr;
+  if (carried) {  // the gradients of the carried state and its ref are sums of parts
+    CSQ_RETURN_IF_ERROR(cudaMemsetAsync(p.dstate_in, 0, a * state_elems(p), stream),
+                        "memset(dstate_in)");
+    CSQ_RETURN_IF_ERROR(cudaMemsetAsync(p.dref, 0, a * ref_elems(p), stream), "memset(dref)");
+  }
+  if (B * Hq * N == 0)  // no token: the carried state's gradient is the returned state's
+    return carried ? copy_or_zero(p.dstate_in, p.dstate_out, a * state_elems(p), stream,
+                                  "dstate_in (empty input)")
+                   : Status{};
   Work w;
   if (workspace_bytes < carve_workspace(p, DT, workspace, &w))
     return Status{cudaErrorInvalidValue, "launch_bwd", "workspace too small"};
@@ -77,7 +90,7 @@ Status launch_bwd(const AttnParams& p, void* workspace, size_t workspace_bytes,
     kernel<<<dim3(bhq, nch), kThreads, smem, stream>>>(p, w);
     CSQ_CHECK_LAUNCH("bwd_intra_kernel");
   }
-  if (p.center) {
+  if (p.center || carried) {
     rowshift_kernel<T, Acc, kRowCenterQ><<<dim3(bhk, nch), kThreads, 0, stream>>>(p, w);
     CSQ_CHECK_LAUNCH("rowshift_kernel<center_q>");
   }
@@ -100,6 +113,10 @@ Status launch_bwd(const AttnParams& p, void* workspace, size_t workspace_bytes,
     CSQ_CHECK_LAUNCH("chunk_scan_kernel<reverse>");
     center_k_kernel<T, Acc><<<dim3(bhk, nch), kColThreads, 0, stream>>>(p, w);
     CSQ_CHECK_LAUNCH("center_k_kernel");
+  }
+  if (carried) {
+    state_grad_kernel<T, Acc><<<dim3(bhk, nch), kColThreads, 0, stream>>>(p, w);
+    CSQ_CHECK_LAUNCH("state_grad_kernel");
   }
   return Status{};
 }

@@ -208,6 +208,46 @@ __device__ __forceinline__ void feature_pair(int64_t f, int de, int* x, int* y) 
 }
 
 // ---------------------------------------------------------------------------------------------
+// Carried state (csq_params.h): per (sequence, kv head) the sums (F, Dv + 1) in the public row
+// order [pairs x <= y < D | linear x | constant], columns [v | 1], shared with the CPU backend
+// (a state moves between devices with .to()). The kernels hold the same rows in their own
+// order, the pairs x <= y <= D of extended coordinates; this maps one to the other. The last
+// column of the linear rows is the carried key sum (relative to ref), that of the constant row
+// the carried key count.
+
+__host__ __device__ __forceinline__ int64_t public_row(int x, int y, int D) {
+  const int64_t pairs = int64_t(D) * (D + 1) / 2;
+  if (y < D) return int64_t(x) * D - int64_t(x) * (x - 1) / 2 + (y - x);
+  if (x < D) return pairs + x;
+  return pairs + D;  // the constant feature: F - 1
+}
+
+// The sums of one (sequence, kv head) in a state tensor (state_in, state_out, dstate_*).
+// Ptr is a typed (const) Acc pointer.
+template <typename Ptr>
+__device__ __forceinline__ Ptr head_sums(Ptr base, const AttnParams& p, int64_t seq, int64_t g) {
+  const int64_t de = p.dim_k + 1;
+  return base + (seq * p.heads_k + g) * (de * (de + 1) / 2) * (p.dim_v + 1);
+}
+
+// The carried key count n0 of a (sequence, kv head), 0 without a carried state.
+template <typename Acc>
+__device__ __forceinline__ Acc carried_count(const AttnParams& p, int64_t seq, int64_t g) {
+  if (p.state_in == nullptr) return Acc(0);
+  const Acc* s = head_sums(static_cast<const Acc*>(p.state_in), p, seq, g);
+  return s[public_row(int(p.dim_k), int(p.dim_k), int(p.dim_k)) * (p.dim_v + 1) + p.dim_v];
+}
+
+// Coordinate d of the carried key sum (relative to ref), 0 without a carried state.
+template <typename Acc>
+__device__ __forceinline__ Acc carried_key_sum(const AttnParams& p, int64_t seq, int64_t g,
+                                               int d) {
+  if (p.state_in == nullptr) return Acc(0);
+  const Acc* s = head_sums(static_cast<const Acc*>(p.state_in), p, seq, g);
+  return s[public_row(d, int(p.dim_k), int(p.dim_k)) * (p.dim_v + 1) + p.dim_v];
+}
+
+// ---------------------------------------------------------------------------------------------
 // Block GEMM on shared memory: for every (m, n) in [0, M) x [0, N), calls
 // emit(m, n, sum_{k < K} a(m, k) * b(k, n)). A thread owns micro-tiles of TM consecutive rows
 // and TN columns strided by NG = ceil(N / TN), so that consecutive threads read consecutive

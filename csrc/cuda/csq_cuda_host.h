@@ -59,13 +59,6 @@ inline void check_supported(const at::Tensor& q, const at::Tensor& k, const at::
               "csq_ext (CUDA): supports B * Hq < 2^31, got B = ", q.size(0), ", Hq = ", q.size(1));
 }
 
-// Carried state runs on the CPU backend so far (packed sequences, cu_seqlens, are supported).
-inline void check_no_state(const c10::optional<at::Tensor>& state_in, bool return_state) {
-  TORCH_CHECK(!(state_in.has_value() && state_in->defined()) && !return_state,
-              "csq_ext (CUDA): initial_state / return_state are not supported on CUDA yet; "
-              "they run on CPU tensors");
-}
-
 // With cu_seqlens the chunk slots (ceil(T / 64) + S) must fit the grid.
 inline void check_packed(const AttnParams& p) {
   if (p.cu_seqlens == nullptr) return;

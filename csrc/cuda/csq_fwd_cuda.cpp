@@ -19,10 +19,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> csq_fwd_c
     const c10::optional<at::Tensor>& cu_seqlens, const c10::optional<at::Tensor>& state_in,
     const c10::optional<at::Tensor>& ref_in, bool causal, double scale, bool center,
     bool normalize, double eps, int64_t chunk_size, bool return_state) {
-  (void)ref_in;  // comes only with state_in, refused below
   check_inputs(q, k, v, shift, eps, chunk_size);
   cuda_host::check_supported(q, k, v, shift);
-  cuda_host::check_no_state(state_in, return_state);
+  TORCH_CHECK(causal || !return_state, "csq_ext: return_state needs causal=True");
   const c10::cuda::CUDAGuard guard(q.device());
 
   const auto acc = acc_dtype(q.scalar_type());
@@ -31,22 +30,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> csq_fwd_c
   const at::Tensor shift_acc = shift.to(acc).contiguous();
   AttnParams p = make_params(q, k, v, shift_acc, causal, scale, center, normalize, eps,
                              chunk_size);
-  // Packed sequences: checks cu_seqlens, points p at a device copy (kept alive here).
-  const at::Tensor cu = set_sequence_params(p, q, cu_seqlens, c10::nullopt, c10::nullopt);
+  // Packed sequences: checks cu_seqlens, points p at a device copy (kept alive here). A
+  // carried state (causal only): checks its sums and ref (shape, dtype, device).
+  const at::Tensor cu = set_sequence_params(p, q, cu_seqlens, state_in, ref_in);
   cuda_host::check_packed(p);
 
   // y in the accumulation dtype: the public function rounds it, the backward reads it exact.
-  at::Tensor y = at::empty({B, Hq, N, Dv}, q.options().dtype(acc));
-  at::Tensor bq = at::empty({B, Hq, N}, q.options().dtype(acc));
-  at::Tensor den = at::empty({B, Hq, N}, q.options().dtype(acc));
-  at::Tensor no_state = at::empty({0}, q.options().dtype(acc));
-  at::Tensor ref_out = at::zeros({p.num_seqs, k.size(1), q.size(3)}, q.options().dtype(acc));
-  if (B * Hq * N == 0) return {y, bq, den, no_state, ref_out};
+  const auto opts = q.options().dtype(acc);
+  at::Tensor y = at::empty({B, Hq, N, Dv}, opts);
+  at::Tensor bq = at::empty({B, Hq, N}, opts);
+  at::Tensor den = at::empty({B, Hq, N}, opts);
+  at::Tensor state_out = return_state ? at::empty(state_shape(p), opts) : at::empty({0}, opts);
+  at::Tensor ref_out = at::empty({p.num_seqs, k.size(1), q.size(3)}, opts);
 
   p.y = y.data_ptr();
   p.b = bq.data_ptr();
   p.den = den.data_ptr();
   p.ref_out = ref_out.data_ptr();
+  p.state_out = return_state ? state_out.data_ptr() : nullptr;
 
   const cuda::DType dt = cuda_host::to_dtype(q.scalar_type());
   const size_t bytes = cuda::fwd_workspace_bytes(p, dt);
@@ -56,7 +57,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> csq_fwd_c
     return cuda::launch_fwd<DT>(p, ws.data_ptr(), bytes, stream);
   });
   cuda_host::check_status(st, "forward");
-  return {y, bq, den, no_state, ref_out};
+  return {y, bq, den, state_out, ref_out};
 }
 
 }  // namespace

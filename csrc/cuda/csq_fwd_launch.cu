@@ -1,7 +1,10 @@
 // Forward launcher: the kernel sequence of the forward, for the four input dtypes.
 //   1. zero the num~ accumulator (Work::rows)
 //   2. cu_seqlens: the chunk slots of each sequence              chunk_map_kernel
-//      center: reference key r, per-chunk key sums, their scan   (else r = 0)
+//      r: the carried state's (ref_in), else with center the mean of the first keys, else 0;
+//      center: per-chunk key sums, their scan
+//   The carried state (state_in, causal only) seeds the state scan and, through its key sum
+//   and count, mu' in step 3; step 4 writes state_out (return_state).
 //   3. b_i = c_h - tau <q_i, mu'_i>                              rowshift_kernel
 //   4. the key state against the queries, by feature tiles      state_scan_kernel<kStateFwd>
 //   5. in-chunk pairs (causal), den and y                        fwd_finalize_kernel
@@ -29,15 +32,23 @@ Status launch_key_prefix(const AttnParams& p, const Work& w, cudaStream_t stream
     CSQ_CHECK_LAUNCH("chunk_map_kernel");
   }
   if (shk == 0) return Status{};
-  if (p.center) {
+  // r: given (a carried state's, or in the backward the forward's), else the mean of the
+  // first keys when centering, else 0.
+  if (p.ref_in != nullptr) {
+    CSQ_RETURN_IF_ERROR(
+        cudaMemcpyAsync(w.ref, p.ref_in, ref_bytes, cudaMemcpyDeviceToDevice, stream),
+        "cudaMemcpyAsync(ref_in)");
+  } else if (p.center) {
     ref_key_kernel<T, Acc><<<shk, kColThreads, 0, stream>>>(p, w);
     CSQ_CHECK_LAUNCH("ref_key_kernel");
+  } else {
+    CSQ_RETURN_IF_ERROR(cudaMemsetAsync(w.ref, 0, ref_bytes, stream), "cudaMemsetAsync(ref)");
+  }
+  if (p.center) {
     key_chunk_sum_kernel<T, Acc><<<chunks, kColThreads, 0, stream>>>(p, w);
     CSQ_CHECK_LAUNCH("key_chunk_sum_kernel");
     chunk_scan_kernel<Acc><<<bhk, kColThreads, 0, stream>>>(p, w, false);
     CSQ_CHECK_LAUNCH("chunk_scan_kernel");
-  } else {
-    CSQ_RETURN_IF_ERROR(cudaMemsetAsync(w.ref, 0, ref_bytes, stream), "cudaMemsetAsync(ref)");
   }
   if (p.ref_out != nullptr)  // the forward reports the r it used (an output of the op)
     CSQ_RETURN_IF_ERROR(
@@ -56,7 +67,13 @@ Status launch_fwd(const AttnParams& p, void* workspace, size_t workspace_bytes,
 
   Status st = check_shapes(p);
   if (!st.ok()) return st;
-  if (p.batch * p.heads_q * p.seqlen == 0) return Status{};
+  if (p.batch * p.heads_q * p.seqlen == 0) {  // no token: the state passes through unchanged
+    st = copy_or_zero(p.state_out, p.state_in, sizeof(Acc) * state_elems(p), stream,
+                      "state_out (empty input)");
+    if (!st.ok()) return st;
+    return copy_or_zero(p.ref_out, p.ref_in, sizeof(Acc) * ref_elems(p), stream,
+                        "ref_out (empty input)");
+  }
   Work w;
   if (workspace_bytes < carve_workspace(p, DT, workspace, &w))
     return Status{cudaErrorInvalidValue, "launch_fwd", "workspace too small"};

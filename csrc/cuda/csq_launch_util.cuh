@@ -54,6 +54,25 @@ inline Status check_shapes(const AttnParams& p) {
   return Status{};
 }
 
+// Elements of one state tensor (sums of every (sequence, kv head)) and of its ref.
+inline size_t state_elems(const AttnParams& p) {
+  const int64_t de = p.dim_k + 1;
+  return size_t(num_sequences(p) * p.heads_k * (de * (de + 1) / 2) * (p.dim_v + 1));
+}
+inline size_t ref_elems(const AttnParams& p) {
+  return size_t(num_sequences(p) * p.heads_k * p.dim_k);
+}
+
+// dst = src (bytes), or zeros when src is null.
+inline Status copy_or_zero(void* dst, const void* src, size_t bytes, cudaStream_t stream,
+                           const char* name) {
+  if (dst == nullptr || bytes == 0) return Status{};
+  const cudaError_t e = src != nullptr
+                            ? cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream)
+                            : cudaMemsetAsync(dst, 0, bytes, stream);
+  return e == cudaSuccess ? Status{} : Status{e, name};
+}
+
 inline int num_feature_tiles(int64_t dim_k, int ft) {
   const int64_t de = dim_k + 1;
   return static_cast<int>(ceil_div(de * (de + 1) / 2, ft));

@@ -89,8 +89,9 @@ __device__ __forceinline__ const Acc* seq_ref(const AttnParams& p, const Work& w
 }
 
 // csum[b, g, t, :] = sum over the rows of chunk slot t of (k_j - r). Grid (B Hk, nchunks).
+// The minimum of CTAs per SM lifts ptxas's default cap of 64 registers here (spills).
 template <typename T, typename Acc>
-__global__ void __launch_bounds__(kColThreads) key_chunk_sum_kernel(const AttnParams p, Work w) {
+__global__ void __launch_bounds__(kColThreads, 4) key_chunk_sum_kernel(const AttnParams p, Work w) {
   const int64_t bg = blockIdx.x, t = blockIdx.y, bi = bg / p.heads_k, g = bg % p.heads_k;
   const ChunkSpan c = chunk_span(p, w, bi, t);
   if (!c.valid) return;
@@ -107,14 +108,14 @@ __global__ void __launch_bounds__(kColThreads) key_chunk_sum_kernel(const AttnPa
 }
 
 // The centering terms of dk: cq_i = sum_{h in group} -tau db_hi q_hi / n_i (n_i = position in
-// the sequence + 1, or its length when not causal), summed over the rows of chunk slot t into
+// the sequence + 1 + the carried key count n0, or the length when not causal), summed over the rows of chunk slot t into
 // csum[b, g, t, :]. Grid (B Hk, nchunks). Needs the final db.
 template <typename T, typename Acc>
 __device__ __forceinline__ Acc centering_term(const AttnParams& p, const ChunkSpan& c,
                                               int64_t bi, int64_t g, int64_t row, int d,
-                                              Acc tau) {
+                                              Acc tau, Acc n0) {
   const Acc* db = static_cast<const Acc*>(p.db);
-  const Acc n = p.causal ? Acc(row - c.start + 1) : Acc(c.len);
+  const Acc n = p.causal ? n0 + Acc(row - c.start + 1) : Acc(c.len);
   Acc s = 0;
   for (int64_t hh = 0; hh < p.group; ++hh) {
     const int64_t h = g * p.group + hh, bh = bi * p.heads_q + h;
@@ -123,17 +124,20 @@ __device__ __forceinline__ Acc centering_term(const AttnParams& p, const ChunkSp
   return -tau * s / n;
 }
 
+// The minimum of CTAs per SM lifts ptxas's default cap of 64 registers here (spills).
 template <typename T, typename Acc>
-__global__ void __launch_bounds__(kColThreads) cq_chunk_sum_kernel(const AttnParams p, Work w) {
+__global__ void __launch_bounds__(kColThreads, 4) cq_chunk_sum_kernel(const AttnParams p, Work w) {
   const int64_t bg = blockIdx.x, t = blockIdx.y, bi = bg / p.heads_k, g = bg % p.heads_k;
   const ChunkSpan c = chunk_span(p, w, bi, t);
   if (!c.valid) return;
   const int D = static_cast<int>(p.dim_k);
   const Acc tau = Acc(p.scale);
+  const Acc n0 = carried_count<Acc>(p, c.seq, g);
   Acc* out = static_cast<Acc*>(w.csum) + (bg * w.nchunks + t) * D;
   for (int d = threadIdx.x; d < D; d += blockDim.x) {
     Acc sum = 0;
-    for (int64_t j = c.row0; j < c.row1; ++j) sum += centering_term<T, Acc>(p, c, bi, g, j, d, tau);
+    for (int64_t j = c.row0; j < c.row1; ++j)
+      sum += centering_term<T, Acc>(p, c, bi, g, j, d, tau, n0);
     out[d] = sum;
   }
 }
@@ -179,12 +183,19 @@ __device__ __forceinline__ Acc seq_total(const Acc* pre, const Acc* cs, const Ch
 // Row kernels that need mu'_i = mean of (k_j - r) over J(i), for the rows of chunk t of key
 // head (b, g) and every query head of its group. Grid (B Hk, nchunks).
 //   kRowShiftB:   b_i = c_h - tau <q_i, mu'_i>   (c_h when !center)
-//   kRowCenterQ:  dq_i -= tau db_i mu'_i          (launched only with center)
+//   kRowCenterQ:  dq_i -= tau db_i mu'_i          (launched with center or a carried state)
+// A carried state (causal only) holds n0 earlier keys with sum Z1 (relative to r): then
+// mu'_i = (Z1 + sum of this sequence's keys up to i) / (n0 + position + 1), and kRowCenterQ
+// also adds the gradient of n0 through every mu'_i, sum_i tau db_i <q_i, mu'_i> / n_i, to the
+// carried state's gradient. Without centering, a carried state's r is not 0: the keys are
+// k - r, and mu' = -r puts tau <q_i, r> back into b_i (and tau db_i r into dq_i).
 enum RowMode : int { kRowShiftB = 0, kRowCenterQ = 1 };
 
+// The minimum of CTAs per SM lifts ptxas's default cap of 64 registers here (spills).
 template <typename T, typename Acc, int MODE>
-__global__ void __launch_bounds__(kThreads) rowshift_kernel(const AttnParams p, Work w) {
+__global__ void __launch_bounds__(kThreads, 3) rowshift_kernel(const AttnParams p, Work w) {
   __shared__ Acc mu_s[kSub][kMaxHeadDim + 1];
+  __shared__ Acc dn0_part[kThreads / 32];
   const int64_t bg = blockIdx.x, t = blockIdx.y, bi = bg / p.heads_k, g = bg % p.heads_k;
   const ChunkSpan c = chunk_span(p, w, bi, t);
   if (!c.valid) return;  // uniform over the block
@@ -195,12 +206,17 @@ __global__ void __launch_bounds__(kThreads) rowshift_kernel(const AttnParams p, 
   const Acc* ref = seq_ref<Acc>(p, w, c.seq, g);
   const Acc* pre = static_cast<const Acc*>(w.prefix) + bg * (nch + 1) * D;
   const Acc* cs = static_cast<const Acc*>(w.csum) + bg * nch * D;
+  const bool carried = p.state_in != nullptr;
+  const bool shifted = p.center || carried;  // mu' is not 0
+  const Acc n0 = carried_count<Acc>(p, c.seq, g);
 
   // Thread d < D carries the running sum of column d (causal) or holds the total mean.
   Acc run = 0;
   if (p.center && tid < D)
-    run = p.causal ? pre[t * D + tid] : seq_total(pre, cs, c, D, tid, false) / Acc(c.len);
+    run = p.causal ? pre[t * D + tid] + carried_key_sum<Acc>(p, c.seq, g, tid)
+                   : seq_total(pre, cs, c, D, tid, false) / Acc(c.len);
 
+  Acc dn0 = 0;  // lane 0 of each warp: its rows' part of the gradient of n0
   for (int sb = 0; sb < kChunkI / kSub; ++sb) {
     const int64_t row0 = c.row0 + sb * kSub;
     if (row0 >= c.row1) break;  // uniform over the block
@@ -210,11 +226,13 @@ __global__ void __launch_bounds__(kThreads) rowshift_kernel(const AttnParams p, 
       for (int r = 0; r < nrows; ++r) {
         if (p.causal) {
           run += load_el<Acc, T>(p.k, p.k_stride, bi, g, row0 + r, tid) - ref[tid];
-          mu_s[r][tid] = run / Acc(row0 + r - c.start + 1);
+          mu_s[r][tid] = run / (n0 + Acc(row0 + r - c.start + 1));
         } else {
           mu_s[r][tid] = run;
         }
       }
+    } else if (shifted && tid < D) {
+      for (int r = 0; r < nrows; ++r) mu_s[r][tid] = -ref[tid];
     }
     __syncthreads();
     // One warp per (query head, row).
@@ -224,7 +242,7 @@ __global__ void __launch_bounds__(kThreads) rowshift_kernel(const AttnParams p, 
       const int64_t row = row0 + r;
       if (MODE == kRowShiftB) {
         Acc dot = 0;
-        if (p.center) {
+        if (shifted) {
           for (int d = lane; d < D; d += 32)
             dot += load_el<Acc, T>(p.q, p.q_stride, bi, h, row, d) * mu_s[r][d];
           dot = warp_sum(dot);
@@ -236,7 +254,24 @@ __global__ void __launch_bounds__(kThreads) rowshift_kernel(const AttnParams p, 
         const Acc coef = tau * static_cast<const Acc*>(p.db)[bh * N + row];
         Acc* dq = static_cast<Acc*>(p.dq) + (bh * N + row) * D;
         for (int d = lane; d < D; d += 32) dq[d] -= coef * mu_s[r][d];
+        if (carried && p.center) {
+          Acc dot = 0;
+          for (int d = lane; d < D; d += 32)
+            dot += load_el<Acc, T>(p.q, p.q_stride, bi, h, row, d) * mu_s[r][d];
+          dot = warp_sum(dot);
+          dn0 += coef * dot / (n0 + Acc(row - c.start + 1));
+        }
       }
+    }
+  }
+  if (MODE == kRowCenterQ && carried && p.center) {
+    if (lane == 0) dn0_part[warp] = dn0;
+    __syncthreads();
+    if (tid == 0) {
+      Acc sum = 0;
+      for (int i = 0; i < nwarps; ++i) sum += dn0_part[i];
+      Acc* ds = head_sums(static_cast<Acc*>(p.dstate_in), p, c.seq, g);
+      atomicAdd(ds + public_row(D, D, D) * (p.dim_v + 1) + p.dim_v, sum);
     }
   }
 }
@@ -254,17 +289,54 @@ __global__ void __launch_bounds__(kColThreads) center_k_kernel(const AttnParams 
   const Acc* pre = static_cast<const Acc*>(w.prefix) + bg * (nch + 1) * D;
   const Acc* cs = static_cast<const Acc*>(w.csum) + bg * nch * D;
   Acc* dk = static_cast<Acc*>(p.dk) + bg * N * D;
+  const Acc n0 = carried_count<Acc>(p, c.seq, g);
   for (int d = threadIdx.x; d < D; d += blockDim.x) {
     if (p.causal) {
       Acc run = pre[t * D + d];
       for (int64_t j = c.row1 - 1; j >= c.row0; --j) {
-        run += centering_term<T, Acc>(p, c, bi, g, j, d, tau);
+        run += centering_term<T, Acc>(p, c, bi, g, j, d, tau, n0);
         dk[j * D + d] += run;
       }
     } else {
       const Acc total = seq_total(pre, cs, c, D, d, true);
       for (int64_t j = c.row0; j < c.row1; ++j) dk[j * D + d] += total;
     }
+  }
+}
+
+// The gradients of a carried state's ref and key sum, after everything else (dk final).
+// Every key of the sequence enters as k - r, and so do the key means, so r receives minus the
+// sum of the final dk over the chunk (plus, without centering, tau db_i q_i through
+// b_i = c + tau <q_i, r>). The carried key sum Z1 enters every mu'_i, so it receives the sum of
+// all centering terms of the sequence: the reverse scan's total, added once, by the CTA of the
+// sequence's first chunk. Grid (B Hk, nchunks); launched only with a carried state.
+template <typename T, typename Acc>
+__global__ void __launch_bounds__(kColThreads) state_grad_kernel(const AttnParams p, Work w) {
+  const int64_t bg = blockIdx.x, t = blockIdx.y, bi = bg / p.heads_k, g = bg % p.heads_k;
+  const ChunkSpan c = chunk_span(p, w, bi, t);
+  if (!c.valid) return;
+  const int D = static_cast<int>(p.dim_k);
+  const int64_t N = p.seqlen, nch = w.nchunks;
+  const Acc tau = Acc(p.scale);
+  const Acc* dk = static_cast<const Acc*>(p.dk) + bg * N * D;
+  const Acc* db = static_cast<const Acc*>(p.db);
+  const Acc* pre = static_cast<const Acc*>(w.prefix) + bg * (nch + 1) * D;
+  const Acc* cs = static_cast<const Acc*>(w.csum) + bg * nch * D;
+  Acc* dref = static_cast<Acc*>(p.dref) + (c.seq * p.heads_k + g) * D;
+  Acc* ds = head_sums(static_cast<Acc*>(p.dstate_in), p, c.seq, g);
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    Acc sum = 0;
+    for (int64_t j = c.row0; j < c.row1; ++j) {
+      sum -= dk[j * D + d];
+      if (!p.center)
+        for (int64_t hh = 0; hh < p.group; ++hh) {
+          const int64_t h = g * p.group + hh, bh = bi * p.heads_q + h;
+          sum += tau * db[bh * N + j] * load_el<Acc, T>(p.q, p.q_stride, bi, h, j, d);
+        }
+    }
+    atomicAdd(dref + d, sum);
+    if (p.center && t == c.t0)
+      ds[public_row(d, D, D) * (p.dim_v + 1) + p.dim_v] += seq_total(pre, cs, c, D, d, true);
   }
 }
 

@@ -56,8 +56,14 @@ inline size_t state_smem_bytes(int D, int Dv, int FT, int mode) {
   return size_t(L.n_acc) * sizeof(Acc) + size_t(2 * FT) * sizeof(int);
 }
 
+// At least 3 CTAs per SM (80 registers) for float32 accumulation, 2 (128) for float64: left
+// to itself ptxas held these kernels at 64 registers and spilled in pass 1.
+template <typename Acc>
+constexpr int state_min_blocks() { return sizeof(Acc) == 8 ? 2 : 3; }
+
 template <typename T, typename Acc, int FT, int MODE>
-__global__ void __launch_bounds__(kThreads) state_scan_kernel(const AttnParams p, Work w) {
+__global__ void __launch_bounds__(kThreads, state_min_blocks<Acc>())
+    state_scan_kernel(const AttnParams p, Work w) {
   static_assert((kSub * FT) % kThreads == 0 && FT % 32 == 0,
                 "one warp must cover 32 features of one row in accumulate_dx");
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -102,6 +108,30 @@ __global__ void __launch_bounds__(kThreads) state_scan_kernel(const AttnParams p
   for (int d = tid; d < D; d += nthr) rs[d] = static_cast<const Acc*>(w.ref)[tg * D + d];
   __syncthreads();
   const int zlo = fx[0];  // every coordinate this tile touches is >= its first x
+
+  // Carried state (causal only; the host refuses it otherwise). The scans start from it:
+  // the key state S from state_in, the query state R (walked in reverse) from the gradient of
+  // the returned state, dstate_out, which gives every key exactly what a later query gives.
+  // Its rows are in the public order (public_row).
+  // Where the final tile goes: the returned state (forward), or the gradient of the carried
+  // state, which every query of the sequence read (R summed over all of them; backward).
+  // (Read from p where used: held in registers across the walk, they made it spill.)
+  auto seed_ptr = [&]() {
+    return static_cast<const Acc*>(MODE == kStateBwdK ? p.dstate_out : p.state_in);
+  };
+  auto keep_ptr = [&]() {
+    return static_cast<Acc*>(MODE == kStateFwd    ? p.state_out
+                             : MODE == kStateBwdK ? p.dstate_in
+                                                  : nullptr);
+  };
+  if (seed_ptr() != nullptr) {
+    const Acc* src = head_sums(seed_ptr(), p, tg / p.heads_k, g);
+    for (int e = tid; e < nf * V1; e += nthr) {
+      const int fi = e / V1, n = e % V1;
+      S[fi * SS + n] = src[public_row(fx[fi], fy[fi], D) * V1 + n];
+    }
+    __syncthreads();
+  }
 
   // ---- staging: rows [row0, row0 + nrows) into rows [0, kSub) of the buffers, zero-padded.
   auto stage_q = [&](int64_t h, int64_t row0, int nrows) {  // Xe = qe = [tau q, b]
@@ -307,12 +337,28 @@ __global__ void __launch_bounds__(kThreads) state_scan_kernel(const AttnParams p
   if (p.causal) {
     for (int64_t s = 0; s < nch; ++s) {
       const int64_t t = MODE == kStateBwdK ? nch - 1 - s : s;
-      if (s > 0) read_chunk(t);          // the state of the chunks already walked
-      if (s + 1 < nch) update_chunk(t);  // the last update would never be read
+      // The state of the chunks already walked (and of the carried state).
+      if (s > 0 || seed_ptr() != nullptr) read_chunk(t);
+      // The last update is read only through the kept state.
+      if (s + 1 < nch || keep_ptr() != nullptr) update_chunk(t);
     }
   } else {
     for (int64_t t = 0; t < nch; ++t) update_chunk(t);
     for (int64_t t = 0; t < nch; ++t) read_chunk(t);
+  }
+  if (keep_ptr() != nullptr) {
+    __syncthreads();  // the last update_state is complete
+    Acc* dst = head_sums(keep_ptr(), p, int64_t(blockIdx.x) / p.heads_k, g);
+    for (int e = tid; e < nf * V1; e += nthr) {
+      const int fi = e / V1, n = e % V1;
+      Acc* out = dst + public_row(fx[fi], fy[fi], D) * V1 + n;
+      // The forward returns the state; the backward adds to what the centering terms of the
+      // carried key count put there before (rowshift_kernel<kRowCenterQ>), one CTA per row.
+      if (MODE == kStateFwd)
+        *out = S[fi * SS + n];
+      else
+        *out += S[fi * SS + n];
+    }
   }
 }
 

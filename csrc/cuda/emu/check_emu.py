@@ -274,6 +274,110 @@ def check_varlen(dtype, Hq, Hk, lens, Dk, Dv, causal, center, normalize, seed, g
     return not bad
 
 
+def check_state(dtype, Hq, Hk, lens, prefill, Dk, Dv, center, normalize, seed, carried=True,
+                grads=True):
+    """Carried state: a causal call continuing from a state (initial_state), returning its state
+    (return_state) and taking the gradient of that state (dstate_out), against the CPU backend's
+    op on the same inputs (the reference for the state layout; tests/ check it against the
+    float64 reference with gradcheck): y, b, den, state_out, ref_out, dq, dk, dv, dshift,
+    dstate_in, dref. lens is an int N (B = 2 batch entries of length N) or a list of segment
+    lengths (cu_seqlens, B = 1). The state comes from a CPU prefill of `prefill` tokens per sequence with centering (so that
+    its ref is not 0 even when this call does not centre); carried=False: no initial state."""
+    import csq_ext  # noqa: F401  (loads the CPU operators)
+    g = torch.Generator().manual_seed(seed)
+    acc = acc_of(dtype)
+    varlen = isinstance(lens, list)
+    B, S = (1, len(lens)) if varlen else (2, 2)
+    T = sum(lens) if varlen else lens
+    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int64) if varlen else None
+    q = strided((B, Hq, T, Dk), dtype, g, "transposed")
+    k = strided((B, Hk, T, Dk), dtype, g, "padded", 0.5)
+    v = strided((B, Hk, T, Dv), dtype, g, "contiguous")
+    shift = (torch.rand(Hq, generator=g, dtype=torch.float64) + 0.5).to(acc)
+    scale, eps = Dk ** -0.5, 1e-6
+    state_in = ref_in = None
+    if carried:
+        q0 = strided((S, Hq, prefill, Dk), dtype, g, "contiguous")
+        k0 = strided((S, Hk, prefill, Dk), dtype, g, "contiguous", 0.5)
+        v0 = strided((S, Hk, prefill, Dv), dtype, g, "contiguous")
+        out0 = torch.ops.csq_ext.csq_fwd(q0, k0, v0, shift, None, None, None, True, scale, True,
+                                         normalize, eps, 0, True)
+        state_in, ref_in = out0[3].contiguous(), out0[4].contiguous()
+    cpu = torch.ops.csq_ext.csq_fwd(q, k, v, shift, cu, state_in, ref_in, True, scale, center,
+                                    normalize, eps, 0, True)
+    nan = float("nan")
+    F = (Dk + 1) * (Dk + 2) // 2
+    y = torch.full((B, Hq, T, Dv), nan, dtype=acc)
+    b = torch.full((B, Hq, T), nan, dtype=acc)
+    den = torch.full((B, Hq, T), nan, dtype=acc)
+    state_out = torch.full((S, Hk, F, Dv + 1), nan, dtype=acc)
+    ref_out = torch.full((S, Hk, Dk), nan, dtype=acc)
+    null = ctypes.c_void_p(None)
+    opt = lambda t: null if t is None else ptr(t)
+    if varlen:
+        lib.emu_set_seqs(ctypes.cast(cu.data_ptr(), ctypes.POINTER(ctypes.c_int64)), S)
+    try:
+        lib.emu_set_state(opt(state_in), opt(ref_in), ptr(state_out), ptr(ref_out), null, null,
+                          null)
+        msg = ctypes.create_string_buffer(512)
+        rc = lib.emu_fwd(DT[dtype], arr([B, Hq, Hk, T, Dk, Dv]), ptr(q), arr(q.stride()), ptr(k),
+                         arr(k.stride()), ptr(v), arr(v.stride()), ptr(shift),
+                         ctypes.c_double(scale), ctypes.c_double(eps), 1, int(center),
+                         int(normalize), ptr(y), ptr(b), ptr(den), msg, 512)
+        assert rc == 0, msg.value
+        errs = {"y": rel(y, cpu[0]), "b": rel(b, cpu[1]), "den": rel(den, cpu[2]),
+                "state_out": rel(state_out, cpu[3]), "ref_out": rel(ref_out, cpu[4])}
+        if grads:
+            dy = torch.randn(B, Hq, T, Dv, generator=g, dtype=torch.float64).to(acc)
+            dstate_out = torch.randn(S, Hk, F, Dv + 1, generator=g, dtype=torch.float64).to(acc)
+            gc = torch.ops.csq_ext.csq_bwd(dy, q, k, v, shift, cu, state_in, cpu[4], cpu[0],
+                                           cpu[1], cpu[2], dstate_out, True, scale, center,
+                                           normalize, eps, 0)
+            dq = torch.full(q.shape, nan, dtype=acc)
+            dk = torch.full(k.shape, nan, dtype=acc)
+            dv = torch.full(v.shape, nan, dtype=acc)
+            db = torch.full((B, Hq, T), nan, dtype=acc)
+            dshift = torch.full((B, Hq), nan, dtype=acc)
+            dstate_in = torch.full((S, Hk, F, Dv + 1), nan, dtype=acc)
+            dref = torch.full((S, Hk, Dk), nan, dtype=acc)
+            lib.emu_set_state(opt(state_in), ptr(ref_out), null, null, ptr(dstate_out),
+                              opt(dstate_in if carried else None), opt(dref if carried else None))
+            rc = lib.emu_bwd(DT[dtype], arr([B, Hq, Hk, T, Dk, Dv]), ptr(q), arr(q.stride()),
+                             ptr(k), arr(k.stride()), ptr(v), arr(v.stride()), ptr(shift),
+                             ctypes.c_double(scale), ctypes.c_double(eps), 1, int(center),
+                             int(normalize), ptr(dy), arr(dy.stride()), ptr(y), ptr(b), ptr(den),
+                             ptr(dq), ptr(dk), ptr(dv), ptr(db), ptr(dshift), msg, 512)
+            assert rc == 0, msg.value
+            errs.update(dq=rel(dq, gc[0]), dk=rel(dk, gc[1]), dv=rel(dv, gc[2]),
+                        dshift=rel(dshift.sum(0), gc[3]))
+            if carried:
+                errs.update(dstate_in=rel(dstate_in, gc[4]), dref=rel(dref, gc[5]))
+    finally:
+        lib.emu_set_seqs(None, 0)
+        lib.emu_set_state(null, null, null, null, null, null, null)
+    tol = TOL[dtype]
+    bad = {k_: e for k_, e in errs.items() if not (e <= tol)}
+    name = (f"state  {str(dtype)[6:]:8s} Hq{Hq} Hk{Hk} lens={lens} prefill={prefill} Dk{Dk} "
+            f"Dv{Dv} center={int(center)} norm={int(normalize)} carried={int(carried)}")
+    print(("FAIL " if bad else "ok   ") + name + f"  max err {max(errs.values()):.2e}" +
+          (f"  {bad}" if bad else ""), flush=True)
+    return not bad
+
+
+STATE_CASES = [
+    # dtype, Hq, Hk, lens (N for B = 2, or segment lengths), prefill, Dk, Dv, center, normalize
+    (torch.float64, 4, 2, 100, 70, 5, 3, True, True),
+    (torch.float64, 2, 1, 1, 3, 4, 6, True, True),
+    (torch.float64, 2, 2, 65, 9, 3, 4, False, True),
+    (torch.float64, 2, 1, 40, 5, 6, 2, True, False),
+    (torch.float64, 2, 1, 0, 5, 3, 2, True, True),
+    (torch.float64, 4, 2, [0, 70, 1, 64, 5], 20, 5, 3, True, True),
+    (torch.float64, 2, 1, [3, 0, 66], 4, 4, 4, False, False),
+    (torch.float32, 3, 1, 130, 80, 16, 8, True, True),
+    (torch.bfloat16, 2, 1, 70, 30, 8, 8, True, True),
+]
+
+
 VARLEN_CASES = [
     # dtype, Hq, Hk, lens, Dk, Dv, causal, center, normalize
     (torch.float64, 4, 2, [1, 0, 70, 64, 5, 130], 5, 3, True, True, True),
@@ -386,7 +490,21 @@ def main():
         varlen_cases = []
     if "varlen" in sys.argv:
         decode_cases = []
+    state_cases = [] if "decode" in sys.argv or "varlen" in sys.argv else STATE_CASES
+    if QUICK:
+        state_cases = state_cases[:2]
+    if "state" in sys.argv:  # only the carried-state cases
+        cases, varlen_cases, decode_cases = [], [], []
     ok = True
+    for i, c in enumerate(state_cases):
+        ok &= check_state(*c, seed=600 + i)
+    if state_cases:  # no initial state, but return_state and its gradient
+        ok &= check_state(torch.float64, 2, 1, 70, 0, 4, 3, True, True, seed=650, carried=False)
+        ok &= check_state(torch.float32, 2, 2, [5, 64, 0, 30], 0, 6, 5, True, True, seed=651,
+                          carried=False)
+    if "state" in sys.argv:
+        print("ALL OK" if ok else "SOME FAILED")
+        sys.exit(0 if ok else 1)
     for i, c in enumerate(varlen_cases):
         ok &= check_varlen(*c, seed=400 + i)
     for i, c in enumerate(decode_cases):

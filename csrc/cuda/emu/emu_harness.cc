@@ -14,6 +14,13 @@ namespace {
 const int64_t* g_cu_seqlens = nullptr;
 int64_t g_num_seqs = 0;
 
+// Carried-state pointers for the next emu_fwd / emu_bwd calls (emu_set_state); all null for
+// none. The backward reads ref_in as the forward's ref (as the op does).
+struct StatePtrs {
+  const void *state_in = nullptr, *ref_in = nullptr, *dstate_out = nullptr;
+  void *state_out = nullptr, *ref_out = nullptr, *dstate_in = nullptr, *dref = nullptr;
+} g_state;
+
 void fill(AttnParams& p, const int64_t* sz, const void* q, const int64_t* qs, const void* k,
           const int64_t* ks, const void* v, const int64_t* vs, const void* shift, double scale,
           double eps, int causal, int center, int normalize) {
@@ -41,6 +48,13 @@ void fill(AttnParams& p, const int64_t* sz, const void* q, const int64_t* qs, co
   p.chunk = 7;  // ignored by the CUDA backend
   p.cu_seqlens = g_cu_seqlens;
   p.num_seqs = g_cu_seqlens != nullptr ? g_num_seqs : p.batch;
+  p.state_in = g_state.state_in;
+  p.ref_in = g_state.ref_in;
+  p.state_out = g_state.state_out;
+  p.ref_out = g_state.ref_out;
+  p.dstate_out = g_state.dstate_out;
+  p.dstate_in = g_state.dstate_in;
+  p.dref = g_state.dref;
 }
 
 int report(const Status& st, char* msg, int msglen) {
@@ -55,6 +69,13 @@ int report(const Status& st, char* msg, int msglen) {
 extern "C" void emu_set_seqs(const int64_t* cu, int64_t num_seqs) {
   g_cu_seqlens = cu;
   g_num_seqs = num_seqs;
+}
+
+// The carried-state tensors of the following calls (any may be null).
+extern "C" void emu_set_state(const void* state_in, const void* ref_in, void* state_out,
+                              void* ref_out, const void* dstate_out, void* dstate_in,
+                              void* dref) {
+  g_state = StatePtrs{state_in, ref_in, dstate_out, state_out, ref_out, dstate_in, dref};
 }
 
 extern "C" int emu_fwd(int dt, const int64_t* sz, const void* q, const int64_t* qs, const void* k,
@@ -116,8 +137,11 @@ extern "C" int emu_decode(int dt, const int64_t* sz, const void* q, const int64_
                           void* sums, const void* ref, void* y, char* msg, int msglen) {
   AttnParams p;
   fill(p, sz, q, qs, k, ks, v, vs, shift, scale, eps, 1, center, normalize);
+  // Nothing of emu_set_seqs / emu_set_state: the decode step takes only its own state.
   p.cu_seqlens = nullptr;
   p.num_seqs = p.batch;
+  p.state_in = p.dstate_out = nullptr;
+  p.state_out = p.ref_out = p.dstate_in = p.dref = nullptr;
   p.ref_in = ref;
   p.y = y;
   Status st;
