@@ -15,6 +15,7 @@
 #   suite.log      everything printed here            build.log      the compiler output
 #   tests.log      pytest output (CUDA, then CPU)      sanitizer.log  compute-sanitizer output
 #   gpu_<GPU>_torch<V>_cuda<V>_<date>.json / .md / .png   the benchmark (bench/bench_gpu.py)
+#   decode_bw.json the decode step's bandwidth (bench/bench_decode.py; its table is in suite.log)
 #
 # Time: the whole suite keeps to GPU_SUITE_BUDGET seconds (default 540, inside the tool's
 # 600 s), and every stage before the benchmark leaves GPU_SUITE_BENCH_RESERVE seconds
@@ -324,7 +325,7 @@ main() {
   fi
 
   if (( ! BUILD_OK )); then
-    for s in selfcheck tests-cuda memcheck bench tests-cpu; do skip "$s" "no usable build"; done
+    for s in selfcheck tests-cuda memcheck decode-bw bench tests-cpu; do skip "$s" "no usable build"; done
     summary
     return
   fi
@@ -349,6 +350,14 @@ main() {
   else
     skip memcheck "compute-sanitizer not found"
   fi
+
+  # The decode step's bandwidth against the device's copy bandwidth (and a softmax KV-cache
+  # step); its table goes to this log, its JSON to $OUT.
+  local dec_extra=""
+  (( DRY )) && dec_extra="--quick"
+  # shellcheck disable=SC2086
+  stage decode-bw 60 "$BENCH_RESERVE" - "$PY" bench/bench_decode.py --json "$OUT/decode_bw.json" \
+    $dec_extra
 
   # The benchmark: its sweep budget is what is left minus ~60 s for its start, the gate and
   # the outputs; bench_gpu.py skips (records null) the points past it, least important last.
