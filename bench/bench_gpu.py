@@ -706,6 +706,9 @@ def main(argv=None) -> int:
             "git_commit": run_quiet(["git", "rev-parse", "HEAD"]),
             "git_dirty": bool(run_quiet(["git", "status", "--porcelain", "--untracked-files=no"])),
             "settings": {k: v for k, v in vars(args).items() if k != "fake_oom_above"},
+            # the half-precision state products: 3 = 3xTF32 tensor cores (default), 1 = TF32,
+            # 0 = CUDA cores (csrc/cuda/README.md, "Tensor cores")
+            "csq_cuda_tensor_cores": os.environ.get("CSQ_CUDA_TENSOR_CORES") or "3",
             "flop_conventions": {
                 "sdpa": "FlashAttention: fwd 2 B H N^2 (Dk + Dv) (= 4 B H N^2 D), / 2 causal; "
                         "fwd+bwd 3.5 x fwd",

@@ -24,6 +24,10 @@ struct AttnParams {
   double eps = 1e-6;
   bool causal = true, center = true, normalize = true;
   int64_t chunk = 64;  // positions per chunk
+  // CUDA, bfloat16 / float16 only: the state products on tensor cores (TF32 mma.sync) with 3
+  // products per step (3xTF32, float32 accuracy) or 1 (plain TF32), or 0: on the CUDA cores
+  // like float32. A switch for comparisons: CSQ_CUDA_TENSOR_CORES=0, 1 or 3 (the default).
+  int tensor_core_passes = 3;
 
   // Packed variable-length batches: when cu_seqlens is set, batch == 1 and sequence s holds
   // positions [cu_seqlens[s], cu_seqlens[s + 1]). Otherwise sequence s is batch entry s.

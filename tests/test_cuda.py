@@ -496,3 +496,28 @@ def test_cuda_bad_states_are_rejected(gen):
         csq_ext.attention(q, k, v, causal=False, initial_state=st)
     with pytest.raises(ValueError, match="return_state needs causal"):
         csq_ext.attention(q, k, v, causal=False, return_state=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Tensor cores (bfloat16 / float16 state products, csrc/cuda/csq_mma.cuh)
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+def test_cuda_tensor_core_passes(gen, monkeypatch, dtype):
+    """CSQ_CUDA_TENSOR_CORES = 3 (3xTF32, the default), 1 (TF32) and 0 (CUDA cores): every
+    choice meets the half-precision bar against the float64 reference at Dk = Dv = 64, and
+    3xTF32 stays as close to the reference as the CUDA cores."""
+    shape = (1, 4, 2, 2048, 64, 64)
+    q, k, v = make_qkv(gen, shape, dtype, device=DEV)
+    shift = rand_shift(gen, 4, torch.float32, device=DEV)
+    dy = randn(gen, 1, 4, 2048, 64, dtype=dtype, device=DEV)
+    y_ref, g_ref = reference_grads(q, k, v, shift, dy)
+    errs = {}
+    for passes in ("0", "1", "3"):
+        monkeypatch.setenv("CSQ_CUDA_TENSOR_CORES", passes)
+        y, grads = csq_grads(q, k, v, shift, dy)
+        errs[passes] = max([rel_err(y, y_ref)] + [rel_err(grads[n], g_ref[n]) for n in g_ref])
+        assert errs[passes] <= TOL[dtype], (passes, errs)
+    assert errs["3"] <= 2 * errs["0"] + 1e-4, errs
+    monkeypatch.setenv("CSQ_CUDA_TENSOR_CORES", "2")
+    with pytest.raises(RuntimeError, match="CSQ_CUDA_TENSOR_CORES"):
+        csq_ext.attention(q, k, v)

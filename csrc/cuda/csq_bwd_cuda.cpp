@@ -38,6 +38,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor ref_c = ref.contiguous();
   const at::Tensor cu = set_sequence_params(p, q, cu_seqlens, state_in, ref_c);
   cuda_host::check_packed(p);
+  p.tensor_core_passes = cuda_host::tensor_core_passes();
   const bool carried = p.state_in != nullptr;
   at::Tensor dstate_c;
   if (dstate_out.has_value() && dstate_out->defined() && dstate_out->numel() > 0) {

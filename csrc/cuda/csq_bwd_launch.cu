@@ -35,7 +35,6 @@ Status launch_bwd(const AttnParams& p, void* workspace, size_t workspace_bytes,
   using Tr = GenericTraits<DT>;
   using T = typename Tr::T;
   using Acc = typename Tr::Acc;
-  constexpr int FT = Tr::kFeatTile;
 
   Status st = check_shapes(p);
   if (!st.ok()) return st;
@@ -66,22 +65,14 @@ Status launch_bwd(const AttnParams& p, void* workspace, size_t workspace_bytes,
     return Status{cudaErrorInvalidValue, "launch_bwd", "workspace too small"};
 
   const unsigned bhk = unsigned(B * Hk), bhq = unsigned(B * Hq), nch = unsigned(w.nchunks);
-  const unsigned shk = unsigned(num_sequences(p) * Hk);  // (sequence, kv head) tasks
-  const unsigned tiles = unsigned(num_feature_tiles(D, FT));
 
   st = launch_key_prefix<T, Acc>(p, w, stream);
   if (!st.ok()) return st;
   bwd_prep_kernel<T, Acc><<<dim3(bhq, nch), kThreads, 0, stream>>>(p, w);
   CSQ_CHECK_LAUNCH("bwd_prep_kernel");
 
-  {
-    auto kernel = state_scan_kernel<T, Acc, FT, kStateBwdQ>;
-    const size_t smem = state_smem_bytes<Acc>(D, Dv, FT, kStateBwdQ);
-    st = prepare_smem(kernel, smem, "state_scan_kernel<bwd_q>");
-    if (!st.ok()) return st;
-    kernel<<<dim3(shk, tiles), kThreads, smem, stream>>>(p, w);
-    CSQ_CHECK_LAUNCH("state_scan_kernel<bwd_q>");
-  }
+  st = launch_state_scan<DT, kStateBwdQ>(p, w, stream, "state_scan_kernel<bwd_q>");
+  if (!st.ok()) return st;
   if (p.causal) {
     auto kernel = bwd_intra_kernel<T, Acc>;
     const size_t smem = intra_smem_bytes<Acc>();
@@ -97,14 +88,8 @@ Status launch_bwd(const AttnParams& p, void* workspace, size_t workspace_bytes,
   dshift_kernel<Acc><<<bhq, kThreads, 0, stream>>>(p);
   CSQ_CHECK_LAUNCH("dshift_kernel");
 
-  {
-    auto kernel = state_scan_kernel<T, Acc, FT, kStateBwdK>;
-    const size_t smem = state_smem_bytes<Acc>(D, Dv, FT, kStateBwdK);
-    st = prepare_smem(kernel, smem, "state_scan_kernel<bwd_k>");
-    if (!st.ok()) return st;
-    kernel<<<dim3(shk, tiles), kThreads, smem, stream>>>(p, w);
-    CSQ_CHECK_LAUNCH("state_scan_kernel<bwd_k>");
-  }
+  st = launch_state_scan<DT, kStateBwdK>(p, w, stream, "state_scan_kernel<bwd_k>");
+  if (!st.ok()) return st;
   if (p.center) {
     // The key sums are no longer needed: csum and prefix now hold the centering terms.
     cq_chunk_sum_kernel<T, Acc><<<dim3(bhk, nch), kColThreads, 0, stream>>>(p, w);

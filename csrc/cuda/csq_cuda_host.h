@@ -5,6 +5,9 @@
 
 #include <ATen/ATen.h>
 
+#include <cstdlib>
+#include <string>
+
 #include "../csq_host.h"
 #include "csq_launch.h"
 
@@ -65,6 +68,19 @@ inline void check_packed(const AttnParams& p) {
   const int64_t slots = (p.seqlen + ::csq::cuda::kChunk - 1) / ::csq::cuda::kChunk + p.num_seqs;
   TORCH_CHECK(slots <= 65535, "csq_ext (CUDA): with cu_seqlens, supports ceil(T / 64) + S <= "
               "65535, got T = ", p.seqlen, ", S = ", p.num_seqs);
+}
+
+// How the bfloat16 / float16 state products run (AttnParams::tensor_core_passes): 3 (3xTF32
+// tensor cores, the default), 1 (plain TF32) or 0 (CUDA cores), from CSQ_CUDA_TENSOR_CORES,
+// read at each call: a switch for comparing the paths. Anything else is refused.
+inline int tensor_core_passes() {
+  const char* v = std::getenv("CSQ_CUDA_TENSOR_CORES");
+  if (v == nullptr || *v == '\0') return 3;
+  const std::string s(v);
+  TORCH_CHECK(s == "0" || s == "1" || s == "3",
+              "csq_ext (CUDA): CSQ_CUDA_TENSOR_CORES must be 0 (CUDA cores), 1 (TF32) or 3 "
+              "(3xTF32, the default); got '", s, "'");
+  return std::stoi(s);
 }
 
 inline void check_status(const ::csq::cuda::Status& st, const char* direction) {

@@ -34,6 +34,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> csq_fwd_c
   // carried state (causal only): checks its sums and ref (shape, dtype, device).
   const at::Tensor cu = set_sequence_params(p, q, cu_seqlens, state_in, ref_in);
   cuda_host::check_packed(p);
+  p.tensor_core_passes = cuda_host::tensor_core_passes();
 
   // y in the accumulation dtype: the public function rounds it, the backward reads it exact.
   const auto opts = q.options().dtype(acc);

@@ -63,7 +63,6 @@ Status launch_fwd(const AttnParams& p, void* workspace, size_t workspace_bytes,
   using Tr = GenericTraits<DT>;
   using T = typename Tr::T;
   using Acc = typename Tr::Acc;
-  constexpr int FT = Tr::kFeatTile;
 
   Status st = check_shapes(p);
   if (!st.ok()) return st;
@@ -79,9 +78,8 @@ Status launch_fwd(const AttnParams& p, void* workspace, size_t workspace_bytes,
     return Status{cudaErrorInvalidValue, "launch_fwd", "workspace too small"};
 
   const unsigned bhk = unsigned(p.batch * p.heads_k), bhq = unsigned(p.batch * p.heads_q);
-  const unsigned shk = unsigned(num_sequences(p) * p.heads_k);
   const unsigned nch = unsigned(w.nchunks);
-  const int D = int(p.dim_k), Dv = int(p.dim_v);
+  const int Dv = int(p.dim_v);
 
   CSQ_RETURN_IF_ERROR(
       cudaMemsetAsync(w.rows, 0, sizeof(Acc) * size_t(bhq) * size_t(p.seqlen) * size_t(Dv + 1),
@@ -92,14 +90,8 @@ Status launch_fwd(const AttnParams& p, void* workspace, size_t workspace_bytes,
   rowshift_kernel<T, Acc, kRowShiftB><<<dim3(bhk, nch), kThreads, 0, stream>>>(p, w);
   CSQ_CHECK_LAUNCH("rowshift_kernel<shift_b>");
 
-  {
-    auto kernel = state_scan_kernel<T, Acc, FT, kStateFwd>;
-    const size_t smem = state_smem_bytes<Acc>(D, Dv, FT, kStateFwd);
-    st = prepare_smem(kernel, smem, "state_scan_kernel<fwd>");
-    if (!st.ok()) return st;
-    kernel<<<dim3(shk, unsigned(num_feature_tiles(D, FT))), kThreads, smem, stream>>>(p, w);
-    CSQ_CHECK_LAUNCH("state_scan_kernel<fwd>");
-  }
+  st = launch_state_scan<DT, kStateFwd>(p, w, stream, "state_scan_kernel<fwd>");
+  if (!st.ok()) return st;
   {
     auto kernel = fwd_finalize_kernel<T, Acc>;
     const size_t smem = finalize_smem_bytes<Acc>();

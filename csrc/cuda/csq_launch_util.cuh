@@ -3,6 +3,7 @@
 #pragma once
 
 #include "csq_common.cuh"
+#include "csq_state.cuh"
 
 namespace csq {
 namespace cuda {
@@ -76,6 +77,32 @@ inline Status copy_or_zero(void* dst, const void* src, size_t bytes, cudaStream_
 inline int num_feature_tiles(int64_t dim_k, int ft) {
   const int64_t de = dim_k + 1;
   return static_cast<int>(ceil_div(de * (de + 1) / 2, ft));
+}
+
+// Launches state_scan_kernel<MODE> on grid (S Hk, feature tiles): on tensor cores for
+// bfloat16 / float16 inputs unless p.tensor_core_passes is 0, else on the CUDA cores.
+template <DType DT, int MODE>
+Status launch_state_scan(const AttnParams& p, const Work& w, cudaStream_t stream,
+                         const char* name) {
+  using Tr = GenericTraits<DT>;
+  using T = typename Tr::T;
+  using Acc = typename Tr::Acc;
+  constexpr int FT = Tr::kFeatTile;
+  constexpr bool kHalf = DT == DType::kFloat16 || DT == DType::kBFloat16;
+  const int D = int(p.dim_k), Dv = int(p.dim_v);
+  const size_t smem = state_smem_bytes<Acc>(D, Dv, FT, MODE);
+  const dim3 grid(unsigned(num_sequences(p) * p.heads_k), unsigned(num_feature_tiles(D, FT)));
+  auto go = [&](auto kernel) {
+    Status st = prepare_smem(kernel, smem, name);
+    if (!st.ok()) return st;
+    kernel<<<grid, kThreads, smem, stream>>>(p, w);
+    CSQ_CHECK_LAUNCH(name);
+    return Status{};
+  };
+  if constexpr (kHalf) {
+    if (p.tensor_core_passes > 0) return go(state_scan_kernel<T, Acc, FT, MODE, true>);
+  }
+  return go(state_scan_kernel<T, Acc, FT, MODE, false>);
 }
 
 }  // namespace cuda

@@ -19,6 +19,7 @@
 #pragma once
 
 #include "csq_common.cuh"
+#include "csq_mma.cuh"
 
 namespace csq {
 namespace cuda {
@@ -61,9 +62,31 @@ inline size_t state_smem_bytes(int D, int Dv, int FT, int mode) {
 template <typename Acc>
 constexpr int state_min_blocks() { return sizeof(Acc) == 8 ? 2 : 3; }
 
-template <typename T, typename Acc, int FT, int MODE>
+// TC: the three products run on tensor cores (block_mma_tf32, float accumulation only) instead
+// of the CUDA cores (block_gemm); everything else is the same. split: 3xTF32 (csq_mma.cuh).
+template <int TM, int TN, bool TC, typename Acc, typename FA, typename FB, typename FE>
+__device__ __forceinline__ void state_gemm(int M, int N, int K, const FA& a, const FB& b,
+                                           const FE& emit, bool split) {
+  if constexpr (TC)
+    block_mma_tf32(M, N, K, a, b, emit, split);
+  else
+    block_gemm<TM, TN, Acc>(M, N, K, a, b, emit);
+}
+
+// The same for N = Dv + 1 columns (block_gemm_aug on the CUDA cores).
+template <int TM, int TN, bool TC, typename Acc, typename FA, typename FB, typename FE>
+__device__ __forceinline__ void state_gemm_aug(int M, int dv, int K, const FA& a, const FB& b,
+                                               const FE& emit, bool split) {
+  if constexpr (TC)
+    block_mma_tf32(M, dv + 1, K, a, b, emit, split);
+  else
+    block_gemm_aug<TM, TN, Acc>(M, dv, K, a, b, emit);
+}
+
+template <typename T, typename Acc, int FT, int MODE, bool TC = false>
 __global__ void __launch_bounds__(kThreads, state_min_blocks<Acc>())
     state_scan_kernel(const AttnParams p, Work w) {
+  static_assert(!TC || std::is_same<Acc, float>::value, "tensor cores: float accumulation");
   static_assert((kSub * FT) % kThreads == 0 && FT % 32 == 0,
                 "one warp must cover 32 features of one row in accumulate_dx");
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -217,17 +240,17 @@ __global__ void __launch_bounds__(kThreads, state_min_blocks<Acc>())
   // ---- the three block products on the staged rows.
   // S += Feat^T Vec over the nrows staged rows.
   auto update_state = [&](int nrows) {
-    block_gemm_aug<4, 4, Acc>(
+    state_gemm_aug<4, 4, TC, Acc>(
         nf, Dv, nrows, [&](int m, int k) { return Feat[k * FS + m]; },
         [&](int k, int n) { return Vec[k * VS + n]; },
-        [&](int m, int n, Acc val) { S[m * SS + n] += val; });
+        [&](int m, int n, Acc val) { S[m * SS + n] += val; }, p.tensor_core_passes > 1);
   };
   // Feat[r][f] = u = sum_n Vec[r][n] S[f][n]: the gradient of the features (overwrites Feat).
   auto features_grad = [&](int nrows) {
-    block_gemm<2, 4, Acc>(
+    state_gemm<2, 4, TC, Acc>(
         nrows, FT, V1, [&](int m, int k) { return Vec[m * VS + k]; },
         [&](int k, int n) { return S[n * SS + k]; },
-        [&](int m, int n, Acc val) { Feat[m * FS + n] = val; });
+        [&](int m, int n, Acc val) { Feat[m * FS + n] = val; }, p.tensor_core_passes > 1);
   };
 
   // ---- one chunk: update the state with it.
@@ -274,10 +297,11 @@ __global__ void __launch_bounds__(kThreads, state_min_blocks<Acc>())
           build_feat(true);
           __syncthreads();
           Acc* num = static_cast<Acc*>(w.rows) + ((bi * Hq + h) * N + row0) * V1;
-          block_gemm_aug<2, 4, Acc>(
+          state_gemm_aug<2, 4, TC, Acc>(
               nrows, Dv, nf, [&](int m, int k) { return Feat[m * FS + k]; },
               [&](int k, int n) { return S[k * SS + n]; },
-              [&](int m, int n, Acc val) { atomicAdd(num + int64_t(m) * V1 + n, val); });
+              [&](int m, int n, Acc val) { atomicAdd(num + int64_t(m) * V1 + n, val); },
+              p.tensor_core_passes > 1);
         }
       } else if (MODE == kStateBwdQ) {
         for (int64_t hh = 0; hh < G; ++hh) {
@@ -313,10 +337,11 @@ __global__ void __launch_bounds__(kThreads, state_min_blocks<Acc>())
         build_feat(false);
         __syncthreads();
         Acc* dv = static_cast<Acc*>(p.dv) + (bg * N + row0) * Dv;
-        block_gemm<2, 4, Acc>(
+        state_gemm<2, 4, TC, Acc>(
             nrows, Dv, nf, [&](int m, int k) { return Feat[m * FS + k]; },
             [&](int k, int n) { return S[k * SS + n]; },
-            [&](int m, int n, Acc val) { atomicAdd(dv + int64_t(m) * Dv + n, val); });
+            [&](int m, int n, Acc val) { atomicAdd(dv + int64_t(m) * Dv + n, val); },
+            p.tensor_core_passes > 1);
         __syncthreads();
         features_grad(nrows);
         __syncthreads();

@@ -36,6 +36,7 @@ def main():
     units.append(os.path.join(HERE, "emu_harness.cc"))
     lib = os.path.join(OUT, "libcsqemu.so")
     cmd = ["g++", "-std=c++17", "-O1", "-g", "-fPIC", "-shared", "-Wall", "-Wno-unused", "-Wno-unknown-pragmas",
+           "-DCSQ_CUDA_EMULATOR",
            "-I", os.path.join(HERE, "include"), "-I", os.path.join(src, "cuda"),
            "-x", "c++"] + units + ["-o", lib]
     print(" ".join(cmd))

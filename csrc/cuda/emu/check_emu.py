@@ -107,6 +107,32 @@ def strided(shape, dtype, g, kind, offset=0.0):
     return t.to(dtype).contiguous()
 
 
+LAST_ERRS = {}  # the errors of the last check_case
+
+
+def check_tensor_cores():
+    """The half-precision state products on tensor cores (csq_mma.cuh): with the 3xTF32 split
+    (the default) as accurate as on the CUDA cores, plain TF32 less so (which also shows that
+    the tensor-core path is the one that ran), all within the half-precision bar."""
+    ok = True
+    C = "contiguous"
+    for causal in (True, False):
+        errs = {}
+        for passes in (0, 1, 3):
+            lib.emu_set_tensor_cores(passes)
+            try:
+                ok &= check_case(torch.float16, 1, 2, 1, 97, 16, 8, causal, True, True,
+                                 (C, C, C), seed=77)
+            finally:
+                lib.emu_set_tensor_cores(3)
+            errs[passes] = max(LAST_ERRS.values())
+        good = errs[3] <= 2 * errs[0] + 1e-6 and errs[1] > 2 * errs[3]
+        print(("ok   " if good else "FAIL ") + f"tensor cores causal={int(causal)}: max error "
+              f"CUDA cores {errs[0]:.2e}, TF32 {errs[1]:.2e}, 3xTF32 {errs[3]:.2e}", flush=True)
+        ok &= good
+    return ok
+
+
 def check_case(dtype, B, Hq, Hk, N, Dk, Dv, causal, center, normalize, kinds, seed,
                key_offset=0.0, grads=True):
     g = torch.Generator().manual_seed(seed)
@@ -150,6 +176,8 @@ def check_case(dtype, B, Hq, Hk, N, Dk, Dv, causal, center, normalize, kinds, se
                                      normalize, eps)
         errs.update(dq=rel(dq, q64.grad), dk=rel(dk, k64.grad), dv=rel(dv, v64.grad),
                     dshift=rel(dshift, s64.grad))
+    LAST_ERRS.clear()
+    LAST_ERRS.update(errs)
     bad = {k_: e for k_, e in errs.items() if not (e <= tol)}
     name = (f"{str(dtype)[6:]:8s} B{B} Hq{Hq} Hk{Hk} N{N:<4d} Dk{Dk:<3d} Dv{Dv:<3d} "
             f"causal={int(causal)} center={int(center)} norm={int(normalize)} "
@@ -490,6 +518,10 @@ def main():
         varlen_cases = []
     if "varlen" in sys.argv:
         decode_cases = []
+    if "tc" in sys.argv:  # only the tensor-core comparison
+        ok = check_tensor_cores()
+        print("ALL OK" if ok else "SOME FAILED")
+        sys.exit(0 if ok else 1)
     state_cases = [] if "decode" in sys.argv or "varlen" in sys.argv else STATE_CASES
     if QUICK:
         state_cases = state_cases[:2]
@@ -518,6 +550,7 @@ def main():
     for i, c in enumerate(cases):
         ok &= check_case(*c, seed=i)
     ok &= check_nonfinite()
+    ok &= check_tensor_cores()
     # Keys sharing a large offset: float32 must stay accurate through the reference key.
     ok &= check_case(torch.float32, 1, 2, 1, 150, 8, 4, True, True, True, (C, C, C), seed=99,
                      key_offset=30.0)

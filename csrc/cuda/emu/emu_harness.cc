@@ -21,6 +21,10 @@ struct StatePtrs {
   void *state_out = nullptr, *ref_out = nullptr, *dstate_in = nullptr, *dref = nullptr;
 } g_state;
 
+// The tensor-core passes for bfloat16 / float16 (AttnParams::tensor_core_passes: 0, 1, 3),
+// emu_set_tensor_cores.
+int g_tensor_core_passes = 3;
+
 void fill(AttnParams& p, const int64_t* sz, const void* q, const int64_t* qs, const void* k,
           const int64_t* ks, const void* v, const int64_t* vs, const void* shift, double scale,
           double eps, int causal, int center, int normalize) {
@@ -55,6 +59,7 @@ void fill(AttnParams& p, const int64_t* sz, const void* q, const int64_t* qs, co
   p.dstate_out = g_state.dstate_out;
   p.dstate_in = g_state.dstate_in;
   p.dref = g_state.dref;
+  p.tensor_core_passes = g_tensor_core_passes;
 }
 
 int report(const Status& st, char* msg, int msglen) {
@@ -70,6 +75,9 @@ extern "C" void emu_set_seqs(const int64_t* cu, int64_t num_seqs) {
   g_cu_seqlens = cu;
   g_num_seqs = num_seqs;
 }
+
+// How the following calls run the half-precision state products (0, 1 or 3 tensor-core passes).
+extern "C" void emu_set_tensor_cores(int passes) { g_tensor_core_passes = passes; }
 
 // The carried-state tensors of the following calls (any may be null).
 extern "C" void emu_set_state(const void* state_in, const void* ref_in, void* state_out,

@@ -1,0 +1,133 @@
+// Tensor-core products for the state scans: mma.sync m16n8k8 with TF32 operands and float32
+// accumulation (sm_80 and newer), on the same float32 shared-memory tiles as block_gemm.
+// Used for bfloat16 / float16 inputs; by default with the 3xTF32 split (block_mma_tf32), which
+// keeps float32 accuracy. Torch-free.
+//
+// Fragment ownership of m16n8k8 (PTX ISA, "Matrix Fragments for mma.m16n8k8", .tf32), with
+// g = lane / 4 and t = lane % 4:
+//   A (16 x 8, row-major):  a0 (g, t)   a1 (g + 8, t)   a2 (g, t + 4)   a3 (g + 8, t + 4)
+//   B (8 x 8, column):      b0 (t, g)   b1 (t + 4, g)
+//   C, D (16 x 8):          c0 (g, 2t)  c1 (g, 2t + 1)  c2 (g + 8, 2t)  c3 (g + 8, 2t + 1)
+//
+// The CPU emulator (emu/, CSQ_CUDA_EMULATOR) runs the same fragment code and replaces only the
+// instruction: it gathers the warp's fragments with shuffles and multiplies them in float32.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#include "csq_common.cuh"
+
+namespace csq {
+namespace cuda {
+
+constexpr int kMmaM = 16, kMmaN = 8, kMmaK = 8;
+
+// x rounded to TF32 (round to nearest, ties away from zero), as the bits of a float.
+__device__ __forceinline__ uint32_t to_tf32(float x) {
+#ifdef CSQ_CUDA_EMULATOR
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  if ((u & 0x7f800000u) != 0x7f800000u) u = (u + 0x1000u) & 0xffffe000u;  // finite only
+  return u;
+#else
+  uint32_t u;
+  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(u) : "f"(x));
+  return u;
+#endif
+}
+
+__device__ __forceinline__ float tf32_value(uint32_t u) {
+#ifdef CSQ_CUDA_EMULATOR
+  float x;
+  std::memcpy(&x, &u, 4);
+  return x;
+#else
+  return __uint_as_float(u);
+#endif
+}
+
+// d += A B for one 16 x 8 x 8 tile; every lane of the warp calls it (warp-synchronous).
+__device__ __forceinline__ void mma_tf32(float (&d)[4], const uint32_t (&a)[4],
+                                         const uint32_t (&b)[2]) {
+#ifdef CSQ_CUDA_EMULATOR
+  float A[kMmaM][kMmaK], B[kMmaK][kMmaN];
+  for (int l = 0; l < 32; ++l) {
+    for (int r = 0; r < 4; ++r) {
+      uint32_t u = __shfl_sync(0xffffffffu, a[r], l);
+      std::memcpy(&A[l / 4 + 8 * (r % 2)][l % 4 + 4 * (r / 2)], &u, 4);
+    }
+    for (int r = 0; r < 2; ++r) {
+      uint32_t u = __shfl_sync(0xffffffffu, b[r], l);
+      std::memcpy(&B[l % 4 + 4 * r][l / 4], &u, 4);
+    }
+  }
+  const int lane = static_cast<int>(threadIdx.x) & 31;
+  for (int r = 0; r < 4; ++r) {
+    const int row = lane / 4 + 8 * (r / 2), col = 2 * (lane % 4) + r % 2;
+    float s = 0.f;
+    for (int k = 0; k < kMmaK; ++k) s += A[row][k] * B[k][col];
+    d[r] += s;
+  }
+#else
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+      "{%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
+}
+
+// The tensor-core counterpart of block_gemm (csq_common.cuh): for every (m, n) in
+// [0, M) x [0, N), emit(m, n, sum_{k < K} a(m, k) b(k, n)). Warps take 16 x 8 output tiles in
+// turn; a and b are read only inside [0, M) x [0, K) and [0, K) x [0, N) (zero outside), and
+// emit is called once per element by the lane that owns it. Calls no __syncthreads itself.
+//
+// split (3xTF32): each operand is split into its TF32 part and the TF32 rounding of the rest,
+// x = hi + lo, and the product is hi hi + hi lo + lo hi (three mma), which is about as
+// accurate as float32 arithmetic. Without it (one mma) every operand is rounded to TF32, a
+// relative error of about 2^-11 per product: the features of CSQ cancel (the squared
+// similarity is a small difference of large pair terms), so that is the faster, riskier
+// option, selected with AttnParams::tensor_core_passes = 1.
+template <typename FA, typename FB, typename FE>
+__device__ __forceinline__ void block_mma_tf32(int M, int N, int K, const FA& a, const FB& b,
+                                               const FE& emit, bool split) {
+  const int lane = static_cast<int>(threadIdx.x) & 31, warp = static_cast<int>(threadIdx.x) >> 5;
+  const int nwarps = static_cast<int>(blockDim.x) >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int MT = (M + kMmaM - 1) / kMmaM, NT = (N + kMmaN - 1) / kMmaN;
+  for (int tile = warp; tile < MT * NT; tile += nwarps) {  // uniform over the warp
+    const int m0 = (tile / NT) * kMmaM, n0 = (tile % NT) * kMmaN;
+    float d[4] = {0.f, 0.f, 0.f, 0.f};
+    auto ld_a = [&](int m, int k) { return m < M && k < K ? a(m, k) : 0.f; };
+    auto ld_b = [&](int k, int n) { return k < K && n < N ? b(k, n) : 0.f; };
+    for (int k0 = 0; k0 < K; k0 += kMmaK) {
+      const float av[4] = {ld_a(m0 + g, k0 + t), ld_a(m0 + g + 8, k0 + t),
+                           ld_a(m0 + g, k0 + t + 4), ld_a(m0 + g + 8, k0 + t + 4)};
+      const float bv[2] = {ld_b(k0 + t, n0 + g), ld_b(k0 + t + 4, n0 + g)};
+      uint32_t ah[4], bh[2];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) ah[i] = to_tf32(av[i]);
+#pragma unroll
+      for (int i = 0; i < 2; ++i) bh[i] = to_tf32(bv[i]);
+      if (split) {  // the small terms first
+        uint32_t al[4], bl[2];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) al[i] = to_tf32(av[i] - tf32_value(ah[i]));
+#pragma unroll
+        for (int i = 0; i < 2; ++i) bl[i] = to_tf32(bv[i] - tf32_value(bh[i]));
+        mma_tf32(d, al, bh);
+        mma_tf32(d, ah, bl);
+      }
+      mma_tf32(d, ah, bh);
+    }
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int m = m0 + g + 8 * (r / 2), n = n0 + 2 * t + r % 2;
+      if (m < M && n < N) emit(m, n, d[r]);
+    }
+  }
+}
+
+}  // namespace cuda
+}  // namespace csq
