@@ -127,6 +127,18 @@ std::vector<int64_t> state_shape(const AttnParams& p) {
   return {p.num_seqs, p.heads_k, num_features(p.dim_k), p.dim_v + 1};
 }
 
+at::Tensor set_dstate_out(AttnParams& p, const c10::optional<at::Tensor>& dstate_out,
+                          at::ScalarType acc) {
+  if (!dstate_out.has_value() || !dstate_out->defined() || dstate_out->numel() == 0)
+    return at::Tensor();
+  TORCH_CHECK(dstate_out->sizes() == at::IntArrayRef(state_shape(p)),
+              "csq_bwd: dstate_out must have the state's shape ", at::IntArrayRef(state_shape(p)),
+              ", got ", dstate_out->sizes());
+  at::Tensor c = dstate_out->to(acc).contiguous();
+  p.dstate_out = c.data_ptr();
+  return c;
+}
+
 BackwardTensors set_backward_params(AttnParams& p, const at::Tensor& q, const at::Tensor& k,
                                     const at::Tensor& v, const at::Tensor& dy,
                                     const at::Tensor& y, const at::Tensor& b,

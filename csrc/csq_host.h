@@ -59,4 +59,10 @@ AttnParams make_decode_params(const at::Tensor& sums, const at::Tensor& ref, con
 // Shape of the carried sums: (S, Hk, F, Dv + 1).
 std::vector<int64_t> state_shape(const AttnParams& p);
 
+// The gradient of the returned state, if given (and not empty): checks its shape, points
+// p.dstate_out at a contiguous copy in the accumulation dtype and returns that copy (keep it
+// alive while the kernels run); an undefined tensor otherwise.
+at::Tensor set_dstate_out(AttnParams& p, const c10::optional<at::Tensor>& dstate_out,
+                          at::ScalarType acc);
+
 }  // namespace csq

@@ -301,13 +301,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   AttnParams p = make_params(q, k, v, shift_acc, causal, scale, center, normalize, eps, chunk_size);
   at::Tensor cu = set_sequence_params(p, q, cu_seqlens, state_in, ref_c);
   const bool carried = p.state_in != nullptr;
-  at::Tensor dstate_c;
-  if (dstate_out.has_value() && dstate_out->defined() && dstate_out->numel() > 0) {
-    TORCH_CHECK(dstate_out->sizes() == at::IntArrayRef(state_shape(p)),
-                "csq_bwd: dstate_out must have the state's shape");
-    dstate_c = dstate_out->to(acc).contiguous();
-    p.dstate_out = dstate_c.data_ptr();
-  }
+  const at::Tensor dstate_c = set_dstate_out(p, dstate_out, acc);
 
   const BackwardTensors t = set_backward_params(p, q, k, v, dy, y, bq, den);
   auto acc_opts = q.options().dtype(acc);

@@ -40,14 +40,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   cuda_host::check_packed(p);
   p.tensor_core_passes = cuda_host::tensor_core_passes();
   const bool carried = p.state_in != nullptr;
-  at::Tensor dstate_c;
-  if (dstate_out.has_value() && dstate_out->defined() && dstate_out->numel() > 0) {
-    TORCH_CHECK(dstate_out->sizes() == at::IntArrayRef(state_shape(p)),
-                "csq_bwd: dstate_out must have the state's shape ",
-                at::IntArrayRef(state_shape(p)), ", got ", dstate_out->sizes());
-    dstate_c = dstate_out->to(opts).contiguous();
-    p.dstate_out = dstate_c.data_ptr();
-  }
+  const at::Tensor dstate_c = set_dstate_out(p, dstate_out, acc);
   const BackwardTensors t = set_backward_params(p, q, k, v, dy, y, bq, den);
 
   // Without a carried state, ref only re-centres the keys, which centered CSQ does not see (and

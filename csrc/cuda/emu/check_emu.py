@@ -6,7 +6,6 @@ several feature tiles and slabs. Emulator only: it says nothing about speed.
     python build_emu.py /tmp/csqemu && python check_emu.py /tmp/csqemu/libcsqemu.so [quick]
 """
 import ctypes
-import math
 import os
 import runpy
 import sys
@@ -76,6 +75,14 @@ def rel(a, b):
     a, b = a.double(), b.double()
     # Relative, with a floor of 1: some gradients vanish (N = 1 with centering) or nearly.
     return (a - b).norm().item() / max(b.norm().item(), 1.0)
+
+
+def report(name, errs, tol):
+    """Prints one case's line (ok / FAIL, its worst error, the errors over tol); True if ok."""
+    bad = {k_: e for k_, e in errs.items() if not (e <= tol)}
+    print(("FAIL " if bad else "ok   ") + name + f"  max err {max(errs.values()):.2e}" +
+          (f"  {bad}" if bad else ""), flush=True)
+    return not bad
 
 
 def strided(shape, dtype, g, kind, offset=0.0):
@@ -178,14 +185,10 @@ def check_case(dtype, B, Hq, Hk, N, Dk, Dv, causal, center, normalize, kinds, se
                     dshift=rel(dshift, s64.grad))
     LAST_ERRS.clear()
     LAST_ERRS.update(errs)
-    bad = {k_: e for k_, e in errs.items() if not (e <= tol)}
     name = (f"{str(dtype)[6:]:8s} B{B} Hq{Hq} Hk{Hk} N{N:<4d} Dk{Dk:<3d} Dv{Dv:<3d} "
             f"causal={int(causal)} center={int(center)} norm={int(normalize)} "
             f"{'/'.join(kk[:5] for kk in kinds)} off={key_offset}")
-    worst = max(errs.values())
-    print(("FAIL " if bad else "ok   ") + name + f"  max err {worst:.2e}" +
-          (f"  {bad}" if bad else ""), flush=True)
-    return not bad
+    return report(name, errs, tol)
 
 
 def emu_decode(q, k, v, shift, sums, ref, scale, center, normalize, eps):
@@ -233,13 +236,10 @@ def check_decode(dtype, B, Hq, Hk, Dk, Dv, center, normalize, prefill, steps, ki
         errs[f"y{t}"] = rel(y, y_cpu)
     errs["sums"] = rel(sums_emu, sums_cpu)
     tol = TOL[dtype] * (10 if key_offset else 1)
-    bad = {k_: e for k_, e in errs.items() if not (e <= tol)}
     name = (f"decode {str(dtype)[6:]:8s} B{B} Hq{Hq} Hk{Hk} Dk{Dk:<3d} Dv{Dv:<3d} "
             f"center={int(center)} norm={int(normalize)} prefill={prefill} steps={steps} "
             f"{'/'.join(kk[:5] for kk in kinds)} off={key_offset}")
-    print(("FAIL " if bad else "ok   ") + name + f"  max err {max(errs.values()):.2e}" +
-          (f"  {bad}" if bad else ""), flush=True)
-    return not bad
+    return report(name, errs, tol)
 
 
 def check_varlen(dtype, Hq, Hk, lens, Dk, Dv, causal, center, normalize, seed, grads=True):
@@ -294,12 +294,9 @@ def check_varlen(dtype, Hq, Hk, lens, Dk, Dv, causal, center, normalize, seed, g
         errs["dshift"] = rel(dshift, dshift_sum)
         errs.update(dq_ref=rel(dq, q64.grad), dk_ref=rel(dk, k64.grad), dv_ref=rel(dv, v64.grad),
                     dshift_ref=rel(dshift, s64.grad))
-    bad = {k_: e for k_, e in errs.items() if not (e <= tol)}
     name = (f"varlen {str(dtype)[6:]:8s} Hq{Hq} Hk{Hk} lens={lens} Dk{Dk} Dv{Dv} "
             f"causal={int(causal)} center={int(center)} norm={int(normalize)}")
-    print(("FAIL " if bad else "ok   ") + name + f"  max err {max(errs.values()):.2e}" +
-          (f"  {bad}" if bad else ""), flush=True)
-    return not bad
+    return report(name, errs, tol)
 
 
 def check_state(dtype, Hq, Hk, lens, prefill, Dk, Dv, center, normalize, seed, carried=True,
@@ -384,12 +381,9 @@ def check_state(dtype, Hq, Hk, lens, prefill, Dk, Dv, center, normalize, seed, c
         lib.emu_set_seqs(None, 0)
         lib.emu_set_state(null, null, null, null, null, null, null)
     tol = TOL[dtype]
-    bad = {k_: e for k_, e in errs.items() if not (e <= tol)}
     name = (f"state  {str(dtype)[6:]:8s} Hq{Hq} Hk{Hk} lens={lens} prefill={prefill} Dk{Dk} "
             f"Dv{Dv} center={int(center)} norm={int(normalize)} carried={int(carried)}")
-    print(("FAIL " if bad else "ok   ") + name + f"  max err {max(errs.values()):.2e}" +
-          (f"  {bad}" if bad else ""), flush=True)
-    return not bad
+    return report(name, errs, tol)
 
 
 STATE_CASES = [
