@@ -48,6 +48,18 @@ SHAPES = {
 }
 
 
+# The devices every device-parametrized check runs on: the CPU always, CUDA where a GPU is.
+# Only devices that exist are listed, so a check is never reported as skipped for want of one.
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> str:
+    """One list of checks for every device (pytorch_scatter's pattern): a test that takes
+    ``device`` runs on each entry of ``DEVICES``."""
+    return request.param
+
+
 # --------------------------------------------------------------------------------------------
 # Randomness
 # --------------------------------------------------------------------------------------------

@@ -12,12 +12,6 @@ from conftest import poisoned_memory, rand_shift, randn, reference, rel_err
 TOL_STREAM = {torch.float64: 1e-10, torch.float32: 1e-5}
 
 
-@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA device"))])
-def device(request):
-    return request.param
-
-
 def qkv(gen, B, Hq, Hk, N, Dk, Dv, dtype=torch.float64, key_offset=0.0, device="cpu"):
     """Drawn on the CPU (so both devices see the same numbers), then moved."""
     return (randn(gen, B, Hq, N, Dk, dtype=dtype).to(device),
