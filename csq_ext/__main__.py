@@ -1,7 +1,9 @@
 """``python -m csq_ext``: what was built, whether it computes CSQ correctly on every device
-here, and how fast it is next to SDPA. Exits non-zero when a check fails."""
+here, and how fast it is next to SDPA. Exits non-zero when a check fails.
+``python -m csq_ext --help`` lists the options."""
 from __future__ import annotations
 
+import argparse
 import sys
 
 import torch
@@ -114,21 +116,41 @@ def speed_table(device) -> None:
         print(f"  {n:>6} {csq * 1e3:>11.2f} {sdpa * 1e3:>9.2f} {sdpa / csq:>8.2f}x")
 
 
-def main() -> int:
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog="python -m csq_ext",
+        description="Print what csq_ext was built with, check its outputs and gradients against "
+                    "the float64 reference on each device, then time it against PyTorch's "
+                    "scaled_dot_product_attention. Exits with 1 when a check fails.")
+    parser.add_argument("--version", action="version",
+                        version=f"csq_ext {csq_ext.__version__} (torch {torch.__version__})")
+    parser.add_argument("--device", action="append", choices=("cpu", "cuda"),
+                        help="check this device (repeat for several); default: every device "
+                             "present")
+    parser.add_argument("--no-bench", action="store_true",
+                        help="skip the speed table (checks only, a few seconds)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     print_build()
-    devices = [torch.device("cpu")]
-    if torch.cuda.is_available():
-        devices.append(torch.device("cuda"))
+    names = args.device or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+    if "cuda" in names and not torch.cuda.is_available():
+        print("\n--device cuda: no CUDA device is available to this torch "
+              f"({torch.__version__}, CUDA {torch.version.cuda})")
+        return 1
+    devices = [torch.device(name) for name in dict.fromkeys(names)]
     torch.manual_seed(0)
     ok = True
     for device in devices:
         ok &= check_outputs(device)
         ok &= check_gradients(device)
-    if ok:
+    if not ok:
+        print("\nno speed table: the kernels failed a check, their times would mean nothing")
+    elif not args.no_bench:
         for device in devices:
             speed_table(device)
-    else:
-        print("\nno speed table: the kernels failed a check, their times would mean nothing")
     print("\nself-check: " + ("PASS" if ok else "FAIL"))
     return 0 if ok else 1
 

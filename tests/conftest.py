@@ -78,6 +78,11 @@ def randn(gen, *shape, dtype=torch.float64, device="cpu", requires_grad=False):
     return x.requires_grad_(requires_grad)
 
 
+def shift_dtype(dtype):
+    """The dtype of a shift tensor (and of states) for inputs of ``dtype``: the accumulation dtype."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def rand_shift(gen, hq, dtype=torch.float64, device="cpu", requires_grad=False):
     """A per-head shift tensor (Hq,) with values in +-[0.5, 1.5] (both signs, away from 0)."""
     mag = 0.5 + torch.rand(hq, generator=gen, dtype=torch.float64)
@@ -312,3 +317,13 @@ def check_float32_offset_keys(gen, causal, n, dk, dv, device="cpu"):
     assert_rel_close(y, y_ref, TOL_F32_OFFSET, "y")
     for name in grads:
         assert_rel_close(grads[name], grads_ref[name], TOL_F32_OFFSET, f"d{name}")
+
+
+def prefill_state(gen, B, Hq, Hk, n, dk, dv, dtype, shift, key_offset=0.0, **kw):
+    """Inputs of n tokens (drawn on the CPU) and the state the CPU backend leaves after them:
+    ``((q, k, v), state)``. Move the state with ``state.to(device)``."""
+    q = randn(gen, B, Hq, n, dk, dtype=dtype)
+    k = (randn(gen, B, Hk, n, dk) + key_offset).to(dtype)
+    v = randn(gen, B, Hk, n, dv, dtype=dtype)
+    _, st = csq_ext.attention(q, k, v, shift=shift.cpu(), return_state=True, **kw)
+    return (q, k, v), st
