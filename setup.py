@@ -1,5 +1,8 @@
 """Builds csq_ext._C against the installed torch: the CPU kernels always, the CUDA kernels when
-torch has CUDA and nvcc is found (or CSQ_FORCE_CUDA=1). See the README's build table."""
+torch has CUDA and nvcc is found (or CSQ_FORCE_CUDA=1). See the README's build table.
+
+The module uses only the limited Python API (an empty PyInit__C; the operators register through
+the dispatcher), so one `_C.abi3.so` imports under every Python >= 3.10 with the same torch (torch's Py_LIMITED_API)."""
 import glob
 import os
 
@@ -30,22 +33,25 @@ def rel(pattern: str):
 def make_extension():
     sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
     cxx = ["-O3", "-std=c++17", "-fopenmp"]
-    ldflags = ["-fopenmp"]
+    ldflags = ["-fopenmp"] + (["-s"] if env_flag("CSQ_STRIP") else [])
     if not want_cuda():
         return cpp_extension.CppExtension("csq_ext._C", sources, extra_compile_args={"cxx": cxx},
-                                          extra_link_args=ldflags)
+                                          extra_link_args=ldflags, py_limited_api=True)
     archs = os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_CUDA_ARCHS
     os.environ["TORCH_CUDA_ARCH_LIST"] = archs  # read by cpp_extension for -gencode flags
     defines = ["-DCSQ_WITH_CUDA", f'-DCSQ_BUILD_CUDA_ARCHS="{archs}"']
     nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
+    if env_flag("CSQ_PTXAS_VERBOSE"):  # ptxas's register / spill report of the flags that ship
+        nvcc.append("-Xptxas=-v")
     sources += rel("csrc/cuda/*.cu") + rel("csrc/cuda/*.cpp")
     return cpp_extension.CUDAExtension(
         "csq_ext._C", sources,
         extra_compile_args={"cxx": cxx + defines, "nvcc": nvcc + defines},
-        extra_link_args=ldflags)
+        extra_link_args=ldflags, py_limited_api=True)
 
 
 setup(
     ext_modules=[make_extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension},
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
 )

@@ -4,9 +4,10 @@
 #     run(command="bash bench/gpu_suite.sh", timeout_s=600)
 #
 # On a fresh GPU machine: prints the GPU, driver, torch and CUDA versions and measured
-# ceilings (GEMM, copy); builds the extension with CUDA for sm_90a only (both lent kinds are
-# Hopper; this skips nvcc's sm_80 pass of the default "8.0;9.0a"); runs `python -m csq_ext`,
-# tests/test_cuda.py, compute-sanitizer memcheck on a tiny forward + backward, the GPU
+# ceilings (GEMM, copy); uses the module prebuilt here by .ci/cuda_build.sh when it was carried
+# along and matches the GPU's torch, else builds the extension with CUDA for sm_90a only (both
+# lent kinds are Hopper); runs `python -m csq_ext`, every device-parametrized test on CUDA
+# (pytest -k cuda), compute-sanitizer memcheck on a tiny forward + backward, the GPU
 # benchmark (bench/bench_gpu.py), a short CPU test subset, and racecheck / initcheck when time
 # is left. Every stage has a timeout, a
 # failed stage does not stop the next ones, and a summary table is printed last.
@@ -177,6 +178,21 @@ EOF
 }
 
 build() {
+  # A module prebuilt by .ci/cuda_build.sh and carried along (run(..., carry=[PREBUILT's
+  # folder])) is used when it was built against this very torch: no minutes spent compiling.
+  local prebuilt="${GPU_SUITE_PREBUILT:-$REPO/build-cuda-artifact}"
+  if [[ -f $prebuilt/_C.abi3.so && -f $prebuilt/torch_git_version ]]; then
+    local want have
+    want=$(cat "$prebuilt/torch_git_version")
+    have=$("$PY" -c 'import torch; print(torch.version.git_version)')
+    if [[ $want == "$have" ]]; then
+      echo "prebuilt module $prebuilt/_C.abi3.so matches torch $have: used, not built"
+      rm -f "$REPO"/csq_ext/_C*.so
+      cp "$prebuilt/_C.abi3.so" "$REPO/csq_ext/_C.abi3.so"
+      return 0
+    fi
+    echo "prebuilt module is for torch $want, this torch is $have: building instead"
+  fi
   echo "CSQ_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=$ARCH MAX_JOBS=${MAX_JOBS:-16}" \
     "$PY setup.py build_ext --inplace"
   env CSQ_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$ARCH" MAX_JOBS="${MAX_JOBS:-16}" \
@@ -337,7 +353,8 @@ main() {
   local tflag=""
   "$PY" -c "import pytest_timeout" 2>/dev/null && tflag="--timeout=120"
   # shellcheck disable=SC2086
-  stage tests-cuda 180 "$BENCH_RESERVE" tests.log "$PY" -m pytest -q tests/test_cuda.py \
+  # Every device-parametrized check on CUDA, and the GPU-only file.
+  stage tests-cuda 180 "$BENCH_RESERVE" tests.log "$PY" -m pytest -q tests -k cuda \
     $PYTEST_FLAGS $tflag -rfE --durations=8 -p no:cacheprovider
   tail -n 30 "$OUT/tests.log" 2>/dev/null
   note "$(grep -E "[0-9]+ (passed|failed|skipped|error)" "$OUT/tests.log" 2>/dev/null | tail -n 1)"

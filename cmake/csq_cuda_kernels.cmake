@@ -54,8 +54,12 @@ set_target_properties(csq_cuda_kernels PROPERTIES
   CUDA_STANDARD_REQUIRED ON
   CXX_STANDARD 17
   POSITION_INDEPENDENT_CODE ON)
+# The flags of the build that ships (setup.py: ours, plus the half-precision defines that
+# torch.utils.cpp_extension adds), so that this build's ptxas report describes that one.
 target_compile_options(csq_cuda_kernels PRIVATE
-  $<$<COMPILE_LANGUAGE:CUDA>:${_csq_gencode} -O3 -lineinfo>)
+  $<$<COMPILE_LANGUAGE:CUDA>:${_csq_gencode} -O3 -lineinfo --use_fast_math
+  --expt-relaxed-constexpr -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__
+  -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__>)
 if(CSQ_CUDA_PTXAS_VERBOSE)
   target_compile_options(csq_cuda_kernels PRIVATE $<$<COMPILE_LANGUAGE:CUDA>:-Xptxas=-v>)
 endif()

@@ -1,5 +1,6 @@
 """The CMake-built operator library (CMakeLists.txt) loads with torch.ops.load_library and
-computes the same CSQ attention. .ci/run builds it and points CSQ_CMAKE_LIB at it.
+computes the same CSQ attention; built with CUDA, it registers a CUDA kernel for every operator.
+.ci/run builds it (CPU, and with CUDA by .ci/cmake_cuda.sh) and points CSQ_CMAKE_LIB at it.
 
 It runs in a fresh interpreter: the Python package registers the same operator names, and a
 library cannot be loaded twice into one process."""
@@ -26,6 +27,10 @@ y, b, den, _, _ = torch.ops.csq_ext.csq_fwd(q, k, v, shift, None, None, None, Tr
 yr = ref(q, k, v, shift=shift)
 err = ((y - yr).norm() / yr.norm()).item()
 assert err < 1e-10, err
+# A library built with CUDA must have registered a CUDA kernel for every operator.
+if "cuda" in torch.ops.csq_ext.build_info():
+    for op in ("csq_fwd", "csq_bwd", "csq_decode_"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"csq_ext::{op}", "CUDA"), op
 print("cmake library ok", err, torch.ops.csq_ext.build_info())
 """
 

@@ -2,7 +2,7 @@
 // dtype, on the current stream of q's device. Gradients accumulate in the accumulation dtype
 // (float64 for float64 inputs, else float32) and are converted to the input dtype at the end.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -56,7 +56,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const cuda::DType dt = cuda_host::to_dtype(q.scalar_type());
   const size_t bytes = cuda::bwd_workspace_bytes(p, dt);
   at::Tensor ws = cuda_host::workspace(q, bytes);
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   const cuda::Status st = CSQ_DTYPE_SWITCH(q.scalar_type(), DT, [&] {
     return cuda::launch_bwd<DT>(p, ws.data_ptr(), bytes, stream);
   });

@@ -2,7 +2,7 @@
 // for the dtype on the current stream of q's device. Allocates nothing: the state's sums and
 // the caller's y are the only memory written (the kernels are in csq_decode.cuh).
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -21,7 +21,7 @@ void csq_decode_cuda(at::Tensor& sums, const at::Tensor& ref, const at::Tensor& 
   cuda_host::check_supported(q, k, v, shift);
   if (p.batch * p.heads_k == 0) return;
   const c10::cuda::CUDAGuard guard(q.device());
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   const cuda::Status st = CSQ_DTYPE_SWITCH(q.scalar_type(), DT, [&] {
     return cuda::launch_decode<DT>(p, sums.data_ptr(), stream);
   });

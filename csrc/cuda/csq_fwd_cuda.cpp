@@ -1,7 +1,7 @@
 // CUDA forward of csq_fwd: checks, allocates, picks the launcher for the dtype, on the current
 // stream of q's device. The kernels are in csq_*.cuh, launched by csq_fwd_launch.cu.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -53,7 +53,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> csq_fwd_c
   const cuda::DType dt = cuda_host::to_dtype(q.scalar_type());
   const size_t bytes = cuda::fwd_workspace_bytes(p, dt);
   at::Tensor ws = cuda_host::workspace(q, bytes);
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   const cuda::Status st = CSQ_DTYPE_SWITCH(q.scalar_type(), DT, [&] {
     return cuda::launch_fwd<DT>(p, ws.data_ptr(), bytes, stream);
   });
