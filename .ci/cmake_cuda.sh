@@ -8,6 +8,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ENV=$(realpath -m "${CSQ_CUDA_ENV:-build-cuda-env}")
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+# The toolkit's own nvcc first: CMake's FindCUDAToolkit derives the toolkit root from the nvcc it
+# finds, and an nvcc wrapper script elsewhere on the PATH would point it at the wrong folder.
+export PATH="$CUDA_HOME/bin:$PATH"
 PY="$ENV/bin/python"
 export LD_LIBRARY_PATH="$ENV/stand-ins:$CUDA_HOME/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 # torch's CMake config asks for these: the architectures (its default would be too old for

@@ -42,9 +42,10 @@ echo "   built in $((SECONDS - t0)) s"
 echo "   ptxas (flags that ship): kernels with spills, then the register counts"
 "$PY" .ci/ptxas_report.py "$OUT/build.log"
 
-# Load it the way a user would: the package's Python files beside the built module.
+# Load it the way a user would: the package's Python files beside the built module, imported
+# from that folder (not from the repository, whose csq_ext may hold a CPU build).
 cp csq_ext/*.py "$OUT/lib/csq_ext/"
-PYTHONPATH="$OUT/lib" "$PY" - <<'EOF'
+(cd "$OUT/lib" && "$PY" - <<'EOF'
 import torch
 import csq_ext
 from csq_ext._ops import ops
@@ -56,6 +57,7 @@ for op in ("csq_fwd", "csq_bwd", "csq_decode_"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"csq_ext::{op}", key), (op, key)
 print("   every operator has a CPU and a CUDA kernel")
 EOF
+)
 cp "$OUT/lib/csq_ext/_C.abi3.so" "$OUT/_C.abi3.so"
 "$PY" -c 'import torch; print(torch.version.git_version)' > "$OUT/torch_git_version"
 rm -rf "$OUT/tmp"

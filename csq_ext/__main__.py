@@ -14,7 +14,7 @@ from csq_ext._ops import ops
 from csq_ext._timing import device_description, interleaved_times, summarize
 from csq_ext.reference import csq_attention_reference
 
-# Relative Frobenius error bars of shared/CSQ_SPEC.md, against a float64 reference.
+# Relative Frobenius error bars of docs/SPEC.md, against a float64 reference.
 BARS = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2}
 SHAPE = dict(B=2, Hq=4, Hk=2, N=37, Dk=8, Dv=12)
 

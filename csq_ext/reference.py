@@ -1,4 +1,4 @@
-"""The O(N^2) PyTorch version of CSQ attention, written from ../shared/CSQ_SPEC.md.
+"""The O(N^2) PyTorch version of CSQ attention, written from docs/SPEC.md (the specification).
 
 This is the tests' oracle: short, obviously correct, and slow. Run it in float64.
 """
