@@ -35,11 +35,11 @@ def tiny_config(family: str):
     raise ValueError(family)
 
 
-def tiny_model(family: str, seed: int, dtype=torch.float64, attn="csq"):
+def tiny_model(family: str, seed: int, dtype=torch.float64, attn="csq", device="cpu"):
     hf.register()
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(tiny_config(family), attn_implementation=attn,
-                                            dtype=dtype).eval()
+                                            dtype=dtype).to(device).eval()
 
 
 def tokens(gen, *shape):
@@ -49,16 +49,26 @@ def tokens(gen, *shape):
 FAMILIES = ["llama", "qwen2"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The models here are tiny (32-wide matrices): BLAS threads only add synchronization, and
+    on a shared machine their spinning made these tests 50x slower. Restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
-def test_layer_equals_hand_computation(gen, family):
+def test_layer_equals_hand_computation(gen, family, device):
     """One attention module of the model == projections, RoPE and csq_ext.attention by hand,
     and == the float64 reference (GQA heads passed as they are, scaling -> scale)."""
-    model = tiny_model(family, seed=1)
+    model = tiny_model(family, seed=1, device=device)
     attn = model.model.layers[0].self_attn
-    attn.csq_shift = torch.tensor([0.7, -1.2, 1.1, 0.9], dtype=torch.float64)
+    attn.csq_shift = torch.tensor([0.7, -1.2, 1.1, 0.9], dtype=torch.float64, device=device)
     B, N = 2, 19
-    x = randn(gen, B, N, 32)
-    pos = torch.arange(N)[None].expand(B, N)
+    x = randn(gen, B, N, 32, device=device)
+    pos = torch.arange(N, device=device)[None].expand(B, N)
     cos, sin = model.model.rotary_emb(x, pos)
     y, weights = attn(x, position_embeddings=(cos, sin), attention_mask=None, position_ids=pos)
     assert weights is None
@@ -77,12 +87,12 @@ def test_layer_equals_hand_computation(gen, family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_greedy_generation_with_csq_cache_equals_full_recomputation(gen, family):
+def test_greedy_generation_with_csq_cache_equals_full_recomputation(gen, family, device):
     """200 greedy tokens with CSQCache (prefill + in-place decode steps) are exactly those of
     generation without any cache (every step recomputes the whole sequence), and those of
     transformers' default DynamicCache (keys longer than queries)."""
-    model = tiny_model(family, seed=2)
-    prompt = tokens(gen, 2, 7)
+    model = tiny_model(family, seed=2, device=device)
+    prompt = tokens(gen, 2, 7).to(device)
     kw = dict(max_new_tokens=200, min_new_tokens=200, do_sample=False)
     cache = hf.CSQCache(model.config)
     with_state = model.generate(prompt, past_key_values=cache, **kw)
@@ -112,15 +122,15 @@ def test_cache_memory_flat_in_length(gen):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_padded_batch_equals_per_sequence_runs(gen, family):
+def test_padded_batch_equals_per_sequence_runs(gen, family, device):
     """Right padding (and left padding) in a batch: the logits of every real token equal those
     of the sequence run alone."""
-    model = tiny_model(family, seed=4)
+    model = tiny_model(family, seed=4, device=device)
     lengths = [11, 6, 9]
-    seqs = [tokens(gen, 1, n) for n in lengths]
+    seqs = [tokens(gen, 1, n).to(device) for n in lengths]
     for side in ("right", "left"):
-        ids = torch.zeros(3, 11, dtype=torch.long)
-        mask = torch.zeros(3, 11, dtype=torch.long)
+        ids = torch.zeros(3, 11, dtype=torch.long, device=device)
+        mask = torch.zeros(3, 11, dtype=torch.long, device=device)
         for i, s in enumerate(seqs):
             cols = slice(0, len(s[0])) if side == "right" else slice(11 - len(s[0]), 11)
             ids[i, cols], mask[i, cols] = s[0], 1
@@ -278,3 +288,15 @@ def test_import_without_transformers():
             "try:\n    import csq_ext.hf\nexcept ImportError as e:\n    print('ERR', e)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "ERR" in out.stdout and "pip install transformers==" in out.stdout
+
+
+def test_bench_hf_generate_quick(tmp_path):
+    """bench/bench_hf_generate.py on a tiny run: CSQCache's bytes stay put, the KV cache's grow."""
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parents[1] / "bench"))
+    import bench_hf_generate
+
+    out = bench_hf_generate.main(["--device", "cpu", "--quick", "--json", str(tmp_path / "g.json")])
+    first, last = out["rows"]
+    assert first["csq_cache_mb"] == last["csq_cache_mb"] > 0
+    assert last["sdpa_cache_mb"] > first["sdpa_cache_mb"] > 0
+    assert all(r["csq_ms"] > 0 and r["sdpa_ms"] > 0 for r in out["rows"])
