@@ -18,6 +18,7 @@ from transformers import (AutoModelForCausalLM, BertConfig, BertModel, DynamicCa
 
 import csq_ext  # noqa: E402
 from csq_ext import hf  # noqa: E402
+from csq_ext.hf.convert import attention_modules  # noqa: E402
 from csq_ext.reference import csq_attention_reference  # noqa: E402
 
 VOCAB = 100
@@ -192,7 +193,7 @@ def test_bidirectional_encoder_padding_excluded_from_centering(gen):
     cfg = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
                      num_attention_heads=4, intermediate_size=64)
     model = hf.convert(BertModel(cfg).double().eval(), shift=0.8)
-    assert all(not m.is_causal for m in hf.convert.__globals__["attention_modules"](model))
+    assert all(not m.is_causal for m in attention_modules(model))
     ids = tokens(gen, 2, 10)
     mask = torch.ones_like(ids)
     mask[1, 6:] = 0

@@ -114,7 +114,7 @@ def _packed_position_ids(position_ids, batch: int, n: int) -> torch.Tensor | Non
     return torch.cat([first, first.new_tensor([batch * n])])
 
 
-def _varlen_cu(kwargs, n: int) -> torch.Tensor | None:
+def _varlen_cu(kwargs) -> torch.Tensor | None:
     """cu_seqlens from transformers' flash-style varlen keyword arguments (e.g. from
     ``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``)."""
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
@@ -206,7 +206,7 @@ def csq_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: tor
         if not is_causal:
             raise ValueError("CSQCache holds the state of causal attention; this attention "
                              "module is not causal (is_causal=False)")
-        if _varlen_cu(kwargs, Nk) is not None:
+        if _varlen_cu(kwargs) is not None:
             raise ValueError("packed sequences (cu_seq_lens_q/k) cannot be used with a CSQCache: "
                              "its state has one entry per batch row")
         return layer.attend(query, key, value, keep, options), None
@@ -218,7 +218,7 @@ def csq_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: tor
     if Nq < Nk:  # the last Nq positions of a cached sequence: earlier queries contribute nothing
         query = F.pad(query, (0, 0, Nk - Nq, 0))
     options["causal"] = is_causal
-    cu = _varlen_cu(kwargs, Nk)
+    cu = _varlen_cu(kwargs)
     if cu is not None or keep is not None:
         if cu is not None and (keep is not None or B != 1):
             raise ValueError("cu_seq_lens_q/k describe sequences packed in one row (batch size 1, "
