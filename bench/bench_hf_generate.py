@@ -9,6 +9,7 @@ CSQ's time and memory per token stay flat in the length; the KV cache grows line
 
     python bench/bench_hf_generate.py                        # cuda if present, else cpu
     python bench/bench_hf_generate.py --device cpu --tokens 2000 --json out.json --md out.md
+    python bench/bench_hf_generate.py --device cpu --threads 1   # tiny matrices: one thread
     python bench/bench_hf_generate.py --quick                # a few seconds, a smoke run
 """
 from __future__ import annotations
@@ -96,12 +97,16 @@ def main(argv=None):
     p.add_argument("--kv-heads", type=int, default=4)
     p.add_argument("--vocab", type=int, default=256)
     p.add_argument("--window", type=int, default=50, help="tokens per median")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's); 1 suits these tiny matrices")
     p.add_argument("--quick", action="store_true", help="60 tokens, a smoke run")
     p.add_argument("--json", default=None)
     p.add_argument("--md", default=None)
     args = p.parse_args(argv)
     if args.quick:
         args.tokens, args.window = 60, 10
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     checkpoints = [c for c in CHECKPOINTS if c <= args.tokens] or [args.tokens]
     if args.quick:
