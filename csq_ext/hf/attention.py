@@ -1,0 +1,233 @@
+"""The "csq" attention and mask functions for transformers' AttentionInterface and
+AttentionMaskInterface.
+
+transformers calls an attention function with q (B, Hq, Nq, D), k and v (B, Hk, Nk, D) (grouped
+heads not repeated), a mask made by the mask function registered under the same name, the
+module's ``scaling`` and keyword arguments (``position_ids``, varlen ``cu_seq_lens_q/k``, ...);
+it expects ``(output (B, Nq, Hq, Dv), weights or None)``.
+
+CSQ never builds an N x N mask: our mask function returns ``None`` when every key is a real
+token, else the (B, Nk) boolean mask of real keys, and refuses mask patterns it cannot express
+(sliding windows, chunks, custom overlays). Padding and packing are computed exactly by packing
+the real tokens of each sequence into one varlen call (``cu_seqlens``): a padded key is never
+attended and never counted in the centering mean, causal or not.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers.masking_utils import (AttentionMaskInterface, bidirectional_mask_function,
+                                        causal_mask_function)
+from transformers.modeling_utils import AttentionInterface
+
+from ..attention import _acc_dtype, attention
+
+NAME = "csq"
+
+
+def register(name: str = NAME) -> str:
+    """Registers CSQ attention and its mask function with transformers under ``name``; then
+    ``from_config(cfg, attn_implementation=name)`` and ``model.set_attn_implementation(name)``
+    select it. Idempotent. Returns ``name``."""
+    AttentionInterface.register(name, csq_attention_forward)
+    AttentionMaskInterface.register(name, csq_mask)
+    return name
+
+
+# --------------------------------------------------------------------------------------------
+# Mask
+# --------------------------------------------------------------------------------------------
+def _mask_pattern(fn) -> str | None:
+    """"causal", "bidirectional" or "packed" for the mask functions CSQ can express, None for
+    any other. transformers wraps the base pattern for packed sequences as
+    ``and_masks(packed_sequence_mask_function(...), remap_positions_for_packed_sequence(base))``;
+    we recognize that composition by the closures' names and refuse everything else."""
+    if fn is causal_mask_function:
+        return "causal"
+    if fn is bidirectional_mask_function:
+        return "bidirectional"
+    parts = [c.cell_contents for c in (getattr(fn, "__closure__", None) or ())]
+    tuples = [p for p in parts if isinstance(p, tuple)]
+    if getattr(fn, "__qualname__", "").startswith("and_masks.") and len(tuples) == 1:
+        inner = tuples[0]
+        names = [getattr(f, "__qualname__", "") for f in inner]
+        if (len(inner) == 2 and names[0].startswith("packed_sequence_mask_function.")
+                and names[1].startswith("remap_positions_for_packed_sequence.")):
+            base = [c.cell_contents for c in inner[1].__closure__ if callable(c.cell_contents)]
+            if len(base) == 1 and _mask_pattern(base[0]) in ("causal", "bidirectional"):
+                return "packed"
+    return None
+
+
+def csq_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset: int = 0,
+             mask_function=causal_mask_function, attention_mask: torch.Tensor | None = None,
+             **kwargs) -> torch.Tensor | None:
+    """transformers' mask interface for CSQ: ``None`` when all ``kv_length`` keys are real
+    tokens, else their (B, kv_length) boolean mask (True = real). Causality comes from the
+    attention module (``is_causal``), packing from ``position_ids``; patterns CSQ cannot compute
+    without an N x N matrix raise a ValueError."""
+    if _mask_pattern(mask_function) is None:
+        raise ValueError(
+            "csq attention computes full causal or bidirectional attention, with padding and "
+            "packed sequences; this model asked for another mask pattern "
+            f"({getattr(mask_function, '__qualname__', mask_function)}): sliding windows, "
+            "chunked attention and custom mask overlays are not supported")
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() != 2 or attention_mask.shape[1] < kv_length:
+        raise ValueError(
+            f"attention_mask must be a 2D padding mask (B, >= {kv_length}) for csq attention, "
+            f"got shape {tuple(attention_mask.shape)}")
+    keep = attention_mask[:, attention_mask.shape[1] - kv_length:].to(torch.bool)
+    return None if bool(keep.all()) else keep
+
+
+# --------------------------------------------------------------------------------------------
+# Attention
+# --------------------------------------------------------------------------------------------
+def _options(module, scaling, query) -> dict:
+    """csq_ext.attention's keyword options for this module: ``scaling`` -> ``scale``, and the
+    CSQ parameters that ``convert`` stores on the module (defaults otherwise)."""
+    shift = getattr(module, "csq_shift", 1.0)
+    if isinstance(shift, torch.Tensor):  # a learnable per-head shift, kept in accumulation dtype
+        shift = shift.to(_acc_dtype(query.dtype))
+    return dict(scale=scaling, shift=shift, center=getattr(module, "csq_center", True),
+                eps=getattr(module, "csq_eps", 1e-6))
+
+
+def _cu_from_lengths(lengths: torch.Tensor) -> torch.Tensor:
+    return F.pad(lengths.cumsum(0), (1, 0)).to(torch.int64)
+
+
+def _packed_position_ids(position_ids, batch: int, n: int) -> torch.Tensor | None:
+    """cu_seqlens over the flattened (B * N) tokens when ``position_ids`` restart inside a row
+    (sequences packed in one row, transformers' convention: a new sequence wherever the
+    position does not grow by one); None when every row is one sequence."""
+    if position_ids is None or position_ids.dim() != 2 or position_ids.shape[1] != n:
+        return None
+    pos = position_ids.expand(batch, n)
+    starts = torch.ones_like(pos, dtype=torch.bool)
+    starts[:, 1:] = pos[:, 1:] - pos[:, :-1] != 1
+    if not bool(starts[:, 1:].any()):
+        return None
+    first = starts.reshape(-1).nonzero().squeeze(1)
+    return torch.cat([first, first.new_tensor([batch * n])])
+
+
+def _varlen_cu(kwargs) -> torch.Tensor | None:
+    """cu_seqlens from transformers' flash-style varlen keyword arguments (e.g. from
+    ``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``)."""
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_q is None and cu_k is None:
+        return None
+    if cu_q is None or cu_k is None or not torch.equal(cu_q.cpu(), cu_k.cpu()):
+        raise ValueError("csq attention: cu_seq_lens_q and cu_seq_lens_k must be given together "
+                         "and be equal (self-attention over packed sequences)")
+    return cu_q.to(torch.int64)
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, N, D) -> (B * N, H, D): the tokens of every row one after the other."""
+    B, H, N, D = x.shape
+    return x.transpose(1, 2).reshape(B * N, H, D)
+
+
+def _as_packed(x: torch.Tensor) -> torch.Tensor:
+    """(T, H, D) -> (1, H, T, D), the layout of a packed varlen call."""
+    return x.transpose(0, 1).unsqueeze(0)
+
+
+def run_packed(q, k, v, keep, cu, **options):
+    """Attention over the tokens of (B, H, N, D) inputs regrouped into packed sequences.
+
+    ``keep`` (B, N) bool or None: the real tokens; each row's real tokens form one sequence
+    (so a padded key is neither attended nor counted in the centering mean, for any padding
+    pattern). ``cu``: cu_seqlens over the flattened B * N tokens instead (packed rows).
+    Returns the output in transformers' layout (B, N, Hq, Dv), zeros at padded positions, and
+    the state (one entry per sequence) when ``return_state`` is in ``options``."""
+    B, Hq, N, _ = q.shape
+    qf, kf, vf = _flat(q), _flat(k), _flat(v)
+    idx = None
+    if keep is not None:
+        idx = keep.reshape(-1).nonzero().squeeze(1)
+        qf, kf, vf = qf[idx], kf[idx], vf[idx]
+        cu = _cu_from_lengths(keep.sum(1))
+    out = attention(_as_packed(qf), _as_packed(kf), _as_packed(vf), cu_seqlens=cu.to(q.device),
+                    **options)
+    y, state = out if options.get("return_state") else (out, None)
+    y = y[0].transpose(0, 1)  # (T, Hq, Dv)
+    if idx is not None:
+        y = y.new_zeros(B * N, Hq, y.shape[-1]).index_copy(0, idx, y)
+    return y.reshape(B, N, Hq, -1), state
+
+
+def _check_mask(mask, batch: int, n: int):
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or tuple(mask.shape) != (batch, n):
+        raise ValueError(
+            f"csq attention expects the mask of csq_ext.hf.csq_mask: None or a (B, Nk) = "
+            f"{(batch, n)} bool padding mask; got "
+            f"{tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__}. "
+            "Register the mask function with csq_ext.hf.register() and select "
+            "attn_implementation='csq' (a 4D additive or boolean mask cannot be used)")
+    return mask.to(torch.bool)
+
+
+def csq_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                          value: torch.Tensor, attention_mask: torch.Tensor | None,
+                          scaling: float | None = None, dropout: float = 0.0, **kwargs):
+    """transformers attention function running ``csq_ext.attention``.
+
+    Args as transformers passes them: query (B, Hq, Nq, D), key / value (B, Hk, Nk, D) with
+    Hq % Hk == 0 (passed to our grouped-query heads as they are), ``attention_mask`` from
+    :func:`csq_mask`, ``scaling`` (our ``scale``). Causal unless ``module.is_causal`` (or an
+    ``is_causal`` keyword) is False. Keys longer than queries (a KV cache such as
+    DynamicCache, causal only) are handled exactly. With a :class:`CSQCache`, key and value are
+    the new tokens only and the cache layer carries the state.
+
+    Returns ``(output (B, Nq, Hq, Dv), None)``: CSQ has no attention-weight matrix.
+    """
+    is_causal = kwargs.pop("is_causal", None)
+    is_causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
+    if dropout and module.training:
+        raise ValueError(
+            f"csq attention has no weight matrix to apply attention dropout to (dropout = "
+            f"{dropout}); set the model's attention dropout to 0 (csq_ext.hf.convert does)")
+    if key.dtype != query.dtype or value.dtype != query.dtype:  # e.g. mixed under autocast
+        key, value = key.to(query.dtype), value.to(query.dtype)
+    options = _options(module, scaling, query)
+    B, _, Nq, _ = query.shape
+    Nk = key.shape[2]
+    keep = _check_mask(attention_mask, B, Nk)
+
+    layer = getattr(key, "_csq_cache_layer", None)  # set by CSQCache.update
+    if layer is not None:
+        if not is_causal:
+            raise ValueError("CSQCache holds the state of causal attention; this attention "
+                             "module is not causal (is_causal=False)")
+        if _varlen_cu(kwargs) is not None:
+            raise ValueError("packed sequences (cu_seq_lens_q/k) cannot be used with a CSQCache: "
+                             "its state has one entry per batch row")
+        return layer.attend(query, key, value, keep, options), None
+
+    if Nq > Nk or (Nq < Nk and not is_causal):
+        raise ValueError(
+            f"csq attention: query length {Nq} and key length {Nk} must be equal (or, causal "
+            "only, queries may be the last positions of a longer key sequence)")
+    if Nq < Nk:  # the last Nq positions of a cached sequence: earlier queries contribute nothing
+        query = F.pad(query, (0, 0, Nk - Nq, 0))
+    options["causal"] = is_causal
+    cu = _varlen_cu(kwargs)
+    if cu is not None or keep is not None:
+        if cu is not None and (keep is not None or B != 1):
+            raise ValueError("cu_seq_lens_q/k describe sequences packed in one row (batch size 1, "
+                             "no padding mask)")
+        y, _ = run_packed(query, key, value, keep, cu, **options)
+    else:
+        cu = _packed_position_ids(kwargs.get("position_ids"), B, Nk)
+        if cu is not None:
+            y, _ = run_packed(query, key, value, None, cu, **options)
+        else:
+            y = attention(query, key, value, **options).transpose(1, 2)
+    return y[:, Nk - Nq:], None
