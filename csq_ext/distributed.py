@@ -27,7 +27,9 @@ from .attention import (_acc_dtype, _check, _check_state, _scale, _shift_tensor,
                         attention as _attention)
 from .state import CSQState, num_features
 
-# reduce_scatter_tensor was renamed reduce_scatter_single (same arguments) in recent torch.
+# all_gather_into_tensor / reduce_scatter_tensor were renamed *_single (same arguments) in
+# recent torch; the old names warn there.
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 _REF_KEYS = 64       # keys averaged into a sequence's reference key (as the op does)
@@ -70,7 +72,7 @@ class _AllGather(torch.autograd.Function):
         x = x.contiguous()
         out = x.new_empty((world,) + tuple(x.shape))
         _count("all_gather", x, world)
-        dist.all_gather_into_tensor(out.view(-1), x.view(-1), group=group)
+        _all_gather(out.view(-1), x.view(-1), group=group)
         return out
 
     @staticmethod
@@ -177,7 +179,7 @@ def _handshake(group, q, local):
     row = row.to(dev)
     table = row.new_empty(world, row.shape[0])
     _count("all_gather", row, world)
-    dist.all_gather_into_tensor(table.view(-1), row, group=group)
+    _all_gather(table.view(-1), row, group=group)
     table = table.cpu()
     if not bool(table[:, 0].all()):
         messages = [None] * world  # only on this error path: gather the messages as strings
@@ -251,12 +253,16 @@ def _common_ref(k, local_cu, S, center, initial_state, group):
 def _local_state(k, v, ref, local_cu, scale, chunk_size):
     """The sums of this rank's keys relative to ref, (S, Hk, F, Dv + 1), from the op (its
     output y is not used: the keys stand in for the queries, one per key/value head)."""
-    S, Hk, Dk = ref.shape
-    zero = CSQState(ref.new_zeros(S, Hk, num_features(Dk), v.shape[3] + 1), ref)
     _, state = _attention(k.detach(), k, v, causal=True, scale=scale, center=False,
-                          chunk_size=chunk_size, cu_seqlens=local_cu, initial_state=zero,
-                          return_state=True)
+                          chunk_size=chunk_size, cu_seqlens=local_cu,
+                          initial_state=_zero_state(ref, v.shape[3]), return_state=True)
     return state.sums
+
+
+def _zero_state(ref, dim_v):
+    """The state of no keys, relative to ref (S, Hk, Dk)."""
+    S, Hk, Dk = ref.shape
+    return CSQState(ref.new_zeros(S, Hk, num_features(Dk), dim_v + 1), ref)
 
 
 def _read_full_state(q, sums, ref, shift, tau, center, normalize, eps):
@@ -285,26 +291,26 @@ def _read_full_state(q, sums, ref, shift, tau, center, normalize, eps):
     def read(qc):
         qa = qc.to(acc)
         b = c - tau * (qa @ mu_rel.unsqueeze(-1)).squeeze(-1)                      # (B, Hq, m)
-        quad = ((qa @ sym_flat).view(B, Hq, -1, Dk, Dv1) * qa.unsqueeze(-1)).sum(-2)
+        quad = ((qa @ sym_flat).view(B, Hq, qa.shape[2], Dk, Dv1) * qa.unsqueeze(-1)).sum(-2)
         num = tau * tau * quad + (2 * tau * b).unsqueeze(-1) * (qa @ lin) \
             + (b * b).unsqueeze(-1) * const.unsqueeze(2)
         return num[..., :-1] / (num[..., -1:] + eps) if normalize else num[..., :-1]
 
     # Checkpointed chunks: autograd keeps q, not the (C, Dk, Dv + 1) products of each chunk.
+    # An empty q still makes one (empty) chunk: the output must depend on the state, so that
+    # every rank runs the backward of the collective that made it.
     ys = [checkpoint(read, q[:, :, i:i + _READ_CHUNK], use_reentrant=False)
           if torch.is_grad_enabled() else read(q[:, :, i:i + _READ_CHUNK])
-          for i in range(0, n, _READ_CHUNK)]
-    return torch.cat(ys, dim=2) if ys else q.new_empty(B, Hq, 0, Dv1 - 1, dtype=acc)
+          for i in range(0, max(n, 1), _READ_CHUNK)]
+    return torch.cat(ys, dim=2)
 
 
 def _read_full_packed(q, sums, ref, local_cu, shift, tau, center, normalize, eps):
     """_read_full_state for each local piece of packed sequences (q of batch size 1)."""
     lc = local_cu.tolist()
-    ys = [_read_full_state(q[:, :, a:b], sums[s:s + 1], ref[s:s + 1], shift, tau, center,
-                           normalize, eps)
-          for s, (a, b) in enumerate(zip(lc[:-1], lc[1:])) if b > a]
-    Dv = sums.shape[3] - 1
-    return torch.cat(ys, dim=2) if ys else q.new_empty(1, q.shape[1], 0, Dv, dtype=sums.dtype)
+    pieces = [(s, a, b) for s, (a, b) in enumerate(zip(lc[:-1], lc[1:])) if b > a] or [(0, 0, 0)]
+    return torch.cat([_read_full_state(q[:, :, a:b], sums[s:s + 1], ref[s:s + 1], shift, tau,
+                                       center, normalize, eps) for s, a, b in pieces], dim=2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -341,6 +347,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=None,
     else:
         world = dist.get_world_size(group)
     if world == 1:  # the whole sequence is here
+        if return_state and center and initial_state is None and isinstance(k, torch.Tensor):
+            # A returned state's sums depend on its ref: choose it here, differentiably, as
+            # the ranks do (the op's own choice is not differentiated through).
+            initial_state = _zero_state(_ref_candidates(k, cu_seqlens)[..., :-1], v.shape[-1])
         return _attention(q, k, v, cu_seqlens=cu_seqlens, initial_state=initial_state,
                           return_state=return_state, **options)
     rank = dist.get_rank(group)
