@@ -286,7 +286,7 @@ def test_context_parallel_matches_one_process(world):
 @pytest.mark.parametrize("center", [True, False])
 def test_full_state_read_gradcheck(gen, center):
     """The non-causal read of a state: gradcheck, and equal to the op on the same keys."""
-    q, k, v = randn(gen, 1, 4, 5, 3), randn(gen, 1, 2, 6, 3) + 2.0, randn(gen, 1, 2, 6, 2)
+    q, k, v = randn(gen, 1, 4, 6, 3), randn(gen, 1, 2, 6, 3) + 2.0, randn(gen, 1, 2, 6, 2)
     shift, ref = rand_shift(gen, 4), randn(gen, 1, 2, 3)
     sums = _expected_state(k, v, None, [6], False, CSQState(torch.zeros(1, 2, num_features(3),
                                                                          3, dtype=torch.float64),
