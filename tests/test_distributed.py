@@ -165,10 +165,7 @@ def _run_case(rank, lengths, seed, *, causal, dtype=torch.float64, center=True,
     for name in ("q", "k", "v"):
         want = g_full[name][:, :, a:b]
         got = g_loc[name] if g_loc[name] is not None else torch.zeros_like(want)
-        # A shard's gradient may vanish in exact arithmetic (sequences of one key): measure
-        # errors there against the whole gradient's size (or 1), not the rounding noise.
-        floor = max(1e-3 * g_full[name].norm().item(), 1.0)
-        checks.append((f"d{name}", rel_err(got, want, floor=floor), grad_tol))
+        checks.append((f"d{name}", _grad_err(got, want, g_full[name]), grad_tol))
     if shift_tensor:  # each rank holds the part from its queries: the sum is the gradient
         dshift = g_loc["shift"].clone()
         dist.all_reduce(dshift)
@@ -177,6 +174,13 @@ def _run_case(rank, lengths, seed, *, causal, dtype=torch.float64, center=True,
         for name in ("init_sums", "init_ref"):
             checks.append((f"d{name}", rel_err(g_loc[name], g_full[name], floor=1e-12), tol))
     return checks
+
+
+def _grad_err(got, want, whole):
+    """Relative error of a gradient. One may vanish in exact arithmetic (a shard of sequences
+    of one key; the key bias under centering): errors there are measured against the whole
+    gradient's size, or 1, not against the rounding noise."""
+    return rel_err(got, want, floor=max(1e-3 * whole.norm().item(), 1.0))
 
 
 def _packed_reference(q, k, v, shift, cu, opts):
@@ -240,6 +244,30 @@ def _check_errors(rank, world):
     return problems + ([] if torch.isfinite(y).all() else ["no output after the errors"])
 
 
+def _check_layer(rank, world):
+    """CSQAttention(process_group=...) on shards: the whole sequence's output, and parameter
+    gradients that sum over the ranks to the one-process ones."""
+    lengths = LAYOUTS[world][0]
+    a, b = sum(lengths[:rank]), sum(lengths[:rank + 1])
+    gen = torch.Generator().manual_seed(11)
+    x, dy = randn(gen, 2, sum(lengths), 8), randn(gen, 2, sum(lengths), 8)
+    layers = []
+    for group in (None, dist.group.WORLD):
+        torch.manual_seed(5)
+        layers.append(csq_ext.CSQAttention(8, 2, learnable_shift=True, process_group=group,
+                                           dtype=torch.float64))
+    single, split = layers
+    y_full, y = single(x), split(x[:, a:b])
+    (y_full * dy).sum().backward()
+    (y * dy[:, a:b]).sum().backward()
+    checks = [("layer y", rel_err(y, y_full[:, a:b]), TOL[torch.float64])]
+    for (name, p1), p2 in zip(single.named_parameters(), split.parameters()):
+        dist.all_reduce(p2.grad)
+        checks.append((f"layer d{name}", _grad_err(p2.grad, p1.grad, p1.grad),
+                       TOL[torch.float64]))
+    return [f"{what}: {err:.3e} > {tol}" for what, err, tol in checks if not err <= tol]
+
+
 def _worker(rank, world, port):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
@@ -256,6 +284,7 @@ def _worker(rank, world, port):
             if not err <= tol:
                 failures.append(f"{what}: {err}")
         failures += _check_errors(rank, world)
+        failures += _check_layer(rank, world)
     finally:
         dist.destroy_process_group()
     if failures:
