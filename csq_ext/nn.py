@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import attention as csq_attention
+from .distributed import attention as cp_attention
 from .penalty import negativity_penalty
 
 KERNELS = ("csq", "softmax", "linear", "taylor", "rebased")
@@ -164,6 +165,9 @@ class CSQAttention(nn.Module):
         scale: score scale tau, default 1 / sqrt(head size) (unused by "linear").
         bias: biases in the four projections.
         penalty_window: window W of ``negativity_penalty`` for ``forward(x, return_penalty=True)``.
+        process_group: a ``torch.distributed`` group for context parallelism (kernels "csq" and
+            "rebased"): every rank of it passes its contiguous shard of the sequences, in rank
+            order, and gets its shard of the output (``csq_ext.distributed.attention``).
 
     Under autocast the projections may come out in a lower precision than the parameters;
     the layer casts q, k, v to one dtype before calling ``csq_ext.attention`` (which computes
@@ -176,7 +180,7 @@ class CSQAttention(nn.Module):
                  learnable_shift: bool = False, center: bool = True, normalize: bool = True,
                  eps: float = 1e-6, scale: float | None = None, bias: bool = True,
                  chunk_size: int | None = None, penalty_window: int = 64,
-                 device=None, dtype=None):
+                 process_group=None, device=None, dtype=None):
         super().__init__()
         if kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
@@ -192,6 +196,10 @@ class CSQAttention(nn.Module):
         if kernel == "softmax" and not normalize:
             raise ValueError("kernel='softmax' is always normalized; normalize=False is "
                              "not supported")
+        if process_group is not None and kernel not in ("csq", "rebased"):
+            raise ValueError(f"process_group (context parallelism) applies to kernels 'csq' and "
+                             f"'rebased', not {kernel!r}")
+        self.process_group = process_group
         fk = dict(device=device, dtype=dtype)
         self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, num_kv_heads
         self.head_dim = embed_dim // num_heads
@@ -235,10 +243,10 @@ class CSQAttention(nn.Module):
             dt = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
             shift, center = self._kernel_args()
             q, k, v = (t.to(dt) for t in (q, k, v))  # autocast may leave them mixed
-            return csq_attention(q, k, v, causal=self.causal,
-                                 scale=self.scale, shift=shift, center=center,
-                                 normalize=self.normalize, eps=self.eps,
-                                 chunk_size=self.chunk_size)
+            cp = {} if self.process_group is None else dict(group=self.process_group)
+            return (cp_attention if cp else csq_attention)(
+                q, k, v, causal=self.causal, scale=self.scale, shift=shift, center=center,
+                normalize=self.normalize, eps=self.eps, chunk_size=self.chunk_size, **cp)
         if self.kernel == "softmax":
             dt = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
             q, k, v = q.to(dt), k.to(dt), v.to(dt)
@@ -278,6 +286,8 @@ class CSQAttention(nn.Module):
         if self.kernel not in ("csq", "rebased"):
             raise ValueError(f"return_penalty applies to the CSQ kernels ('csq', 'rebased'), "
                              f"not {self.kernel!r}")
+        if self.process_group is not None:  # its windows would stop at the shard's edges
+            raise ValueError("return_penalty is not available with a process_group")
         shift, center = self._kernel_args()
         penalty = negativity_penalty(q, k, window=self.penalty_window, scale=self.scale,
                                      shift=shift, center=center)
