@@ -22,4 +22,6 @@ cmake -S . -B build-cmake-cuda -DCMAKE_PREFIX_PATH="$TORCH_PREFIX" -DCSQ_WITH_CU
   -DCUDAToolkit_ROOT="$CUDA_HOME" -DCUDA_nvrtc_LIBRARY="$ENV/stand-ins/libnvrtc.so.13" >/dev/null
 cmake --build build-cmake-cuda -j"${MAX_JOBS:-2}" >/dev/null
 "$PY" -m pip install -q pytest
-CSQ_CMAKE_LIB="$PWD/build-cmake-cuda/libcsq_ext_ops.so" "$PY" -m pytest -q tests/test_cmake_library.py
+# --noconftest: the suite's conftest imports the package, which in this checkout may be built for
+# another torch; the library test loads the CMake library in a fresh interpreter of its own.
+CSQ_CMAKE_LIB="$PWD/build-cmake-cuda/libcsq_ext_ops.so" "$PY" -m pytest -q --noconftest -p no:cacheprovider tests/test_cmake_library.py
