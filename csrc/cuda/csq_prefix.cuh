@@ -56,29 +56,27 @@ __global__ void __launch_bounds__(kBlock) chunk_map_kernel(const AttnParams p, W
   }
 }
 
-// r = mean of the first min(len, kRefKeys) keys of each (sequence, kv head), per coordinate
-// over the finite values only (0 if there are none). Any finite r gives the same result
-// (centered CSQ does not depend on it); skipping non-finite keys keeps a NaN or Inf key from
-// reaching the queries before it through r. Grid (S Hk). Launched only with center.
+// r of each (sequence, kv head), csq_params.h: the given ref_in when the carried state holds
+// keys (or there is no carried state: the backward passes the forward's r), else the
+// coordinate-wise median of the finite values among the first min(len, kRefKeys) keys.
+// Grid (S Hk).
 template <typename T, typename Acc>
 __global__ void __launch_bounds__(kColThreads) ref_key_kernel(const AttnParams p, Work w) {
   const int64_t tg = blockIdx.x, s = tg / p.heads_k, g = tg % p.heads_k;
   const int D = static_cast<int>(p.dim_k);
   const SeqSpan q = seq_span(p, w, s);
-  const int64_t n0 = q.len < kRefKeys ? q.len : kRefKeys;
   Acc* ref = static_cast<Acc*>(w.ref) + tg * D;
-  for (int d = threadIdx.x; d < D; d += blockDim.x) {
-    Acc sum = 0;
-    int count = 0;
-    for (int64_t j = 0; j < n0; ++j) {
-      const Acc x = load_el<Acc, T>(p.k, p.k_stride, q.bi, g, q.start + j, d);
-      if (isfinite(x)) {
-        sum += x;
-        ++count;
-      }
-    }
-    ref[d] = count > 0 ? sum / Acc(count) : Acc(0);
+  if (p.ref_in != nullptr &&
+      (p.state_in == nullptr || q.len == 0 || carried_count<Acc>(p, s, g) != Acc(0))) {
+    for (int d = threadIdx.x; d < D; d += blockDim.x)
+      ref[d] = static_cast<const Acc*>(p.ref_in)[tg * D + d];
+    return;
   }
+  const int64_t m = q.len < kRefKeys ? q.len : kRefKeys;
+  for (int d = threadIdx.x; d < D; d += blockDim.x)
+    ref[d] = ref_key_median<Acc>(m, [&](int64_t j) {
+      return load_el<Acc, T>(p.k, p.k_stride, q.bi, g, q.start + j, d);
+    });
 }
 
 // The reference key of the sequence of a chunk.
@@ -270,7 +268,7 @@ __global__ void __launch_bounds__(kThreads, 3) rowshift_kernel(const AttnParams 
     if (tid == 0) {
       Acc sum = 0;
       for (int i = 0; i < nwarps; ++i) sum += dn0_part[i];
-      Acc* ds = head_sums(static_cast<Acc*>(p.dstate_in), p, c.seq, g);
+      const bool carried = p.state_in != nullptr;
       atomicAdd(ds + public_row(D, D, D) * (p.dim_v + 1) + p.dim_v, sum);
     }
   }
@@ -309,7 +307,8 @@ __global__ void __launch_bounds__(kColThreads) center_k_kernel(const AttnParams 
 // sum of the final dk over the chunk (plus, without centering, tau db_i q_i through
 // b_i = c + tau <q_i, r>). The carried key sum Z1 enters every mu'_i, so it receives the sum of
 // all centering terms of the sequence: the reverse scan's total, added once, by the CTA of the
-// sequence's first chunk. Grid (B Hk, nchunks); launched only with a carried state.
+// sequence's first chunk. Grid (B Hk, nchunks). Without a carried state only dref is written:
+// it carries the gradient of a returned state into the keys that r was picked from.
 template <typename T, typename Acc>
 __global__ void __launch_bounds__(kColThreads) state_grad_kernel(const AttnParams p, Work w) {
   const int64_t bg = blockIdx.x, t = blockIdx.y, bi = bg / p.heads_k, g = bg % p.heads_k;
@@ -323,7 +322,7 @@ __global__ void __launch_bounds__(kColThreads) state_grad_kernel(const AttnParam
   const Acc* pre = static_cast<const Acc*>(w.prefix) + bg * (nch + 1) * D;
   const Acc* cs = static_cast<const Acc*>(w.csum) + bg * nch * D;
   Acc* dref = static_cast<Acc*>(p.dref) + (c.seq * p.heads_k + g) * D;
-  Acc* ds = head_sums(static_cast<Acc*>(p.dstate_in), p, c.seq, g);
+  const bool carried = p.state_in != nullptr;
   for (int d = threadIdx.x; d < D; d += blockDim.x) {
     Acc sum = 0;
     for (int64_t j = c.row0; j < c.row1; ++j) {
@@ -335,8 +334,8 @@ __global__ void __launch_bounds__(kColThreads) state_grad_kernel(const AttnParam
         }
     }
     atomicAdd(dref + d, sum);
-    if (p.center && t == c.t0)
-      ds[public_row(d, D, D) * (p.dim_v + 1) + p.dim_v] += seq_total(pre, cs, c, D, d, true);
+    if (carried && p.center && t == c.t0)
+      head_sums(static_cast<Acc*>(p.dstate_in), p, c.seq, g)[public_row(d, D, D) * (p.dim_v + 1) + p.dim_v] += seq_total(pre, cs, c, D, d, true);
   }
 }
 
