@@ -1,6 +1,7 @@
 """The one home of argument checks for the public functions (attention, decode, decode_,
-CSQState.empty): every check names the argument and says what it expects. A wrong kind of
-value raises TypeError, a value out of range or of the wrong shape ValueError.
+CSQState.empty): every check names the argument and says what it expects. A value out of
+range or of the wrong shape raises ValueError (the spec's error for bad input); a wrong kind
+of value raises ArgumentTypeError, both a TypeError (Python's convention) and a ValueError.
 
 Messages are callables, formatted only on failure: formatting sizes when a check passes would
 make torch.compile specialize on them (a recompile for every length)."""
@@ -17,6 +18,10 @@ from .state import CSQState, num_features
 _SYM = (torch.SymInt, torch.SymFloat)
 
 
+class ArgumentTypeError(TypeError, ValueError):
+    """An argument of the wrong kind (not a tensor, not a number, not a bool, ...)."""
+
+
 def check(cond: bool, message) -> None:
     if not cond:
         raise ValueError(message())
@@ -24,11 +29,16 @@ def check(cond: bool, message) -> None:
 
 def check_type(cond: bool, message) -> None:
     if not cond:
-        raise TypeError(message())
+        raise ArgumentTypeError(message())
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _finite(x: float) -> bool:
+    # Plain comparisons, not math.isfinite: torch.compile traces these as constants.
+    return x == x and abs(x) != math.inf
 
 
 def _kind(x) -> str:
@@ -64,14 +74,14 @@ def scale(x, dim_k: int) -> float:
     if x is None:
         return float(dim_k ** -0.5)
     tau = _number("scale", x, "a finite float or None")
-    check(isinstance(tau, _SYM) or math.isfinite(tau),
+    check(isinstance(tau, _SYM) or _finite(tau),
           lambda: f"scale must be a finite float or None, got {tau}")
     return tau
 
 
 def eps(x) -> float:
     value = _number("eps", x, "a finite float >= 0")
-    check(isinstance(value, _SYM) or (math.isfinite(value) and value >= 0),
+    check(isinstance(value, _SYM) or (_finite(value) and value >= 0),
           lambda: f"eps must be a finite float >= 0, got {value}")
     return value
 
@@ -189,9 +199,10 @@ def state(st, q, k, v, S: int, name: str) -> None:
 
 
 def one_token(name: str, q, k, v) -> None:
-    for arg, t in (("q", q), ("k", k), ("v", v)):
+    for arg, t, shape in (("q", q, "(B, Hq, 1, Dk)"), ("k", k, "(B, Hk, 1, Dk)"),
+                          ("v", v, "(B, Hk, 1, Dv)")):
         check(t.shape[2] == 1, lambda: f"{name} takes one token per sequence: {arg} of shape "
-              f"(B, H, 1, D), got {tuple(t.shape)}")
+              f"{shape}, got {tuple(t.shape)}")
 
 
 def out(x, q, v):
