@@ -268,7 +268,7 @@ __global__ void __launch_bounds__(kThreads, 3) rowshift_kernel(const AttnParams 
     if (tid == 0) {
       Acc sum = 0;
       for (int i = 0; i < nwarps; ++i) sum += dn0_part[i];
-      const bool carried = p.state_in != nullptr;
+      Acc* ds = head_sums(static_cast<Acc*>(p.dstate_in), p, c.seq, g);
       atomicAdd(ds + public_row(D, D, D) * (p.dim_v + 1) + p.dim_v, sum);
     }
   }
@@ -334,8 +334,10 @@ __global__ void __launch_bounds__(kColThreads) state_grad_kernel(const AttnParam
         }
     }
     atomicAdd(dref + d, sum);
-    if (carried && p.center && t == c.t0)
-      head_sums(static_cast<Acc*>(p.dstate_in), p, c.seq, g)[public_row(d, D, D) * (p.dim_v + 1) + p.dim_v] += seq_total(pre, cs, c, D, d, true);
+    if (carried && p.center && t == c.t0) {
+      Acc* ds = head_sums(static_cast<Acc*>(p.dstate_in), p, c.seq, g);
+      ds[public_row(d, D, D) * (p.dim_v + 1) + p.dim_v] += seq_total(pre, cs, c, D, d, true);
+    }
   }
 }
 
