@@ -34,7 +34,14 @@ class CSQState(NamedTuple):
     @staticmethod
     def empty(batch: int, heads_k: int, dim_k: int, dim_v: int, *,
               dtype: torch.dtype = torch.float32, device=None) -> "CSQState":
-        """The state before any token: zero sums and a zero offset."""
+        """The state before any token: zero sums (count 0) and a zero ref, which the first
+        call or decoding step replaces by one picked from its keys."""
+        from . import _args  # _args imports this module
+
+        batch, heads_k = _args.size("batch", batch, 0), _args.size("heads_k", heads_k, 1)
+        dim_k, dim_v = _args.size("dim_k", dim_k, 1), _args.size("dim_v", dim_v, 1)
+        _args.check(dtype in (torch.float32, torch.float64),
+                    lambda: f"dtype must be torch.float32 or torch.float64, got {dtype}")
         sums = torch.zeros(batch, heads_k, num_features(dim_k), dim_v + 1, dtype=dtype,
                            device=device)
         return CSQState(sums, torch.zeros(batch, heads_k, dim_k, dtype=dtype, device=device))
