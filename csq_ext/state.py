@@ -19,8 +19,9 @@ class CSQState(NamedTuple):
         Its blocks are the spec's running sums: rows of pairs x <= y hold ``S2`` (columns
         ``:Dv``) and ``Z2`` (last column), the next Dk rows ``S1`` and ``Z1`` (the key sum that
         centering needs), the last row ``S0`` and ``Z0`` (the key count).
-    ref: (S, Hk, Dk), the key offset the sums are taken relative to (the mean of the first keys
-        when centering; it keeps float32 sums accurate when keys share a large offset).
+    ref: (S, Hk, Dk), the key offset the sums are taken relative to (the median of the
+        sequence's first keys, picked by the first call or decoding step of a state whose count
+        is 0; it keeps float32 sums accurate when keys share a large offset).
 
     float32 for float32 / bfloat16 / float16 inputs, float64 for float64 inputs. S is the
     batch size, or the number of packed sequences with ``cu_seqlens``. Differentiable: pass a

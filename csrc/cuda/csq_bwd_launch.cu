@@ -4,7 +4,7 @@
 //   3. g~ = [dnum, dden]                                           bwd_prep_kernel
 //   4. pass 1, key state S in order: dq, db from earlier keys      state_scan_kernel<kStateBwdQ>
 //   5. causal: in-chunk pairs: dq, db, dk, dv                      bwd_intra_kernel
-//   6. center: dq -= tau db mu'                                    rowshift_kernel<center_q>
+//   6. dq -= tau db mu' (mu' = -r without centering)              rowshift_kernel<center_q>
 //   7. dshift = sum_i db                                           dshift_kernel
 //   8. pass 2, query state R in reverse: dk, dv from later queries state_scan_kernel<kStateBwdK>
 //   9. center: dk += reverse cumulative sum of -tau db q / n       cq_chunk_sum, scan, center_k
@@ -81,7 +81,7 @@ Status launch_bwd(const AttnParams& p, void* workspace, size_t workspace_bytes,
     kernel<<<dim3(bhq, nch), kThreads, smem, stream>>>(p, w);
     CSQ_CHECK_LAUNCH("bwd_intra_kernel");
   }
-  if (p.center || carried) {
+  {  // also without centering: dq += tau db r (r is not 0, csq_params.h)
     rowshift_kernel<T, Acc, kRowCenterQ><<<dim3(bhk, nch), kThreads, 0, stream>>>(p, w);
     CSQ_CHECK_LAUNCH("rowshift_kernel<center_q>");
   }

@@ -1,7 +1,7 @@
 // Forward launcher: the kernel sequence of the forward, for the four input dtypes.
 //   1. zero the num~ accumulator (Work::rows)
 //   2. cu_seqlens: the chunk slots of each sequence              chunk_map_kernel
-//      r: the carried state's (ref_in), else with center the mean of the first keys, else 0;
+//      r: the carried state's (ref_in) when it holds keys, else the median of the first keys;
 //      center: per-chunk key sums, their scan
 //   The carried state (state_in, causal only) seeds the state scan and, through its key sum
 //   and count, mu' in step 3; step 4 writes state_out (return_state).

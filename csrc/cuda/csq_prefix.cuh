@@ -180,12 +180,12 @@ __device__ __forceinline__ Acc seq_total(const Acc* pre, const Acc* cs, const Ch
 
 // Row kernels that need mu'_i = mean of (k_j - r) over J(i), for the rows of chunk t of key
 // head (b, g) and every query head of its group. Grid (B Hk, nchunks).
-//   kRowShiftB:   b_i = c_h - tau <q_i, mu'_i>   (c_h when !center)
-//   kRowCenterQ:  dq_i -= tau db_i mu'_i          (launched with center or a carried state)
+//   kRowShiftB:   b_i = c_h - tau <q_i, mu'_i>
+//   kRowCenterQ:  dq_i -= tau db_i mu'_i
 // A carried state (causal only) holds n0 earlier keys with sum Z1 (relative to r): then
 // mu'_i = (Z1 + sum of this sequence's keys up to i) / (n0 + position + 1), and kRowCenterQ
 // also adds the gradient of n0 through every mu'_i, sum_i tau db_i <q_i, mu'_i> / n_i, to the
-// carried state's gradient. Without centering, a carried state's r is not 0: the keys are
+// carried state's gradient. Without centering r is not 0 either (csq_params.h): the keys are
 // k - r, and mu' = -r puts tau <q_i, r> back into b_i (and tau db_i r into dq_i).
 enum RowMode : int { kRowShiftB = 0, kRowCenterQ = 1 };
 
@@ -205,7 +205,6 @@ __global__ void __launch_bounds__(kThreads, 3) rowshift_kernel(const AttnParams 
   const Acc* pre = static_cast<const Acc*>(w.prefix) + bg * (nch + 1) * D;
   const Acc* cs = static_cast<const Acc*>(w.csum) + bg * nch * D;
   const bool carried = p.state_in != nullptr;
-  const bool shifted = p.center || carried;  // mu' is not 0
   const Acc n0 = carried_count<Acc>(p, c.seq, g);
 
   // Thread d < D carries the running sum of column d (causal) or holds the total mean.
@@ -229,7 +228,7 @@ __global__ void __launch_bounds__(kThreads, 3) rowshift_kernel(const AttnParams 
           mu_s[r][tid] = run;
         }
       }
-    } else if (shifted && tid < D) {
+    } else if (tid < D) {
       for (int r = 0; r < nrows; ++r) mu_s[r][tid] = -ref[tid];
     }
     __syncthreads();
@@ -240,7 +239,7 @@ __global__ void __launch_bounds__(kThreads, 3) rowshift_kernel(const AttnParams 
       const int64_t row = row0 + r;
       if (MODE == kRowShiftB) {
         Acc dot = 0;
-        if (shifted) {
+        {
           for (int d = lane; d < D; d += 32)
             dot += load_el<Acc, T>(p.q, p.q_stride, bi, h, row, d) * mu_s[r][d];
           dot = warp_sum(dot);
