@@ -161,14 +161,14 @@ def check_case(dtype, B, Hq, Hk, N, Dk, Dv, causal, center, normalize, kinds, se
     group = Hq // Hk
     kr = k64.detach().repeat_interleave(group, 1)
     n = torch.arange(1, N + 1, dtype=torch.float64) if causal else torch.full((N,), float(N))
-    r = kr[:, :, : min(N, 64)].mean(2, keepdim=True) if center else torch.zeros_like(kr[:, :, :1])
+    # r: the lower median of the first min(N, 64) keys (csq_params.h), centered or not
+    r = (kr[:, :, : min(N, 64)].median(2, keepdim=True).values if N > 0
+         else torch.zeros_like(kr[:, :, :1]))
     if center:
         mu = (kr.cumsum(2) if causal else kr.sum(2, keepdim=True).expand_as(kr)) / n[:, None]
     else:
         mu = torch.zeros_like(kr)
     b_ref = s64.detach()[None, :, None] - scale * (q64.detach() * (mu - r)).sum(-1)
-    if not center:
-        b_ref = s64.detach()[None, :, None].expand(B, Hq, N)
     w = (scale * q64.detach() @ kr.transpose(-1, -2) + (s64.detach()[None, :, None]
          - scale * (q64.detach() * mu).sum(-1) if center else s64.detach()[None, :, None]
          .expand(B, Hq, N))[..., None]) ** 2
