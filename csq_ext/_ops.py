@@ -66,6 +66,47 @@ def _fwd_setup_context(ctx, inputs, output):
     ctx.options = (causal, scale, center, normalize, eps, chunk_size)
 
 
+# How many leading keys of a sequence its ref is picked from (kRefKeys in csrc/csq_params.h).
+_REF_KEYS = 64
+
+
+def _ref_picked_from_keys(state_in, cu_seqlens, N, device):
+    """(S, Hk) or (S, 1) bool: where the op picked ref from the sequence's keys (the median of
+    its first keys) rather than taking the carried state's: no carried state, or one that holds
+    no key (count 0), and a sequence with keys (csrc/csq_params.h)."""
+    lens = (torch.full((1,), N) if cu_seqlens is None else (cu_seqlens[1:] - cu_seqlens[:-1]))
+    has_keys = (lens > 0).view(-1, 1).to(device)
+    if state_in is None:
+        return has_keys
+    return has_keys & (state_in[..., -1, -1] == 0)
+
+
+def _ref_key_gradient(k, ref, dref, cu_seqlens):
+    """The gradient that a picked ref (S, Hk, Dk) passes to the keys it was picked from: per
+    coordinate, ref is the lower median of the first _REF_KEYS keys of the sequence, i.e. one of
+    them (the first equal one receives dref). Returns a tensor shaped like k."""
+    acc = ref.dtype
+    B, Hk, N, D = k.shape
+    m = min(N, _REF_KEYS)
+    if cu_seqlens is None:
+        first = k[:, :, :m].to(acc) == ref[:, :, None]
+        first = first & (first.cumsum(2) == 1)
+        grad = torch.zeros(B, Hk, N, D, dtype=acc, device=k.device)
+        grad[:, :, :m] = first * dref[:, :, None]
+        return grad.to(k.dtype)
+    cu = cu_seqlens.to(device=k.device, dtype=torch.int64)
+    j = torch.arange(_REF_KEYS, device=k.device)
+    pos = cu[:-1, None] + j  # (S, _REF_KEYS): the positions of each sequence's first keys
+    valid = pos < cu[1:, None]
+    pos = pos.clamp(max=max(N - 1, 0))
+    keys = k[0][:, pos].to(acc).transpose(0, 1)  # (S, Hk, _REF_KEYS, D)
+    first = (keys == ref[:, :, None]) & valid[:, None, :, None]
+    first = first & (first.cumsum(2) == 1)
+    part = (first * dref[:, :, None]).transpose(0, 1).reshape(Hk, -1, D)
+    grad = torch.zeros(Hk, N, D, dtype=acc, device=k.device).index_add_(1, pos.reshape(-1), part)
+    return grad[None].to(k.dtype)
+
+
 def _fwd_backward(ctx, dy, _db, _dden, dstate_out, dref_out):
     # b and den are auxiliary outputs for the backward; the public function never returns them,
     # so their incoming gradients are None or zero and are ignored.
@@ -74,9 +115,17 @@ def _fwd_backward(ctx, dy, _db, _dden, dstate_out, dref_out):
         dy = torch.zeros_like(y)
     dq, dk, dv, dshift, dstate_in, dref = ops.csq_bwd(
         dy, q, k, v, shift, cu_seqlens, state_in, ref, y, b, den, dstate_out, *ctx.options)
-    dref_in = None
-    if ctx.has_ref_in:  # ref_out is ref_in passed through
-        dref_in = dref if dref_out is None else dref + dref_out
+    # dref: the gradient of the loss through ref, with the sums in and the keys held fixed;
+    # the returned ref is ref itself. Where the carried state held keys, ref is its ref;
+    # elsewhere the op picked ref from the sequence's keys, and the keys receive it.
+    if dref_out is not None:
+        dref = dref + dref_out
+    picked = _ref_picked_from_keys(state_in, cu_seqlens, k.shape[2], ref.device)
+    dref_in = torch.where(picked[..., None], 0, dref) if ctx.has_ref_in else None
+    # Outputs alone do not depend on a picked ref (it only re-centres the keys of a state that
+    # is empty); the returned state does.
+    if dstate_out is not None or dref_out is not None:
+        dk = dk + _ref_key_gradient(k, ref, torch.where(picked[..., None], dref, 0), cu_seqlens)
     return (dq, dk, dv, dshift, None, dstate_in if state_in is not None else None, dref_in,
             None, None, None, None, None, None, None)
 

@@ -3,105 +3,9 @@ from __future__ import annotations
 
 import torch
 
+from . import _args
 from ._ops import ops
-from .state import CSQState, num_features
-
-
-def _check(cond: bool, message) -> None:
-    # The message is a callable, formatted only on failure: formatting sizes when the check
-    # passes would make torch.compile specialize on them (a recompile for every length).
-    if not cond:
-        raise ValueError(message())
-
-
-def _validate(q, k, v, shift, eps):
-    for name, t, shape in (("q", q, "(B, Hq, N, Dk)"), ("k", k, "(B, Hk, N, Dk)"),
-                           ("v", v, "(B, Hk, N, Dv)")):
-        _check(isinstance(t, torch.Tensor), lambda: f"{name} must be a torch.Tensor of shape {shape}")
-        _check(t.dim() == 4, lambda: f"{name} must have shape {shape}, got {tuple(t.shape)}")
-        _check(t.is_floating_point(),
-               lambda: f"{name} must be floating point (float64, float32, bfloat16, float16), "
-               f"got {t.dtype}")
-    B, Hq, N, Dk = q.shape
-    Hk = k.shape[1]
-    _check(k.shape[0] == B and v.shape[0] == B,
-           lambda: f"k and v must have batch size B = {B} like q; got k {tuple(k.shape)}, "
-           f"v {tuple(v.shape)}")
-    _check(k.shape[2] == N and v.shape[2] == N,
-           lambda: f"k and v must have length N = {N} like q; got k {tuple(k.shape)}, "
-           f"v {tuple(v.shape)}")
-    _check(k.shape[3] == Dk, lambda: f"k must have shape (B, Hk, N, Dk) with Dk = {Dk} like q, "
-           f"got {tuple(k.shape)}")
-    _check(v.shape[1] == Hk, lambda: f"v must have shape (B, Hk, N, Dv) with Hk = {Hk} like k, "
-           f"got {tuple(v.shape)}")
-    _check(Hk > 0 and Hq % Hk == 0,
-           lambda: f"the number of query heads Hq = {Hq} must be a multiple of the number of "
-           f"key/value heads Hk = {Hk}")
-    _check(Dk > 0 and v.shape[3] > 0, lambda: "head sizes Dk and Dv must be positive")
-    _check(q.dtype == k.dtype == v.dtype,
-           lambda: f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    _check(q.device == k.device == v.device,
-           lambda: f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    if isinstance(shift, torch.Tensor):
-        _check(shift.shape == (Hq,),
-               lambda: f"shift must be a float or a tensor of shape (Hq,) = ({Hq},), "
-               f"got {tuple(shift.shape)}")
-        _check(shift.is_floating_point(), lambda: f"shift must be floating point, got {shift.dtype}")
-        _check(shift.device == q.device,
-               lambda: f"shift must be on the device of q ({q.device}), got {shift.device}")
-    _check(eps >= 0, lambda: f"eps must be >= 0, got {eps}")
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _num_sequences(q, cu_seqlens) -> int:
-    if cu_seqlens is None:
-        return q.shape[0]
-    _check(isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.dim() == 1
-           and cu_seqlens.shape[0] >= 2 and cu_seqlens.dtype in (torch.int32, torch.int64),
-           lambda: "cu_seqlens must be an int32 or int64 tensor of shape (S + 1,): the offsets of S "
-           "packed sequences")
-    _check(q.shape[0] == 1,
-           lambda: f"with cu_seqlens, q, k, v must pack the sequences along N with batch size 1: "
-           f"q of shape (1, Hq, T, Dk), got {tuple(q.shape)}")
-    if not torch.compiler.is_compiling():  # a data-dependent check; the op checks it too
-        c = cu_seqlens.cpu()
-        _check(int(c[0]) == 0 and int(c[-1]) == q.shape[2] and bool((c[1:] >= c[:-1]).all()),
-               lambda: f"cu_seqlens must be non-decreasing offsets from 0 to T = {q.shape[2]}")
-    return cu_seqlens.shape[0] - 1
-
-
-def _check_state(state, q, k, v, S, causal, name="initial_state"):
-    _check(causal, lambda: f"{name}: a carried state continues a causal sequence; causal=False "
-           "attends to future keys, which a state cannot hold")
-    _check(isinstance(state, CSQState),
-           lambda: f"{name} must be a csq_ext.CSQState (sums, ref), got {type(state).__name__}")
-    Hk, Dk, Dv = k.shape[1], k.shape[3], v.shape[3]
-    acc = _acc_dtype(q.dtype)
-    want = (S, Hk, num_features(Dk), Dv + 1)
-    _check(tuple(state.sums.shape) == want,
-           lambda: f"{name}.sums must have shape (S, Hk, F, Dv + 1) = {want}, got "
-           f"{tuple(state.sums.shape)}")
-    _check(tuple(state.ref.shape) == (S, Hk, Dk),
-           lambda: f"{name}.ref must have shape (S, Hk, Dk) = {(S, Hk, Dk)}, got "
-           f"{tuple(state.ref.shape)}")
-    for part in ("sums", "ref"):
-        t = getattr(state, part)
-        _check(t.dtype == acc, lambda: f"{name}.{part} must be {acc} for {q.dtype} inputs, got {t.dtype}")
-        _check(t.device == q.device,
-               lambda: f"{name}.{part} must be on the device of q ({q.device}), got {t.device}")
-
-
-def _shift_tensor(shift, q):
-    if isinstance(shift, torch.Tensor):
-        return shift
-    return torch.full((q.shape[1],), float(shift), dtype=_acc_dtype(q.dtype), device=q.device)
-
-
-def _scale(scale, q) -> float:
-    return float(q.shape[3] ** -0.5 if scale is None else scale)
+from .state import CSQState
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
@@ -137,18 +41,28 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     Equivalent to ``csq_ext.reference.csq_attention_reference`` without the N x N matrix:
     time O(N Dk^2 Dv), memory O(N (Dk + Dv)) plus O(Dk^2 Dv) per head.
     """
-    _validate(q, k, v, shift, eps)
-    S = _num_sequences(q, cu_seqlens)
-    _check(causal or not return_state,
-           lambda: "return_state needs causal=True: a non-causal output depends on future keys")
+    _args.qkv(q, k, v)
+    options = dict(causal=_args.flag("causal", causal), center=_args.flag("center", center),
+                   normalize=_args.flag("normalize", normalize), eps=_args.eps(eps),
+                   scale=_args.scale(scale, q.shape[3]))
+    shift_t = _args.shift(shift, q)
+    chunk = _args.chunk_size(chunk_size)
+    _args.flag("return_state", return_state)
+    _args.no_forward_ad(q=q, k=k, v=v, shift=shift_t)
+    S = _args.cu_seqlens(cu_seqlens, q)
+    _args.check(causal or not return_state,
+                lambda: "return_state needs causal=True: a non-causal output depends on future keys")
     state_in = ref_in = None
     if initial_state is not None:
-        _check_state(initial_state, q, k, v, S, causal)
+        _args.check(causal, lambda: "initial_state: a carried state continues a causal sequence; "
+                    "causal=False attends to future keys, which a state cannot hold")
+        _args.state(initial_state, q, k, v, S, "initial_state")
+        _args.no_forward_ad(**{"initial_state.sums": initial_state.sums,
+                               "initial_state.ref": initial_state.ref})
         state_in, ref_in = initial_state.sums.contiguous(), initial_state.ref.contiguous()
     y, _, _, sums, ref = ops.csq_fwd(
-        q, k, v, _shift_tensor(shift, q), cu_seqlens, state_in, ref_in, bool(causal),
-        _scale(scale, q), bool(center), bool(normalize), float(eps), int(chunk_size or 0),
-        bool(return_state))
+        q, k, v, shift_t, cu_seqlens, state_in, ref_in, options["causal"], options["scale"],
+        options["center"], options["normalize"], options["eps"], chunk, return_state)
     y = y.to(q.dtype)  # the op computes half precision in float32
     return (y, CSQState(sums, ref)) if return_state else y
 
@@ -159,10 +73,11 @@ def decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: CSQState, *
     """One decoding step: q (B, Hq, 1, Dk), k (B, Hk, 1, Dk), v (B, Hk, 1, Dv) for the next
     token of each sequence, and the state of everything before it. Returns ``(y, new_state)``
     with y (B, Hq, 1, Dv); differentiable. Costs O(Dk^2 Dv) per head whatever the position;
-    equal to ``attention`` over the whole sequence. ``decode_`` is the in-place variant."""
-    _check(q.dim() == 4 and q.shape[2] == 1,
-           lambda: f"decode takes one token per sequence: q of shape (B, Hq, 1, Dk), got "
-           f"{tuple(q.shape)}")
+    equal to ``attention`` over the whole sequence. ``decode_`` is the in-place variant.
+    ``state`` is required: start a sequence with ``CSQState.empty(...)``."""
+    _args.qkv(q, k, v)
+    _args.one_token("decode", q, k, v)
+    _args.state(state, q, k, v, q.shape[0], "state")
     return attention(q, k, v, causal=True, scale=scale, shift=shift, center=center,
                      normalize=normalize, eps=eps, initial_state=state, return_state=True)
 
@@ -176,26 +91,22 @@ def decode_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: CSQState, 
     tensor (Hq,) of the state's dtype, a step allocates nothing (a float shift costs one
     small tensor per call).
 
-    Start a sequence with ``CSQState.empty(...)`` (ref = 0) or with the state that a prefill
-    ``attention(..., return_state=True)`` returned (its ref is the mean of the first keys, which
-    keeps float32 sums accurate when keys share a large offset)."""
-    _validate(q, k, v, shift, eps)
-    _check(q.shape[2] == 1,
-           lambda: f"decode_ takes one token per sequence: q of shape (B, Hq, 1, Dk), got "
-           f"{tuple(q.shape)}")
-    _check_state(state, q, k, v, q.shape[0], True, name="state")
-    _check(q.device.type in ("cpu", "cuda"), lambda: "decode_ runs on CPU and CUDA tensors, "
-           f"got {q.device} (csq_ext.decode works wherever attention does)")
-    _check(state.sums.is_contiguous() and state.ref.is_contiguous(),
-           lambda: "state.sums and state.ref must be contiguous for the in-place update")
-    B, Hq, _, _ = q.shape
-    want = (B, Hq, 1, v.shape[3])
-    if out is None:
-        out = q.new_empty(want)
-    _check(tuple(out.shape) == want and out.dtype == q.dtype and out.is_contiguous(),
-           lambda: f"out must be a contiguous {q.dtype} tensor of shape (B, Hq, 1, Dv) = {want}")
-    shift_t = _shift_tensor(shift, q).to(_acc_dtype(q.dtype)).contiguous()
+    Start a sequence with ``CSQState.empty(...)`` or with the state that a prefill
+    ``attention(..., return_state=True)`` returned. A state that holds no key yet (count 0)
+    takes the first key as its ``ref`` (written into ``state.ref``), as a prefill picks its
+    ref from the first keys: that keeps float32 sums accurate when keys share a large offset."""
+    _args.qkv(q, k, v)
+    _args.one_token("decode_", q, k, v)
+    _args.state(state, q, k, v, q.shape[0], "state")
+    _args.check(q.device.type in ("cpu", "cuda"), lambda: "decode_ runs on CPU and CUDA tensors, "
+                f"got {q.device} (csq_ext.decode works wherever attention does)")
+    _args.check(state.sums.is_contiguous() and state.ref.is_contiguous(),
+                lambda: "state.sums and state.ref must be contiguous for the in-place update")
+    center, normalize = _args.flag("center", center), _args.flag("normalize", normalize)
+    tau, eps = _args.scale(scale, q.shape[3]), _args.eps(eps)
+    shift_t = _args.shift(shift, q).to(_args.acc_dtype(q.dtype)).contiguous()
+    out = _args.out(out, q, v)
+    _args.no_forward_ad(q=q, k=k, v=v, shift=shift_t, **{"state.sums": state.sums})
     with torch.no_grad():
-        ops.csq_decode_(state.sums, state.ref, q, k, v, shift_t, out, _scale(scale, q),
-                        bool(center), bool(normalize), float(eps))
+        ops.csq_decode_(state.sums, state.ref, q, k, v, shift_t, out, tau, center, normalize, eps)
     return out

@@ -19,8 +19,9 @@ class CSQState(NamedTuple):
         Its blocks are the spec's running sums: rows of pairs x <= y hold ``S2`` (columns
         ``:Dv``) and ``Z2`` (last column), the next Dk rows ``S1`` and ``Z1`` (the key sum that
         centering needs), the last row ``S0`` and ``Z0`` (the key count).
-    ref: (S, Hk, Dk), the key offset the sums are taken relative to (the mean of the first keys
-        when centering; it keeps float32 sums accurate when keys share a large offset).
+    ref: (S, Hk, Dk), the key offset the sums are taken relative to (the median of the
+        sequence's first keys, picked by the first call or decoding step of a state whose count
+        is 0; it keeps float32 sums accurate when keys share a large offset).
 
     float32 for float32 / bfloat16 / float16 inputs, float64 for float64 inputs. S is the
     batch size, or the number of packed sequences with ``cu_seqlens``. Differentiable: pass a
@@ -34,7 +35,14 @@ class CSQState(NamedTuple):
     @staticmethod
     def empty(batch: int, heads_k: int, dim_k: int, dim_v: int, *,
               dtype: torch.dtype = torch.float32, device=None) -> "CSQState":
-        """The state before any token: zero sums and a zero offset."""
+        """The state before any token: zero sums (count 0) and a zero ref, which the first
+        call or decoding step replaces by one picked from its keys."""
+        from . import _args  # _args imports this module
+
+        batch, heads_k = _args.size("batch", batch, 0), _args.size("heads_k", heads_k, 1)
+        dim_k, dim_v = _args.size("dim_k", dim_k, 1), _args.size("dim_v", dim_v, 1)
+        _args.check(dtype in (torch.float32, torch.float64),
+                    lambda: f"dtype must be torch.float32 or torch.float64, got {dtype}")
         sums = torch.zeros(batch, heads_k, num_features(dim_k), dim_v + 1, dtype=dtype,
                            device=device)
         return CSQState(sums, torch.zeros(batch, heads_k, dim_k, dtype=dtype, device=device))

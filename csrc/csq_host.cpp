@@ -193,6 +193,7 @@ AttnParams make_decode_params(const at::Tensor& sums, const at::Tensor& ref, con
               "csq_ext.decode_: out must be a contiguous (B, Hq, 1, Dv) tensor of q's dtype on ",
               q.device());
   p.y = y.data_ptr();
+  p.ref_out = ref.data_ptr();  // written when the state holds no key yet
   return p;
 }
 

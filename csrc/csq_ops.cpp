@@ -41,10 +41,11 @@ TORCH_LIBRARY(csq_ext, m) {
       "bool causal, float scale, bool center, bool normalize, float eps, int chunk_size) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // One decoding step in place, for serving: the new token's key and value join `sums`, y
-  // receives the output; nothing is allocated. q (B, Hq, 1, Dk), k (B, Hk, 1, Dk),
+  // receives the output; nothing is allocated. A state that holds no key yet (count 0) takes
+  // the token's key as its `ref`, written in place. q (B, Hq, 1, Dk), k (B, Hk, 1, Dk),
   // v (B, Hk, 1, Dv), y (B, Hq, 1, Dv).
   m.def(
-      "csq_decode_(Tensor(a!) sums, Tensor ref, Tensor q, Tensor k, Tensor v, Tensor shift, "
+      "csq_decode_(Tensor(a!) sums, Tensor(c!) ref, Tensor q, Tensor k, Tensor v, Tensor shift, "
       "Tensor(b!) y, float scale, bool center, bool normalize, float eps) -> ()");
   m.def("build_info() -> str", &build_info);
 }

@@ -38,7 +38,10 @@ struct AttnParams {
   // sums = sum_j psi(k_j - ref) [v_j, 1]^T, (S, Hk, F, Dv + 1), and the key offset ref
   // (S, Hk, Dk) the sums are taken relative to. Its last row holds the key count.
   const void* state_in = nullptr;  // optional
-  const void* ref_in = nullptr;    // given with state_in
+  // ref_in comes with state_in (in the backward: the forward's ref). It is used as given when
+  // the state holds keys; a state whose count is 0 holds none, and the sequence picks its own
+  // (see kRefKeys). decode_ writes its pick into the state through ref_out.
+  const void* ref_in = nullptr;
   void* state_out = nullptr;       // optional forward output
   void* ref_out = nullptr;         // forward output: the ref used (read by the backward)
 
@@ -75,12 +78,48 @@ inline SeqTask seq_task(const AttnParams& p, int64_t task) {
   return {s, 0, p.cu_seqlens[s], p.cu_seqlens[s + 1] - p.cu_seqlens[s], g};
 }
 
-// Keys are summed relative to a reference key r (the mean of the first kRefKeys keys of each
-// key/value head, or the carried state's ref) when centering, which keeps float32 sums accurate when keys share a large
-// offset. Centered CSQ is invariant to moving every key, so r changes only rounding. The saved
-// per-query shift is the shift that goes with k - r: b_i = c_h - tau <q_i, mu_i - r> when
-// centering, else b_i = c_h + tau <q_i, r> (r = 0 unless a carried state says otherwise).
+// Keys are summed relative to a reference key r when the sums are built: the carried state's
+// ref when the state holds keys, else the coordinate-wise median of the finite values among
+// the first kRefKeys keys of the sequence (ref_key_median below). Centered CSQ is invariant to
+// moving every key, so r changes only rounding; a median sits among the typical keys whatever
+// a few outliers or an attention-sink key do (a mean moves with them), which keeps float32
+// sums accurate when keys share a large offset, and keeps a huge key at position p from
+// reaching the rounding of the rows before p. The saved per-query shift is the shift that goes
+// with k - r: b_i = c_h - tau <q_i, mu_i - r> when centering, else b_i = c_h + tau <q_i, r>.
 constexpr int64_t kRefKeys = 64;
+
+#ifdef __CUDACC__
+#define CSQ_HOST_DEVICE __host__ __device__
+#else
+#define CSQ_HOST_DEVICE
+#endif
+
+// The lower median of the finite values among key(0), ..., key(m - 1), 0 if there is none.
+// O(m^2) comparisons by rank counting (m <= kRefKeys), so that the CPU and CUDA kernels pick
+// the same value without sorting. Non-finite keys are skipped: a NaN or Inf key must reach
+// the outputs after it, not every output through r.
+template <typename Acc, typename KeyAt>
+CSQ_HOST_DEVICE inline Acc ref_key_median(int64_t m, const KeyAt& key) {
+  int64_t n = 0;
+  for (int64_t j = 0; j < m; ++j) {
+    const Acc x = key(j);
+    n += (x - x == Acc(0));  // finite
+  }
+  const int64_t want = (n - 1) / 2;  // rank of the lower median among the finite values
+  for (int64_t j = 0; j < m && n > 0; ++j) {
+    const Acc x = key(j);
+    if (!(x - x == Acc(0))) continue;
+    int64_t less = 0, less_eq = 0;
+    for (int64_t i = 0; i < m; ++i) {
+      const Acc y = key(i);
+      if (!(y - y == Acc(0))) continue;
+      less += y < x;
+      less_eq += y <= x;
+    }
+    if (less <= want && want < less_eq) return x;
+  }
+  return Acc(0);
+}
 
 // Number of distinct degree-2 features of a D-vector: pairs (x, y) with x <= y.
 inline constexpr int64_t num_pairs(int64_t d) { return d * (d + 1) / 2; }

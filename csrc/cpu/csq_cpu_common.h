@@ -46,35 +46,32 @@ inline void load_values_aug(const AttnParams& p, int64_t b, int64_t g, int64_t n
   for (int64_t i = 0; i < rows; ++i) out[i * dv1 + p.dim_v] = acc_t(1);
 }
 
-// The reference key r of a task: the carried state's, else (when centering) the mean of the
-// sequence's first kRefKeys keys, else 0. Centered CSQ does not depend on r; subtracting it
-// keeps the float32 sums small.
+// The key count that a task's carried state holds (0 without one).
+template <typename acc_t>
+inline acc_t carried_count(const AttnParams& p, const SeqTask& t) {
+  if (p.state_in == nullptr) return acc_t(0);
+  const int64_t f = num_features(p.dim_k), dv1 = p.dim_v + 1;
+  const acc_t* s = static_cast<const acc_t*>(p.state_in) + (t.seq * p.heads_k + t.head_k) * f * dv1;
+  return s[(f - 1) * dv1 + p.dim_v];
+}
+
+// The reference key r of a task (csq_params.h): the carried state's when it holds keys (or
+// when the sequence has none to pick from), else the median of the sequence's first keys.
 template <typename scalar_t, typename acc_t>
 inline void task_reference(const AttnParams& p, const SeqTask& t, acc_t* ref) {
   const int64_t d = p.dim_k;
-  if (p.ref_in != nullptr) {
+  if (p.ref_in != nullptr && (p.state_in == nullptr || t.len == 0 ||
+                              carried_count<acc_t>(p, t) != acc_t(0))) {
     const acc_t* src = static_cast<const acc_t*>(p.ref_in) + (t.seq * p.heads_k + t.head_k) * d;
     std::copy(src, src + d, ref);
     return;
   }
-  std::fill(ref, ref + d, acc_t(0));
-  if (!p.center) return;
-  // Only finite values count: a NaN or Inf key must reach the outputs after it, not all of
-  // them through r.
-  std::vector<int64_t> count(d, 0);
   const int64_t m = std::min<int64_t>(t.len, kRefKeys);
-  for (int64_t j = 0; j < m; ++j) {
-    const scalar_t* src = row_ptr<scalar_t>(p.k, p.k_stride, t.batch, t.head_k, t.start + j);
-    for (int64_t x = 0; x < d; ++x) {
-      const acc_t kx = static_cast<acc_t>(src[x * p.k_stride[3]]);
-      if (std::isfinite(kx)) {
-        ref[x] += kx;
-        ++count[x];
-      }
-    }
-  }
   for (int64_t x = 0; x < d; ++x)
-    if (count[x] > 0) ref[x] /= acc_t(count[x]);
+    ref[x] = ref_key_median<acc_t>(m, [&](int64_t j) {
+      return static_cast<acc_t>(
+          row_ptr<scalar_t>(p.k, p.k_stride, t.batch, t.head_k, t.start + j)[x * p.k_stride[3]]);
+    });
 }
 
 // Starts a task's key state: the carried sums (F x (Dv + 1)) or zeros. Fills ksum with the

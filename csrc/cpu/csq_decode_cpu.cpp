@@ -16,7 +16,7 @@ namespace cpu {
 namespace {
 
 template <typename scalar_t, typename acc_t>
-void decode_task(const AttnParams& p, int64_t b, int64_t g, acc_t* sums, const acc_t* ref) {
+void decode_task(const AttnParams& p, int64_t b, int64_t g, acc_t* sums, acc_t* ref) {
   const int64_t D = p.dim_k, Dv = p.dim_v, Dv1 = Dv + 1, P = num_pairs(D), F = num_features(D);
   const acc_t tau = static_cast<acc_t>(p.scale), eps = static_cast<acc_t>(p.eps);
   const acc_t* shift = static_cast<const acc_t*>(p.shift);
@@ -25,6 +25,14 @@ void decode_task(const AttnParams& p, int64_t b, int64_t g, acc_t* sums, const a
   kq.resize(D);
   vt.resize(Dv1);
   num.resize(Dv1);
+
+  // A state that holds no key yet takes this first key as its ref (the median of one key,
+  // csq_params.h), as a prefill would: the sums stay small when keys share a large offset.
+  if (sums[(F - 1) * Dv1 + Dv] == acc_t(0)) {
+    const scalar_t* k = row_ptr<scalar_t>(p.k, p.k_stride, b, g, 0);
+    for (int64_t x = 0; x < D; ++x)
+      ref[x] = ref_key_median<acc_t>(1, [&](int64_t) { return static_cast<acc_t>(k[x * p.k_stride[3]]); });
+  }
 
   // sums += psi(k - ref) [v, 1]^T, one feature row at a time.
   load_rows<scalar_t, acc_t>(p.k, p.k_stride, b, g, 0, 1, D, ref, kq.data(), D);
@@ -68,7 +76,7 @@ void decode_task(const AttnParams& p, int64_t b, int64_t g, acc_t* sums, const a
   }
 }
 
-void csq_decode_cpu(at::Tensor& sums, const at::Tensor& ref, const at::Tensor& q,
+void csq_decode_cpu(at::Tensor& sums, at::Tensor& ref, const at::Tensor& q,
                     const at::Tensor& k, const at::Tensor& v, const at::Tensor& shift,
                     at::Tensor& y, double scale, bool center, bool normalize, double eps) {
   const AttnParams p =
@@ -77,7 +85,7 @@ void csq_decode_cpu(at::Tensor& sums, const at::Tensor& ref, const at::Tensor& q
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "csq_decode_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     acc_t* s = sums.data_ptr<acc_t>();
-    const acc_t* r = ref.data_ptr<acc_t>();
+    acc_t* r = static_cast<acc_t*>(p.ref_out);
     at::parallel_for(0, p.batch * p.heads_k, 1, [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task)
         decode_task<scalar_t, acc_t>(p, task / p.heads_k, task % p.heads_k,

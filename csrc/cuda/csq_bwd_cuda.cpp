@@ -43,13 +43,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor dstate_c = set_dstate_out(p, dstate_out, acc);
   const BackwardTensors t = set_backward_params(p, q, k, v, dy, y, bq, den);
 
-  // Without a carried state, ref only re-centres the keys, which centered CSQ does not see (and
-  // is 0 without centering): its gradient is zero, and there is no state gradient. With one,
-  // the kernels write both (zeroing them first).
+  // The kernels write dref always (r reaches a returned state's sums, and through the Python
+  // backward the keys that r was picked from) and dstate_in with a carried state (zeroing both
+  // first).
   at::Tensor dstate_in = carried ? at::empty(state_shape(p), opts) : at::empty({0}, opts);
-  at::Tensor dref = carried ? at::empty(ref_c.sizes(), opts) : at::zeros(ref_c.sizes(), opts);
+  at::Tensor dref = at::empty(ref_c.sizes(), opts);
   p.dstate_in = carried ? dstate_in.data_ptr() : nullptr;
-  p.dref = carried ? dref.data_ptr() : nullptr;
+  p.dref = dref.data_ptr();
 
   // Also with no token (B Hq N == 0): the launcher then only zeroes the gradients and passes
   // dstate_out through to dstate_in.

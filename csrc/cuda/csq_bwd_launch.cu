@@ -4,7 +4,7 @@
 //   3. g~ = [dnum, dden]                                           bwd_prep_kernel
 //   4. pass 1, key state S in order: dq, db from earlier keys      state_scan_kernel<kStateBwdQ>
 //   5. causal: in-chunk pairs: dq, db, dk, dv                      bwd_intra_kernel
-//   6. center: dq -= tau db mu'                                    rowshift_kernel<center_q>
+//   6. dq -= tau db mu' (mu' = -r without centering)              rowshift_kernel<center_q>
 //   7. dshift = sum_i db                                           dshift_kernel
 //   8. pass 2, query state R in reverse: dk, dv from later queries state_scan_kernel<kStateBwdK>
 //   9. center: dk += reverse cumulative sum of -tau db q / n       cq_chunk_sum, scan, center_k
@@ -12,7 +12,7 @@
 // A carried state (state_in, causal only): pass 1 starts from it, pass 2 from dstate_out (the
 // gradient of the returned state) and ends in dstate_in; step 6 (also run without centering,
 // where it adds tau db r) adds the gradient of the carried key count;
-//  10. carried state: dref and the gradient of the carried key sum  state_grad_kernel
+//  10. dref; carried state: the gradient of the carried key sum     state_grad_kernel
 #include "csq_chunk.cuh"
 #include "csq_launch_util.cuh"
 #include "csq_prefix.cuh"
@@ -51,11 +51,11 @@ Status launch_bwd(const AttnParams& p, void* workspace, size_t workspace_bytes,
   CSQ_RETURN_IF_ERROR(cudaMemsetAsync(p.dshift, 0, a * size_t(B * Hq), stream),
                       "memset(dshift)");
   const bool carried = p.state_in != nullptr;
-  if (carried) {  // the gradients of the carried state and its ref are sums of parts
+  if (carried)  // the gradients of the carried state and of ref are sums of parts
     CSQ_RETURN_IF_ERROR(cudaMemsetAsync(p.dstate_in, 0, a * state_elems(p), stream),
                         "memset(dstate_in)");
+  if (p.dref != nullptr)  // the host always asks for it; a carried state needs it
     CSQ_RETURN_IF_ERROR(cudaMemsetAsync(p.dref, 0, a * ref_elems(p), stream), "memset(dref)");
-  }
   if (B * Hq * N == 0)  // no token: the carried state's gradient is the returned state's
     return carried ? copy_or_zero(p.dstate_in, p.dstate_out, a * state_elems(p), stream,
                                   "dstate_in (empty input)")
@@ -81,7 +81,7 @@ Status launch_bwd(const AttnParams& p, void* workspace, size_t workspace_bytes,
     kernel<<<dim3(bhq, nch), kThreads, smem, stream>>>(p, w);
     CSQ_CHECK_LAUNCH("bwd_intra_kernel");
   }
-  if (p.center || carried) {
+  {  // also without centering: dq += tau db r (r is not 0, csq_params.h)
     rowshift_kernel<T, Acc, kRowCenterQ><<<dim3(bhk, nch), kThreads, 0, stream>>>(p, w);
     CSQ_CHECK_LAUNCH("rowshift_kernel<center_q>");
   }
@@ -99,7 +99,7 @@ Status launch_bwd(const AttnParams& p, void* workspace, size_t workspace_bytes,
     center_k_kernel<T, Acc><<<dim3(bhk, nch), kColThreads, 0, stream>>>(p, w);
     CSQ_CHECK_LAUNCH("center_k_kernel");
   }
-  if (carried) {
+  if (p.dref != nullptr) {  // r reaches a returned state; and the carried key sum
     state_grad_kernel<T, Acc><<<dim3(bhk, nch), kColThreads, 0, stream>>>(p, w);
     CSQ_CHECK_LAUNCH("state_grad_kernel");
   }

@@ -66,11 +66,22 @@ __device__ __forceinline__ Acc key_feature(const FeatureWalk& fw, const Acc* kq)
   return kind == 0 ? kq[fw.x] * kq[fw.y] : (kind == 1 ? kq[fw.lin()] : Acc(1));
 }
 
+// Coordinate d of the ref of a decode step: the state's, or when the state holds no key yet
+// (count 0) the median of this one key, i.e. the key itself if finite (csq_params.h), as a
+// prefill would pick it. decode_count_kernel, which runs last, writes it into the state.
+template <typename Acc>
+__device__ __forceinline__ Acc decode_ref(const AttnParams& p, Acc count_before, int64_t bg,
+                                          int d, Acc key) {
+  if (count_before != Acc(0)) return static_cast<const Acc*>(p.ref_in)[bg * p.dim_k + d];
+  return ref_key_median<Acc>(1, [&](int64_t) { return key; });
+}
+
 // sums: (B, Hk, F, Dv + 1) acc, contiguous; p.ref_in: (B, Hk, Dk) acc; p.y: (B, Hq, 1, Dv) in
 // the input dtype, contiguous; q, k, v strided with N = 1.
 template <typename T, typename Acc>
 __global__ void __launch_bounds__(kThreads) decode_kernel(const AttnParams p, Acc* sums) {
   __shared__ Acc kq[kMaxHeadDim];                // k - ref
+  __shared__ Acc rf[kMaxHeadDim];                // ref (see decode_ref)
   __shared__ Acc ksum[kMaxHeadDim];              // key sum after this token (last column)
   __shared__ Acc vt[kDecCols];                   // this CTA's value columns of v
   __shared__ Acc qt[kDecHeads][kMaxHeadDim];     // tau q of the pass's heads
@@ -87,10 +98,12 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const AttnParams p, Ac
   const bool col_ok = n < Dv;
   const Acc tau = Acc(p.scale);
   Acc* S = sums + bg * F * V1;
-  const Acc* ref = static_cast<const Acc*>(p.ref_in) + bg * D;
+  const Acc* ref = rf;
 
   for (int d = tid; d < D; d += blockDim.x) {
-    const Acc kd = load_el<Acc, T>(p.k, p.k_stride, bi, g, 0, d) - ref[d];
+    const Acc kraw = load_el<Acc, T>(p.k, p.k_stride, bi, g, 0, d);
+    rf[d] = decode_ref(p, S[(F - 1) * V1 + Dv], bg, d, kraw);
+    const Acc kd = kraw - rf[d];
     kq[d] = kd;
     ksum[d] = S[(P + d) * V1 + Dv] + kd;
   }
@@ -181,18 +194,24 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const AttnParams p, Ac
   }
 }
 
-// The last column += psi_f(k - ref), after decode_kernel. Grid (B Hk).
+// The last column += psi_f(k - ref), after decode_kernel; then the ref of a state that held no
+// key (decode_ref) is written. Grid (B Hk).
 template <typename T, typename Acc>
 __global__ void __launch_bounds__(kThreads) decode_count_kernel(const AttnParams p, Acc* sums) {
   __shared__ Acc kq[kMaxHeadDim];
   const int64_t bg = blockIdx.x, bi = bg / p.heads_k, g = bg % p.heads_k;
   const int D = static_cast<int>(p.dim_k), Dv = static_cast<int>(p.dim_v), V1 = Dv + 1;
   const int64_t F = int64_t(D) * (D + 1) / 2 + D + 1;
-  const Acc* ref = static_cast<const Acc*>(p.ref_in) + bg * D;
-  for (int d = threadIdx.x; d < D; d += blockDim.x)
-    kq[d] = load_el<Acc, T>(p.k, p.k_stride, bi, g, 0, d) - ref[d];
-  __syncthreads();
   Acc* S = sums + bg * F * V1;
+  const Acc count_before = S[(F - 1) * V1 + Dv];
+  Acc* ref_out = static_cast<Acc*>(p.ref_out) + bg * D;
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    const Acc kraw = load_el<Acc, T>(p.k, p.k_stride, bi, g, 0, d);
+    const Acc r = decode_ref(p, count_before, bg, d, kraw);
+    kq[d] = kraw - r;
+    if (count_before == Acc(0)) ref_out[d] = r;  // ref_out is ref_in: same thread, same d
+  }
+  __syncthreads();  // kq written, and count_before read by every thread before it changes
   for (FeatureWalk fw(threadIdx.x, D); fw.f < F; fw.advance(blockDim.x))
     S[fw.f * V1 + Dv] += key_feature(fw, kq);
 }

@@ -13,7 +13,7 @@
 namespace csq {
 namespace {
 
-void csq_decode_cuda(at::Tensor& sums, const at::Tensor& ref, const at::Tensor& q,
+void csq_decode_cuda(at::Tensor& sums, at::Tensor& ref, const at::Tensor& q,
                      const at::Tensor& k, const at::Tensor& v, const at::Tensor& shift,
                      at::Tensor& y, double scale, bool center, bool normalize, double eps) {
   const AttnParams p =

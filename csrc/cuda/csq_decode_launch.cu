@@ -1,6 +1,6 @@
 // Decode launcher: the in-place step of csq_decode_ (csq_decode.cuh), for the four input dtypes.
 //   1. the value columns of the state += psi v, and y, by column tiles     decode_kernel
-//   2. the last column (key sums, count) += psi                            decode_count_kernel
+//   2. the last column (key sums, count) += psi; ref of an empty state      decode_count_kernel
 // No workspace, no allocation: the state and y are the only memory written.
 #include "csq_decode.cuh"
 #include "csq_launch_util.cuh"
@@ -18,8 +18,8 @@ Status launch_decode(const AttnParams& p, void* sums, cudaStream_t stream) {
     return Status{cudaErrorInvalidValue, "launch_decode", "decode takes one token (N = 1)"};
   Status st = check_shapes(p);
   if (!st.ok()) return st;
-  if (p.ref_in == nullptr || sums == nullptr || p.y == nullptr)
-    return Status{cudaErrorInvalidValue, "launch_decode", "sums, ref and y are required"};
+  if (p.ref_in == nullptr || p.ref_out == nullptr || sums == nullptr || p.y == nullptr)
+    return Status{cudaErrorInvalidValue, "launch_decode", "sums, ref (in and out) and y are required"};
   if (p.batch * p.heads_k == 0) return Status{};
   const unsigned bhk = unsigned(p.batch * p.heads_k);
   const unsigned col_tiles = unsigned(ceil_div(p.dim_v, kDecCols));

@@ -1,7 +1,7 @@
 // Forward launcher: the kernel sequence of the forward, for the four input dtypes.
 //   1. zero the num~ accumulator (Work::rows)
 //   2. cu_seqlens: the chunk slots of each sequence              chunk_map_kernel
-//      r: the carried state's (ref_in), else with center the mean of the first keys, else 0;
+//      r: the carried state's (ref_in) when it holds keys, else the median of the first keys;
 //      center: per-chunk key sums, their scan
 //   The carried state (state_in, causal only) seeds the state scan and, through its key sum
 //   and count, mu' in step 3; step 4 writes state_out (return_state).
@@ -32,18 +32,10 @@ Status launch_key_prefix(const AttnParams& p, const Work& w, cudaStream_t stream
     CSQ_CHECK_LAUNCH("chunk_map_kernel");
   }
   if (shk == 0) return Status{};
-  // r: given (a carried state's, or in the backward the forward's), else the mean of the
-  // first keys when centering, else 0.
-  if (p.ref_in != nullptr) {
-    CSQ_RETURN_IF_ERROR(
-        cudaMemcpyAsync(w.ref, p.ref_in, ref_bytes, cudaMemcpyDeviceToDevice, stream),
-        "cudaMemcpyAsync(ref_in)");
-  } else if (p.center) {
-    ref_key_kernel<T, Acc><<<shk, kColThreads, 0, stream>>>(p, w);
-    CSQ_CHECK_LAUNCH("ref_key_kernel");
-  } else {
-    CSQ_RETURN_IF_ERROR(cudaMemsetAsync(w.ref, 0, ref_bytes, stream), "cudaMemsetAsync(ref)");
-  }
+  // r: given (a carried state's that holds keys, or in the backward the forward's), else the
+  // median of the first keys.
+  ref_key_kernel<T, Acc><<<shk, kColThreads, 0, stream>>>(p, w);
+  CSQ_CHECK_LAUNCH("ref_key_kernel");
   if (p.center) {
     key_chunk_sum_kernel<T, Acc><<<chunks, kColThreads, 0, stream>>>(p, w);
     CSQ_CHECK_LAUNCH("key_chunk_sum_kernel");

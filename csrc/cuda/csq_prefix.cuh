@@ -56,29 +56,27 @@ __global__ void __launch_bounds__(kBlock) chunk_map_kernel(const AttnParams p, W
   }
 }
 
-// r = mean of the first min(len, kRefKeys) keys of each (sequence, kv head), per coordinate
-// over the finite values only (0 if there are none). Any finite r gives the same result
-// (centered CSQ does not depend on it); skipping non-finite keys keeps a NaN or Inf key from
-// reaching the queries before it through r. Grid (S Hk). Launched only with center.
+// r of each (sequence, kv head), csq_params.h: the given ref_in when the carried state holds
+// keys (or there is no carried state: the backward passes the forward's r), else the
+// coordinate-wise median of the finite values among the first min(len, kRefKeys) keys.
+// Grid (S Hk).
 template <typename T, typename Acc>
 __global__ void __launch_bounds__(kColThreads) ref_key_kernel(const AttnParams p, Work w) {
   const int64_t tg = blockIdx.x, s = tg / p.heads_k, g = tg % p.heads_k;
   const int D = static_cast<int>(p.dim_k);
   const SeqSpan q = seq_span(p, w, s);
-  const int64_t n0 = q.len < kRefKeys ? q.len : kRefKeys;
   Acc* ref = static_cast<Acc*>(w.ref) + tg * D;
-  for (int d = threadIdx.x; d < D; d += blockDim.x) {
-    Acc sum = 0;
-    int count = 0;
-    for (int64_t j = 0; j < n0; ++j) {
-      const Acc x = load_el<Acc, T>(p.k, p.k_stride, q.bi, g, q.start + j, d);
-      if (isfinite(x)) {
-        sum += x;
-        ++count;
-      }
-    }
-    ref[d] = count > 0 ? sum / Acc(count) : Acc(0);
+  if (p.ref_in != nullptr &&
+      (p.state_in == nullptr || q.len == 0 || carried_count<Acc>(p, s, g) != Acc(0))) {
+    for (int d = threadIdx.x; d < D; d += blockDim.x)
+      ref[d] = static_cast<const Acc*>(p.ref_in)[tg * D + d];
+    return;
   }
+  const int64_t m = q.len < kRefKeys ? q.len : kRefKeys;
+  for (int d = threadIdx.x; d < D; d += blockDim.x)
+    ref[d] = ref_key_median<Acc>(m, [&](int64_t j) {
+      return load_el<Acc, T>(p.k, p.k_stride, q.bi, g, q.start + j, d);
+    });
 }
 
 // The reference key of the sequence of a chunk.
@@ -182,12 +180,12 @@ __device__ __forceinline__ Acc seq_total(const Acc* pre, const Acc* cs, const Ch
 
 // Row kernels that need mu'_i = mean of (k_j - r) over J(i), for the rows of chunk t of key
 // head (b, g) and every query head of its group. Grid (B Hk, nchunks).
-//   kRowShiftB:   b_i = c_h - tau <q_i, mu'_i>   (c_h when !center)
-//   kRowCenterQ:  dq_i -= tau db_i mu'_i          (launched with center or a carried state)
+//   kRowShiftB:   b_i = c_h - tau <q_i, mu'_i>
+//   kRowCenterQ:  dq_i -= tau db_i mu'_i
 // A carried state (causal only) holds n0 earlier keys with sum Z1 (relative to r): then
 // mu'_i = (Z1 + sum of this sequence's keys up to i) / (n0 + position + 1), and kRowCenterQ
 // also adds the gradient of n0 through every mu'_i, sum_i tau db_i <q_i, mu'_i> / n_i, to the
-// carried state's gradient. Without centering, a carried state's r is not 0: the keys are
+// carried state's gradient. Without centering r is not 0 either (csq_params.h): the keys are
 // k - r, and mu' = -r puts tau <q_i, r> back into b_i (and tau db_i r into dq_i).
 enum RowMode : int { kRowShiftB = 0, kRowCenterQ = 1 };
 
@@ -207,7 +205,6 @@ __global__ void __launch_bounds__(kThreads, 3) rowshift_kernel(const AttnParams 
   const Acc* pre = static_cast<const Acc*>(w.prefix) + bg * (nch + 1) * D;
   const Acc* cs = static_cast<const Acc*>(w.csum) + bg * nch * D;
   const bool carried = p.state_in != nullptr;
-  const bool shifted = p.center || carried;  // mu' is not 0
   const Acc n0 = carried_count<Acc>(p, c.seq, g);
 
   // Thread d < D carries the running sum of column d (causal) or holds the total mean.
@@ -231,7 +228,7 @@ __global__ void __launch_bounds__(kThreads, 3) rowshift_kernel(const AttnParams 
           mu_s[r][tid] = run;
         }
       }
-    } else if (shifted && tid < D) {
+    } else if (tid < D) {
       for (int r = 0; r < nrows; ++r) mu_s[r][tid] = -ref[tid];
     }
     __syncthreads();
@@ -242,7 +239,7 @@ __global__ void __launch_bounds__(kThreads, 3) rowshift_kernel(const AttnParams 
       const int64_t row = row0 + r;
       if (MODE == kRowShiftB) {
         Acc dot = 0;
-        if (shifted) {
+        {
           for (int d = lane; d < D; d += 32)
             dot += load_el<Acc, T>(p.q, p.q_stride, bi, h, row, d) * mu_s[r][d];
           dot = warp_sum(dot);
@@ -309,7 +306,8 @@ __global__ void __launch_bounds__(kColThreads) center_k_kernel(const AttnParams 
 // sum of the final dk over the chunk (plus, without centering, tau db_i q_i through
 // b_i = c + tau <q_i, r>). The carried key sum Z1 enters every mu'_i, so it receives the sum of
 // all centering terms of the sequence: the reverse scan's total, added once, by the CTA of the
-// sequence's first chunk. Grid (B Hk, nchunks); launched only with a carried state.
+// sequence's first chunk. Grid (B Hk, nchunks). Without a carried state only dref is written:
+// it carries the gradient of a returned state into the keys that r was picked from.
 template <typename T, typename Acc>
 __global__ void __launch_bounds__(kColThreads) state_grad_kernel(const AttnParams p, Work w) {
   const int64_t bg = blockIdx.x, t = blockIdx.y, bi = bg / p.heads_k, g = bg % p.heads_k;
@@ -323,7 +321,7 @@ __global__ void __launch_bounds__(kColThreads) state_grad_kernel(const AttnParam
   const Acc* pre = static_cast<const Acc*>(w.prefix) + bg * (nch + 1) * D;
   const Acc* cs = static_cast<const Acc*>(w.csum) + bg * nch * D;
   Acc* dref = static_cast<Acc*>(p.dref) + (c.seq * p.heads_k + g) * D;
-  Acc* ds = head_sums(static_cast<Acc*>(p.dstate_in), p, c.seq, g);
+  const bool carried = p.state_in != nullptr;
   for (int d = threadIdx.x; d < D; d += blockDim.x) {
     Acc sum = 0;
     for (int64_t j = c.row0; j < c.row1; ++j) {
@@ -335,8 +333,10 @@ __global__ void __launch_bounds__(kColThreads) state_grad_kernel(const AttnParam
         }
     }
     atomicAdd(dref + d, sum);
-    if (p.center && t == c.t0)
+    if (carried && p.center && t == c.t0) {
+      Acc* ds = head_sums(static_cast<Acc*>(p.dstate_in), p, c.seq, g);
       ds[public_row(d, D, D) * (p.dim_v + 1) + p.dim_v] += seq_total(pre, cs, c, D, d, true);
+    }
   }
 }
 

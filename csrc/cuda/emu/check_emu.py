@@ -161,14 +161,14 @@ def check_case(dtype, B, Hq, Hk, N, Dk, Dv, causal, center, normalize, kinds, se
     group = Hq // Hk
     kr = k64.detach().repeat_interleave(group, 1)
     n = torch.arange(1, N + 1, dtype=torch.float64) if causal else torch.full((N,), float(N))
-    r = kr[:, :, : min(N, 64)].mean(2, keepdim=True) if center else torch.zeros_like(kr[:, :, :1])
+    # r: the lower median of the first min(N, 64) keys (csq_params.h), centered or not
+    r = (kr[:, :, : min(N, 64)].median(2, keepdim=True).values if N > 0
+         else torch.zeros_like(kr[:, :, :1]))
     if center:
         mu = (kr.cumsum(2) if causal else kr.sum(2, keepdim=True).expand_as(kr)) / n[:, None]
     else:
         mu = torch.zeros_like(kr)
     b_ref = s64.detach()[None, :, None] - scale * (q64.detach() * (mu - r)).sum(-1)
-    if not center:
-        b_ref = s64.detach()[None, :, None].expand(B, Hq, N)
     w = (scale * q64.detach() @ kr.transpose(-1, -2) + (s64.detach()[None, :, None]
          - scale * (q64.detach() * mu).sum(-1) if center else s64.detach()[None, :, None]
          .expand(B, Hq, N))[..., None]) ** 2
@@ -208,8 +208,9 @@ def emu_decode(q, k, v, shift, sums, ref, scale, center, normalize, eps):
 def check_decode(dtype, B, Hq, Hk, Dk, Dv, center, normalize, prefill, steps, kinds, seed,
                  key_offset=0.0):
     """Decode steps of the CUDA kernels against the CPU backend's csq_decode_ (same state, same
-    tokens): the output of every step and the state after the last one. The state comes from
-    a CPU prefill of `prefill` tokens (0: CSQState.empty, ref = 0)."""
+    tokens): the output of every step and the state (sums, ref) after the last one. The state
+    comes from a CPU prefill of `prefill` tokens (0: CSQState.empty, whose first step picks the
+    ref)."""
     import csq_ext  # the CPU build: the behavioural reference for the state layout
     g = torch.Generator().manual_seed(seed)
     acc = acc_of(dtype)
@@ -223,18 +224,20 @@ def check_decode(dtype, B, Hq, Hk, Dk, Dv, center, normalize, prefill, steps, ki
                                   return_state=True)
     else:
         st = csq_ext.CSQState.empty(B, Hk, Dk, Dv, dtype=acc)
-    sums_cpu, sums_emu, ref = st.sums.clone(), st.sums.clone(), st.ref.clone()
+    sums_cpu, sums_emu = st.sums.clone(), st.sums.clone()
+    ref_cpu, ref_emu = st.ref.clone(), st.ref.clone()  # written by a step from an empty state
     errs = {}
     for t in range(steps):
         q = strided((B, Hq, 1, Dk), dtype, g, kinds[0])
         k = strided((B, Hk, 1, Dk), dtype, g, kinds[1], key_offset)
         v = strided((B, Hk, 1, Dv), dtype, g, kinds[2])
         y_cpu = torch.empty(B, Hq, 1, Dv, dtype=dtype)
-        torch.ops.csq_ext.csq_decode_(sums_cpu, ref, q, k, v, shift, y_cpu, scale, center,
+        torch.ops.csq_ext.csq_decode_(sums_cpu, ref_cpu, q, k, v, shift, y_cpu, scale, center,
                                       normalize, eps)
-        y = emu_decode(q, k, v, shift, sums_emu, ref, scale, center, normalize, eps)
+        y = emu_decode(q, k, v, shift, sums_emu, ref_emu, scale, center, normalize, eps)
         errs[f"y{t}"] = rel(y, y_cpu)
     errs["sums"] = rel(sums_emu, sums_cpu)
+    errs["ref"] = rel(ref_emu, ref_cpu)
     tol = TOL[dtype] * (10 if key_offset else 1)
     name = (f"decode {str(dtype)[6:]:8s} B{B} Hq{Hq} Hk{Hk} Dk{Dk:<3d} Dv{Dv:<3d} "
             f"center={int(center)} norm={int(normalize)} prefill={prefill} steps={steps} "
@@ -321,7 +324,11 @@ def check_state(dtype, Hq, Hk, lens, prefill, Dk, Dv, center, normalize, seed, c
     shift = (torch.rand(Hq, generator=g, dtype=torch.float64) + 0.5).to(acc)
     scale, eps = Dk ** -0.5, 1e-6
     state_in = ref_in = None
-    if carried:
+    if carried and prefill == 0:  # a state that holds no key: the call picks its own ref
+        F0 = (Dk + 1) * (Dk + 2) // 2
+        state_in = torch.zeros(S, Hk, F0, Dv + 1, dtype=acc)
+        ref_in = torch.randn(S, Hk, Dk, generator=g, dtype=torch.float64).to(acc)
+    elif carried:
         q0 = strided((S, Hq, prefill, Dk), dtype, g, "contiguous")
         k0 = strided((S, Hk, prefill, Dk), dtype, g, "contiguous", 0.5)
         v0 = strided((S, Hk, prefill, Dv), dtype, g, "contiguous")
@@ -366,7 +373,7 @@ def check_state(dtype, Hq, Hk, lens, prefill, Dk, Dv, center, normalize, seed, c
             dstate_in = torch.full((S, Hk, F, Dv + 1), nan, dtype=acc)
             dref = torch.full((S, Hk, Dk), nan, dtype=acc)
             lib.emu_set_state(opt(state_in), ptr(ref_out), null, null, ptr(dstate_out),
-                              opt(dstate_in if carried else None), opt(dref if carried else None))
+                              opt(dstate_in if carried else None), ptr(dref))
             rc = lib.emu_bwd(DT[dtype], arr([B, Hq, Hk, T, Dk, Dv]), ptr(q), arr(q.stride()),
                              ptr(k), arr(k.stride()), ptr(v), arr(v.stride()), ptr(shift),
                              ctypes.c_double(scale), ctypes.c_double(eps), 1, int(center),
@@ -375,8 +382,9 @@ def check_state(dtype, Hq, Hk, lens, prefill, Dk, Dv, center, normalize, seed, c
             assert rc == 0, msg.value
             errs.update(dq=rel(dq, gc[0]), dk=rel(dk, gc[1]), dv=rel(dv, gc[2]),
                         dshift=rel(dshift.sum(0), gc[3]))
+            errs.update(dref=rel(dref, gc[5]))
             if carried:
-                errs.update(dstate_in=rel(dstate_in, gc[4]), dref=rel(dref, gc[5]))
+                errs.update(dstate_in=rel(dstate_in, gc[4]))
     finally:
         lib.emu_set_seqs(None, 0)
         lib.emu_set_state(null, null, null, null, null, null, null)
@@ -397,6 +405,9 @@ STATE_CASES = [
     (torch.float64, 2, 1, [3, 0, 66], 4, 4, 4, False, False),
     (torch.float32, 3, 1, 130, 80, 16, 8, True, True),
     (torch.bfloat16, 2, 1, 70, 30, 8, 8, True, True),
+    # prefill 0: an empty carried state (count 0), which picks its ref from the keys
+    (torch.float64, 2, 1, [0, 70, 3], 0, 4, 3, True, True),
+    (torch.float32, 2, 1, 70, 0, 5, 3, False, True),
 ]
 
 
@@ -528,6 +539,7 @@ def main():
         ok &= check_state(torch.float64, 2, 1, 70, 0, 4, 3, True, True, seed=650, carried=False)
         ok &= check_state(torch.float32, 2, 2, [5, 64, 0, 30], 0, 6, 5, True, True, seed=651,
                           carried=False)
+        ok &= check_state(torch.float64, 2, 1, 70, 0, 4, 3, False, True, seed=652, carried=False)
     if "state" in sys.argv:
         print("ALL OK" if ok else "SOME FAILED")
         sys.exit(0 if ok else 1)

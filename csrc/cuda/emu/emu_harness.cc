@@ -149,8 +149,9 @@ extern "C" int emu_decode(int dt, const int64_t* sz, const void* q, const int64_
   p.cu_seqlens = nullptr;
   p.num_seqs = p.batch;
   p.state_in = p.dstate_out = nullptr;
-  p.state_out = p.ref_out = p.dstate_in = p.dref = nullptr;
+  p.state_out = p.dstate_in = p.dref = nullptr;
   p.ref_in = ref;
+  p.ref_out = const_cast<void*>(ref);  // written when the state holds no key yet
   p.y = y;
   Status st;
   switch (DType(dt)) {

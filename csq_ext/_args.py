@@ -1,0 +1,226 @@
+"""The one home of argument checks for the public functions (attention, decode, decode_,
+CSQState.empty): every check names the argument and says what it expects. A value out of
+range or of the wrong shape raises ValueError (the spec's error for bad input); a wrong kind
+of value raises ArgumentTypeError, both a TypeError (Python's convention) and a ValueError.
+
+Messages are callables, formatted only on failure: formatting sizes when a check passes would
+make torch.compile specialize on them (a recompile for every length)."""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+import torch.autograd.forward_ad as _fwAD
+
+from .state import CSQState, num_features
+
+_SYM = (torch.SymInt, torch.SymFloat)
+
+
+class ArgumentTypeError(TypeError, ValueError):
+    """An argument of the wrong kind (not a tensor, not a number, not a bool, ...)."""
+
+
+def check(cond: bool, message) -> None:
+    if not cond:
+        raise ValueError(message())
+
+
+def check_type(cond: bool, message) -> None:
+    if not cond:
+        raise ArgumentTypeError(message())
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _finite(x: float) -> bool:
+    # Plain comparisons, not math.isfinite: torch.compile traces these as constants.
+    return x == x and abs(x) != math.inf
+
+
+def _kind(x) -> str:
+    return type(x).__name__
+
+
+def flag(name: str, x) -> bool:
+    """causal, center, normalize, return_state: a bool, nothing that merely converts to one."""
+    check_type(isinstance(x, bool), lambda: f"{name} must be a bool, got {_kind(x)}")
+    return x
+
+
+def _number(name: str, x, what: str) -> float:
+    """A real Python or numpy number, or a one-element real tensor that does not require grad
+    (the options are not differentiable: a tensor that requires grad would be detached)."""
+    if isinstance(x, torch.Tensor):
+        check_type(x.numel() == 1 and not x.is_complex() and x.dtype != torch.bool,
+                   lambda: f"{name} must be {what}, got a tensor of shape {tuple(x.shape)} and "
+                   f"dtype {x.dtype}")
+        check(not x.requires_grad, lambda: f"{name} is not differentiable: pass a float, not a "
+              "tensor that requires grad (it would be silently detached)")
+        check(x.device.type != "meta", lambda: f"{name} must hold a value, got a meta tensor")
+        return float(x)
+    if isinstance(x, _SYM):
+        return x
+    check_type(isinstance(x, numbers.Real) and not isinstance(x, bool),
+               lambda: f"{name} must be {what}, got {_kind(x)}")
+    return float(x)
+
+
+def scale(x, dim_k: int) -> float:
+    """tau: None (1 / sqrt(Dk)) or a finite real number."""
+    if x is None:
+        return float(dim_k ** -0.5)
+    tau = _number("scale", x, "a finite float or None")
+    check(isinstance(tau, _SYM) or _finite(tau),
+          lambda: f"scale must be a finite float or None, got {tau}")
+    return tau
+
+
+def eps(x) -> float:
+    value = _number("eps", x, "a finite float >= 0")
+    check(isinstance(value, _SYM) or (_finite(value) and value >= 0),
+          lambda: f"eps must be a finite float >= 0, got {value}")
+    return value
+
+
+def chunk_size(x) -> int:
+    """None (the default) or a positive int; 0 means the default to the operator."""
+    if x is None:
+        return 0
+    check_type((isinstance(x, numbers.Integral) or isinstance(x, torch.SymInt))
+               and not isinstance(x, bool),
+               lambda: f"chunk_size must be a positive int or None, got {_kind(x)} {x!r}")
+    check(isinstance(x, torch.SymInt) or x >= 1,
+          lambda: f"chunk_size must be a positive int or None, got {x}")
+    return int(x)
+
+
+def no_forward_ad(**tensors) -> None:
+    """Forward-mode AD (torch.func.jvp, jacfwd, torch.autograd.forward_ad) is not implemented:
+    refuse dual tensors rather than return a zero tangent."""
+    if torch.compiler.is_compiling():
+        return
+    for name, t in tensors.items():
+        if isinstance(t, torch.Tensor) and _fwAD.unpack_dual(t).tangent is not None:
+            raise NotImplementedError(
+                f"csq_ext: forward-mode AD (torch.func.jvp / jacfwd / forward_ad) is not "
+                f"implemented ({name} has a tangent); use reverse mode (backward, torch.func.vjp,"
+                f" jacrev) or csq_ext.reference.csq_attention_reference")
+
+
+def qkv(q, k, v) -> None:
+    for name, t, shape in (("q", q, "(B, Hq, N, Dk)"), ("k", k, "(B, Hk, N, Dk)"),
+                           ("v", v, "(B, Hk, N, Dv)")):
+        check_type(isinstance(t, torch.Tensor),
+                   lambda: f"{name} must be a torch.Tensor of shape {shape}, got {_kind(t)}")
+        check(t.dim() == 4, lambda: f"{name} must have shape {shape}, got {tuple(t.shape)}")
+        check(t.is_floating_point(),
+              lambda: f"{name} must be floating point (float64, float32, bfloat16, float16), "
+              f"got {t.dtype}")
+    B, Hq, N, Dk = q.shape
+    Hk = k.shape[1]
+    check(k.shape[0] == B and v.shape[0] == B,
+          lambda: f"k and v must have batch size B = {B} like q; got k {tuple(k.shape)}, "
+          f"v {tuple(v.shape)}")
+    check(k.shape[2] == N and v.shape[2] == N,
+          lambda: f"k and v must have length N = {N} like q; got k {tuple(k.shape)}, "
+          f"v {tuple(v.shape)}")
+    check(k.shape[3] == Dk, lambda: f"k must have shape (B, Hk, N, Dk) with Dk = {Dk} like q, "
+          f"got {tuple(k.shape)}")
+    check(v.shape[1] == Hk, lambda: f"v must have shape (B, Hk, N, Dv) with Hk = {Hk} like k, "
+          f"got {tuple(v.shape)}")
+    check(Hk > 0 and Hq % Hk == 0,
+          lambda: f"the number of query heads Hq = {Hq} must be a multiple of the number of "
+          f"key/value heads Hk = {Hk}")
+    check(Dk > 0 and v.shape[3] > 0, lambda: "head sizes Dk and Dv must be positive")
+    check(q.dtype == k.dtype == v.dtype,
+          lambda: f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    check(q.device == k.device == v.device,
+          lambda: f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+
+
+def shift(x, q) -> torch.Tensor:
+    """c: a real number, or a floating tensor of shape (Hq,) on q's device. Returns a tensor."""
+    Hq = q.shape[1]
+    what = f"a float or a floating-point torch.Tensor of shape (Hq,) = ({Hq},)"
+    if isinstance(x, torch.Tensor):
+        check(x.shape == (Hq,), lambda: f"shift must be {what}, got shape {tuple(x.shape)}")
+        check(x.is_floating_point(), lambda: f"shift must be {what}, got dtype {x.dtype}")
+        check(x.device == q.device,
+              lambda: f"shift must be on the device of q ({q.device}), got {x.device}")
+        return x
+    c = _number("shift", x, what)
+    return torch.full((Hq,), c, dtype=acc_dtype(q.dtype), device=q.device)
+
+
+def cu_seqlens(x, q) -> int:
+    """Packed sequences: returns S, the number of sequences (the batch size without them)."""
+    if x is None:
+        return q.shape[0]
+    what = "an int32 or int64 tensor of shape (S + 1,): the offsets of S packed sequences"
+    check_type(isinstance(x, torch.Tensor), lambda: f"cu_seqlens must be {what}, got {_kind(x)}")
+    check(x.dim() == 1 and x.shape[0] >= 2 and x.dtype in (torch.int32, torch.int64),
+          lambda: f"cu_seqlens must be {what}, got shape {tuple(x.shape)} and dtype {x.dtype}")
+    check(x.device == q.device or (x.device.type == "cpu" and q.device.type != "meta"),
+          lambda: f"cu_seqlens must be on the device of q ({q.device}) or the CPU, got {x.device}")
+    check(q.shape[0] == 1,
+          lambda: f"with cu_seqlens, q, k, v must pack the sequences along N with batch size 1: "
+          f"q of shape (1, Hq, T, Dk), got {tuple(q.shape)}")
+    if x.device.type != "meta" and not torch.compiler.is_compiling():
+        c = x.cpu()  # a data-dependent check; the op checks it too
+        check(int(c[0]) == 0 and int(c[-1]) == q.shape[2] and bool((c[1:] >= c[:-1]).all()),
+              lambda: f"cu_seqlens must be non-decreasing offsets from 0 to T = {q.shape[2]}")
+    return x.shape[0] - 1
+
+
+def state(st, q, k, v, S: int, name: str) -> None:
+    """A carried CSQState for S sequences of these q, k, v."""
+    check_type(isinstance(st, CSQState),
+               lambda: f"{name} must be a csq_ext.CSQState (sums, ref); start a sequence with "
+               f"csq_ext.CSQState.empty(...) or a prefill's state; got {_kind(st)}")
+    Hk, Dk, Dv = k.shape[1], k.shape[3], v.shape[3]
+    acc = acc_dtype(q.dtype)
+    shapes = {"sums": ("(S, Hk, F, Dv + 1)", (S, Hk, num_features(Dk), Dv + 1)),
+              "ref": ("(S, Hk, Dk)", (S, Hk, Dk))}
+    for part, (text, want) in shapes.items():
+        t = getattr(st, part)
+        check_type(isinstance(t, torch.Tensor),
+                   lambda: f"{name}.{part} must be a torch.Tensor of shape {text} = {want}, "
+                   f"got {_kind(t)}")
+        check(tuple(t.shape) == want,
+              lambda: f"{name}.{part} must have shape {text} = {want}, got {tuple(t.shape)}")
+        check(t.dtype == acc,
+              lambda: f"{name}.{part} must be {acc} for {q.dtype} inputs, got {t.dtype}")
+        check(t.device == q.device,
+              lambda: f"{name}.{part} must be on the device of q ({q.device}), got {t.device}")
+
+
+def one_token(name: str, q, k, v) -> None:
+    for arg, t, shape in (("q", q, "(B, Hq, 1, Dk)"), ("k", k, "(B, Hk, 1, Dk)"),
+                          ("v", v, "(B, Hk, 1, Dv)")):
+        check(t.shape[2] == 1, lambda: f"{name} takes one token per sequence: {arg} of shape "
+              f"{shape}, got {tuple(t.shape)}")
+
+
+def out(x, q, v):
+    """decode_'s output buffer: None or a contiguous (B, Hq, 1, Dv) tensor like q."""
+    want = (q.shape[0], q.shape[1], 1, v.shape[3])
+    what = f"a contiguous {q.dtype} tensor of shape (B, Hq, 1, Dv) = {want} on {q.device}"
+    if x is None:
+        return q.new_empty(want)
+    check_type(isinstance(x, torch.Tensor), lambda: f"out must be {what}, got {_kind(x)}")
+    check(tuple(x.shape) == want and x.dtype == q.dtype and x.is_contiguous()
+          and x.device == q.device,
+          lambda: f"out must be {what}, got a {'' if x.is_contiguous() else 'non-'}contiguous "
+          f"{x.dtype} tensor of shape {tuple(x.shape)} on {x.device}")
+    return x
+
+
+def size(name: str, x, minimum: int) -> int:
+    check_type(isinstance(x, numbers.Integral) and not isinstance(x, bool),
+               lambda: f"{name} must be an int >= {minimum}, got {_kind(x)}")
+    check(x >= minimum, lambda: f"{name} must be an int >= {minimum}, got {x}")
+    return int(x)

@@ -1,0 +1,209 @@
+"""No silent wrong answers (issue #10): gradients of a returned state, forward-mode AD,
+float32 from an empty state, outlier and sink keys.
+Every check is against the float64 reference (or float64 gradcheck) on fresh random inputs."""
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+
+import csq_ext
+from conftest import (TOL, TOL_F32_OFFSET, assert_rel_close, poisoned_memory, rand_shift,
+                      randn, reference, reference_blocked, rel_err)
+from csq_ext import CSQState
+
+
+# --------------------------------------------------------------------------------------------
+# 1. Gradients of a returned state: its ref is picked from the keys (a median), so the keys
+#    receive the state's gradient through ref too.
+# --------------------------------------------------------------------------------------------
+def test_issue_example_ref_gradient_is_the_median_selection(gen):
+    """d ref / d k is the derivative of the coordinate-wise median of the first keys (the
+    issue: it was all zeros)."""
+    q, k, v = (randn(gen, 1, 1, 9, 3) for _ in range(3))
+    k.requires_grad_()
+    _, st = csq_ext.attention(q, k, v, return_state=True)
+    (got,) = torch.autograd.grad(st.ref.sum(), k)
+    k2 = k.detach().clone().requires_grad_()
+    (want,) = torch.autograd.grad(k2.median(dim=2).values.sum(), k2)  # lower median, like ref
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("center", [True, False], ids=["center", "plain"])
+@pytest.mark.parametrize("start", ["none", "empty", "prefill"])
+def test_gradcheck_returned_state(gen, center, start):
+    """gradcheck of (q, k, v, shift) -> (state.sums, state.ref) and -> y, float64, with the
+    sequence longer than the ref's 64 keys, from no state, an empty one, or a prefill's."""
+    Hq, Hk, N, D, Dv = 2, 1, 70, 3, 2
+    q, k, v = (randn(gen, 1, h, N, d, requires_grad=True)
+               for h, d in ((Hq, D), (Hk, D), (Hk, Dv)))
+    shift = rand_shift(gen, Hq, requires_grad=True)
+    state = None
+    if start == "empty":
+        state = CSQState.empty(1, Hk, D, Dv, dtype=torch.float64)
+    elif start == "prefill":
+        _, state = csq_ext.attention(*(randn(gen, 1, h, 5, d) for h, d in
+                                       ((Hq, D), (Hk, D), (Hk, Dv))), return_state=True)
+
+    def f(q, k, v, shift):
+        y, st = csq_ext.attention(q, k, v, shift=shift, center=center, chunk_size=16,
+                                  initial_state=state, return_state=True)
+        return y, st.sums, st.ref
+
+    assert torch.autograd.gradcheck(f, (q, k, v, shift))
+
+
+def test_gradcheck_returned_state_packed(gen):
+    """The same through cu_seqlens: each segment's ref comes from its own first keys."""
+    cu = torch.tensor([0, 0, 65, 67])
+    q, k, v = (randn(gen, 1, 1, 67, 2) for _ in range(3))
+    state = CSQState.empty(3, 1, 2, 2, dtype=torch.float64)
+
+    def f(k):
+        _, st = csq_ext.attention(q, k, v, cu_seqlens=cu, chunk_size=32, initial_state=state,
+                                  return_state=True)
+        return st.sums, st.ref
+
+    assert torch.autograd.gradcheck(f, (k.requires_grad_(),))
+
+
+# --------------------------------------------------------------------------------------------
+# 2. Forward-mode AD is refused, never a silent zero tangent.
+# --------------------------------------------------------------------------------------------
+def _qkv(gen):
+    return tuple(randn(gen, 1, 2, 6, 3) for _ in range(3))
+
+
+def test_forward_ad_dual_tensors_refused(gen):
+    q, k, v = _qkv(gen)
+    with fwAD.dual_level():
+        qd = fwAD.make_dual(q, torch.randn_like(q))
+        with pytest.raises(NotImplementedError, match="forward-mode AD"):
+            csq_ext.attention(qd, k, v)
+
+
+@pytest.mark.parametrize("transform", ["jvp", "jacfwd"])
+def test_functorch_forward_mode_refused(gen, transform):
+    q, k, v = _qkv(gen)
+    f = lambda k_: csq_ext.attention(q, k_, v)  # noqa: E731
+    with pytest.raises(NotImplementedError, match="forward-mode AD"):
+        if transform == "jvp":
+            torch.func.jvp(f, (k,), (torch.randn_like(k),))
+        else:
+            torch.func.jacfwd(f)(k)
+
+
+def test_forward_ad_refused_in_decode_and_shift(gen):
+    q, k, v = (randn(gen, 1, 2, 1, 3) for _ in range(3))
+    st = CSQState.empty(1, 2, 3, 3, dtype=torch.float64)
+    with fwAD.dual_level():
+        shift = fwAD.make_dual(torch.ones(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64))
+        with pytest.raises(NotImplementedError, match="shift"):
+            csq_ext.decode(q, k, v, st, shift=shift)
+        with pytest.raises(NotImplementedError, match="shift"):
+            csq_ext.decode_(q, k, v, st, shift=shift)
+
+
+# --------------------------------------------------------------------------------------------
+# 3. float32 from an empty state is as accurate as a prefill when keys share a large offset.
+# --------------------------------------------------------------------------------------------
+B, HQ, HK, D = 1, 2, 1, 8
+
+
+def _offset_inputs(gen, n):
+    offset = 30 * torch.sign(randn(gen, 1, HK, 1, D))
+    q = randn(gen, B, HQ, n, D)
+    k = randn(gen, B, HK, n, D) + offset
+    v = randn(gen, B, HK, n, D)
+    return q, k, v
+
+
+# Measured 5e-7 (prefill and empty alike) on the CPU; the bar leaves room for other seeds and
+# devices while staying 10x below the spec's 1e-4 for offset keys (the old code: 1.4e-4).
+TOL_EMPTY_OFFSET = 1e-5
+
+
+def test_attention_from_empty_state_offset_keys(gen, device):
+    q, k, v = _offset_inputs(gen, 300)
+    f32 = [t.to(device, torch.float32) for t in (q, k, v)]
+    with poisoned_memory(device):
+        y = csq_ext.attention(*f32, initial_state=CSQState.empty(B, HK, D, D, device=device))
+    assert_rel_close(y.cpu(), reference(*f32), TOL_EMPTY_OFFSET)
+
+
+@pytest.mark.parametrize("step", ["decode_", "decode"])
+def test_decoding_10000_steps_from_empty_state_offset_keys(gen, device, step):
+    """10 000 decoding steps from CSQState.empty with offset keys: every output and the last
+    10% within the bar (the old code: 4.8e-4 overall, 2.2e-3 over the last 10% for decode_)."""
+    n = 10_000
+    q, k, v = (t.to(device, torch.float32) for t in _offset_inputs(gen, n))
+    st = CSQState.empty(B, HK, D, D, device=device)
+    out = torch.empty(B, HQ, n, D, device=device)
+    with torch.no_grad():
+        for i in range(n):
+            tok = (q[:, :, i:i + 1], k[:, :, i:i + 1], v[:, :, i:i + 1])
+            if step == "decode_":
+                out[:, :, i:i + 1] = csq_ext.decode_(*tok, st)
+            else:
+                out[:, :, i:i + 1], st = csq_ext.decode(*tok, st)
+    want = reference_blocked(q, k, v, device="cpu")
+    assert_rel_close(out.cpu(), want, TOL_EMPTY_OFFSET, "all steps")
+    assert_rel_close(out[:, :, -n // 10:].cpu(), want[:, :, -n // 10:], TOL_EMPTY_OFFSET,
+                     "last 10%")
+
+
+def test_decode_from_empty_state_picks_its_first_key_as_ref(gen, device):
+    """The documented behaviour: a state that holds no key takes the first key as its ref,
+    per sequence; a state that holds keys keeps its ref."""
+    q, k, v = (randn(gen, 2, 2, 1, 3, dtype=torch.float32, device=device) for _ in range(3))
+    st = CSQState.empty(2, 2, 3, 3, device=device)
+    st.sums[1, :, -1, -1] = 1.0  # sequence 1 "holds a key" (count 1)
+    st.ref[1] = 5.0
+    csq_ext.decode_(q, k, v, st)
+    assert torch.equal(st.ref[0], k[0, :, 0])
+    assert torch.equal(st.ref[1], torch.full_like(st.ref[1], 5.0))
+
+
+# --------------------------------------------------------------------------------------------
+# 4. Outlier and sink keys.
+# --------------------------------------------------------------------------------------------
+N_OUT = 200
+
+
+@pytest.mark.parametrize("magnitude", [1e4, 1e6, 1e20])
+@pytest.mark.parametrize("position", [1, 50, 63])
+def test_earlier_rows_do_not_see_an_outlier_key(gen, device, magnitude, position):
+    """A huge finite key at position p leaves rows before p unchanged up to rounding (the old
+    code: 3.3e-4 for 1e6, 0.42 for 1e20)."""
+    q, k, v = (randn(gen, B, h, N_OUT, D, dtype=torch.float32, device=device)
+               for h in (HQ, HK, HK))
+    k_out = k.clone()
+    k_out[:, :, position] = magnitude * torch.sign(randn(gen, D)).to(device, torch.float32)
+    y = csq_ext.attention(q, k, v)
+    y_out = csq_ext.attention(q, k_out, v)
+    assert rel_err(y_out[:, :, :position].cpu(), y[:, :, :position].cpu()) <= 1e-6
+
+
+def test_earlier_rows_do_not_see_a_block_of_outliers(gen, device):
+    """Up to 31 outliers among the first 64 keys (the ref is their median): rows before them
+    unchanged up to rounding."""
+    q, k, v = (randn(gen, B, h, N_OUT, D, dtype=torch.float32, device=device)
+               for h in (HQ, HK, HK))
+    k_out = k.clone()
+    k_out[:, :, 33:] = 1e6 * randn(gen, B, HK, N_OUT - 33, D).to(device, torch.float32)
+    y, y_out = csq_ext.attention(q, k, v), csq_ext.attention(q, k_out, v)
+    assert rel_err(y_out[:, :, :33].cpu(), y[:, :, :33].cpu()) <= 1e-6
+
+
+# Measured on the CPU (float32, D = 8, N = 200): a 1000x sink key costs 2e-5 to 8e-5, an
+# outlier of 1e4 at position 50 5e-5 to 3e-3 in the rows after it, where a dense float32
+# computation gets 1e-6: a query nearly orthogonal to a huge key reads a cancellation of size
+# eps |k_out|^2 in the float32 state sums (README, Limits). These bars hold that line.
+TOL_SINK = 2e-4
+
+
+def test_sink_key(gen, device):
+    q, k, v = (randn(gen, B, h, N_OUT, D) for h in (HQ, HK, HK))
+    k[:, :, 0] *= 1000
+    f32 = [t.to(device, torch.float32) for t in (q, k, v)]
+    with poisoned_memory(device):
+        y = csq_ext.attention(*f32)
+    assert_rel_close(y.cpu(), reference(*f32), TOL_SINK)
