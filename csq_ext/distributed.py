@@ -23,8 +23,9 @@ import torch
 import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 
-from .attention import (_acc_dtype, _check, _check_state, _scale, _shift_tensor, _validate,
-                        attention as _attention)
+from . import _args
+from ._args import acc_dtype as _acc_dtype, check as _check
+from .attention import attention as _attention
 from .state import CSQState, num_features
 
 # all_gather_into_tensor / reduce_scatter_tensor were renamed *_single (same arguments) in
@@ -134,11 +135,19 @@ def _inputs_requiring_grad(q, k, v, shift, initial_state) -> bool:
                                            for t in ts)
 
 
-def _local_fields(q, k, v, shift, eps, causal, center, normalize, cu_seqlens, initial_state,
-                  return_state):
-    """Checks this rank's input (the checks of csq_ext.attention, with cu_seqlens describing
-    the whole batch) and returns the handshake fields, or raises ValueError."""
-    _validate(q, k, v, shift, eps)
+def _local_fields(q, k, v, shift, scale, eps, chunk_size, causal, center, normalize, cu_seqlens,
+                  initial_state, return_state):
+    """Checks this rank's input (the checks of csq_ext.attention, csq_ext/_args.py, with
+    cu_seqlens describing the whole batch) and returns the handshake fields, or raises
+    ValueError / TypeError."""
+    _args.qkv(q, k, v)
+    for name, value in (("causal", causal), ("center", center), ("normalize", normalize),
+                        ("return_state", return_state)):
+        _args.flag(name, value)
+    _args.eps(eps)
+    _args.scale(scale, q.shape[3])
+    _args.chunk_size(chunk_size)
+    _args.no_forward_ad(q=q, k=k, v=v, shift=_args.shift(shift, q))
     _check(causal or not return_state,
            lambda: "return_state needs causal=True: a non-causal output depends on future keys")
     cu = None
@@ -146,7 +155,9 @@ def _local_fields(q, k, v, shift, eps, causal, center, normalize, cu_seqlens, in
         cu = _check_cu_seqlens(cu_seqlens, q)
     S = q.shape[0] if cu is None else cu.shape[0] - 1
     if initial_state is not None:
-        _check_state(initial_state, q, k, v, S, causal)
+        _check(causal, lambda: "initial_state: a carried state continues a causal sequence; "
+               "causal=False attends to future keys, which a state cannot hold")
+        _args.state(initial_state, q, k, v, S, "initial_state")
     # The offsets' total and a position-weighted sum: ranks given different cu_seqlens disagree.
     cu_sig = 0 if cu is None else int(cu[-1]) * 1_000_003 + int((cu * torch.arange(
         1, cu.shape[0] + 1)).sum())
@@ -347,16 +358,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=None,
     else:
         world = dist.get_world_size(group)
     if world == 1:  # the whole sequence is here
-        if return_state and center and initial_state is None and isinstance(k, torch.Tensor):
-            # A returned state's sums depend on its ref: choose it here, differentiably, as
-            # the ranks do (the op's own choice is not differentiated through).
-            initial_state = _zero_state(_ref_candidates(k, cu_seqlens)[..., :-1], v.shape[-1])
         return _attention(q, k, v, cu_seqlens=cu_seqlens, initial_state=initial_state,
                           return_state=return_state, **options)
     rank = dist.get_rank(group)
     try:
-        local = _local_fields(q, k, v, shift, eps, causal, center, normalize, cu_seqlens,
-                              initial_state, return_state)
+        local = _local_fields(q, k, v, shift, scale, eps, chunk_size, causal, center, normalize,
+                              cu_seqlens, initial_state, return_state)
     except (ValueError, RuntimeError, TypeError) as e:
         local = e
     lengths = _handshake(group, q, local)  # raises on every rank if a rank's input is bad
@@ -373,7 +380,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=None,
     sums = _local_state(k, v, ref, local_cu, scale, chunk_size)
     if not causal:
         full = _AllReduce.apply(sums, group)
-        tau, shift_t = _scale(scale, q), _shift_tensor(shift, q)
+        tau, shift_t = _args.scale(scale, q.shape[3]), _args.shift(shift, q)
         if local_cu is None:
             y = _read_full_state(q, full, ref, shift_t, tau, center, normalize, eps)
         else:

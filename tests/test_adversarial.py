@@ -6,7 +6,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 import csq_ext
-from conftest import (TOL, TOL_F32_OFFSET, assert_rel_close, poisoned_memory, rand_shift,
+from conftest import (assert_rel_close, poisoned_memory, rand_shift,
                       randn, reference, reference_blocked, rel_err)
 from csq_ext import CSQState
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import datetime
 import socket
 import time
-import zlib
 
 import pytest
 import torch
