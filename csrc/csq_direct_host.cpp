@@ -12,7 +12,8 @@ DirectParams make_direct_params(const at::Tensor& q, const at::Tensor& k, const 
                                 double scale, bool center, bool normalize, double eps,
                                 int64_t tile_size, at::Tensor& cu) {
   check_inputs(q, k, v, shift_acc, eps, 0);
-  TORCH_CHECK(tile_size >= 0, "csq_ext: tile_size must be >= 0 (0 = default), got ", tile_size);
+  TORCH_CHECK(tile_size >= 0, "csq_ext: tile_size (chunk_size of csq_ext.attention) must be >= 0 "
+              "(0 = default), got ", tile_size);
   DirectParams p;
   static_cast<AttnParams&>(p) =
       make_params(q, k, v, shift_acc, causal, scale, center, normalize, eps, 0);
