@@ -14,9 +14,11 @@ from __future__ import annotations
 
 # Sustained multiply-add throughput of each path's kernels, relative units per thread, on the
 # 2-core CI machine (float32, forward; the backwards scale alike). Calibrated from interleaved
-# runs of both forced paths; see bench/NOTES.md.
+# runs of both forced paths at N = 4096, B = 1, H = 4, D = 32-256, causal and not: the measured
+# chunked/direct time ratio over the model's with equal rates was 1.0-1.2 (1.5 once), so the
+# direct kernels get 1.1x the chunked ones' rate. See bench/NOTES.md, "Direct path".
 _DIRECT_RATE = 1.0
-_CHUNKED_RATE = 1.0
+_CHUNKED_RATE = 0.9
 
 
 def _features(dk: int) -> int:
@@ -38,7 +40,8 @@ def direct_cost(n: int, dk: int, dv: int, causal: bool, threads: int, tasks: int
 
 def choose_path(n: int, dk: int, dv: int, causal: bool, device_type: str, threads: int,
                 tasks: int, has_state: bool) -> str:
-    """'direct' or 'chunked' for one call: n positions per sequence (the longest when packed),
+    """'direct' or 'chunked' for one call: n positions per sequence (with cu_seqlens the packed
+    total, which overstates the direct path's cost: packed calls lean chunked),
     tasks = sequences x key/value heads. A carried or returned state needs the chunked path,
     and only the CPU has a direct kernel so far."""
     if has_state or device_type != "cpu":
