@@ -215,7 +215,8 @@ void backward(const DirectParams& p) {
   };
   run_balanced(tiles, later, [&] { return QueryPass{make()}; });
   run_balanced(tiles, earlier, [&] { return KeyPass{make()}; });
-  at::parallel_for(0, p.num_seqs * p.heads_k, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, p.num_seqs * p.heads_k, small_pass_grain(p), [&](int64_t begin,
+                                                                        int64_t end) {
     Work work = make();
     for (int64_t task = begin; task < end; ++task) work.center_keys(seq_task(p, task));
   });

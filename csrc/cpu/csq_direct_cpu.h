@@ -99,6 +99,16 @@ inline void run_balanced(std::vector<T> tasks, Cost cost, Make make) {
   });
 }
 
+// Grain for at::parallel_for over (sequence, key/value head) tasks of an O(N D) pass: one
+// thread unless there are a few million elements. A parallel region costs microseconds on an
+// idle machine but a scheduler time slice (~10 ms) when the cores are shared, which these
+// cheap passes cannot win back.
+inline int64_t small_pass_grain(const DirectParams& p) {
+  const int64_t seqs = std::max<int64_t>(1, p.num_seqs);
+  const int64_t per_task = std::max<int64_t>(1, p.seqlen * p.dim_k * p.group / seqs);
+  return std::max<int64_t>(1, (int64_t(1) << 22) / per_task);
+}
+
 // Sums of the keys before each tile start, and of all keys, per (sequence, key/value head),
 // in float64: the key means mu_i and the tile references are differences of these, and
 // float64 keeps them exact enough for float32 keys with a large common offset.
@@ -124,7 +134,7 @@ inline KeyPrefix key_prefix(const DirectParams& p) {
     kp.base[task + 1] = kp.base[task] + num_tiles(seq_task(p, task).len, p.tile) + 1;
   kp.sums.assign(kp.base[tasks] * p.dim_k, 0.0);
   if (!p.center) return kp;
-  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, tasks, small_pass_grain(p), [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const SeqTask s = seq_task(p, task);
       double* out = kp.sums.data() + kp.base[task] * p.dim_k;
