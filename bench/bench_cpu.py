@@ -1,16 +1,19 @@
-"""CPU benchmark: csq_ext.attention against SDPA and against CSQ in plain PyTorch.
+"""CPU benchmark: csq_ext.attention against SDPA and against CSQ written by hand.
 
-Causal attention, float32, B x H heads, Dk = Dv = D. For every (D, N) it times the forward
-and the forward + backward of each implementation, round-robin within each repetition, on
-fresh N(0, 1) inputs. Prints a table last, writes JSON with every raw time and a PNG.
+float32, B x H heads, Dk = Dv = D, causal and not (--masks). For every (mask, D, N) it times
+the forward and the forward + backward of each implementation, round-robin within each
+repetition, on fresh N(0, 1) inputs. Prints a table last, writes JSON with every raw time and
+a PNG.
 
     python bench/bench_cpu.py                    # the full sweep (15-25 minutes on 2 cores)
     python bench/bench_cpu.py --quick            # a smoke test, a few seconds
     python bench/bench_cpu.py --lengths 1024 4096 --dims 64 --max-seconds 5
 
-Implementations: ``csq_ext`` (this package), ``sdpa`` (torch.nn.functional.
-scaled_dot_product_attention, is_causal=True: softmax attention, the cost to beat) and
-``chunked_torch`` (bench/chunked_torch.py: the same CSQ math written in plain PyTorch).
+Implementations: ``csq_ext`` (this package, path="auto": the cost model's choice),
+``direct`` and ``chunked`` (this package with each path forced), ``sdpa``
+(torch.nn.functional.scaled_dot_product_attention: softmax attention, the cost to beat),
+``flex_csq`` (bench/flex_csq.py: CSQ as a user would write it with FlexAttention) and
+``chunked_torch`` (bench/chunked_torch.py: the chunked CSQ math written in plain PyTorch).
 """
 from __future__ import annotations
 
@@ -26,23 +29,32 @@ import torch
 import torch.nn.functional as F
 
 import csq_ext
+from csq_ext._cost import choose_path
 from csq_ext._timing import device_description, interleaved_times, summarize
 from chunked_torch import csq_attention_chunked
+from flex_csq import csq_attention_flex
 
 CPU = torch.device("cpu")
+# Each takes (q, k, v, causal).
 IMPLS = {
-    "csq_ext": lambda q, k, v: csq_ext.attention(q, k, v, causal=True),
-    "sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
-    "chunked_torch": lambda q, k, v: csq_attention_chunked(q, k, v, causal=True),
+    "csq_ext": lambda q, k, v, c: csq_ext.attention(q, k, v, causal=c),
+    "direct": lambda q, k, v, c: csq_ext.attention(q, k, v, causal=c, path="direct"),
+    "chunked": lambda q, k, v, c: csq_ext.attention(q, k, v, causal=c, path="chunked"),
+    "sdpa": lambda q, k, v, c: F.scaled_dot_product_attention(q, k, v, is_causal=c),
+    "flex_csq": lambda q, k, v, c: csq_attention_flex(q, k, v, causal=c),
+    "chunked_torch": lambda q, k, v, c: csq_attention_chunked(q, k, v, causal=c),
 }
+MASKS = {"causal": True, "full": False}
 MODES = ("fwd", "fwd+bwd")
 # What the default sweep leaves out: the plain-PyTorch baseline's forward + backward at 65536.
 # Autograd keeps every chunk's D^2 features: one run at N = 16384, D = 64, H = 4 took 8 s and
 # 5 GB on 2 cores, and both grow linearly, so 65536 would need about 20 GB. SDPA's quadratic
 # forward + backward (about 25 s a run at 65536) is measured once there and fits the budget.
-DEFAULT_SKIPS = ("chunked_torch:fwd+bwd=32768",)
+# FlexAttention has no backward on the CPU (torch 2.13 raises NotImplementedError): its
+# forward + backward column stays null.
+DEFAULT_SKIPS = ("chunked_torch:fwd+bwd=32768", "flex_csq:fwd+bwd=0")
 QUICK = dict(lengths=[256, 512], dims=[32], heads=2, max_seconds=0.5, warmup=1,
-             max_repeats=5)
+             max_repeats=5, masks=["causal"])
 
 
 def parse_skip(text: str) -> tuple[str, str | None, int]:
@@ -63,8 +75,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lengths", type=int, nargs="+",
-                   default=[1024, 2048, 4096, 8192, 16384, 32768, 65536])
-    p.add_argument("--dims", type=int, nargs="+", default=[32, 64], help="Dk = Dv")
+                   default=[256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536])
+    p.add_argument("--dims", type=int, nargs="+", default=[32, 64, 128, 256], help="Dk = Dv")
+    p.add_argument("--masks", nargs="+", choices=list(MASKS), default=list(MASKS),
+                   help="causal, full (not causal), or both (default)")
+    p.add_argument("--impls", nargs="+", choices=list(IMPLS), default=list(IMPLS),
+                   help="implementations to time (sdpa is always timed: the ratios need it)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--max-seconds", type=float, default=20.0,
@@ -103,24 +119,25 @@ def make_inputs(args, n: int, d: int, requires_grad: bool):
     return q, k, v
 
 
-def timed_calls(args, n: int, d: int, mode: str, impls: list[str]):
+def timed_calls(args, n: int, d: int, causal: bool, mode: str, impls: list[str]):
     """One closure per implementation that runs it once on shared inputs in this mode."""
     if mode == "fwd":
         q, k, v = make_inputs(args, n, d, requires_grad=False)
-        return {name: (lambda f=IMPLS[name]: f(q, k, v)) for name in impls}
+        return {name: (lambda f=IMPLS[name]: f(q, k, v, causal)) for name in impls}
     q, k, v = make_inputs(args, n, d, requires_grad=True)
     dy = torch.randn(args.batch, args.heads, n, d)
 
     def fwd_bwd(f):
         # autograd.grad rather than .backward(): nothing accumulates into q.grad across runs.
-        return torch.autograd.grad(f(q, k, v), (q, k, v), dy)
+        return torch.autograd.grad(f(q, k, v, causal), (q, k, v), dy)
 
     return {name: (lambda f=IMPLS[name]: fwd_bwd(f)) for name in impls}
 
 
-def measure_point(args, n: int, d: int, mode: str) -> dict:
-    impls = [name for name in IMPLS if not skipped(args.skips, name, mode, n)]
-    times = interleaved_times(timed_calls(args, n, d, mode, impls), CPU,
+def measure_point(args, n: int, d: int, causal: bool, mode: str) -> dict:
+    impls = [name for name in IMPLS if (name in args.impls or name == "sdpa")
+             and not skipped(args.skips, name, mode, n)]
+    times = interleaved_times(timed_calls(args, n, d, causal, mode, impls), CPU,
                               budget_s=args.max_seconds, warmup=args.warmup,
                               max_repeats=args.max_repeats)
     gc.collect()  # free the inputs and autograd buffers before the next, larger point
@@ -136,15 +153,17 @@ def measure_point(args, n: int, d: int, mode: str) -> dict:
 
 
 def check_agreement(args) -> dict:
-    """Before timing anything: csq_ext and the plain-PyTorch baseline must both compute CSQ
-    (SDPA computes softmax attention, a different function, and is only timed)."""
+    """Before timing anything: every CSQ implementation must compute CSQ (SDPA computes
+    softmax attention, a different function, and is only timed)."""
     n, d = 300, max(args.dims)
     q, k, v = (t.double() for t in make_inputs(args, n, d, requires_grad=False))
-    ref = csq_ext.csq_attention_reference(q, k, v, causal=True)
     errs = {}
-    for name in ("csq_ext", "chunked_torch"):
-        y = IMPLS[name](q.float(), k.float(), v.float()).double()
-        errs[name] = ((y - ref).norm() / ref.norm()).item()
+    for mask, causal in MASKS.items():
+        ref = csq_ext.csq_attention_reference(q, k, v, causal=causal)
+        for name in IMPLS:
+            if name != "sdpa" and name in args.impls:
+                y = IMPLS[name](q.float(), k.float(), v.float(), causal).double()
+                errs[f"{name}:{mask}"] = ((y - ref).norm() / ref.norm()).item()
     print(f"float32 relative error vs the float64 reference at N={n}, D={d}: "
           + ", ".join(f"{name} {e:.1e}" for name, e in errs.items()))
     if max(errs.values()) > 1e-4:
@@ -168,13 +187,15 @@ def print_table(points: list[dict]) -> None:
     def x(r):
         return "-" if r is None else f"{r:.2f}x"
 
-    head = (f"{'N':>6} {'D':>3} {'impl':<14} {'fwd ms med (min)':>22} "
+    head = (f"{'mask':<6} {'N':>6} {'D':>3} {'impl':<14} {'fwd ms med (min)':>22} "
             f"{'fwd+bwd ms med (min)':>24} {'SDPA/impl fwd':>14} {'fwd+bwd':>8}")
     print("\n" + head + "\n" + "-" * len(head))
     for pt in points:
         for impl in IMPLS:
             fwd, both = pt["fwd"][impl], pt["fwd+bwd"][impl]
-            print(f"{pt['n']:>6} {pt['d']:>3} {impl:<14} {ms(fwd):>22} {ms(both):>24} "
+            if fwd is None and both is None:
+                continue
+            print(f"{pt['mask']:<6} {pt['n']:>6} {pt['d']:>3} {impl:<14} {ms(fwd):>22} {ms(both):>24} "
                   f"{x(ratio(pt, impl, 'fwd')):>14} {x(ratio(pt, impl, 'fwd+bwd')):>8}")
     print("median (min) over the measured runs; * one run only; SDPA/impl > 1: faster than "
           "SDPA; skipped: not run at this length (--skip-above), null in the JSON")
@@ -192,19 +213,21 @@ def plot(points: list[dict], meta: dict, path: str) -> bool:
     from matplotlib import ticker
 
     dims = sorted({pt["d"] for pt in points})
-    fig, axes = plt.subplots(len(MODES), len(dims), figsize=(5.5 * len(dims), 8),
+    panels = [(mask, mode) for mask in MASKS for mode in MODES
+              if any(pt["mask"] == mask for pt in points)]
+    fig, axes = plt.subplots(len(panels), len(dims), figsize=(5.5 * len(dims), 4 * len(panels)),
                              squeeze=False)
-    for row, mode in enumerate(MODES):
+    for row, (mask, mode) in enumerate(panels):
         for col, d in enumerate(dims):
             ax = axes[row][col]
             for impl in IMPLS:
                 xy = [(pt["n"], pt[mode][impl]["median_s"] * 1e3) for pt in points
-                      if pt["d"] == d and pt[mode][impl]]
+                      if pt["d"] == d and pt["mask"] == mask and pt[mode][impl]]
                 if xy:
                     ax.plot(*zip(*xy), marker="o", label=impl)
             lengths = sorted({pt["n"] for pt in points if pt["d"] == d})
             ax.set(xscale="log", yscale="log", xlabel="N", ylabel="median ms",
-                   title=f"{mode}, Dk = Dv = {d}")
+                   title=f"{mask} {mode}, Dk = Dv = {d}")
             ax.set_xticks(lengths, [f"{n // 1024}K" if n >= 1024 else str(n) for n in lengths])
             ax.xaxis.set_minor_locator(ticker.NullLocator())
             ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda y, _: f"{y:g}"))
@@ -212,7 +235,7 @@ def plot(points: list[dict], meta: dict, path: str) -> bool:
             ax.grid(True, which="both", alpha=0.3)
             ax.legend()
     dev, st = meta["device"], meta["settings"]
-    fig.suptitle(f"CSQ vs SDPA, causal float32, B={st['batch']}, H={st['heads']}\n"
+    fig.suptitle(f"CSQ vs SDPA, float32, B={st['batch']}, H={st['heads']}\n"
                  f"{dev['name']}, {dev['torch_threads']} threads\ntorch {dev['torch']}, "
                  f"{meta['date']}", fontsize=10)
     fig.tight_layout()
@@ -234,7 +257,7 @@ def main(argv=None) -> None:
     torch.manual_seed(0)
     settings = {k: v for k, v in vars(args).items() if k not in ("skips", "skip_above")}
     settings["skip_above"] = [f"{i}:{m or 'both'}={n}" for i, m, n in args.skips]
-    meta = {"benchmark": "csq_ext CPU, causal, float32",
+    meta = {"benchmark": "csq_ext CPU, float32",
             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "device": device_description(CPU), "python": sys.version.split()[0],
             "settings": settings}
@@ -243,18 +266,19 @@ def main(argv=None) -> None:
     meta["agreement_rel_err_float32"] = check_agreement(args)
 
     start, points = time.perf_counter(), []
-    for d in args.dims:
-        for n in args.lengths:
-            pt = {"n": n, "d": d}
-            for mode in MODES:
-                pt[mode] = measure_point(args, n, d, mode)
-            points.append(pt)
-            for impl in IMPLS:
-                pt.setdefault("speedup_vs_sdpa", {})[impl] = {
-                    mode: ratio(pt, impl, mode) for mode in MODES}
-            print(f"  N={n} D={d} done ({time.perf_counter() - start:.0f} s)", flush=True)
-            meta["sweep_seconds"] = round(time.perf_counter() - start, 1)
-            write_json(args.out, meta, points)  # after every point: a stopped sweep keeps data
+    for mask, d, n in ((m, d, n) for m in args.masks for d in args.dims for n in args.lengths):
+        pt = {"mask": mask, "n": n, "d": d,
+              "auto_path": choose_path(n, d, d, MASKS[mask], "cpu", torch.get_num_threads(),
+                                       args.batch * args.heads, False)}
+        for mode in MODES:
+            pt[mode] = measure_point(args, n, d, MASKS[mask], mode)
+        points.append(pt)
+        for impl in IMPLS:
+            pt.setdefault("speedup_vs_sdpa", {})[impl] = {
+                mode: ratio(pt, impl, mode) for mode in MODES}
+        print(f"  {mask} N={n} D={d} done ({time.perf_counter() - start:.0f} s)", flush=True)
+        meta["sweep_seconds"] = round(time.perf_counter() - start, 1)
+        write_json(args.out, meta, points)  # after every point: a stopped sweep keeps data
 
     print_table(points)
     drawn = plot(points, meta, args.plot)

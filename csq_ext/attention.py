@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 
 from . import _args
+from . import _direct  # noqa: F401  (registers the direct path's fake and autograd)
+from ._cost import choose_path
 from ._ops import ops
 from .state import CSQState
 
@@ -12,7 +14,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
               scale: float | None = None, shift: float | torch.Tensor = 1.0,
               center: bool = True, normalize: bool = True, eps: float = 1e-6,
               chunk_size: int | None = None, cu_seqlens: torch.Tensor | None = None,
-              initial_state: CSQState | None = None, return_state: bool = False):
+              initial_state: CSQState | None = None, return_state: bool = False,
+              path: str = "auto"):
     """CSQ attention: ``y_i = sum_j w_ij v_j / (sum_j w_ij + eps)`` with
     ``w_ij = (scale * <q_i, k_j - mu_i> + shift)^2``, mu_i the mean of the keys query i attends
     to (``center``), over j <= i (``causal``) or all j.
@@ -27,12 +30,17 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         center: subtract from the keys the mean of the keys each query attends to.
         normalize: divide by the sum of weights plus eps; if False return the weighted sum.
         eps: added to the denominator, >= 0.
-        chunk_size: internal chunk length (tuning only; the result does not depend on it).
+        chunk_size: internal block length: the chunk of the chunked path, the tile of the
+            direct path (tuning only; the result does not depend on it).
         cu_seqlens: (S + 1,) int32/int64 offsets of S sequences packed along N (batch size 1),
             as in FlashAttention's varlen API; each attends only within itself.
         initial_state: a CSQState (causal only) that the sequences continue: the keys and
             values of their earlier pieces. Differentiable.
         return_state: also return the state after the last position.
+        path: "auto" (default: the cheaper algorithm for this call, see the README's
+            crossover table), "direct" (tiles of q against tiles of k, O(N^2 (Dk + Dv)); CPU,
+            no carried state) or "chunked" (the state scan, O(N Dk^2 Dv)). The result is the
+            same to rounding.
 
     Returns:
         (B, Hq, N, Dv) in the dtype of the inputs (half precision is computed in float32),
@@ -60,11 +68,41 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         _args.no_forward_ad(**{"initial_state.sums": initial_state.sums,
                                "initial_state.ref": initial_state.ref})
         state_in, ref_in = initial_state.sums.contiguous(), initial_state.ref.contiguous()
+    if _use_direct(path, q, k, v, causal, S, initial_state is not None or return_state):
+        y = ops.csq_direct_fwd(q, k, v, shift_t, cu_seqlens, options["causal"], options["scale"],
+                               options["center"], options["normalize"], options["eps"],
+                               chunk)[0]
+        return y.to(q.dtype)
     y, _, _, sums, ref = ops.csq_fwd(
         q, k, v, shift_t, cu_seqlens, state_in, ref_in, options["causal"], options["scale"],
         options["center"], options["normalize"], options["eps"], chunk, return_state)
     y = y.to(q.dtype)  # the op computes half precision in float32
     return (y, CSQState(sums, ref)) if return_state else y
+
+
+def _use_direct(path, q, k, v, causal, S, has_state) -> bool:
+    """Whether this call runs the direct path: forced by ``path``, or chosen by the cost
+    model."""
+    _args.check(isinstance(path, str) and path in ("auto", "direct", "chunked"),
+                lambda: f"path must be 'auto', 'direct' or 'chunked', got {path!r}")
+    if path == "direct":
+        _args.check(not has_state, lambda: "path='direct' does not carry a state yet: "
+                    "initial_state and return_state need path='chunked' (or 'auto', which "
+                    "picks it)")
+        _args.check(q.device.type == "cpu", lambda: f"path='direct' has a CPU kernel only so "
+                    f"far, got {q.device}; use path='chunked' (or 'auto', which picks it)")
+        return True
+    if path == "chunked":
+        return False
+    return choose_path(q.shape[2], q.shape[3], v.shape[3], bool(causal), q.device.type,
+                       _num_threads(), S * k.shape[1], has_state) == "direct"
+
+
+@torch.compiler.assume_constant_result
+def _num_threads() -> int:
+    # A constant to torch.compile (which cannot trace torch.get_num_threads): a compiled
+    # graph keeps the choice made for the thread count it was traced with.
+    return torch.get_num_threads()
 
 
 def decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: CSQState, *,

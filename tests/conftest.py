@@ -302,9 +302,10 @@ def reference_blocked(q, k, v, shift=1.0, causal=True, scale=None, center=True,
     return out
 
 
-def check_float32_offset_keys(gen, causal, n, dk, dv, device="cpu"):
+def check_float32_offset_keys(gen, causal, n, dk, dv, device="cpu", **kw):
     """Keys = N(0, 1) + o with |o_x| = 30 (30x their spread), float32 on ``device``: outputs
-    and gradients within the spec's 1e-4 of the float64 reference on the same numbers."""
+    and gradients within the spec's 1e-4 of the float64 reference on the same numbers. ``kw``:
+    further options of ``csq_ext.attention`` (path, chunk_size)."""
     B, Hq, Hk = 1, 4, 2
     offset = 30 * torch.sign(randn(gen, 1, Hk, 1, dk))
     q = randn(gen, B, Hq, n, dk, dtype=torch.float32, device=device)
@@ -312,7 +313,7 @@ def check_float32_offset_keys(gen, causal, n, dk, dv, device="cpu"):
     v = randn(gen, B, Hk, n, dv, dtype=torch.float32, device=device)
     shift = rand_shift(gen, Hq, torch.float32, device=device)
     dy = randn(gen, B, Hq, n, dv, dtype=torch.float32, device=device)
-    y, grads = csq_grads(q, k, v, shift, dy, causal=causal)
+    y, grads = csq_grads(q, k, v, shift, dy, causal=causal, **kw)
     y_ref, grads_ref = reference_grads(q, k, v, shift, dy, causal=causal)
     assert_rel_close(y, y_ref, TOL_F32_OFFSET, "y")
     for name in grads:

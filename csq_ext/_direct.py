@@ -1,0 +1,53 @@
+"""Wires the direct path's operators into PyTorch: shapes for fake tensors (torch.compile,
+meta) and the autograd formula (csq_direct_bwd). The path itself is chosen in attention.py
+(csq_ext/_cost.py says which is cheaper)."""
+from __future__ import annotations
+
+import torch
+
+from ._ops import _acc_dtype, _bwd_backward, _bwd_setup_context, _check_devices, ops
+
+
+@torch.library.register_fake("csq_ext::csq_direct_fwd")
+def _direct_fwd_fake(q, k, v, shift, cu_seqlens, causal, scale, center, normalize, eps,
+                     tile_size):
+    _check_devices(q, k, v, shift)
+    B, Hq, N, _ = q.shape
+    acc = _acc_dtype(q.dtype)
+    return (q.new_empty((B, Hq, N, v.shape[-1]), dtype=acc), q.new_empty((B, Hq, N), dtype=acc),
+            q.new_empty((B, Hq, N), dtype=acc))
+
+
+@torch.library.register_fake("csq_ext::csq_direct_bwd")
+def _direct_bwd_fake(dy, q, k, v, shift, cu_seqlens, y, b, den, causal, scale, center,
+                     normalize, eps, tile_size):
+    _check_devices(q, dy, k, v, shift, y, b, den)
+    # The kernel returns contiguous gradients whatever the inputs' strides.
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
+            shift.new_empty(shift.shape))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, shift, cu_seqlens, causal, scale, center, normalize, eps, tile_size = inputs
+    y, b, den = output
+    ctx.save_for_backward(q, k, v, shift, cu_seqlens, y, b, den)
+    ctx.options = (causal, scale, center, normalize, eps, tile_size)
+
+
+def _backward(ctx, dy, _db, _dden):
+    # b and den are saved for the backward only; their incoming gradients are ignored.
+    q, k, v, shift, cu_seqlens, y, b, den = ctx.saved_tensors
+    if dy is None:
+        dy = torch.zeros_like(y)
+    dq, dk, dv, dshift = ops.csq_direct_bwd(dy, q, k, v, shift, cu_seqlens, y, b, den,
+                                            *ctx.options)
+    return dq, dk, dv, dshift, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("csq_ext::csq_direct_fwd", _backward,
+                                setup_context=_setup_context)
+
+
+# Double backward is refused with the chunked path's message.
+torch.library.register_autograd("csq_ext::csq_direct_bwd", _bwd_backward,
+                                setup_context=_bwd_setup_context)

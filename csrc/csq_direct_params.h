@@ -1,0 +1,37 @@
+// Parameters of the direct path: CSQ weights computed tile by tile from q and k, never an
+// N x N tensor and no state. Torch-free like csq_params.h, so a CUDA kernel can share it.
+//
+// The direct path is exact to the spec and costs O(N^2 (Dk + Dv)) (half that when causal)
+// against the chunked path's O(N Dk^2 Dv): it is the faster one below a crossover length
+// (csq_ext/_cost.py chooses per call).
+#pragma once
+
+#include <cstdint>
+
+#include "csq_params.h"
+
+namespace csq {
+
+// Everything of AttnParams except the chunk and the carried state, plus the tile length.
+// Outputs: y, b (the per-query shift that goes with the tile reference, see below), den;
+// backward: dy, dq, dk, dv, db.
+//
+// Accuracy with centering: query tile T (rows t0..t0 + tile - 1 of a sequence) subtracts a
+// reference r_T from every key before the products, r_T = the running key mean at t0 (causal;
+// every row of T sees those keys) or the mean of all keys (not causal), and uses
+// b_i = c_h - tau <q_i, mu_i - r_T>, so s_ij = tau <q_i, k_j - r_T> + b_i never subtracts two
+// large numbers when the keys share an offset. Without centering r_T = 0 and b_i = c_h.
+struct DirectParams : AttnParams {
+  int64_t tile = 64;  // query and key tile length (positions)
+};
+
+// Default tile length (0 from the caller): measured in bench/NOTES.md ("direct path").
+inline int64_t default_direct_tile(int64_t dim_k, bool on_cuda) {
+  (void)dim_k;
+  return on_cuda ? 64 : 128;
+}
+
+// Number of tiles of a sequence of `len` positions.
+inline int64_t num_tiles(int64_t len, int64_t tile) { return (len + tile - 1) / tile; }
+
+}  // namespace csq

@@ -1,0 +1,240 @@
+"""The two exact algorithms, forced one at a time (``path="direct"`` / ``"chunked"``) on the
+same configurations, against the float64 reference; the direct path's own edge cases (tile
+boundaries, head sizes up to 256, offset keys, NaN, causality, packed sequences); its
+operators under gradcheck, opcheck and torch.compile; and the automatic choice."""
+import itertools
+
+import pytest
+import torch
+
+import csq_ext
+from csq_ext._cost import choose_path
+from conftest import (FLOAT_DTYPES, TOL, assert_rel_close, check_float32_offset_keys, csq,
+                      csq_grads, make_qkv, rand_shift, randn, reference, reference_grads,
+                      shift_dtype)
+
+PATHS = ["direct", "chunked"]
+FLAGS = list(itertools.product([True, False], [True, False], [True, False]))
+FLAG_IDS = [f"{'causal' if c else 'full'}-{'ctr' if m else 'noctr'}-{'norm' if n else 'raw'}"
+            for c, m, n in FLAGS]
+ops = torch.ops.csq_ext
+
+
+def _check(gen, shape, dtype, path, layout="contiguous", tol=None, floor=0.0, **kw):
+    """Output and gradients (q, k, v, shift tensor) of one forced path against the
+    reference (``floor``: see conftest.rel_err)."""
+    B, Hq, _, N, _, Dv = shape
+    q, k, v = make_qkv(gen, shape, dtype, layout=layout)
+    shift = rand_shift(gen, Hq, shift_dtype(dtype))
+    dy = randn(gen, B, Hq, N, Dv, dtype=shift_dtype(dtype))
+    y, grads = csq_grads(q, k, v, shift, dy, path=path, **kw)
+    y_ref, grads_ref = reference_grads(q, k, v, shift, dy, **kw)
+    tol = TOL[dtype] if tol is None else tol
+    assert y.dtype == dtype
+    assert_rel_close(y, y_ref, tol, "y")
+    for name, g in grads.items():
+        assert_rel_close(g, grads_ref[name], tol, f"d{name}", floor=floor)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("causal,center,normalize", FLAGS, ids=FLAG_IDS)
+def test_paths_match_reference(gen, path, dtype, causal, center, normalize):
+    """GQA (Hq = 4 over Hk = 2), Dk = 3 != Dv = 5, N = 13 over blocks of 4 (three full tiles
+    and a partial one), custom scale and eps, a per-head shift tensor with its gradient."""
+    _check(gen, (2, 4, 2, 13, 3, 5), dtype, path, causal=causal, center=center,
+           normalize=normalize, scale=0.6, eps=0.05, chunk_size=4)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("layout", ["transposed", "sliced", "expanded"])
+def test_strided_inputs(gen, path, layout):
+    _check(gen, (2, 3, 1, 21, 6, 4), torch.float64, path, layout=layout, chunk_size=8)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("n", [1, 2, 127, 128, 129, 300])
+def test_direct_lengths_around_the_default_tile(gen, causal, n):
+    """The default tile (128): one row, a partial tile, exactly one, one more, several. (At
+    N = 1 the gradients of q and k vanish in exact arithmetic: measured against a floor.)"""
+    _check(gen, (1, 2, 1, n, 8, 8), torch.float64, "direct", floor=1.0 if n == 1 else 0.0,
+           causal=causal)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_empty_sequence(gen, path):
+    q, k, v = make_qkv(gen, (1, 2, 1, 0, 4, 3))
+    y = csq(q, k, v, path=path)
+    assert y.shape == (1, 2, 0, 3)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dk,dv", [(256, 256), (256, 32), (32, 256)])
+def test_head_sizes_up_to_256(gen, path, dk, dv):
+    """Gemma-style heads of 256, float32, forward and backward; N spans two chunks/tiles of
+    the default size on neither path, so both run their partial-block code."""
+    _check(gen, (1, 2, 1, 70, dk, dv), torch.float32, path)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("n", [100, 1000])
+def test_direct_float32_offset_keys(gen, causal, n):
+    """Keys 30x their spread away from 0, float32: within 1e-4 (the tile reference removes the
+    offset before the products)."""
+    check_float32_offset_keys(gen, causal, n, dk=32, dv=16, path="direct", chunk_size=64)
+
+
+@pytest.mark.parametrize("n", [64, 1000])
+def test_direct_float32_standard_normal(gen, n):
+    _check(gen, (1, 4, 2, n, 64, 64), torch.float32, "direct", chunk_size=128)
+
+
+@pytest.mark.parametrize("what", ["k", "v", "q"])
+def test_direct_nan_reaches_exactly_its_rows(gen, what):
+    """A NaN key or value at position p reaches rows i >= p only (all columns for a key, its
+    column for a value); a NaN query only its own row. p sits inside a tile, after the
+    tile's first row, so the masked part of the diagonal tile holds it."""
+    q, k, v = make_qkv(gen, (1, 2, 1, 40, 4, 3))
+    p = 13
+    {"q": q, "k": k, "v": v}[what][0, 0, p, 1] = float("nan")
+    y = csq(q, k, v, path="direct", chunk_size=8)
+    bad = ~torch.isfinite(y)
+    expect = torch.zeros_like(bad)
+    if what == "q":
+        expect[0, 0, p, :] = True
+    elif what == "k":
+        expect[0, :, p:, :] = True
+    else:
+        expect[0, :, p:, 1] = True
+    assert torch.equal(bad, expect)
+
+
+@pytest.mark.parametrize("p", [1, 8, 13, 31])
+def test_direct_is_causal(gen, p):
+    """Outputs before position p are bit-for-bit the same whatever the keys and values at p
+    and later (including a huge offset), tile boundary or not."""
+    q, k, v = make_qkv(gen, (1, 2, 1, 40, 4, 3), torch.float32)
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, p:] = randn(gen, 1, 1, 40 - p, 4, dtype=torch.float32) + 1e4
+    v2[:, :, p:] = randn(gen, 1, 1, 40 - p, 3, dtype=torch.float32)
+    y1 = csq(q, k, v, path="direct", chunk_size=8)
+    y2 = csq(q, k2, v2, path="direct", chunk_size=8)
+    assert torch.equal(y1[:, :, :p], y2[:, :, :p])
+    assert not torch.equal(y1[:, :, p:], y2[:, :, p:])
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_direct_cu_seqlens(gen, causal):
+    """Packed sequences (one empty, one shorter than a tile, one spanning tiles) equal each
+    sequence alone, outputs and gradients, shift tensor included."""
+    lengths = [5, 0, 17, 9]
+    cu = torch.tensor([0] + list(itertools.accumulate(lengths)))
+    T, Hq, Hk, Dk, Dv = sum(lengths), 4, 2, 3, 4
+    q, k, v = make_qkv(gen, (1, Hq, Hk, T, Dk, Dv))
+    shift = rand_shift(gen, Hq)
+    dy = randn(gen, 1, Hq, T, Dv)
+    y, grads = csq_grads(q, k, v, shift, dy, causal=causal, cu_seqlens=cu, chunk_size=4,
+                         path="direct")
+    dshift = torch.zeros_like(shift)
+    for s0, s1 in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        if s1 == s0:
+            continue
+        part = slice(s0, s1)
+        y_ref, g_ref = reference_grads(q[:, :, part], k[:, :, part], v[:, :, part], shift,
+                                       dy[:, :, part], causal=causal)
+        assert_rel_close(y[:, :, part], y_ref, 1e-10, "y")
+        for name in "qkv":
+            assert_rel_close(grads[name][:, :, part], g_ref[name], 1e-10, f"d{name}")
+        dshift += g_ref["shift"]
+    assert_rel_close(grads["shift"], dshift, 1e-10, "dshift")
+
+
+@pytest.mark.parametrize("causal,center,normalize", FLAGS, ids=FLAG_IDS)
+def test_direct_gradcheck(gen, causal, center, normalize):
+    q, k, v = make_qkv(gen, (1, 4, 2, 11, 3, 4), requires_grad=True)
+    shift = rand_shift(gen, 4, requires_grad=True)
+
+    def fn(q, k, v, shift):
+        return csq_ext.attention(q, k, v, shift=shift, causal=causal, center=center,
+                                 normalize=normalize, scale=0.6, chunk_size=4, path="direct")
+    assert torch.autograd.gradcheck(fn, (q, k, v, shift), fast_mode=False)
+
+
+def test_direct_opcheck(gen):
+    q, k, v = make_qkv(gen, (2, 4, 2, 13, 3, 5), torch.float32)
+    shift = rand_shift(gen, 4, torch.float32)
+    for rg in (False, True):
+        args = [t.detach().requires_grad_(rg) for t in (q, k, v, shift)]
+        torch.library.opcheck(ops.csq_direct_fwd.default,
+                              (*args, None, True, 0.5, True, True, 1e-6, 4))
+    y, b, den = ops.csq_direct_fwd(q, k, v, shift, None, True, 0.5, True, True, 1e-6, 4)
+    dy = randn(gen, *y.shape, dtype=torch.float32)
+    torch.library.opcheck(ops.csq_direct_bwd.default,
+                          (dy, q, k, v, shift, None, y, b, den, True, 0.5, True, True, 1e-6, 4))
+
+
+def test_direct_compile_fullgraph(gen):
+    """Forward and backward in one compiled function, forced and automatic, equal to eager."""
+    def step(q, k, v, shift, path):
+        y = csq_ext.attention(q, k, v, shift=shift, chunk_size=4, path=path)
+        return y.detach(), torch.autograd.grad(y.square().sum(), (q, k, v, shift))
+
+    q, k, v = (t.requires_grad_() for t in make_qkv(gen, (2, 4, 2, 11, 4, 3), torch.float32,
+                                                     layout="transposed"))
+    shift = rand_shift(gen, 4, torch.float32, requires_grad=True)
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    with torch._dynamo.config.patch(trace_autograd_ops=True):
+        for path in ("direct", "auto"):
+            y_c, g_c = compiled(q, k, v, shift, path)
+            y_e, g_e = step(q, k, v, shift, path)
+            torch.testing.assert_close(y_c, y_e, rtol=1e-5, atol=1e-6)
+            for a, b in zip(g_c, g_e):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_double_backward_is_refused(gen):
+    q, k, v = make_qkv(gen, (1, 2, 1, 6, 3, 2), requires_grad=True)
+    y = csq_ext.attention(q, k, v, path="direct")
+    (g,) = torch.autograd.grad(y.square().sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        g.sum().backward()
+
+
+# --------------------------------------------------------------------------------------------
+# The automatic choice
+# --------------------------------------------------------------------------------------------
+def test_auto_choice_both_outcomes():
+    """Short sequences and large heads go direct; long sequences with small heads chunked;
+    a state or a device without a direct kernel always chunked."""
+    assert choose_path(1024, 64, 64, True, "cpu", 2, 4, False) == "direct"
+    assert choose_path(65536, 32, 32, True, "cpu", 2, 4, False) == "chunked"
+    assert choose_path(4096, 256, 256, True, "cpu", 2, 4, False) == "direct"
+    assert choose_path(512, 64, 64, True, "cpu", 2, 4, True) == "chunked"
+    assert choose_path(512, 64, 64, True, "cuda", 2, 4, False) == "chunked"
+    # The direct path uses every thread for one head, the chunked one a thread per head.
+    n = next(n for n in range(64, 1 << 20, 64)
+             if choose_path(n, 16, 16, True, "cpu", 8, 8, False) == "chunked")
+    assert choose_path(n, 16, 16, True, "cpu", 8, 1, False) == "direct"
+
+
+@pytest.mark.parametrize("n,d", [(64, 16), (2048, 4)])
+def test_auto_runs_the_chosen_path(gen, n, d):
+    """"auto" gives bit-for-bit the output of the path the cost model names (direct at the
+    first point, chunked at the second), and that output matches the reference."""
+    q, k, v = make_qkv(gen, (1, 2, 2, n, d, d), torch.float32)
+    chosen = choose_path(n, d, d, True, "cpu", torch.get_num_threads(), 2, False)
+    assert chosen == ("direct" if n == 64 else "chunked")
+    y = csq(q, k, v)
+    assert torch.equal(y, csq(q, k, v, path=chosen))
+    assert_rel_close(y, reference(q, k, v), TOL[torch.float32])
+
+
+def test_bad_path_is_refused(gen):
+    q, k, v = make_qkv(gen, (1, 2, 1, 6, 3, 2))
+    with pytest.raises(ValueError, match="path must be 'auto', 'direct' or 'chunked'"):
+        csq_ext.attention(q, k, v, path="fast")
+    with pytest.raises(ValueError, match="path='direct' does not carry a state"):
+        csq_ext.attention(q, k, v, path="direct", return_state=True)
+    _, st = csq_ext.attention(q, k, v, return_state=True)  # auto falls back to chunked
+    with pytest.raises(ValueError, match="path='direct' does not carry a state"):
+        csq_ext.attention(q, k, v, path="direct", initial_state=st)
