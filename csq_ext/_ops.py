@@ -87,6 +87,8 @@ def _ref_key_gradient(k, ref, dref, cu_seqlens):
     them (the first equal one receives dref). Returns a tensor shaped like k."""
     acc = ref.dtype
     B, Hk, N, D = k.shape
+    if N == 0:  # no keys to pick from (the packed gather below needs one)
+        return torch.zeros_like(k)
     m = min(N, _REF_KEYS)
     if cu_seqlens is None:
         first = k[:, :, :m].to(acc) == ref[:, :, None]

@@ -218,36 +218,47 @@ def _segment_ids(local_cu: torch.Tensor, n: int, device) -> torch.Tensor:
 
 
 def _ref_candidates(k, local_cu):
-    """(S, Hk, Dk + 1): per sequence, the mean of the first finite keys of this rank's piece of
-    it and, in the last column, 1 where the rank holds keys of it. (A non-finite key must not
-    reach every output through the reference key: it is left out, as the op does.)"""
+    """(S, Hk, Dk + 1): per sequence, this rank's candidate reference key and, in the last
+    column, 1 where the rank holds keys of it. The candidate follows the op's rule
+    (csrc/csq_params.h, ref_key_median) on the rank's piece: the coordinate-wise lower median of
+    the finite values among its first min(n, 64) keys, 0 where there are none. A median stays
+    among the typical keys whatever a sink or an outlier key does, and a non-finite key never
+    reaches every output through it. Differentiable (the gradient reaches the selected key)."""
     acc = _acc_dtype(k.dtype)
     B, Hk, N, Dk = k.shape
     kf = k.to(acc)
-    finite = torch.isfinite(kf)
-    kz = torch.where(finite, kf, torch.zeros((), dtype=acc, device=k.device))
+    nan = torch.full((), float("nan"), dtype=acc, device=k.device)
     if local_cu is None:
-        m = min(N, _REF_KEYS)
-        total, count = kz[:, :, :m].sum(2), finite[:, :, :m].sum(2).to(acc)
-        has = torch.full((B, Hk, 1), float(m > 0), dtype=acc, device=k.device)
+        first = kf[:, :, :min(N, _REF_KEYS)]                               # (B, Hk, m, Dk)
+        has = torch.full((B, Hk, 1), float(N > 0), dtype=acc, device=k.device)
     else:
         S = local_cu.shape[0] - 1
-        seg = _segment_ids(local_cu, N, k.device)
-        first = (torch.arange(N, device=k.device) - local_cu.to(k.device)[seg]) < _REF_KEYS
-        idx = seg[first]
-        total = kz.new_zeros(S, Hk, Dk).index_add_(0, idx, kz[0, :, first].transpose(0, 1))
-        count = kz.new_zeros(S, Hk, Dk).index_add_(
-            0, idx, finite[0, :, first].transpose(0, 1).to(acc))
-        lengths = (local_cu[1:] - local_cu[:-1]).to(k.device)
+        starts = local_cu[:-1].to(k.device).long()
+        lengths = (local_cu[1:] - local_cu[:-1]).to(k.device).long()
+        offsets = torch.arange(_REF_KEYS, device=k.device)
+        inside = offsets < lengths[:, None]                                # (S, 64)
+        idx = (starts[:, None] + offsets).clamp(max=max(N - 1, 0))
+        first = kf[0][:, idx] if N > 0 else kf.new_zeros(Hk, S, _REF_KEYS, Dk)
+        first = torch.where(inside[None, :, :, None], first, nan).transpose(0, 1)
         has = (lengths > 0).to(acc).view(S, 1, 1).expand(S, Hk, 1)
-    return torch.cat([total / count.clamp_min(1), has], dim=-1)
+    if first.shape[2] == 0:
+        med = kf.new_zeros(first.shape[0], Hk, Dk)
+    else:
+        med = torch.where(torch.isfinite(first), first, nan).nanmedian(dim=2).values
+        med = torch.where(torch.isnan(med), torch.zeros((), dtype=acc, device=k.device), med)
+    # Every rank's candidates must be in the autograd graph, even a rank without keys: else it
+    # would skip the gather's backward (a collective) that the other ranks run. An empty sum
+    # of k is an exact zero in the graph (never NaN, whatever k holds).
+    anchor = kf[..., :0].sum()
+    return torch.cat([med + anchor, has], dim=-1)
 
 
 def _common_ref(k, local_cu, S, center, initial_state, group):
     """(S, Hk, Dk): the key every rank's sums are relative to. With an initial_state, its ref
     (rank 0's copy: the stream starts there); else with centering, the candidate of the first
-    rank that holds keys of the sequence; else zeros. Differentiable: gathered with autograd,
-    so the returned state's dependence on the keys through ref reaches them."""
+    rank that holds keys of the sequence; else zeros (no collective: without centering the
+    sums' offset only matters for rounding). Differentiable: gathered with autograd, so the
+    returned state's dependence on the keys through ref reaches them."""
     acc = _acc_dtype(k.dtype)
     Hk, Dk = k.shape[1], k.shape[3]
     if initial_state is not None:
@@ -262,12 +273,28 @@ def _common_ref(k, local_cu, S, center, initial_state, group):
 
 
 def _local_state(k, v, ref, local_cu, scale, chunk_size):
-    """The sums of this rank's keys relative to ref, (S, Hk, F, Dv + 1), from the op (its
-    output y is not used: the keys stand in for the queries, one per key/value head)."""
+    """The sums of this rank's keys relative to ref, (S, Hk, F, Dv + 1): the op's state of
+    them (its output y is not used: the keys stand in for the queries, one per key/value head),
+    relative to the offset the op picks, then moved to ref exactly (_recenter). Passing ref in
+    an empty initial state would not do: the op picks its own offset for a state without keys."""
     _, state = _attention(k.detach(), k, v, causal=True, scale=scale, center=False,
-                          chunk_size=chunk_size, cu_seqlens=local_cu,
-                          initial_state=_zero_state(ref, v.shape[3]), return_state=True)
-    return state.sums
+                          chunk_size=chunk_size, cu_seqlens=local_cu, return_state=True)
+    return _recenter(state.sums, state.ref, ref)
+
+
+def _recenter(sums, ref_from, ref_to):
+    """The same keys' sums relative to another offset. With u = k - ref_from and
+    d = ref_from - ref_to, k - ref_to = u + d, so (features in the state's order: pairs a <= b,
+    then the Dk linear terms, then the count row) pair_ab += d_a L_b + d_b L_a + d_a d_b C and
+    L += d C, where L and C are the linear and count rows. Exact and differentiable."""
+    Dk = ref_from.shape[-1]
+    npairs = Dk * (Dk + 1) // 2
+    pairs, lin, const = sums[..., :npairs, :], sums[..., npairs:npairs + Dk, :], sums[..., -1:, :]
+    d = (ref_from - ref_to).unsqueeze(-1)                                # (S, Hk, Dk, 1)
+    ia, ib = torch.triu_indices(Dk, Dk, device=sums.device)
+    pairs = (pairs + d[..., ia, :] * lin[..., ib, :] + d[..., ib, :] * lin[..., ia, :]
+             + d[..., ia, :] * d[..., ib, :] * const)
+    return torch.cat([pairs, lin + d * const, const], dim=-2)
 
 
 def _zero_state(ref, dim_v):

@@ -65,6 +65,26 @@ def test_gradcheck_returned_state_packed(gen):
     assert torch.autograd.gradcheck(f, (k.requires_grad_(),))
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["batch", "packed"])
+def test_returned_state_gradient_without_keys(gen, packed):
+    """No key at all (N = 0, packed or not): the returned state is the carried one, its
+    gradient reaches the carried state unchanged, and k gets an empty gradient (a context-
+    parallel rank with an empty shard differentiates exactly this)."""
+    q, k, v = (randn(gen, 1, 2, 0, 3, requires_grad=True) for _ in range(3))
+    S = 3 if packed else 1
+    cu = torch.zeros(S + 1, dtype=torch.int64) if packed else None
+    _, st0 = csq_ext.attention(*(randn(gen, S, 2, 5, 3) for _ in range(3)), return_state=True)
+    sums, ref = st0.sums.requires_grad_(), st0.ref.requires_grad_()
+    _, st = csq_ext.attention(q.expand(S, -1, -1, -1) if not packed else q, k if packed else
+                              k.expand(S, -1, -1, -1), v if packed else v.expand(S, -1, -1, -1),
+                              cu_seqlens=cu, initial_state=CSQState(sums, ref),
+                              return_state=True)
+    ds, dr = randn(gen, *st.sums.shape), randn(gen, *st.ref.shape)
+    gs, gr, gk = torch.autograd.grad((st.sums * ds).sum() + (st.ref * dr).sum(), (sums, ref, k))
+    assert torch.equal(st.sums, sums) and torch.equal(gs, ds)
+    assert gk.shape == k.shape and rel_err(gr, dr) <= 1e-12
+
+
 # --------------------------------------------------------------------------------------------
 # 2. Forward-mode AD is refused, never a silent zero tangent.
 # --------------------------------------------------------------------------------------------

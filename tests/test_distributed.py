@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import datetime
 import socket
+import sys
 import time
+import traceback
 
 import pytest
 import torch
@@ -63,8 +65,8 @@ def _psi(u: torch.Tensor) -> torch.Tensor:
 
 def _expected_state(k, v, cu, lengths, center, init):
     """(sums, ref) after the whole sequence, in float64 PyTorch: the ref the distributed call
-    documents (the initial state's; else the mean of the first keys of the first rank's piece
-    of each sequence, all of them at these sizes; else 0) and sums of psi(k - ref) [v, 1]."""
+    documents (the initial state's; else the lower median of the first keys of the first rank's
+    piece of each sequence, all of them at these sizes; else 0) and sums of psi(k - ref) [v, 1]."""
     B, Hk, T, Dk = k.shape
     starts = [sum(lengths[:r]) for r in range(len(lengths) + 1)]
     bounds = [(0, T)] * B if cu is None else list(zip(cu[:-1].tolist(), cu[1:].tolist()))
@@ -76,7 +78,7 @@ def _expected_state(k, v, cu, lengths, center, init):
         elif center and b > a:
             r0 = next(r for r in range(len(lengths)) if min(b, starts[r + 1]) > max(a, starts[r]))
             lo, hi = max(a, starts[r0]) - a, min(b, starts[r0 + 1]) - a
-            ref = ks[:, lo:hi].mean(1)
+            ref = ks[:, lo:hi].median(1).values
         else:
             ref = k.new_zeros(Hk, Dk)
         feats = _psi(ks - ref[:, None])
@@ -284,6 +286,11 @@ def _worker(rank, world, port):
                 failures.append(f"{what}: {err}")
         failures += _check_errors(rank, world)
         failures += _check_layer(rank, world)
+    except BaseException:
+        # The spawner reports the first rank to exit, often a peer left waiting in a
+        # collective: print this rank's own traceback so the root cause shows.
+        sys.stderr.write(f"rank {rank} of {world} raised:\n{traceback.format_exc()}")
+        raise
     finally:
         dist.destroy_process_group()
     if failures:
@@ -328,11 +335,12 @@ def test_full_state_read_gradcheck(gen, center):
 
 
 def test_ref_candidates_gradcheck(gen):
-    """The candidate reference keys: per piece of a sequence the mean of its first keys, a flag
-    where the rank holds keys of it; differentiable."""
+    """The candidate reference keys: per piece of a sequence the lower median of its first keys
+    (the op's rule), a flag where the rank holds keys of it; differentiable."""
     k = randn(gen, 1, 2, 7, 3, requires_grad=True)
     cu = torch.tensor([0, 0, 2, 7], dtype=torch.int64)
     cand = cd._ref_candidates(k, cu)
     assert cand[..., -1].tolist() == [[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]]
-    assert rel_err(cand[2, :, :-1], k[0, :, 2:7].mean(1)) <= 1e-15
+    assert rel_err(cand[2, :, :-1], k[0, :, 2:7].median(1).values) <= 1e-15
+    assert rel_err(cand[1, :, :-1], k[0, :, 0:2].median(1).values) <= 1e-15
     assert torch.autograd.gradcheck(lambda x: cd._ref_candidates(x, cu), (k,))
