@@ -5,16 +5,10 @@ from __future__ import annotations
 import torch
 
 from . import _C  # noqa: F401  (loading the library registers torch.ops.csq_ext.*)
+from ._args import acc_dtype as _acc_dtype
+from .state import num_features as _num_features
 
 ops = torch.ops.csq_ext
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _num_features(dim_k: int) -> int:
-    return dim_k * (dim_k + 1) // 2 + dim_k + 1
 
 
 def _check_devices(q, *others):

@@ -20,7 +20,8 @@ from transformers.masking_utils import (AttentionMaskInterface, bidirectional_ma
                                         causal_mask_function)
 from transformers.modeling_utils import AttentionInterface
 
-from ..attention import _acc_dtype, attention
+from .._args import acc_dtype as _acc_dtype
+from ..attention import attention
 
 NAME = "csq"
 
