@@ -119,7 +119,7 @@ def main(argv=None):
         curve.append([step, stage, loss])
         step += 1
         bar.update(1)
-        bar.set_postfix(stage=stage, loss=f"{loss:.4f}")
+        bar.set_postfix(stage=stage, loss=f"{loss:.4f}", refresh=False)
         if step % args.save_every == 0 or step == total:
             torch.save({"params": transfer_parameters(student), "step": step, "curve": curve,
                         "optimizer": optimizer.state_dict(), "seconds": seconds},
