@@ -11,6 +11,10 @@ token, else the (B, Nk) boolean mask of real keys, and refuses mask patterns it 
 (sliding windows, chunks, custom overlays). Padding and packing are computed exactly by packing
 the real tokens of each sequence into one varlen call (``cu_seqlens``): a padded key is never
 attended and never counted in the centering mean, causal or not.
+
+A module converted to another kernel (``csq_kernel``, set by ``convert``) runs "rebased" through
+the same path (shift 0, no centering) and "linear" / "taylor" through csq_ext.nn's feature
+maps; a per-head ``csq_head_scale`` (an attention-transfer parameter) scales the query.
 """
 from __future__ import annotations
 
