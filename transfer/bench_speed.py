@@ -6,7 +6,10 @@ i uses embedding i mod 512) and the tokens of the held-out text; the output is m
 past 512, but the cost per length is what this measures.
 
 Each model runs in its own fresh process, lengths in increasing order, so its peak resident
-memory (getrusage) above the loaded model's is that of the largest forward so far.
+memory (getrusage) above the loaded model's is that of the largest forward so far. The model
+is converted in place (no freed copy whose memory a forward could reuse unseen), and glibc's
+mmap threshold is fixed at 128 KiB (MALLOC_MMAP_THRESHOLD_), so every tensor of the forward
+is mapped and unmapped on its own and the resident peak follows the live tensors.
 
     python -m transfer.bench_speed --threads 1 --reps 5    # -> bench/results/transfer/speed.json
 """
@@ -41,7 +44,7 @@ def measure(kind: str, lengths, reps: int, threads: int) -> list[dict]:
     # BERT reads positions from this buffer (its token-type buffer stops at 512: pass zeros).
     model.embeddings.position_ids = torch.arange(reps_needed * table.shape[0])[None]
     if kind != "softmax":
-        model = minilm.converted(model, kind)
+        model = minilm.converted(model, kind, inplace=True)
     ids = tokenizer(" ".join(text.passages(heldout=True)[:2000]), return_tensors="pt",
                     add_special_tokens=False)["input_ids"][0]
     base = max_rss_mb()
@@ -80,7 +83,8 @@ def main(argv=None):
         proc = subprocess.run([sys.executable, "-m", "transfer.bench_speed", "--one", kind,
                                "--lengths", args.lengths, "--reps", str(args.reps),
                                "--threads", str(args.threads)],
-                              capture_output=True, text=True, check=True)
+                              capture_output=True, text=True, check=True,
+                              env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"})
         rows += [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     from quality.common import environment, write_json
     write_json(args.out, {"settings": vars(args), "environment": environment(), "rows": rows})

@@ -50,10 +50,12 @@ def load(cache_dir: str | None = None, dtype=torch.float32):
     return tokenizer, model.eval()
 
 
-def converted(model, variant: str | None = None, params=None):
-    """A converted copy of ``model``: ``params`` (trained transfer parameters, dict or JSON
-    path) or, for the zero-shot swap, ``variant``'s options at their initial values."""
-    model = copy.deepcopy(model)
+def converted(model, variant: str | None = None, params=None, inplace: bool = False):
+    """A converted copy of ``model`` (``model`` itself with ``inplace``): ``params`` (trained
+    transfer parameters, dict or JSON path) or, for the zero-shot swap, ``variant``'s options
+    at their initial values."""
+    if not inplace:
+        model = copy.deepcopy(model)
     if params is not None:
         return hf.convert(model, params=params)
     options, rank = VARIANTS[variant]
