@@ -29,16 +29,16 @@ def _load(name):
         return json.load(f)
 
 
-def _params_meta(variant):
-    return (_load(os.path.join("params", f"{variant}.json")) or {}).get("meta")
+def _params_meta(variant, folder="params"):
+    return (_load(os.path.join(folder, f"{variant}.json")) or {}).get("meta")
 
 
-def embedding_table(results) -> list[str]:
+def embedding_table(results, folder="params") -> list[str]:
     lines = ["| variant | run | cos mean | cos p5 | NN agreement | attention error (mean over "
              "layers) | hidden error, last layer | training s |", "|---|---|---|---|---|---|---|---|"]
     for variant in minilm.VARIANTS:
         for run, r in results.get(variant, {}).items():
-            meta = _params_meta(variant) if run == "transferred" else None
+            meta = _params_meta(variant, folder) if run == "transferred" else None
             secs = f"{meta['train_seconds']:.0f}" if meta else "-"
             att = sum(r["attention_error"]) / len(r["attention_error"])
             lines.append(f"| {variant} | {run.replace('_', '-')} | {r['cos_mean']:.4f} | "
@@ -102,10 +102,14 @@ def plots(results, speed):
     for i, v in enumerate(variants):
         meta = _params_meta(v)
         if meta:
-            curve = [(s, loss) for s, stage, loss in meta["curve"] if stage == "layer"]
-            ax.plot([s for s, _ in curve], [loss for _, loss in curve], color=f"C{i}", label=v)
+            losses = [loss for _, stage, loss in meta["curve"] if stage == "layer"]
+            w = 10  # one batch is noisy: a running mean over the last w steps
+            smooth = [sum(losses[max(0, j - w + 1):j + 1]) / len(losses[max(0, j - w + 1):j + 1])
+                      for j in range(len(losses))]
+            ax.plot(range(len(losses)), smooth, color=f"C{i}", label=v,
+                    linestyle="--" if v == "csq" else "-")
     ax.set_xlabel("stage-1 step")
-    ax.set_ylabel("mean layer attention error (training batch)")
+    ax.set_ylabel("mean layer attention error\n(training batches, running mean of 10)")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(os.path.join(RESULTS, "curves.png"), dpi=110)
@@ -140,6 +144,12 @@ def main():
         parts += layer_table(results, "attention_error")
         parts += ["", "### Hidden-state error per layer (the whole converted model)", ""]
         parts += layer_table(results, "hidden_error")
+    stage1 = _load("eval_stage1_only.json")
+    if stage1:  # the same training without its end-to-end stage (params in stage1_only/)
+        parts += ["", "### Stage 1 alone (no end-to-end steps), same held-out data", ""]
+        parts += [line.replace("| transferred |", "| stage 1 only |")
+                  for line in embedding_table(stage1["results"], "stage1_only")
+                  if "zero-shot" not in line]
     if speed:
         env = speed["environment"]
         parts += ["", f"### Forward time (median of {speed['settings']['reps']}) and peak "
