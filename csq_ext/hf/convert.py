@@ -64,7 +64,9 @@ def convert(model: torch.nn.Module, *, shift: float = 1.0, learnable_shift: bool
                          "`is_causal` attributes (transformers v5 attention interface)")
     model.set_attn_implementation(register())
     for module in modules:
-        module._parameters.pop("csq_shift", None)  # a previous convert's learnable shift
+        # A previous conversion's learnable shift and transfer scale (csq_ext.hf.transfer).
+        module._parameters.pop("csq_shift", None)
+        module._parameters.pop("csq_head_scale", None)
         if learnable_shift:
             weight = next(module.parameters(), None)
             module.csq_shift = torch.nn.Parameter(torch.full(
