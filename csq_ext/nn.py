@@ -86,16 +86,19 @@ _DEFAULT_CHUNK = {"linear": 64, "taylor": 256}
 
 
 def _feature_attention(q, k, v, kind: str, *, causal: bool, scale: float, normalize: bool,
-                       eps: float, chunk_size: int) -> torch.Tensor:
+                       eps: float, chunk_size: int, key_mask=None) -> torch.Tensor:
     """Chunked O(N C D + N F Dv) attention for a kernel with a finite feature map.
 
     q, k: (B, H, N, D), v: (B, H, N, Dv), one head count (the caller repeats GQA heads).
+    key_mask (B, N) bool, non-causal only: keys that count (False: padding, never attended).
     """
     weights, features = _FEATURE_KERNELS[kind]
     B, H, N, D = q.shape
     Dv = v.shape[-1]
     if not causal:
         fq, fk = features(q, scale), features(k, scale)
+        if key_mask is not None:  # a zero feature vector adds nothing to numerator or sum
+            fk = fk * key_mask[:, None, :, None].to(fk.dtype)
         num = fq @ (fk.transpose(-1, -2) @ v)
         if not normalize:
             return num
@@ -123,6 +126,29 @@ def _feature_attention(q, k, v, kind: str, *, causal: bool, scale: float, normal
         den = den + fq @ zsum.unsqueeze(-1)
     out = num if not normalize else num / (den + eps)
     return out.reshape(B, H, nc * C, Dv)[:, :, :N]
+
+
+def feature_kernel_attention(q, k, v, kernel: str, *, causal: bool, scale: float,
+                             normalize: bool = True, eps: float = 1e-6,
+                             chunk_size: int | None = None, key_mask=None) -> torch.Tensor:
+    """The "linear" or "taylor" kernel on q (B, Hq, N, D), k, v (B, Hk, N, D) -> (B, Hq, N, Dv),
+    in float32 (or float64) math outside autocast. ``key_mask`` (B, N) bool, non-causal only:
+    the real keys (padding is neither attended nor counted in the normalizer)."""
+    if key_mask is not None and causal:
+        raise ValueError(f"kernel {kernel!r}: a key mask is supported for non-causal attention "
+                         "only (causal padding would need a varlen chunked form)")
+    dt = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+    if dt in (torch.float16, torch.bfloat16):
+        dt = torch.float32
+    q, k, v = q.to(dt), k.to(dt), v.to(dt)
+    if k.shape[1] != q.shape[1]:
+        g = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    with torch.autocast(q.device.type, enabled=False):
+        return _feature_attention(q, k, v, kernel, causal=causal, scale=scale,
+                                  normalize=normalize, eps=eps,
+                                  chunk_size=chunk_size or _DEFAULT_CHUNK[kernel],
+                                  key_mask=key_mask)
 
 
 def kernel_attention_reference(q, k, v, kernel: str, *, causal: bool = True,
@@ -255,18 +281,9 @@ class CSQAttention(nn.Module):
                 k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
             return F.scaled_dot_product_attention(q, k, v, is_causal=self.causal,
                                                   scale=self.scale)
-        # "linear", "taylor": float32 (or float64) math, outside autocast.
-        dt = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
-        if dt in (torch.float16, torch.bfloat16):
-            dt = torch.float32
-        q, k, v = q.to(dt), k.to(dt), v.to(dt)
-        if self.num_kv_heads != self.num_heads:
-            g = self.num_heads // self.num_kv_heads
-            k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
-        with torch.autocast(q.device.type, enabled=False):
-            return _feature_attention(q, k, v, self.kernel, causal=self.causal,
-                                      scale=self.scale, normalize=self.normalize, eps=self.eps,
-                                      chunk_size=self.chunk_size or _DEFAULT_CHUNK[self.kernel])
+        return feature_kernel_attention(q, k, v, self.kernel, causal=self.causal,
+                                        scale=self.scale, normalize=self.normalize,
+                                        eps=self.eps, chunk_size=self.chunk_size)
 
     def forward(self, x: torch.Tensor, *, return_penalty: bool = False):
         """x: (B, N, embed_dim) -> (B, N, embed_dim).

@@ -5,7 +5,9 @@
   ``model.set_attn_implementation("csq")`` run ``csq_ext.attention`` in every attention layer.
 * ``CSQCache`` is a transformers ``Cache`` that holds one ``CSQState`` per layer: generation
   with a state of constant size instead of a growing KV cache.
-* ``convert(model, ...)`` switches a pretrained softmax model to CSQ in place.
+* ``convert(model, ...)`` switches a pretrained softmax model to CSQ (or another kernel of
+  ``csq_ext.nn``) in place; ``transfer`` holds the attention-transfer parameters and their
+  loader (``convert(model, params=...)``).
 
 transformers is an optional dependency: ``import csq_ext`` works without it; importing this
 module without it raises an ImportError that says what to install.
@@ -27,6 +29,7 @@ except ImportError as e:  # transformers missing, or a version without the v5 in
 from .attention import csq_attention_forward, csq_mask, register
 from .cache import CSQCache, CSQCacheLayer
 from .convert import convert
+from . import transfer  # noqa: E402  (after convert, which it builds on)
 
 __all__ = ["register", "csq_attention_forward", "csq_mask", "CSQCache", "CSQCacheLayer",
-           "convert", "TESTED_TRANSFORMERS"]
+           "convert", "transfer", "TESTED_TRANSFORMERS"]

@@ -11,6 +11,10 @@ token, else the (B, Nk) boolean mask of real keys, and refuses mask patterns it 
 (sliding windows, chunks, custom overlays). Padding and packing are computed exactly by packing
 the real tokens of each sequence into one varlen call (``cu_seqlens``): a padded key is never
 attended and never counted in the centering mean, causal or not.
+
+A module converted to another kernel (``csq_kernel``, set by ``convert``) runs "rebased" through
+the same path (shift 0, no centering) and "linear" / "taylor" through csq_ext.nn's feature
+maps; a per-head ``csq_head_scale`` (an attention-transfer parameter) scales the query.
 """
 from __future__ import annotations
 
@@ -22,8 +26,12 @@ from transformers.modeling_utils import AttentionInterface
 
 from .._args import acc_dtype as _acc_dtype
 from ..attention import attention
+from ..nn import feature_kernel_attention
 
 NAME = "csq"
+# Kernels of csq_ext.nn that convert() can select besides "csq" itself ("rebased" runs through
+# csq_ext.attention with shift 0 and no centering; these two through their feature maps).
+FEATURE_KERNELS = ("linear", "taylor")
 
 
 def register(name: str = NAME) -> str:
@@ -88,12 +96,37 @@ def csq_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offs
 # --------------------------------------------------------------------------------------------
 def _options(module, scaling, query) -> dict:
     """csq_ext.attention's keyword options for this module: ``scaling`` -> ``scale``, and the
-    CSQ parameters that ``convert`` stores on the module (defaults otherwise)."""
+    CSQ parameters that ``convert`` stores on the module (defaults otherwise). Kernel
+    "rebased" is CSQ with no shift and no centering."""
+    if getattr(module, "csq_kernel", "csq") == "rebased":
+        return dict(scale=scaling, shift=0.0, center=False, eps=getattr(module, "csq_eps", 1e-6))
     shift = getattr(module, "csq_shift", 1.0)
     if isinstance(shift, torch.Tensor):  # a learnable per-head shift, kept in accumulation dtype
         shift = shift.to(_acc_dtype(query.dtype))
     return dict(scale=scaling, shift=shift, center=getattr(module, "csq_center", True),
                 eps=getattr(module, "csq_eps", 1e-6))
+
+
+def _scaled_query(module, query: torch.Tensor) -> torch.Tensor:
+    """The query times the module's per-head score scale ``csq_head_scale`` (Hq,), an attention
+    transfer parameter (csq_ext.hf.transfer), when it has one: for the score kernels this is a
+    per-head temperature, scale_h * <q, k> = <scale_h q, k>."""
+    gain = getattr(module, "csq_head_scale", None)
+    if gain is None:
+        return query
+    return query * gain.to(query.dtype).view(1, -1, 1, 1)
+
+
+def _feature_forward(module, query, key, value, keep, scaling, is_causal):
+    """Kernels "linear" and "taylor" (csq_ext.nn's plain-PyTorch forms): whole sequences, no
+    cache; padding (non-causal) by zeroing padded keys' features. Returns (B, N, Hq, Dv)."""
+    if query.shape[2] != key.shape[2]:
+        raise ValueError(f"kernel {module.csq_kernel!r} in transformers: queries and keys must "
+                         "have the same length (no KV cache)")
+    y = feature_kernel_attention(query, key, value, module.csq_kernel, causal=is_causal,
+                                 scale=scaling, eps=getattr(module, "csq_eps", 1e-6),
+                                 key_mask=keep).to(query.dtype).transpose(1, 2)
+    return y if keep is None else y * keep[:, :, None, None].to(y.dtype)  # 0 where padded
 
 
 def _cu_from_lengths(lengths: torch.Tensor) -> torch.Tensor:
@@ -198,9 +231,15 @@ def csq_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: tor
     if key.dtype != query.dtype or value.dtype != query.dtype:  # e.g. mixed under autocast
         key, value = key.to(query.dtype), value.to(query.dtype)
     options = _options(module, scaling, query)
+    query = _scaled_query(module, query)
     B, _, Nq, _ = query.shape
     Nk = key.shape[2]
     keep = _check_mask(attention_mask, B, Nk)
+    if getattr(module, "csq_kernel", "csq") in FEATURE_KERNELS:
+        if getattr(key, "_csq_cache_layer", None) is not None or _varlen_cu(kwargs) is not None:
+            raise ValueError(f"kernel {module.csq_kernel!r} supports neither a CSQCache nor "
+                             "packed sequences in transformers")
+        return _feature_forward(module, query, key, value, keep, scaling, is_causal), None
 
     layer = getattr(key, "_csq_cache_layer", None)  # set by CSQCache.update
     if layer is not None:

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from .attention import register
+from .attention import FEATURE_KERNELS, register
+
+KERNELS = ("csq", "rebased") + FEATURE_KERNELS
 
 
 def attention_modules(model: torch.nn.Module):
@@ -24,7 +26,8 @@ def _num_query_heads(module) -> int:
 
 
 def convert(model: torch.nn.Module, *, shift: float = 1.0, learnable_shift: bool = False,
-            center: bool = True, eps: float = 1e-6) -> torch.nn.Module:
+            center: bool = True, eps: float = 1e-6, kernel: str = "csq",
+            params: dict | str | None = None) -> torch.nn.Module:
     """Switch ``model`` (a transformers PreTrainedModel) from softmax to CSQ attention in place,
     keeping every weight: the first step of fine-tuning or attention transfer.
 
@@ -37,17 +40,33 @@ def convert(model: torch.nn.Module, *, shift: float = 1.0, learnable_shift: bool
         learnable_shift: give each attention module a trainable per-query-head shift
             ``csq_shift`` (an nn.Parameter of shape (Hq,)).
         center, eps: as in ``csq_ext.attention``.
+        kernel: the similarity, as in ``csq_ext.CSQAttention``: "csq" (default), "rebased"
+            (CSQ with shift 0, no centering), "taylor" or "linear" (feature maps; whole
+            sequences only: no cache, no packed rows, padding in non-causal models only).
+        params: attention-transfer parameters saved by ``csq_ext.hf.transfer.save_params``
+            (a dict or a JSON path): they carry their own conversion options, which replace
+            the arguments above, and their trained values (per-head shift and scale, low-rank
+            q/k adapters) are loaded into the model.
 
     Attention-weight dropout is set to 0 (``attention_dropout`` / ``dropout.p`` of the
     attention modules): CSQ has no weight matrix to drop from. Returns ``model``.
     """
+    if params is not None:
+        from .transfer import load_params_into
+        return load_params_into(model, params)
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    if learnable_shift and kernel != "csq":
+        raise ValueError(f"learnable_shift applies to kernel='csq' only, got {kernel!r}")
     modules = attention_modules(model)
     if not modules:
         raise ValueError(f"{type(model).__name__} has no attention module with `scaling` and "
                          "`is_causal` attributes (transformers v5 attention interface)")
     model.set_attn_implementation(register())
     for module in modules:
-        module._parameters.pop("csq_shift", None)  # a previous convert's learnable shift
+        # A previous conversion's learnable shift and transfer scale (csq_ext.hf.transfer).
+        module._parameters.pop("csq_shift", None)
+        module._parameters.pop("csq_head_scale", None)
         if learnable_shift:
             weight = next(module.parameters(), None)
             module.csq_shift = torch.nn.Parameter(torch.full(
@@ -56,7 +75,7 @@ def convert(model: torch.nn.Module, *, shift: float = 1.0, learnable_shift: bool
                 else weight.dtype, device=None if weight is None else weight.device))
         else:
             module.csq_shift = float(shift)
-        module.csq_center, module.csq_eps = bool(center), float(eps)
+        module.csq_center, module.csq_eps, module.csq_kernel = bool(center), float(eps), kernel
         if isinstance(getattr(module, "attention_dropout", None), float):
             module.attention_dropout = 0.0
         if isinstance(getattr(module, "dropout", None), torch.nn.Dropout):
