@@ -238,7 +238,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> csq_direct_bwd_cpu(
   });
   // db holds dL/db_i for every query row; the shift of head h is in every b_i of that head.
   return {t.dq.to(q.scalar_type()), t.dk.to(q.scalar_type()), t.dv.to(q.scalar_type()),
-          t.db.sum({0, 2}).to(shift.scalar_type())};
+          t.db.sum(at::IntArrayRef{0, 2}).to(shift.scalar_type())};
 }
 
 }  // namespace
