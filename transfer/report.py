@@ -154,7 +154,7 @@ def main():
         env = speed["environment"]
         parts += ["", f"### Forward time (median of {speed['settings']['reps']}) and peak "
                   f"memory, batch 1, {speed['settings']['threads']} thread(s), "
-                  f"{env['cpu']} x {env['cpu_count']}, shared machine", ""]
+                  f"{env['cpu']} x {env['cpu_count']}", ""]
         parts += speed_table(speed["rows"])
     plots(results, speed)
     with open(DOC) as f:
