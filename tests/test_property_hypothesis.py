@@ -1,6 +1,7 @@
 """Property-based check (hypothesis, derandomized so CI is reproducible) of csq_ext.attention
-against the float64 reference over shapes, strides, dtypes, flags, options and value scales,
-forward and the gradient of q, k, v."""
+against the float64 reference over shapes, strides, dtypes, flags, options, value scales and
+algorithms (path: the automatic choice, or the chunked or the direct path forced), forward and
+the gradient of q, k, v."""
 import pytest
 import torch
 
@@ -18,7 +19,10 @@ TOLS = {torch.float64: 1e-9, torch.float32: 1e-4}
 @st.composite
 def cases(draw):
     Hk = draw(st.integers(1, 2))
-    return dict(
+    device = draw(st.sampled_from(DEVICES))
+    # The direct path has a CPU kernel only so far (forcing it elsewhere is refused).
+    path = draw(st.sampled_from(["auto", "chunked"] + (["direct"] if device == "cpu" else [])))
+    return dict(path=path,
         B=draw(st.integers(1, 2)), Hk=Hk, Hq=Hk * draw(st.integers(1, 3)),
         N=draw(st.integers(0, 150)), Dk=draw(st.integers(1, 9)), Dv=draw(st.integers(1, 6)),
         dtype=draw(st.sampled_from(list(TOLS))), causal=draw(st.booleans()),
@@ -27,7 +31,7 @@ def cases(draw):
         scale=draw(st.sampled_from([None, 0.3, 2.0])),
         shift=draw(st.sampled_from([1.0, 0.5, "tensor"])),
         spread=draw(st.sampled_from([0.25, 1.0, 4.0])), offset=draw(st.sampled_from([0.0, 30.0])),
-        seed=draw(st.integers(0, 2**31 - 1)), device=draw(st.sampled_from(DEVICES)))
+        seed=draw(st.integers(0, 2**31 - 1)), device=device)
 
 
 def _make(g, b, h, n, d, layout, dtype, device, scale=1.0, offset=0.0):
@@ -37,7 +41,7 @@ def _make(g, b, h, n, d, layout, dtype, device, scale=1.0, offset=0.0):
     return x.to(device=device, dtype=dtype)
 
 
-@settings(max_examples=80, deadline=None, derandomize=True, database=None)
+@settings(max_examples=120, deadline=None, derandomize=True, database=None)
 @given(cases())
 def test_attention_matches_reference(c):
     g = torch.Generator().manual_seed(c["seed"])
@@ -55,7 +59,7 @@ def test_attention_matches_reference(c):
               scale=c["scale"], shift=shift)
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
     with poisoned_memory(dev):
-        y = csq_ext.attention(*leaves, chunk_size=c["chunk"], **kw)
+        y = csq_ext.attention(*leaves, chunk_size=c["chunk"], path=c["path"], **kw)
     y_ref = reference(q, k, v, **kw)
     tol = TOLS[dt]
     assert y.shape == y_ref.shape and torch.isfinite(y).all()
