@@ -12,6 +12,8 @@ Each estimate is divided by a throughput measured by bench/bench_cpu.py (bench/N
 """
 from __future__ import annotations
 
+from .state import num_features
+
 # Sustained multiply-add throughput of each path's kernels, relative units per thread, on the
 # 2-core CI machine (float32, forward; the backwards scale alike). Calibrated from interleaved
 # runs of both forced paths at N = 4096, B = 1, H = 4, D = 32-256, causal and not: the measured
@@ -21,13 +23,9 @@ _DIRECT_RATE = 1.0
 _CHUNKED_RATE = 0.9
 
 
-def _features(dk: int) -> int:
-    return dk * (dk + 1) // 2 + dk + 1
-
-
 def chunked_cost(n: int, dk: int, dv: int, causal: bool, threads: int, tasks: int) -> float:
     chunk = 128 if dk <= 32 else 64  # csrc/csq_host.cpp, default_chunk
-    per_query = 4 * _features(dk) * (dv + 1)
+    per_query = 4 * num_features(dk) * (dv + 1)
     if causal:
         per_query += min(chunk, n) * (dk + dv + 1)
     return n * per_query / (_CHUNKED_RATE * max(1, min(threads, tasks)))

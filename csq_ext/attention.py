@@ -46,8 +46,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         (B, Hq, N, Dv) in the dtype of the inputs (half precision is computed in float32),
         or ``(y, state)`` with ``return_state``.
 
-    Equivalent to ``csq_ext.reference.csq_attention_reference`` without the N x N matrix:
-    time O(N Dk^2 Dv), memory O(N (Dk + Dv)) plus O(Dk^2 Dv) per head.
+    Equivalent to ``csq_ext.reference.csq_attention_reference`` (docs/SPEC.md) without the
+    N x N matrix: time O(N Dk^2 Dv) on the chunked path, O(N^2 (Dk + Dv)) on the direct one;
+    memory O(N (Dk + Dv)) plus O(Dk^2 Dv) per head.
     """
     _args.qkv(q, k, v)
     options = dict(causal=_args.flag("causal", causal), center=_args.flag("center", center),
