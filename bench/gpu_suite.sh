@@ -353,8 +353,8 @@ main() {
   local tflag=""
   "$PY" -c "import pytest_timeout" 2>/dev/null && tflag="--timeout=120"
   # shellcheck disable=SC2086
-  # Every device-parametrized check on CUDA, and the GPU-only file.
-  stage tests-cuda 180 "$BENCH_RESERVE" tests.log "$PY" -m pytest -q tests -k cuda \
+  # Every device-parametrized check on CUDA, and the GPU-only file (not the CPU emulator).
+  stage tests-cuda 180 "$BENCH_RESERVE" tests.log "$PY" -m pytest -q tests -k "cuda and not emulator" \
     $PYTEST_FLAGS $tflag -rfE --durations=8 -p no:cacheprovider
   tail -n 30 "$OUT/tests.log" 2>/dev/null
   note "$(grep -E "[0-9]+ (passed|failed|skipped|error)" "$OUT/tests.log" 2>/dev/null | tail -n 1)"
