@@ -75,30 +75,44 @@ def _ref_picked_from_keys(state_in, cu_seqlens, N, device):
     return has_keys & (state_in[..., -1, -1] == 0)
 
 
+def first_keys(k, cu_seqlens):
+    """Each sequence's first keys, those the op picks its ref from: ``(keys, valid, pos)`` with
+    keys (S, Hk, m, D) in k's dtype, valid (S, m) bool (False past a sequence's end) and pos
+    (S, m) their positions along N. Without cu_seqlens S = B and m = min(N, _REF_KEYS), all
+    valid; with it m = _REF_KEYS. Indexing keeps keys differentiable with respect to k."""
+    B, Hk, N, D = k.shape
+    if cu_seqlens is None:
+        m = min(N, _REF_KEYS)
+        pos = torch.arange(m, device=k.device).expand(B, m)
+        return k[:, :, :m], torch.ones(B, m, dtype=torch.bool, device=k.device), pos
+    cu = cu_seqlens.to(device=k.device, dtype=torch.int64)
+    pos = cu[:-1, None] + torch.arange(_REF_KEYS, device=k.device)
+    valid = pos < cu[1:, None]
+    pos = pos.clamp(max=max(N - 1, 0))
+    if N == 0:  # nothing to gather from; every entry is invalid
+        keys = k.new_zeros(Hk, pos.shape[0], _REF_KEYS, D)
+    else:
+        keys = k[0][:, pos]                          # (Hk, S, _REF_KEYS, D)
+    return keys.transpose(0, 1), valid, pos
+
+
 def _ref_key_gradient(k, ref, dref, cu_seqlens):
     """The gradient that a picked ref (S, Hk, Dk) passes to the keys it was picked from: per
     coordinate, ref is the lower median of the first _REF_KEYS keys of the sequence, i.e. one of
     them (the first equal one receives dref). Returns a tensor shaped like k."""
     acc = ref.dtype
     B, Hk, N, D = k.shape
-    if N == 0:  # no keys to pick from (the packed gather below needs one)
+    if N == 0:  # no keys to pick from
         return torch.zeros_like(k)
-    m = min(N, _REF_KEYS)
-    if cu_seqlens is None:
-        first = k[:, :, :m].to(acc) == ref[:, :, None]
-        first = first & (first.cumsum(2) == 1)
-        grad = torch.zeros(B, Hk, N, D, dtype=acc, device=k.device)
-        grad[:, :, :m] = first * dref[:, :, None]
-        return grad.to(k.dtype)
-    cu = cu_seqlens.to(device=k.device, dtype=torch.int64)
-    j = torch.arange(_REF_KEYS, device=k.device)
-    pos = cu[:-1, None] + j  # (S, _REF_KEYS): the positions of each sequence's first keys
-    valid = pos < cu[1:, None]
-    pos = pos.clamp(max=max(N - 1, 0))
-    keys = k[0][:, pos].to(acc).transpose(0, 1)  # (S, Hk, _REF_KEYS, D)
-    first = (keys == ref[:, :, None]) & valid[:, None, :, None]
+    keys, valid, pos = first_keys(k, cu_seqlens)
+    first = (keys.to(acc) == ref[:, :, None]) & valid[:, None, :, None]
     first = first & (first.cumsum(2) == 1)
-    part = (first * dref[:, :, None]).transpose(0, 1).reshape(Hk, -1, D)
+    part = first * dref[:, :, None]                  # (S, Hk, m, D)
+    if cu_seqlens is None:
+        grad = torch.zeros(B, Hk, N, D, dtype=acc, device=k.device)
+        grad[:, :, :part.shape[2]] = part
+        return grad.to(k.dtype)
+    part = part.transpose(0, 1).reshape(Hk, -1, D)
     grad = torch.zeros(Hk, N, D, dtype=acc, device=k.device).index_add_(1, pos.reshape(-1), part)
     return grad[None].to(k.dtype)
 

@@ -25,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import _args
 from ._args import acc_dtype as _acc_dtype, check as _check
+from ._ops import first_keys
 from .attention import attention as _attention
 from .state import CSQState, num_features
 
@@ -33,7 +34,6 @@ from .state import CSQState, num_features
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
-_REF_KEYS = 64       # keys averaged into a sequence's reference key (as the op does)
 _READ_CHUNK = 256    # queries per step of the non-causal read (bounds its O(C Dk Dv) buffers)
 
 # ----------------------------------------------------------------------------------------------
@@ -228,19 +228,13 @@ def _ref_candidates(k, local_cu):
     B, Hk, N, Dk = k.shape
     kf = k.to(acc)
     nan = torch.full((), float("nan"), dtype=acc, device=k.device)
+    keys, valid, _ = first_keys(kf, local_cu)                             # (S, Hk, m, Dk)
+    first = torch.where(valid[:, None, :, None], keys, nan)
     if local_cu is None:
-        first = kf[:, :, :min(N, _REF_KEYS)]                               # (B, Hk, m, Dk)
         has = torch.full((B, Hk, 1), float(N > 0), dtype=acc, device=k.device)
     else:
-        S = local_cu.shape[0] - 1
-        starts = local_cu[:-1].to(k.device).long()
-        lengths = (local_cu[1:] - local_cu[:-1]).to(k.device).long()
-        offsets = torch.arange(_REF_KEYS, device=k.device)
-        inside = offsets < lengths[:, None]                                # (S, 64)
-        idx = (starts[:, None] + offsets).clamp(max=max(N - 1, 0))
-        first = kf[0][:, idx] if N > 0 else kf.new_zeros(Hk, S, _REF_KEYS, Dk)
-        first = torch.where(inside[None, :, :, None], first, nan).transpose(0, 1)
-        has = (lengths > 0).to(acc).view(S, 1, 1).expand(S, Hk, 1)
+        lengths = (local_cu[1:] - local_cu[:-1]).to(k.device)
+        has = (lengths > 0).to(acc).view(-1, 1, 1).expand(-1, Hk, 1)
     if first.shape[2] == 0:
         med = kf.new_zeros(first.shape[0], Hk, Dk)
     else:
