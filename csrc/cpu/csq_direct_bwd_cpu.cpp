@@ -78,10 +78,10 @@ struct BackwardTiles {
   // when `with_dq`, to the key rows dk (ld D) and dv (ld Dv) when they are given.
   void pair(const TileTask& t, int64_t cols, bool diag, bool with_dq, acc_t* dk, acc_t* dv) {
     const int64_t rows = t.rows, grows = G * rows;
-    gemm<acc_t>(false, true, grows, cols, D, acc_t(1), qt.q.data(), D, kt.k.data(), D, acc_t(0),
+    gemm<acc_t>(false, true, grows, cols, D, acc_t(1), qt.q.data(), D, kt.k, D, acc_t(0),
                 s.data(), cols);
     shifted_squares<acc_t>(s.data(), grows, rows, cols, b.data(), tau, diag, s.data(), w.data());
-    gemm<acc_t>(false, true, grows, cols, Dv, acc_t(1), dnum.data(), Dv, kt.v.data(), Dv1,
+    gemm<acc_t>(false, true, grows, cols, Dv, acc_t(1), dnum.data(), Dv, kt.v, Dv1,
                 acc_t(0), ds.data(), cols);
     for (int64_t r = 0; r < grows; ++r) {
       const int64_t last = diag ? r % rows : cols - 1;
@@ -97,7 +97,7 @@ struct BackwardTiles {
       db[r] += sum;
     }
     if (with_dq)
-      gemm<acc_t>(false, false, grows, D, cols, acc_t(1), ds.data(), cols, kt.k.data(), D,
+      gemm<acc_t>(false, false, grows, D, cols, acc_t(1), ds.data(), cols, kt.k, D,
                   acc_t(1), dq.data(), D);
     if (dk != nullptr) {
       gemm<acc_t>(true, false, cols, D, grows, tau, ds.data(), cols, qt.q.data(), D, acc_t(1),

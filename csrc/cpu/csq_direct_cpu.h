@@ -204,34 +204,65 @@ struct QueryTile {
 };
 
 // A key tile relative to a query tile's reference: k - r (rows x D) and [v, 1] (rows x Dv + 1;
-// the ones column makes the denominator the numerator's last column).
+// the ones column gives the backward's and a masked tile's denominator) at `k` and `v`.
+//
+// Not causal, every query tile of a (sequence, key/value head) has the same reference (the key
+// mean), so the worker converts that whole sequence once and a tile is a view into it: the
+// per-tile conversion was 5-10% of a forward at D = 64 (bench/NOTES.md). Sequences longer than
+// kWholeSequenceElems / (Dk + Dv + 1) positions, and causal tiles, are converted per tile.
 template <typename scalar_t, typename acc_t>
 struct KeyTile {
+  static constexpr int64_t kWholeSequenceElems = int64_t(1) << 24;  // 64 MB in float32
   const DirectParams& p;
   int64_t rows = 0;
-  std::vector<acc_t> k, v;
+  const acc_t* k = nullptr;
+  const acc_t* v = nullptr;
+  std::vector<acc_t> k_tile, v_tile;  // one tile
+  std::vector<acc_t> k_seq, v_seq;    // a whole sequence (not causal)
+  int64_t seq_of_cache = -1, head_of_cache = -1;
 
   KeyTile(const DirectParams& p_, int64_t tile)
-      : p(p_), k(tile * p_.dim_k), v(tile * (p_.dim_v + 1)) {}
+      : p(p_), k_tile(tile * p_.dim_k), v_tile(tile * (p_.dim_v + 1)) {}
 
   void load(const SeqTask& s, int64_t j0, int64_t n, const acc_t* ref) {
     rows = n;
+    const int64_t Dv1 = p.dim_v + 1;
+    if (!p.causal && s.len * (p.dim_k + Dv1) <= kWholeSequenceElems) {
+      if (s.seq != seq_of_cache || s.head_k != head_of_cache) {
+        k_seq.resize(s.len * p.dim_k);
+        v_seq.resize(s.len * Dv1);
+        load_rows<scalar_t, acc_t>(p.k, p.k_stride, s.batch, s.head_k, s.start, s.len,
+                                   p.dim_k, p.center ? ref : nullptr, k_seq.data(), p.dim_k);
+        load_values_aug<scalar_t, acc_t>(p, s.batch, s.head_k, s.start, s.len, v_seq.data());
+        seq_of_cache = s.seq;
+        head_of_cache = s.head_k;
+      }
+      k = k_seq.data() + j0 * p.dim_k;
+      v = v_seq.data() + j0 * Dv1;
+      return;
+    }
     load_rows<scalar_t, acc_t>(p.k, p.k_stride, s.batch, s.head_k, s.start + j0, n, p.dim_k,
-                               p.center ? ref : nullptr, k.data(), p.dim_k);
-    load_values_aug<scalar_t, acc_t>(p, s.batch, s.head_k, s.start + j0, n, v.data());
+                               p.center ? ref : nullptr, k_tile.data(), p.dim_k);
+    load_values_aug<scalar_t, acc_t>(p, s.batch, s.head_k, s.start + j0, n, v_tile.data());
+    k = k_tile.data();
+    v = v_tile.data();
   }
 
   // The values of key rows after each query row of a diagonal tile: if any is NaN or Inf, a
   // GEMM would carry 0 * NaN across the causal mask.
-  bool values_finite() const { return all_finite(v, rows * (p.dim_v + 1)); }
+  bool values_finite() const { return all_finite_impl(v, rows * (p.dim_v + 1)); }
 };
 
 // s = tau S + b_i and w = s^2 for a (G rows) x cols block of raw scores S, in place into w
 // (and s when given). On a diagonal tile (cols == rows) entries with j > i become 0: selected,
-// not multiplied, so a NaN key after i cannot reach row i.
+// not multiplied, so a NaN key after i cannot reach row i. With `den`, each row's sum of w is
+// added to den[r * den_ld]: the forward's denominator, so that its value GEMM need not carry a
+// column of ones (an n = Dv + 1 GEMM runs ~20% slower than n = Dv; bench/NOTES.md).
 template <typename acc_t>
 inline void shifted_squares(const acc_t* S, int64_t grows, int64_t rows, int64_t cols,
-                            const acc_t* b, acc_t tau, bool diag, acc_t* s_out, acc_t* w_out) {
+                            const acc_t* b, acc_t tau, bool diag, acc_t* s_out, acc_t* w_out,
+                            acc_t* den = nullptr, int64_t den_ld = 0) {
+  constexpr int64_t L = 16;  // independent partial sums: the row sum vectorizes
   for (int64_t r = 0; r < grows; ++r) {
     const acc_t br = b[r];
     const int64_t last = diag ? r % rows : cols - 1;  // last unmasked column
@@ -244,6 +275,15 @@ inline void shifted_squares(const acc_t* S, int64_t grows, int64_t rows, int64_t
       if (s) s[j] = keep ? x : acc_t(0);
       w[j] = keep ? x * x : acc_t(0);
     }
+    if (den == nullptr) continue;
+    acc_t part[L] = {};
+    int64_t j = 0;
+    for (; j + L <= cols; j += L)
+      for (int64_t l = 0; l < L; ++l) part[l] += w[j + l];
+    acc_t sum = 0;
+    for (; j < cols; ++j) sum += w[j];
+    for (int64_t l = 0; l < L; ++l) sum += part[l];
+    den[r * den_ld] += sum;
   }
 }
 

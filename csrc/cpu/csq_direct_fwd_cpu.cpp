@@ -1,6 +1,7 @@
 // CSQ attention forward on the CPU, direct path: for each query tile (all query heads of a
 // key/value head), the weights of each key tile are computed from a GEMM,
-// w = (tau Q (K - r)^T + b)^2, and summed into [num | den] with a second GEMM against [V | 1].
+// w = (tau Q (K - r)^T + b)^2, and summed into num with a second GEMM against V (den: the rows'
+// sums of w).
 // Causal key tiles after the query tile are skipped. No N x N tensor, no state.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -51,17 +52,19 @@ struct ForwardTile {
       const int64_t cols = std::min(T, end - j0);
       const bool diag = p.causal && j0 == t.t0;
       kt.load(t.seq, j0, cols, qt.ref.data());
-      gemm<acc_t>(false, true, grows, cols, D, acc_t(1), qt.q.data(), D, kt.k.data(), D,
+      gemm<acc_t>(false, true, grows, cols, D, acc_t(1), qt.q.data(), D, kt.k, D,
                   acc_t(0), w.data(), cols);
-      shifted_squares<acc_t>(w.data(), grows, rows, cols, b.data(), tau, diag, nullptr,
-                             w.data());
       if (diag && !kt.values_finite()) {
+        shifted_squares<acc_t>(w.data(), grows, rows, cols, b.data(), tau, diag, nullptr,
+                               w.data());
         for (int64_t hh = 0; hh < G; ++hh)  // only the kept j <= i, per head
-          lower_mm_add(w.data() + hh * rows * cols, rows, kt.v.data(), Dv1, Dv1, acc_t(1),
+          lower_mm_add(w.data() + hh * rows * cols, rows, kt.v, Dv1, Dv1, acc_t(1),
                        false, num.data() + hh * rows * Dv1, Dv1);
-      } else {
-        gemm<acc_t>(false, false, grows, Dv1, cols, acc_t(1), w.data(), cols, kt.v.data(), Dv1,
-                    acc_t(1), num.data(), Dv1);
+      } else {  // den as row sums of w, the values alone through the GEMM
+        shifted_squares<acc_t>(w.data(), grows, rows, cols, b.data(), tau, diag, nullptr,
+                               w.data(), num.data() + p.dim_v, Dv1);
+        gemm<acc_t>(false, false, grows, p.dim_v, cols, acc_t(1), w.data(), cols, kt.v,
+                    Dv1, acc_t(1), num.data(), Dv1);
       }
     }
     const int64_t Dv = p.dim_v;
