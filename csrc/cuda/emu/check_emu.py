@@ -435,6 +435,34 @@ DECODE_CASES = [
 ]
 
 
+def check_outliers():
+    """Outlier and sink keys (docs/SPEC.md, section 6), float32 forward: a key of 1e4, 1e6 or
+    1e20 at position 50 leaves the rows before it unchanged up to rounding (the reference key is
+    the median of the first 64 keys); a first key 1000x the typical norm stays within 2e-4."""
+    ok = True
+    g = torch.Generator().manual_seed(77)
+    B, Hq, Hk, N, D = 1, 2, 1, 150, 8
+    q, k, v = (torch.randn(B, h, N, D, generator=g) for h in (Hq, Hk, Hk))
+    shift = torch.ones(Hq)
+    scale = D ** -0.5
+    y, _, _ = emu_fwd(q, k, v, shift, True, scale, True, True, 1e-6)
+    for magnitude in (1e4, 1e6, 1e20):
+        k_out = k.clone()
+        k_out[:, :, 50] = magnitude * torch.sign(torch.randn(D, generator=g))
+        y_out, _, _ = emu_fwd(q, k_out, v, shift, True, scale, True, True, 1e-6)
+        err = (y_out[:, :, :50] - y[:, :, :50]).norm().item() / y[:, :, :50].norm().item()
+        ok &= report(f"float32  outlier key {magnitude:.0e} at 50: rows before unchanged",
+                     {"y": err}, 1e-6)
+    k_sink = k.clone()
+    k_sink[:, :, 0] *= 1000
+    y_sink, _, _ = emu_fwd(q, k_sink, v, shift, True, scale, True, True, 1e-6)
+    want = reference(q.double(), k_sink.double(), v.double(), causal=True, scale=scale,
+                     shift=shift.double(), center=True, normalize=True, eps=1e-6)
+    err = (y_sink.double() - want).norm().item() / want.norm().item()
+    ok &= report("float32  sink key 1000x at 0", {"y": err}, 2e-4)
+    return ok
+
+
 def check_nonfinite():
     """A NaN or Inf input reaches exactly the outputs that depend on it (the spec's propagation
     rule, as the project's tests state it), forward; the backward does not leak across batch
@@ -560,6 +588,7 @@ def main():
     # Keys sharing a large offset: float32 must stay accurate through the reference key.
     ok &= check_case(torch.float32, 1, 2, 1, 150, 8, 4, True, True, True, (C, C, C), seed=99,
                      key_offset=30.0)
+    ok &= check_outliers()
     print("ALL OK" if ok else "SOME FAILED")
     sys.exit(0 if ok else 1)
 
