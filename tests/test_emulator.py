@@ -1,8 +1,9 @@
 """The CUDA kernels, run on the CPU by the emulator of csrc/cuda/emu/, against the float64
 reference and the CPU backend: the quick subset of check_emu.py (forward and backward of every
 kernel family, several dtypes, strided inputs, carried state, packed batches, the decode step,
-non-finite inputs, outlier and sink keys, the tensor-core path). This is the kernels' correctness evidence between GPU
-runs; the full check (`python csrc/cuda/emu/check_emu.py LIB`) stays a script.
+non-finite inputs, outlier and sink keys, the tensor-core path). This is the kernels'
+correctness evidence between GPU runs; the full check (`python csrc/cuda/emu/check_emu.py LIB`)
+stays a script.
 
 Needs g++ (every CI machine has it); no GPU, no nvcc."""
 import os
