@@ -146,7 +146,7 @@ __global__ void __launch_bounds__(kDThreads) direct_dq_kernel(const DirectParams
 // one block per (key tile, key/value head, block of 64 columns of dk or of dv), looping over
 // the query heads of the group and the query tiles that see the key tile.
 template <typename T, typename Acc>
-__global__ void __launch_bounds__(kDThreads) direct_dkdv_kernel(const DirectParams p,
+__global__ void __launch_bounds__(kDThreads, 1) direct_dkdv_kernel(const DirectParams p,
                                                                 const DirectWork w) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const TileSmem<Acc> sm(smem_raw);

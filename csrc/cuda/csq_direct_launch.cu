@@ -4,11 +4,14 @@
 //   2. center: per-tile key sums (float64) and their scan         direct_tile_sum/scan_kernel
 //   3. r_T per query tile, mu_i - r_T, b_i                        direct_rows_kernel
 //   4. the tiles: y, den                                          direct_fwd_kernel
+//      (bfloat16 / float16: direct_fwd_mma_kernel, on tensor cores, unless
+//      p.tensor_core_passes == 0; likewise the backward's dq and dk / dv kernels)
 // Backward: 1-3 (without b: the forward's is read), the per-row terms (direct_row_grad_kernel),
 // dq and db (direct_dq_kernel), dk and dv (direct_dkdv_kernel), then with centering the dk
 // term of the key means: per-tile sums, their reverse scan, direct_center_dk_kernel.
 #include "csq_direct_bwd.cuh"
 #include "csq_direct_fwd.cuh"
+#include "csq_direct_mma.cuh"
 #include "csq_launch_util.cuh"
 
 namespace csq {
@@ -42,6 +45,9 @@ size_t direct_bwd_workspace_bytes(const DirectParams& p, DType dt) {
 }
 
 namespace {
+
+template <DType DT>
+constexpr bool kHalfInput = DT == DType::kFloat16 || DT == DType::kBFloat16;
 
 template <typename Acc>
 constexpr size_t tile_smem_bytes() {
@@ -95,6 +101,11 @@ Status launch_direct_fwd(const DirectParams& p, void* workspace, size_t workspac
   st = launch_direct_rows<T, Acc>(p, w, true, stream);
   if (!st.ok()) return st;
   const dim3 grid(unsigned(w.slots), unsigned(p.heads_q), unsigned(ceil_div(p.dim_v, kT)));
+  if constexpr (kHalfInput<DT>) {
+    if (p.tensor_core_passes > 0)
+      return launch_tiles(direct_fwd_mma_kernel<T>, grid, MmaSmem<T>::kBytes, p, w, stream,
+                          "direct_fwd_mma_kernel");
+  }
   return launch_tiles(direct_fwd_kernel<T, Acc>, grid, tile_smem_bytes<Acc>(), p, w, stream,
                       "direct_fwd_kernel");
 }
@@ -117,13 +128,28 @@ Status launch_direct_bwd(const DirectParams& p, void* workspace, size_t workspac
   direct_row_grad_kernel<Acc><<<row_blocks, kDThreads, 0, stream>>>(p, w);
   CSQ_CHECK_LAUNCH("direct_row_grad_kernel");
   const unsigned nbk = unsigned(ceil_div(p.dim_k, kT)), nbv = unsigned(ceil_div(p.dim_v, kT));
-  st = launch_tiles(direct_dq_kernel<T, Acc>, dim3(unsigned(w.slots), unsigned(p.heads_q), nbk),
-                    tile_smem_bytes<Acc>(), p, w, stream, "direct_dq_kernel");
-  if (!st.ok()) return st;
-  st = launch_tiles(direct_dkdv_kernel<T, Acc>,
-                    dim3(unsigned(w.slots), unsigned(p.heads_k), nbk + nbv),
-                    tile_smem_bytes<Acc>(), p, w, stream, "direct_dkdv_kernel");
-  if (!st.ok()) return st;
+  const dim3 dq_grid(unsigned(w.slots), unsigned(p.heads_q), nbk);
+  const dim3 dkdv_grid(unsigned(w.slots), unsigned(p.heads_k), nbk + nbv);
+  bool done = false;
+  if constexpr (kHalfInput<DT>) {
+    if (p.tensor_core_passes > 0) {
+      st = launch_tiles(direct_dq_mma_kernel<T>, dq_grid, MmaSmem<T>::kBytes, p, w, stream,
+                        "direct_dq_mma_kernel");
+      if (!st.ok()) return st;
+      st = launch_tiles(direct_dkdv_mma_kernel<T>, dkdv_grid, MmaSmem<T>::kBytes, p, w, stream,
+                        "direct_dkdv_mma_kernel");
+      if (!st.ok()) return st;
+      done = true;
+    }
+  }
+  if (!done) {
+    st = launch_tiles(direct_dq_kernel<T, Acc>, dq_grid, tile_smem_bytes<Acc>(), p, w, stream,
+                      "direct_dq_kernel");
+    if (!st.ok()) return st;
+    st = launch_tiles(direct_dkdv_kernel<T, Acc>, dkdv_grid, tile_smem_bytes<Acc>(), p, w,
+                      stream, "direct_dkdv_kernel");
+    if (!st.ok()) return st;
+  }
   if (p.center) {  // needs the complete db of every query row
     const dim3 tiles(unsigned(w.slots), unsigned(p.heads_k));
     direct_tile_sum_kernel<T, Acc, kSumCenterDk><<<tiles, kDThreads, 0, stream>>>(p, w);
