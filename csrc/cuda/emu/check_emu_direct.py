@@ -231,6 +231,78 @@ def check_direct_nonfinite(lib):
     return ok
 
 
+def check_direct_nonfinite_half(lib):
+    """The tensor-core kernels (bfloat16 / float16): a NaN in v, q or k at a position of a
+    diagonal tile reaches exactly the outputs that see it, and in the backward stays out of the
+    other batch entry and (causal) of dq, dk, dv of the rows it does not reach: the masked
+    scalar fallback of the diagonal tile ran where an mma would have spread 0 * NaN."""
+    ok = True
+    s = 0
+    for dtype in (torch.float16, torch.bfloat16):
+        for what in ("v", "q", "k"):
+            n, j = 100, 70
+            g = torch.Generator().manual_seed(950 + s)
+            s += 1
+            q = torch.randn(2, 2, n, 8, generator=g, dtype=torch.float64)
+            k = torch.randn(2, 1, n, 8, generator=g, dtype=torch.float64)
+            v = torch.randn(2, 1, n, 4, generator=g, dtype=torch.float64)
+            mask = torch.zeros(2, 2, n, 4, dtype=torch.bool)
+            if what == "v":
+                v[1, 0, j, 2] = float("nan")
+                mask[1, :, j:, 2] = True
+            elif what == "q":
+                q[1, 1, j, 1] = float("nan")
+                mask[1, 1, j, :] = True
+            else:
+                k[1, 0, j, 0] = float("nan")
+                mask[1, :, j:, :] = True
+            q, k, v = (t.to(dtype) for t in (q, k, v))
+            shift = torch.rand(2, generator=g, dtype=torch.float64).float() + 0.5
+            opts = (True, 0.4, True, True, 1e-6)
+            y, b, den = emu_direct_fwd(lib, q, k, v, shift, None, opts)
+            nonfin = ~torch.isfinite(y)
+            good = bool(nonfin[mask].all()) and not bool((nonfin & ~mask).any())
+            dy = torch.randn(y.shape, generator=g, dtype=torch.float64).float()
+            dq, dk, dv, _ = emu_direct_bwd(lib, dy, q, k, v, shift, None, y, b, den, opts)
+            good &= all(bool(torch.isfinite(t[0]).all()) for t in (dq, dk, dv))
+            if what in ("v", "k"):  # rows before j do not see position j
+                good &= bool(torch.isfinite(dq[1, :, :j]).all())
+            if what == "v":  # (dk of earlier keys is NaN through the key means: not checked)
+                good &= bool(torch.isfinite(dv[1, :, :j]).all())
+            if what == "q":  # keys after j are not seen by query j
+                good &= bool(torch.isfinite(dk[1, :, j + 1:]).all()) and \
+                    bool(torch.isfinite(dv[1, :, j + 1:]).all())
+            print(("ok   " if good else "FAIL ") + f"direct non-finite nan at {j} of N={n} in "
+                  f"{what}, {str(dtype)[6:]} tensor cores, causal=1", flush=True)
+            ok &= good
+    return ok
+
+
+def check_direct_tensor_cores(lib):
+    """bfloat16 / float16, the same inputs on the tensor-core and the CUDA-core kernels: both
+    within the bar of the reference (check_direct), and their outputs differ in rounding
+    (which shows the tensor-core kernels are the ones that ran)."""
+    ok = True
+    for i, dtype in enumerate((torch.float16, torch.bfloat16)):
+        outs = []
+        for tc in (1, 0):
+            ok &= check_direct(lib, dtype, 1, 2, 1, 90, 24, 12, False, True, True, (C, C, C),
+                               seed=1500 + i, tensor_cores=tc, cpu=False)
+            g = torch.Generator().manual_seed(1500 + i)
+            q = _tensor((1, 2, 90, 24), dtype, g, C)
+            k = _tensor((1, 1, 90, 24), dtype, g, C)
+            v = _tensor((1, 1, 90, 12), dtype, g, C)
+            shift = (torch.rand(2, generator=g, dtype=torch.float64) + 0.5).float()
+            opts = (False, 24 ** -0.5, True, True, 1e-6)
+            outs.append(emu_direct_fwd(lib, q, k, v, shift, None, opts, tc)[0])
+        differ = not torch.equal(outs[0], outs[1])
+        print(("ok   " if differ else "FAIL ") + f"direct tensor cores {str(dtype)[6:]}: the "
+              f"tensor-core and CUDA-core outputs differ by {_rel(outs[0], outs[1]):.1e} "
+              f"(rounding)", flush=True)
+        ok &= differ
+    return ok
+
+
 CASES = [
     # dtype, B, Hq, Hk, N, Dk, Dv, causal, center, normalize, kinds
     (torch.float64, 2, 4, 2, 37, 8, 5, True, True, True, ("transposed", "padded", "every_other")),
@@ -283,10 +355,13 @@ def run(lib, quick):
     if not quick:
         ok &= check_direct(lib, torch.bfloat16, 1, 2, 1, 100, 16, 8, False, True, True,
                            (C, C, C), seed=1301, key_offset=30.0)
-    ok &= check_direct_nonfinite(lib) if not quick else True
-    for dtype in (torch.float16, torch.bfloat16):  # the CUDA-core path of half inputs too
-        ok &= check_direct(lib, dtype, 1, 2, 1, 77, 16, 8, True, True, True, (C, C, C),
-                           seed=1400, tensor_cores=0)
+    if not quick:
+        ok &= check_direct_nonfinite(lib)
+        for dtype in (torch.float16, torch.bfloat16):  # the CUDA-core kernels of half inputs
+            ok &= check_direct(lib, dtype, 1, 2, 1, 77, 16, 8, True, True, True, (C, C, C),
+                               seed=1400, tensor_cores=0)
+    ok &= check_direct_nonfinite_half(lib)
+    ok &= check_direct_tensor_cores(lib)
     print("direct: worst error against the reference per dtype: " +
           ", ".join(f"{str(k)[6:]} {v:.1e}" for k, v in MAX_ERR.items()), flush=True)
     return ok
