@@ -180,8 +180,9 @@ def check_direct(lib, dtype, B, Hq, Hk, N, Dk, Dv, causal, center, normalize, ki
         if grads:
             cq, ck, cv, cs = ops.csq_direct_bwd(dy, q, k, v, shift, cu, cy, cb, cden, causal,
                                                 opts[1], center, normalize, opts[4], TILE)
-            errs.update(dq_cpu=_rel(dq, cq), dk_cpu=_rel(dk, ck), dv_cpu=_rel(dv, cv),
-                        dshift_cpu=_rel(dshift, cs))
+            # The op returns dq, dk, dv in the input dtype (the host file rounds them).
+            errs.update(dq_cpu=_rel(dq.to(dtype), cq), dk_cpu=_rel(dk.to(dtype), ck),
+                        dv_cpu=_rel(dv.to(dtype), cv), dshift_cpu=_rel(dshift, cs))
     name = (f"{str(dtype)[6:]:8s} B{B} Hq{Hq} Hk{Hk} N{N:<4d} Dk{Dk:<3d} Dv{Dv:<3d} "
             f"causal={int(causal)} center={int(center)} norm={int(normalize)} "
             f"{'/'.join(kk[:5] for kk in kinds)}" + (f" lens={lens}" if lens else "") +
