@@ -22,7 +22,6 @@ void check_direct_supported(const at::Tensor& q, const at::Tensor& k, const at::
                             const at::Tensor& shift) {
   TORCH_CHECK(q.is_cuda() && k.is_cuda() && v.is_cuda() && shift.is_cuda(),
               "csq_ext (CUDA, direct path): q, k, v and shift must be CUDA tensors");
-  TORCH_CHECK(q.dim() == 4 && v.dim() == 4, "csq_ext: q and v must be 4-dimensional");
   const int64_t dk = q.size(3), dv = v.size(3), maxd = cuda::kDirectMaxHeadDim;
   TORCH_CHECK(dk >= 1 && dk <= maxd && dv >= 1 && dv <= maxd,
               "csq_ext (CUDA, direct path): supports head sizes 1 <= Dk <= ", maxd,
@@ -41,12 +40,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> csq_direct_fwd_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& shift,
     const c10::optional<at::Tensor>& cu_seqlens, bool causal, double scale, bool center,
     bool normalize, double eps, int64_t tile_size) {
-  check_direct_supported(q, k, v, shift);
-  const c10::cuda::CUDAGuard guard(q.device());
   const at::Tensor shift_acc = shift.to(acc_dtype(q.scalar_type())).contiguous();
   at::Tensor cu;  // the device copy of cu_seqlens that p points into
+  // Checks the inputs first (shapes, dtypes, one device), then what the CUDA kernels support.
   DirectParams p = make_direct_params(q, k, v, shift_acc, cu_seqlens, causal, scale, center,
                                       normalize, eps, tile_size, cu);
+  check_direct_supported(q, k, v, shift);
+  const c10::cuda::CUDAGuard guard(q.device());
   p.tensor_core_passes = cuda_host::tensor_core_passes();
   check_launch(p);
   const DirectForwardTensors out = alloc_direct_forward(p, q);
@@ -66,12 +66,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> csq_direct_bwd_cuda(
     const at::Tensor& shift, const c10::optional<at::Tensor>& cu_seqlens, const at::Tensor& y,
     const at::Tensor& b, const at::Tensor& den, bool causal, double scale, bool center,
     bool normalize, double eps, int64_t tile_size) {
-  check_direct_supported(q, k, v, shift);
-  const c10::cuda::CUDAGuard guard(q.device());
   const at::Tensor shift_acc = shift.to(acc_dtype(q.scalar_type())).contiguous();
   at::Tensor cu;
   DirectParams p = make_direct_params(q, k, v, shift_acc, cu_seqlens, causal, scale, center,
                                       normalize, eps, tile_size, cu);
+  check_direct_supported(q, k, v, shift);
+  const c10::cuda::CUDAGuard guard(q.device());
   p.tensor_core_passes = cuda_host::tensor_core_passes();
   check_launch(p);
   // Checks dy, y, b, den; allocates dq, dk, dv, db (and a dshift the direct path leaves
