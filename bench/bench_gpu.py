@@ -63,6 +63,13 @@ csq_ext, the chunked algorithm of csrc/cuda/README.md ("Cost"), useful work only
   64 x 64 in-chunk block. The two TFLOP/s columns therefore measure different work: compare
   times (the ratio), and read TFLOP/s as how well each kernel uses the GPU.
 
+Paths: "csq_ext" is csq_ext.attention with path="auto" (the per-call choice of
+csq_ext/_cost.py, whose CUDA constants are an uncalibrated estimate until this benchmark has
+run on a GPU); "csq_direct" and "csq_chunked" force each path (--no-paths leaves them out;
+the direct path is skipped above --direct-max-n, recorded as null with a note). The direct
+path's FLOPs follow SDPA's convention (it computes the same N x N products tile by tile, plus
+the ones column of the denominator); "csq_ext" counts the FLOPs of the path "auto" picked.
+
 Crossover N: the smallest measured N from which csq_ext's median is below SDPA's at that N
 and at every larger measured N (null if csq_ext is slower at the largest N). Targets from the
 issue: SDPA / csq_ext >= 3 for forward + backward at B = 1, H = 8, N = 65536 (causal), and a
@@ -106,7 +113,7 @@ SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION",
 DEFAULTS = dict(lengths=[1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072],
                 full_lengths=None, tokens=2 ** 20, heads=8, dim=64, dtype="bfloat16",
                 target=[1, 8, 65536], point_seconds=0.4, warmup=3, min_repeats=5,
-                max_repeats=50, budget_s=240.0)
+                max_repeats=50, budget_s=240.0, direct_max_n=32768)
 QUICK = dict(lengths=[1024, 4096, 16384, 65536], full_lengths=[4096, 65536],
              point_seconds=0.15, warmup=2, min_repeats=3, max_repeats=20, budget_s=90.0)
 DRY_RUN = dict(lengths=[64, 128, 256], full_lengths=[64, 256], tokens=2 ** 12, heads=8, dim=16,
@@ -124,6 +131,11 @@ def sdpa_flops(b: int, hq: int, n: int, dk: int, dv: int, causal: bool, mode: st
     if causal:
         fwd /= 2
     return fwd if mode == "fwd" else 3.5 * fwd
+
+
+def direct_flops(b: int, hq: int, n: int, dk: int, dv: int, causal: bool, mode: str) -> float:
+    """The direct path: SDPA's convention with Dv + 1 value columns (the denominator)."""
+    return sdpa_flops(b, hq, n, dk, dv + 1, causal, mode)
 
 
 def csq_num_features(dk: int) -> int:
@@ -179,6 +191,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-repeats", type=int)
     p.add_argument("--budget-s", type=float, help="wall-clock budget of the timing sweep; "
                    "points past it are skipped and recorded as null (default 240)")
+    p.add_argument("--no-paths", action="store_true",
+                   help="time only csq_ext (path='auto'), not also each forced path")
+    p.add_argument("--direct-max-n", type=int,
+                   help="skip the forced direct path above this N (default 32768)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--keep-going", action="store_true",
                    help="time even when the correctness gate fails (results marked INVALID)")
@@ -303,16 +319,21 @@ def probe_sdpa(args, device, dtype) -> tuple[list[str], dict]:
     return usable, notes
 
 
-def make_impls(backends: list[str], fake_oom_above: int | None) -> dict:
+def make_impls(backends: list[str], fake_oom_above: int | None, paths: bool = True) -> dict:
     """name -> f(q, k, v, causal). With one SDPA backend its sdpa_kernel context is entered
     once around each whole measurement (the context costs ~10 us a call); with several, each
-    call enters its own."""
-    def csq(q, k, v, causal):
-        if fake_oom_above is not None and q.shape[2] > fake_oom_above:
-            raise torch.cuda.OutOfMemoryError("fake OOM (--fake-oom-above, a test hook)")
-        return csq_ext.attention(q, k, v, causal=causal)
+    call enters its own. With `paths`, also each forced csq_ext path."""
+    def csq_path(path):
+        def csq(q, k, v, causal):
+            if fake_oom_above is not None and q.shape[2] > fake_oom_above:
+                raise torch.cuda.OutOfMemoryError("fake OOM (--fake-oom-above, a test hook)")
+            return csq_ext.attention(q, k, v, causal=causal, path=path)
+        return csq
 
-    impls = {"csq_ext": csq}
+    impls = {"csq_ext": csq_path("auto")}
+    if paths:
+        impls["csq_direct"] = csq_path("direct")
+        impls["csq_chunked"] = csq_path("chunked")
     for backend in backends:
         if len(backends) == 1:
             impls[f"sdpa_{backend}"] = sdpa_call
@@ -407,10 +428,17 @@ def plan(args) -> list[dict]:
 def measure(args, item: dict, impls: dict, device, dtype, point_seconds: float) -> dict:
     B, H, N, D, causal, mode = (item["batch"], item["heads"], item["n"], args.dim,
                                 item["causal"], item["mode"])
-    flops = {name: (csq_flops(B, H, H, N, D, D, causal, mode) if name == "csq_ext"
+    from csq_ext._cost import choose_path
+    auto = choose_path(N, D, D, causal, device.type, torch.get_num_threads(), B * H, False)
+    auto_flops = (csq_flops(B, H, H, N, D, D, causal, mode) if auto == "chunked"
+                  else direct_flops(B, H, N, D, D, causal, mode))
+    flops = {name: (auto_flops if name == "csq_ext"
+                    else csq_flops(B, H, H, N, D, D, causal, mode) if name == "csq_chunked"
+                    else direct_flops(B, H, N, D, D, causal, mode) if name == "csq_direct"
                     else sdpa_flops(B, H, N, D, D, causal, mode)) for name in impls}
     res = {**item, "dk": D, "dv": D, "tokens": B * H * N, "impls": {n: None for n in impls},
-           "notes": {}, "flops": flops, "point_seconds": round(point_seconds, 4)}
+           "notes": {}, "flops": flops, "point_seconds": round(point_seconds, 4),
+           "auto_path": auto}
     t0 = time.perf_counter()
     try:
         grad = mode == "fwd+bwd"
@@ -430,6 +458,9 @@ def measure(args, item: dict, impls: dict, device, dtype, point_seconds: float) 
 
     fns = {}
     for name, f in impls.items():
+        if name == "csq_direct" and N > args.direct_max_n:
+            res["notes"][name] = f"skipped: N > --direct-max-n = {args.direct_max_n}"
+            continue
         fn = closure(f)
         try:  # one call: it must run, and it gives the peak memory (and a first warm-up)
             if device.type == "cuda":
@@ -715,7 +746,9 @@ def main(argv=None) -> int:
                 "csq_ext": "2 B [(Hq + Hk) N F V1 + Hq P (Dk + 1 + V1)] fwd; bwd adds "
                            "2 B [(2 Hq + 3 Hk) N F V1 + Hq P (3 Dk + 2 Dv + 3)]; "
                            "F = (Dk + 1)(Dk + 2) / 2, V1 = Dv + 1, P = causal in-chunk pairs "
-                           f"(chunk {CUDA_CHUNK}), 0 when not causal"},
+                           f"(chunk {CUDA_CHUNK}), 0 when not causal; for the path 'auto' "
+                           "picked (csq_chunked: always this; csq_direct: as sdpa with "
+                           "Dv + 1 value columns)"},
             "gpu_state_before": gpu_state() if device.type == "cuda" else None}
     dev = meta["device"]
     print(f"{dev['name']}: torch {dev['torch']}, torch.version.cuda {dev['torch_version_cuda']},"
@@ -724,7 +757,7 @@ def main(argv=None) -> int:
     paths = output_paths(args, meta)
 
     backends, meta["sdpa_notes"] = probe_sdpa(args, device, dtype)
-    impls = make_impls(backends, args.fake_oom_above)
+    impls = make_impls(backends, args.fake_oom_above, paths=not args.no_paths)
     names, baseline = list(impls), f"sdpa_{backends[0]}"
     meta["implementations"], meta["baseline"] = names, baseline
     print(f"timing {names}; ratios against {baseline}")

@@ -9,6 +9,11 @@
 
 Each estimate is divided by a throughput measured by bench/bench_cpu.py (bench/NOTES.md,
 "direct path"); the cheaper one runs. The README's crossover table is this function's output.
+
+On CUDA the same counts are divided by the share of the GPU each path's grid can fill (thread
+blocks against _CUDA_SMS) and by per-path rates that are an UNCALIBRATED ESTIMATE: no GPU run
+has measured the direct kernels yet (bench/bench_gpu.py's direct / chunked / auto columns are
+meant to calibrate them; bench/NOTES.md).
 """
 from __future__ import annotations
 
@@ -36,14 +41,55 @@ def direct_cost(n: int, dk: int, dv: int, causal: bool, threads: int, tasks: int
     return n * 2 * seen * (dk + dv + 1) / (_DIRECT_RATE * max(1, threads))
 
 
+# CUDA: uncalibrated estimates, to be replaced by measured values after the first GPU run.
+# _CUDA_SMS: thread blocks that run at once (an A100 has 108 SMs, an H100 / H200 132; both
+# paths' blocks are 256 threads and one or two fit per SM, so one per SM is the estimate).
+# The rates are equal until measured: both paths run their float32 / float64 products on the
+# CUDA cores (the chunked path's half-precision state products use 3xTF32 tensor cores, the
+# direct path's half-precision tile products mma.sync: for half inputs both are faster alike).
+_CUDA_SMS = 108
+_CUDA_DIRECT_RATE = 1.0
+_CUDA_CHUNKED_RATE = 1.0
+_CUDA_TILE = 64  # kDirectTile and kChunk (csrc/cuda/csq_direct_launch.h, csq_launch.h)
+_CUDA_CHUNKED_MAX_HEAD = 128  # kMaxHeadDim of the chunked CUDA kernels (direct: 256)
+
+
+def _ceil(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def cuda_chunked_cost(n: int, dk: int, dv: int, causal: bool, tasks: int) -> float:
+    per_query = 4 * num_features(dk) * (dv + 1)
+    if causal:
+        per_query += min(_CUDA_TILE, n) * (dk + dv + 1)
+    # The state scan's grid: (sequence, key/value head) x tiles of 64 of the (Dk + 1)(Dk + 2)/2
+    # extended features.
+    blocks = max(1, tasks) * _ceil((dk + 1) * (dk + 2) // 2, 64)
+    return n * per_query / (_CUDA_CHUNKED_RATE * min(1.0, blocks / _CUDA_SMS))
+
+
+def cuda_direct_cost(n: int, dk: int, dv: int, causal: bool, tasks: int) -> float:
+    seen = (n + 1) / 2 if causal else n
+    vblocks = _ceil(dv, 64)  # each block of 64 value columns recomputes the scores
+    per_query = 2 * seen * (dk * vblocks + dv + 1)
+    blocks = max(1, tasks) * _ceil(max(n, 1), _CUDA_TILE) * vblocks
+    return n * per_query / (_CUDA_DIRECT_RATE * min(1.0, blocks / _CUDA_SMS))
+
+
 def choose_path(n: int, dk: int, dv: int, causal: bool, device_type: str, threads: int,
                 tasks: int, has_state: bool) -> str:
     """'direct' or 'chunked' for one call: n positions per sequence (with cu_seqlens the packed
     total, which overstates the direct path's cost: packed calls lean chunked),
     tasks = sequences x key/value heads. A carried or returned state needs the chunked path,
-    and only the CPU has a direct kernel so far."""
-    if has_state or device_type != "cpu":
+    and so does a device without a direct kernel (only CPU and CUDA have one); `threads`
+    matters on the CPU only."""
+    if has_state or device_type not in ("cpu", "cuda"):
         return "chunked"
+    if device_type == "cuda":
+        if max(dk, dv) > _CUDA_CHUNKED_MAX_HEAD:  # the only CUDA path with these heads
+            return "direct"
+        return ("direct" if cuda_direct_cost(n, dk, dv, causal, tasks)
+                <= cuda_chunked_cost(n, dk, dv, causal, tasks) else "chunked")
     if direct_cost(n, dk, dv, causal, threads, tasks) <= chunked_cost(n, dk, dv, causal,
                                                                        threads, tasks):
         return "direct"

@@ -38,8 +38,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
             values of their earlier pieces. Differentiable.
         return_state: also return the state after the last position.
         path: "auto" (default: the cheaper algorithm for this call, see the README's
-            crossover table), "direct" (tiles of q against tiles of k, O(N^2 (Dk + Dv)); CPU,
-            no carried state) or "chunked" (the state scan, O(N Dk^2 Dv)). The result is the
+            crossover table), "direct" (tiles of q against tiles of k, O(N^2 (Dk + Dv)); CPU
+            and CUDA, no carried state) or "chunked" (the state scan, O(N Dk^2 Dv)). The result is the
             same to rounding.
 
     Returns:
@@ -90,8 +90,9 @@ def _use_direct(path, q, k, v, causal, S, has_state) -> bool:
         _args.check(not has_state, lambda: "path='direct' does not carry a state yet: "
                     "initial_state and return_state need path='chunked' (or 'auto', which "
                     "picks it)")
-        _args.check(q.device.type == "cpu", lambda: f"path='direct' has a CPU kernel only so "
-                    f"far, got {q.device}; use path='chunked' (or 'auto', which picks it)")
+        _args.check(q.device.type in ("cpu", "cuda"), lambda: f"path='direct' has CPU and CUDA "
+                    f"kernels only, got {q.device}; use path='chunked' (or 'auto', which picks "
+                    f"it)")
         return True
     if path == "chunked":
         return False

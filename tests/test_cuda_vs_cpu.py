@@ -228,3 +228,92 @@ def test_tensor_core_passes(gen, monkeypatch, dtype):
     with pytest.raises(RuntimeError, match="CSQ_CUDA_TENSOR_CORES"):
         csq_ext.attention(q, k, v)
 
+
+
+# --------------------------------------------------------------------------------------------
+# The direct path on CUDA (csrc/cuda/csq_direct_*.cuh) against its CPU kernel
+# --------------------------------------------------------------------------------------------
+DIRECT_FLAGS = [(True, True, True), (False, True, True), (True, False, True),
+                (True, True, False), (False, False, False)]
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("causal,center,normalize", DIRECT_FLAGS,
+                         ids=lambda x: str(int(x)) if isinstance(x, bool) else str(x))
+def test_direct_matches_cpu(gen, causal, center, normalize, dtype):
+    """path="direct" on both devices, the same inputs: GQA, Dk != Dv, N over several tiles of
+    64 and a partial one, transposed (strided) inputs, a shift tensor with its gradient, a
+    custom scale and eps: y and every gradient agree to twice the dtype's tolerance, and each
+    is within the tolerance of the float64 reference."""
+    shape = (2, 4, 2, 150, 24, 40)
+    q, k, v = make_qkv(gen, shape, dtype, layout="transposed")
+    shift = rand_shift(gen, 4, shift_dtype(dtype))
+    dy = randn(gen, 2, 4, 150, 40, dtype=dtype)
+    kw = dict(causal=causal, center=center, normalize=normalize, scale=0.3, eps=0.01,
+              path="direct")
+    y_cpu, g_cpu = csq_grads(q, k, v, shift, dy, **kw)
+    y_gpu, g_gpu = csq_grads(*(t.to(DEV) for t in (q, k, v, shift, dy)), **kw)
+    kw.pop("path")
+    y_ref, g_ref = reference_grads(q, k, v, shift, dy, **kw)
+    assert y_gpu.device.type == DEV and y_gpu.dtype == dtype
+    assert_rel_close(y_gpu.cpu(), y_cpu, 2 * TOL[dtype], "y")
+    assert_rel_close(y_gpu.cpu(), y_ref, TOL[dtype], "y vs reference")
+    # (The shift gradient of half inputs sums rounded terms over every row: compared for
+    # float64 / float32 only, as in test_matches_cpu.)
+    names = ["q", "k", "v"] + (["shift"] if dtype in (torch.float64, torch.float32) else [])
+    for name in names:
+        assert_rel_close(g_gpu[name].cpu(), g_cpu[name], 2 * TOL[dtype], f"d{name}")
+        assert_rel_close(g_gpu[name].cpu(), g_ref[name], TOL[dtype], f"d{name} vs reference")
+
+
+@pytest.mark.parametrize("dk,dv", [(256, 256), (200, 64), (1, 256)])
+def test_direct_large_heads_and_packed(gen, dk, dv):
+    """Head sizes up to 256 (several column blocks) and packed sequences (cu_seqlens, with an
+    empty one), float32, against the CPU direct path and its op-level outputs (b, den)."""
+    cu = torch.tensor([0, 70, 70, 201, 202])
+    q, k, v = make_qkv(gen, (1, 4, 2, 202, dk, dv), torch.float32)
+    shift = rand_shift(gen, 4, torch.float32)
+    dy = randn(gen, 1, 4, 202, dv, dtype=torch.float32)
+    kw = dict(cu_seqlens=cu, path="direct")
+    y_cpu, g_cpu = csq_grads(q, k, v, shift, dy, **kw)
+    y_gpu, g_gpu = csq_grads(*(t.to(DEV) for t in (q, k, v, shift, dy)),
+                             **{**kw, "cu_seqlens": cu.to(DEV)})
+    assert_rel_close(y_gpu.cpu(), y_cpu, 2 * TOL[torch.float32], "y")
+    for name in g_cpu:
+        assert_rel_close(g_gpu[name].cpu(), g_cpu[name], 2 * TOL[torch.float32], f"d{name}")
+    # The op's auxiliary outputs match the CPU's at the same tile length (64).
+    args = (shift, cu, True, dk ** -0.5, True, True, 1e-6, 64)
+    cpu = torch.ops.csq_ext.csq_direct_fwd(q, k, v, *args)
+    gpu = torch.ops.csq_ext.csq_direct_fwd(q.to(DEV), k.to(DEV), v.to(DEV), shift.to(DEV),
+                                           cu.to(DEV), *args[2:])
+    for name, a, b in zip(("y", "b", "den"), gpu, cpu):
+        assert_rel_close(a.cpu(), b, 2 * TOL[torch.float32], name)
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+def test_direct_tensor_core_switch(gen, monkeypatch, dtype):
+    """bfloat16 / float16 on the direct path with CSQ_CUDA_TENSOR_CORES unset (tensor cores)
+    and 0 (CUDA cores): both within the half-precision bar of the float64 reference."""
+    shape = (1, 4, 2, 1000, 64, 64)
+    q, k, v = make_qkv(gen, shape, dtype, device=DEV)
+    shift = rand_shift(gen, 4, torch.float32, device=DEV)
+    dy = randn(gen, 1, 4, 1000, 64, dtype=dtype, device=DEV)
+    y_ref, g_ref = reference_grads(q, k, v, shift, dy)
+    for passes in (None, "0"):
+        if passes is None:
+            monkeypatch.delenv("CSQ_CUDA_TENSOR_CORES", raising=False)
+        else:
+            monkeypatch.setenv("CSQ_CUDA_TENSOR_CORES", passes)
+        y, grads = csq_grads(q, k, v, shift, dy, path="direct")
+        assert_rel_close(y, y_ref, TOL[dtype], f"y ({passes})")
+        for name in ("q", "k", "v"):
+            assert_rel_close(grads[name], g_ref[name], TOL[dtype], f"d{name} ({passes})")
+
+
+def test_direct_auto_choice_on_cuda(gen):
+    """"auto" on CUDA runs the path the (uncalibrated) CUDA cost model names."""
+    from csq_ext._cost import choose_path
+    q, k, v = make_qkv(gen, (1, 2, 2, 256, 32, 32), torch.float32, device=DEV)
+    chosen = choose_path(256, 32, 32, True, "cuda", 1, 2, False)
+    assert chosen == "direct"
+    assert torch.equal(csq(q, k, v), csq(q, k, v, path=chosen))

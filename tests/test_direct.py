@@ -205,12 +205,18 @@ def test_double_backward_is_refused(gen):
 # --------------------------------------------------------------------------------------------
 def test_auto_choice_both_outcomes():
     """Short sequences and large heads go direct; long sequences with small heads chunked;
-    a state or a device without a direct kernel always chunked."""
+    a state or a device without a direct kernel always chunked; CUDA has its own (uncalibrated)
+    constants."""
     assert choose_path(1024, 64, 64, True, "cpu", 2, 4, False) == "direct"
     assert choose_path(65536, 32, 32, True, "cpu", 2, 4, False) == "chunked"
     assert choose_path(4096, 256, 256, True, "cpu", 2, 4, False) == "direct"
     assert choose_path(512, 64, 64, True, "cpu", 2, 4, True) == "chunked"
-    assert choose_path(512, 64, 64, True, "cuda", 2, 4, False) == "chunked"
+    assert choose_path(512, 64, 64, True, "mps", 2, 4, False) == "chunked"
+    assert choose_path(512, 64, 64, True, "cuda", 2, 4, False) == "direct"
+    assert choose_path(65536, 32, 32, True, "cuda", 2, 4, False) == "chunked"
+    assert choose_path(512, 64, 64, True, "cuda", 2, 4, True) == "chunked"
+    # Heads above the chunked CUDA kernels' 128: the direct kernels (up to 256) at any length.
+    assert choose_path(1 << 20, 192, 64, True, "cuda", 2, 4, False) == "direct"
     # The direct path uses every thread for one head, the chunked one a thread per head.
     n = next(n for n in range(64, 1 << 20, 64)
              if choose_path(n, 16, 16, True, "cpu", 8, 8, False) == "chunked")

@@ -20,8 +20,9 @@ TOLS = {torch.float64: 1e-9, torch.float32: 1e-4}
 def cases(draw):
     Hk = draw(st.integers(1, 2))
     device = draw(st.sampled_from(DEVICES))
-    # The direct path has a CPU kernel only so far (forcing it elsewhere is refused).
-    path = draw(st.sampled_from(["auto", "chunked"] + (["direct"] if device == "cpu" else [])))
+    # The direct path has CPU and CUDA kernels (forcing it elsewhere is refused).
+    path = draw(st.sampled_from(["auto", "chunked"] +
+                                (["direct"] if device in ("cpu", "cuda") else [])))
     return dict(path=path,
         B=draw(st.integers(1, 2)), Hk=Hk, Hq=Hk * draw(st.integers(1, 3)),
         N=draw(st.integers(0, 150)), Dk=draw(st.integers(1, 9)), Dv=draw(st.integers(1, 6)),

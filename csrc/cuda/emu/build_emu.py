@@ -24,7 +24,8 @@ def main():
     src = os.path.join(OUT, "src")
     shutil.rmtree(src, ignore_errors=True)
     os.makedirs(os.path.join(src, "cuda"))
-    shutil.copy(os.path.join(CSRC, "csq_params.h"), src)
+    for name in ("csq_params.h", "csq_direct_params.h"):
+        shutil.copy(os.path.join(CSRC, name), src)
     for name in os.listdir(CUDA_DIR):
         if name.endswith((".cu", ".cuh", ".h")):
             with open(os.path.join(CUDA_DIR, name)) as f:
@@ -32,8 +33,9 @@ def main():
             with open(os.path.join(src, "cuda", name), "w") as f:
                 f.write(text)
     units = [os.path.join(src, "cuda", n) for n in ("csq_fwd_launch.cu", "csq_bwd_launch.cu",
-                                                    "csq_decode_launch.cu")]
-    units.append(os.path.join(HERE, "emu_harness.cc"))
+                                                    "csq_decode_launch.cu",
+                                                    "csq_direct_launch.cu")]
+    units += [os.path.join(HERE, "emu_harness.cc"), os.path.join(HERE, "emu_direct_harness.cc")]
     lib = os.path.join(OUT, "libcsqemu.so")
     cmd = ["g++", "-std=c++17", "-O1", "-g", "-fPIC", "-shared", "-Wall", "-Wno-unused", "-Wno-unknown-pragmas",
            "-DCSQ_CUDA_EMULATOR",

@@ -4,6 +4,8 @@ or not, centered or not, normalized or not, strided inputs, odd N and head sizes
 several feature tiles and slabs. Emulator only: it says nothing about speed.
 
     python build_emu.py /tmp/csqemu && python check_emu.py /tmp/csqemu/libcsqemu.so [quick]
+
+The direct path's kernels run too (check_emu_direct.py; `direct` runs only those).
 """
 import ctypes
 import os
@@ -510,6 +512,13 @@ def check_nonfinite():
     return ok
 
 
+def run_direct(quick):
+    """The direct path's kernels (check_emu_direct.py: its lines start with "direct")."""
+    sys.path.insert(0, HERE)
+    import check_emu_direct
+    return check_emu_direct.run(lib, quick)
+
+
 def main():
     cases = []
     C = "contiguous"
@@ -551,6 +560,10 @@ def main():
         varlen_cases = []
     if "varlen" in sys.argv:
         decode_cases = []
+    if "direct" in sys.argv:  # only the direct path's kernels (check_emu_direct.py)
+        ok = run_direct(QUICK)
+        print("ALL OK" if ok else "SOME FAILED")
+        sys.exit(0 if ok else 1)
     if "tc" in sys.argv:  # only the tensor-core comparison
         ok = check_tensor_cores()
         print("ALL OK" if ok else "SOME FAILED")
@@ -589,6 +602,8 @@ def main():
     ok &= check_case(torch.float32, 1, 2, 1, 150, 8, 4, True, True, True, (C, C, C), seed=99,
                      key_offset=30.0)
     ok &= check_outliers()
+    if "big" not in sys.argv:
+        ok &= run_direct(QUICK)
     print("ALL OK" if ok else "SOME FAILED")
     sys.exit(0 if ok else 1)
 

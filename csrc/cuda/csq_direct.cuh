@@ -1,0 +1,448 @@
+// The CUDA direct path's shared pieces (README.md, "Direct path"): the workspace, query/key
+// tiles of 64 positions and how a thread block finds its tile, the small O(N D) kernels around
+// the tile kernels (tile map of packed sequences, key sums per tile and their scan, the per-tile
+// reference key r_T with mu_i - r_T and b_i, the backward's per-row terms and the centering term
+// of dk), and the block-level tile products on shared memory. Torch-free.
+//
+// Semantics are the CPU kernel's (csrc/cpu/csq_direct_cpu.h): query tile T (positions
+// t0 .. t0 + 63 of a sequence) uses keys k_j - r_T with r_T the running key mean at t0 (causal)
+// or the mean of all keys (not causal), 0 without centering, and b_i = c_h - tau <q_i, mu_i - r_T>;
+// the key sums behind mu_i and r_T are taken in float64 as on the CPU.
+#pragma once
+
+#include "csq_common.cuh"
+#include "csq_direct_launch.h"
+
+namespace csq {
+namespace cuda {
+namespace direct {
+
+constexpr int kT = static_cast<int>(kDirectTile);  // tile length (query and key)
+constexpr int kDThreads = 256;                      // 16 x 16 threads on a 64 x 64 tile
+constexpr int kSlabD = 32;                          // feature columns per step of a product
+constexpr int kLdA = kSlabD + 1;                    // row stride of the slab buffers
+constexpr int kLdX = kT + 1;                        // row stride of the 64 x 64 buffers
+constexpr int kMaxD = static_cast<int>(kDirectMaxHeadDim);
+static_assert(kT == 64 && kDThreads == 256, "the tile kernels map 16 x 16 threads on 64 x 64");
+
+__host__ __device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
+
+// Workspace of the direct path (all pieces 256-byte aligned):
+//   tile0 (S + 1) int64             packed only: first tile slot of each sequence
+//   tsum, tpre (Hk, slots, D) f64    per-tile column sums and their (exclusive) scan: key sums
+//                                    (prefix) for the centering; in the backward, reused for
+//                                    the centering term of dk (suffix)
+//   ttot (Hk, S, D) f64              the whole sequence's sum
+//   ref (Hk, slots, D) Acc           r_T of every query tile
+//   mdiff (B, Hk, N, D) Acc          mu_i - r_T (center and causal only)
+//   inv, dden (B, Hq, N) Acc         backward: 1 / (den_i + eps), -<dy_i, y_i> / (den_i + eps)
+// Tile slots: without cu_seqlens slot = batch entry * ntiles + tile; with it, the slots of
+// sequence s are tile0[s] .. tile0[s + 1] - 1, at most ceil(N / 64) + S in all.
+struct DirectWork {
+  int64_t* tile0 = nullptr;
+  double* tsum = nullptr;
+  double* tpre = nullptr;
+  double* ttot = nullptr;
+  void* ref = nullptr;
+  void* mdiff = nullptr;
+  void* inv = nullptr;
+  void* dden = nullptr;
+  int64_t slots = 0;   // tile slots per key/value head
+  int64_t ntiles = 0;  // tiles per sequence without cu_seqlens
+};
+
+inline int64_t direct_slots(const DirectParams& p) {
+  const int64_t nt = ceil_div(p.seqlen, kT);
+  return p.cu_seqlens != nullptr ? nt + p.num_seqs : p.batch * nt;
+}
+
+// Returns the bytes needed; fills *w when base is not null.
+inline size_t carve_direct(const DirectParams& p, DType dt, bool backward, void* base,
+                           DirectWork* w) {
+  const size_t a = acc_size(dt);
+  const size_t slots = size_t(direct_slots(p)), hk = size_t(p.heads_k), d = size_t(p.dim_k);
+  const size_t seqs = size_t(num_sequences(p));
+  const size_t rows_q = size_t(p.batch * p.heads_q * p.seqlen);
+  const bool packed = p.cu_seqlens != nullptr;
+  const size_t sizes[8] = {
+      packed ? align256(sizeof(int64_t) * (seqs + 1)) : 0,
+      align256(sizeof(double) * hk * slots * d),
+      align256(sizeof(double) * hk * slots * d),
+      align256(sizeof(double) * hk * seqs * d),
+      align256(a * hk * slots * d),
+      p.center && p.causal ? align256(a * size_t(p.batch * p.heads_k * p.seqlen) * d) : 0,
+      backward ? align256(a * rows_q) : 0,
+      backward ? align256(a * rows_q) : 0};
+  size_t off[8], total = 0;
+  for (int i = 0; i < 8; ++i) {
+    off[i] = total;
+    total += sizes[i];
+  }
+  if (base != nullptr && w != nullptr) {
+    char* c = static_cast<char*>(base);
+    w->tile0 = packed ? reinterpret_cast<int64_t*>(c + off[0]) : nullptr;
+    w->tsum = reinterpret_cast<double*>(c + off[1]);
+    w->tpre = reinterpret_cast<double*>(c + off[2]);
+    w->ttot = reinterpret_cast<double*>(c + off[3]);
+    w->ref = c + off[4];
+    w->mdiff = sizes[5] ? c + off[5] : nullptr;
+    w->inv = backward ? c + off[6] : nullptr;
+    w->dden = backward ? c + off[7] : nullptr;
+    w->slots = int64_t(slots);
+    w->ntiles = ceil_div(p.seqlen, kT);
+  }
+  return total + 16;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tiles
+
+// One tile of one sequence: the sequence (its batch entry, first position and length), the
+// tile's index in it, first position t0 (in the sequence) and length, and the slot of the
+// sequence's tile 0.
+struct DTile {
+  bool valid;
+  int64_t seq, bi, start, len, idx, t0, first;
+  int rows;
+};
+
+__device__ __forceinline__ DTile direct_tile(const DirectParams& p, const DirectWork& w,
+                                             int64_t slot) {
+  DTile t{false, 0, 0, 0, 0, 0, 0, 0, 0};
+  if (p.cu_seqlens == nullptr) {
+    t.bi = slot / w.ntiles;
+    t.seq = t.bi;
+    t.idx = slot % w.ntiles;
+    t.start = 0;
+    t.len = p.seqlen;
+    t.first = t.bi * w.ntiles;
+  } else {
+    const int64_t S = p.num_seqs;
+    if (slot >= w.tile0[S]) return t;
+    int64_t lo = 0, hi = S;  // the sequence s with tile0[s] <= slot < tile0[s + 1]
+    while (hi - lo > 1) {
+      const int64_t mid = (lo + hi) / 2;
+      if (w.tile0[mid] <= slot)
+        lo = mid;
+      else
+        hi = mid;
+    }
+    t.seq = lo;
+    t.bi = 0;
+    t.start = p.cu_seqlens[lo];
+    t.len = p.cu_seqlens[lo + 1] - t.start;
+    t.first = w.tile0[lo];
+    t.idx = slot - t.first;
+  }
+  t.t0 = t.idx * kT;
+  t.rows = static_cast<int>(min64(kT, t.len - t.t0));
+  t.valid = t.rows > 0;
+  return t;
+}
+
+// Tile `idx` of the same sequence.
+__device__ __forceinline__ DTile tile_at(DTile t, int64_t idx) {
+  t.idx = idx;
+  t.t0 = idx * kT;
+  t.rows = static_cast<int>(min64(kT, t.len - t.t0));
+  t.valid = t.rows > 0;
+  return t;
+}
+
+// Row of a (B, H, N, ...) contiguous output for position i of tile t, head h of H.
+__device__ __forceinline__ int64_t out_row(const DTile& t, int64_t heads, int64_t h,
+                                           int64_t N, int64_t i) {
+  return (t.bi * heads + h) * N + t.start + t.t0 + i;
+}
+
+// Packed sequences: tile0[s] = sum_{s' < s} ceil(len_s' / 64). One thread.
+__global__ void direct_tile_map_kernel(const DirectParams p, const DirectWork w) {
+  if (threadIdx.x != 0 || blockIdx.x != 0) return;
+  int64_t acc = 0;
+  for (int64_t s = 0; s < p.num_seqs; ++s) {
+    w.tile0[s] = acc;
+    acc += ceil_div(p.cu_seqlens[s + 1] - p.cu_seqlens[s], kT);
+  }
+  w.tile0[p.num_seqs] = acc;
+}
+
+// ---------------------------------------------------------------------------------------------
+// O(N D) passes, one thread per feature column d.
+
+enum { kSumKeys = 0, kSumCenterDk = 1 };
+
+// The centering term of dk at position i (tile t) and coordinate d, before the factor -tau:
+// sum over the query heads of the group of q_i db_i / n_i, in float64.
+template <typename T, typename Acc>
+__device__ __forceinline__ double center_dk_term(const DirectParams& p, const DTile& t,
+                                                 int64_t hk, int i, int d) {
+  const int64_t n = p.causal ? t.t0 + i + 1 : t.len;
+  double s = 0;
+  for (int64_t hh = 0; hh < p.group; ++hh) {
+    const int64_t h = hk * p.group + hh;
+    const double db = double(static_cast<const Acc*>(p.db)[out_row(t, p.heads_q, h, p.seqlen, i)]);
+    s += double(load_el<Acc, T>(p.q, p.q_stride, t.bi, h, t.start + t.t0 + i, d)) * db / double(n);
+  }
+  return s;
+}
+
+// Per tile and key/value head, the column sums of the keys (kSumKeys) or of the centering
+// terms of dk (kSumCenterDk), into w.tsum. Grid (slots, Hk).
+template <typename T, typename Acc, int MODE>
+__global__ void __launch_bounds__(kDThreads) direct_tile_sum_kernel(const DirectParams p,
+                                                                    const DirectWork w) {
+  const DTile t = direct_tile(p, w, blockIdx.x);
+  if (!t.valid) return;
+  const int64_t hk = blockIdx.y;
+  for (int d = threadIdx.x; d < p.dim_k; d += blockDim.x) {
+    double s = 0;
+    for (int i = 0; i < t.rows; ++i) {
+      if (MODE == kSumKeys)
+        s += double(load_el<Acc, T>(p.k, p.k_stride, t.bi, hk, t.start + t.t0 + i, d));
+      else
+        s += center_dk_term<T, Acc>(p, t, hk, i, d);
+    }
+    w.tsum[(hk * w.slots + blockIdx.x) * p.dim_k + d] = s;
+  }
+}
+
+// Per (sequence, key/value head): the exclusive scan of the tile sums over the tiles of the
+// sequence, forward (sums before each tile) or backward (sums after it), into w.tpre, and the
+// total into w.ttot. Grid (S, Hk).
+__global__ void __launch_bounds__(kDThreads) direct_tile_scan_kernel(const DirectParams p,
+                                                                     const DirectWork w,
+                                                                     bool reverse) {
+  const int64_t s = blockIdx.x, hk = blockIdx.y;
+  int64_t first, len;
+  if (p.cu_seqlens == nullptr) {
+    first = s * w.ntiles;
+    len = p.seqlen;
+  } else {
+    first = w.tile0[s];
+    len = p.cu_seqlens[s + 1] - p.cu_seqlens[s];
+  }
+  const int64_t nt = ceil_div(len, kT);
+  for (int d = threadIdx.x; d < p.dim_k; d += blockDim.x) {
+    double run = 0;
+    for (int64_t i = 0; i < nt; ++i) {
+      const int64_t slot = first + (reverse ? nt - 1 - i : i);
+      const int64_t at = (hk * w.slots + slot) * p.dim_k + d;
+      w.tpre[at] = run;
+      run += w.tsum[at];
+    }
+    w.ttot[(hk * num_sequences(p) + s) * p.dim_k + d] = run;
+  }
+}
+
+// Per query tile and key/value head: r_T (w.ref), mu_i - r_T (w.mdiff, center and causal) and,
+// when write_b, b_i = c_h - tau <q_i, mu_i - r_T> for every query head of the group (p.b).
+// Grid (slots, Hk).
+template <typename T, typename Acc>
+__global__ void __launch_bounds__(kDThreads) direct_rows_kernel(const DirectParams p,
+                                                                const DirectWork w,
+                                                                bool write_b) {
+  const DTile t = direct_tile(p, w, blockIdx.x);
+  if (!t.valid) return;
+  const int64_t hk = blockIdx.y, D = p.dim_k;
+  Acc* ref = static_cast<Acc*>(w.ref) + (hk * w.slots + blockIdx.x) * D;
+  Acc* mdiff = static_cast<Acc*>(w.mdiff);
+  const bool md = p.center && p.causal;
+  const auto md_at = [&](int i, int d) {
+    return ((t.bi * p.heads_k + hk) * p.seqlen + t.start + t.t0 + i) * D + d;
+  };
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    if (!p.center) {
+      ref[d] = Acc(0);
+    } else if (!p.causal) {  // every query sees every key: r = mu
+      ref[d] = Acc(w.ttot[(hk * num_sequences(p) + t.seq) * D + d] / double(t.len));
+    } else {  // r = mu_{t0}, seen by every row of the tile; running sums in float64
+      double run = w.tpre[(hk * w.slots + blockIdx.x) * D + d], r = 0;
+      for (int i = 0; i < t.rows; ++i) {
+        run += double(load_el<Acc, T>(p.k, p.k_stride, t.bi, hk, t.start + t.t0 + i, d));
+        const double n = double(t.t0 + i + 1);
+        if (i == 0) r = run / n;
+        mdiff[md_at(i, d)] = Acc(run / n - r);
+      }
+      ref[d] = Acc(r);
+    }
+  }
+  if (!write_b) return;
+  __syncthreads();  // mdiff (global) written by this block is visible to it
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nwarps = blockDim.x / 32;
+  const Acc tau = Acc(p.scale);
+  for (int task = warp; task < p.group * t.rows; task += nwarps) {  // uniform over the warp
+    const int64_t h = hk * p.group + task / t.rows;
+    const int i = task % t.rows;
+    Acc dot = 0;
+    for (int d = lane; d < D; d += 32) {
+      const Acc m = md ? mdiff[md_at(i, d)] : Acc(0);
+      dot += load_el<Acc, T>(p.q, p.q_stride, t.bi, h, t.start + t.t0 + i, d) * m;
+    }
+    dot = warp_sum(dot);
+    if (lane == 0)
+      static_cast<Acc*>(p.b)[out_row(t, p.heads_q, h, p.seqlen, i)] =
+          static_cast<const Acc*>(p.shift)[h] - tau * dot;
+  }
+}
+
+// Backward, per query row (one warp each): inv_i = 1 / (den_i + eps) and
+// dden_i = -<dy_i, y_i> inv_i when normalizing, else 1 and 0.
+template <typename Acc>
+__global__ void __launch_bounds__(kDThreads) direct_row_grad_kernel(const DirectParams p,
+                                                                    const DirectWork w) {
+  const int64_t rows = p.batch * p.heads_q * p.seqlen;
+  const int64_t r = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+  if (r >= rows) return;  // uniform over the warp
+  const int lane = threadIdx.x % 32;
+  const int64_t n = r % p.seqlen, bh = r / p.seqlen, h = bh % p.heads_q, bi = bh / p.heads_q;
+  const Acc* dy = static_cast<const Acc*>(p.dy) + bi * p.dy_stride[0] + h * p.dy_stride[1] +
+                  n * p.dy_stride[2];
+  const Acc* y = static_cast<const Acc*>(p.y) + r * p.dim_v;
+  Acc dot = 0;
+  for (int x = lane; x < p.dim_v; x += 32) dot += dy[x * p.dy_stride[3]] * y[x];
+  dot = warp_sum(dot);
+  if (lane != 0) return;
+  const Acc inv = p.normalize ? Acc(1) / (static_cast<const Acc*>(p.den)[r] + Acc(p.eps)) : Acc(1);
+  static_cast<Acc*>(w.inv)[r] = inv;
+  static_cast<Acc*>(w.dden)[r] = p.normalize ? -dot * inv : Acc(0);
+}
+
+// The centering term of dk, once db is complete: key l is in mu_i of every query i that sees
+// it, so dk_l += -tau sum_{i sees l} q_i db_i / n_i (a reverse running sum when causal: the
+// tile's suffix from w.tpre plus the rows after l in the tile). Grid (slots, Hk).
+template <typename T, typename Acc>
+__global__ void __launch_bounds__(kDThreads) direct_center_dk_kernel(const DirectParams p,
+                                                                     const DirectWork w) {
+  const DTile t = direct_tile(p, w, blockIdx.x);
+  if (!t.valid) return;
+  const int64_t hk = blockIdx.y, D = p.dim_k;
+  const double tau = p.scale;
+  Acc* dk = static_cast<Acc*>(p.dk);
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    if (!p.causal) {
+      const Acc g = Acc(-tau * w.ttot[(hk * num_sequences(p) + t.seq) * D + d]);
+      for (int i = 0; i < t.rows; ++i) dk[out_row(t, p.heads_k, hk, p.seqlen, i) * D + d] += g;
+      continue;
+    }
+    double run = w.tpre[(hk * w.slots + blockIdx.x) * D + d];
+    for (int i = t.rows - 1; i >= 0; --i) {
+      run += center_dk_term<T, Acc>(p, t, hk, i, d);
+      dk[out_row(t, p.heads_k, hk, p.seqlen, i) * D + d] += Acc(-tau * run);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tile products on shared memory, 256 threads as 16 x 16: thread (ty, tx) owns rows ty + 16 a
+// and columns tx + 16 c (a, c < 4) of a 64 x 64 result, so that a warp (two values of ty)
+// reads one or two rows of the left operand (broadcast) and 16 consecutive rows or columns of
+// the right one (row stride 33 or 65: distinct banks).
+
+struct Lane16 {
+  int ty, tx;
+};
+__device__ __forceinline__ Lane16 lane16() {
+  return Lane16{static_cast<int>(threadIdx.x) / 16, static_cast<int>(threadIdx.x) % 16};
+}
+
+// acc[a][c] += sum_{x < K} A(ty + 16 a, x) B(tx + 16 c, x): A and B (64 x K, given by element
+// functions fa(row, x), fb(row, x) that return 0 for rows outside their tile) staged slab by
+// slab (32 columns) in As, Bs (64 x 33). Starts with __syncthreads (the buffers may still be
+// read) and leaves the last slab in them.
+template <typename Acc, typename FA, typename FB>
+__device__ __forceinline__ void slab_product(Acc (&acc)[4][4], int K, Acc* As, Acc* Bs,
+                                             const FA& fa, const FB& fb) {
+  const Lane16 l = lane16();
+  for (int x0 = 0; x0 < K; x0 += kSlabD) {
+    __syncthreads();
+    for (int e = threadIdx.x; e < kT * kSlabD; e += kDThreads) {
+      const int r = e / kSlabD, x = e % kSlabD;
+      const bool in = x0 + x < K;
+      As[r * kLdA + x] = in ? fa(r, x0 + x) : Acc(0);
+      Bs[r * kLdA + x] = in ? fb(r, x0 + x) : Acc(0);
+    }
+    __syncthreads();
+    const int xn = imin(kSlabD, K - x0);
+    for (int x = 0; x < xn; ++x) {
+      Acc av[4], bv[4];
+#pragma unroll
+      for (int a = 0; a < 4; ++a) av[a] = As[(l.ty + 16 * a) * kLdA + x];
+#pragma unroll
+      for (int c = 0; c < 4; ++c) bv[c] = Bs[(l.tx + 16 * c) * kLdA + x];
+#pragma unroll
+      for (int a = 0; a < 4; ++a)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) acc[a][c] = fma(av[a], bv[c], acc[a][c]);
+    }
+  }
+}
+
+// Masks of the 64 x 64 products on a causal diagonal tile: the term m of output row
+// (ty + 16 a) is kept when m <= row (queries x keys: forward, dq) or m >= row (keys x
+// queries: dk, dv). Selected, not multiplied, so that a NaN or Inf beyond the mask stays out.
+enum { kMaskNone = 0, kMaskUpTo = 1, kMaskFrom = 2 };
+
+// acc[a][c] += sum_{m < 64} X'(ty + 16 a, m) Y(m, tx + 16 c), with X' = X or (TRANS) X^T;
+// X and Y 64 x 64 in shared memory with row stride 65.
+template <bool TRANS, typename Acc>
+__device__ __forceinline__ void tile_product(Acc (&acc)[4][4], const Acc* X, const Acc* Y,
+                                             int mask) {
+  const Lane16 l = lane16();
+  for (int m = 0; m < kT; ++m) {
+    Acc xv[4], yv[4];
+#pragma unroll
+    for (int a = 0; a < 4; ++a) {
+      const int row = l.ty + 16 * a;
+      xv[a] = TRANS ? X[m * kLdX + row] : X[row * kLdX + m];
+    }
+#pragma unroll
+    for (int c = 0; c < 4; ++c) yv[c] = Y[m * kLdX + l.tx + 16 * c];
+    if (mask == kMaskNone) {
+#pragma unroll
+      for (int a = 0; a < 4; ++a)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) acc[a][c] = fma(xv[a], yv[c], acc[a][c]);
+    } else {
+#pragma unroll
+      for (int a = 0; a < 4; ++a) {
+        const int row = l.ty + 16 * a;
+        const bool keep = mask == kMaskUpTo ? m <= row : m >= row;
+#pragma unroll
+        for (int c = 0; c < 4; ++c) acc[a][c] = keep ? fma(xv[a], yv[c], acc[a][c]) : acc[a][c];
+      }
+    }
+  }
+}
+
+// Sum over the 16 threads tx of a row group (lanes differing in their low 4 bits).
+template <typename Acc>
+__device__ __forceinline__ Acc sum16(Acc x) {
+#pragma unroll
+  for (int off = 8; off > 0; off >>= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
+  return x;
+}
+
+// Shared memory of the tile kernels, in Acc elements: As, Bs (64 x 33), X, Y (64 x 65), the
+// reference key (up to 256) and four per-row vectors of 64.
+constexpr int kDirectSmemElems = 2 * kT * kLdA + 2 * kT * kLdX + kMaxD + 4 * kT;
+
+template <typename Acc>
+struct TileSmem {
+  Acc *As, *Bs, *X, *Y, *ref, *r0, *r1, *r2, *r3;
+  __device__ __forceinline__ explicit TileSmem(unsigned char* raw) {
+    Acc* s = reinterpret_cast<Acc*>(raw);
+    As = s;
+    Bs = As + kT * kLdA;
+    X = Bs + kT * kLdA;
+    Y = X + kT * kLdX;
+    ref = Y + kT * kLdX;
+    r0 = ref + kMaxD;
+    r1 = r0 + kT;
+    r2 = r1 + kT;
+    r3 = r2 + kT;
+  }
+};
+
+}  // namespace direct
+}  // namespace cuda
+}  // namespace csq

@@ -1,0 +1,105 @@
+// C entry points over the direct path's launchers (csq_direct_launch.h), for check_emu.py
+// (ctypes). Emulator only. Packed sequences and the tensor-core switch are explicit arguments.
+#include <cstdio>
+#include <vector>
+
+#include "csq_direct_launch.h"
+
+using namespace csq;
+using namespace csq::cuda;
+
+namespace {
+
+void fill_direct(DirectParams& p, const int64_t* sz, const void* q, const int64_t* qs,
+                 const void* k, const int64_t* ks, const void* v, const int64_t* vs,
+                 const void* shift, double scale, double eps, int causal, int center,
+                 int normalize, const int64_t* cu, int64_t num_seqs, int tensor_cores) {
+  p.batch = sz[0];
+  p.heads_q = sz[1];
+  p.heads_k = sz[2];
+  p.seqlen = sz[3];
+  p.dim_k = sz[4];
+  p.dim_v = sz[5];
+  p.group = p.heads_q / p.heads_k;
+  for (int i = 0; i < 4; ++i) {
+    p.q_stride[i] = qs[i];
+    p.k_stride[i] = ks[i];
+    p.v_stride[i] = vs[i];
+  }
+  p.q = q;
+  p.k = k;
+  p.v = v;
+  p.shift = shift;
+  p.scale = scale;
+  p.eps = eps;
+  p.causal = causal;
+  p.center = center;
+  p.normalize = normalize;
+  p.tile = 7;  // a CPU knob, ignored by the CUDA kernels
+  p.cu_seqlens = cu;
+  p.num_seqs = cu != nullptr ? num_seqs : p.batch;
+  p.tensor_core_passes = tensor_cores;
+}
+
+int report_direct(const Status& st, char* msg, int msglen) {
+  if (st.ok()) return 0;
+  snprintf(msg, msglen, "%s: %s", st.where, st.message ? st.message : "cuda error");
+  return int(st.code) == 0 ? -1 : int(st.code);
+}
+
+}  // namespace
+
+extern "C" int emu_direct_fwd(int dt, const int64_t* sz, const void* q, const int64_t* qs,
+                              const void* k, const int64_t* ks, const void* v, const int64_t* vs,
+                              const void* shift, double scale, double eps, int causal,
+                              int center, int normalize, const int64_t* cu, int64_t num_seqs,
+                              int tensor_cores, void* y, void* b, void* den, char* msg,
+                              int msglen) {
+  DirectParams p;
+  fill_direct(p, sz, q, qs, k, ks, v, vs, shift, scale, eps, causal, center, normalize, cu,
+              num_seqs, tensor_cores);
+  p.y = y;
+  p.b = b;
+  p.den = den;
+  const DType d = DType(dt);
+  std::vector<unsigned char> ws(direct_fwd_workspace_bytes(p, d) + 1, 0xFF);  // poisoned
+  Status st;
+  switch (d) {
+    case DType::kFloat64: st = launch_direct_fwd<DType::kFloat64>(p, ws.data(), ws.size(), nullptr); break;
+    case DType::kFloat32: st = launch_direct_fwd<DType::kFloat32>(p, ws.data(), ws.size(), nullptr); break;
+    case DType::kFloat16: st = launch_direct_fwd<DType::kFloat16>(p, ws.data(), ws.size(), nullptr); break;
+    case DType::kBFloat16: st = launch_direct_fwd<DType::kBFloat16>(p, ws.data(), ws.size(), nullptr); break;
+  }
+  return report_direct(st, msg, msglen);
+}
+
+extern "C" int emu_direct_bwd(int dt, const int64_t* sz, const void* q, const int64_t* qs,
+                              const void* k, const int64_t* ks, const void* v, const int64_t* vs,
+                              const void* shift, double scale, double eps, int causal,
+                              int center, int normalize, const int64_t* cu, int64_t num_seqs,
+                              int tensor_cores, const void* dy, const int64_t* dys,
+                              const void* y, const void* b, const void* den, void* dq, void* dk,
+                              void* dv, void* db, char* msg, int msglen) {
+  DirectParams p;
+  fill_direct(p, sz, q, qs, k, ks, v, vs, shift, scale, eps, causal, center, normalize, cu,
+              num_seqs, tensor_cores);
+  for (int i = 0; i < 4; ++i) p.dy_stride[i] = dys[i];
+  p.dy = dy;
+  p.y = const_cast<void*>(y);
+  p.b = const_cast<void*>(b);
+  p.den = const_cast<void*>(den);
+  p.dq = dq;
+  p.dk = dk;
+  p.dv = dv;
+  p.db = db;
+  const DType d = DType(dt);
+  std::vector<unsigned char> ws(direct_bwd_workspace_bytes(p, d) + 1, 0xFF);
+  Status st;
+  switch (d) {
+    case DType::kFloat64: st = launch_direct_bwd<DType::kFloat64>(p, ws.data(), ws.size(), nullptr); break;
+    case DType::kFloat32: st = launch_direct_bwd<DType::kFloat32>(p, ws.data(), ws.size(), nullptr); break;
+    case DType::kFloat16: st = launch_direct_bwd<DType::kFloat16>(p, ws.data(), ws.size(), nullptr); break;
+    case DType::kBFloat16: st = launch_direct_bwd<DType::kBFloat16>(p, ws.data(), ws.size(), nullptr); break;
+  }
+  return report_direct(st, msg, msglen);
+}
