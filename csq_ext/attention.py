@@ -39,8 +39,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         return_state: also return the state after the last position.
         path: "auto" (default: the cheaper algorithm for this call, see the README's
             crossover table), "direct" (tiles of q against tiles of k, O(N^2 (Dk + Dv)); CPU
-            and CUDA, no carried state) or "chunked" (the state scan, O(N Dk^2 Dv)). The result is the
-            same to rounding.
+            and CUDA, no carried state) or "chunked" (the state scan, O(N Dk^2 Dv)). The
+            result is the same to rounding.
 
     Returns:
         (B, Hq, N, Dv) in the dtype of the inputs (half precision is computed in float32),
