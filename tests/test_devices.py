@@ -22,6 +22,8 @@ FLAGS = list(itertools.product([True, False], [True, False], [True, False]))
 FLAG_IDS = [f"{'causal' if c else 'full'}-{'ctr' if m else 'noctr'}-{'norm' if n else 'raw'}"
             for c, m, n in FLAGS]
 CAUSAL = pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+# Both algorithms on every device: "auto" would run the direct kernels at these lengths.
+PATHS = pytest.mark.parametrize("path", ["direct", "chunked"])
 # A device that is not the one under test, for the "wrong device" refusals.
 OTHER_DEVICE = {"cpu": "meta", "cuda": "cpu"}
 
@@ -47,11 +49,12 @@ def _grads_check(gen, device, shape, dtype, names=None, layout="contiguous", tol
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 @pytest.mark.parametrize("causal,center,normalize", FLAGS, ids=FLAG_IDS)
 @pytest.mark.parametrize("n", [13, 67])
-def test_forward_flags(gen, device, n, causal, center, normalize, dtype):
+@PATHS
+def test_forward_flags(gen, device, path, n, causal, center, normalize, dtype):
     q, k, v = make_qkv(gen, (2, 4, 2, n, 8, 5), dtype, device=device)
     shift = rand_shift(gen, 4, shift_dtype(dtype), device=device)
     kw = dict(causal=causal, center=center, normalize=normalize, scale=0.6, shift=shift)
-    y = csq(q, k, v, **kw)
+    y = csq(q, k, v, path=path, **kw)
     assert y.device.type == device and y.dtype == dtype
     assert_rel_close(y, reference(q, k, v, **kw), TOL[dtype])
 
@@ -67,19 +70,23 @@ def test_forward_shapes(gen, device, shape_name, causal, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @CAUSAL
 @pytest.mark.parametrize("n", [1, 2, 31, 63, 64, 65, 127, 129, 1000])
-def test_odd_lengths(gen, device, n, causal, dtype):
+@PATHS
+def test_odd_lengths(gen, device, path, n, causal, dtype):
     """Lengths around multiples of the CUDA chunk (64) and of typical tile sizes."""
     q, k, v = make_qkv(gen, (1, 2, 1, n, 16, 16), dtype, device=device)
-    assert_rel_close(csq(q, k, v, causal=causal), reference(q, k, v, causal=causal), TOL[dtype])
+    assert_rel_close(csq(q, k, v, causal=causal, path=path), reference(q, k, v, causal=causal),
+                     TOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 @pytest.mark.parametrize("layout", ["transposed", "sliced", "expanded"])
 @CAUSAL
-def test_strided_inputs(gen, device, layout, causal, dtype):
+@PATHS
+def test_strided_inputs(gen, device, path, layout, causal, dtype):
     q, k, v = make_qkv(gen, (2, 4, 2, 70, 16, 8), dtype, device=device, layout=layout)
     assert not any(t.is_contiguous() for t in (q, k, v))
-    assert_rel_close(csq(q, k, v, causal=causal), reference(q, k, v, causal=causal), TOL[dtype])
+    assert_rel_close(csq(q, k, v, causal=causal, path=path), reference(q, k, v, causal=causal),
+                     TOL[dtype])
 
 
 @pytest.mark.parametrize("dk,dv", [(16, 16), (32, 64), (64, 64), (128, 128), (8, 128)])
@@ -105,9 +112,10 @@ def test_empty_sequence(gen, device):
 # --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("causal,center,normalize", FLAGS, ids=FLAG_IDS)
-def test_grads_full_precision(gen, device, causal, center, normalize, dtype):
+@PATHS
+def test_grads_full_precision(gen, device, path, causal, center, normalize, dtype):
     _grads_check(gen, device, (2, 4, 2, 77, 8, 5), dtype, causal=causal, center=center,
-                 normalize=normalize)
+                 normalize=normalize, path=path)
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
@@ -115,14 +123,18 @@ def test_grads_full_precision(gen, device, causal, center, normalize, dtype):
                                            (False, False)])
 @pytest.mark.parametrize("shape", [(1, 2, 1, 64, 16, 16), (2, 4, 2, 300, 32, 32),
                                    (1, 2, 2, 4096, 64, 64)], ids=["n64", "n300", "n4096"])
-def test_grads_half(gen, device, shape, causal, center, dtype):
-    _grads_check(gen, device, shape, dtype, names=["q", "k", "v"], causal=causal, center=center)
+@PATHS
+def test_grads_half(gen, device, path, shape, causal, center, dtype):
+    _grads_check(gen, device, shape, dtype, names=["q", "k", "v"], causal=causal, center=center,
+                 path=path)
 
 
 @pytest.mark.parametrize("layout", ["transposed", "sliced", "expanded"])
-def test_grads_strided(gen, device, layout):
+@PATHS
+def test_grads_strided(gen, device, path, layout):
     for causal in (True, False):
-        _grads_check(gen, device, (2, 4, 2, 70, 16, 8), torch.float32, layout=layout, causal=causal)
+        _grads_check(gen, device, (2, 4, 2, 70, 16, 8), torch.float32, layout=layout,
+                     causal=causal, path=path)
 
 
 @pytest.mark.parametrize("causal,center,normalize", FLAGS, ids=FLAG_IDS)
