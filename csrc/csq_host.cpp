@@ -134,8 +134,8 @@ void set_carried_state(FwdParams& p, const at::Tensor& q,
   }
 }
 
-// The forward's parameters, shared by csq_fwd and csq_bwd: checks, sizes, scalars, chunk,
-// packed sequences and carried state. Returns the tensors p points into through the last two.
+// The forward's parameters, shared by csq_fwd and csq_bwd (after check_inputs): sizes,
+// scalars, chunk, packed sequences and carried state. Returns the tensors p points into through the last two.
 void fill_forward_params(FwdParams& p, const at::Tensor& q, const at::Tensor& k,
                          const at::Tensor& v, const at::Tensor& shift,
                          const c10::optional<at::Tensor>& cu_seqlens,
@@ -143,7 +143,6 @@ void fill_forward_params(FwdParams& p, const at::Tensor& q, const at::Tensor& k,
                          const c10::optional<at::Tensor>& ref_in, bool causal, double scale,
                          bool center, bool normalize, double eps, int64_t chunk_size,
                          at::Tensor& shift_acc, at::Tensor& cu) {
-  check_inputs(q, k, v, shift, eps, chunk_size);
   // q, k, v are read through their strides; shift is tiny and converted here.
   shift_acc = shift.to(acc_dtype(q.scalar_type())).contiguous();
   fill_qkv_params(p, q, k, v, shift_acc, causal, scale, center, normalize, eps);
@@ -162,6 +161,7 @@ ForwardCall prepare_forward(const at::Tensor& q, const at::Tensor& k, const at::
                             const c10::optional<at::Tensor>& ref_in, bool causal, double scale,
                             bool center, bool normalize, double eps, int64_t chunk_size,
                             bool return_state) {
+  check_inputs(q, k, v, shift, eps, chunk_size);
   TORCH_CHECK(causal || !return_state, "csq_ext: return_state needs causal=True");
   ForwardCall c;
   FwdParams& p = c.p;
@@ -251,6 +251,7 @@ BackwardCall prepare_backward(const at::Tensor& dy, const at::Tensor& q, const a
                               const c10::optional<at::Tensor>& dstate_out, bool causal,
                               double scale, bool center, bool normalize, double eps,
                               int64_t chunk_size) {
+  check_inputs(q, k, v, shift, eps, chunk_size);
   BackwardCall c;
   BwdParams& p = c.p;
   c.input_dtype = q.scalar_type();

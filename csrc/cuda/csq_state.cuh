@@ -4,7 +4,7 @@
 // the state of the earlier, or later, chunks) and then "updates" it with the chunk.
 //
 //   kStateFwd   S = sum_j psi(ke_j) v~_j^T (keys in order).
-//               read:   num~_i += phi(qe_i) . S_tile           -> atomics into Work::rows
+//               read:   num~_i += phi(qe_i) . S_tile           -> atomics into Work::num_state
 //   kStateBwdQ  the same S.
 //               read:   u_i = S_tile g~_i,  dqe_i += d/dqe <phi(qe_i), u_i> -> atomics into dq, db
 //   kStateBwdK  R = sum_i phi(qe_i) g~_i^T over all query heads of the group (reverse order).
@@ -16,6 +16,8 @@
 // Causal: chunk t reads the state of chunks before t (after t for kStateBwdK); the pairs
 // inside a chunk are the in-chunk kernels' job. Not causal: the full state, then every chunk
 // reads it. Each tile adds a partial sum over its features, hence the atomics.
+// The rows of a tile are features f0 .. f0 + FT - 1 in the public order (csq_features.h), the
+// order of the carried state, which is therefore read and written as is.
 #pragma once
 
 #include "csq_common.cuh"
@@ -25,6 +27,10 @@ namespace csq {
 namespace cuda {
 
 enum StateMode : int { kStateFwd = 0, kStateBwdQ = 1, kStateBwdK = 2 };
+
+// The parameters a mode reads: the forward's, or the backward's (which derive from them).
+template <int MODE>
+using StateScanParams = typename std::conditional<MODE == kStateFwd, FwdParams, BwdParams>::type;
 
 // Shared memory of the state kernels, in Acc elements (the feature table, 2 FT ints, follows).
 //   S    [FT][SS]     the state tile (rows: features f0 .. f0 + FT - 1; columns: Dv + 1)
@@ -85,7 +91,7 @@ __device__ __forceinline__ void state_gemm_aug(int M, int dv, int K, const FA& a
 
 template <typename T, typename Acc, int FT, int MODE, bool TC = false>
 __global__ void __launch_bounds__(kThreads, state_min_blocks<Acc>())
-    state_scan_kernel(const AttnParams p, Work w) {
+    state_scan_kernel(const StateScanParams<MODE> p, Work w) {
   static_assert(!TC || std::is_same<Acc, float>::value, "tensor cores: float accumulation");
   static_assert((kSub * FT) % kThreads == 0 && FT % 32 == 0,
                 "one warp must cover 32 features of one row in accumulate_dx");
@@ -110,48 +116,55 @@ __global__ void __launch_bounds__(kThreads, state_min_blocks<Acc>())
   // in registers across the whole kernel they push it into spills.
   __shared__ int64_t seq_rows[2];
   const int64_t tg = blockIdx.x, g = tg % p.heads_k;
-  const SeqSpan sq = seq_span(p, w, tg / p.heads_k);
+  const SeqSpan sq = seq_span(p, w, tg / p.heads_k);  // the sequence
   const int64_t bi = sq.bi, bg = bi * p.heads_k + g;
   const int64_t N = p.seqlen, G = p.group, Hq = p.heads_q, nch = sq.nch;
   if (threadIdx.x == 0) {
     seq_rows[0] = sq.start;
     seq_rows[1] = sq.start + sq.len;
   }
-  const int64_t F = int64_t(De) * (De + 1) / 2, f0 = int64_t(blockIdx.y) * FT;
+  const int64_t F = num_features(D), f0 = int64_t(blockIdx.y) * FT;
   const int nf = static_cast<int>(min64(FT, F - f0));
   const Acc tau = Acc(p.scale);
 
   for (int i = tid; i < L.ref; i += nthr) S[i] = Acc(0);  // everything but ref and the table
   for (int fi = tid; fi < FT; fi += nthr) {
     int x = -1, y = -1;
-    if (fi < nf) feature_pair(f0 + fi, De, &x, &y);
+    if (fi < nf) feature_pair(f0 + fi, D, &x, &y);
     fx[fi] = x;
     fy[fi] = y;
   }
   for (int d = tid; d < D; d += nthr) rs[d] = static_cast<const Acc*>(w.ref)[tg * D + d];
   __syncthreads();
-  const int zlo = fx[0];  // every coordinate this tile touches is >= its first x
+  // Every coordinate this tile touches is >= zlo: its first x, or 0 once the tile reaches the
+  // linear rows (x, D), whose x start again from 0.
+  const int zlo = f0 + nf > num_pairs(D) ? 0 : fx[0];
 
   // Carried state (causal only; the host refuses it otherwise). The scans start from it:
   // the key state S from state_in, the query state R (walked in reverse) from the gradient of
   // the returned state, dstate_out, which gives every key exactly what a later query gives.
-  // Its rows are in the public order (public_row).
   // Where the final tile goes: the returned state (forward), or the gradient of the carried
   // state, which every query of the sequence read (R summed over all of them; backward).
   // (Read from p where used: held in registers across the walk, they made it spill.)
-  auto seed_ptr = [&]() {
-    return static_cast<const Acc*>(MODE == kStateBwdK ? p.dstate_out : p.state_in);
+  auto seed_ptr = [&]() -> const Acc* {
+    if constexpr (MODE == kStateBwdK)
+      return static_cast<const Acc*>(p.dstate_out);
+    else
+      return static_cast<const Acc*>(p.state_in);
   };
-  auto keep_ptr = [&]() {
-    return static_cast<Acc*>(MODE == kStateFwd    ? p.state_out
-                             : MODE == kStateBwdK ? p.dstate_in
-                                                  : nullptr);
+  auto keep_ptr = [&]() -> Acc* {
+    if constexpr (MODE == kStateFwd)
+      return static_cast<Acc*>(p.state_out);
+    else if constexpr (MODE == kStateBwdK)
+      return static_cast<Acc*>(p.dstate_in);
+    else
+      return nullptr;
   };
   if (seed_ptr() != nullptr) {
-    const Acc* src = head_sums(seed_ptr(), p, tg / p.heads_k, g);
+    const Acc* src = head_sums(seed_ptr(), p, tg / p.heads_k, g) + f0 * V1;
     for (int e = tid; e < nf * V1; e += nthr) {
       const int fi = e / V1, n = e % V1;
-      S[fi * SS + n] = src[public_row(fx[fi], fy[fi], D) * V1 + n];
+      S[fi * SS + n] = src[int64_t(fi) * V1 + n];
     }
     __syncthreads();
   }
@@ -186,7 +199,7 @@ __global__ void __launch_bounds__(kThreads, state_min_blocks<Acc>())
     }
   };
   auto stage_g = [&](int64_t h, int64_t row0, int nrows) {  // Vec = g~ (from bwd_prep_kernel)
-    const Acc* gs = static_cast<const Acc*>(w.rows) + ((bi * Hq + h) * N + row0) * V1;
+    const Acc* gs = static_cast<const Acc*>(w.g_ext) + ((bi * Hq + h) * N + row0) * V1;
     for (int e = tid; e < kSub * V1; e += nthr) {
       const int r = e / V1, n = e % V1;
       Vec[r * VS + n] = r < nrows ? gs[int64_t(r) * V1 + n] : Acc(0);
@@ -195,7 +208,8 @@ __global__ void __launch_bounds__(kThreads, state_min_blocks<Acc>())
   auto zero_dx = [&]() {
     for (int e = tid; e < kSub * XS; e += nthr) Dx[e] = Acc(0);
   };
-  // Feat[r][fi] = m_f Xe[r][x] Xe[r][y] (m_f = 2 off the diagonal for phi, 1 for psi).
+  // Feat[r][fi] = phi_f or psi_f of the staged extended vectors (csq_features.h: m_xy = 2 off
+  // the diagonal for phi, 1 for psi).
   auto build_feat = [&](bool phi) {
     for (int e = tid; e < kSub * FT; e += nthr) {
       const int r = e / FT, fi = e % FT;
@@ -203,37 +217,42 @@ __global__ void __launch_bounds__(kThreads, state_min_blocks<Acc>())
       if (fi < nf) {
         const int x = fx[fi], y = fy[fi];
         val = Xe[r * XS + x] * Xe[r * XS + y];
-        if (phi && x != y) val *= Acc(2);
+        if (phi) val *= pair_weight<Acc>(x, y);
       }
       Feat[r * FS + fi] = val;
     }
   };
   // With u in Feat: Dx[r][z] += d/dXe[r][z] of sum_f m_f u[r][f] Xe[r][x_f] Xe[r][y_f], i.e.
   // m u Xe[y] to x and m u Xe[x] to y. The y side hits distinct addresses across a warp; the
-  // x side is nearly constant across a warp (features are sorted by x), so it is summed by a
-  // segmented warp scan first and added once per distinct x.
+  // x side is nearly constant across a warp (the pair rows are sorted by x), so it is summed by
+  // a segmented warp scan first and added once per run. A run is a stretch of pair rows with
+  // one x; each linear row (x, D) and the constant row is a run of its own (their x repeat
+  // those of the pair rows a few lanes earlier when D < 32, so runs are told apart by `run`,
+  // not by x).
   auto accumulate_dx = [&](int nrows, bool phi) {
     const int lane = tid & 31;
+    const int64_t pairs = num_pairs(D);
     for (int e = tid; e < kSub * FT; e += nthr) {  // the same trip count on every thread
       const int r = e / FT, fi = e % FT;           // one r per warp (FT % 32 == 0)
-      int key = -1;
+      int key = -1, run = -1;
       Acc xv = 0;
       if (r < nrows && fi < nf) {
         const int x = fx[fi], y = fy[fi];
         Acc u = Feat[r * FS + fi];
-        if (phi && x != y) u *= Acc(2);
+        if (phi) u *= pair_weight<Acc>(x, y);
         atomicAdd(&Dx[r * XS + y], u * Xe[r * XS + x]);
         xv = u * Xe[r * XS + y];
         key = x;
+        run = f0 + fi < pairs ? x : De + fi;
       }
 #pragma unroll
       for (int off = 1; off < 32; off <<= 1) {
         const Acc ov = __shfl_up_sync(0xffffffffu, xv, off);
-        const int ok = __shfl_up_sync(0xffffffffu, key, off);
-        if (lane >= off && ok == key) xv += ov;
+        const int orun = __shfl_up_sync(0xffffffffu, run, off);
+        if (lane >= off && orun == run) xv += ov;
       }
-      const int next = __shfl_down_sync(0xffffffffu, key, 1);
-      if (key >= 0 && (lane == 31 || next != key)) atomicAdd(&Dx[r * XS + key], xv);
+      const int next = __shfl_down_sync(0xffffffffu, run, 1);
+      if (run >= 0 && (lane == 31 || next != run)) atomicAdd(&Dx[r * XS + key], xv);
     }
   };
 
@@ -259,7 +278,7 @@ __global__ void __launch_bounds__(kThreads, state_min_blocks<Acc>())
       const int64_t row0 = seq_rows[0] + t * kChunk + sb * kSub, seq_end = seq_rows[1];
       if (row0 >= seq_end) break;
       const int nrows = static_cast<int>(min64(kSub, seq_end - row0));
-      if (MODE != kStateBwdK) {
+      if constexpr (MODE != kStateBwdK) {
         __syncthreads();
         stage_k(row0, nrows);
         stage_v(row0, nrows);
@@ -288,7 +307,7 @@ __global__ void __launch_bounds__(kThreads, state_min_blocks<Acc>())
       const int64_t row0 = seq_rows[0] + t * kChunk + sb * kSub, seq_end = seq_rows[1];
       if (row0 >= seq_end) break;
       const int nrows = static_cast<int>(min64(kSub, seq_end - row0));
-      if (MODE == kStateFwd) {
+      if constexpr (MODE == kStateFwd) {
         for (int64_t hh = 0; hh < G; ++hh) {
           const int64_t h = g * G + hh;
           __syncthreads();
@@ -296,14 +315,14 @@ __global__ void __launch_bounds__(kThreads, state_min_blocks<Acc>())
           __syncthreads();
           build_feat(true);
           __syncthreads();
-          Acc* num = static_cast<Acc*>(w.rows) + ((bi * Hq + h) * N + row0) * V1;
+          Acc* num = static_cast<Acc*>(w.num_state) + ((bi * Hq + h) * N + row0) * V1;
           state_gemm_aug<2, 4, TC, Acc>(
               nrows, Dv, nf, [&](int m, int k) { return Feat[m * FS + k]; },
               [&](int k, int n) { return S[k * SS + n]; },
               [&](int m, int n, Acc val) { atomicAdd(num + int64_t(m) * V1 + n, val); },
               p.tensor_core_passes > 1);
         }
-      } else if (MODE == kStateBwdQ) {
+      } else if constexpr (MODE == kStateBwdQ) {
         for (int64_t hh = 0; hh < G; ++hh) {
           const int64_t h = g * G + hh, bh = bi * Hq + h;
           __syncthreads();
@@ -373,13 +392,13 @@ __global__ void __launch_bounds__(kThreads, state_min_blocks<Acc>())
   }
   if (keep_ptr() != nullptr) {
     __syncthreads();  // the last update_state is complete
-    Acc* dst = head_sums(keep_ptr(), p, int64_t(blockIdx.x) / p.heads_k, g);
+    Acc* dst = head_sums(keep_ptr(), p, int64_t(blockIdx.x) / p.heads_k, g) + f0 * V1;
     for (int e = tid; e < nf * V1; e += nthr) {
       const int fi = e / V1, n = e % V1;
-      Acc* out = dst + public_row(fx[fi], fy[fi], D) * V1 + n;
+      Acc* out = dst + int64_t(fi) * V1 + n;
       // The forward returns the state; the backward adds to what the centering terms of the
-      // carried key count put there before (rowshift_kernel<kRowCenterQ>), one CTA per row.
-      if (MODE == kStateFwd)
+      // carried key count put there before (center_dq_kernel), one CTA per row.
+      if constexpr (MODE == kStateFwd)
         *out = S[fi * SS + n];
       else
         *out += S[fi * SS + n];

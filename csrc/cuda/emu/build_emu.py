@@ -24,7 +24,8 @@ def main():
     src = os.path.join(OUT, "src")
     shutil.rmtree(src, ignore_errors=True)
     os.makedirs(os.path.join(src, "cuda"))
-    shutil.copy(os.path.join(CSRC, "csq_params.h"), src)
+    for name in ("csq_params.h", "csq_features.h"):  # the torch-free headers the kernels include
+        shutil.copy(os.path.join(CSRC, name), src)
     for name in os.listdir(CUDA_DIR):
         if name.endswith((".cu", ".cuh", ".h")):
             with open(os.path.join(CUDA_DIR, name)) as f:
