@@ -198,7 +198,7 @@ __global__ void __launch_bounds__(kThreads, state_min_blocks<Acc>())
       Vec[r * VS + n] = val;
     }
   };
-  auto stage_g = [&](int64_t h, int64_t row0, int nrows) {  // Vec = g~ (from bwd_prep_kernel)
+  auto stage_g = [&](int64_t h, int64_t row0, int nrows) {  // Vec = g~ (from grad_ext_kernel)
     const Acc* gs = static_cast<const Acc*>(w.g_ext) + ((bi * Hq + h) * N + row0) * V1;
     for (int e = tid; e < kSub * V1; e += nthr) {
       const int r = e / V1, n = e % V1;
