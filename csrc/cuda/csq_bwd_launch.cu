@@ -2,10 +2,10 @@
 //   1. zero dq, dk, dv, db (and dstate_in, dref)
 //   2. the key side, as in the forward (launch_key_prefix; r is the forward's, read back)
 //   3. g~ = [dnum, dden]                                           grad_ext_kernel
-//   4. pass 1, key state S in order: dq, db from earlier keys      state_scan_kernel<kStateBwdQ>
+//   4. pass 1, key state S in order: dq, db from earlier keys      key_state_bwd_kernel
 //   5. causal: in-chunk pairs: dq, db, dk, dv                      bwd_pairs_kernel
 //   6. dq -= tau db mu' (mu' = -r without centering)               center_dq_kernel
-//   7. pass 2, query state R in reverse: dk, dv from later queries state_scan_kernel<kStateBwdK>
+//   7. pass 2, query state R in reverse: dk, dv from later queries query_state_bwd_kernel
 //   8. center: dk += reverse cumulative sum of -tau db q / n       center_chunk_sum_kernel,
 //                                                                  chunk_scan_kernel<reverse>,
 //                                                                  center_dk_kernel
@@ -17,6 +17,7 @@
 // carried key count.
 #include "csq_bwd_center.cuh"
 #include "csq_bwd_chunk.cuh"
+#include "csq_bwd_state.cuh"
 #include "csq_common_launch.cuh"
 
 namespace csq {
@@ -66,7 +67,7 @@ Status launch_bwd(const BwdParams& p, void* workspace, size_t workspace_bytes,
   grad_ext_kernel<T, Acc><<<dim3(bhq, nch), kThreads, 0, stream>>>(p, w);
   CSQ_CHECK_LAUNCH("grad_ext_kernel");
 
-  st = launch_state_scan<DT, kStateBwdQ>(p, w, stream, "state_scan_kernel<bwd_q>");
+  st = launch_state_scan<DT, KeyStateBwd>(p, w, stream);
   if (!st.ok()) return st;
   if (p.causal) {
     auto kernel = bwd_pairs_kernel<T, Acc>;
@@ -80,7 +81,7 @@ Status launch_bwd(const BwdParams& p, void* workspace, size_t workspace_bytes,
   center_dq_kernel<T, Acc><<<dim3(bhk, nch), kThreads, 0, stream>>>(p, w);
   CSQ_CHECK_LAUNCH("center_dq_kernel");
 
-  st = launch_state_scan<DT, kStateBwdK>(p, w, stream, "state_scan_kernel<bwd_k>");
+  st = launch_state_scan<DT, QueryStateBwd>(p, w, stream);
   if (!st.ok()) return st;
   if (p.center) {
     center_chunk_sum_kernel<T, Acc><<<dim3(bhk, nch), kColThreads, 0, stream>>>(p, w);

@@ -1,5 +1,5 @@
 // The kernel sequences both launchers run: the key side (csq_keys.cuh) and a state scan
-// (csq_state.cuh). Header-only templates, so that csq_fwd_launch.cu and csq_bwd_launch.cu each
+// (csq_state.cuh; the scans themselves are in csq_fwd_state.cuh and csq_bwd_state.cuh). Header-only templates, so that csq_fwd_launch.cu and csq_bwd_launch.cu each
 // instantiate what they use.
 #pragma once
 
@@ -45,18 +45,20 @@ inline int num_feature_tiles(int64_t dim_k, int ft) {
   return static_cast<int>(ceil_div(num_features(dim_k), ft));
 }
 
-// Launches state_scan_kernel<MODE> on grid (S Hk, feature tiles): on tensor cores for
-// bfloat16 / float16 inputs unless p.tensor_core_passes is 0, else on the CUDA cores.
-template <DType DT, int MODE>
-Status launch_state_scan(const StateScanParams<MODE>& p, const Work& w, cudaStream_t stream,
-                         const char* name) {
+// Launches a state scan, Scan<T, Acc, FT, TC>::kernel() (KeyStateFwd, KeyStateBwd,
+// QueryStateBwd), on grid (S Hk, feature tiles): on tensor cores (TC) for bfloat16 / float16
+// inputs unless p.tensor_core_passes is 0, else on the CUDA cores.
+template <DType DT, template <typename, typename, int, bool> class Scan, typename Params>
+Status launch_state_scan(const Params& p, const Work& w, cudaStream_t stream) {
   using Tr = GenericTraits<DT>;
   using T = typename Tr::T;
   using Acc = typename Tr::Acc;
   constexpr int FT = Tr::kFeatTile;
   constexpr bool kHalf = DT == DType::kFloat16 || DT == DType::kBFloat16;
+  constexpr bool kBackward = Scan<T, Acc, FT, false>::kBackward;
+  const char* name = Scan<T, Acc, FT, false>::kName;
   const int D = int(p.dim_k), Dv = int(p.dim_v);
-  const size_t smem = state_smem_bytes<Acc>(D, Dv, FT, MODE);
+  const size_t smem = state_smem_bytes<Acc>(D, Dv, FT, kBackward);
   const dim3 grid(unsigned(num_sequences(p) * p.heads_k), unsigned(num_feature_tiles(D, FT)));
   auto go = [&](auto kernel) {
     Status st = prepare_smem(kernel, smem, name);
@@ -66,9 +68,9 @@ Status launch_state_scan(const StateScanParams<MODE>& p, const Work& w, cudaStre
     return Status{};
   };
   if constexpr (kHalf) {
-    if (p.tensor_core_passes > 0) return go(state_scan_kernel<T, Acc, FT, MODE, true>);
+    if (p.tensor_core_passes > 0) return go(Scan<T, Acc, FT, true>::kernel());
   }
-  return go(state_scan_kernel<T, Acc, FT, MODE, false>);
+  return go(Scan<T, Acc, FT, false>::kernel());
 }
 
 }  // namespace cuda

@@ -6,10 +6,11 @@
 //   The carried state (state_in, causal only) seeds the state scan and, through its key sum
 //   and count, mu' in step 3; step 4 writes state_out (return_state).
 //   3. b_i = c_h - tau <q_i, mu'_i>                              query_shift_kernel
-//   4. the key state against the queries, by feature tiles      state_scan_kernel<kStateFwd>
+//   4. the key state against the queries, by feature tiles      key_state_fwd_kernel
 //   5. in-chunk pairs (causal), den and y                        fwd_finalize_kernel
 #include "csq_common_launch.cuh"
 #include "csq_fwd_chunk.cuh"
+#include "csq_fwd_state.cuh"
 
 namespace csq {
 namespace cuda {
@@ -51,7 +52,7 @@ Status launch_fwd(const FwdParams& p, void* workspace, size_t workspace_bytes,
   query_shift_kernel<T, Acc><<<dim3(bhk, nch), kThreads, 0, stream>>>(p, w);
   CSQ_CHECK_LAUNCH("query_shift_kernel");
 
-  st = launch_state_scan<DT, kStateFwd>(p, w, stream, "state_scan_kernel<fwd>");
+  st = launch_state_scan<DT, KeyStateFwd>(p, w, stream);
   if (!st.ok()) return st;
   {
     auto kernel = fwd_finalize_kernel<T, Acc>;
