@@ -67,12 +67,18 @@ __device__ __forceinline__ Acc key_feature(const FeatureWalk& fw, const Acc* kq)
   return kind == 0 ? kq[fw.x] * kq[fw.y] : (kind == 1 ? kq[fw.lin()] : Acc(1));
 }
 
-// phi_f(qe), qe = [tq, b] with tq = tau q (csq_features.h: m_xy qe_x qe_y).
+// phi_f(qe), qe = [tq, b] with tq = tau q (csq_features.h: m_xy qe_x qe_y, m_xy = 2 off the
+// diagonal, so 2 for every linear row), for the row's kind (fw.kind(), hoisted by the caller
+// out of its loop over heads: computed per head, decode_kernel spilled on sm_90a).
 template <typename Acc>
-__device__ __forceinline__ Acc query_feature(const FeatureWalk& fw, const Acc* tq, Acc b) {
-  const int kind = fw.kind();
-  if (kind == 0) return pair_weight<Acc>(fw.x, fw.y) * tq[fw.x] * tq[fw.y];
-  return kind == 1 ? pair_weight<Acc>(fw.lin(), fw.D) * b * tq[fw.lin()] : b * b;
+__device__ __forceinline__ Acc query_feature(int kind, const FeatureWalk& fw, const Acc* tq,
+                                             Acc b) {
+  if (kind == 0) {
+    Acc phi = tq[fw.x] * tq[fw.y];
+    if (fw.x != fw.y) phi *= Acc(2);
+    return phi;
+  }
+  return kind == 1 ? Acc(2) * b * tq[fw.lin()] : b * b;
 }
 
 // Coordinate d of the ref of a decode step: the state's, or when the state holds no key yet
@@ -152,6 +158,7 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
     const bool first = hb == 0;  // the first pass writes the update; later ones re-read it
     const Acc vn = vt[c];
     for (FeatureWalk fw(r, D); fw.f < F; fw.advance(kDecRows)) {
+      const int kind = fw.kind();
       const Acc psi = key_feature(fw, kq);
       Acc* row = S + fw.f * V1;
       Acc s_new = 0;
@@ -166,7 +173,7 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
 #pragma unroll
       for (int j = 0; j < kDecHeads; ++j) {
         if (j >= nh) break;
-        const Acc phi = query_feature(fw, qt[j], bh[j]);
+        const Acc phi = query_feature(kind, fw, qt[j], bh[j]);
         num[j] = fma(phi, s_new, num[j]);
         den[j] = fma(phi, s_den, den[j]);
       }
