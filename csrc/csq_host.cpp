@@ -135,7 +135,8 @@ void set_carried_state(FwdParams& p, const at::Tensor& q,
 }
 
 // The forward's parameters, shared by csq_fwd and csq_bwd (after check_inputs): sizes,
-// scalars, chunk, packed sequences and carried state. Returns the tensors p points into through the last two.
+// scalars, chunk, packed sequences and carried state. Returns the tensors p points into
+// through the last two arguments.
 void fill_forward_params(FwdParams& p, const at::Tensor& q, const at::Tensor& k,
                          const at::Tensor& v, const at::Tensor& shift,
                          const c10::optional<at::Tensor>& cu_seqlens,

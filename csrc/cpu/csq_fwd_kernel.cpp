@@ -31,7 +31,8 @@ void forward_task(const FwdParams& p, const SeqTask& t) {
     const int64_t rows = std::min(C, N - t0);
     if (p.causal) keys.load(t0, rows);
     if (p.center)
-      key_means(kc.data(), rows, D, ksum.data(), keys.carried_keys + acc_t(t0), p.causal, N, mu.data());
+      key_means(kc.data(), rows, D, ksum.data(), keys.carried_keys + acc_t(t0), p.causal, N,
+                mu.data());
 
     for (int64_t hh = 0; hh < p.group; ++hh) {
       const int64_t h = g * p.group + hh;
