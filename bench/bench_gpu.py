@@ -100,6 +100,7 @@ if REPO not in sys.path:  # run as a script from anywhere, without an installed 
 import csq_ext  # noqa: E402
 from csq_ext._timing import device_description, interleaved_times, summarize  # noqa: E402
 from csq_ext.reference import csq_attention_reference  # noqa: E402
+from csq_ext.state import num_features  # noqa: E402
 
 MODES = ("fwd", "fwd+bwd")
 GROUPS = ("target", "causal", "full")  # in the order they are measured
@@ -138,11 +139,6 @@ def direct_flops(b: int, hq: int, n: int, dk: int, dv: int, causal: bool, mode: 
     return sdpa_flops(b, hq, n, dk, dv + 1, causal, mode)
 
 
-def csq_num_features(dk: int) -> int:
-    """F = Dk (Dk + 1) / 2 + Dk + 1: the symmetric quadratic, linear and constant features."""
-    return (dk + 1) * (dk + 2) // 2
-
-
 def causal_chunk_pairs(n: int, chunk: int = CUDA_CHUNK) -> int:
     """Pairs j <= i inside the chunks of length `chunk` (the last one partial)."""
     full, rem = divmod(n, chunk)
@@ -152,7 +148,7 @@ def causal_chunk_pairs(n: int, chunk: int = CUDA_CHUNK) -> int:
 def csq_flops(b: int, hq: int, hk: int, n: int, dk: int, dv: int, causal: bool, mode: str,
               chunk: int = CUDA_CHUNK) -> float:
     """Useful FLOPs of the chunked CSQ algorithm (state scans + in-chunk pairs)."""
-    f, v1 = csq_num_features(dk), dv + 1
+    f, v1 = num_features(dk), dv + 1
     pairs = causal_chunk_pairs(n, chunk) if causal else 0
     mac = (hq + hk) * n * f * v1 + hq * pairs * (dk + 1 + v1)
     if mode == "fwd+bwd":

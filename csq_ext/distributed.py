@@ -27,7 +27,7 @@ from . import _args
 from ._args import acc_dtype as _acc_dtype, check as _check
 from ._ops import first_keys
 from .attention import attention as _attention
-from .state import CSQState, num_features
+from .state import CSQState, num_features, num_pairs
 
 # all_gather_into_tensor / reduce_scatter_tensor were renamed *_single (same arguments) in
 # recent torch; the old names warn there.
@@ -282,7 +282,7 @@ def _recenter(sums, ref_from, ref_to):
     then the Dk linear terms, then the count row) pair_ab += d_a L_b + d_b L_a + d_a d_b C and
     L += d C, where L and C are the linear and count rows. Exact and differentiable."""
     Dk = ref_from.shape[-1]
-    npairs = Dk * (Dk + 1) // 2
+    npairs = num_pairs(Dk)
     pairs, lin, const = sums[..., :npairs, :], sums[..., npairs:npairs + Dk, :], sums[..., -1:, :]
     d = (ref_from - ref_to).unsqueeze(-1)                                # (S, Hk, Dk, 1)
     ia, ib = torch.triu_indices(Dk, Dk, device=sums.device)
@@ -304,7 +304,7 @@ def _read_full_state(q, sums, ref, shift, tau, center, normalize, eps):
     tau^2 q^T U2 q + 2 tau b <q, u> + b^2 summed against [v, 1]."""
     B, Hq, n, Dk = q.shape
     Hk, Dv1 = sums.shape[1], sums.shape[3]
-    g, P = Hq // Hk, Dk * (Dk + 1) // 2
+    g, P = Hq // Hk, num_pairs(Dk)
     acc = sums.dtype
     s = sums.repeat_interleave(g, 1)
     iu = torch.triu_indices(Dk, Dk, device=q.device)

@@ -7,9 +7,15 @@ from typing import NamedTuple
 import torch
 
 
+def num_pairs(dim_k: int) -> int:
+    """Quadratic features k_x k_y (x <= y): the first rows of the state (csrc/csq_features.h)."""
+    return dim_k * (dim_k + 1) // 2
+
+
 def num_features(dim_k: int) -> int:
-    """Length of the key feature vector psi(k) = [k_x k_y (x <= y), k_x, 1]."""
-    return dim_k * (dim_k + 1) // 2 + dim_k + 1
+    """Length of the key feature vector psi(k) = [k_x k_y (x <= y), k_x, 1]: the state's rows.
+    The one Python home of this count (the C++ one is csrc/csq_features.h)."""
+    return num_pairs(dim_k) + dim_k + 1
 
 
 class CSQState(NamedTuple):

@@ -1,36 +1,69 @@
 #include "csq_direct_host.h"
 
-#include <algorithm>
-
-#include "csq_host.h"
-
 namespace csq {
+namespace {
 
-DirectParams make_direct_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                const at::Tensor& shift_acc,
-                                const c10::optional<at::Tensor>& cu_seqlens, bool causal,
-                                double scale, bool center, bool normalize, double eps,
-                                int64_t tile_size, at::Tensor& cu) {
-  check_inputs(q, k, v, shift_acc, eps, 0);
+// The forward's parameters, shared by both directions: checks, sizes, scalars, packed
+// sequences and the tile length.
+void fill_direct_params(DirectFwdParams& p, const at::Tensor& q, const at::Tensor& k,
+                        const at::Tensor& v, const at::Tensor& shift,
+                        const c10::optional<at::Tensor>& cu_seqlens, bool causal, double scale,
+                        bool center, bool normalize, double eps, int64_t tile_size,
+                        at::Tensor& shift_acc, at::Tensor& cu) {
+  check_inputs(q, k, v, shift, eps, 0);
   TORCH_CHECK(tile_size >= 0, "csq_ext: tile_size (chunk_size of csq_ext.attention) must be >= 0 "
               "(0 = default), got ", tile_size);
-  DirectParams p;
-  static_cast<AttnParams&>(p) =
-      make_params(q, k, v, shift_acc, causal, scale, center, normalize, eps, 0);
-  cu = set_sequence_params(p, q, cu_seqlens, c10::nullopt, c10::nullopt);
+  shift_acc = shift.to(acc_dtype(q.scalar_type())).contiguous();
+  fill_qkv_params(p, q, k, v, shift_acc, causal, scale, center, normalize, eps);
+  cu = set_packed_sequences(p, q, cu_seqlens);
   p.tile = tile_size > 0 ? tile_size : default_direct_tile(p.dim_k, q.is_cuda());
-  return p;
 }
 
-DirectForwardTensors alloc_direct_forward(DirectParams& p, const at::Tensor& q) {
+}  // namespace
+
+DirectForwardCall prepare_direct_forward(const at::Tensor& q, const at::Tensor& k,
+                                         const at::Tensor& v, const at::Tensor& shift,
+                                         const c10::optional<at::Tensor>& cu_seqlens,
+                                         bool causal, double scale, bool center, bool normalize,
+                                         double eps, int64_t tile_size) {
+  DirectForwardCall c;
+  DirectFwdParams& p = c.p;
+  fill_direct_params(p, q, k, v, shift, cu_seqlens, causal, scale, center, normalize, eps,
+                     tile_size, c.shift_acc, c.cu_seqlens);
   const auto opts = q.options().dtype(acc_dtype(q.scalar_type()));
-  DirectForwardTensors t{at::empty({p.batch, p.heads_q, p.seqlen, p.dim_v}, opts),
-                         at::empty({p.batch, p.heads_q, p.seqlen}, opts),
-                         at::empty({p.batch, p.heads_q, p.seqlen}, opts)};
-  p.y = t.y.data_ptr();
-  p.b = t.b.data_ptr();
-  p.den = t.den.data_ptr();
-  return t;
+  c.y = at::empty({p.batch, p.heads_q, p.seqlen, p.dim_v}, opts);
+  c.b = at::empty({p.batch, p.heads_q, p.seqlen}, opts);
+  c.den = at::empty({p.batch, p.heads_q, p.seqlen}, opts);
+  p.y = c.y.data_ptr();
+  p.b = c.b.data_ptr();
+  p.den = c.den.data_ptr();
+  return c;
+}
+
+DirectBackwardCall prepare_direct_backward(const at::Tensor& dy, const at::Tensor& q,
+                                           const at::Tensor& k, const at::Tensor& v,
+                                           const at::Tensor& shift,
+                                           const c10::optional<at::Tensor>& cu_seqlens,
+                                           const at::Tensor& y, const at::Tensor& b,
+                                           const at::Tensor& den, bool causal, double scale,
+                                           bool center, bool normalize, double eps,
+                                           int64_t tile_size) {
+  DirectBackwardCall c;
+  DirectBwdParams& p = c.p;
+  c.input_dtype = q.scalar_type();
+  c.shift_dtype = shift.scalar_type();
+  fill_direct_params(p, q, k, v, shift, cu_seqlens, causal, scale, center, normalize, eps,
+                     tile_size, c.shift_acc, c.cu_seqlens);
+  const SavedForward saved = set_saved_forward(p, q, v, dy, y, b, den);
+  c.y = saved.y;
+  c.b = saved.b;
+  c.den = saved.den;
+  const GradientTensors g = alloc_gradients(p, q, k, v);
+  c.dq = g.dq;
+  c.dk = g.dk;
+  c.dv = g.dv;
+  c.db = g.db;
+  return c;
 }
 
 }  // namespace csq

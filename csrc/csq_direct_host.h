@@ -1,27 +1,49 @@
-// Host code of the direct path shared by every backend: checks, DirectParams from tensors, and
-// the forward's outputs. The kernels live in csrc/cpu/csq_direct_*_cpu.cpp.
+// The host layer of the direct path, shared by every backend (see csq_host.h for the shape of
+// it and the outputs' contract, which is the same here minus the carried state): checks,
+// DirectFwdParams / DirectBwdParams from tensors, and every output allocated. The kernels live
+// in csrc/cpu/csq_direct_*_kernel.cpp.
 #pragma once
 
 #include <ATen/ATen.h>
 
+#include <tuple>
+
 #include "csq_direct_params.h"
+#include "csq_host.h"
 
 namespace csq {
 
-// Checks the inputs (as for the chunked op), fills sizes, strides, pointers, scalars, packed
-// sequences and the tile length (tile_size <= 0: the default). Returns the int64 copy of
-// cu_seqlens that p points into (keep it alive while the kernel runs) through `cu`.
-DirectParams make_direct_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                const at::Tensor& shift_acc,
-                                const c10::optional<at::Tensor>& cu_seqlens, bool causal,
-                                double scale, bool center, bool normalize, double eps,
-                                int64_t tile_size, at::Tensor& cu);
-
-// The forward's outputs in the accumulation dtype: y (B, Hq, N, Dv), b and den (B, Hq, N);
-// points p at them.
-struct DirectForwardTensors {
-  at::Tensor y, b, den;
+// csq_direct_fwd. tile_size <= 0: the backend's default tile.
+struct DirectForwardCall {
+  DirectFwdParams p;
+  at::Tensor shift_acc, cu_seqlens;  // what p points into
+  at::Tensor y, b, den;              // accumulation dtype: (B, Hq, N, Dv), (B, Hq, N) twice
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> outputs() const { return {y, b, den}; }
 };
-DirectForwardTensors alloc_direct_forward(DirectParams& p, const at::Tensor& q);
+DirectForwardCall prepare_direct_forward(const at::Tensor& q, const at::Tensor& k,
+                                         const at::Tensor& v, const at::Tensor& shift,
+                                         const c10::optional<at::Tensor>& cu_seqlens,
+                                         bool causal, double scale, bool center, bool normalize,
+                                         double eps, int64_t tile_size);
+
+// csq_direct_bwd: the forward's parameters plus dy and the forward's saved y, b, den.
+struct DirectBackwardCall {
+  DirectBwdParams p;
+  at::Tensor shift_acc, cu_seqlens, y, b, den;  // what p points into
+  at::Tensor dq, dk, dv, db;                    // zeroed accumulators
+  at::ScalarType input_dtype, shift_dtype;
+  // dq, dk, dv in the input dtype, dshift (Hq,) in the dtype of shift (gradient_outputs).
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> outputs() const {
+    return gradient_outputs(dq, dk, dv, db, input_dtype, shift_dtype);
+  }
+};
+DirectBackwardCall prepare_direct_backward(const at::Tensor& dy, const at::Tensor& q,
+                                           const at::Tensor& k, const at::Tensor& v,
+                                           const at::Tensor& shift,
+                                           const c10::optional<at::Tensor>& cu_seqlens,
+                                           const at::Tensor& y, const at::Tensor& b,
+                                           const at::Tensor& den, bool causal, double scale,
+                                           bool center, bool normalize, double eps,
+                                           int64_t tile_size);
 
 }  // namespace csq

@@ -12,17 +12,33 @@
 
 namespace csq {
 
-// Everything of AttnParams except the chunk and the carried state, plus the tile length.
-// Outputs: y, b (the per-query shift that goes with the tile reference, see below), den;
-// backward: dy, dq, dk, dv, db.
+// csq_direct_fwd: the inputs (QkvParams), the tile length and the outputs y, b (the per-query
+// shift that goes with the tile reference, see below) and den, contiguous, accumulation dtype.
 //
 // Accuracy with centering: query tile T (rows t0..t0 + tile - 1 of a sequence) subtracts a
 // reference r_T from every key before the products, r_T = the running key mean at t0 (causal;
 // every row of T sees those keys) or the mean of all keys (not causal), and uses
 // b_i = c_h - tau <q_i, mu_i - r_T>, so s_ij = tau <q_i, k_j - r_T> + b_i never subtracts two
 // large numbers when the keys share an offset. Without centering r_T = 0 and b_i = c_h.
-struct DirectParams : AttnParams {
-  int64_t tile = 64;  // query and key tile length (positions)
+struct DirectFwdParams : QkvParams {
+  int64_t tile = 64;  // CPU only: query and key tile length (positions); CUDA uses kDirectTile
+  // CUDA, bfloat16 / float16 only: 0 runs the generic kernels instead of the tensor-core ones
+  // (CSQ_CUDA_TENSOR_CORES=0, as for FwdParams).
+  int tensor_core_passes = 3;
+  void* y = nullptr;    // (B, Hq, N, Dv)
+  void* b = nullptr;    // (B, Hq, N)
+  void* den = nullptr;  // (B, Hq, N)
+};
+
+// csq_direct_bwd, derived from the forward's: y, b, den are read back (not written).
+struct DirectBwdParams : DirectFwdParams {
+  int64_t dy_stride[4] = {0, 0, 0, 0};
+  const void* dy = nullptr;  // (B, Hq, N, Dv), accumulation dtype
+  // Outputs, contiguous, accumulation dtype, every element written (as for BwdParams).
+  void* dq = nullptr;  // (B, Hq, N, Dk)
+  void* dk = nullptr;  // (B, Hk, N, Dk)
+  void* dv = nullptr;  // (B, Hk, N, Dv)
+  void* db = nullptr;  // (B, Hq, N): dL/db_i; the host layer sums it into the shift gradient
 };
 
 // Default tile length (0 from the caller): measured in bench/NOTES.md ("direct path").

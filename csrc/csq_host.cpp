@@ -2,6 +2,8 @@
 
 #include <algorithm>
 
+#include "csq_direct_params.h"
+
 namespace csq {
 
 at::ScalarType acc_dtype(at::ScalarType input) {
@@ -35,6 +37,9 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   TORCH_CHECK(chunk_size >= 0, "csq_ext: chunk_size must be >= 0 (0 = default)");
 }
 
+namespace {
+
+// Chunk length used when the caller passes chunk_size <= 0.
 int64_t default_chunk(int64_t dim_k, bool on_cuda) {
   if (on_cuda) return 64;
   // The state GEMMs are (C x F) by (F x Dv); a longer chunk makes them more efficient while the
@@ -42,17 +47,18 @@ int64_t default_chunk(int64_t dim_k, bool on_cuda) {
   return dim_k <= 32 ? 128 : 64;
 }
 
-AttnParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                       const at::Tensor& shift_acc, bool causal, double scale, bool center,
-                       bool normalize, double eps, int64_t chunk_size) {
-  AttnParams p;
+}  // namespace
+
+void fill_qkv_params(QkvParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const at::Tensor& shift_acc, bool causal, double scale, bool center,
+                     bool normalize, double eps) {
   p.batch = q.size(0);
   p.heads_q = q.size(1);
   p.heads_k = k.size(1);
   p.seqlen = q.size(2);
   p.dim_k = q.size(3);
   p.dim_v = v.size(3);
-  p.num_seqs = p.batch;  // set_sequence_params changes it for packed sequences
+  p.num_seqs = p.batch;  // set_packed_sequences changes it for packed sequences
   p.group = p.heads_q / p.heads_k;
   for (int i = 0; i < 4; ++i) {
     p.q_stride[i] = q.stride(i);
@@ -68,36 +74,42 @@ AttnParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   p.causal = causal;
   p.center = center;
   p.normalize = normalize;
-  p.chunk = chunk_size > 0 ? chunk_size : default_chunk(p.dim_k, q.is_cuda());
-  // A chunk longer than the sequence only wastes workspace.
-  p.chunk = std::max<int64_t>(1, std::min(p.chunk, p.seqlen));
-  return p;
 }
 
-at::Tensor set_sequence_params(AttnParams& p, const at::Tensor& q,
-                               const c10::optional<at::Tensor>& cu_seqlens,
-                               const c10::optional<at::Tensor>& state_in,
-                               const c10::optional<at::Tensor>& ref_in) {
-  at::Tensor cu;
+at::Tensor set_packed_sequences(QkvParams& p, const at::Tensor& q,
+                                const c10::optional<at::Tensor>& cu_seqlens) {
   p.num_seqs = p.batch;
-  if (cu_seqlens.has_value() && cu_seqlens->defined()) {
-    const at::Tensor& c = *cu_seqlens;
-    TORCH_CHECK(c.dim() == 1 && c.size(0) >= 2 &&
-                    (c.scalar_type() == at::kInt || c.scalar_type() == at::kLong),
-                "csq_ext: cu_seqlens must be an int32 or int64 tensor of shape (S + 1,)");
-    TORCH_CHECK(p.batch == 1, "csq_ext: with cu_seqlens, q must have shape (1, Hq, T, Dk)");
-    cu = c.to(at::kCPU, at::kLong).contiguous();
-    const int64_t* cp = cu.data_ptr<int64_t>();
-    const int64_t segs = cu.size(0) - 1;
-    TORCH_CHECK(cp[0] == 0 && cp[segs] == p.seqlen,
-                "csq_ext: cu_seqlens must start at 0 and end at T = ", p.seqlen);
-    for (int64_t s = 0; s < segs; ++s)
-      TORCH_CHECK(cp[s] <= cp[s + 1], "csq_ext: cu_seqlens must be non-decreasing");
-    // The kernels index cu_seqlens on the device of q.
-    cu = cu.to(q.device());
-    p.cu_seqlens = cu.data_ptr<int64_t>();
-    p.num_seqs = segs;
-  }
+  if (!cu_seqlens.has_value() || !cu_seqlens->defined()) return at::Tensor();
+  const at::Tensor& c = *cu_seqlens;
+  TORCH_CHECK(c.dim() == 1 && c.size(0) >= 2 &&
+                  (c.scalar_type() == at::kInt || c.scalar_type() == at::kLong),
+              "csq_ext: cu_seqlens must be an int32 or int64 tensor of shape (S + 1,)");
+  TORCH_CHECK(p.batch == 1, "csq_ext: with cu_seqlens, q must have shape (1, Hq, T, Dk)");
+  at::Tensor cu = c.to(at::kCPU, at::kLong).contiguous();
+  const int64_t* cp = cu.data_ptr<int64_t>();
+  const int64_t segs = cu.size(0) - 1;
+  TORCH_CHECK(cp[0] == 0 && cp[segs] == p.seqlen,
+              "csq_ext: cu_seqlens must start at 0 and end at T = ", p.seqlen);
+  for (int64_t s = 0; s < segs; ++s)
+    TORCH_CHECK(cp[s] <= cp[s + 1], "csq_ext: cu_seqlens must be non-decreasing");
+  // The kernels index cu_seqlens on the device of q.
+  cu = cu.to(q.device());
+  p.cu_seqlens = cu.data_ptr<int64_t>();
+  p.num_seqs = segs;
+  return cu;
+}
+
+std::vector<int64_t> state_shape(const QkvParams& p) {
+  return {p.num_seqs, p.heads_k, num_features(p.dim_k), p.dim_v + 1};
+}
+
+namespace {
+
+// The carried state (causal only): checks its sums and ref (shape, dtype, device) and points
+// p at them. ref alone (the backward's, the forward's ref_out) is checked the same way.
+void set_carried_state(FwdParams& p, const at::Tensor& q,
+                       const c10::optional<at::Tensor>& state_in,
+                       const c10::optional<at::Tensor>& ref_in) {
   const bool has_state = state_in.has_value() && state_in->defined();
   const bool has_ref = ref_in.has_value() && ref_in->defined();
   const auto acc = acc_dtype(q.scalar_type());
@@ -120,29 +132,61 @@ at::Tensor set_sequence_params(AttnParams& p, const at::Tensor& q,
                 "= (", p.num_seqs, ", ", p.heads_k, ", ", p.dim_k, ")");
     p.ref_in = r.data_ptr();
   }
-  return cu;
 }
 
-std::vector<int64_t> state_shape(const AttnParams& p) {
-  return {p.num_seqs, p.heads_k, num_features(p.dim_k), p.dim_v + 1};
+// The forward's parameters, shared by csq_fwd and csq_bwd (after check_inputs): sizes,
+// scalars, chunk, packed sequences and carried state. Returns the tensors p points into
+// through the last two arguments.
+void fill_forward_params(FwdParams& p, const at::Tensor& q, const at::Tensor& k,
+                         const at::Tensor& v, const at::Tensor& shift,
+                         const c10::optional<at::Tensor>& cu_seqlens,
+                         const c10::optional<at::Tensor>& state_in,
+                         const c10::optional<at::Tensor>& ref_in, bool causal, double scale,
+                         bool center, bool normalize, double eps, int64_t chunk_size,
+                         at::Tensor& shift_acc, at::Tensor& cu) {
+  // q, k, v are read through their strides; shift is tiny and converted here.
+  shift_acc = shift.to(acc_dtype(q.scalar_type())).contiguous();
+  fill_qkv_params(p, q, k, v, shift_acc, causal, scale, center, normalize, eps);
+  p.chunk = chunk_size > 0 ? chunk_size : default_chunk(p.dim_k, q.is_cuda());
+  // A chunk longer than the sequence only wastes workspace.
+  p.chunk = std::max<int64_t>(1, std::min(p.chunk, p.seqlen));
+  cu = set_packed_sequences(p, q, cu_seqlens);
+  set_carried_state(p, q, state_in, ref_in);
 }
 
-at::Tensor set_dstate_out(AttnParams& p, const c10::optional<at::Tensor>& dstate_out,
-                          at::ScalarType acc) {
-  if (!dstate_out.has_value() || !dstate_out->defined() || dstate_out->numel() == 0)
-    return at::Tensor();
-  TORCH_CHECK(dstate_out->sizes() == at::IntArrayRef(state_shape(p)),
-              "csq_bwd: dstate_out must have the state's shape ", at::IntArrayRef(state_shape(p)),
-              ", got ", dstate_out->sizes());
-  at::Tensor c = dstate_out->to(acc).contiguous();
-  p.dstate_out = c.data_ptr();
+}  // namespace
+
+ForwardCall prepare_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const at::Tensor& shift, const c10::optional<at::Tensor>& cu_seqlens,
+                            const c10::optional<at::Tensor>& state_in,
+                            const c10::optional<at::Tensor>& ref_in, bool causal, double scale,
+                            bool center, bool normalize, double eps, int64_t chunk_size,
+                            bool return_state) {
+  check_inputs(q, k, v, shift, eps, chunk_size);
+  TORCH_CHECK(causal || !return_state, "csq_ext: return_state needs causal=True");
+  ForwardCall c;
+  FwdParams& p = c.p;
+  fill_forward_params(p, q, k, v, shift, cu_seqlens, state_in, ref_in, causal, scale, center,
+                      normalize, eps, chunk_size, c.shift_acc, c.cu_seqlens);
+  // y in the accumulation dtype: the public function rounds it, the backward reads it exact.
+  const auto opts = q.options().dtype(acc_dtype(q.scalar_type()));
+  c.y = at::empty({p.batch, p.heads_q, p.seqlen, p.dim_v}, opts);
+  c.b = at::empty({p.batch, p.heads_q, p.seqlen}, opts);
+  c.den = at::empty({p.batch, p.heads_q, p.seqlen}, opts);
+  c.state_out = return_state ? at::empty(state_shape(p), opts) : at::empty({0}, opts);
+  c.ref_out = at::empty({p.num_seqs, p.heads_k, p.dim_k}, opts);
+  p.y = c.y.data_ptr();
+  p.b = c.b.data_ptr();
+  p.den = c.den.data_ptr();
+  p.state_out = return_state ? c.state_out.data_ptr() : nullptr;
+  p.ref_out = c.ref_out.data_ptr();
   return c;
 }
 
-BackwardTensors set_backward_params(AttnParams& p, const at::Tensor& q, const at::Tensor& k,
-                                    const at::Tensor& v, const at::Tensor& dy,
-                                    const at::Tensor& y, const at::Tensor& b,
-                                    const at::Tensor& den) {
+template <typename Params>
+SavedForward set_saved_forward(Params& p, const at::Tensor& q, const at::Tensor& v,
+                               const at::Tensor& dy, const at::Tensor& y, const at::Tensor& b,
+                               const at::Tensor& den) {
   const auto acc = acc_dtype(q.scalar_type());
   const int64_t B = q.size(0), Hq = q.size(1), N = q.size(2), Dv = v.size(3);
   const auto on_q = [&](const at::Tensor& t) { return t.device() == q.device(); };
@@ -156,44 +200,124 @@ BackwardTensors set_backward_params(AttnParams& p, const at::Tensor& q, const at
   TORCH_CHECK(b.sizes() == at::IntArrayRef({B, Hq, N}) && den.sizes() == b.sizes() &&
                   b.scalar_type() == acc && den.scalar_type() == acc && on_q(b) && on_q(den),
               "csq_bwd: b and den must be the forward's auxiliary outputs, (B, Hq, N) in ", acc);
-
-  const auto opts = q.options().dtype(acc);
-  BackwardTensors t{y.contiguous(), b.contiguous(), den.contiguous(),
-                    at::zeros(q.sizes(), opts), at::zeros(k.sizes(), opts),
-                    at::zeros(v.sizes(), opts), at::zeros({B, Hq, N}, opts),
-                    at::zeros({p.num_seqs, Hq}, opts)};
+  // The forward's own outputs are contiguous (free); direct op calls with views stay correct.
+  SavedForward s{y.contiguous(), b.contiguous(), den.contiguous()};
   for (int i = 0; i < 4; ++i) p.dy_stride[i] = dy.stride(i);
   p.dy = dy.data_ptr();
-  p.y = t.y.data_ptr();
-  p.b = t.b.data_ptr();
-  p.den = t.den.data_ptr();
-  p.dq = t.dq.data_ptr();
-  p.dk = t.dk.data_ptr();
-  p.dv = t.dv.data_ptr();
-  p.db = t.db.data_ptr();
-  p.dshift = t.dshift.data_ptr();
-  return t;
+  p.y = s.y.data_ptr();
+  p.b = s.b.data_ptr();
+  p.den = s.den.data_ptr();
+  return s;
 }
 
-AttnParams make_decode_params(const at::Tensor& sums, const at::Tensor& ref, const at::Tensor& q,
-                              const at::Tensor& k, const at::Tensor& v, const at::Tensor& shift,
-                              const at::Tensor& y, double scale, bool center, bool normalize,
-                              double eps) {
+template <typename Params>
+GradientTensors alloc_gradients(Params& p, const at::Tensor& q, const at::Tensor& k,
+                                const at::Tensor& v) {
+  const auto opts = q.options().dtype(acc_dtype(q.scalar_type()));
+  GradientTensors g{at::zeros(q.sizes(), opts), at::zeros(k.sizes(), opts),
+                    at::zeros(v.sizes(), opts), at::zeros({p.batch, p.heads_q, p.seqlen}, opts)};
+  p.dq = g.dq.data_ptr();
+  p.dk = g.dk.data_ptr();
+  p.dv = g.dv.data_ptr();
+  p.db = g.db.data_ptr();
+  return g;
+}
+
+template SavedForward set_saved_forward<BwdParams>(BwdParams&, const at::Tensor&,
+                                                   const at::Tensor&, const at::Tensor&,
+                                                   const at::Tensor&, const at::Tensor&,
+                                                   const at::Tensor&);
+template SavedForward set_saved_forward<DirectBwdParams>(DirectBwdParams&, const at::Tensor&,
+                                                         const at::Tensor&, const at::Tensor&,
+                                                         const at::Tensor&, const at::Tensor&,
+                                                         const at::Tensor&);
+template GradientTensors alloc_gradients<BwdParams>(BwdParams&, const at::Tensor&,
+                                                    const at::Tensor&, const at::Tensor&);
+template GradientTensors alloc_gradients<DirectBwdParams>(DirectBwdParams&, const at::Tensor&,
+                                                          const at::Tensor&, const at::Tensor&);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gradient_outputs(
+    const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv, const at::Tensor& db,
+    at::ScalarType input_dtype, at::ScalarType shift_dtype) {
+  // The shift of head h is in every b_i of that head, in every batch entry and sequence.
+  return {dq.to(input_dtype), dk.to(input_dtype), dv.to(input_dtype),
+          db.sum(at::IntArrayRef{0, 2}).to(shift_dtype)};
+}
+
+BackwardCall prepare_backward(const at::Tensor& dy, const at::Tensor& q, const at::Tensor& k,
+                              const at::Tensor& v, const at::Tensor& shift,
+                              const c10::optional<at::Tensor>& cu_seqlens,
+                              const c10::optional<at::Tensor>& state_in, const at::Tensor& ref,
+                              const at::Tensor& y, const at::Tensor& b, const at::Tensor& den,
+                              const c10::optional<at::Tensor>& dstate_out, bool causal,
+                              double scale, bool center, bool normalize, double eps,
+                              int64_t chunk_size) {
+  check_inputs(q, k, v, shift, eps, chunk_size);
+  BackwardCall c;
+  BwdParams& p = c.p;
+  c.input_dtype = q.scalar_type();
+  c.shift_dtype = shift.scalar_type();
+  // ref is the forward's: the kernels read it instead of picking r again.
+  c.ref = ref.contiguous();
+  fill_forward_params(p, q, k, v, shift, cu_seqlens, state_in, c.ref, causal, scale, center,
+                      normalize, eps, chunk_size, c.shift_acc, c.cu_seqlens);
+  const auto acc = acc_dtype(q.scalar_type());
+  const SavedForward saved = set_saved_forward(p, q, v, dy, y, b, den);
+  c.y = saved.y;
+  c.b = saved.b;
+  c.den = saved.den;
+  // The gradient of the returned state, if given (and not empty): a contiguous copy in the
+  // accumulation dtype.
+  if (dstate_out.has_value() && dstate_out->defined() && dstate_out->numel() != 0) {
+    TORCH_CHECK(dstate_out->sizes() == at::IntArrayRef(state_shape(p)),
+                "csq_bwd: dstate_out must have the state's shape ",
+                at::IntArrayRef(state_shape(p)), ", got ", dstate_out->sizes());
+    c.dstate_out = dstate_out->to(acc).contiguous();
+    p.dstate_out = c.dstate_out.data_ptr();
+  }
+  const GradientTensors g = alloc_gradients(p, q, k, v);
+  c.dq = g.dq;
+  c.dk = g.dk;
+  c.dv = g.dv;
+  c.db = g.db;
+  const auto opts = q.options().dtype(acc);
+  const bool carried = p.state_in != nullptr;
+  c.dstate_in = carried ? at::zeros(state_shape(p), opts) : at::empty({0}, opts);
+  c.dref = at::zeros({p.num_seqs, p.heads_k, p.dim_k}, opts);
+  p.dstate_in = carried ? c.dstate_in.data_ptr() : nullptr;
+  p.dref = c.dref.data_ptr();
+  return c;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+BackwardCall::outputs() const {
+  const auto g = gradient_outputs(dq, dk, dv, db, input_dtype, shift_dtype);
+  return {std::get<0>(g), std::get<1>(g), std::get<2>(g), std::get<3>(g), dstate_in, dref};
+}
+
+DecodeParams prepare_decode(const at::Tensor& sums, const at::Tensor& ref, const at::Tensor& q,
+                            const at::Tensor& k, const at::Tensor& v, const at::Tensor& shift,
+                            const at::Tensor& y, double scale, bool center, bool normalize,
+                            double eps) {
   check_inputs(q, k, v, shift, eps, 0);
   TORCH_CHECK(q.size(2) == 1, "csq_ext.decode: q, k, v must hold one token (N = 1), got N = ",
               q.size(2));
   const auto acc = acc_dtype(q.scalar_type());
   TORCH_CHECK(shift.scalar_type() == acc && shift.is_contiguous(),
               "csq_ext.decode_: shift must be a contiguous ", acc, " tensor");
-  AttnParams p = make_params(q, k, v, shift, true, scale, center, normalize, eps, 1);
-  set_sequence_params(p, q, c10::nullopt, sums, ref);  // checks sums and ref
+  DecodeParams p;
+  fill_qkv_params(p, q, k, v, shift, true, scale, center, normalize, eps);
+  FwdParams carried;  // the same checks of sums and ref as a carried state's
+  static_cast<QkvParams&>(carried) = p;
+  set_carried_state(carried, q, sums, ref);
   TORCH_CHECK(y.sizes() == at::IntArrayRef({p.batch, p.heads_q, 1, p.dim_v}) &&
                   y.scalar_type() == q.scalar_type() && y.is_contiguous() &&
                   y.device() == q.device(),
               "csq_ext.decode_: out must be a contiguous (B, Hq, 1, Dv) tensor of q's dtype on ",
               q.device());
+  p.sums = sums.data_ptr();
+  p.ref = ref.data_ptr();  // written when the state holds no key yet
   p.y = y.data_ptr();
-  p.ref_out = ref.data_ptr();  // written when the state holds no key yet
   return p;
 }
 

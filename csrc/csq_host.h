@@ -1,9 +1,22 @@
-// Host-side helpers shared by every backend's host file: input checks and the one function
-// that fills AttnParams from tensors.
+// The host layer shared by every backend (torch types; the kernels never see it). Each op has
+// one `prepare_*` step that checks the arguments, fills the op's parameter struct and allocates
+// every output, and the backward one `outputs()` that turns the accumulators into the op's
+// results. A backend's host file then only guards (device checks, device guard), dispatches on
+// the dtype and launches its kernels.
+//
+// One contract for every backend's outputs (what the kernels must write):
+//   forward:  y, b, den for every query row; ref_out for every (sequence, kv head); state_out
+//             too when return_state (else an empty tensor).
+//   backward: dq, dk, dv, db (zeroed here; the kernels add into them) for every row; dref for
+//             every (sequence, kv head), with or without a carried state; dstate_in (zeroed
+//             here) with a carried state (else an empty tensor). The op's shift gradient is
+//             not a kernel output: dshift (Hq,) = db summed over batch entries and positions,
+//             computed here for every backend.
 #pragma once
 
 #include <ATen/ATen.h>
 
+#include <tuple>
 #include <vector>
 
 #include "csq_params.h"
@@ -13,56 +26,93 @@ namespace csq {
 // float64 inputs accumulate in float64; everything else in float32.
 at::ScalarType acc_dtype(at::ScalarType input);
 
-// Checks what the op itself relies on. The public Python entry checks first with friendlier
+// Checks what the ops rely on. The public Python entry checks first with friendlier
 // messages; these checks guard direct torch.ops calls.
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                   const at::Tensor& shift, double eps, int64_t chunk_size);
 
-// Chunk length used when the caller passes chunk_size <= 0.
-int64_t default_chunk(int64_t dim_k, bool on_cuda);
+// Sizes, strides, input pointers and scalars of every op (no packed sequences yet:
+// num_seqs = batch).
+void fill_qkv_params(QkvParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const at::Tensor& shift_acc, bool causal, double scale, bool center,
+                     bool normalize, double eps);
 
-// Fills sizes, strides, input pointers and scalars. Output pointers are left to the caller.
-AttnParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                       const at::Tensor& shift_acc, bool causal, double scale, bool center,
-                       bool normalize, double eps, int64_t chunk_size);
-
-// Packed sequences and carried state (optional arguments of both ops). Checks them against
-// q and the params, fills the params' cu_seqlens / num_seqs / state_in / ref_in, and returns the
-// int64 copy of cu_seqlens the params point into (keep it alive while the kernel runs).
-at::Tensor set_sequence_params(AttnParams& p, const at::Tensor& q,
-                               const c10::optional<at::Tensor>& cu_seqlens,
-                               const c10::optional<at::Tensor>& state_in,
-                               const c10::optional<at::Tensor>& ref_in);
-
-// The backward's own tensors, shared by every backend: contiguous views of what the forward
-// saved, and the zeroed gradients in the accumulation dtype (db is a workspace).
-struct BackwardTensors {
-  at::Tensor y, b, den, dq, dk, dv, db, dshift;
-};
-
-// Checks dy and the forward's saved y (B, Hq, N, Dv), b and den (B, Hq, N): accumulation dtype,
-// q's device. Then allocates the gradients and points p at all of them (dshift is per
-// sequence: (p.num_seqs, Hq)).
-BackwardTensors set_backward_params(AttnParams& p, const at::Tensor& q, const at::Tensor& k,
-                                    const at::Tensor& v, const at::Tensor& dy,
-                                    const at::Tensor& y, const at::Tensor& b,
-                                    const at::Tensor& den);
-
-// Checks the arguments of csq_decode_ (one token; sums (B, Hk, F, Dv + 1) and ref (B, Hk, Dk)
-// contiguous in the accumulation dtype on q's device, like shift; y a contiguous
-// (B, Hq, 1, Dv) tensor of q's dtype) and fills the params, y included.
-AttnParams make_decode_params(const at::Tensor& sums, const at::Tensor& ref, const at::Tensor& q,
-                              const at::Tensor& k, const at::Tensor& v, const at::Tensor& shift,
-                              const at::Tensor& y, double scale, bool center, bool normalize,
-                              double eps);
+// Packed sequences: checks cu_seqlens against q, points p at an int64 copy on q's device and
+// returns that copy (keep it alive while the kernels run; undefined without cu_seqlens).
+at::Tensor set_packed_sequences(QkvParams& p, const at::Tensor& q,
+                                const c10::optional<at::Tensor>& cu_seqlens);
 
 // Shape of the carried sums: (S, Hk, F, Dv + 1).
-std::vector<int64_t> state_shape(const AttnParams& p);
+std::vector<int64_t> state_shape(const QkvParams& p);
 
-// The gradient of the returned state, if given (and not empty): checks its shape, points
-// p.dstate_out at a contiguous copy in the accumulation dtype and returns that copy (keep it
-// alive while the kernels run); an undefined tensor otherwise.
-at::Tensor set_dstate_out(AttnParams& p, const c10::optional<at::Tensor>& dstate_out,
-                          at::ScalarType acc);
+// The backward's results from its accumulators (shared with the direct path): dq, dk, dv in
+// the input dtype and dshift = sum of db over batch entries and positions, (Hq,), in the dtype
+// of shift.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gradient_outputs(
+    const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv, const at::Tensor& db,
+    at::ScalarType input_dtype, at::ScalarType shift_dtype);
+
+// csq_fwd. chunk_size <= 0: the backend's default chunk.
+struct ForwardCall {
+  FwdParams p;
+  at::Tensor shift_acc, cu_seqlens;  // what p points into
+  at::Tensor y, b, den, state_out, ref_out;
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> outputs() const {
+    return {y, b, den, state_out, ref_out};
+  }
+};
+ForwardCall prepare_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const at::Tensor& shift, const c10::optional<at::Tensor>& cu_seqlens,
+                            const c10::optional<at::Tensor>& state_in,
+                            const c10::optional<at::Tensor>& ref_in, bool causal, double scale,
+                            bool center, bool normalize, double eps, int64_t chunk_size,
+                            bool return_state);
+
+// csq_bwd: the forward's parameters (same checks) plus dy, the forward's saved y, b, den and
+// ref, and the gradient of the returned state.
+struct BackwardCall {
+  BwdParams p;
+  at::Tensor shift_acc, cu_seqlens, ref, y, b, den, dstate_out;  // what p points into
+  at::Tensor dq, dk, dv, db, dstate_in, dref;
+  at::ScalarType input_dtype, shift_dtype;
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> outputs()
+      const;
+};
+BackwardCall prepare_backward(const at::Tensor& dy, const at::Tensor& q, const at::Tensor& k,
+                              const at::Tensor& v, const at::Tensor& shift,
+                              const c10::optional<at::Tensor>& cu_seqlens,
+                              const c10::optional<at::Tensor>& state_in, const at::Tensor& ref,
+                              const at::Tensor& y, const at::Tensor& b, const at::Tensor& den,
+                              const c10::optional<at::Tensor>& dstate_out, bool causal,
+                              double scale, bool center, bool normalize, double eps,
+                              int64_t chunk_size);
+
+// Checks the backward's dy (B, Hq, N, Dv) and the forward's saved y, b, den (accumulation
+// dtype, q's device); points p at dy and at contiguous y, b, den (returned: keep them alive).
+// Shared with the direct path.
+struct SavedForward {
+  at::Tensor y, b, den;
+};
+template <typename Params>
+SavedForward set_saved_forward(Params& p, const at::Tensor& q, const at::Tensor& v,
+                               const at::Tensor& dy, const at::Tensor& y, const at::Tensor& b,
+                               const at::Tensor& den);
+
+// The zeroed accumulators of a backward (dq, dk, dv, db in the accumulation dtype); points p
+// at them. Shared with the direct path.
+struct GradientTensors {
+  at::Tensor dq, dk, dv, db;
+};
+template <typename Params>
+GradientTensors alloc_gradients(Params& p, const at::Tensor& q, const at::Tensor& k,
+                                const at::Tensor& v);
+
+// csq_decode_: checks the arguments (one token; sums (B, Hk, F, Dv + 1) and ref (B, Hk, Dk)
+// contiguous in the accumulation dtype on q's device, like shift; y a contiguous
+// (B, Hq, 1, Dv) tensor of q's dtype) and fills the params. Allocates nothing.
+DecodeParams prepare_decode(const at::Tensor& sums, const at::Tensor& ref, const at::Tensor& q,
+                            const at::Tensor& k, const at::Tensor& v, const at::Tensor& shift,
+                            const at::Tensor& y, double scale, bool center, bool normalize,
+                            double eps);
 
 }  // namespace csq

@@ -1,5 +1,6 @@
-// Building blocks of the CPU kernels: loading a chunk into contiguous accumulation-type
-// buffers, the degree-2 feature maps, and the symmetric matrix-vector product that maps a
+// Building blocks of the CPU kernels (chunked path; the loaders and SeqTask also serve the
+// direct path): the unit of work, loading a chunk into contiguous accumulation-type buffers,
+// the feature rows (csq_features.h), and the symmetric matrix-vector product that maps a
 // feature-space gradient back to q or k. The big products go through ATen (MKL/oneDNN).
 #pragma once
 
@@ -15,6 +16,21 @@
 namespace csq {
 namespace cpu {
 
+// One unit of work: a sequence (a batch entry, or a packed segment) and a key/value head.
+struct SeqTask {
+  int64_t seq;    // index of the sequence's state / ref
+  int64_t batch;  // batch index of the inputs (0 for packed segments)
+  int64_t start;  // first position of the sequence in the inputs
+  int64_t len;    // its length
+  int64_t head_k;
+};
+
+inline SeqTask seq_task(const QkvParams& p, int64_t task) {
+  const int64_t s = task / p.heads_k, g = task % p.heads_k;
+  if (p.cu_seqlens == nullptr) return {s, s, 0, p.seqlen, g};
+  return {s, 0, p.cu_seqlens[s], p.cu_seqlens[s + 1] - p.cu_seqlens[s], g};
+}
+
 // Element pointer of row `n` of head (b, h) in a (B, H, N, D) strided tensor.
 template <typename T>
 inline const T* row_ptr(const void* base, const int64_t* stride, int64_t b, int64_t h,
@@ -22,13 +38,14 @@ inline const T* row_ptr(const void* base, const int64_t* stride, int64_t b, int6
   return static_cast<const T*>(base) + b * stride[0] + h * stride[1] + n * stride[2];
 }
 
-// Copies rows [n0, n0 + rows) of head (b, h) into out (rows x ld), converting to acc_t and
+// Copies rows [row0, row0 + rows) of head (b, h) into out (rows x ld), converting to acc_t and
 // subtracting `ref` (length D) when given. Handles any strides, including the last.
 template <typename scalar_t, typename acc_t>
-inline void load_rows(const void* base, const int64_t* stride, int64_t b, int64_t h, int64_t n0,
-                      int64_t rows, int64_t d, const acc_t* ref, acc_t* out, int64_t ld) {
+inline void load_rows(const void* base, const int64_t* stride, int64_t b, int64_t h,
+                      int64_t row0, int64_t rows, int64_t d, const acc_t* ref, acc_t* out,
+                      int64_t ld) {
   for (int64_t i = 0; i < rows; ++i) {
-    const scalar_t* src = row_ptr<scalar_t>(base, stride, b, h, n0 + i);
+    const scalar_t* src = row_ptr<scalar_t>(base, stride, b, h, row0 + i);
     acc_t* dst = out + i * ld;
     for (int64_t x = 0; x < d; ++x) dst[x] = static_cast<acc_t>(src[x * stride[3]]);
     if (ref != nullptr)
@@ -39,26 +56,31 @@ inline void load_rows(const void* base, const int64_t* stride, int64_t b, int64_
 // Values with a ones column appended: rows x (Dv + 1). The ones column turns the denominator
 // into the last column of the numerator, so one product serves both.
 template <typename scalar_t, typename acc_t>
-inline void load_values_aug(const AttnParams& p, int64_t b, int64_t g, int64_t n0, int64_t rows,
-                            acc_t* out) {
+inline void load_values_aug(const QkvParams& p, int64_t b, int64_t g, int64_t row0,
+                            int64_t rows, acc_t* out) {
   const int64_t dv1 = p.dim_v + 1;
-  load_rows<scalar_t, acc_t>(p.v, p.v_stride, b, g, n0, rows, p.dim_v, nullptr, out, dv1);
+  load_rows<scalar_t, acc_t>(p.v, p.v_stride, b, g, row0, rows, p.dim_v, nullptr, out, dv1);
   for (int64_t i = 0; i < rows; ++i) out[i * dv1 + p.dim_v] = acc_t(1);
+}
+
+// A task's rows of a state tensor (S, Hk, F, Dv + 1): its F x (Dv + 1) sums.
+template <typename Ptr>
+inline Ptr task_state(Ptr base, const QkvParams& p, const SeqTask& t) {
+  return base + (t.seq * p.heads_k + t.head_k) * state_head_elems(p.dim_k, p.dim_v);
 }
 
 // The key count that a task's carried state holds (0 without one).
 template <typename acc_t>
-inline acc_t carried_count(const AttnParams& p, const SeqTask& t) {
+inline acc_t carried_count(const FwdParams& p, const SeqTask& t) {
   if (p.state_in == nullptr) return acc_t(0);
-  const int64_t f = num_features(p.dim_k), dv1 = p.dim_v + 1;
-  const acc_t* s = static_cast<const acc_t*>(p.state_in) + (t.seq * p.heads_k + t.head_k) * f * dv1;
-  return s[(f - 1) * dv1 + p.dim_v];
+  return state_key_count(task_state(static_cast<const acc_t*>(p.state_in), p, t), p.dim_k,
+                         p.dim_v);
 }
 
 // The reference key r of a task (csq_params.h): the carried state's when it holds keys (or
 // when the sequence has none to pick from), else the median of the sequence's first keys.
 template <typename scalar_t, typename acc_t>
-inline void task_reference(const AttnParams& p, const SeqTask& t, acc_t* ref) {
+inline void task_reference(const FwdParams& p, const SeqTask& t, acc_t* ref) {
   const int64_t d = p.dim_k;
   if (p.ref_in != nullptr && (p.state_in == nullptr || t.len == 0 ||
                               carried_count<acc_t>(p, t) != acc_t(0))) {
@@ -78,25 +100,24 @@ inline void task_reference(const AttnParams& p, const SeqTask& t, acc_t* ref) {
 // carried sum of shifted keys and returns the carried key count (both read off the ones
 // column of the sums).
 template <typename acc_t>
-inline acc_t task_initial_state(const AttnParams& p, const SeqTask& t, acc_t* state,
+inline acc_t task_initial_state(const FwdParams& p, const SeqTask& t, acc_t* state,
                                 acc_t* ksum) {
-  const int64_t d = p.dim_k, f = num_features(d), dv1 = p.dim_v + 1;
+  const int64_t d = p.dim_k, elems = state_head_elems(d, p.dim_v);
   if (p.state_in == nullptr) {
-    std::fill(state, state + f * dv1, acc_t(0));
+    std::fill(state, state + elems, acc_t(0));
     std::fill(ksum, ksum + d, acc_t(0));
     return acc_t(0);
   }
-  const acc_t* src =
-      static_cast<const acc_t*>(p.state_in) + (t.seq * p.heads_k + t.head_k) * f * dv1;
-  std::copy(src, src + f * dv1, state);
-  for (int64_t x = 0; x < d; ++x) ksum[x] = state[(num_pairs(d) + x) * dv1 + p.dim_v];
-  return state[(f - 1) * dv1 + p.dim_v];
+  const acc_t* src = task_state(static_cast<const acc_t*>(p.state_in), p, t);
+  std::copy(src, src + elems, state);
+  for (int64_t x = 0; x < d; ++x) ksum[x] = state_key_sum(state, x, d, p.dim_v);
+  return state_key_count(state, d, p.dim_v);
 }
 
 // Per-query shifts b_i for the rows of a chunk (see csq_params.h): with centering
 // b_i = c - tau <q_i, mu_i>, else b_i = c + tau <q_i, ref>.
 template <typename acc_t>
-inline void query_shifts(const AttnParams& p, const acc_t* qc, const acc_t* mu, const acc_t* ref,
+inline void query_shifts(const QkvParams& p, const acc_t* qc, const acc_t* mu, const acc_t* ref,
                          int64_t rows, acc_t shift, acc_t tau, acc_t* bq) {
   const int64_t d = p.dim_k;
   for (int64_t i = 0; i < rows; ++i) {
@@ -109,42 +130,24 @@ inline void query_shifts(const AttnParams& p, const acc_t* qc, const acc_t* mu, 
   }
 }
 
-// Key features psi(k) = [k_x k_y (x <= y) | k_x | 1], one row of length F per key.
+// Key features psi(k) (csq_features.h), one row of length F per key.
 template <typename acc_t>
 inline void key_features(const acc_t* k, int64_t rows, int64_t d, acc_t* psi) {
   const int64_t f = num_features(d);
   for (int64_t i = 0; i < rows; ++i) {
-    const acc_t* kr = k + i * d;
     acc_t* out = psi + i * f;
-    for (int64_t x = 0; x < d; ++x) {
-      const acc_t kx = kr[x];
-      for (int64_t y = x; y < d; ++y) *out++ = kx * kr[y];
-    }
-    for (int64_t x = 0; x < d; ++x) *out++ = kr[x];
-    *out = acc_t(1);
+    for_each_key_feature(k + i * d, d, [out](int64_t r, acc_t x) { out[r] = x; });
   }
 }
 
-// Query features phi(q, b) = [tau^2 m_xy q_x q_y | 2 tau b q_x | b^2] with m = 1 on the
-// diagonal and 2 off it (each off-diagonal pair stands for (x, y) and (y, x)), so that
-// phi(q, b) . psi(k) = (tau <q, k> + b)^2.
+// Query features phi(q, b) (csq_features.h), so that phi(q, b) . psi(k) = (tau <q, k> + b)^2.
 template <typename acc_t>
 inline void query_features(const acc_t* q, const acc_t* bq, int64_t rows, int64_t d, acc_t tau,
                            acc_t* phi) {
   const int64_t f = num_features(d);
-  const acc_t t2 = tau * tau;
   for (int64_t i = 0; i < rows; ++i) {
-    const acc_t* qr = q + i * d;
     acc_t* out = phi + i * f;
-    for (int64_t x = 0; x < d; ++x) {
-      const acc_t qx = qr[x];
-      *out++ = t2 * qx * qx;
-      const acc_t off = 2 * t2 * qx;
-      for (int64_t y = x + 1; y < d; ++y) *out++ = off * qr[y];
-    }
-    const acc_t lin = 2 * tau * bq[i];
-    for (int64_t x = 0; x < d; ++x) *out++ = lin * qr[x];
-    *out = bq[i] * bq[i];
+    for_each_query_feature(q + i * d, bq[i], tau, d, [out](int64_t r, acc_t x) { out[r] = x; });
   }
 }
 
@@ -241,20 +244,20 @@ inline void lower_mm_add(const acc_t* L, int64_t rows, const acc_t* X, int64_t c
 // S = sum psi(k - ref) [v, 1]^T with the running sum of shifted keys.
 template <typename scalar_t, typename acc_t>
 struct KeyScan {
-  const AttnParams& p;
+  const FwdParams& p;
   const SeqTask t;
   const int64_t D, Dv1, F, C;
   std::vector<acc_t> ref, kc, vc, psi, ksum, state;
-  acc_t n0 = 0;  // keys carried in by an initial state
+  acc_t carried_keys = 0;  // keys carried in by an initial state
 
-  KeyScan(const AttnParams& p_, const SeqTask& t_)
+  KeyScan(const FwdParams& p_, const SeqTask& t_)
       : p(p_), t(t_), D(p_.dim_k), Dv1(p_.dim_v + 1), F(num_features(p_.dim_k)), C(p_.chunk),
         ref(D), kc(C * D), vc(C * Dv1), psi(C * F), ksum(D), state(F * Dv1) {
     task_reference<scalar_t, acc_t>(p, t, ref.data());
   }
 
   // The state before the sequence: the carried one, or empty.
-  void start() { n0 = task_initial_state(p, t, state.data(), ksum.data()); }
+  void start() { carried_keys = task_initial_state(p, t, state.data(), ksum.data()); }
 
   // Keys (shifted by ref), values with their ones column, and key features of a chunk.
   void load(int64_t t0, int64_t rows) {

@@ -71,7 +71,7 @@ struct TileTask {
 };
 
 // Every tile of every (sequence, key/value head).
-inline std::vector<TileTask> all_tiles(const DirectParams& p) {
+inline std::vector<TileTask> all_tiles(const DirectFwdParams& p) {
   std::vector<TileTask> tiles;
   for (int64_t task = 0; task < p.num_seqs * p.heads_k; ++task) {
     const SeqTask s = seq_task(p, task);
@@ -103,7 +103,7 @@ inline void run_balanced(std::vector<T> tasks, Cost cost, Make make) {
 // thread unless there are a few million elements. A parallel region costs microseconds on an
 // idle machine but a scheduler time slice (~10 ms) when the cores are shared, which these
 // cheap passes cannot win back.
-inline int64_t small_pass_grain(const DirectParams& p) {
+inline int64_t small_pass_grain(const DirectFwdParams& p) {
   const int64_t seqs = std::max<int64_t>(1, p.num_seqs);
   const int64_t per_task = std::max<int64_t>(1, p.seqlen * p.dim_k * p.group / seqs);
   return std::max<int64_t>(1, (int64_t(1) << 22) / per_task);
@@ -124,7 +124,7 @@ struct KeyPrefix {
 };
 
 template <typename scalar_t>
-inline KeyPrefix key_prefix(const DirectParams& p) {
+inline KeyPrefix key_prefix(const DirectFwdParams& p) {
   KeyPrefix kp;
   kp.dim = p.dim_k;
   kp.tile = p.tile;
@@ -156,12 +156,12 @@ inline KeyPrefix key_prefix(const DirectParams& p) {
 // as k - r) and, when centering causally, mu_i - r per position.
 template <typename scalar_t, typename acc_t>
 struct QueryTile {
-  const DirectParams& p;
+  const DirectFwdParams& p;
   const int64_t D, G;
   int64_t rows = 0;
   std::vector<acc_t> q, ref, mdiff;  // (G rows x D), (D), (rows x D)
 
-  QueryTile(const DirectParams& p_, int64_t tile)
+  QueryTile(const DirectFwdParams& p_, int64_t tile)
       : p(p_), D(p_.dim_k), G(p_.group), q(G * tile * D), ref(D), mdiff(tile * D) {}
 
   // Row of output tensors (B, Hq, N, ...) for stacked row r of this tile.
@@ -213,7 +213,7 @@ struct QueryTile {
 template <typename scalar_t, typename acc_t>
 struct KeyTile {
   static constexpr int64_t kWholeSequenceElems = int64_t(1) << 24;  // 64 MB in float32
-  const DirectParams& p;
+  const DirectFwdParams& p;
   int64_t rows = 0;
   const acc_t* k = nullptr;
   const acc_t* v = nullptr;
@@ -221,7 +221,7 @@ struct KeyTile {
   std::vector<acc_t> k_seq, v_seq;    // a whole sequence (not causal)
   int64_t seq_of_cache = -1, head_of_cache = -1;
 
-  KeyTile(const DirectParams& p_, int64_t tile)
+  KeyTile(const DirectFwdParams& p_, int64_t tile)
       : p(p_), k_tile(tile * p_.dim_k), v_tile(tile * (p_.dim_v + 1)) {}
 
   void load(const SeqTask& s, int64_t j0, int64_t n, const acc_t* ref) {

@@ -1,103 +1,25 @@
-// CSQ attention forward on the CPU, direct path: for each query tile (all query heads of a
-// key/value head), the weights of each key tile are computed from a GEMM,
-// w = (tau Q (K - r)^T + b)^2, and summed into num with a second GEMM against V (den: the rows'
-// sums of w).
-// Causal key tiles after the query tile are skipped. No N x N tensor, no state.
+// CPU host of csq_direct_fwd: the shared host layer prepares (checks, params, outputs), then
+// the launcher for the dtype (csq_direct_fwd_kernel.cpp).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
-#include <vector>
-
 #include "../csq_direct_host.h"
-#include "../csq_host.h"
-#include "csq_direct_cpu.h"
+#include "csq_cpu_launch.h"
 
 namespace csq {
 namespace cpu {
 namespace {
 
-using namespace direct;
-
-template <typename scalar_t, typename acc_t>
-struct ForwardTile {
-  const DirectParams& p;
-  const KeyPrefix& kp;
-  const int64_t D, Dv1, G, T;
-  const acc_t tau, eps;
-  QueryTile<scalar_t, acc_t> qt;
-  KeyTile<scalar_t, acc_t> kt;
-  std::vector<acc_t> b, w, num;  // (G T), (G T x T), (G T x Dv + 1)
-
-  ForwardTile(const DirectParams& p_, const KeyPrefix& kp_)
-      : p(p_), kp(kp_), D(p_.dim_k), Dv1(p_.dim_v + 1), G(p_.group), T(p_.tile),
-        tau(static_cast<acc_t>(p_.scale)), eps(static_cast<acc_t>(p_.eps)), qt(p_, p_.tile),
-        kt(p_, p_.tile), b(G * T), w(G * T * T), num(G * T * Dv1) {}
-
-  void run(const TileTask& t) {
-    qt.load(t, kp);
-    const int64_t rows = t.rows, grows = G * rows;
-    const acc_t* shift = static_cast<const acc_t*>(p.shift);
-    // b_i = c_h - tau <q_i, mu_i - r>: the shift that goes with keys k - r.
-    for (int64_t r = 0; r < grows; ++r) {
-      const acc_t* qr = qt.q.data() + r * D;
-      const acc_t* md = qt.mdiff.data() + (r % rows) * D;
-      acc_t dot = 0;
-      for (int64_t x = 0; x < D; ++x) dot += qr[x] * md[x];
-      b[r] = shift[t.seq.head_k * G + r / rows] - tau * dot;
-    }
-    std::fill(num.begin(), num.begin() + grows * Dv1, acc_t(0));
-    const int64_t end = p.causal ? t.t0 + rows : t.seq.len;
-    for (int64_t j0 = 0; j0 < end; j0 += T) {
-      const int64_t cols = std::min(T, end - j0);
-      const bool diag = p.causal && j0 == t.t0;
-      kt.load(t.seq, j0, cols, qt.ref.data());
-      gemm<acc_t>(false, true, grows, cols, D, acc_t(1), qt.q.data(), D, kt.k, D,
-                  acc_t(0), w.data(), cols);
-      if (diag && !kt.values_finite()) {
-        shifted_squares<acc_t>(w.data(), grows, rows, cols, b.data(), tau, diag, nullptr,
-                               w.data());
-        for (int64_t hh = 0; hh < G; ++hh)  // only the kept j <= i, per head
-          lower_mm_add(w.data() + hh * rows * cols, rows, kt.v, Dv1, Dv1, acc_t(1),
-                       false, num.data() + hh * rows * Dv1, Dv1);
-      } else {  // den as row sums of w, the values alone through the GEMM
-        shifted_squares<acc_t>(w.data(), grows, rows, cols, b.data(), tau, diag, nullptr,
-                               w.data(), num.data() + p.dim_v, Dv1);
-        gemm<acc_t>(false, false, grows, p.dim_v, cols, acc_t(1), w.data(), cols, kt.v,
-                    Dv1, acc_t(1), num.data(), Dv1);
-      }
-    }
-    const int64_t Dv = p.dim_v;
-    for (int64_t r = 0; r < grows; ++r) {
-      const int64_t row = qt.out_row(t, r);
-      const acc_t* nr = num.data() + r * Dv1;
-      const acc_t den = nr[Dv];
-      const acc_t inv = p.normalize ? acc_t(1) / (den + eps) : acc_t(1);
-      acc_t* y = static_cast<acc_t*>(p.y) + row * Dv;
-      for (int64_t x = 0; x < Dv; ++x) y[x] = nr[x] * inv;
-      static_cast<acc_t*>(p.b)[row] = b[r];
-      static_cast<acc_t*>(p.den)[row] = den;
-    }
-  }
-};
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> csq_direct_fwd_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& shift,
     const c10::optional<at::Tensor>& cu_seqlens, bool causal, double scale, bool center,
     bool normalize, double eps, int64_t tile_size) {
-  const auto acc = acc_dtype(q.scalar_type());
-  at::Tensor shift_acc = shift.to(acc).contiguous(), cu;
-  DirectParams p = make_direct_params(q, k, v, shift_acc, cu_seqlens, causal, scale, center,
-                                      normalize, eps, tile_size, cu);
-  const DirectForwardTensors out = alloc_direct_forward(p, q);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "csq_direct_fwd", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    const KeyPrefix kp = key_prefix<scalar_t>(p);
-    // A causal tile's cost grows with its index: the balanced split keeps both cores busy.
-    run_balanced(all_tiles(p), [&](const TileTask& t) { return p.causal ? t.index : 0; },
-                 [&] { return ForwardTile<scalar_t, acc_t>(p, kp); });
-  });
-  return {out.y, out.b, out.den};
+  const DirectForwardCall call = prepare_direct_forward(q, k, v, shift, cu_seqlens, causal,
+                                                        scale, center, normalize, eps, tile_size);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "csq_direct_fwd",
+                                  [&] { launch_direct_fwd<scalar_t>(call.p); });
+  return call.outputs();
 }
 
 }  // namespace

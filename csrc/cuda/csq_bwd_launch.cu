@@ -1,36 +1,34 @@
 // Backward launcher: the kernel sequence of the backward, for the four input dtypes.
-//   1. zero dq, dk, dv, db, dshift
-//   2. center: r, key sums and their scan (as in the forward; mu' is recomputed from them)
-//   3. g~ = [dnum, dden]                                           bwd_prep_kernel
-//   4. pass 1, key state S in order: dq, db from earlier keys      state_scan_kernel<kStateBwdQ>
-//   5. causal: in-chunk pairs: dq, db, dk, dv                      bwd_intra_kernel
-//   6. dq -= tau db mu' (mu' = -r without centering)              rowshift_kernel<center_q>
-//   7. dshift = sum_i db                                           dshift_kernel
-//   8. pass 2, query state R in reverse: dk, dv from later queries state_scan_kernel<kStateBwdK>
-//   9. center: dk += reverse cumulative sum of -tau db q / n       cq_chunk_sum, scan, center_k
-// Steps 6 and 9 need the complete db, i.e. steps 4 and 5 done (stream order).
+//   1. zero dq, dk, dv, db (and dstate_in, dref)
+//   2. the key side, as in the forward (launch_key_prefix; r is the forward's, read back)
+//   3. g~ = [dnum, dden]                                           grad_ext_kernel
+//   4. pass 1, key state S in order: dq, db from earlier keys      key_state_bwd_kernel
+//   5. causal: in-chunk pairs: dq, db, dk, dv                      bwd_pairs_kernel
+//   6. dq -= tau db mu' (mu' = -r without centering)               center_dq_kernel
+//   7. pass 2, query state R in reverse: dk, dv from later queries query_state_bwd_kernel
+//   8. center: dk += reverse cumulative sum of -tau db q / n       center_chunk_sum_kernel,
+//                                                                  chunk_scan_kernel<reverse>,
+//                                                                  center_dk_kernel
+//   9. dref; carried state: the gradient of the carried key sum    ref_state_grad_kernel
+// Steps 6 and 8 need the complete db, i.e. steps 4 and 5 done (stream order). The shift's
+// gradient is db summed, taken by the host layer.
 // A carried state (state_in, causal only): pass 1 starts from it, pass 2 from dstate_out (the
-// gradient of the returned state) and ends in dstate_in; step 6 (also run without centering,
-// where it adds tau db r) adds the gradient of the carried key count;
-//  10. dref; carried state: the gradient of the carried key sum     state_grad_kernel
-#include "csq_chunk.cuh"
-#include "csq_launch_util.cuh"
-#include "csq_prefix.cuh"
-#include "csq_state.cuh"
+// gradient of the returned state) and ends in dstate_in; step 6 adds the gradient of the
+// carried key count.
+#include "csq_bwd_center.cuh"
+#include "csq_bwd_chunk.cuh"
+#include "csq_bwd_state.cuh"
+#include "csq_common_launch.cuh"
 
 namespace csq {
 namespace cuda {
 
-// Defined in csq_fwd_launch.cu.
-template <typename T, typename Acc>
-Status launch_key_prefix(const AttnParams& p, const Work& w, cudaStream_t stream);
-
-size_t bwd_workspace_bytes(const AttnParams& p, DType dt) {
-  return carve_workspace(p, dt, nullptr, nullptr);
+size_t bwd_workspace_bytes(const BwdParams& p, DType dt) {
+  return carve_workspace(p, dt, Direction::kBackward, nullptr, nullptr);
 }
 
 template <DType DT>
-Status launch_bwd(const AttnParams& p, void* workspace, size_t workspace_bytes,
+Status launch_bwd(const BwdParams& p, void* workspace, size_t workspace_bytes,
                   cudaStream_t stream) {
   using Tr = GenericTraits<DT>;
   using T = typename Tr::T;
@@ -48,8 +46,6 @@ Status launch_bwd(const AttnParams& p, void* workspace, size_t workspace_bytes,
   CSQ_RETURN_IF_ERROR(cudaMemsetAsync(p.dv, 0, a * size_t(B * Hk * N * Dv), stream),
                       "memset(dv)");
   CSQ_RETURN_IF_ERROR(cudaMemsetAsync(p.db, 0, a * size_t(B * Hq * N), stream), "memset(db)");
-  CSQ_RETURN_IF_ERROR(cudaMemsetAsync(p.dshift, 0, a * size_t(B * Hq), stream),
-                      "memset(dshift)");
   const bool carried = p.state_in != nullptr;
   if (carried)  // the gradients of the carried state and of ref are sums of parts
     CSQ_RETURN_IF_ERROR(cudaMemsetAsync(p.dstate_in, 0, a * state_elems(p), stream),
@@ -61,55 +57,52 @@ Status launch_bwd(const AttnParams& p, void* workspace, size_t workspace_bytes,
                                   "dstate_in (empty input)")
                    : Status{};
   Work w;
-  if (workspace_bytes < carve_workspace(p, DT, workspace, &w))
+  if (workspace_bytes < carve_workspace(p, DT, Direction::kBackward, workspace, &w))
     return Status{cudaErrorInvalidValue, "launch_bwd", "workspace too small"};
 
   const unsigned bhk = unsigned(B * Hk), bhq = unsigned(B * Hq), nch = unsigned(w.nchunks);
 
-  st = launch_key_prefix<T, Acc>(p, w, stream);
+  st = launch_key_prefix<T, Acc>(p, w, nullptr, stream);
   if (!st.ok()) return st;
-  bwd_prep_kernel<T, Acc><<<dim3(bhq, nch), kThreads, 0, stream>>>(p, w);
-  CSQ_CHECK_LAUNCH("bwd_prep_kernel");
+  grad_ext_kernel<T, Acc><<<dim3(bhq, nch), kThreads, 0, stream>>>(p, w);
+  CSQ_CHECK_LAUNCH("grad_ext_kernel");
 
-  st = launch_state_scan<DT, kStateBwdQ>(p, w, stream, "state_scan_kernel<bwd_q>");
+  st = launch_state_scan<DT, KeyStateBwd>(p, w, stream);
   if (!st.ok()) return st;
   if (p.causal) {
-    auto kernel = bwd_intra_kernel<T, Acc>;
-    const size_t smem = intra_smem_bytes<Acc>();
-    st = prepare_smem(kernel, smem, "bwd_intra_kernel");
+    auto kernel = bwd_pairs_kernel<T, Acc>;
+    const size_t smem = bwd_pairs_smem_bytes<Acc>();
+    st = prepare_smem(kernel, smem, "bwd_pairs_kernel");
     if (!st.ok()) return st;
     kernel<<<dim3(bhq, nch), kThreads, smem, stream>>>(p, w);
-    CSQ_CHECK_LAUNCH("bwd_intra_kernel");
+    CSQ_CHECK_LAUNCH("bwd_pairs_kernel");
   }
-  {  // also without centering: dq += tau db r (r is not 0, csq_params.h)
-    rowshift_kernel<T, Acc, kRowCenterQ><<<dim3(bhk, nch), kThreads, 0, stream>>>(p, w);
-    CSQ_CHECK_LAUNCH("rowshift_kernel<center_q>");
-  }
-  dshift_kernel<Acc><<<bhq, kThreads, 0, stream>>>(p);
-  CSQ_CHECK_LAUNCH("dshift_kernel");
+  // Also without centering: dq += tau db r (r is not 0, csq_params.h).
+  center_dq_kernel<T, Acc><<<dim3(bhk, nch), kThreads, 0, stream>>>(p, w);
+  CSQ_CHECK_LAUNCH("center_dq_kernel");
 
-  st = launch_state_scan<DT, kStateBwdK>(p, w, stream, "state_scan_kernel<bwd_k>");
+  st = launch_state_scan<DT, QueryStateBwd>(p, w, stream);
   if (!st.ok()) return st;
   if (p.center) {
-    // The key sums are no longer needed: csum and prefix now hold the centering terms.
-    cq_chunk_sum_kernel<T, Acc><<<dim3(bhk, nch), kColThreads, 0, stream>>>(p, w);
-    CSQ_CHECK_LAUNCH("cq_chunk_sum_kernel");
-    chunk_scan_kernel<Acc><<<bhk, kColThreads, 0, stream>>>(p, w, true);
+    center_chunk_sum_kernel<T, Acc><<<dim3(bhk, nch), kColThreads, 0, stream>>>(p, w);
+    CSQ_CHECK_LAUNCH("center_chunk_sum_kernel");
+    chunk_scan_kernel<Acc><<<bhk, kColThreads, 0, stream>>>(
+        p, w, static_cast<const Acc*>(w.center_sums), static_cast<Acc*>(w.center_prefix), true);
     CSQ_CHECK_LAUNCH("chunk_scan_kernel<reverse>");
-    center_k_kernel<T, Acc><<<dim3(bhk, nch), kColThreads, 0, stream>>>(p, w);
-    CSQ_CHECK_LAUNCH("center_k_kernel");
+    center_dk_kernel<T, Acc><<<dim3(bhk, nch), kColThreads, 0, stream>>>(p, w);
+    CSQ_CHECK_LAUNCH("center_dk_kernel");
   }
   if (p.dref != nullptr) {  // r reaches a returned state; and the carried key sum
-    state_grad_kernel<T, Acc><<<dim3(bhk, nch), kColThreads, 0, stream>>>(p, w);
-    CSQ_CHECK_LAUNCH("state_grad_kernel");
+    ref_state_grad_kernel<T, Acc><<<dim3(bhk, nch), kColThreads, 0, stream>>>(p, w);
+    CSQ_CHECK_LAUNCH("ref_state_grad_kernel");
   }
   return Status{};
 }
 
-template Status launch_bwd<DType::kFloat64>(const AttnParams&, void*, size_t, cudaStream_t);
-template Status launch_bwd<DType::kFloat32>(const AttnParams&, void*, size_t, cudaStream_t);
-template Status launch_bwd<DType::kFloat16>(const AttnParams&, void*, size_t, cudaStream_t);
-template Status launch_bwd<DType::kBFloat16>(const AttnParams&, void*, size_t, cudaStream_t);
+template Status launch_bwd<DType::kFloat64>(const BwdParams&, void*, size_t, cudaStream_t);
+template Status launch_bwd<DType::kFloat32>(const BwdParams&, void*, size_t, cudaStream_t);
+template Status launch_bwd<DType::kFloat16>(const BwdParams&, void*, size_t, cudaStream_t);
+template Status launch_bwd<DType::kBFloat16>(const BwdParams&, void*, size_t, cudaStream_t);
 
 }  // namespace cuda
 }  // namespace csq

@@ -1,14 +1,12 @@
-// Building blocks shared by the CUDA kernels: dtype traits and conversions, strided element
-// access, the workspace layout, the feature map, and a small shared-memory block GEMM.
-// Torch-free: csq_params.h, CUDA headers and standard headers only.
+// Building blocks shared by the CUDA kernels of both directions: dtype traits and conversions,
+// strided element access, sequences and chunk slots, the workspace layout, the carried state's
+// key sums, and a small shared-memory block GEMM. Torch-free: csq_params.h, CUDA headers and
+// standard headers only.
 //
 // Notation (README.md): D = Dk, De = D + 1, V1 = Dv + 1. Extended vectors
 //   qe_i = [tau q_i, b_i],  ke_j = [k_j - r, 1],  v~_j = [v_j, 1],  g~_i = [dnum_i, dden_i],
-// so that s_ij = <qe_i, ke_j> = tau <q_i, k'_j> + b_i and w_ij = s_ij^2. The features are the
-// F = De (De + 1) / 2 pairs (x <= y) of extended coordinates, in triangular row-major order:
-//   psi_f(ke) = ke_x ke_y,   phi_f(qe) = m_f qe_x qe_y,   m_f = 1 if x == y else 2,
-// so phi(qe) . psi(ke) = <qe, ke>^2. (This is the spec's [pairs | linear | constant] feature
-// vector in another order; the order is internal to this backend.)
+// so that s_ij = <qe_i, ke_j> = tau <q_i, k'_j> + b_i and w_ij = s_ij^2. The features and their
+// order are csq_features.h's (the public state order, as on the CPU).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -94,65 +92,83 @@ __host__ __device__ __forceinline__ int round_up4(int a) { return (a + 3) & ~3; 
 // past the last sequence are unused (the CTA returns). Global row indices (the position in
 // the (B, H, N, ...) tensors) are used everywhere; only n_i and the chunk walk are per sequence.
 //
-// Workspace: six pieces, each 256-byte aligned; the first four in the accumulation dtype.
-//   ref    (S, Hk, D)               reference key r per (sequence, key/value head)
-//   csum   (B, Hk, nchunks, D)      per-chunk column sums (keys; in the backward, reused for
-//                                   the centering terms of dk)
-//   prefix (B, Hk, nchunks + 1, D)  their exclusive scan within each sequence
-//   rows   (B, Hq, N, Dv + 1)       forward: the state part of num~; backward: g~
-//   chunk_seq  (nchunks) int32      cu_seqlens only: the sequence of each slot, -1 if unused
-//   seq_chunk0 (S + 1) int32        cu_seqlens only: the first slot of each sequence
+// Workspace: 256-byte aligned pieces, in the accumulation dtype but for the chunk map. Each
+// piece holds one thing for the whole op.
+//   ref          (S, Hk, D)               reference key r per (sequence, key/value head)
+//   key_sums     (B, Hk, nchunks, D)      per-chunk sums of k - r
+//   key_prefix   (B, Hk, nchunks + 1, D)  their exclusive scan within each sequence
+//   num_state    (B, Hq, N, Dv + 1)       forward: the state part of num~
+//   g_ext        (B, Hq, N, Dv + 1)       backward: g~ = [dnum, dden]
+//   center_sums  (B, Hk, nchunks, D)      backward: per-chunk sums of the centering terms of dk
+//   center_prefix (B, Hk, nchunks + 1, D) backward: their exclusive scan (reverse)
+//   chunk_seq    (nchunks) int32          cu_seqlens only: the sequence of each slot, -1 if unused
+//   seq_chunk0   (S + 1) int32            cu_seqlens only: the first slot of each sequence
 
 struct Work {
   void* ref = nullptr;
-  void* csum = nullptr;
-  void* prefix = nullptr;
-  void* rows = nullptr;
+  void* key_sums = nullptr;
+  void* key_prefix = nullptr;
+  void* num_state = nullptr;      // forward only
+  void* g_ext = nullptr;          // backward only
+  void* center_sums = nullptr;    // backward only
+  void* center_prefix = nullptr;  // backward only
   int* chunk_seq = nullptr;
   int* seq_chunk0 = nullptr;
   int64_t nchunks = 0;  // chunk slots per (batch entry, head)
 };
 
+enum class Direction : int { kForward = 0, kBackward = 1 };
+
 inline size_t align256(size_t x) { return (x + 255) & ~size_t(255); }
 
 // Number of sequences S: batch entries, or packed segments.
-__host__ __device__ inline int64_t num_sequences(const AttnParams& p) {
+__host__ __device__ inline int64_t num_sequences(const QkvParams& p) {
   return p.cu_seqlens != nullptr ? p.num_seqs : p.batch;
 }
 
 // Chunk slots: ceil(N / C), or with cu_seqlens an upper bound of sum_s ceil(len_s / C).
-__host__ __device__ inline int64_t num_chunk_slots(const AttnParams& p) {
+__host__ __device__ inline int64_t num_chunk_slots(const QkvParams& p) {
   const int64_t base = (p.seqlen + kChunk - 1) / kChunk;
   return p.cu_seqlens != nullptr ? base + p.num_seqs : base;
 }
 
-// Returns the bytes needed; fills *w when base is not null.
-inline size_t carve_workspace(const AttnParams& p, DType dt, void* base, Work* w) {
+// Returns the bytes the op of direction `dir` needs; fills *w when base is not null.
+inline size_t carve_workspace(const QkvParams& p, DType dt, Direction dir, void* base, Work* w) {
   const size_t a = acc_size(dt);
   const int64_t nchunks = num_chunk_slots(p);
-  const bool varlen = p.cu_seqlens != nullptr;
+  const bool varlen = p.cu_seqlens != nullptr, bwd = dir == Direction::kBackward;
   const size_t bhk = size_t(p.batch * p.heads_k);
   const size_t shk = size_t(num_sequences(p) * p.heads_k);
-  const size_t sizes[6] = {
+  const size_t chunk_cols = a * bhk * size_t(nchunks) * size_t(p.dim_k);
+  const size_t prefix_cols = a * bhk * size_t(nchunks + 1) * size_t(p.dim_k);
+  enum { kRef, kKeySums, kKeyPrefix, kRows, kCenterSums, kCenterPrefix, kChunkSeq, kSeqChunk0, kN };
+  size_t sizes[kN] = {
       align256(a * shk * size_t(p.dim_k)),
-      align256(a * bhk * size_t(nchunks) * size_t(p.dim_k)),
-      align256(a * bhk * size_t(nchunks + 1) * size_t(p.dim_k)),
+      align256(chunk_cols),
+      align256(prefix_cols),
       align256(a * size_t(p.batch * p.heads_q) * size_t(p.seqlen) * size_t(p.dim_v + 1)),
+      bwd ? align256(chunk_cols) : 0,
+      bwd ? align256(prefix_cols) : 0,
       varlen ? align256(sizeof(int) * size_t(nchunks)) : 0,
       varlen ? align256(sizeof(int) * size_t(p.num_seqs + 1)) : 0};
-  size_t off[6], total = 0;
-  for (int i = 0; i < 6; ++i) {
+  size_t off[kN], total = 0;
+  for (int i = 0; i < kN; ++i) {
     off[i] = total;
     total += sizes[i];
   }
   if (base != nullptr && w != nullptr) {
     char* c = static_cast<char*>(base);
-    w->ref = c + off[0];
-    w->csum = c + off[1];
-    w->prefix = c + off[2];
-    w->rows = c + off[3];
-    w->chunk_seq = varlen ? reinterpret_cast<int*>(c + off[4]) : nullptr;
-    w->seq_chunk0 = varlen ? reinterpret_cast<int*>(c + off[5]) : nullptr;
+    *w = Work{};
+    w->ref = c + off[kRef];
+    w->key_sums = c + off[kKeySums];
+    w->key_prefix = c + off[kKeyPrefix];
+    (bwd ? w->g_ext : w->num_state) = c + off[kRows];
+    if (bwd) {
+      w->center_sums = c + off[kCenterSums];
+      w->center_prefix = c + off[kCenterPrefix];
+    }
+    w->chunk_seq = varlen ? reinterpret_cast<int*>(c + off[kChunkSeq]) : nullptr;
+    w->seq_chunk0 = varlen ? reinterpret_cast<int*>(c + off[kSeqChunk0]) : nullptr;
     w->nchunks = nchunks;
   }
   return total;
@@ -163,7 +179,7 @@ struct SeqSpan {
   int64_t bi, start, len, t0, nch;
 };
 
-__device__ __forceinline__ SeqSpan seq_span(const AttnParams& p, const Work& w, int64_t s) {
+__device__ __forceinline__ SeqSpan seq_span(const QkvParams& p, const Work& w, int64_t s) {
   if (p.cu_seqlens == nullptr) return SeqSpan{s, 0, p.seqlen, 0, w.nchunks};
   const int64_t a = p.cu_seqlens[s], b = p.cu_seqlens[s + 1];
   return SeqSpan{0, a, b - a, w.seq_chunk0[s], (b - a + kChunk - 1) / kChunk};
@@ -175,7 +191,7 @@ struct ChunkSpan {
   int64_t seq, start, len, t0, row0, row1;
 };
 
-__device__ __forceinline__ ChunkSpan chunk_span(const AttnParams& p, const Work& w, int64_t bi,
+__device__ __forceinline__ ChunkSpan chunk_span(const QkvParams& p, const Work& w, int64_t bi,
                                                 int64_t t) {
   ChunkSpan c{false, 0, 0, 0, 0, 0, 0};
   int64_t s = bi;
@@ -183,68 +199,45 @@ __device__ __forceinline__ ChunkSpan chunk_span(const AttnParams& p, const Work&
     s = w.chunk_seq[t];
     if (s < 0) return c;
   }
-  const SeqSpan q = seq_span(p, w, s);
+  const SeqSpan seq = seq_span(p, w, s);
   c.seq = s;
-  c.start = q.start;
-  c.len = q.len;
-  c.t0 = q.t0;
-  c.row0 = q.start + (t - q.t0) * kChunk;
-  c.row1 = min64(q.start + q.len, c.row0 + kChunk);
+  c.start = seq.start;
+  c.len = seq.len;
+  c.t0 = seq.t0;
+  c.row0 = seq.start + (t - seq.t0) * kChunk;
+  c.row1 = min64(seq.start + seq.len, c.row0 + kChunk);
   c.valid = c.row0 < c.row1;
   return c;
 }
 
 // ---------------------------------------------------------------------------------------------
-// Features. Pair (x, y), x <= y < De, has index x De - x (x - 1) / 2 + (y - x).
-
-__device__ __forceinline__ void feature_pair(int64_t f, int de, int* x, int* y) {
-  int xx = 0;
-  while (f >= de - xx) {
-    f -= de - xx;
-    ++xx;
-  }
-  *x = xx;
-  *y = xx + static_cast<int>(f);
-}
-
-// ---------------------------------------------------------------------------------------------
-// Carried state (csq_params.h): per (sequence, kv head) the sums (F, Dv + 1) in the public row
-// order [pairs x <= y < D | linear x | constant], columns [v | 1], shared with the CPU backend
-// (a state moves between devices with .to()). The kernels hold the same rows in their own
-// order, the pairs x <= y <= D of extended coordinates; this maps one to the other. The last
-// column of the linear rows is the carried key sum (relative to ref), that of the constant row
-// the carried key count.
-
-__host__ __device__ __forceinline__ int64_t public_row(int x, int y, int D) {
-  const int64_t pairs = int64_t(D) * (D + 1) / 2;
-  if (y < D) return int64_t(x) * D - int64_t(x) * (x - 1) / 2 + (y - x);
-  if (x < D) return pairs + x;
-  return pairs + D;  // the constant feature: F - 1
-}
+// Carried state (csq_features.h): per (sequence, kv head) the sums (F, Dv + 1) in the public
+// row order, shared with the CPU backend (a state moves between devices with .to()) and used
+// as is by the state scans. The last column of the linear rows is the carried key sum
+// (relative to ref), that of the constant row the carried key count.
 
 // The sums of one (sequence, kv head) in a state tensor (state_in, state_out, dstate_*).
 // Ptr is a typed (const) Acc pointer.
 template <typename Ptr>
-__device__ __forceinline__ Ptr head_sums(Ptr base, const AttnParams& p, int64_t seq, int64_t g) {
-  const int64_t de = p.dim_k + 1;
-  return base + (seq * p.heads_k + g) * (de * (de + 1) / 2) * (p.dim_v + 1);
+__device__ __forceinline__ Ptr head_sums(Ptr base, const QkvParams& p, int64_t seq, int64_t g) {
+  return base + (seq * p.heads_k + g) * state_head_elems(p.dim_k, p.dim_v);
 }
 
-// The carried key count n0 of a (sequence, kv head), 0 without a carried state.
+// The carried key count of a (sequence, kv head), 0 without a carried state.
 template <typename Acc>
-__device__ __forceinline__ Acc carried_count(const AttnParams& p, int64_t seq, int64_t g) {
+__device__ __forceinline__ Acc carried_count(const FwdParams& p, int64_t seq, int64_t g) {
   if (p.state_in == nullptr) return Acc(0);
-  const Acc* s = head_sums(static_cast<const Acc*>(p.state_in), p, seq, g);
-  return s[public_row(int(p.dim_k), int(p.dim_k), int(p.dim_k)) * (p.dim_v + 1) + p.dim_v];
+  return state_key_count(head_sums(static_cast<const Acc*>(p.state_in), p, seq, g), p.dim_k,
+                         p.dim_v);
 }
 
 // Coordinate d of the carried key sum (relative to ref), 0 without a carried state.
 template <typename Acc>
-__device__ __forceinline__ Acc carried_key_sum(const AttnParams& p, int64_t seq, int64_t g,
+__device__ __forceinline__ Acc carried_key_sum(const FwdParams& p, int64_t seq, int64_t g,
                                                int d) {
   if (p.state_in == nullptr) return Acc(0);
-  const Acc* s = head_sums(static_cast<const Acc*>(p.state_in), p, seq, g);
-  return s[public_row(d, int(p.dim_k), int(p.dim_k)) * (p.dim_v + 1) + p.dim_v];
+  return state_key_sum(head_sums(static_cast<const Acc*>(p.state_in), p, seq, g), d, p.dim_k,
+                       p.dim_v);
 }
 
 // ---------------------------------------------------------------------------------------------

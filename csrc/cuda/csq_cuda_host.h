@@ -1,4 +1,4 @@
-// Helpers shared by the two CUDA host files (csq_fwd_cuda.cpp, csq_bwd_cuda.cpp): what the
+// Helpers shared by the CUDA host files (csq_{fwd,bwd,decode}_cuda.cpp): what the
 // CUDA backend supports, the dtype switch, and turning a launcher Status into a torch error.
 // Includes torch; the kernels and launchers never see this file.
 #pragma once
@@ -63,14 +63,14 @@ inline void check_supported(const at::Tensor& q, const at::Tensor& k, const at::
 }
 
 // With cu_seqlens the chunk slots (ceil(T / 64) + S) must fit the grid.
-inline void check_packed(const AttnParams& p) {
+inline void check_packed(const QkvParams& p) {
   if (p.cu_seqlens == nullptr) return;
   const int64_t slots = (p.seqlen + ::csq::cuda::kChunk - 1) / ::csq::cuda::kChunk + p.num_seqs;
   TORCH_CHECK(slots <= 65535, "csq_ext (CUDA): with cu_seqlens, supports ceil(T / 64) + S <= "
               "65535, got T = ", p.seqlen, ", S = ", p.num_seqs);
 }
 
-// How the bfloat16 / float16 state products run (AttnParams::tensor_core_passes): 3 (3xTF32
+// How the bfloat16 / float16 state products run (FwdParams::tensor_core_passes): 3 (3xTF32
 // tensor cores, the default), 1 (plain TF32) or 0 (CUDA cores), from CSQ_CUDA_TENSOR_CORES,
 // read at each call: a switch for comparing the paths. Anything else is refused.
 inline int tensor_core_passes() {

@@ -1,7 +1,7 @@
 // The in-place decoding step (csq_decode_): one new token per sequence joins the carried sums,
 // and every query head of the group reads them. The sums are the public CSQState layout
-// (csq_params.h / csq_ext/state.py): per (sequence, kv head) a row-major F x (Dv + 1) matrix,
-// F = Dk (Dk + 1) / 2 + Dk + 1, rows [pairs x <= y | linear x | constant], columns [v | 1].
+// (csq_features.h / csq_ext/state.py): per (sequence, kv head) a row-major F x (Dv + 1) matrix,
+// F = num_features(Dk), rows [pairs x <= y | linear x | constant], columns [v | 1].
 //
 // A decode step is memory bound: every element of the state is read once and (except the
 // last column) written once, O(F (Dv + 1)) per head, with a handful of flops per element. So
@@ -31,14 +31,14 @@ constexpr int kDecCols = 16;                     // value columns per CTA (a 64-
 constexpr int kDecRows = kThreads / kDecCols;    // feature rows in flight per CTA
 constexpr int kDecHeads = 4;                     // query heads per pass (registers)
 
-// Walks the feature rows f = f0, f0 + step, ... of the public order, keeping the pair (x, y)
-// of f < P = D (D + 1) / 2 without a division.
+// Walks the feature rows f = f0, f0 + step, ... of the public order (csq_features.h), keeping
+// the pair (x, y) of f < P = num_pairs(D) without a division (feature_pair divides).
 struct FeatureWalk {
   int64_t f;
   int x, y, D;
   int64_t P;
   __device__ FeatureWalk(int64_t f0, int d) : f(f0), x(0), y(0), D(d) {
-    P = int64_t(d) * (d + 1) / 2;
+    P = num_pairs(d);
     y = static_cast<int>(f0 < P ? f0 : P);
     normalize();
   }
@@ -60,26 +60,41 @@ struct FeatureWalk {
   __device__ int lin() const { return static_cast<int>(f - P); }
 };
 
+// psi_f(ke), ke = [kq, 1] (csq_features.h).
 template <typename Acc>
 __device__ __forceinline__ Acc key_feature(const FeatureWalk& fw, const Acc* kq) {
   const int kind = fw.kind();
   return kind == 0 ? kq[fw.x] * kq[fw.y] : (kind == 1 ? kq[fw.lin()] : Acc(1));
 }
 
+// phi_f(qe), qe = [tq, b] with tq = tau q (csq_features.h: m_xy qe_x qe_y, m_xy = 2 off the
+// diagonal, so 2 for every linear row), for the row's kind (fw.kind(), hoisted by the caller
+// out of its loop over heads: computed per head, decode_kernel spilled on sm_90a).
+template <typename Acc>
+__device__ __forceinline__ Acc query_feature(int kind, const FeatureWalk& fw, const Acc* tq,
+                                             Acc b) {
+  if (kind == 0) {
+    Acc phi = tq[fw.x] * tq[fw.y];
+    if (fw.x != fw.y) phi *= Acc(2);
+    return phi;
+  }
+  return kind == 1 ? Acc(2) * b * tq[fw.lin()] : b * b;
+}
+
 // Coordinate d of the ref of a decode step: the state's, or when the state holds no key yet
 // (count 0) the median of this one key, i.e. the key itself if finite (csq_params.h), as a
 // prefill would pick it. decode_count_kernel, which runs last, writes it into the state.
 template <typename Acc>
-__device__ __forceinline__ Acc decode_ref(const AttnParams& p, Acc count_before, int64_t bg,
+__device__ __forceinline__ Acc decode_ref(const DecodeParams& p, Acc count_before, int64_t bg,
                                           int d, Acc key) {
-  if (count_before != Acc(0)) return static_cast<const Acc*>(p.ref_in)[bg * p.dim_k + d];
+  if (count_before != Acc(0)) return static_cast<const Acc*>(p.ref)[bg * p.dim_k + d];
   return ref_key_median<Acc>(1, [&](int64_t) { return key; });
 }
 
-// sums: (B, Hk, F, Dv + 1) acc, contiguous; p.ref_in: (B, Hk, Dk) acc; p.y: (B, Hq, 1, Dv) in
+// p.sums: (B, Hk, F, Dv + 1) acc, contiguous; p.ref: (B, Hk, Dk) acc; p.y: (B, Hq, 1, Dv) in
 // the input dtype, contiguous; q, k, v strided with N = 1.
 template <typename T, typename Acc>
-__global__ void __launch_bounds__(kThreads) decode_kernel(const AttnParams p, Acc* sums) {
+__global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) {
   __shared__ Acc kq[kMaxHeadDim];                // k - ref
   __shared__ Acc rf[kMaxHeadDim];                // ref (see decode_ref)
   __shared__ Acc ksum[kMaxHeadDim];              // key sum after this token (last column)
@@ -92,24 +107,24 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const AttnParams p, Ac
 
   const int64_t bg = blockIdx.x, bi = bg / p.heads_k, g = bg % p.heads_k;
   const int D = static_cast<int>(p.dim_k), Dv = static_cast<int>(p.dim_v), V1 = Dv + 1;
-  const int64_t P = int64_t(D) * (D + 1) / 2, F = P + D + 1;
-  const int n0 = static_cast<int>(blockIdx.y) * kDecCols;
-  const int tid = threadIdx.x, r = tid / kDecCols, c = tid % kDecCols, n = n0 + c;
+  const int64_t F = num_features(D);
+  const int col0 = static_cast<int>(blockIdx.y) * kDecCols;  // this CTA's first value column
+  const int tid = threadIdx.x, r = tid / kDecCols, c = tid % kDecCols, n = col0 + c;
   const bool col_ok = n < Dv;
   const Acc tau = Acc(p.scale);
-  Acc* S = sums + bg * F * V1;
+  Acc* S = static_cast<Acc*>(p.sums) + bg * F * V1;
   const Acc* ref = rf;
 
   for (int d = tid; d < D; d += blockDim.x) {
     const Acc kraw = load_el<Acc, T>(p.k, p.k_stride, bi, g, 0, d);
-    rf[d] = decode_ref(p, S[(F - 1) * V1 + Dv], bg, d, kraw);
+    rf[d] = decode_ref(p, state_key_count(S, D, Dv), bg, d, kraw);
     const Acc kd = kraw - rf[d];
     kq[d] = kd;
-    ksum[d] = S[(P + d) * V1 + Dv] + kd;
+    ksum[d] = state_key_sum(S, d, D, Dv) + kd;
   }
   if (tid < kDecCols)
-    vt[tid] = n0 + tid < Dv ? load_el<Acc, T>(p.v, p.v_stride, bi, g, 0, n0 + tid) : Acc(0);
-  if (tid == 0) cnt_s = S[(F - 1) * V1 + Dv] + Acc(1);
+    vt[tid] = col0 + tid < Dv ? load_el<Acc, T>(p.v, p.v_stride, bi, g, 0, col0 + tid) : Acc(0);
+  if (tid == 0) cnt_s = state_key_count(S, D, Dv) + Acc(1);
 
   const int64_t G = p.group;
   for (int64_t hb = 0; hb < G; hb += kDecHeads) {
@@ -158,15 +173,7 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const AttnParams p, Ac
 #pragma unroll
       for (int j = 0; j < kDecHeads; ++j) {
         if (j >= nh) break;
-        Acc phi;
-        if (kind == 0) {
-          phi = qt[j][fw.x] * qt[j][fw.y];
-          if (fw.x != fw.y) phi *= Acc(2);
-        } else if (kind == 1) {
-          phi = Acc(2) * bh[j] * qt[j][fw.lin()];
-        } else {
-          phi = bh[j] * bh[j];
-        }
+        const Acc phi = query_feature(kind, fw, qt[j], bh[j]);
         num[j] = fma(phi, s_new, num[j]);
         den[j] = fma(phi, s_den, den[j]);
       }
@@ -179,7 +186,7 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const AttnParams p, Ac
     }
     __syncthreads();
     if (tid < nh * kDecCols) {
-      const int j = tid / kDecCols, cc = tid % kDecCols, nn = n0 + cc;
+      const int j = tid / kDecCols, cc = tid % kDecCols, nn = col0 + cc;
       if (nn < Dv) {
         Acc s = 0, d = 0;
         for (int rr = 0; rr < kDecRows; ++rr) {
@@ -197,19 +204,19 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const AttnParams p, Ac
 // The last column += psi_f(k - ref), after decode_kernel; then the ref of a state that held no
 // key (decode_ref) is written. Grid (B Hk).
 template <typename T, typename Acc>
-__global__ void __launch_bounds__(kThreads) decode_count_kernel(const AttnParams p, Acc* sums) {
+__global__ void __launch_bounds__(kThreads) decode_count_kernel(const DecodeParams p) {
   __shared__ Acc kq[kMaxHeadDim];
   const int64_t bg = blockIdx.x, bi = bg / p.heads_k, g = bg % p.heads_k;
   const int D = static_cast<int>(p.dim_k), Dv = static_cast<int>(p.dim_v), V1 = Dv + 1;
-  const int64_t F = int64_t(D) * (D + 1) / 2 + D + 1;
-  Acc* S = sums + bg * F * V1;
-  const Acc count_before = S[(F - 1) * V1 + Dv];
-  Acc* ref_out = static_cast<Acc*>(p.ref_out) + bg * D;
+  const int64_t F = num_features(D);
+  Acc* S = static_cast<Acc*>(p.sums) + bg * F * V1;
+  const Acc count_before = state_key_count(S, D, Dv);
+  Acc* ref_out = static_cast<Acc*>(p.ref) + bg * D;
   for (int d = threadIdx.x; d < D; d += blockDim.x) {
     const Acc kraw = load_el<Acc, T>(p.k, p.k_stride, bi, g, 0, d);
     const Acc r = decode_ref(p, count_before, bg, d, kraw);
     kq[d] = kraw - r;
-    if (count_before == Acc(0)) ref_out[d] = r;  // ref_out is ref_in: same thread, same d
+    if (count_before == Acc(0)) ref_out[d] = r;  // read above by the same thread, same d
   }
   __syncthreads();  // kq written, and count_before read by every thread before it changes
   for (FeatureWalk fw(threadIdx.x, D); fw.f < F; fw.advance(blockDim.x))

@@ -9,7 +9,7 @@ namespace csq {
 namespace cuda {
 
 template <DType DT>
-Status launch_decode(const AttnParams& p, void* sums, cudaStream_t stream) {
+Status launch_decode(const DecodeParams& p, cudaStream_t stream) {
   using Tr = GenericTraits<DT>;
   using T = typename Tr::T;
   using Acc = typename Tr::Acc;
@@ -18,23 +18,22 @@ Status launch_decode(const AttnParams& p, void* sums, cudaStream_t stream) {
     return Status{cudaErrorInvalidValue, "launch_decode", "decode takes one token (N = 1)"};
   Status st = check_shapes(p);
   if (!st.ok()) return st;
-  if (p.ref_in == nullptr || p.ref_out == nullptr || sums == nullptr || p.y == nullptr)
-    return Status{cudaErrorInvalidValue, "launch_decode", "sums, ref (in and out) and y are required"};
+  if (p.ref == nullptr || p.sums == nullptr || p.y == nullptr)
+    return Status{cudaErrorInvalidValue, "launch_decode", "sums, ref and y are required"};
   if (p.batch * p.heads_k == 0) return Status{};
   const unsigned bhk = unsigned(p.batch * p.heads_k);
   const unsigned col_tiles = unsigned(ceil_div(p.dim_v, kDecCols));
-  Acc* s = static_cast<Acc*>(sums);
-  decode_kernel<T, Acc><<<dim3(bhk, col_tiles), kThreads, 0, stream>>>(p, s);
+  decode_kernel<T, Acc><<<dim3(bhk, col_tiles), kThreads, 0, stream>>>(p);
   CSQ_CHECK_LAUNCH("decode_kernel");
-  decode_count_kernel<T, Acc><<<bhk, kThreads, 0, stream>>>(p, s);
+  decode_count_kernel<T, Acc><<<bhk, kThreads, 0, stream>>>(p);
   CSQ_CHECK_LAUNCH("decode_count_kernel");
   return Status{};
 }
 
-template Status launch_decode<DType::kFloat64>(const AttnParams&, void*, cudaStream_t);
-template Status launch_decode<DType::kFloat32>(const AttnParams&, void*, cudaStream_t);
-template Status launch_decode<DType::kFloat16>(const AttnParams&, void*, cudaStream_t);
-template Status launch_decode<DType::kBFloat16>(const AttnParams&, void*, cudaStream_t);
+template Status launch_decode<DType::kFloat64>(const DecodeParams&, cudaStream_t);
+template Status launch_decode<DType::kFloat32>(const DecodeParams&, cudaStream_t);
+template Status launch_decode<DType::kFloat16>(const DecodeParams&, cudaStream_t);
+template Status launch_decode<DType::kBFloat16>(const DecodeParams&, cudaStream_t);
 
 }  // namespace cuda
 }  // namespace csq

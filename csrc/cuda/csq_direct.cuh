@@ -51,13 +51,13 @@ struct DirectWork {
   int64_t ntiles = 0;  // tiles per sequence without cu_seqlens
 };
 
-inline int64_t direct_slots(const DirectParams& p) {
+inline int64_t direct_slots(const DirectFwdParams& p) {
   const int64_t nt = ceil_div(p.seqlen, kT);
   return p.cu_seqlens != nullptr ? nt + p.num_seqs : p.batch * nt;
 }
 
 // Returns the bytes needed; fills *w when base is not null.
-inline size_t carve_direct(const DirectParams& p, DType dt, bool backward, void* base,
+inline size_t carve_direct(const DirectFwdParams& p, DType dt, bool backward, void* base,
                            DirectWork* w) {
   const size_t a = acc_size(dt);
   const size_t slots = size_t(direct_slots(p)), hk = size_t(p.heads_k), d = size_t(p.dim_k);
@@ -106,7 +106,7 @@ struct DTile {
   int rows;
 };
 
-__device__ __forceinline__ DTile direct_tile(const DirectParams& p, const DirectWork& w,
+__device__ __forceinline__ DTile direct_tile(const DirectFwdParams& p, const DirectWork& w,
                                              int64_t slot) {
   DTile t{false, 0, 0, 0, 0, 0, 0, 0, 0};
   if (p.cu_seqlens == nullptr) {
@@ -156,7 +156,7 @@ __device__ __forceinline__ int64_t out_row(const DTile& t, int64_t heads, int64_
 }
 
 // Packed sequences: tile0[s] = sum_{s' < s} ceil(len_s' / 64). One thread.
-__global__ void direct_tile_map_kernel(const DirectParams p, const DirectWork w) {
+__global__ void direct_tile_map_kernel(const DirectFwdParams p, const DirectWork w) {
   if (threadIdx.x != 0 || blockIdx.x != 0) return;
   int64_t acc = 0;
   for (int64_t s = 0; s < p.num_seqs; ++s) {
@@ -174,7 +174,7 @@ enum { kSumKeys = 0, kSumCenterDk = 1 };
 // The centering term of dk at position i (tile t) and coordinate d, before the factor -tau:
 // sum over the query heads of the group of q_i db_i / n_i, in float64.
 template <typename T, typename Acc>
-__device__ __forceinline__ double center_dk_term(const DirectParams& p, const DTile& t,
+__device__ __forceinline__ double center_dk_term(const DirectBwdParams& p, const DTile& t,
                                                  int64_t hk, int i, int d) {
   const int64_t n = p.causal ? t.t0 + i + 1 : t.len;
   double s = 0;
@@ -188,8 +188,9 @@ __device__ __forceinline__ double center_dk_term(const DirectParams& p, const DT
 
 // Per tile and key/value head, the column sums of the keys (kSumKeys) or of the centering
 // terms of dk (kSumCenterDk), into w.tsum. Grid (slots, Hk).
-template <typename T, typename Acc, int MODE>
-__global__ void __launch_bounds__(kDThreads) direct_tile_sum_kernel(const DirectParams p,
+// Params: DirectFwdParams for the keys, DirectBwdParams (which has db) for the centering terms.
+template <typename T, typename Acc, int MODE, typename Params = DirectFwdParams>
+__global__ void __launch_bounds__(kDThreads) direct_tile_sum_kernel(const Params p,
                                                                     const DirectWork w) {
   const DTile t = direct_tile(p, w, blockIdx.x);
   if (!t.valid) return;
@@ -197,7 +198,7 @@ __global__ void __launch_bounds__(kDThreads) direct_tile_sum_kernel(const Direct
   for (int d = threadIdx.x; d < p.dim_k; d += blockDim.x) {
     double s = 0;
     for (int i = 0; i < t.rows; ++i) {
-      if (MODE == kSumKeys)
+      if constexpr (MODE == kSumKeys)
         s += double(load_el<Acc, T>(p.k, p.k_stride, t.bi, hk, t.start + t.t0 + i, d));
       else
         s += center_dk_term<T, Acc>(p, t, hk, i, d);
@@ -209,7 +210,7 @@ __global__ void __launch_bounds__(kDThreads) direct_tile_sum_kernel(const Direct
 // Per (sequence, key/value head): the exclusive scan of the tile sums over the tiles of the
 // sequence, forward (sums before each tile) or backward (sums after it), into w.tpre, and the
 // total into w.ttot. Grid (S, Hk).
-__global__ void __launch_bounds__(kDThreads) direct_tile_scan_kernel(const DirectParams p,
+__global__ void __launch_bounds__(kDThreads) direct_tile_scan_kernel(const DirectFwdParams p,
                                                                      const DirectWork w,
                                                                      bool reverse) {
   const int64_t s = blockIdx.x, hk = blockIdx.y;
@@ -238,7 +239,7 @@ __global__ void __launch_bounds__(kDThreads) direct_tile_scan_kernel(const Direc
 // when write_b, b_i = c_h - tau <q_i, mu_i - r_T> for every query head of the group (p.b).
 // Grid (slots, Hk).
 template <typename T, typename Acc>
-__global__ void __launch_bounds__(kDThreads) direct_rows_kernel(const DirectParams p,
+__global__ void __launch_bounds__(kDThreads) direct_rows_kernel(const DirectFwdParams p,
                                                                 const DirectWork w,
                                                                 bool write_b) {
   const DTile t = direct_tile(p, w, blockIdx.x);
@@ -288,7 +289,7 @@ __global__ void __launch_bounds__(kDThreads) direct_rows_kernel(const DirectPara
 // Backward, per query row (one warp each): inv_i = 1 / (den_i + eps) and
 // dden_i = -<dy_i, y_i> inv_i when normalizing, else 1 and 0.
 template <typename Acc>
-__global__ void __launch_bounds__(kDThreads) direct_row_grad_kernel(const DirectParams p,
+__global__ void __launch_bounds__(kDThreads) direct_row_grad_kernel(const DirectBwdParams p,
                                                                     const DirectWork w) {
   const int64_t rows = p.batch * p.heads_q * p.seqlen;
   const int64_t r = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
@@ -311,7 +312,7 @@ __global__ void __launch_bounds__(kDThreads) direct_row_grad_kernel(const Direct
 // it, so dk_l += -tau sum_{i sees l} q_i db_i / n_i (a reverse running sum when causal: the
 // tile's suffix from w.tpre plus the rows after l in the tile). Grid (slots, Hk).
 template <typename T, typename Acc>
-__global__ void __launch_bounds__(kDThreads) direct_center_dk_kernel(const DirectParams p,
+__global__ void __launch_bounds__(kDThreads) direct_center_dk_kernel(const DirectBwdParams p,
                                                                      const DirectWork w) {
   const DTile t = direct_tile(p, w, blockIdx.x);
   if (!t.valid) return;

@@ -18,7 +18,7 @@ namespace direct {
 // s (tau Q (K - r)^T, before the shift) and, with `with_dp`, dp = dnum V^T for one (query
 // tile, key tile) pair, in the 16 x 16 layout (rows: queries, columns: keys).
 template <typename T, typename Acc>
-__device__ __forceinline__ void pair_scores(const DirectParams& p, const TileSmem<Acc>& sm,
+__device__ __forceinline__ void pair_scores(const DirectBwdParams& p, const TileSmem<Acc>& sm,
                                             const DTile& tq, int64_t h, int64_t kpos, int cols,
                                             bool with_dp, Acc (&s)[4][4], Acc (&dp)[4][4]) {
   const int64_t hk = h / p.group, qpos = tq.start + tq.t0;
@@ -53,7 +53,7 @@ __device__ __forceinline__ void pair_scores(const DirectParams& p, const TileSme
 // The per-row vectors of query tile tq, head h: r0 = b, r1 = inv, r2 = dden (0 past the tile),
 // and its reference key into sm.ref.
 template <typename Acc>
-__device__ __forceinline__ void load_query_rows(const DirectParams& p, const DirectWork& w,
+__device__ __forceinline__ void load_query_rows(const DirectBwdParams& p, const DirectWork& w,
                                                 const TileSmem<Acc>& sm, const DTile& tq,
                                                 int64_t h, int64_t slot) {
   const int64_t hk = h / p.group;
@@ -71,7 +71,7 @@ __device__ __forceinline__ void load_query_rows(const DirectParams& p, const Dir
 // dq and db. Grid (slots, Hq, ceil(Dk / 64)): one block per (query tile, query head, block of
 // 64 columns of dq); every block recomputes s and ds, the first writes db.
 template <typename T, typename Acc>
-__global__ void __launch_bounds__(kDThreads) direct_dq_kernel(const DirectParams p,
+__global__ void __launch_bounds__(kDThreads) direct_dq_kernel(const DirectBwdParams p,
                                                               const DirectWork w) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const TileSmem<Acc> sm(smem_raw);
@@ -146,7 +146,7 @@ __global__ void __launch_bounds__(kDThreads) direct_dq_kernel(const DirectParams
 // one block per (key tile, key/value head, block of 64 columns of dk or of dv), looping over
 // the query heads of the group and the query tiles that see the key tile.
 template <typename T, typename Acc>
-__global__ void __launch_bounds__(kDThreads, 1) direct_dkdv_kernel(const DirectParams p,
+__global__ void __launch_bounds__(kDThreads, 1) direct_dkdv_kernel(const DirectBwdParams p,
                                                                 const DirectWork w) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const TileSmem<Acc> sm(smem_raw);

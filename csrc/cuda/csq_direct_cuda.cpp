@@ -1,7 +1,8 @@
-// CUDA host code of the direct path (csq_direct_fwd / csq_direct_bwd): checks, allocates,
-// picks the launcher for the dtype, on the current stream of q's device. The kernels are in
-// csq_direct_*.cuh, launched by csq_direct_launch.cu. Outputs and gradients are those of the
-// CPU kernels (csrc/cpu/csq_direct_*_cpu.cpp), so the Python autograd wiring is shared.
+// CUDA host of the direct path (csq_direct_fwd / csq_direct_bwd): the shared host layer
+// prepares (../csq_direct_host.h: checks, params, every output), then the CUDA guards, the
+// workspace and the launcher for the dtype on the current stream of q's device. The kernels are
+// in csq_direct_*.cuh, launched by csq_direct_launch.cu; outputs and gradients follow the same
+// contract as the CPU's, so the Python autograd wiring is shared.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -10,14 +11,13 @@
 #include <tuple>
 
 #include "../csq_direct_host.h"
-#include "../csq_host.h"
 #include "csq_cuda_host.h"
 #include "csq_direct_launch.h"
 
 namespace csq {
 namespace {
 
-// What the CUDA direct kernels support beyond make_direct_params' checks.
+// What the CUDA direct kernels support beyond the host layer's checks.
 void check_direct_supported(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const at::Tensor& shift) {
   TORCH_CHECK(q.is_cuda() && k.is_cuda() && v.is_cuda() && shift.is_cuda(),
@@ -31,7 +31,7 @@ void check_direct_supported(const at::Tensor& q, const at::Tensor& k, const at::
               q.size(1));
 }
 
-void check_launch(const DirectParams& p) {
+void check_launch(const DirectFwdParams& p) {
   const cuda::Status st = cuda::check_direct_shapes(p);
   cuda_host::check_status(st, "direct path");
 }
@@ -40,25 +40,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> csq_direct_fwd_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& shift,
     const c10::optional<at::Tensor>& cu_seqlens, bool causal, double scale, bool center,
     bool normalize, double eps, int64_t tile_size) {
-  const at::Tensor shift_acc = shift.to(acc_dtype(q.scalar_type())).contiguous();
-  at::Tensor cu;  // the device copy of cu_seqlens that p points into
-  // Checks the inputs first (shapes, dtypes, one device), then what the CUDA kernels support.
-  DirectParams p = make_direct_params(q, k, v, shift_acc, cu_seqlens, causal, scale, center,
-                                      normalize, eps, tile_size, cu);
-  check_direct_supported(q, k, v, shift);
   const c10::cuda::CUDAGuard guard(q.device());
-  p.tensor_core_passes = cuda_host::tensor_core_passes();
-  check_launch(p);
-  const DirectForwardTensors out = alloc_direct_forward(p, q);
+  // The shared checks and outputs first (as on the CPU), then what the CUDA kernels support.
+  DirectForwardCall call = prepare_direct_forward(q, k, v, shift, cu_seqlens, causal, scale,
+                                                  center, normalize, eps, tile_size);
+  check_direct_supported(q, k, v, shift);
+  call.p.tensor_core_passes = cuda_host::tensor_core_passes();
+  check_launch(call.p);
   const cuda::DType dt = cuda_host::to_dtype(q.scalar_type());
-  const size_t bytes = cuda::direct_fwd_workspace_bytes(p, dt);
+  const size_t bytes = cuda::direct_fwd_workspace_bytes(call.p, dt);
   at::Tensor ws = cuda_host::workspace(q, bytes);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   const cuda::Status st = CSQ_DTYPE_SWITCH(q.scalar_type(), DT, [&] {
-    return cuda::launch_direct_fwd<DT>(p, ws.data_ptr(), bytes, stream);
+    return cuda::launch_direct_fwd<DT>(call.p, ws.data_ptr(), bytes, stream);
   });
   cuda_host::check_status(st, "direct forward");
-  return {out.y, out.b, out.den};
+  return call.outputs();
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> csq_direct_bwd_cuda(
@@ -66,27 +63,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> csq_direct_bwd_cuda(
     const at::Tensor& shift, const c10::optional<at::Tensor>& cu_seqlens, const at::Tensor& y,
     const at::Tensor& b, const at::Tensor& den, bool causal, double scale, bool center,
     bool normalize, double eps, int64_t tile_size) {
-  const at::Tensor shift_acc = shift.to(acc_dtype(q.scalar_type())).contiguous();
-  at::Tensor cu;
-  DirectParams p = make_direct_params(q, k, v, shift_acc, cu_seqlens, causal, scale, center,
-                                      normalize, eps, tile_size, cu);
-  check_direct_supported(q, k, v, shift);
   const c10::cuda::CUDAGuard guard(q.device());
-  p.tensor_core_passes = cuda_host::tensor_core_passes();
-  check_launch(p);
-  // Checks dy, y, b, den; allocates dq, dk, dv, db (and a dshift the direct path leaves
-  // unused: the shift gradient is the sum of db, as on the CPU).
-  const BackwardTensors t = set_backward_params(p, q, k, v, dy, y, b, den);
+  // Checks dy, y, b, den besides the inputs; allocates dq, dk, dv and db (every row written by
+  // the kernels; the host layer sums db into the shift gradient, as on the CPU).
+  DirectBackwardCall call = prepare_direct_backward(dy, q, k, v, shift, cu_seqlens, y, b, den,
+                                                    causal, scale, center, normalize, eps,
+                                                    tile_size);
+  check_direct_supported(q, k, v, shift);
+  call.p.tensor_core_passes = cuda_host::tensor_core_passes();
+  check_launch(call.p);
   const cuda::DType dt = cuda_host::to_dtype(q.scalar_type());
-  const size_t bytes = cuda::direct_bwd_workspace_bytes(p, dt);
+  const size_t bytes = cuda::direct_bwd_workspace_bytes(call.p, dt);
   at::Tensor ws = cuda_host::workspace(q, bytes);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   const cuda::Status st = CSQ_DTYPE_SWITCH(q.scalar_type(), DT, [&] {
-    return cuda::launch_direct_bwd<DT>(p, ws.data_ptr(), bytes, stream);
+    return cuda::launch_direct_bwd<DT>(call.p, ws.data_ptr(), bytes, stream);
   });
   cuda_host::check_status(st, "direct backward");
-  return {t.dq.to(q.scalar_type()), t.dk.to(q.scalar_type()), t.dv.to(q.scalar_type()),
-          t.db.sum(at::IntArrayRef{0, 2}).to(shift.scalar_type())};
+  return call.outputs();
 }
 
 }  // namespace

@@ -14,7 +14,7 @@ namespace direct {
 // Grid (slots, Hq, ceil(Dv / 64)); kDThreads threads; kDirectSmemElems Acc of shared memory.
 // p.b must hold b (direct_rows_kernel) and w.ref the tile references.
 template <typename T, typename Acc>
-__global__ void __launch_bounds__(kDThreads) direct_fwd_kernel(const DirectParams p,
+__global__ void __launch_bounds__(kDThreads) direct_fwd_kernel(const DirectFwdParams p,
                                                                const DirectWork w) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const TileSmem<Acc> sm(smem_raw);

@@ -19,7 +19,7 @@ namespace cuda {
 
 using namespace direct;
 
-Status check_direct_shapes(const DirectParams& p) {
+Status check_direct_shapes(const DirectFwdParams& p) {
   if (p.dim_k < 1 || p.dim_k > kDirectMaxHeadDim || p.dim_v < 1 || p.dim_v > kDirectMaxHeadDim)
     return Status{cudaErrorInvalidValue, "check_direct_shapes",
                   "the CUDA direct path supports head sizes 1 <= Dk <= 256 and 1 <= Dv <= 256"};
@@ -37,10 +37,10 @@ Status check_direct_shapes(const DirectParams& p) {
   return Status{};
 }
 
-size_t direct_fwd_workspace_bytes(const DirectParams& p, DType dt) {
+size_t direct_fwd_workspace_bytes(const DirectFwdParams& p, DType dt) {
   return carve_direct(p, dt, false, nullptr, nullptr);
 }
-size_t direct_bwd_workspace_bytes(const DirectParams& p, DType dt) {
+size_t direct_bwd_workspace_bytes(const DirectFwdParams& p, DType dt) {
   return carve_direct(p, dt, true, nullptr, nullptr);
 }
 
@@ -56,7 +56,7 @@ constexpr size_t tile_smem_bytes() {
 
 // Steps 1-3: the tile map, the key sums, r_T, mu_i - r_T and (forward) b.
 template <typename T, typename Acc>
-Status launch_direct_rows(const DirectParams& p, const DirectWork& w, bool write_b,
+Status launch_direct_rows(const DirectFwdParams& p, const DirectWork& w, bool write_b,
                           cudaStream_t stream) {
   const dim3 tiles(unsigned(w.slots), unsigned(p.heads_k));
   if (p.cu_seqlens != nullptr) {
@@ -75,8 +75,8 @@ Status launch_direct_rows(const DirectParams& p, const DirectWork& w, bool write
   return Status{};
 }
 
-template <typename Kernel>
-Status launch_tiles(Kernel kernel, dim3 grid, size_t smem, const DirectParams& p,
+template <typename Kernel, typename Params>
+Status launch_tiles(Kernel kernel, dim3 grid, size_t smem, const Params& p,
                     const DirectWork& w, cudaStream_t stream, const char* name) {
   Status st = prepare_smem(kernel, smem, name);
   if (!st.ok()) return st;
@@ -88,7 +88,7 @@ Status launch_tiles(Kernel kernel, dim3 grid, size_t smem, const DirectParams& p
 }  // namespace
 
 template <DType DT>
-Status launch_direct_fwd(const DirectParams& p, void* workspace, size_t workspace_bytes,
+Status launch_direct_fwd(const DirectFwdParams& p, void* workspace, size_t workspace_bytes,
                          cudaStream_t stream) {
   using T = typename DTypeOf<DT>::type;
   using Acc = typename GenericTraits<DT>::Acc;
@@ -111,7 +111,7 @@ Status launch_direct_fwd(const DirectParams& p, void* workspace, size_t workspac
 }
 
 template <DType DT>
-Status launch_direct_bwd(const DirectParams& p, void* workspace, size_t workspace_bytes,
+Status launch_direct_bwd(const DirectBwdParams& p, void* workspace, size_t workspace_bytes,
                          cudaStream_t stream) {
   using T = typename DTypeOf<DT>::type;
   using Acc = typename GenericTraits<DT>::Acc;
@@ -152,7 +152,8 @@ Status launch_direct_bwd(const DirectParams& p, void* workspace, size_t workspac
   }
   if (p.center) {  // needs the complete db of every query row
     const dim3 tiles(unsigned(w.slots), unsigned(p.heads_k));
-    direct_tile_sum_kernel<T, Acc, kSumCenterDk><<<tiles, kDThreads, 0, stream>>>(p, w);
+    const auto center_sums = direct_tile_sum_kernel<T, Acc, kSumCenterDk, DirectBwdParams>;
+    center_sums<<<tiles, kDThreads, 0, stream>>>(p, w);
     CSQ_CHECK_LAUNCH("direct_tile_sum_kernel<center_dk>");
     const dim3 seqs(unsigned(num_sequences(p)), unsigned(p.heads_k));
     direct_tile_scan_kernel<<<seqs, kDThreads, 0, stream>>>(p, w, true);
@@ -163,21 +164,21 @@ Status launch_direct_bwd(const DirectParams& p, void* workspace, size_t workspac
   return Status{};
 }
 
-template Status launch_direct_fwd<DType::kFloat64>(const DirectParams&, void*, size_t,
+template Status launch_direct_fwd<DType::kFloat64>(const DirectFwdParams&, void*, size_t,
                                                    cudaStream_t);
-template Status launch_direct_fwd<DType::kFloat32>(const DirectParams&, void*, size_t,
+template Status launch_direct_fwd<DType::kFloat32>(const DirectFwdParams&, void*, size_t,
                                                    cudaStream_t);
-template Status launch_direct_fwd<DType::kFloat16>(const DirectParams&, void*, size_t,
+template Status launch_direct_fwd<DType::kFloat16>(const DirectFwdParams&, void*, size_t,
                                                    cudaStream_t);
-template Status launch_direct_fwd<DType::kBFloat16>(const DirectParams&, void*, size_t,
+template Status launch_direct_fwd<DType::kBFloat16>(const DirectFwdParams&, void*, size_t,
                                                     cudaStream_t);
-template Status launch_direct_bwd<DType::kFloat64>(const DirectParams&, void*, size_t,
+template Status launch_direct_bwd<DType::kFloat64>(const DirectBwdParams&, void*, size_t,
                                                    cudaStream_t);
-template Status launch_direct_bwd<DType::kFloat32>(const DirectParams&, void*, size_t,
+template Status launch_direct_bwd<DType::kFloat32>(const DirectBwdParams&, void*, size_t,
                                                    cudaStream_t);
-template Status launch_direct_bwd<DType::kFloat16>(const DirectParams&, void*, size_t,
+template Status launch_direct_bwd<DType::kFloat16>(const DirectBwdParams&, void*, size_t,
                                                    cudaStream_t);
-template Status launch_direct_bwd<DType::kBFloat16>(const DirectParams&, void*, size_t,
+template Status launch_direct_bwd<DType::kBFloat16>(const DirectBwdParams&, void*, size_t,
                                                     cudaStream_t);
 
 }  // namespace cuda

@@ -3,9 +3,10 @@
 // csq_direct_launch.cu. Only csq_direct_params.h, csq_launch.h (DType, Status) and the CUDA
 // runtime: the launcher compiles with nvcc alone.
 //
-// The caller fills DirectParams (make_direct_params plus the output pointers), allocates a
-// device workspace of direct_*_workspace_bytes bytes, and calls the launcher for the input
-// dtype on its stream. Launchers never throw and never synchronize.
+// The caller fills DirectFwdParams / DirectBwdParams (the host layer's prepare_direct_forward /
+// prepare_direct_backward), allocates a device workspace of direct_*_workspace_bytes bytes,
+// and calls the launcher for the input dtype on its stream. Launchers never throw and never
+// synchronize.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -21,24 +22,25 @@ namespace cuda {
 
 // Largest head sizes of the direct kernels (Dk and Dv each); larger heads run on the CPU.
 constexpr int64_t kDirectMaxHeadDim = 256;
-// Query and key tile length on the GPU. DirectParams::tile is a CPU tuning knob and is ignored
-// here (the result does not depend on it; the per-tile reference key r_T of a query tile is
-// the running key mean at its start, so b matches the CPU backend's with tile_size = 64).
+// Query and key tile length on the GPU. DirectFwdParams::tile is a CPU tuning knob and is
+// ignored here (the result does not depend on it; the per-tile reference key r_T of a query
+// tile is the running key mean at its start, so b matches the CPU backend's with
+// tile_size = 64).
 constexpr int64_t kDirectTile = 64;
 
 // Grid limits of the direct kernels: Hq <= 65535 (grid.y), tile slots < 2^31 (grid.x).
 // The host file checks the same with TORCH_CHECK first; the launchers return a Status.
-Status check_direct_shapes(const DirectParams& p);
+Status check_direct_shapes(const DirectFwdParams& p);
 
-size_t direct_fwd_workspace_bytes(const DirectParams& p, DType dt);
-size_t direct_bwd_workspace_bytes(const DirectParams& p, DType dt);
+size_t direct_fwd_workspace_bytes(const DirectFwdParams& p, DType dt);
+size_t direct_bwd_workspace_bytes(const DirectFwdParams& p, DType dt);
 
 // Forward. Reads q, k, v (strided), shift (acc dtype, (Hq,)); writes y (acc dtype,
 // contiguous (B, Hq, N, Dv)), b and den (acc dtype, contiguous (B, Hq, N)), as the CPU
 // kernel csrc/cpu/csq_direct_fwd_cpu.cpp does. bfloat16 / float16 run their products on
 // tensor cores unless p.tensor_core_passes is 0.
 template <DType DT>
-Status launch_direct_fwd(const DirectParams& p, void* workspace, size_t workspace_bytes,
+Status launch_direct_fwd(const DirectFwdParams& p, void* workspace, size_t workspace_bytes,
                          cudaStream_t stream);
 
 // Backward. Reads q, k, v, dy (strided), y, b, den (contiguous, acc dtype), shift; writes
@@ -46,24 +48,24 @@ Status launch_direct_fwd(const DirectParams& p, void* workspace, size_t workspac
 // gradient is its sum over batch and positions (the host file takes it). Deterministic: every
 // output element is written by one thread block, no atomics.
 template <DType DT>
-Status launch_direct_bwd(const DirectParams& p, void* workspace, size_t workspace_bytes,
+Status launch_direct_bwd(const DirectBwdParams& p, void* workspace, size_t workspace_bytes,
                          cudaStream_t stream);
 
-extern template Status launch_direct_fwd<DType::kFloat64>(const DirectParams&, void*, size_t,
+extern template Status launch_direct_fwd<DType::kFloat64>(const DirectFwdParams&, void*, size_t,
                                                           cudaStream_t);
-extern template Status launch_direct_fwd<DType::kFloat32>(const DirectParams&, void*, size_t,
+extern template Status launch_direct_fwd<DType::kFloat32>(const DirectFwdParams&, void*, size_t,
                                                           cudaStream_t);
-extern template Status launch_direct_fwd<DType::kFloat16>(const DirectParams&, void*, size_t,
+extern template Status launch_direct_fwd<DType::kFloat16>(const DirectFwdParams&, void*, size_t,
                                                           cudaStream_t);
-extern template Status launch_direct_fwd<DType::kBFloat16>(const DirectParams&, void*, size_t,
+extern template Status launch_direct_fwd<DType::kBFloat16>(const DirectFwdParams&, void*, size_t,
                                                            cudaStream_t);
-extern template Status launch_direct_bwd<DType::kFloat64>(const DirectParams&, void*, size_t,
+extern template Status launch_direct_bwd<DType::kFloat64>(const DirectBwdParams&, void*, size_t,
                                                           cudaStream_t);
-extern template Status launch_direct_bwd<DType::kFloat32>(const DirectParams&, void*, size_t,
+extern template Status launch_direct_bwd<DType::kFloat32>(const DirectBwdParams&, void*, size_t,
                                                           cudaStream_t);
-extern template Status launch_direct_bwd<DType::kFloat16>(const DirectParams&, void*, size_t,
+extern template Status launch_direct_bwd<DType::kFloat16>(const DirectBwdParams&, void*, size_t,
                                                           cudaStream_t);
-extern template Status launch_direct_bwd<DType::kBFloat16>(const DirectParams&, void*, size_t,
+extern template Status launch_direct_bwd<DType::kBFloat16>(const DirectBwdParams&, void*, size_t,
                                                            cudaStream_t);
 
 }  // namespace cuda

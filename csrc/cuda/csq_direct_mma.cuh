@@ -324,7 +324,7 @@ __device__ __forceinline__ bool finite_f(float x) { return x - x == 0.f; }
 // ---------------------------------------------------------------------------------------------
 // Forward. Grid, outputs and inputs as direct_fwd_kernel.
 template <typename T>
-__global__ void __launch_bounds__(kDThreads) direct_fwd_mma_kernel(const DirectParams p,
+__global__ void __launch_bounds__(kDThreads) direct_fwd_mma_kernel(const DirectFwdParams p,
                                                                    const DirectWork w) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const MmaSmem<T> sm(smem_raw);
@@ -409,7 +409,7 @@ __global__ void __launch_bounds__(kDThreads) direct_fwd_mma_kernel(const DirectP
 // The per-row vectors of query tile tq (b, inv, dden) and its reference key, as
 // load_query_rows.
 template <typename T>
-__device__ __forceinline__ void mma_query_rows(const DirectParams& p, const DirectWork& w,
+__device__ __forceinline__ void mma_query_rows(const DirectBwdParams& p, const DirectWork& w,
                                                const MmaSmem<T>& sm, const DTile& tq, int64_t h,
                                                int64_t slot) {
   const int64_t hk = h / p.group;
@@ -426,7 +426,7 @@ __device__ __forceinline__ void mma_query_rows(const DirectParams& p, const Dire
 
 // s and (with_dp) dp = dnum V^T of a (query tile, key tile) pair in the accumulator layout.
 template <typename T>
-__device__ __forceinline__ void mma_pair_scores(const DirectParams& p, const MmaSmem<T>& sm,
+__device__ __forceinline__ void mma_pair_scores(const DirectBwdParams& p, const MmaSmem<T>& sm,
                                                 const DTile& tq, int64_t h, int64_t kpos,
                                                 int cols, bool with_dp, float (&s)[4][4],
                                                 float (&dp)[4][4]) {
@@ -459,7 +459,7 @@ __device__ __forceinline__ void mma_pair_scores(const DirectParams& p, const Mma
 
 // dq and db, as direct_dq_kernel.
 template <typename T>
-__global__ void __launch_bounds__(kDThreads) direct_dq_mma_kernel(const DirectParams p,
+__global__ void __launch_bounds__(kDThreads) direct_dq_mma_kernel(const DirectBwdParams p,
                                                                   const DirectWork w) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const MmaSmem<T> sm(smem_raw);
@@ -534,7 +534,7 @@ __global__ void __launch_bounds__(kDThreads) direct_dq_mma_kernel(const DirectPa
 
 // dk (without its centering term) and dv, as direct_dkdv_kernel.
 template <typename T>
-__global__ void __launch_bounds__(kDThreads) direct_dkdv_mma_kernel(const DirectParams p,
+__global__ void __launch_bounds__(kDThreads) direct_dkdv_mma_kernel(const DirectBwdParams p,
                                                                     const DirectWork w) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const MmaSmem<T> sm(smem_raw);

@@ -1,9 +1,8 @@
-// Launcher helpers: checking launches, opting kernels into large shared memory, and refusing
-// shapes the kernels do not support (with a message, never a crash).
+// Launcher helpers: checking launches, opting kernels into large shared memory, refusing
+// shapes the kernels do not support (with a message, never a crash), and state sizes.
 #pragma once
 
 #include "csq_common.cuh"
-#include "csq_state.cuh"
 
 namespace csq {
 namespace cuda {
@@ -36,7 +35,7 @@ inline Status prepare_smem(Kernel kernel, size_t bytes, const char* name) {
 }
 
 // Shapes the kernels support. The host files check the same with TORCH_CHECK first.
-inline Status check_shapes(const AttnParams& p) {
+inline Status check_shapes(const QkvParams& p) {
   if (p.dim_k < 1 || p.dim_k > kMaxHeadDim || p.dim_v < 1 || p.dim_v > kMaxHeadDim)
     return Status{cudaErrorInvalidValue, "check_shapes",
                   "the CUDA kernels support head sizes 1 <= Dk <= 128 and 1 <= Dv <= 128"};
@@ -56,11 +55,10 @@ inline Status check_shapes(const AttnParams& p) {
 }
 
 // Elements of one state tensor (sums of every (sequence, kv head)) and of its ref.
-inline size_t state_elems(const AttnParams& p) {
-  const int64_t de = p.dim_k + 1;
-  return size_t(num_sequences(p) * p.heads_k * (de * (de + 1) / 2) * (p.dim_v + 1));
+inline size_t state_elems(const QkvParams& p) {
+  return size_t(num_sequences(p) * p.heads_k * state_head_elems(p.dim_k, p.dim_v));
 }
-inline size_t ref_elems(const AttnParams& p) {
+inline size_t ref_elems(const QkvParams& p) {
   return size_t(num_sequences(p) * p.heads_k * p.dim_k);
 }
 
@@ -72,37 +70,6 @@ inline Status copy_or_zero(void* dst, const void* src, size_t bytes, cudaStream_
                             ? cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream)
                             : cudaMemsetAsync(dst, 0, bytes, stream);
   return e == cudaSuccess ? Status{} : Status{e, name};
-}
-
-inline int num_feature_tiles(int64_t dim_k, int ft) {
-  const int64_t de = dim_k + 1;
-  return static_cast<int>(ceil_div(de * (de + 1) / 2, ft));
-}
-
-// Launches state_scan_kernel<MODE> on grid (S Hk, feature tiles): on tensor cores for
-// bfloat16 / float16 inputs unless p.tensor_core_passes is 0, else on the CUDA cores.
-template <DType DT, int MODE>
-Status launch_state_scan(const AttnParams& p, const Work& w, cudaStream_t stream,
-                         const char* name) {
-  using Tr = GenericTraits<DT>;
-  using T = typename Tr::T;
-  using Acc = typename Tr::Acc;
-  constexpr int FT = Tr::kFeatTile;
-  constexpr bool kHalf = DT == DType::kFloat16 || DT == DType::kBFloat16;
-  const int D = int(p.dim_k), Dv = int(p.dim_v);
-  const size_t smem = state_smem_bytes<Acc>(D, Dv, FT, MODE);
-  const dim3 grid(unsigned(num_sequences(p) * p.heads_k), unsigned(num_feature_tiles(D, FT)));
-  auto go = [&](auto kernel) {
-    Status st = prepare_smem(kernel, smem, name);
-    if (!st.ok()) return st;
-    kernel<<<grid, kThreads, smem, stream>>>(p, w);
-    CSQ_CHECK_LAUNCH(name);
-    return Status{};
-  };
-  if constexpr (kHalf) {
-    if (p.tensor_core_passes > 0) return go(state_scan_kernel<T, Acc, FT, MODE, true>);
-  }
-  return go(state_scan_kernel<T, Acc, FT, MODE, false>);
 }
 
 }  // namespace cuda

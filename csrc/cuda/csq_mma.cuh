@@ -88,7 +88,7 @@ __device__ __forceinline__ void mma_tf32(float (&d)[4], const uint32_t (&a)[4],
 // accurate as float32 arithmetic. Without it (one mma) every operand is rounded to TF32, a
 // relative error of about 2^-11 per product: the features of CSQ cancel (the squared
 // similarity is a small difference of large pair terms), so that is the faster, riskier
-// option, selected with AttnParams::tensor_core_passes = 1.
+// option, selected with FwdParams::tensor_core_passes = 1.
 template <typename FA, typename FB, typename FE>
 __device__ __forceinline__ void block_mma_tf32(int M, int N, int K, const FA& a, const FB& b,
                                                const FE& emit, bool split) {

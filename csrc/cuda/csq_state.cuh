@@ -1,21 +1,27 @@
-// The state scans: where the FLOPs are. One CTA per (batch, key/value head, tile of FT state
-// rows = features) walks the chunks in order, holding its FT x (Dv + 1) slice of the state in
-// shared memory. Per chunk it first "reads" the state (the queries or keys of the chunk against
-// the state of the earlier, or later, chunks) and then "updates" it with the chunk.
+// The state scans' shared machinery (both directions): where the FLOPs are. One CTA per
+// (sequence, key/value head, tile of FT state rows = features) walks the chunks of its
+// sequence, holding its FT x (Dv + 1) slice of a state in shared memory. Per chunk it first
+// "reads" the state (the queries or keys of the chunk against the state of the earlier, or
+// later, chunks) and then "updates" it with the chunk. The three scans (csq_fwd_state.cuh,
+// csq_bwd_state.cuh) differ only in which state they hold, what they read and where it goes:
 //
-//   kStateFwd   S = sum_j psi(ke_j) v~_j^T (keys in order).
-//               read:   num~_i += phi(qe_i) . S_tile           -> atomics into Work::rows
-//   kStateBwdQ  the same S.
-//               read:   u_i = S_tile g~_i,  dqe_i += d/dqe <phi(qe_i), u_i> -> atomics into dq, db
-//   kStateBwdK  R = sum_i phi(qe_i) g~_i^T over all query heads of the group (reverse order).
-//               read:   dv_j += psi(ke_j) . R_tile,  u_j = R_tile v~_j,
-//                       dke_j += d/dke <psi(ke_j), u_j>        -> atomics into dv, dk
+//   key_state_fwd_kernel    S = sum_j psi(ke_j) v~_j^T (keys in order).
+//                           read: num~_i += phi(qe_i) . S_tile      -> atomics into num_state
+//   key_state_bwd_kernel    the same S (backward pass 1).
+//                           read: u_i = S_tile g~_i, dqe_i += d/dqe <phi(qe_i), u_i>
+//                                                                   -> atomics into dq, db
+//   query_state_bwd_kernel  R = sum_i phi(qe_i) g~_i^T over all query heads of the group
+//                           (reverse order; backward pass 2).
+//                           read: dv_j += psi(ke_j) . R_tile, u_j = R_tile v~_j,
+//                                 dke_j += d/dke <psi(ke_j), u_j>   -> atomics into dv, dk
 //
-// Grid (S Hk, feature tiles): a CTA per (sequence, kv head), which walks the chunks of its
-// sequence (t is the chunk index within the sequence; rows are global).
-// Causal: chunk t reads the state of chunks before t (after t for kStateBwdK); the pairs
-// inside a chunk are the in-chunk kernels' job. Not causal: the full state, then every chunk
-// reads it. Each tile adds a partial sum over its features, hence the atomics.
+// Grid (S Hk, feature tiles): a CTA per (sequence, kv head, tile), which walks the chunks of
+// its sequence (t is the chunk index within the sequence; rows are global). Causal: chunk t
+// reads the state of chunks before t (after t for R); the pairs inside a chunk are the
+// in-chunk kernels' job. Not causal: the full state, then every chunk reads it. Each tile adds
+// a partial sum over its features, hence the atomics. The rows of a tile are features
+// f0 .. f0 + FT - 1 in the public order (csq_features.h), the order of the carried state,
+// which is therefore read and written as is.
 #pragma once
 
 #include "csq_common.cuh"
@@ -23,8 +29,6 @@
 
 namespace csq {
 namespace cuda {
-
-enum StateMode : int { kStateFwd = 0, kStateBwdQ = 1, kStateBwdK = 2 };
 
 // Shared memory of the state kernels, in Acc elements (the feature table, 2 FT ints, follows).
 //   S    [FT][SS]     the state tile (rows: features f0 .. f0 + FT - 1; columns: Dv + 1)
@@ -51,9 +55,10 @@ struct StateLayout {
   }
 };
 
+// Bytes of dynamic shared memory of a state scan; the backward ones also hold Dx.
 template <typename Acc>
-inline size_t state_smem_bytes(int D, int Dv, int FT, int mode) {
-  const StateLayout L(D, Dv, FT, mode != kStateFwd);
+inline size_t state_smem_bytes(int D, int Dv, int FT, bool backward) {
+  const StateLayout L(D, Dv, FT, backward);
   return size_t(L.n_acc) * sizeof(Acc) + size_t(2 * FT) * sizeof(int);
 }
 
@@ -83,81 +88,107 @@ __device__ __forceinline__ void state_gemm_aug(int M, int dv, int K, const FA& a
     block_gemm_aug<TM, TN, Acc>(M, dv, K, a, b, emit);
 }
 
-template <typename T, typename Acc, int FT, int MODE, bool TC = false>
-__global__ void __launch_bounds__(kThreads, state_min_blocks<Acc>())
-    state_scan_kernel(const AttnParams p, Work w) {
+// One CTA's tile of a state scan: its shared memory, feature table and staged rows, and the
+// steps every scan is made of. Built at the start of a kernel (it zeroes the tile and reads the
+// feature table and ref, with a barrier); every method is called by all threads of the CTA.
+template <typename T, typename Acc, int FT, bool TC>
+struct StateTile {
   static_assert(!TC || std::is_same<Acc, float>::value, "tensor cores: float accumulation");
   static_assert((kSub * FT) % kThreads == 0 && FT % 32 == 0,
                 "one warp must cover 32 features of one row in accumulate_dx");
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  constexpr bool kBwd = MODE != kStateFwd;
-  const int D = static_cast<int>(p.dim_k), Dv = static_cast<int>(p.dim_v);
-  const int De = D + 1, V1 = Dv + 1;
-  const StateLayout L(D, Dv, FT, kBwd);
-  Acc* S = reinterpret_cast<Acc*>(smem_raw);
-  Acc* Feat = S + L.feat;
-  Acc* Vec = S + L.vec;
-  Acc* Xe = S + L.xe;
-  Acc* Dx = S + L.dx;
-  Acc* rs = S + L.ref;
-  int* fx = reinterpret_cast<int*>(S + L.n_acc);
-  int* fy = fx + FT;
-  const int SS = L.SS, FS = L.FS, VS = L.VS, XS = L.XS;
-
-  const int tid = threadIdx.x, nthr = blockDim.x;
-  // One (sequence, kv head) task: its chunks are walked in order (reverse for kStateBwdK).
+  const FwdParams& p;
+  const Work& w;
+  Acc *S, *Feat, *Vec, *Xe, *Dx, *rs;
+  int *fx, *fy;
+  int SS, FS, VS, XS;
+  int D, Dv, De, V1, nf, zlo, tid, nthr;
   // The sequence's first and end rows live in shared memory (read once per staged step): kept
   // in registers across the whole kernel they push it into spills.
-  __shared__ int64_t seq_rows[2];
-  const int64_t tg = blockIdx.x, g = tg % p.heads_k;
-  const SeqSpan sq = seq_span(p, w, tg / p.heads_k);
-  const int64_t bi = sq.bi, bg = bi * p.heads_k + g;
-  const int64_t N = p.seqlen, G = p.group, Hq = p.heads_q, nch = sq.nch;
-  if (threadIdx.x == 0) {
-    seq_rows[0] = sq.start;
-    seq_rows[1] = sq.start + sq.len;
-  }
-  const int64_t F = int64_t(De) * (De + 1) / 2, f0 = int64_t(blockIdx.y) * FT;
-  const int nf = static_cast<int>(min64(FT, F - f0));
-  const Acc tau = Acc(p.scale);
+  int64_t* seq_rows;
+  int64_t seq, g, bi, bg, N, G, Hq, nch, f0;
+  Acc tau;
 
-  for (int i = tid; i < L.ref; i += nthr) S[i] = Acc(0);  // everything but ref and the table
-  for (int fi = tid; fi < FT; fi += nthr) {
-    int x = -1, y = -1;
-    if (fi < nf) feature_pair(f0 + fi, De, &x, &y);
-    fx[fi] = x;
-    fy[fi] = y;
+  __device__ StateTile(const FwdParams& p_, const Work& w_, bool backward,
+                       unsigned char* smem_raw, int64_t* seq_rows_)
+      : p(p_), w(w_), seq_rows(seq_rows_) {
+    D = static_cast<int>(p.dim_k);
+    Dv = static_cast<int>(p.dim_v);
+    De = D + 1;
+    V1 = Dv + 1;
+    const StateLayout L(D, Dv, FT, backward);
+    S = reinterpret_cast<Acc*>(smem_raw);
+    Feat = S + L.feat;
+    Vec = S + L.vec;
+    Xe = S + L.xe;
+    Dx = S + L.dx;
+    rs = S + L.ref;
+    fx = reinterpret_cast<int*>(S + L.n_acc);
+    fy = fx + FT;
+    SS = L.SS;
+    FS = L.FS;
+    VS = L.VS;
+    XS = L.XS;
+    tid = threadIdx.x;
+    nthr = blockDim.x;
+    const int64_t tg = blockIdx.x;
+    seq = tg / p.heads_k;
+    g = tg % p.heads_k;
+    const SeqSpan sq = seq_span(p, w, seq);
+    bi = sq.bi;
+    bg = bi * p.heads_k + g;
+    N = p.seqlen;
+    G = p.group;
+    Hq = p.heads_q;
+    nch = sq.nch;
+    if (tid == 0) {
+      seq_rows[0] = sq.start;
+      seq_rows[1] = sq.start + sq.len;
+    }
+    const int64_t F = num_features(D);
+    f0 = int64_t(blockIdx.y) * FT;
+    nf = static_cast<int>(min64(FT, F - f0));
+    tau = Acc(p.scale);
+    for (int i = tid; i < L.ref; i += nthr) S[i] = Acc(0);  // everything but ref and the table
+    for (int fi = tid; fi < FT; fi += nthr) {
+      int x = -1, y = -1;
+      if (fi < nf) feature_pair(f0 + fi, D, &x, &y);
+      fx[fi] = x;
+      fy[fi] = y;
+    }
+    for (int d = tid; d < D; d += nthr) rs[d] = static_cast<const Acc*>(w.ref)[tg * D + d];
+    __syncthreads();
+    // Every coordinate this tile touches is >= zlo: its first x, or 0 once the tile reaches
+    // the linear rows (x, D), whose x start again from 0.
+    zlo = f0 + nf > num_pairs(D) ? 0 : fx[0];
   }
-  for (int d = tid; d < D; d += nthr) rs[d] = static_cast<const Acc*>(w.ref)[tg * D + d];
-  __syncthreads();
-  const int zlo = fx[0];  // every coordinate this tile touches is >= its first x
 
-  // Carried state (causal only; the host refuses it otherwise). The scans start from it:
-  // the key state S from state_in, the query state R (walked in reverse) from the gradient of
-  // the returned state, dstate_out, which gives every key exactly what a later query gives.
-  // Its rows are in the public order (public_row).
-  // Where the final tile goes: the returned state (forward), or the gradient of the carried
-  // state, which every query of the sequence read (R summed over all of them; backward).
-  // (Read from p where used: held in registers across the walk, they made it spill.)
-  auto seed_ptr = [&]() {
-    return static_cast<const Acc*>(MODE == kStateBwdK ? p.dstate_out : p.state_in);
-  };
-  auto keep_ptr = [&]() {
-    return static_cast<Acc*>(MODE == kStateFwd    ? p.state_out
-                             : MODE == kStateBwdK ? p.dstate_in
-                                                  : nullptr);
-  };
-  if (seed_ptr() != nullptr) {
-    const Acc* src = head_sums(seed_ptr(), p, tg / p.heads_k, g);
+  // The tile starts from this (sequence, kv head)'s rows of a state tensor (a carried state,
+  // or the gradient of a returned one).
+  __device__ __forceinline__ void seed(const Acc* state) {
+    const Acc* src = head_sums(state, p, seq, g) + f0 * V1;
     for (int e = tid; e < nf * V1; e += nthr) {
       const int fi = e / V1, n = e % V1;
-      S[fi * SS + n] = src[public_row(fx[fi], fy[fi], D) * V1 + n];
+      S[fi * SS + n] = src[int64_t(fi) * V1 + n];
     }
     __syncthreads();
   }
 
+  // The final tile into (add: onto) this (sequence, kv head)'s rows of a state tensor.
+  __device__ __forceinline__ void keep(Acc* state, bool add) {
+    __syncthreads();  // the last update_state is complete
+    Acc* dst = head_sums(state, p, seq, g) + f0 * V1;
+    for (int e = tid; e < nf * V1; e += nthr) {
+      const int fi = e / V1, n = e % V1;
+      Acc* out = dst + int64_t(fi) * V1 + n;
+      if (add)
+        *out += S[fi * SS + n];
+      else
+        *out = S[fi * SS + n];
+    }
+  }
+
   // ---- staging: rows [row0, row0 + nrows) into rows [0, kSub) of the buffers, zero-padded.
-  auto stage_q = [&](int64_t h, int64_t row0, int nrows) {  // Xe = qe = [tau q, b]
+  __device__ __forceinline__ void stage_q(int64_t h, int64_t row0, int nrows) {  // Xe = qe = [tau q, b]
     const Acc* bsave = static_cast<const Acc*>(p.b) + (bi * Hq + h) * N;
     for (int e = tid; e < kSub * De; e += nthr) {
       const int r = e / De, d = e % De;
@@ -167,8 +198,8 @@ __global__ void __launch_bounds__(kThreads, state_min_blocks<Acc>())
                     : bsave[row0 + r];
       Xe[r * XS + d] = val;
     }
-  };
-  auto stage_k = [&](int64_t row0, int nrows) {  // Xe = ke = [k - r, 1]
+  }
+  __device__ __forceinline__ void stage_k(int64_t row0, int nrows) {  // Xe = ke = [k - r, 1]
     for (int e = tid; e < kSub * De; e += nthr) {
       const int r = e / De, d = e % De;
       Acc val = 0;
@@ -176,216 +207,135 @@ __global__ void __launch_bounds__(kThreads, state_min_blocks<Acc>())
         val = d < D ? load_el<Acc, T>(p.k, p.k_stride, bi, g, row0 + r, d) - rs[d] : Acc(1);
       Xe[r * XS + d] = val;
     }
-  };
-  auto stage_v = [&](int64_t row0, int nrows) {  // Vec = v~ = [v, 1]
+  }
+  __device__ __forceinline__ void stage_v(int64_t row0, int nrows) {  // Vec = v~ = [v, 1]
     for (int e = tid; e < kSub * V1; e += nthr) {
       const int r = e / V1, n = e % V1;
       Acc val = 0;
       if (r < nrows) val = n < Dv ? load_el<Acc, T>(p.v, p.v_stride, bi, g, row0 + r, n) : Acc(1);
       Vec[r * VS + n] = val;
     }
-  };
-  auto stage_g = [&](int64_t h, int64_t row0, int nrows) {  // Vec = g~ (from bwd_prep_kernel)
-    const Acc* gs = static_cast<const Acc*>(w.rows) + ((bi * Hq + h) * N + row0) * V1;
+  }
+  __device__ __forceinline__ void stage_g(int64_t h, int64_t row0, int nrows) {  // Vec = g~ (grad_ext_kernel)
+    const Acc* gs = static_cast<const Acc*>(w.g_ext) + ((bi * Hq + h) * N + row0) * V1;
     for (int e = tid; e < kSub * V1; e += nthr) {
       const int r = e / V1, n = e % V1;
       Vec[r * VS + n] = r < nrows ? gs[int64_t(r) * V1 + n] : Acc(0);
     }
-  };
-  auto zero_dx = [&]() {
+  }
+  __device__ __forceinline__ void zero_dx() {
     for (int e = tid; e < kSub * XS; e += nthr) Dx[e] = Acc(0);
-  };
-  // Feat[r][fi] = m_f Xe[r][x] Xe[r][y] (m_f = 2 off the diagonal for phi, 1 for psi).
-  auto build_feat = [&](bool phi) {
+  }
+  // Feat[r][fi] = phi_f or psi_f of the staged extended vectors (csq_features.h: m_xy = 2 off
+  // the diagonal for phi, 1 for psi).
+  __device__ __forceinline__ void build_feat(bool phi) {
     for (int e = tid; e < kSub * FT; e += nthr) {
       const int r = e / FT, fi = e % FT;
       Acc val = 0;
       if (fi < nf) {
         const int x = fx[fi], y = fy[fi];
         val = Xe[r * XS + x] * Xe[r * XS + y];
-        if (phi && x != y) val *= Acc(2);
+        if (phi) val *= pair_weight<Acc>(x, y);
       }
       Feat[r * FS + fi] = val;
     }
-  };
+  }
   // With u in Feat: Dx[r][z] += d/dXe[r][z] of sum_f m_f u[r][f] Xe[r][x_f] Xe[r][y_f], i.e.
   // m u Xe[y] to x and m u Xe[x] to y. The y side hits distinct addresses across a warp; the
-  // x side is nearly constant across a warp (features are sorted by x), so it is summed by a
-  // segmented warp scan first and added once per distinct x.
-  auto accumulate_dx = [&](int nrows, bool phi) {
+  // x side is nearly constant across a warp (the pair rows are sorted by x), so it is summed by
+  // a segmented warp scan first and added once per run. A run is a stretch of pair rows with
+  // one x; each linear row (x, D) and the constant row is a run of its own (their x repeat
+  // those of the pair rows a few lanes earlier when D < 32, so runs are told apart by `run`,
+  // not by x).
+  __device__ __forceinline__ void accumulate_dx(int nrows, bool phi) {
     const int lane = tid & 31;
+    const int64_t pairs = num_pairs(D);
     for (int e = tid; e < kSub * FT; e += nthr) {  // the same trip count on every thread
       const int r = e / FT, fi = e % FT;           // one r per warp (FT % 32 == 0)
-      int key = -1;
+      int key = -1, run = -1;
       Acc xv = 0;
       if (r < nrows && fi < nf) {
         const int x = fx[fi], y = fy[fi];
         Acc u = Feat[r * FS + fi];
-        if (phi && x != y) u *= Acc(2);
+        if (phi) u *= pair_weight<Acc>(x, y);
         atomicAdd(&Dx[r * XS + y], u * Xe[r * XS + x]);
         xv = u * Xe[r * XS + y];
         key = x;
+        run = f0 + fi < pairs ? x : De + fi;
       }
 #pragma unroll
       for (int off = 1; off < 32; off <<= 1) {
         const Acc ov = __shfl_up_sync(0xffffffffu, xv, off);
-        const int ok = __shfl_up_sync(0xffffffffu, key, off);
-        if (lane >= off && ok == key) xv += ov;
+        const int orun = __shfl_up_sync(0xffffffffu, run, off);
+        if (lane >= off && orun == run) xv += ov;
       }
-      const int next = __shfl_down_sync(0xffffffffu, key, 1);
-      if (key >= 0 && (lane == 31 || next != key)) atomicAdd(&Dx[r * XS + key], xv);
+      const int next = __shfl_down_sync(0xffffffffu, run, 1);
+      if (run >= 0 && (lane == 31 || next != run)) atomicAdd(&Dx[r * XS + key], xv);
     }
-  };
+  }
 
   // ---- the three block products on the staged rows.
   // S += Feat^T Vec over the nrows staged rows.
-  auto update_state = [&](int nrows) {
+  __device__ __forceinline__ void update_state(int nrows) {
     state_gemm_aug<4, 4, TC, Acc>(
         nf, Dv, nrows, [&](int m, int k) { return Feat[k * FS + m]; },
         [&](int k, int n) { return Vec[k * VS + n]; },
         [&](int m, int n, Acc val) { S[m * SS + n] += val; }, p.tensor_core_passes > 1);
-  };
+  }
   // Feat[r][f] = u = sum_n Vec[r][n] S[f][n]: the gradient of the features (overwrites Feat).
-  auto features_grad = [&](int nrows) {
+  __device__ __forceinline__ void features_grad(int nrows) {
     state_gemm<2, 4, TC, Acc>(
         nrows, FT, V1, [&](int m, int k) { return Vec[m * VS + k]; },
         [&](int k, int n) { return S[n * SS + k]; },
         [&](int m, int n, Acc val) { Feat[m * FS + n] = val; }, p.tensor_core_passes > 1);
-  };
-
-  // ---- one chunk: update the state with it.
-  auto update_chunk = [&](int64_t t) {
-    for (int sb = 0; sb < kChunkI / kSub; ++sb) {
-      const int64_t row0 = seq_rows[0] + t * kChunk + sb * kSub, seq_end = seq_rows[1];
-      if (row0 >= seq_end) break;
-      const int nrows = static_cast<int>(min64(kSub, seq_end - row0));
-      if (MODE != kStateBwdK) {
-        __syncthreads();
-        stage_k(row0, nrows);
-        stage_v(row0, nrows);
-        __syncthreads();
-        build_feat(false);
-        __syncthreads();
-        update_state(nrows);
-      } else {
-        for (int64_t hh = 0; hh < G; ++hh) {
-          const int64_t h = g * G + hh;
-          __syncthreads();
-          stage_q(h, row0, nrows);
-          stage_g(h, row0, nrows);
-          __syncthreads();
-          build_feat(true);
-          __syncthreads();
-          update_state(nrows);
-        }
-      }
-    }
-  };
-
-  // ---- one chunk: read the state for it.
-  auto read_chunk = [&](int64_t t) {
-    for (int sb = 0; sb < kChunkI / kSub; ++sb) {
-      const int64_t row0 = seq_rows[0] + t * kChunk + sb * kSub, seq_end = seq_rows[1];
-      if (row0 >= seq_end) break;
-      const int nrows = static_cast<int>(min64(kSub, seq_end - row0));
-      if (MODE == kStateFwd) {
-        for (int64_t hh = 0; hh < G; ++hh) {
-          const int64_t h = g * G + hh;
-          __syncthreads();
-          stage_q(h, row0, nrows);
-          __syncthreads();
-          build_feat(true);
-          __syncthreads();
-          Acc* num = static_cast<Acc*>(w.rows) + ((bi * Hq + h) * N + row0) * V1;
-          state_gemm_aug<2, 4, TC, Acc>(
-              nrows, Dv, nf, [&](int m, int k) { return Feat[m * FS + k]; },
-              [&](int k, int n) { return S[k * SS + n]; },
-              [&](int m, int n, Acc val) { atomicAdd(num + int64_t(m) * V1 + n, val); },
-              p.tensor_core_passes > 1);
-        }
-      } else if (MODE == kStateBwdQ) {
-        for (int64_t hh = 0; hh < G; ++hh) {
-          const int64_t h = g * G + hh, bh = bi * Hq + h;
-          __syncthreads();
-          stage_q(h, row0, nrows);
-          stage_g(h, row0, nrows);
-          zero_dx();
-          __syncthreads();
-          features_grad(nrows);
-          __syncthreads();
-          accumulate_dx(nrows, true);
-          __syncthreads();
-          Acc* dq = static_cast<Acc*>(p.dq) + (bh * N + row0) * D;
-          Acc* db = static_cast<Acc*>(p.db) + bh * N + row0;
-          for (int e = tid; e < nrows * De; e += nthr) {
-            const int r = e / De, z = e % De;
-            if (z < zlo) continue;
-            const Acc val = Dx[r * XS + z];
-            if (val == Acc(0)) continue;  // untouched by this tile (NaN still goes through)
-            if (z < D)
-              atomicAdd(dq + int64_t(r) * D + z, tau * val);
-            else
-              atomicAdd(db + r, val);
-          }
-        }
-      } else {  // kStateBwdK
-        __syncthreads();
-        stage_k(row0, nrows);
-        stage_v(row0, nrows);
-        zero_dx();
-        __syncthreads();
-        build_feat(false);
-        __syncthreads();
-        Acc* dv = static_cast<Acc*>(p.dv) + (bg * N + row0) * Dv;
-        state_gemm<2, 4, TC, Acc>(
-            nrows, Dv, nf, [&](int m, int k) { return Feat[m * FS + k]; },
-            [&](int k, int n) { return S[k * SS + n]; },
-            [&](int m, int n, Acc val) { atomicAdd(dv + int64_t(m) * Dv + n, val); },
-            p.tensor_core_passes > 1);
-        __syncthreads();
-        features_grad(nrows);
-        __syncthreads();
-        accumulate_dx(nrows, false);
-        __syncthreads();
-        Acc* dk = static_cast<Acc*>(p.dk) + (bg * N + row0) * D;
-        for (int e = tid; e < nrows * De; e += nthr) {
-          const int r = e / De, z = e % De;
-          if (z < zlo || z >= D) continue;  // z == D is the constant coordinate of ke
-          const Acc val = Dx[r * XS + z];
-          if (val == Acc(0)) continue;
-          atomicAdd(dk + int64_t(r) * D + z, val);
-        }
-      }
-    }
-  };
-
-  if (p.causal) {
-    for (int64_t s = 0; s < nch; ++s) {
-      const int64_t t = MODE == kStateBwdK ? nch - 1 - s : s;
-      // The state of the chunks already walked (and of the carried state).
-      if (s > 0 || seed_ptr() != nullptr) read_chunk(t);
-      // The last update is read only through the kept state.
-      if (s + 1 < nch || keep_ptr() != nullptr) update_chunk(t);
-    }
-  } else {
-    for (int64_t t = 0; t < nch; ++t) update_chunk(t);
-    for (int64_t t = 0; t < nch; ++t) read_chunk(t);
   }
-  if (keep_ptr() != nullptr) {
-    __syncthreads();  // the last update_state is complete
-    Acc* dst = head_sums(keep_ptr(), p, int64_t(blockIdx.x) / p.heads_k, g);
-    for (int e = tid; e < nf * V1; e += nthr) {
-      const int fi = e / V1, n = e % V1;
-      Acc* out = dst + public_row(fx[fi], fy[fi], D) * V1 + n;
-      // The forward returns the state; the backward adds to what the centering terms of the
-      // carried key count put there before (rowshift_kernel<kRowCenterQ>), one CTA per row.
-      if (MODE == kStateFwd)
-        *out = S[fi * SS + n];
-      else
-        *out += S[fi * SS + n];
+
+
+  // Rows [row0, row0 + nrows) of sub-block sb of chunk t; false past the sequence's end.
+  __device__ __forceinline__ bool sub_block(int64_t t, int sb, int64_t* row0, int* nrows) const {
+    *row0 = seq_rows[0] + t * kChunk + sb * kSub;
+    const int64_t seq_end = seq_rows[1];
+    if (*row0 >= seq_end) return false;
+    *nrows = static_cast<int>(min64(kSub, seq_end - *row0));
+    return true;
+  }
+
+  // The walk over the chunks: read(t) and update(t) per chunk t, in order (reverse: from the
+  // last chunk). Causal: each chunk reads the chunks already walked (and a seeded state), and
+  // the last update is made only when the tile is kept. Not causal: every update, then every
+  // read. seeded() / kept() are read where used (held in registers across the walk, the
+  // pointers behind them made the scans spill).
+  template <typename Seeded, typename Kept, typename Read, typename Update>
+  __device__ __forceinline__ void walk(bool reverse, const Seeded& seeded, const Kept& kept, const Read& read,
+                       const Update& update) {
+    if (p.causal) {
+      for (int64_t s = 0; s < nch; ++s) {
+        const int64_t t = reverse ? nch - 1 - s : s;
+        if (s > 0 || seeded()) read(t);
+        if (s + 1 < nch || kept()) update(t);
+      }
+    } else {
+      for (int64_t t = 0; t < nch; ++t) update(t);
+      for (int64_t t = 0; t < nch; ++t) read(t);
     }
   }
-}
+
+  // The update of a key state (S) with the keys of chunk t.
+  __device__ __forceinline__ void absorb_keys(int64_t t) {
+    for (int sb = 0; sb < kChunkI / kSub; ++sb) {
+      int64_t row0;
+      int nrows;
+      if (!sub_block(t, sb, &row0, &nrows)) break;
+      __syncthreads();
+      stage_k(row0, nrows);
+      stage_v(row0, nrows);
+      __syncthreads();
+      build_feat(false);
+      __syncthreads();
+      update_state(nrows);
+    }
+  }
+};
 
 }  // namespace cuda
 }  // namespace csq

@@ -24,7 +24,8 @@ def main():
     src = os.path.join(OUT, "src")
     shutil.rmtree(src, ignore_errors=True)
     os.makedirs(os.path.join(src, "cuda"))
-    for name in ("csq_params.h", "csq_direct_params.h"):
+    # the torch-free headers the kernels include
+    for name in ("csq_params.h", "csq_features.h", "csq_direct_params.h"):
         shutil.copy(os.path.join(CSRC, name), src)
     for name in os.listdir(CUDA_DIR):
         if name.endswith((".cu", ".cuh", ".h")):

@@ -52,6 +52,12 @@ def emu_fwd(q, k, v, shift, causal, scale, center, normalize, eps):
     return y, b, den
 
 
+def shift_grad(db):
+    """The op's shift gradient from the kernels' db, as the host layer takes it
+    (csrc/csq_host.h: db summed over batch entries and positions)."""
+    return db.sum((0, 2))
+
+
 def emu_bwd(dy, q, k, v, shift, y, b, den, causal, scale, center, normalize, eps):
     B, Hq, N, Dk = q.shape
     Hk, Dv = k.shape[1], v.shape[-1]
@@ -62,15 +68,14 @@ def emu_bwd(dy, q, k, v, shift, y, b, den, causal, scale, center, normalize, eps
     dk = torch.full(k.shape, nan, dtype=acc)
     dv = torch.full(v.shape, nan, dtype=acc)
     db = torch.full((B, Hq, N), nan, dtype=acc)
-    dshift = torch.full((B, Hq), nan, dtype=acc)
     msg = ctypes.create_string_buffer(512)
     rc = lib.emu_bwd(DT[q.dtype], arr([B, Hq, Hk, N, Dk, Dv]), ptr(q), arr(q.stride()), ptr(k),
                      arr(k.stride()), ptr(v), arr(v.stride()), ptr(shift_acc),
                      ctypes.c_double(scale), ctypes.c_double(eps), int(causal), int(center),
                      int(normalize), ptr(dy), arr(dy.stride()), ptr(y), ptr(b), ptr(den), ptr(dq),
-                     ptr(dk), ptr(dv), ptr(db), ptr(dshift), msg, 512)
+                     ptr(dk), ptr(dv), ptr(db), msg, 512)
     assert rc == 0, msg.value
-    return dq, dk, dv, dshift.sum(0)
+    return dq, dk, dv, shift_grad(db)
 
 
 def rel(a, b):
@@ -340,7 +345,7 @@ def check_state(dtype, Hq, Hk, lens, prefill, Dk, Dv, center, normalize, seed, c
     cpu = torch.ops.csq_ext.csq_fwd(q, k, v, shift, cu, state_in, ref_in, True, scale, center,
                                     normalize, eps, 0, True)
     nan = float("nan")
-    F = (Dk + 1) * (Dk + 2) // 2
+    F = csq_ext.state.num_features(Dk)
     y = torch.full((B, Hq, T, Dv), nan, dtype=acc)
     b = torch.full((B, Hq, T), nan, dtype=acc)
     den = torch.full((B, Hq, T), nan, dtype=acc)
@@ -371,7 +376,6 @@ def check_state(dtype, Hq, Hk, lens, prefill, Dk, Dv, center, normalize, seed, c
             dk = torch.full(k.shape, nan, dtype=acc)
             dv = torch.full(v.shape, nan, dtype=acc)
             db = torch.full((B, Hq, T), nan, dtype=acc)
-            dshift = torch.full((B, Hq), nan, dtype=acc)
             dstate_in = torch.full((S, Hk, F, Dv + 1), nan, dtype=acc)
             dref = torch.full((S, Hk, Dk), nan, dtype=acc)
             lib.emu_set_state(opt(state_in), ptr(ref_out), null, null, ptr(dstate_out),
@@ -380,10 +384,10 @@ def check_state(dtype, Hq, Hk, lens, prefill, Dk, Dv, center, normalize, seed, c
                              ptr(k), arr(k.stride()), ptr(v), arr(v.stride()), ptr(shift),
                              ctypes.c_double(scale), ctypes.c_double(eps), 1, int(center),
                              int(normalize), ptr(dy), arr(dy.stride()), ptr(y), ptr(b), ptr(den),
-                             ptr(dq), ptr(dk), ptr(dv), ptr(db), ptr(dshift), msg, 512)
+                             ptr(dq), ptr(dk), ptr(dv), ptr(db), msg, 512)
             assert rc == 0, msg.value
             errs.update(dq=rel(dq, gc[0]), dk=rel(dk, gc[1]), dv=rel(dv, gc[2]),
-                        dshift=rel(dshift.sum(0), gc[3]))
+                        dshift=rel(shift_grad(db), gc[3]))
             errs.update(dref=rel(dref, gc[5]))
             if carried:
                 errs.update(dstate_in=rel(dstate_in, gc[4]))

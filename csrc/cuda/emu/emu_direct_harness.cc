@@ -10,7 +10,7 @@ using namespace csq::cuda;
 
 namespace {
 
-void fill_direct(DirectParams& p, const int64_t* sz, const void* q, const int64_t* qs,
+void fill_direct(DirectFwdParams& p, const int64_t* sz, const void* q, const int64_t* qs,
                  const void* k, const int64_t* ks, const void* v, const int64_t* vs,
                  const void* shift, double scale, double eps, int causal, int center,
                  int normalize, const int64_t* cu, int64_t num_seqs, int tensor_cores) {
@@ -55,7 +55,7 @@ extern "C" int emu_direct_fwd(int dt, const int64_t* sz, const void* q, const in
                               int center, int normalize, const int64_t* cu, int64_t num_seqs,
                               int tensor_cores, void* y, void* b, void* den, char* msg,
                               int msglen) {
-  DirectParams p;
+  DirectFwdParams p;
   fill_direct(p, sz, q, qs, k, ks, v, vs, shift, scale, eps, causal, center, normalize, cu,
               num_seqs, tensor_cores);
   p.y = y;
@@ -80,7 +80,7 @@ extern "C" int emu_direct_bwd(int dt, const int64_t* sz, const void* q, const in
                               int tensor_cores, const void* dy, const int64_t* dys,
                               const void* y, const void* b, const void* den, void* dq, void* dk,
                               void* dv, void* db, char* msg, int msglen) {
-  DirectParams p;
+  DirectBwdParams p;
   fill_direct(p, sz, q, qs, k, ks, v, vs, shift, scale, eps, causal, center, normalize, cu,
               num_seqs, tensor_cores);
   for (int i = 0; i < 4; ++i) p.dy_stride[i] = dys[i];

@@ -21,11 +21,11 @@ struct StatePtrs {
   void *state_out = nullptr, *ref_out = nullptr, *dstate_in = nullptr, *dref = nullptr;
 } g_state;
 
-// The tensor-core passes for bfloat16 / float16 (AttnParams::tensor_core_passes: 0, 1, 3),
+// The tensor-core passes for bfloat16 / float16 (FwdParams::tensor_core_passes: 0, 1, 3),
 // emu_set_tensor_cores.
 int g_tensor_core_passes = 3;
 
-void fill(AttnParams& p, const int64_t* sz, const void* q, const int64_t* qs, const void* k,
+void fill(QkvParams& p, const int64_t* sz, const void* q, const int64_t* qs, const void* k,
           const int64_t* ks, const void* v, const int64_t* vs, const void* shift, double scale,
           double eps, int causal, int center, int normalize) {
   p.batch = sz[0];
@@ -49,17 +49,18 @@ void fill(AttnParams& p, const int64_t* sz, const void* q, const int64_t* qs, co
   p.causal = causal;
   p.center = center;
   p.normalize = normalize;
-  p.chunk = 7;  // ignored by the CUDA backend
   p.cu_seqlens = g_cu_seqlens;
   p.num_seqs = g_cu_seqlens != nullptr ? g_num_seqs : p.batch;
+}
+
+// The forward's own fields beyond QkvParams (the carried state of emu_set_state).
+void fill_forward(FwdParams& p) {
+  p.chunk = 7;  // ignored by the CUDA backend
+  p.tensor_core_passes = g_tensor_core_passes;
   p.state_in = g_state.state_in;
   p.ref_in = g_state.ref_in;
   p.state_out = g_state.state_out;
   p.ref_out = g_state.ref_out;
-  p.dstate_out = g_state.dstate_out;
-  p.dstate_in = g_state.dstate_in;
-  p.dref = g_state.dref;
-  p.tensor_core_passes = g_tensor_core_passes;
 }
 
 int report(const Status& st, char* msg, int msglen) {
@@ -90,8 +91,9 @@ extern "C" int emu_fwd(int dt, const int64_t* sz, const void* q, const int64_t* 
                        const int64_t* ks, const void* v, const int64_t* vs, const void* shift,
                        double scale, double eps, int causal, int center, int normalize, void* y,
                        void* b, void* den, char* msg, int msglen) {
-  AttnParams p;
+  FwdParams p;
   fill(p, sz, q, qs, k, ks, v, vs, shift, scale, eps, causal, center, normalize);
+  fill_forward(p);
   p.y = y;
   p.b = b;
   p.den = den;
@@ -111,10 +113,15 @@ extern "C" int emu_bwd(int dt, const int64_t* sz, const void* q, const int64_t* 
                        const int64_t* ks, const void* v, const int64_t* vs, const void* shift,
                        double scale, double eps, int causal, int center, int normalize,
                        const void* dy, const int64_t* dys, const void* y, const void* b,
-                       const void* den, void* dq, void* dk, void* dv, void* db, void* dshift,
-                       char* msg, int msglen) {
-  AttnParams p;
+                       const void* den, void* dq, void* dk, void* dv, void* db, char* msg,
+                       int msglen) {
+  BwdParams p;
   fill(p, sz, q, qs, k, ks, v, vs, shift, scale, eps, causal, center, normalize);
+  fill_forward(p);
+  p.state_out = p.ref_out = nullptr;  // forward outputs; the backward reads ref_in
+  p.dstate_out = g_state.dstate_out;
+  p.dstate_in = g_state.dstate_in;
+  p.dref = g_state.dref;
   for (int i = 0; i < 4; ++i) p.dy_stride[i] = dys[i];
   p.dy = dy;
   p.y = const_cast<void*>(y);
@@ -124,7 +131,6 @@ extern "C" int emu_bwd(int dt, const int64_t* sz, const void* q, const int64_t* 
   p.dk = dk;
   p.dv = dv;
   p.db = db;
-  p.dshift = dshift;
   const DType d = DType(dt);
   std::vector<unsigned char> ws(bwd_workspace_bytes(p, d) + 1, 0xFF);
   Status st;
@@ -143,22 +149,20 @@ extern "C" int emu_decode(int dt, const int64_t* sz, const void* q, const int64_
                           const void* k, const int64_t* ks, const void* v, const int64_t* vs,
                           const void* shift, double scale, double eps, int center, int normalize,
                           void* sums, const void* ref, void* y, char* msg, int msglen) {
-  AttnParams p;
+  DecodeParams p;
   fill(p, sz, q, qs, k, ks, v, vs, shift, scale, eps, 1, center, normalize);
   // Nothing of emu_set_seqs / emu_set_state: the decode step takes only its own state.
   p.cu_seqlens = nullptr;
   p.num_seqs = p.batch;
-  p.state_in = p.dstate_out = nullptr;
-  p.state_out = p.dstate_in = p.dref = nullptr;
-  p.ref_in = ref;
-  p.ref_out = const_cast<void*>(ref);  // written when the state holds no key yet
+  p.sums = sums;
+  p.ref = const_cast<void*>(ref);  // written when the state holds no key yet
   p.y = y;
   Status st;
   switch (DType(dt)) {
-    case DType::kFloat64: st = launch_decode<DType::kFloat64>(p, sums, nullptr); break;
-    case DType::kFloat32: st = launch_decode<DType::kFloat32>(p, sums, nullptr); break;
-    case DType::kFloat16: st = launch_decode<DType::kFloat16>(p, sums, nullptr); break;
-    case DType::kBFloat16: st = launch_decode<DType::kBFloat16>(p, sums, nullptr); break;
+    case DType::kFloat64: st = launch_decode<DType::kFloat64>(p, nullptr); break;
+    case DType::kFloat32: st = launch_decode<DType::kFloat32>(p, nullptr); break;
+    case DType::kFloat16: st = launch_decode<DType::kFloat16>(p, nullptr); break;
+    case DType::kBFloat16: st = launch_decode<DType::kBFloat16>(p, nullptr); break;
   }
   return report(st, msg, msglen);
 }

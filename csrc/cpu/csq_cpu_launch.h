@@ -1,0 +1,44 @@
+// The interface between the CPU host files (csq_*_cpu.cpp: checks and allocation through the
+// shared host layer, dtype dispatch, TORCH_LIBRARY_IMPL) and the CPU kernels
+// (csq_*_kernel.cpp), the mirror of csrc/cuda/csq_launch.h. The caller passes the params that
+// prepare_* filled (outputs allocated, zeroed where the contract says so) and the input dtype
+// scalar_t (double, float, at::Half, at::BFloat16); each launcher runs the whole op on the
+// ATen thread pool and returns when done.
+#pragma once
+
+#include <type_traits>
+
+#include "../csq_direct_params.h"
+#include "../csq_params.h"
+
+namespace csq {
+namespace cpu {
+
+template <typename scalar_t>
+void launch_fwd(const FwdParams& p);
+
+template <typename scalar_t>
+void launch_bwd(const BwdParams& p);
+
+template <typename scalar_t>
+void launch_decode(const DecodeParams& p);
+
+template <typename scalar_t>
+void launch_direct_fwd(const DirectFwdParams& p);
+
+template <typename scalar_t>
+void launch_direct_bwd(const DirectBwdParams& p);
+
+// Accumulation type of an input type: double for double, float for the rest.
+template <typename scalar_t>
+using acc_type_of = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+}  // namespace cpu
+}  // namespace csq
+
+// Instantiates launcher NAME for the four input dtypes (in the kernel file that defines it).
+#define CSQ_CPU_INSTANTIATE(NAME, PARAMS)        \
+  template void NAME<double>(const PARAMS&);     \
+  template void NAME<float>(const PARAMS&);      \
+  template void NAME<c10::Half>(const PARAMS&);  \
+  template void NAME<c10::BFloat16>(const PARAMS&)

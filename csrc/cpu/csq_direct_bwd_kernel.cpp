@@ -1,0 +1,232 @@
+// CSQ attention backward on the CPU, direct path. The weights are recomputed tile by tile (as
+// flash attention does) from q, k and the forward's saved b:
+//   dnum_i = dy_i / (den_i + eps),  dden_i = -<dy_i, y_i> / (den_i + eps)   (normalize)
+//   dw_ij = <dnum_i, v_j> + dden_i,  ds_ij = 2 s_ij dw_ij,  db_i = sum_j ds_ij
+//   dq_i = tau sum_j ds_ij (k_j - r) - tau (mu_i - r) db_i,  dk_j = tau sum_i ds_ij q_i,
+//   dv_j = sum_i w_ij dnum_i,  dshift_h = sum_i db_i,
+// plus the centering term of dk: key l is in the mean mu_i of every query i that sees it, so
+// dk_l += sum_{i sees l} -tau q_i db_i / n_i (a reverse cumulative sum when causal).
+//
+// Two schedules, chosen by how the work divides over the threads:
+//  * per head: one task per (sequence, key/value head) walks its query tiles and their key
+//    tiles once, accumulating dq, dk and dv together (five GEMMs per tile pair);
+//  * per tile: a query pass over query tiles (dq, db: three GEMMs per pair), then a key pass
+//    over key tiles (dk, dv: four GEMMs per pair), so that one head uses every core.
+#include <ATen/ATen.h>
+
+#include <vector>
+
+#include "csq_cpu_launch.h"
+#include "csq_direct_cpu.h"
+
+namespace csq {
+namespace cpu {
+namespace {
+
+using namespace direct;
+
+template <typename scalar_t, typename acc_t>
+struct BackwardTiles {
+  const DirectBwdParams& p;
+  const KeyPrefix& kp;
+  const int64_t D, Dv, Dv1, G, T;
+  const acc_t tau, eps;
+  QueryTile<scalar_t, acc_t> qt;
+  KeyTile<scalar_t, acc_t> kt;
+  // Per stacked query row: b, dnum (Dv), dden, db; per pair: s, w, ds (G T x T); dq (G T x D).
+  std::vector<acc_t> b, dnum, dden, db, s, w, ds, dq;
+
+  BackwardTiles(const DirectBwdParams& p_, const KeyPrefix& kp_)
+      : p(p_), kp(kp_), D(p_.dim_k), Dv(p_.dim_v), Dv1(p_.dim_v + 1), G(p_.group), T(p_.tile),
+        tau(static_cast<acc_t>(p_.scale)), eps(static_cast<acc_t>(p_.eps)), qt(p_, p_.tile),
+        kt(p_, p_.tile), b(G * T), dnum(G * T * Dv), dden(G * T), db(G * T), s(G * T * T),
+        w(G * T * T), ds(G * T * T), dq(G * T * D) {}
+
+  acc_t* key_rows(void* base, const SeqTask& sq, int64_t j0, int64_t width) const {
+    return static_cast<acc_t*>(base) +
+           ((sq.batch * p.heads_k + sq.head_k) * p.seqlen + sq.start + j0) * width;
+  }
+
+  // The query tile, its saved shifts and the gradient of [num, den].
+  void load_queries(const TileTask& t) {
+    qt.load(t, kp);
+    const int64_t grows = G * t.rows;
+    const acc_t* dy0 = static_cast<const acc_t*>(p.dy);
+    for (int64_t r = 0; r < grows; ++r) {
+      const int64_t row = qt.out_row(t, r);
+      const int64_t h = t.seq.head_k * G + r / t.rows;
+      const acc_t* dy = dy0 + t.seq.batch * p.dy_stride[0] + h * p.dy_stride[1] +
+                        (t.seq.start + t.t0 + r % t.rows) * p.dy_stride[2];
+      const acc_t* y = static_cast<const acc_t*>(p.y) + row * Dv;
+      const acc_t den = static_cast<const acc_t*>(p.den)[row];
+      const acc_t inv = p.normalize ? acc_t(1) / (den + eps) : acc_t(1);
+      acc_t dot = 0;
+      for (int64_t x = 0; x < Dv; ++x) {
+        const acc_t g = dy[x * p.dy_stride[3]];
+        dnum[r * Dv + x] = g * inv;
+        dot += g * y[x];
+      }
+      dden[r] = p.normalize ? -dot * inv : acc_t(0);
+      b[r] = static_cast<const acc_t*>(p.b)[row];
+    }
+  }
+
+  // One (query tile, key tile) pair, keys [j0, j0 + cols) already in kt. Adds to dq and db
+  // when `with_dq`, to the key rows dk (ld D) and dv (ld Dv) when they are given.
+  void pair(const TileTask& t, int64_t cols, bool diag, bool with_dq, acc_t* dk, acc_t* dv) {
+    const int64_t rows = t.rows, grows = G * rows;
+    gemm<acc_t>(false, true, grows, cols, D, acc_t(1), qt.q.data(), D, kt.k, D, acc_t(0),
+                s.data(), cols);
+    shifted_squares<acc_t>(s.data(), grows, rows, cols, b.data(), tau, diag, s.data(), w.data());
+    gemm<acc_t>(false, true, grows, cols, Dv, acc_t(1), dnum.data(), Dv, kt.v, Dv1,
+                acc_t(0), ds.data(), cols);
+    for (int64_t r = 0; r < grows; ++r) {
+      const int64_t last = diag ? r % rows : cols - 1;
+      const acc_t dd = dden[r];
+      acc_t* dsr = ds.data() + r * cols;
+      const acc_t* sr = s.data() + r * cols;
+      acc_t sum = 0;
+      for (int64_t j = 0; j < cols; ++j) {
+        const acc_t x = j <= last ? 2 * sr[j] * (dsr[j] + dd) : acc_t(0);
+        dsr[j] = x;
+        sum += x;
+      }
+      db[r] += sum;
+    }
+    if (with_dq)
+      gemm<acc_t>(false, false, grows, D, cols, acc_t(1), ds.data(), cols, kt.k, D,
+                  acc_t(1), dq.data(), D);
+    if (dk != nullptr) {
+      gemm<acc_t>(true, false, cols, D, grows, tau, ds.data(), cols, qt.q.data(), D, acc_t(1),
+                  dk, D);
+      gemm<acc_t>(true, false, cols, Dv, grows, acc_t(1), w.data(), cols, dnum.data(), Dv,
+                  acc_t(1), dv, Dv);
+    }
+  }
+
+  // Every key tile a query tile sees: writes its dq and db; with `with_keys` (the per-head
+  // schedule) also adds to dk and dv.
+  void query_pass(const TileTask& t, bool with_keys) {
+    load_queries(t);
+    const int64_t grows = G * t.rows;
+    std::fill(db.begin(), db.begin() + grows, acc_t(0));
+    std::fill(dq.begin(), dq.begin() + grows * D, acc_t(0));
+    const int64_t end = p.causal ? t.t0 + t.rows : t.seq.len;
+    for (int64_t j0 = 0; j0 < end; j0 += T) {
+      const int64_t cols = std::min(T, end - j0);
+      kt.load(t.seq, j0, cols, qt.ref.data());
+      pair(t, cols, p.causal && j0 == t.t0, true,
+           with_keys ? key_rows(p.dk, t.seq, j0, D) : nullptr,
+           with_keys ? key_rows(p.dv, t.seq, j0, Dv) : nullptr);
+    }
+    for (int64_t r = 0; r < grows; ++r) {
+      const int64_t row = qt.out_row(t, r);
+      const acc_t* md = qt.mdiff.data() + (r % t.rows) * D;
+      acc_t* out = static_cast<acc_t*>(p.dq) + row * D;
+      for (int64_t x = 0; x < D; ++x) out[x] = tau * (dq[r * D + x] - md[x] * db[r]);
+      static_cast<acc_t*>(p.db)[row] = db[r];
+    }
+  }
+
+  // Every query tile that sees key tile t: adds to its rows of dk and dv.
+  void key_pass(const TileTask& t) {
+    const int64_t first = p.causal ? t.index : 0;
+    for (int64_t i = first; i < num_tiles(t.seq.len, T); ++i) {
+      const TileTask tq{t.seq, i * T, std::min(T, t.seq.len - i * T), i};
+      load_queries(tq);
+      kt.load(t.seq, t.t0, t.rows, qt.ref.data());
+      pair(tq, t.rows, p.causal && i == t.index, false, key_rows(p.dk, t.seq, t.t0, D),
+           key_rows(p.dv, t.seq, t.t0, Dv));
+    }
+  }
+
+  // The centering term of dk for a whole (sequence, key/value head), once db is complete.
+  void center_keys(const SeqTask& sq) {
+    if (!p.center || sq.len == 0) return;
+    std::vector<double> run(D, 0.0);
+    const auto add_query_terms = [&](int64_t i, double n) {
+      for (int64_t hh = 0; hh < G; ++hh) {
+        const int64_t h = sq.head_k * G + hh;
+        const int64_t row = (sq.batch * p.heads_q + h) * p.seqlen + sq.start + i;
+        const double g = -double(tau) * static_cast<const acc_t*>(p.db)[row] / n;
+        const scalar_t* qr = row_ptr<scalar_t>(p.q, p.q_stride, sq.batch, h, sq.start + i);
+        for (int64_t x = 0; x < D; ++x) run[x] += g * static_cast<double>(qr[x * p.q_stride[3]]);
+      }
+    };
+    acc_t* dk = key_rows(p.dk, sq, 0, D);
+    if (p.causal) {
+      for (int64_t i = sq.len - 1; i >= 0; --i) {
+        add_query_terms(i, double(i + 1));
+        for (int64_t x = 0; x < D; ++x) dk[i * D + x] += static_cast<acc_t>(run[x]);
+      }
+      return;
+    }
+    for (int64_t i = 0; i < sq.len; ++i) add_query_terms(i, double(sq.len));
+    for (int64_t j = 0; j < sq.len; ++j)
+      for (int64_t x = 0; x < D; ++x) dk[j * D + x] += static_cast<acc_t>(run[x]);
+  }
+};
+
+// Per head when whole heads divide over the threads well enough that the per-head
+// schedule's 5 GEMMs per pair beat the per-tile schedule's 7 on all threads.
+bool per_head_schedule(const DirectBwdParams& p) {
+  const int64_t tasks = p.num_seqs * p.heads_k, threads = at::get_num_threads();
+  if (tasks < threads) return false;
+  const double rounds = double((tasks + threads - 1) / threads);
+  return 5.0 * rounds <= 7.0 * double(tasks) / double(threads);
+}
+
+template <typename scalar_t, typename acc_t>
+void backward(const DirectBwdParams& p) {
+  const KeyPrefix kp = key_prefix<scalar_t>(p);
+  using Work = BackwardTiles<scalar_t, acc_t>;
+  const auto make = [&] { return Work(p, kp); };
+  const auto tiles = all_tiles(p);
+  const auto later = [&](const TileTask& t) { return p.causal ? t.index : 0; };
+  const auto earlier = [&](const TileTask& t) {
+    return p.causal ? num_tiles(t.seq.len, p.tile) - t.index : 0;
+  };
+  if (per_head_schedule(p)) {
+    struct PerHead {
+      Work work;
+      void run(const SeqTask& sq) {
+        for (int64_t i = 0; i < num_tiles(sq.len, work.T); ++i)
+          work.query_pass({sq, i * work.T, std::min(work.T, sq.len - i * work.T), i}, true);
+        work.center_keys(sq);
+      }
+    };
+    std::vector<SeqTask> heads;
+    for (int64_t task = 0; task < p.num_seqs * p.heads_k; ++task)
+      heads.push_back(seq_task(p, task));
+    run_balanced(heads, [](const SeqTask& sq) { return sq.len; },
+                 [&] { return PerHead{Work(p, kp)}; });
+    return;
+  }
+  struct QueryPass {
+    Work work;
+    void run(const TileTask& t) { work.query_pass(t, false); }
+  };
+  struct KeyPass {
+    Work work;
+    void run(const TileTask& t) { work.key_pass(t); }
+  };
+  run_balanced(tiles, later, [&] { return QueryPass{make()}; });
+  run_balanced(tiles, earlier, [&] { return KeyPass{make()}; });
+  at::parallel_for(0, p.num_seqs * p.heads_k, small_pass_grain(p), [&](int64_t begin,
+                                                                        int64_t end) {
+    Work work = make();
+    for (int64_t task = begin; task < end; ++task) work.center_keys(seq_task(p, task));
+  });
+}
+
+}  // namespace
+
+template <typename scalar_t>
+void launch_direct_bwd(const DirectBwdParams& p) {
+  backward<scalar_t, acc_type_of<scalar_t>>(p);
+}
+
+CSQ_CPU_INSTANTIATE(launch_direct_bwd, DirectBwdParams);
+
+}  // namespace cpu
+}  // namespace csq

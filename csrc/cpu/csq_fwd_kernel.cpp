@@ -1,0 +1,101 @@
+// CSQ attention forward on the CPU: the chunked algorithm of the spec, one task per
+// (sequence, key/value head), all query heads of the group served by one key state.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <vector>
+
+#include "csq_cpu_common.h"
+#include "csq_cpu_launch.h"
+
+namespace csq {
+namespace cpu {
+namespace {
+
+template <typename scalar_t, typename acc_t>
+void forward_task(const FwdParams& p, const SeqTask& t) {
+  const int64_t N = t.len, D = p.dim_k, Dv = p.dim_v, Dv1 = Dv + 1;
+  const int64_t F = num_features(D), C = p.chunk, g = t.head_k;
+  const acc_t tau = static_cast<acc_t>(p.scale), eps = static_cast<acc_t>(p.eps);
+  const acc_t* shift = static_cast<const acc_t*>(p.shift);
+
+  KeyScan<scalar_t, acc_t> keys(p, t);
+  std::vector<acc_t>&kc = keys.kc, &vc = keys.vc, &ref = keys.ref, &ksum = keys.ksum;
+  std::vector<acc_t> qc(C * D), mu(C * D), bq(C), phi(C * F), num(C * Dv1), w(C * C);
+  keys.start();
+  const bool carried = p.state_in != nullptr;
+  at::Tensor S = mat(keys.state.data(), F, Dv1);
+  if (!p.causal) keys.absorb_all();
+
+  for (int64_t t0 = 0; t0 < N; t0 += C) {
+    const int64_t rows = std::min(C, N - t0);
+    if (p.causal) keys.load(t0, rows);
+    if (p.center)
+      key_means(kc.data(), rows, D, ksum.data(), keys.carried_keys + acc_t(t0), p.causal, N,
+                mu.data());
+
+    for (int64_t hh = 0; hh < p.group; ++hh) {
+      const int64_t h = g * p.group + hh;
+      load_rows<scalar_t, acc_t>(p.q, p.q_stride, t.batch, h, t.start + t0, rows, D, nullptr,
+                                 qc.data(), D);
+      query_shifts(p, qc.data(), mu.data(), ref.data(), rows, shift[h], tau, bq.data());
+
+      // Keys of earlier chunks (or all keys) through the state: num~ = phi(Q, b) S.
+      at::Tensor Num = mat(num.data(), rows, Dv1);
+      if (p.causal && t0 == 0 && !carried) {
+        Num.zero_();
+      } else {
+        query_features(qc.data(), bq.data(), rows, D, tau, phi.data());
+        mm_into(Num, mat(phi.data(), rows, F), S);
+      }
+
+      // Keys of this chunk directly: W_ij = (tau <q_i, k_j> + b_i)^2 for j <= i.
+      if (p.causal) {
+        at::Tensor W = mat(w.data(), rows, rows);
+        mm_into(W, mat(qc.data(), rows, D), mat(kc.data(), rows, D).t());
+        for (int64_t i = 0; i < rows; ++i)
+          for (int64_t j = 0; j < rows; ++j) {
+            const acc_t s = tau * w[i * rows + j] + bq[i];
+            w[i * rows + j] = j <= i ? s * s : acc_t(0);
+          }
+        if (all_finite(vc, rows * Dv1))
+          Num.addmm_(W, mat(vc.data(), rows, Dv1));
+        else
+          lower_mm_add(w.data(), rows, vc.data(), Dv1, Dv1, acc_t(1), false, num.data(), Dv1);
+      }
+
+      const int64_t row0 = (t.batch * p.heads_q + h) * p.seqlen + t.start + t0;
+      acc_t* y = static_cast<acc_t*>(p.y) + row0 * Dv;
+      for (int64_t i = 0; i < rows; ++i) {
+        const acc_t den = num[i * Dv1 + Dv];
+        const acc_t inv = p.normalize ? acc_t(1) / (den + eps) : acc_t(1);
+        for (int64_t x = 0; x < Dv; ++x)
+          y[i * Dv + x] = num[i * Dv1 + x] * inv;
+        static_cast<acc_t*>(p.b)[row0 + i] = bq[i];
+        static_cast<acc_t*>(p.den)[row0 + i] = den;
+      }
+    }
+    if (p.causal) keys.absorb(rows);
+  }
+
+  std::copy(ref.begin(), ref.end(), static_cast<acc_t*>(p.ref_out) + (t.seq * p.heads_k + g) * D);
+  if (p.state_out != nullptr)
+    std::copy(keys.state.begin(), keys.state.end(),
+              task_state(static_cast<acc_t*>(p.state_out), p, t));
+}
+
+}  // namespace
+
+template <typename scalar_t>
+void launch_fwd(const FwdParams& p) {
+  using acc_t = acc_type_of<scalar_t>;
+  at::parallel_for(0, p.num_seqs * p.heads_k, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task)
+      forward_task<scalar_t, acc_t>(p, seq_task(p, task));
+  });
+}
+
+CSQ_CPU_INSTANTIATE(launch_fwd, FwdParams);
+
+}  // namespace cpu
+}  // namespace csq
