@@ -4,6 +4,7 @@
 #include <vector>
 
 #include "csq_direct_launch.h"
+#include "emu_params.h"
 
 using namespace csq;
 using namespace csq::cuda;
@@ -14,30 +15,9 @@ void fill_direct(DirectFwdParams& p, const int64_t* sz, const void* q, const int
                  const void* k, const int64_t* ks, const void* v, const int64_t* vs,
                  const void* shift, double scale, double eps, int causal, int center,
                  int normalize, const int64_t* cu, int64_t num_seqs, int tensor_cores) {
-  p.batch = sz[0];
-  p.heads_q = sz[1];
-  p.heads_k = sz[2];
-  p.seqlen = sz[3];
-  p.dim_k = sz[4];
-  p.dim_v = sz[5];
-  p.group = p.heads_q / p.heads_k;
-  for (int i = 0; i < 4; ++i) {
-    p.q_stride[i] = qs[i];
-    p.k_stride[i] = ks[i];
-    p.v_stride[i] = vs[i];
-  }
-  p.q = q;
-  p.k = k;
-  p.v = v;
-  p.shift = shift;
-  p.scale = scale;
-  p.eps = eps;
-  p.causal = causal;
-  p.center = center;
-  p.normalize = normalize;
+  fill_qkv(p, sz, q, qs, k, ks, v, vs, shift, scale, eps, causal, center, normalize, cu,
+           num_seqs);
   p.tile = 7;  // a CPU knob, ignored by the CUDA kernels
-  p.cu_seqlens = cu;
-  p.num_seqs = cu != nullptr ? num_seqs : p.batch;
   p.tensor_core_passes = tensor_cores;
 }
 

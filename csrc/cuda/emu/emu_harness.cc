@@ -4,6 +4,7 @@
 #include <vector>
 
 #include "csq_launch.h"
+#include "emu_params.h"
 
 using namespace csq;
 using namespace csq::cuda;
@@ -28,29 +29,8 @@ int g_tensor_core_passes = 3;
 void fill(QkvParams& p, const int64_t* sz, const void* q, const int64_t* qs, const void* k,
           const int64_t* ks, const void* v, const int64_t* vs, const void* shift, double scale,
           double eps, int causal, int center, int normalize) {
-  p.batch = sz[0];
-  p.heads_q = sz[1];
-  p.heads_k = sz[2];
-  p.seqlen = sz[3];
-  p.dim_k = sz[4];
-  p.dim_v = sz[5];
-  p.group = p.heads_q / p.heads_k;
-  for (int i = 0; i < 4; ++i) {
-    p.q_stride[i] = qs[i];
-    p.k_stride[i] = ks[i];
-    p.v_stride[i] = vs[i];
-  }
-  p.q = q;
-  p.k = k;
-  p.v = v;
-  p.shift = shift;
-  p.scale = scale;
-  p.eps = eps;
-  p.causal = causal;
-  p.center = center;
-  p.normalize = normalize;
-  p.cu_seqlens = g_cu_seqlens;
-  p.num_seqs = g_cu_seqlens != nullptr ? g_num_seqs : p.batch;
+  fill_qkv(p, sz, q, qs, k, ks, v, vs, shift, scale, eps, causal, center, normalize,
+           g_cu_seqlens, g_num_seqs);
 }
 
 // The forward's own fields beyond QkvParams (the carried state of emu_set_state).
