@@ -14,6 +14,8 @@ import sys
 
 import torch
 
+from emu_inputs import nonfinite_case
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(HERE)))
 reference = runpy.run_path(os.path.join(ROOT, "csq_ext", "reference.py"))["csq_attention_reference"]
@@ -482,23 +484,7 @@ def check_nonfinite():
                                  ("shift", True)):
                 g = torch.Generator().manual_seed(C)
                 C += 1
-                q = torch.randn(2, 4, n, 3, generator=g, dtype=torch.float64)
-                k = torch.randn(2, 2, n, 3, generator=g, dtype=torch.float64)
-                v = torch.randn(2, 2, n, 4, generator=g, dtype=torch.float64)
-                shift = torch.rand(4, generator=g, dtype=torch.float64) + 0.5
-                mask = torch.zeros(2, 4, n, 4, dtype=torch.bool)
-                if what == "v":
-                    v[1, 0, j, 2] = bad
-                    mask[1, 0:2, j if causal else 0:, 2] = True
-                elif what == "q":
-                    q[0, 3, j - 1, 1] = bad
-                    mask[0, 3, j - 1, :] = True
-                elif what == "k":
-                    k[1, 1, j, 0] = bad
-                    mask[1, 2:4, j if causal else 0:, :] = True
-                else:
-                    shift[2] = bad
-                    mask[:, 2] = True
+                q, k, v, shift, mask = nonfinite_case(g, n, j, bad, what, causal)
                 y, b, den = emu_fwd(q, k, v, shift, causal, 0.6, center, True, 1e-6)
                 nonfin = ~torch.isfinite(y)
                 good = bool(nonfin[mask].all()) and not bool((nonfin & ~mask).any())

@@ -21,12 +21,6 @@ void fill_direct(DirectFwdParams& p, const int64_t* sz, const void* q, const int
   p.tensor_core_passes = tensor_cores;
 }
 
-int report_direct(const Status& st, char* msg, int msglen) {
-  if (st.ok()) return 0;
-  snprintf(msg, msglen, "%s: %s", st.where, st.message ? st.message : "cuda error");
-  return int(st.code) == 0 ? -1 : int(st.code);
-}
-
 }  // namespace
 
 extern "C" int emu_direct_fwd(int dt, const int64_t* sz, const void* q, const int64_t* qs,
@@ -43,14 +37,10 @@ extern "C" int emu_direct_fwd(int dt, const int64_t* sz, const void* q, const in
   p.den = den;
   const DType d = DType(dt);
   std::vector<unsigned char> ws(direct_fwd_workspace_bytes(p, d) + 1, 0xFF);  // poisoned
-  Status st;
-  switch (d) {
-    case DType::kFloat64: st = launch_direct_fwd<DType::kFloat64>(p, ws.data(), ws.size(), nullptr); break;
-    case DType::kFloat32: st = launch_direct_fwd<DType::kFloat32>(p, ws.data(), ws.size(), nullptr); break;
-    case DType::kFloat16: st = launch_direct_fwd<DType::kFloat16>(p, ws.data(), ws.size(), nullptr); break;
-    case DType::kBFloat16: st = launch_direct_fwd<DType::kBFloat16>(p, ws.data(), ws.size(), nullptr); break;
-  }
-  return report_direct(st, msg, msglen);
+  const Status st = for_dtype(d, [&](auto tag) {
+    return launch_direct_fwd<decltype(tag)::value>(p, ws.data(), ws.size(), nullptr);
+  });
+  return report(st, msg, msglen);
 }
 
 extern "C" int emu_direct_bwd(int dt, const int64_t* sz, const void* q, const int64_t* qs,
@@ -74,12 +64,8 @@ extern "C" int emu_direct_bwd(int dt, const int64_t* sz, const void* q, const in
   p.db = db;
   const DType d = DType(dt);
   std::vector<unsigned char> ws(direct_bwd_workspace_bytes(p, d) + 1, 0xFF);
-  Status st;
-  switch (d) {
-    case DType::kFloat64: st = launch_direct_bwd<DType::kFloat64>(p, ws.data(), ws.size(), nullptr); break;
-    case DType::kFloat32: st = launch_direct_bwd<DType::kFloat32>(p, ws.data(), ws.size(), nullptr); break;
-    case DType::kFloat16: st = launch_direct_bwd<DType::kFloat16>(p, ws.data(), ws.size(), nullptr); break;
-    case DType::kBFloat16: st = launch_direct_bwd<DType::kBFloat16>(p, ws.data(), ws.size(), nullptr); break;
-  }
-  return report_direct(st, msg, msglen);
+  const Status st = for_dtype(d, [&](auto tag) {
+    return launch_direct_bwd<decltype(tag)::value>(p, ws.data(), ws.size(), nullptr);
+  });
+  return report(st, msg, msglen);
 }

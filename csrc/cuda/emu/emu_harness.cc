@@ -43,12 +43,6 @@ void fill_forward(FwdParams& p) {
   p.ref_out = g_state.ref_out;
 }
 
-int report(const Status& st, char* msg, int msglen) {
-  if (st.ok()) return 0;
-  snprintf(msg, msglen, "%s: %s", st.where, st.message ? st.message : "cuda error");
-  return int(st.code);
-}
-
 }  // namespace
 
 // cu (S + 1 offsets) for the following calls, or nullptr for none.
@@ -79,13 +73,9 @@ extern "C" int emu_fwd(int dt, const int64_t* sz, const void* q, const int64_t* 
   p.den = den;
   const DType d = DType(dt);
   std::vector<unsigned char> ws(fwd_workspace_bytes(p, d) + 1, 0xFF);  // poisoned
-  Status st;
-  switch (d) {
-    case DType::kFloat64: st = launch_fwd<DType::kFloat64>(p, ws.data(), ws.size(), nullptr); break;
-    case DType::kFloat32: st = launch_fwd<DType::kFloat32>(p, ws.data(), ws.size(), nullptr); break;
-    case DType::kFloat16: st = launch_fwd<DType::kFloat16>(p, ws.data(), ws.size(), nullptr); break;
-    case DType::kBFloat16: st = launch_fwd<DType::kBFloat16>(p, ws.data(), ws.size(), nullptr); break;
-  }
+  const Status st = for_dtype(d, [&](auto tag) {
+    return launch_fwd<decltype(tag)::value>(p, ws.data(), ws.size(), nullptr);
+  });
   return report(st, msg, msglen);
 }
 
@@ -113,13 +103,9 @@ extern "C" int emu_bwd(int dt, const int64_t* sz, const void* q, const int64_t* 
   p.db = db;
   const DType d = DType(dt);
   std::vector<unsigned char> ws(bwd_workspace_bytes(p, d) + 1, 0xFF);
-  Status st;
-  switch (d) {
-    case DType::kFloat64: st = launch_bwd<DType::kFloat64>(p, ws.data(), ws.size(), nullptr); break;
-    case DType::kFloat32: st = launch_bwd<DType::kFloat32>(p, ws.data(), ws.size(), nullptr); break;
-    case DType::kFloat16: st = launch_bwd<DType::kFloat16>(p, ws.data(), ws.size(), nullptr); break;
-    case DType::kBFloat16: st = launch_bwd<DType::kBFloat16>(p, ws.data(), ws.size(), nullptr); break;
-  }
+  const Status st = for_dtype(d, [&](auto tag) {
+    return launch_bwd<decltype(tag)::value>(p, ws.data(), ws.size(), nullptr);
+  });
   return report(st, msg, msglen);
 }
 
@@ -137,12 +123,8 @@ extern "C" int emu_decode(int dt, const int64_t* sz, const void* q, const int64_
   p.sums = sums;
   p.ref = const_cast<void*>(ref);  // written when the state holds no key yet
   p.y = y;
-  Status st;
-  switch (DType(dt)) {
-    case DType::kFloat64: st = launch_decode<DType::kFloat64>(p, nullptr); break;
-    case DType::kFloat32: st = launch_decode<DType::kFloat32>(p, nullptr); break;
-    case DType::kFloat16: st = launch_decode<DType::kFloat16>(p, nullptr); break;
-    case DType::kBFloat16: st = launch_decode<DType::kBFloat16>(p, nullptr); break;
-  }
+  const Status st = for_dtype(DType(dt), [&](auto tag) {
+    return launch_decode<decltype(tag)::value>(p, nullptr);
+  });
   return report(st, msg, msglen);
 }

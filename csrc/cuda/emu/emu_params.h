@@ -1,9 +1,11 @@
-// The inputs' part of the params (QkvParams) from the C arguments that check_emu.py passes,
-// shared by the chunked ops' harness (emu_harness.cc) and the direct path's
-// (emu_direct_harness.cc). Emulator only.
+// What the chunked ops' harness (emu_harness.cc) and the direct path's (emu_direct_harness.cc)
+// share: the inputs' part of the params (QkvParams) from the C arguments that check_emu.py
+// passes, the launch for a runtime dtype, and the Status -> C return code. Emulator only.
 #pragma once
 
 #include <cstdint>
+#include <cstdio>
+#include <type_traits>
 
 #include "csq_launch.h"  // csq_params.h: QkvParams
 
@@ -38,6 +40,28 @@ inline void fill_qkv(QkvParams& p, const int64_t* sz, const void* q, const int64
   p.normalize = normalize;
   p.cu_seqlens = cu;
   p.num_seqs = cu != nullptr ? num_seqs : p.batch;
+}
+
+// f(std::integral_constant<DType, DT>{}) for the runtime dtype d: a launcher template
+// instantiated for each of the four dtypes in one place.
+template <typename F>
+cuda::Status for_dtype(cuda::DType d, F f) {
+  using cuda::DType;
+  switch (d) {
+    case DType::kFloat64: return f(std::integral_constant<DType, DType::kFloat64>{});
+    case DType::kFloat32: return f(std::integral_constant<DType, DType::kFloat32>{});
+    case DType::kFloat16: return f(std::integral_constant<DType, DType::kFloat16>{});
+    case DType::kBFloat16: return f(std::integral_constant<DType, DType::kBFloat16>{});
+  }
+  return cuda::Status{cudaErrorInvalidValue, "for_dtype", "unknown dtype"};
+}
+
+// 0 when st is ok; else the message into msg and a nonzero code (-1 when the Status carries
+// no CUDA error code).
+inline int report(const cuda::Status& st, char* msg, int msglen) {
+  if (st.ok()) return 0;
+  snprintf(msg, msglen, "%s: %s", st.where, st.message ? st.message : "cuda error");
+  return int(st.code) == 0 ? -1 : int(st.code);
 }
 
 }  // namespace csq
