@@ -76,21 +76,36 @@ def cuda_direct_cost(n: int, dk: int, dv: int, causal: bool, tasks: int) -> floa
     return n * per_query / (_CUDA_DIRECT_RATE * min(1.0, blocks / _CUDA_SMS))
 
 
+def state_cost(n: int, dk: int, dv: int, passes: int, threads: int) -> float:
+    """The direct path's carried-state work (csq_ext/_direct_state.py): about 2 F (Dv + 1)
+    multiply-adds per position for each pass, reading the carried state and building the
+    returned one; torch GEMMs over every thread."""
+    return n * passes * 2 * num_features(dk) * (dv + 1) / (_DIRECT_RATE * max(1, threads))
+
+
 def choose_path(n: int, dk: int, dv: int, causal: bool, device_type: str, threads: int,
-                tasks: int, has_state: bool) -> str:
+                tasks: int, reads_state: bool = False, returns_state: bool = False,
+                packed: bool = False) -> str:
     """'direct' or 'chunked' for one call: n positions per sequence (with cu_seqlens the packed
     total, which overstates the direct path's cost: packed calls lean chunked),
-    tasks = sequences x key/value heads. A carried or returned state needs the chunked path,
-    and so does a device without a direct kernel (only CPU and CUDA have one); `threads`
-    matters on the CPU only."""
-    if has_state or device_type not in ("cpu", "cuda"):
+    tasks = sequences x key/value heads. A device without a direct kernel (only CPU and CUDA
+    have one) takes the chunked path. A carried or returned state costs the direct path an
+    extra O(N Dk^2 Dv) each (state_cost: with both, never cheaper than the chunked path, which
+    reads and builds the state in its scan anyway); packed sequences with a state stay
+    chunked (the direct path handles their states one sequence at a time, in Python).
+    `threads` matters on the CPU only."""
+    if device_type not in ("cpu", "cuda"):
+        return "chunked"
+    passes = int(reads_state) + int(returns_state)
+    if passes and packed:
         return "chunked"
     if device_type == "cuda":
         if max(dk, dv) > _CUDA_CHUNKED_MAX_HEAD:  # the only CUDA path with these heads
             return "direct"
-        return ("direct" if cuda_direct_cost(n, dk, dv, causal, tasks)
+        extra = passes * 2 * num_features(dk) * (dv + 1) * n / _CUDA_DIRECT_RATE
+        return ("direct" if cuda_direct_cost(n, dk, dv, causal, tasks) + extra
                 <= cuda_chunked_cost(n, dk, dv, causal, tasks) else "chunked")
-    if direct_cost(n, dk, dv, causal, threads, tasks) <= chunked_cost(n, dk, dv, causal,
-                                                                       threads, tasks):
+    if (direct_cost(n, dk, dv, causal, threads, tasks) + state_cost(n, dk, dv, passes, threads)
+            <= chunked_cost(n, dk, dv, causal, threads, tasks)):
         return "direct"
     return "chunked"

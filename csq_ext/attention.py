@@ -5,6 +5,7 @@ import torch
 
 from . import _args
 from . import _direct  # noqa: F401  (registers the direct path's fake and autograd)
+from . import _direct_state
 from ._cost import choose_path
 from ._ops import ops
 from .state import CSQState
@@ -38,9 +39,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
             values of their earlier pieces. Differentiable.
         return_state: also return the state after the last position.
         path: "auto" (default: the cheaper algorithm for this call, see the README's
-            crossover table), "direct" (tiles of q against tiles of k, O(N^2 (Dk + Dv)); CPU
-            and CUDA, no carried state) or "chunked" (the state scan, O(N Dk^2 Dv)). The
-            result is the same to rounding.
+            crossover table), "direct" (tiles of q against tiles of k, O(N^2 (Dk + Dv)), plus
+            O(N Dk^2 Dv) to read a carried state or build the returned one; CPU and CUDA) or
+            "chunked" (the state scan, O(N Dk^2 Dv)). The result is the same to rounding.
 
     Returns:
         (B, Hq, N, Dv) in the dtype of the inputs (half precision is computed in float32),
@@ -69,27 +70,29 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         _args.no_forward_ad(**{"initial_state.sums": initial_state.sums,
                                "initial_state.ref": initial_state.ref})
         state_in, ref_in = initial_state.sums.contiguous(), initial_state.ref.contiguous()
-    if _use_direct(path, q, k, v, causal, S, initial_state is not None or return_state):
-        y = ops.csq_direct_fwd(q, k, v, shift_t, cu_seqlens, options["causal"], options["scale"],
-                               options["center"], options["normalize"], options["eps"],
-                               chunk)[0]
-        return y.to(q.dtype)
-    y, _, _, sums, ref = ops.csq_fwd(
-        q, k, v, shift_t, cu_seqlens, state_in, ref_in, options["causal"], options["scale"],
-        options["center"], options["normalize"], options["eps"], chunk, return_state)
-    y = y.to(q.dtype)  # the op computes half precision in float32
+    if _use_direct(path, q, k, v, causal, S, cu_seqlens is not None, initial_state is not None,
+                   return_state):
+        if initial_state is None and not return_state:
+            y = ops.csq_direct_fwd(q, k, v, shift_t, cu_seqlens, None, None, options["causal"],
+                                   options["scale"], options["center"], options["normalize"],
+                                   options["eps"], chunk)[0]
+            return y.to(q.dtype)
+        y, sums, ref = _direct_state.attention(q, k, v, shift_t, cu_seqlens, S, state_in, ref_in,
+                                               return_state, options, chunk)
+    else:
+        y, _, _, sums, ref = ops.csq_fwd(
+            q, k, v, shift_t, cu_seqlens, state_in, ref_in, options["causal"], options["scale"],
+            options["center"], options["normalize"], options["eps"], chunk, return_state)
+    y = y.to(q.dtype)  # the ops compute half precision in float32
     return (y, CSQState(sums, ref)) if return_state else y
 
 
-def _use_direct(path, q, k, v, causal, S, has_state) -> bool:
+def _use_direct(path, q, k, v, causal, S, packed, reads_state, returns_state) -> bool:
     """Whether this call runs the direct path: forced by ``path``, or chosen by the cost
     model."""
     _args.check(isinstance(path, str) and path in ("auto", "direct", "chunked"),
                 lambda: f"path must be 'auto', 'direct' or 'chunked', got {path!r}")
     if path == "direct":
-        _args.check(not has_state, lambda: "path='direct' does not carry a state yet: "
-                    "initial_state and return_state need path='chunked' (or 'auto', which "
-                    "picks it)")
         _args.check(q.device.type in ("cpu", "cuda"), lambda: f"path='direct' has CPU and CUDA "
                     f"kernels only, got {q.device}; use path='chunked' (or 'auto', which picks "
                     f"it)")
@@ -97,7 +100,8 @@ def _use_direct(path, q, k, v, causal, S, has_state) -> bool:
     if path == "chunked":
         return False
     return choose_path(q.shape[2], q.shape[3], v.shape[3], bool(causal), q.device.type,
-                       _num_threads(), S * k.shape[1], has_state) == "direct"
+                       _num_threads(), S * k.shape[1], reads_state, returns_state,
+                       packed) == "direct"
 
 
 @torch.compiler.assume_constant_result

@@ -19,17 +19,39 @@ void fill_direct_params(DirectFwdParams& p, const at::Tensor& q, const at::Tenso
   p.tile = tile_size > 0 ? tile_size : default_direct_tile(p.dim_k, q.is_cuda());
 }
 
+// An optional per-query input of the forward (row_shift, row_sums): shape (B, Hq, N, extra...),
+// on q's device, floating point; returned contiguous in the accumulation dtype (an undefined
+// tensor when absent).
+at::Tensor per_query_input(const c10::optional<at::Tensor>& t, const char* name,
+                           const at::Tensor& q, c10::IntArrayRef expected) {
+  if (!t.has_value() || !t->defined()) return at::Tensor();
+  TORCH_CHECK(t->device() == q.device(), "csq_ext: ", name, " must be on ", q.device(),
+              " like q, got ", t->device());
+  TORCH_CHECK(at::isFloatingType(t->scalar_type()), "csq_ext: ", name,
+              " must be a floating-point tensor, got ", t->scalar_type());
+  TORCH_CHECK(t->sizes() == expected, "csq_ext: ", name, " must have shape ", expected,
+              ", got ", t->sizes());
+  return t->to(acc_dtype(q.scalar_type())).contiguous();
+}
+
 }  // namespace
 
 DirectForwardCall prepare_direct_forward(const at::Tensor& q, const at::Tensor& k,
                                          const at::Tensor& v, const at::Tensor& shift,
                                          const c10::optional<at::Tensor>& cu_seqlens,
+                                         const c10::optional<at::Tensor>& row_shift,
+                                         const c10::optional<at::Tensor>& row_sums,
                                          bool causal, double scale, bool center, bool normalize,
                                          double eps, int64_t tile_size) {
   DirectForwardCall c;
   DirectFwdParams& p = c.p;
   fill_direct_params(p, q, k, v, shift, cu_seqlens, causal, scale, center, normalize, eps,
                      tile_size, c.shift_acc, c.cu_seqlens);
+  c.row_shift = per_query_input(row_shift, "row_shift", q, {p.batch, p.heads_q, p.seqlen});
+  c.row_sums = per_query_input(row_sums, "row_sums", q,
+                               {p.batch, p.heads_q, p.seqlen, p.dim_v + 1});
+  p.row_shift = c.row_shift.defined() ? c.row_shift.data_ptr() : nullptr;
+  p.row_sums = c.row_sums.defined() ? c.row_sums.data_ptr() : nullptr;
   const auto opts = q.options().dtype(acc_dtype(q.scalar_type()));
   c.y = at::empty({p.batch, p.heads_q, p.seqlen, p.dim_v}, opts);
   c.b = at::empty({p.batch, p.heads_q, p.seqlen}, opts);

@@ -16,13 +16,15 @@ namespace csq {
 // csq_direct_fwd. tile_size <= 0: the backend's default tile.
 struct DirectForwardCall {
   DirectFwdParams p;
-  at::Tensor shift_acc, cu_seqlens;  // what p points into
+  at::Tensor shift_acc, cu_seqlens, row_shift, row_sums;  // what p points into
   at::Tensor y, b, den;              // accumulation dtype: (B, Hq, N, Dv), (B, Hq, N) twice
   std::tuple<at::Tensor, at::Tensor, at::Tensor> outputs() const { return {y, b, den}; }
 };
 DirectForwardCall prepare_direct_forward(const at::Tensor& q, const at::Tensor& k,
                                          const at::Tensor& v, const at::Tensor& shift,
                                          const c10::optional<at::Tensor>& cu_seqlens,
+                                         const c10::optional<at::Tensor>& row_shift,
+                                         const c10::optional<at::Tensor>& row_sums,
                                          bool causal, double scale, bool center, bool normalize,
                                          double eps, int64_t tile_size);
 
@@ -32,9 +34,11 @@ struct DirectBackwardCall {
   at::Tensor shift_acc, cu_seqlens, y, b, den;  // what p points into
   at::Tensor dq, dk, dv, db;                    // zeroed accumulators
   at::ScalarType input_dtype, shift_dtype;
-  // dq, dk, dv in the input dtype, dshift (Hq,) in the dtype of shift (gradient_outputs).
-  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> outputs() const {
-    return gradient_outputs(dq, dk, dv, db, input_dtype, shift_dtype);
+  // dq, dk, dv in the input dtype, dshift (Hq,) in the dtype of shift (gradient_outputs), and
+  // db itself (B, Hq, N), accumulation dtype: the gradient of the forward's row_shift.
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> outputs() const {
+    const auto g = gradient_outputs(dq, dk, dv, db, input_dtype, shift_dtype);
+    return {std::get<0>(g), std::get<1>(g), std::get<2>(g), std::get<3>(g), db};
   }
 };
 DirectBackwardCall prepare_direct_backward(const at::Tensor& dy, const at::Tensor& q,

@@ -25,12 +25,20 @@ struct DirectFwdParams : QkvParams {
   // CUDA, bfloat16 / float16 only: 0 runs the generic kernels instead of the tensor-core ones
   // (CSQ_CUDA_TENSOR_CORES=0, as for FwdParams).
   int tensor_core_passes = 3;
+  // Optional per-query inputs from outside the keys of this call (nullptr: none), contiguous,
+  // accumulation dtype. csq_ext/_direct_state.py uses them to carry a state on the direct
+  // path: the state's keys move each query's mean (row_shift) and add their weighted values
+  // and weights (row_sums).
+  const void* row_shift = nullptr;  // (B, Hq, N): added to each b_i
+  const void* row_sums = nullptr;   // (B, Hq, N, Dv + 1): added to [num | den] before dividing
   void* y = nullptr;    // (B, Hq, N, Dv)
   void* b = nullptr;    // (B, Hq, N)
   void* den = nullptr;  // (B, Hq, N)
 };
 
-// csq_direct_bwd, derived from the forward's: y, b, den are read back (not written).
+// csq_direct_bwd, derived from the forward's: y, b, den are read back (not written). The saved
+// b already holds row_shift and the saved den row_sums' den, so the backward needs neither;
+// their gradients are db and [dy / (den + eps), dden] (computed by the caller).
 struct DirectBwdParams : DirectFwdParams {
   int64_t dy_stride[4] = {0, 0, 0, 0};
   const void* dy = nullptr;  // (B, Hq, N, Dv), accumulation dtype

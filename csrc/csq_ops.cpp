@@ -43,17 +43,21 @@ TORCH_LIBRARY(csq_ext, m) {
   // The direct path (csrc/csq_direct_params.h): weights computed tile by tile from q and k,
   // O(N^2 (Dk + Dv)) time, no state. Forward: y (B, Hq, N, Dv), b and den (B, Hq, N), all in
   // the accumulation dtype as for csq_fwd (b goes with the tile's reference key; the backward
-  // reads it back). tile_size 0 = the default.
+  // reads it back). tile_size 0 = the default. Optional per-query inputs: row_shift (B, Hq, N)
+  // is added to each b_i, row_sums (B, Hq, N, Dv + 1) to each query's [num | den] before the
+  // division (the carried state's share; csq_ext/_direct_state.py); both come back into b and
+  // den.
   m.def(
       "csq_direct_fwd(Tensor q, Tensor k, Tensor v, Tensor shift, Tensor? cu_seqlens, "
-      "bool causal, float scale, bool center, bool normalize, float eps, int tile_size) "
-      "-> (Tensor, Tensor, Tensor)");
-  // Backward: dq, dk, dv in the input dtype, dshift (Hq,) in the dtype of shift.
+      "Tensor? row_shift, Tensor? row_sums, bool causal, float scale, bool center, "
+      "bool normalize, float eps, int tile_size) -> (Tensor, Tensor, Tensor)");
+  // Backward: dq, dk, dv in the input dtype, dshift (Hq,) in the dtype of shift, and db
+  // (B, Hq, N) in the accumulation dtype: the gradient of each b_i, hence of row_shift.
   m.def(
       "csq_direct_bwd(Tensor dy, Tensor q, Tensor k, Tensor v, Tensor shift, "
       "Tensor? cu_seqlens, Tensor y, Tensor b, Tensor den, bool causal, float scale, "
       "bool center, bool normalize, float eps, int tile_size) "
-      "-> (Tensor, Tensor, Tensor, Tensor)");
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // One decoding step in place, for serving: the new token's key and value join `sums`, y
   // receives the output; nothing is allocated. A state that holds no key yet (count 0) takes
   // the token's key as its `ref`, written in place. q (B, Hq, 1, Dk), k (B, Hk, 1, Dk),

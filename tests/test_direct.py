@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import csq_ext
+from csq_ext import CSQState
 from csq_ext._cost import choose_path
 from conftest import (FLOAT_DTYPES, TOL, assert_rel_close, check_float32_offset_keys, csq,
                       csq_grads, make_qkv, rand_shift, randn, reference, reference_grads,
@@ -163,11 +164,17 @@ def test_direct_gradcheck(gen, causal, center, normalize):
 def test_direct_opcheck(gen):
     q, k, v = make_qkv(gen, (2, 4, 2, 13, 3, 5), torch.float32)
     shift = rand_shift(gen, 4, torch.float32)
+    row_shift = randn(gen, 2, 4, 13, dtype=torch.float32)
+    row_sums = randn(gen, 2, 4, 13, 6, dtype=torch.float32).abs()
     for rg in (False, True):
         args = [t.detach().requires_grad_(rg) for t in (q, k, v, shift)]
         torch.library.opcheck(ops.csq_direct_fwd.default,
-                              (*args, None, True, 0.5, True, True, 1e-6, 4))
-    y, b, den = ops.csq_direct_fwd(q, k, v, shift, None, True, 0.5, True, True, 1e-6, 4)
+                              (*args, None, None, None, True, 0.5, True, True, 1e-6, 4))
+        rows = [t.detach().requires_grad_(rg) for t in (row_shift, row_sums)]
+        torch.library.opcheck(ops.csq_direct_fwd.default,
+                              (*args, None, *rows, True, 0.5, True, True, 1e-6, 4))
+    y, b, den = ops.csq_direct_fwd(q, k, v, shift, None, None, None, True, 0.5, True, True,
+                                   1e-6, 4)
     dy = randn(gen, *y.shape, dtype=torch.float32)
     torch.library.opcheck(ops.csq_direct_bwd.default,
                           (dy, q, k, v, shift, None, y, b, den, True, 0.5, True, True, 1e-6, 4))
@@ -205,16 +212,14 @@ def test_double_backward_is_refused(gen):
 # --------------------------------------------------------------------------------------------
 def test_auto_choice_both_outcomes():
     """Short sequences and large heads go direct; long sequences with small heads chunked;
-    a state or a device without a direct kernel always chunked; CUDA has its own (uncalibrated)
+    a device without a direct kernel always chunked; CUDA has its own (uncalibrated)
     constants."""
     assert choose_path(1024, 64, 64, True, "cpu", 2, 4, False) == "direct"
     assert choose_path(65536, 32, 32, True, "cpu", 2, 4, False) == "chunked"
     assert choose_path(4096, 256, 256, True, "cpu", 2, 4, False) == "direct"
-    assert choose_path(512, 64, 64, True, "cpu", 2, 4, True) == "chunked"
     assert choose_path(512, 64, 64, True, "mps", 2, 4, False) == "chunked"
     assert choose_path(512, 64, 64, True, "cuda", 2, 4, False) == "direct"
     assert choose_path(65536, 32, 32, True, "cuda", 2, 4, False) == "chunked"
-    assert choose_path(512, 64, 64, True, "cuda", 2, 4, True) == "chunked"
     # Heads above the chunked CUDA kernels' 128: the direct kernels (up to 256) at any length.
     assert choose_path(1 << 20, 192, 64, True, "cuda", 2, 4, False) == "direct"
     # The direct path uses every thread for one head, the chunked one a thread per head.
@@ -239,8 +244,108 @@ def test_bad_path_is_refused(gen):
     q, k, v = make_qkv(gen, (1, 2, 1, 6, 3, 2))
     with pytest.raises(ValueError, match="path must be 'auto', 'direct' or 'chunked'"):
         csq_ext.attention(q, k, v, path="fast")
-    with pytest.raises(ValueError, match="path='direct' does not carry a state"):
-        csq_ext.attention(q, k, v, path="direct", return_state=True)
-    _, st = csq_ext.attention(q, k, v, return_state=True)  # auto falls back to chunked
-    with pytest.raises(ValueError, match="path='direct' does not carry a state"):
-        csq_ext.attention(q, k, v, path="direct", initial_state=st)
+    with pytest.raises(ValueError, match="path must be"):
+        csq_ext.attention(q, k, v, path=None)
+
+
+# --------------------------------------------------------------------------------------------
+# Carried state on the direct path (csq_ext/_direct_state.py)
+# --------------------------------------------------------------------------------------------
+def _state_run(path, q, k, v, shift, sums, ref, **kw):
+    y, st = csq_ext.attention(q, k, v, shift=shift, initial_state=CSQState(sums, ref),
+                              return_state=True, path=path, **kw)
+    return y, st.sums, st.ref
+
+
+@pytest.mark.parametrize("center,normalize", [(True, True), (False, True), (True, False)])
+@pytest.mark.parametrize("shape", [(2, 4, 2, 70, 6, 5), (1, 3, 1, 150, 16, 33),
+                                   (1, 2, 2, 1, 4, 4)], ids=["gqa", "mqa-long", "n1"])
+def test_direct_state_equals_chunked_state(gen, shape, center, normalize):
+    """Continuing a carried state and returning the next: the direct path gives the chunked
+    path's output, state (sums, ref) and every gradient (q, k, v, shift, sums, ref) in
+    float64, with keys that share an offset."""
+    B, Hq, Hk, N, Dk, Dv = shape
+    _, s0 = csq_ext.attention(*make_qkv(gen, (B, Hq, Hk, 40, Dk, Dv)), return_state=True)
+    q, k, v = make_qkv(gen, shape)
+    k = (k + 3.0).detach()
+    shift = rand_shift(gen, Hq, torch.float64)
+    sums = (s0.sums * (1 + 0.1 * randn(gen, *s0.sums.shape))).detach()
+    ref = s0.ref.detach()
+    inputs = [t.detach().requires_grad_() for t in (q, k, v, shift, sums, ref)]
+    dy = randn(gen, B, Hq, N, Dv)
+    dsums, dref = randn(gen, *sums.shape), randn(gen, *ref.shape)
+    results = {}
+    for path in ("direct", "chunked"):
+        y, so, ro = _state_run(path, *inputs, center=center, normalize=normalize)
+        loss = (y * dy).sum() + (so * dsums).sum() + (ro * dref).sum()
+        results[path] = (y, so, ro, torch.autograd.grad(loss, inputs))
+    (yd, sd, rd, gd), (yc, sc, rc, gc) = results["direct"], results["chunked"]
+    assert_rel_close(yd, yc, 1e-10, "y")
+    assert_rel_close(sd, sc, 1e-10, "sums")
+    assert torch.equal(rd, rc)
+    for name, a, b in zip("q k v shift sums ref".split(), gd, gc):
+        assert_rel_close(a, b, 1e-9, f"d{name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_direct_state_pieces_match_reference(gen, dtype):
+    """A sequence in three pieces on the direct path (prefill returning a state, a piece
+    continuing it, a last piece) against the float64 reference of the whole sequence."""
+    shape = (2, 4, 2, 200, 16, 8)
+    q, k, v = make_qkv(gen, shape, dtype)
+    shift = rand_shift(gen, 4, shift_dtype(dtype))
+    ys, st = [], None
+    for a, b in ((0, 77), (77, 150), (150, 200)):
+        y, st = csq_ext.attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], shift=shift,
+                                  initial_state=st, return_state=True, path="direct")
+        ys.append(y)
+    assert st.count.eq(200).all() and st.sums.dtype == torch.float32
+    assert_rel_close(torch.cat(ys, 2), reference(q, k, v, shift=shift), TOL[dtype], "y")
+
+
+def test_direct_state_feature_blocks(gen, monkeypatch):
+    """The state's features are built in blocks of rows (and of heads): any block size gives
+    the same output, state and gradients."""
+    from csq_ext import _direct_state
+    q, k, v = make_qkv(gen, (2, 4, 2, 90, 5, 3))
+    _, s0 = csq_ext.attention(q[:, :, :30], k[:, :, :30], v[:, :, :30], return_state=True)
+    inputs = [t.detach().requires_grad_() for t in (q[:, :, 30:], k[:, :, 30:], v[:, :, 30:])]
+
+    def run():
+        y, st = csq_ext.attention(*inputs, initial_state=s0, return_state=True, path="direct")
+        return (y, st.sums, *torch.autograd.grad(y.sum() + st.sums.square().sum(), inputs))
+
+    one_block = run()
+    monkeypatch.setattr(_direct_state, "_BLOCK_ELEMS", 3 * 26)  # F = 21: 1-3 rows, 1 head
+    for a, b in zip(run(), one_block):
+        assert_rel_close(a, b, 1e-12)
+
+
+def test_direct_state_nan_stays_in_its_sequence(gen):
+    """A NaN in one sequence's carried sums reaches that sequence's outputs only; the other
+    batch entry is exact."""
+    q, k, v = make_qkv(gen, (2, 2, 1, 20, 4, 3))
+    _, st = csq_ext.attention(q, k, v, return_state=True, path="direct")
+    sums = st.sums.clone()
+    sums[0, 0, 3, 1] = float("nan")
+    y = csq_ext.attention(q, k, v, initial_state=CSQState(sums, st.ref), path="direct")
+    assert torch.isnan(y[0]).any() and torch.isfinite(y[1]).all()
+    y_ok = csq_ext.attention(q, k, v, initial_state=st, path="chunked")
+    assert_rel_close(y[1], y_ok[1], 1e-10)
+
+
+def test_auto_takes_the_direct_path_with_a_state_when_cheaper(gen):
+    """A short prefill returning its state, or a short piece continuing one, is cheaper
+    direct; a state's extra O(N Dk^2 Dv) moves the crossover to shorter N; packed sequences
+    with a state stay chunked. auto gives the chosen path's output bit for bit."""
+    threads = torch.get_num_threads()
+    assert choose_path(256, 64, 64, True, "cpu", threads, 4, returns_state=True) == "direct"
+    assert choose_path(256, 64, 64, True, "cpu", threads, 4, reads_state=True) == "direct"
+    assert choose_path(4096, 64, 64, True, "cpu", 2, 4) == "direct"
+    assert choose_path(4096, 64, 64, True, "cpu", 2, 4, True, True) == "chunked"
+    assert choose_path(256, 64, 64, True, "cpu", threads, 4, True, packed=True) == "chunked"
+    assert choose_path(1 << 20, 192, 64, True, "cuda", 2, 4, True) == "direct"
+    q, k, v = make_qkv(gen, (1, 4, 4, 256, 64, 64), torch.float32)
+    y, st = csq_ext.attention(q, k, v, return_state=True)
+    y_d, st_d = csq_ext.attention(q, k, v, return_state=True, path="direct")
+    assert torch.equal(y, y_d) and torch.equal(st.sums, st_d.sums)

@@ -36,5 +36,6 @@ def test_cuda_kernels_in_the_emulator(emulator_library):
     report = run.stdout + run.stderr
     assert run.returncode == 0 and "ALL OK" in run.stdout, report[-6000:]
     # Every family of kernels was exercised (a check that silently ran nothing must fail).
-    for family in ("decode", "varlen", "state", "tensor", "outlier", "sink", "direct"):
+    for family in ("decode", "varlen", "state", "tensor", "outlier", "sink", "direct",
+                   "direct row inputs"):
         assert family in report.lower(), f"no {family} case ran:\n{report[-3000:]}"

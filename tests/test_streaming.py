@@ -2,6 +2,8 @@
 whole-sequence result (issue: streaming and serving). The tests that take `device` run on the
 CPU and, when there is one, on a CUDA device (the same checks: the two backends share the state
 layout)."""
+import functools
+
 import pytest
 import torch
 
@@ -10,6 +12,8 @@ from csq_ext import CSQState
 from conftest import poisoned_memory, rand_shift, randn, reference, rel_err
 
 TOL_STREAM = {torch.float64: 1e-10, torch.float32: 1e-5}
+# Both exact algorithms carry states (the direct one through csq_ext/_direct_state.py).
+PATHS = ["chunked", "direct"]
 
 
 def qkv(gen, B, Hq, Hk, N, Dk, Dv, dtype=torch.float64, key_offset=0.0, device="cpu"):
@@ -23,22 +27,24 @@ def piece(t, a, b):
     return t[:, :, a:b]
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_prefill_in_two_pieces_then_2048_decode_steps_equals_one_call(gen, dtype, device):
+def test_prefill_in_two_pieces_then_2048_decode_steps_equals_one_call(gen, dtype, device, path):
+    attend = functools.partial(csq_ext.attention, path=path)
     B, Hq, Hk, Dk, Dv = 2, 4, 2, 8, 6
     p1, p2, steps = 45, 83, 2048
     N = p1 + p2 + steps
     q, k, v = qkv(gen, B, Hq, Hk, N, Dk, Dv, dtype, key_offset=2.0, device=device)
     shift = rand_shift(gen, Hq, dtype=dtype, device=device)
-    whole = csq_ext.attention(q, k, v, shift=shift)
+    whole = attend(q, k, v, shift=shift)
     expected = reference(q, k, v, shift=shift)
     assert rel_err(whole, expected) <= TOL_STREAM[dtype]
 
-    y1, state = csq_ext.attention(piece(q, 0, p1), piece(k, 0, p1), piece(v, 0, p1),
-                                  shift=shift, return_state=True, chunk_size=16)
-    y2, state = csq_ext.attention(piece(q, p1, p1 + p2), piece(k, p1, p1 + p2),
-                                  piece(v, p1, p1 + p2), shift=shift, initial_state=state,
-                                  return_state=True)
+    y1, state = attend(piece(q, 0, p1), piece(k, 0, p1), piece(v, 0, p1),
+                       shift=shift, return_state=True, chunk_size=16)
+    y2, state = attend(piece(q, p1, p1 + p2), piece(k, p1, p1 + p2),
+                       piece(v, p1, p1 + p2), shift=shift, initial_state=state,
+                       return_state=True)
     assert state.count.eq(p1 + p2).all()
     # Half the steps through the functional decode, half in place into one output buffer.
     ys = [y1, y2]
@@ -61,10 +67,12 @@ def test_prefill_in_two_pieces_then_2048_decode_steps_equals_one_call(gen, dtype
     assert rel_err(ys[-1], whole[:, :, -1:]) <= TOL_STREAM[dtype]
 
 
-def test_empty_state_continues_like_no_state(gen, device):
+@pytest.mark.parametrize("path", PATHS)
+def test_empty_state_continues_like_no_state(gen, device, path):
+    attend = functools.partial(csq_ext.attention, path=path)
     q, k, v = qkv(gen, 1, 2, 1, 30, 4, 3, device=device)
     empty = CSQState.empty(1, 1, 4, 3, dtype=torch.float64, device=device)
-    y = csq_ext.attention(q, k, v, initial_state=empty)
+    y = attend(q, k, v, initial_state=empty)
     assert rel_err(y, reference(q, k, v)) <= 1e-10
     state = CSQState.empty(1, 1, 4, 3, dtype=torch.float64, device=device)
     ys = [csq_ext.decode_(piece(q, t, t + 1), piece(k, t, t + 1), piece(v, t, t + 1),
@@ -72,24 +80,28 @@ def test_empty_state_continues_like_no_state(gen, device):
     assert rel_err(torch.cat(ys, 2), reference(q, k, v)) <= 1e-10
 
 
-def test_state_options_flags_and_scale(gen, device):
+@pytest.mark.parametrize("path", PATHS)
+def test_state_options_flags_and_scale(gen, device, path):
+    attend = functools.partial(csq_ext.attention, path=path)
     q, k, v = qkv(gen, 1, 2, 2, 40, 5, 4, device=device)
     kw = dict(center=False, normalize=False, scale=0.7, shift=-0.4)
-    y1, st = csq_ext.attention(piece(q, 0, 13), piece(k, 0, 13), piece(v, 0, 13),
-                               return_state=True, **kw)
-    y2 = csq_ext.attention(piece(q, 13, 40), piece(k, 13, 40), piece(v, 13, 40),
-                           initial_state=st, **kw)
+    y1, st = attend(piece(q, 0, 13), piece(k, 0, 13), piece(v, 0, 13),
+                    return_state=True, **kw)
+    y2 = attend(piece(q, 13, 40), piece(k, 13, 40), piece(v, 13, 40),
+                initial_state=st, **kw)
     assert rel_err(torch.cat([y1, y2], 2), reference(q, k, v, **kw)) <= 1e-10
 
 
-def test_float32_state_with_offset_keys_stays_accurate(gen, device):
+@pytest.mark.parametrize("path", PATHS)
+def test_float32_state_with_offset_keys_stays_accurate(gen, device, path):
     """The state's ref keeps float32 sums accurate when keys share an offset 30x their
     spread, across pieces and decode steps."""
+    attend = functools.partial(csq_ext.attention, path=path)
     q, k, v = qkv(gen, 1, 2, 1, 600, 16, 16, torch.float64, key_offset=30.0, device=device)
     expected = reference(q, k, v)
     q, k, v = q.float(), k.float(), v.float()
-    y1, st = csq_ext.attention(piece(q, 0, 300), piece(k, 0, 300), piece(v, 0, 300),
-                               return_state=True)
+    y1, st = attend(piece(q, 0, 300), piece(k, 0, 300), piece(v, 0, 300),
+                    return_state=True)
     ys = [y1]
     for t in range(300, 600):
         ys.append(csq_ext.decode_(piece(q, t, t + 1), piece(k, t, t + 1), piece(v, t, t + 1),
@@ -97,11 +109,13 @@ def test_float32_state_with_offset_keys_stays_accurate(gen, device):
     assert rel_err(torch.cat(ys, 2), expected) <= 1e-4
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("center", [True, False])
-def test_gradcheck_through_initial_state(gen, center, device):
+def test_gradcheck_through_initial_state(gen, center, device, path):
     """Gradients flow into the carried state (sums and ref) and out of the returned one."""
-    _, s0 = csq_ext.attention(*qkv(gen, 1, 2, 1, 7, 3, 2, key_offset=1.0, device=device),
-                              return_state=True)
+    attend = functools.partial(csq_ext.attention, path=path)
+    _, s0 = attend(*qkv(gen, 1, 2, 1, 7, 3, 2, key_offset=1.0, device=device),
+                   return_state=True)
     q, k, v = (t.requires_grad_() for t in qkv(gen, 1, 2, 1, 9, 3, 2, device=device))
     noise = torch.rand(s0.sums.shape, generator=gen, dtype=torch.float64).to(device)
     sums = (s0.sums + 0.1 * noise)
@@ -109,24 +123,26 @@ def test_gradcheck_through_initial_state(gen, center, device):
     ref = s0.ref.detach().clone().requires_grad_()
 
     def run(q, k, v, sums, ref):
-        y, st = csq_ext.attention(q, k, v, center=center, initial_state=CSQState(sums, ref),
-                                  return_state=True, chunk_size=4)
+        y, st = attend(q, k, v, center=center, initial_state=CSQState(sums, ref),
+                       return_state=True, chunk_size=4)
         return y, st.sums, st.ref
 
     assert torch.autograd.gradcheck(run, (q, k, v, sums, ref))
 
 
-def test_gradients_of_state_pieces_equal_one_call(gen, device):
+@pytest.mark.parametrize("path", PATHS)
+def test_gradients_of_state_pieces_equal_one_call(gen, device, path):
     """Truncated BPTT with a state that is not detached gives the one-call gradients."""
+    attend = functools.partial(csq_ext.attention, path=path)
     q, k, v = (t.requires_grad_() for t in qkv(gen, 1, 4, 2, 50, 4, 3, device=device))
     shift = rand_shift(gen, 4, device=device, requires_grad=True)
     dy = randn(gen, 1, 4, 50, 3, device=device)
-    y = csq_ext.attention(q, k, v, shift=shift)
+    y = attend(q, k, v, shift=shift)
     full = torch.autograd.grad(y, (q, k, v, shift), dy)
-    y1, st = csq_ext.attention(piece(q, 0, 21), piece(k, 0, 21), piece(v, 0, 21), shift=shift,
-                               return_state=True)
-    y2 = csq_ext.attention(piece(q, 21, 50), piece(k, 21, 50), piece(v, 21, 50), shift=shift,
-                           initial_state=st)
+    y1, st = attend(piece(q, 0, 21), piece(k, 0, 21), piece(v, 0, 21), shift=shift,
+                    return_state=True)
+    y2 = attend(piece(q, 21, 50), piece(k, 21, 50), piece(v, 21, 50), shift=shift,
+                initial_state=st)
     pieces = torch.autograd.grad(torch.cat([y1, y2], 2), (q, k, v, shift), dy)
     for a, b in zip(pieces, full):
         assert rel_err(a, b) <= 1e-10
@@ -196,13 +212,15 @@ def test_varlen_equals_per_sequence_calls(gen, index_dtype, causal):
         assert rel_err(a, b) <= 1e-10, name
 
 
-def test_varlen_gradcheck_and_returned_states(gen, device):
+@pytest.mark.parametrize("path", PATHS)
+def test_varlen_gradcheck_and_returned_states(gen, device, path):
+    attend = functools.partial(csq_ext.attention, path=path)
     cu = torch.tensor([0, 3, 4, 11])
     q, k, v = (t.requires_grad_() for t in qkv(gen, 1, 2, 1, 11, 3, 2, device=device))
     assert torch.autograd.gradcheck(
-        lambda q, k, v: csq_ext.attention(q, k, v, cu_seqlens=cu, chunk_size=2), (q, k, v))
+        lambda q, k, v: attend(q, k, v, cu_seqlens=cu, chunk_size=2), (q, k, v))
     # Per-sequence states: continuing segment s equals attention over its longer sequence.
-    _, st = csq_ext.attention(q, k, v, cu_seqlens=cu, return_state=True)
+    _, st = attend(q, k, v, cu_seqlens=cu, return_state=True)
     assert st.sums.shape[0] == 3 and st.count.flatten().tolist() == [3.0, 1.0, 7.0]
     qn, kn, vn = qkv(gen, 3, 2, 1, 1, 3, 2, device=device)
     y, _ = csq_ext.decode(qn, kn, vn, st)
@@ -211,16 +229,18 @@ def test_varlen_gradcheck_and_returned_states(gen, device):
     assert rel_err(y[2:3], reference(*longer)[:, :, -1:]) <= 1e-10
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("center", [True, False])
-def test_varlen_with_initial_states_equals_per_sequence_calls(gen, device, center):
+def test_varlen_with_initial_states_equals_per_sequence_calls(gen, device, center, path):
     """Packed segments, each continuing its own state (lengths 0, 1, 70, 5: empty, one token,
     more than a CUDA chunk), return their states: outputs, returned states and all gradients
     (q, k, v, shift, the carried sums and ref) equal one call per segment."""
+    attend = functools.partial(csq_ext.attention, path=path)
     lens = [0, 1, 70, 5]
     cu = torch.tensor([0, 0, 1, 71, 76])
     S, T, Hq, Hk, Dk, Dv = 4, 76, 4, 2, 4, 3
-    _, s0 = csq_ext.attention(*qkv(gen, S, Hq, Hk, 6, Dk, Dv, key_offset=1.0, device=device),
-                              return_state=True)
+    _, s0 = attend(*qkv(gen, S, Hq, Hk, 6, Dk, Dv, key_offset=1.0, device=device),
+                   return_state=True)
     sums = s0.sums.detach().requires_grad_()
     ref = s0.ref.detach().clone().requires_grad_()
     q, k, v = (t.requires_grad_() for t in qkv(gen, 1, Hq, Hk, T, Dk, Dv, device=device))
@@ -230,12 +250,12 @@ def test_varlen_with_initial_states_equals_per_sequence_calls(gen, device, cente
     inputs = (q, k, v, shift, sums, ref)
     kw = dict(shift=shift, center=center, return_state=True)
 
-    y, st = csq_ext.attention(q, k, v, cu_seqlens=cu, initial_state=CSQState(sums, ref), **kw)
+    y, st = attend(q, k, v, cu_seqlens=cu, initial_state=CSQState(sums, ref), **kw)
     grads = torch.autograd.grad((y * dy).sum() + (st.sums * dsums).sum(), inputs)
     loss, ys, outs = 0, [], []
     for s, (a, b) in enumerate(segments(cu)):
-        yi, si = csq_ext.attention(piece(q, a, b), piece(k, a, b), piece(v, a, b),
-                                   initial_state=CSQState(sums[s:s + 1], ref[s:s + 1]), **kw)
+        yi, si = attend(piece(q, a, b), piece(k, a, b), piece(v, a, b),
+                        initial_state=CSQState(sums[s:s + 1], ref[s:s + 1]), **kw)
         ys.append(yi)
         outs.append(si)
         loss = loss + (yi * piece(dy, a, b)).sum() + (si.sums * dsums[s:s + 1]).sum()

@@ -12,7 +12,7 @@ namespace csq {
 namespace cpu {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> csq_direct_bwd_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> csq_direct_bwd_cpu(
     const at::Tensor& dy, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& shift, const c10::optional<at::Tensor>& cu_seqlens, const at::Tensor& y,
     const at::Tensor& b, const at::Tensor& den, bool causal, double scale, bool center,

@@ -35,13 +35,15 @@ struct ForwardTile {
     qt.load(t, kp);
     const int64_t rows = t.rows, grows = G * rows;
     const acc_t* shift = static_cast<const acc_t*>(p.shift);
-    // b_i = c_h - tau <q_i, mu_i - r>: the shift that goes with keys k - r.
+    const acc_t* row_shift = static_cast<const acc_t*>(p.row_shift);
+    // b_i = c_h - tau <q_i, mu_i - r> (+ row_shift_i): the shift that goes with keys k - r.
     for (int64_t r = 0; r < grows; ++r) {
       const acc_t* qr = qt.q.data() + r * D;
       const acc_t* md = qt.mdiff.data() + (r % rows) * D;
       acc_t dot = 0;
       for (int64_t x = 0; x < D; ++x) dot += qr[x] * md[x];
       b[r] = shift[t.seq.head_k * G + r / rows] - tau * dot;
+      if (row_shift != nullptr) b[r] += row_shift[qt.out_row(t, r)];
     }
     std::fill(num.begin(), num.begin() + grows * Dv1, acc_t(0));
     const int64_t end = p.causal ? t.t0 + rows : t.seq.len;
@@ -65,9 +67,12 @@ struct ForwardTile {
       }
     }
     const int64_t Dv = p.dim_v;
+    const acc_t* row_sums = static_cast<const acc_t*>(p.row_sums);
     for (int64_t r = 0; r < grows; ++r) {
       const int64_t row = qt.out_row(t, r);
-      const acc_t* nr = num.data() + r * Dv1;
+      acc_t* nr = num.data() + r * Dv1;
+      if (row_sums != nullptr)
+        for (int64_t x = 0; x < Dv1; ++x) nr[x] += row_sums[row * Dv1 + x];
       const acc_t den = nr[Dv];
       const acc_t inv = p.normalize ? acc_t(1) / (den + eps) : acc_t(1);
       acc_t* y = static_cast<acc_t*>(p.y) + row * Dv;

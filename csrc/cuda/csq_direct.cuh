@@ -236,7 +236,8 @@ __global__ void __launch_bounds__(kDThreads) direct_tile_scan_kernel(const Direc
 }
 
 // Per query tile and key/value head: r_T (w.ref), mu_i - r_T (w.mdiff, center and causal) and,
-// when write_b, b_i = c_h - tau <q_i, mu_i - r_T> for every query head of the group (p.b).
+// when write_b, b_i = c_h - tau <q_i, mu_i - r_T> (+ row_shift_i) for every query head of the
+// group (p.b).
 // Grid (slots, Hk).
 template <typename T, typename Acc>
 __global__ void __launch_bounds__(kDThreads) direct_rows_kernel(const DirectFwdParams p,
@@ -280,9 +281,11 @@ __global__ void __launch_bounds__(kDThreads) direct_rows_kernel(const DirectFwdP
       dot += load_el<Acc, T>(p.q, p.q_stride, t.bi, h, t.start + t.t0 + i, d) * m;
     }
     dot = warp_sum(dot);
-    if (lane == 0)
-      static_cast<Acc*>(p.b)[out_row(t, p.heads_q, h, p.seqlen, i)] =
-          static_cast<const Acc*>(p.shift)[h] - tau * dot;
+    if (lane == 0) {
+      const int64_t row = out_row(t, p.heads_q, h, p.seqlen, i);
+      const Acc extra = p.row_shift ? static_cast<const Acc*>(p.row_shift)[row] : Acc(0);
+      static_cast<Acc*>(p.b)[row] = static_cast<const Acc*>(p.shift)[h] - tau * dot + extra;
+    }
   }
 }
 

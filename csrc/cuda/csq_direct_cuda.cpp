@@ -38,12 +38,14 @@ void check_launch(const DirectFwdParams& p) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> csq_direct_fwd_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& shift,
-    const c10::optional<at::Tensor>& cu_seqlens, bool causal, double scale, bool center,
+    const c10::optional<at::Tensor>& cu_seqlens, const c10::optional<at::Tensor>& row_shift,
+    const c10::optional<at::Tensor>& row_sums, bool causal, double scale, bool center,
     bool normalize, double eps, int64_t tile_size) {
   const c10::cuda::CUDAGuard guard(q.device());
   // The shared checks and outputs first (as on the CPU), then what the CUDA kernels support.
-  DirectForwardCall call = prepare_direct_forward(q, k, v, shift, cu_seqlens, causal, scale,
-                                                  center, normalize, eps, tile_size);
+  DirectForwardCall call = prepare_direct_forward(q, k, v, shift, cu_seqlens, row_shift,
+                                                  row_sums, causal, scale, center, normalize,
+                                                  eps, tile_size);
   check_direct_supported(q, k, v, shift);
   call.p.tensor_core_passes = cuda_host::tensor_core_passes();
   check_launch(call.p);
@@ -58,7 +60,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> csq_direct_fwd_cuda(
   return call.outputs();
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> csq_direct_bwd_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> csq_direct_bwd_cuda(
     const at::Tensor& dy, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& shift, const c10::optional<at::Tensor>& cu_seqlens, const at::Tensor& y,
     const at::Tensor& b, const at::Tensor& den, bool causal, double scale, bool center,

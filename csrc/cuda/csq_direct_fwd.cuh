@@ -80,17 +80,21 @@ __global__ void __launch_bounds__(kDThreads) direct_fwd_kernel(const DirectFwdPa
     tile_product<false>(num, sm.X, sm.Y, diag ? kMaskUpTo : kMaskNone);
   }
   Acc* y = static_cast<Acc*>(p.y);
+  const Acc* row_sums = static_cast<const Acc*>(p.row_sums);  // (rows, Dv + 1) or none
 #pragma unroll
   for (int a = 0; a < 4; ++a) {
-    const Acc dsum = sum16(den[a]);
+    Acc dsum = sum16(den[a]);
     const int i = l.ty + 16 * a;
     if (i >= t.rows) continue;
     const int64_t row = out_row(t, p.heads_q, h, p.seqlen, i);
+    const Acc* extra = row_sums ? row_sums + row * (Dv + 1) : nullptr;
+    if (extra) dsum += extra[Dv];
     const Acc inv = p.normalize ? Acc(1) / (dsum + Acc(p.eps)) : Acc(1);
 #pragma unroll
     for (int c = 0; c < 4; ++c) {
       const int col = l.tx + 16 * c;
-      if (col < ncols) y[row * Dv + c0 + col] = num[a][c] * inv;
+      if (col < ncols)
+        y[row * Dv + c0 + col] = (num[a][c] + (extra ? extra[c0 + col] : Acc(0))) * inv;
     }
     if (blockIdx.z == 0 && l.tx == 0) static_cast<Acc*>(p.den)[row] = dsum;
   }

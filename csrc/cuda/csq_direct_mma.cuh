@@ -389,17 +389,19 @@ __global__ void __launch_bounds__(kDThreads) direct_fwd_mma_kernel(const DirectF
   __syncthreads();  // sm.part is free (the slabs' neighbours are done)
   row_sums(den, sm);
   float* y = static_cast<float*>(p.y);
+  const float* row_sums = static_cast<const float*>(p.row_sums);  // (rows, Dv + 1) or none
 #pragma unroll
   for (int r = 0; r < 4; ++r) {
     const int i = f.row(r);
     if (i >= t.rows) continue;
-    const float dsum = sm.part[i] + sm.part[64 + i];
-    const float inv = p.normalize ? 1.f / (dsum + float(p.eps)) : 1.f;
     const int64_t row = out_row(t, p.heads_q, h, p.seqlen, i);
+    const float* extra = row_sums ? row_sums + row * (Dv + 1) : nullptr;
+    const float dsum = sm.part[i] + sm.part[64 + i] + (extra ? extra[Dv] : 0.f);
+    const float inv = p.normalize ? 1.f / (dsum + float(p.eps)) : 1.f;
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const int n = f.col(j, r);
-      if (n < ncols) y[row * Dv + c0 + n] = acc[j][r] * inv;
+      if (n < ncols) y[row * Dv + c0 + n] = (acc[j][r] + (extra ? extra[c0 + n] : 0.f)) * inv;
     }
     if (blockIdx.z == 0 && f.nb == 0 && f.t == 0 && r % 2 == 0)
       static_cast<float*>(p.den)[row] = dsum;

@@ -36,6 +36,10 @@ def _ptr(t):
     return ctypes.c_void_p(t.data_ptr())
 
 
+def _opt_ptr(t):
+    return ctypes.c_void_p(None) if t is None else _ptr(t)
+
+
 def _acc(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -46,7 +50,8 @@ def _cu_args(cu):
     return ctypes.c_void_p(cu.data_ptr()), ctypes.c_int64(cu.numel() - 1)
 
 
-def emu_direct_fwd(lib, q, k, v, shift, cu, opts, tensor_cores=1):
+def emu_direct_fwd(lib, q, k, v, shift, cu, opts, tensor_cores=1, row_shift=None,
+                   row_sums=None):
     causal, scale, center, normalize, eps = opts
     B, Hq, N, Dk = q.shape
     Hk, Dv = k.shape[1], v.shape[-1]
@@ -55,13 +60,16 @@ def emu_direct_fwd(lib, q, k, v, shift, cu, opts, tensor_cores=1):
     y = torch.full((B, Hq, N, Dv), nan, dtype=acc)
     b = torch.full((B, Hq, N), nan, dtype=acc)
     den = torch.full((B, Hq, N), nan, dtype=acc)
+    # The optional per-query inputs, as the host layer passes them: contiguous, accumulation dtype.
+    row_shift, row_sums = (None if t is None else t.to(acc).contiguous()
+                           for t in (row_shift, row_sums))
     msg = ctypes.create_string_buffer(512)
     rc = lib.emu_direct_fwd(DT[q.dtype], _arr([B, Hq, Hk, N, Dk, Dv]), _ptr(q), _arr(q.stride()),
                             _ptr(k), _arr(k.stride()), _ptr(v), _arr(v.stride()),
                             _ptr(shift.to(acc).contiguous()), ctypes.c_double(scale),
                             ctypes.c_double(eps), int(causal), int(center), int(normalize),
-                            *_cu_args(cu), int(tensor_cores), _ptr(y), _ptr(b), _ptr(den), msg,
-                            512)
+                            *_cu_args(cu), int(tensor_cores), _opt_ptr(row_shift),
+                            _opt_ptr(row_sums), _ptr(y), _ptr(b), _ptr(den), msg, 512)
     assert rc == 0, msg.value
     return y, b, den
 
@@ -176,12 +184,12 @@ def check_direct(lib, dtype, B, Hq, Hk, N, Dk, Dv, causal, center, normalize, ki
                     dshift=_rel(dshift, s64.grad))
     ops = _cpu_op() if cpu else None
     if ops is not None:
-        cy, cb, cden = ops.csq_direct_fwd(q, k, v, shift, cu, causal, opts[1], center, normalize,
-                                          opts[4], TILE)
+        cy, cb, cden = ops.csq_direct_fwd(q, k, v, shift, cu, None, None, causal, opts[1],
+                                          center, normalize, opts[4], TILE)
         errs.update(y_cpu=_rel(y, cy), b_cpu=_rel(b, cb), den_cpu=_rel(den, cden))
         if grads:
-            cq, ck, cv, cs = ops.csq_direct_bwd(dy, q, k, v, shift, cu, cy, cb, cden, causal,
-                                                opts[1], center, normalize, opts[4], TILE)
+            cq, ck, cv, cs, _ = ops.csq_direct_bwd(dy, q, k, v, shift, cu, cy, cb, cden, causal,
+                                                   opts[1], center, normalize, opts[4], TILE)
             # The op returns dq, dk, dv in the input dtype (the host file rounds them).
             errs.update(dq_cpu=_rel(dq.to(dtype), cq), dk_cpu=_rel(dk.to(dtype), ck),
                         dv_cpu=_rel(dv.to(dtype), cv), dshift_cpu=_rel(dshift, cs))
@@ -191,6 +199,69 @@ def check_direct(lib, dtype, B, Hq, Hk, N, Dk, Dv, causal, center, normalize, ki
             (f" off={key_offset}" if key_offset else "") +
             ("" if tensor_cores else " cuda-cores"))
     return _report(name, errs, tol, track=None if key_offset else dtype)
+
+
+def _dense_with_rows(q, k, v, shift, row_shift, row_sums, causal, scale, normalize, eps):
+    """Centered CSQ in float64 from the definition, with a per-query row_shift added to every
+    score of the row and row_sums added to the row's [num | den] before the division."""
+    q, k, v = q.double(), k.double(), v.double()
+    G = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
+    N = q.shape[2]
+    mask = torch.ones(N, N, dtype=torch.bool)
+    mask = mask.tril() if causal else mask
+    mu = (k.cumsum(2) / torch.arange(1, N + 1, dtype=torch.float64)[:, None] if causal
+          else k.mean(2, keepdim=True).expand_as(k))
+    b = shift.double()[None, :, None] - scale * (q * mu).sum(-1) + row_shift.double()
+    w = torch.where(mask, (scale * q @ k.transpose(-1, -2) + b[..., None]) ** 2, 0.0)
+    num = w @ v + row_sums[..., :-1].double()
+    den = w.sum(-1) + row_sums[..., -1].double()
+    return (num / (den + eps)[..., None] if normalize else num), den
+
+
+def check_direct_row_inputs(lib):
+    """row_shift and row_sums (the carried state's share, csq_ext/_direct_state.py): the
+    forward against the definition and against the CPU op fed the same rows; the backward,
+    which reads them back through b and den, against the CPU op's."""
+    ok = True
+    ops = _cpu_op()
+    cases = [  # dtype, Hq, Hk, N, Dk, Dv, causal, normalize, tensor_cores
+        (torch.float64, 2, 1, 70, 6, 5, True, True, 1),
+        (torch.float32, 4, 2, 130, 32, 20, True, True, 1),
+        (torch.float32, 2, 2, 65, 9, 70, False, False, 1),
+        (torch.bfloat16, 2, 1, 100, 32, 16, True, True, 1),
+        (torch.float16, 2, 1, 67, 16, 8, True, False, 0),
+    ]
+    for i, (dtype, Hq, Hk, N, Dk, Dv, causal, normalize, tc) in enumerate(cases):
+        g = torch.Generator().manual_seed(1500 + i)
+        acc = _acc(dtype)
+        q, k, v = (torch.randn(1, h, N, d, generator=g, dtype=torch.float64).to(dtype)
+                   for h, d in ((Hq, Dk), (Hk, Dk), (Hk, Dv)))
+        shift = (torch.rand(Hq, generator=g, dtype=torch.float64) + 0.5).to(acc)
+        row_shift = (0.3 * torch.randn(1, Hq, N, generator=g, dtype=torch.float64)).to(acc)
+        row_sums = torch.randn(1, Hq, N, Dv + 1, generator=g, dtype=torch.float64)
+        row_sums[..., -1] = row_sums[..., -1].abs() * 5  # a state's weights sum to > 0
+        row_sums = row_sums.to(acc)
+        opts = (causal, Dk ** -0.5, True, normalize, 1e-6)
+        y, b, den = emu_direct_fwd(lib, q, k, v, shift, None, opts, tc, row_shift, row_sums)
+        yref, dref = _dense_with_rows(q, k, v, shift, row_shift, row_sums, causal, opts[1],
+                                      normalize, opts[4])
+        errs = {"y": _rel(y, yref), "den": _rel(den, dref)}
+        if ops is not None:
+            cy, cb, cden = ops.csq_direct_fwd(q, k, v, shift, None, row_shift, row_sums, causal,
+                                              opts[1], True, normalize, opts[4], TILE)
+            errs.update(y_cpu=_rel(y, cy), b_cpu=_rel(b, cb), den_cpu=_rel(den, cden))
+            dy = torch.randn(1, Hq, N, Dv, generator=g, dtype=torch.float64).to(acc)
+            dq, dk, dv, dshift = emu_direct_bwd(lib, dy, q, k, v, shift, None, y, b, den, opts, tc)
+            cq, ck, cv, cs, _ = ops.csq_direct_bwd(dy, q, k, v, shift, None, cy, cb, cden,
+                                                   causal, opts[1], True, normalize, opts[4],
+                                                   TILE)
+            errs.update(dq_cpu=_rel(dq.to(dtype), cq), dk_cpu=_rel(dk.to(dtype), ck),
+                        dv_cpu=_rel(dv.to(dtype), cv), dshift_cpu=_rel(dshift, cs))
+        ok &= _report(f"row inputs {str(dtype)[6:]:8s} Hq{Hq} Hk{Hk} N{N} Dk{Dk} Dv{Dv} "
+                      f"causal={int(causal)} norm={int(normalize)} tc={tc}", errs,
+                      TOL[dtype], track=dtype)
+    return ok
 
 
 def check_direct_nonfinite(lib):
@@ -352,6 +423,7 @@ def run(lib, quick):
                                seed=1400, tensor_cores=0)
     ok &= check_direct_nonfinite_half(lib)
     ok &= check_direct_tensor_cores(lib)
+    ok &= check_direct_row_inputs(lib)
     print("direct: worst error against the reference per dtype: " +
           ", ".join(f"{str(k)[6:]} {v:.1e}" for k, v in MAX_ERR.items()), flush=True)
     return ok

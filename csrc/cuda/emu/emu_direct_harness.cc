@@ -27,11 +27,13 @@ extern "C" int emu_direct_fwd(int dt, const int64_t* sz, const void* q, const in
                               const void* k, const int64_t* ks, const void* v, const int64_t* vs,
                               const void* shift, double scale, double eps, int causal,
                               int center, int normalize, const int64_t* cu, int64_t num_seqs,
-                              int tensor_cores, void* y, void* b, void* den, char* msg,
-                              int msglen) {
+                              int tensor_cores, const void* row_shift, const void* row_sums,
+                              void* y, void* b, void* den, char* msg, int msglen) {
   DirectFwdParams p;
   fill_direct(p, sz, q, qs, k, ks, v, vs, shift, scale, eps, causal, center, normalize, cu,
               num_seqs, tensor_cores);
+  p.row_shift = row_shift;  // may be null
+  p.row_sums = row_sums;
   p.y = y;
   p.b = b;
   p.den = den;

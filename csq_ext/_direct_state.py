@@ -1,0 +1,239 @@
+"""The direct path with a carried state (``initial_state`` / ``return_state``, causal only).
+
+The O(N^2) part stays in the direct op; the state adds O(N Dk^2 Dv) that this module computes
+with differentiable torch (so it runs on every device the direct op runs on):
+
+* centering: each query's mean mu_i counts the state's keys as well as the call's, but the op
+  centers on the call's keys alone (mu'_i). ``row_shift_i = -tau <q_i, mu_i - mu'_i>`` moves
+  its b_i to the full mean.
+* reading: the state's keys add ``phi(tau q_i, b0_i) . sums`` to each query's [num | den]
+  (``row_sums``), b0_i being the query's shift relative to the state's ref r:
+  ``c_h - tau <q_i, mu_i - r>`` when centering, ``c_h + tau <q_i, r>`` if not
+  (csrc/csq_features.h has the features; their rows here are the state's rows).
+* returning: ``sums + sum_j psi(k_j - r) [v_j, 1]^T`` over the call's keys, built only when
+  asked, with ref r the carried state's (when it holds keys) or the lower median of the
+  sequence's first keys, as the chunked op picks it (csrc/csq_params.h).
+
+The features of a block of rows are built, multiplied and dropped; the backward rebuilds them
+(no (N, F) tensor is kept). Packed sequences (cu_seqlens) are handled one sequence at a time.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _ops
+from ._ops import ops
+from .state import num_features, num_pairs
+
+# Elements of one block of feature rows (rows x F): 4 M floats, 16 MB in float32.
+_BLOCK_ELEMS = 1 << 22
+
+
+def _pairs_into(out: torch.Tensor, u: torch.Tensor, w: torch.Tensor) -> None:
+    """out (..., P) = u_x w_y for the pairs x <= y in the state's row order (row-major upper
+    triangle): one contiguous slice per x, no gather (indexing with a (P,) index tensor ran
+    several times slower on the CPU)."""
+    d, off = u.shape[-1], 0
+    for x in range(d):
+        torch.mul(w[..., x:], u[..., x:x + 1], out=out[..., off:off + d - x])
+        off += d - x
+
+
+def _query_features(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """phi(a, b) (..., F) for a = tau q (..., D), b (...): [m_xy a_x a_y | 2 b a | b^2] with
+    m_xy = 2 off the diagonal, so that phi(a, b) . psi(x) = (<a, x> + b)^2."""
+    d = a.shape[-1]
+    P = num_pairs(d)
+    out = a.new_empty(*a.shape[:-1], num_features(d))
+    _pairs_into(out, a, 2 * a)
+    diag = _diagonal_rows(d, a.device)
+    out[..., diag] *= 0.5  # the diagonal pairs x = y have weight 1
+    torch.mul(a, 2 * b[..., None], out=out[..., P:P + d])
+    torch.mul(b, b, out=out[..., -1])
+    return out
+
+
+def _key_features(x: torch.Tensor) -> torch.Tensor:
+    """psi(x) (..., F) for keys x = k - ref (..., D): [x_x x_y | x | 1]."""
+    d = x.shape[-1]
+    P = num_pairs(d)
+    out = x.new_empty(*x.shape[:-1], num_features(d))
+    _pairs_into(out, x, x)
+    out[..., P:P + d] = x
+    out[..., -1] = 1
+    return out
+
+
+def _diagonal_rows(d: int, device) -> torch.Tensor:
+    """Rows of the pairs (x, x) among the state's pair rows."""
+    x = torch.arange(d, device=device)
+    return x * d - x * (x - 1) // 2
+
+
+def _pairs_grad(dpairs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """d/du of sum_{x <= y} dpairs_xy u_x u_y (..., D), one contiguous slice per x: the pair
+    (x, y) gives dpairs_xy u_y to coordinate x and dpairs_xy u_x to y (twice u_x at x = y)."""
+    d, off = u.shape[-1], 0
+    g = torch.zeros_like(u)
+    for x in range(d):
+        seg = dpairs[..., off:off + d - x]
+        g[..., x] += (seg * u[..., x:]).sum(-1)
+        g[..., x:] += seg * u[..., x:x + 1]
+        off += d - x
+    return g
+
+
+def _blocks(bh: int, rows: int, features: int):
+    """(flat heads, rows) blocks of at most _BLOCK_ELEMS feature elements."""
+    r = max(1, min(rows, max(64, _BLOCK_ELEMS // features)))
+    h = max(1, min(bh, _BLOCK_ELEMS // (r * features)))
+    for h0 in range(0, bh, h):
+        for r0 in range(0, rows, r):
+            yield slice(h0, h0 + h), slice(r0, r0 + r)
+
+
+class _StateRead(torch.autograd.Function):
+    """[num | den] that the state's keys give each query row: phi(a_i, b_i) . sums.
+    a (BH, R, D), b (BH, R), sums (BH, F, Dv + 1) -> (BH, R, Dv + 1)."""
+
+    @staticmethod
+    def forward(ctx, a, b, sums):
+        ctx.save_for_backward(a, b, sums)
+        out = a.new_empty(a.shape[0], a.shape[1], sums.shape[-1])
+        for h, r in _blocks(a.shape[0], a.shape[1], sums.shape[1]):
+            out[h, r] = _query_features(a[h, r], b[h, r]) @ sums[h]
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        a, b, sums = ctx.saved_tensors
+        d = a.shape[-1]
+        P = num_pairs(d)
+        diag = _diagonal_rows(d, a.device)
+        da, db, dsums = torch.empty_like(a), torch.empty_like(b), torch.zeros_like(sums)
+        for h, r in _blocks(a.shape[0], a.shape[1], sums.shape[1]):
+            ab, bb, g = a[h, r], b[h, r], dout[h, r]
+            dsums[h] += _query_features(ab, bb).transpose(-1, -2) @ g
+            dphi = g @ sums[h].transpose(-1, -2)
+            dlin, dconst = dphi[..., P:P + d], dphi[..., -1]
+            dpairs = 2 * dphi[..., :P]  # m_xy: 2 off the diagonal, 1 on it
+            dpairs[..., diag] *= 0.5
+            da[h, r] = _pairs_grad(dpairs, ab) + 2 * bb[..., None] * dlin
+            db[h, r] = 2 * (ab * dlin).sum(-1) + 2 * bb * dconst
+        return da, db, dsums
+
+
+class _StateBuild(torch.autograd.Function):
+    """sum_j psi(x_j) [v_j, 1]^T: x (BH, n, D), v (BH, n, Dv) -> (BH, F, Dv + 1)."""
+
+    @staticmethod
+    def forward(ctx, x, v):
+        ctx.save_for_backward(x, v)
+        va = torch.cat([v, torch.ones_like(v[..., :1])], -1)
+        out = x.new_zeros(x.shape[0], num_features(x.shape[-1]), va.shape[-1])
+        for h, r in _blocks(x.shape[0], x.shape[1], out.shape[1]):
+            out[h] += _key_features(x[h, r]).transpose(-1, -2) @ va[h, r]
+        return out
+
+    @staticmethod
+    def backward(ctx, dsums):
+        x, v = ctx.saved_tensors
+        d = x.shape[-1]
+        P = num_pairs(d)
+        va = torch.cat([v, torch.ones_like(v[..., :1])], -1)
+        dx, dv = torch.empty_like(x), torch.empty_like(v)
+        for h, r in _blocks(x.shape[0], x.shape[1], dsums.shape[1]):
+            xb, g = x[h, r], dsums[h]
+            dv[h, r] = (_key_features(xb) @ g)[..., :-1]
+            dpsi = va[h, r] @ g.transpose(-1, -2)
+            dx[h, r] = _pairs_grad(dpsi[..., :P], xb) + dpsi[..., P:P + d]
+        return dx, dv
+
+
+def _picked_ref(k: torch.Tensor, cu_seqlens, acc) -> torch.Tensor:
+    """(S, Hk, Dk): per sequence and coordinate, the lower median of the finite values among
+    its first keys (0 where there is none), as the op picks its ref (csrc/csq_params.h)."""
+    keys, valid, _ = _ops.first_keys(k, cu_seqlens)
+    keys = keys.to(acc)
+    keep = valid[:, None, :, None] & torch.isfinite(keys)
+    med = torch.where(keep, keys, float("nan")).nanmedian(dim=2).values
+    return torch.nan_to_num(med, nan=0.0)
+
+
+def _piece(q, k, v, shift, sums, ref, scale, center, want_state):
+    """One batch of whole sequences (B, H, n, D) continuing `sums` (or none) relative to
+    `ref` (B, Hk, Dk): the direct op's row_shift (B, Hq, n) or None, row_sums
+    (B, Hq, n, Dv + 1) or None, and the state after them or None."""
+    B, Hq, n, D = q.shape
+    Hk, Dv = k.shape[1], v.shape[-1]
+    G = Hq // Hk
+    acc = ref.dtype
+    x = k.to(acc) - ref[:, :, None]                      # (B, Hk, n, D)
+    qa = q.to(acc).reshape(B, Hk, G * n, D)             # a kv head's query heads, stacked
+    c = shift.to(acc).view(Hk, G, 1).expand(Hk, G, n).reshape(1, Hk, G * n)
+    row_shift = row_sums = state = None
+    if sums is not None:
+        if center:
+            # mu_i - r = (S1 + sum_{j <= i} x_j) / (n0 + t_i), summed in float64 as the op does.
+            pos = torch.arange(1, n + 1, dtype=torch.float64, device=q.device)
+            run = x.double().cumsum(2)
+            n0 = sums[..., -1, -1].double()[..., None]          # (B, Hk, 1)
+            s1 = sums[..., num_pairs(D):num_pairs(D) + D, -1].double()[:, :, None]
+            total = n0 + pos                                  # (B, Hk, n)
+            mu_r = ((s1 + run) / total[..., None]).to(acc)
+            # mu_i - mu'_i = (S1 - n0 (mu'_i - r)) / (n0 + t_i): no large difference.
+            moved = ((s1 - n0[..., None] * (run / pos[:, None])) / total[..., None]).to(acc)
+            rep = (lambda t: t.repeat(1, 1, G, 1))           # per stacked query row
+            row_shift = -scale * (qa * rep(moved)).sum(-1)
+            b0 = c - scale * (qa * rep(mu_r)).sum(-1)
+        else:
+            b0 = c + scale * (qa * ref[:, :, None]).sum(-1)
+        read = _StateRead.apply((scale * qa).flatten(0, 1), b0.expand(B, Hk, G * n).flatten(0, 1),
+                                sums.flatten(0, 1))
+        row_sums = read.view(B, Hq, n, Dv + 1)
+        if row_shift is not None:
+            row_shift = row_shift.view(B, Hq, n)
+    if want_state:
+        built = _StateBuild.apply(x.flatten(0, 1), v.to(acc).flatten(0, 1))
+        built = built.view(B, Hk, *built.shape[1:])
+        state = built if sums is None else sums + built
+    return row_shift, row_sums, state
+
+
+def attention(q, k, v, shift, cu_seqlens, S, state_in, ref_in, return_state, options, chunk):
+    """Causal CSQ on the direct path continuing `state_in` / `ref_in` (or none) and/or returning
+    the state: ``(y, sums, ref)`` with y in the accumulation dtype (sums and ref None unless
+    return_state)."""
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    B, Hq, N, D = q.shape
+    Hk, Dv = k.shape[1], v.shape[-1]
+    # ref: the carried state's where it holds keys, else picked from the sequence's keys.
+    picked = _ops._ref_picked_from_keys(state_in, cu_seqlens, N, q.device)
+    ref = _picked_ref(k, cu_seqlens, acc) if N > 0 else q.new_zeros(S, Hk, D, dtype=acc)
+    if ref_in is not None:
+        ref = torch.where(picked[..., None], ref, ref_in)
+    else:
+        ref = torch.where(picked[..., None], ref, 0.0)
+    scale, center = options["scale"], options["center"]
+    if cu_seqlens is None:
+        row_shift, row_sums, sums = _piece(q, k, v, shift, state_in, ref, scale, center,
+                                           return_state)
+    else:  # one sequence at a time: each has its own state
+        bounds = cu_seqlens.tolist()
+        pieces = []
+        for s in range(S):
+            sl = slice(bounds[s], bounds[s + 1])
+            pieces.append(_piece(q[:, :, sl], k[:, :, sl], v[:, :, sl], shift,
+                                 None if state_in is None else state_in[s:s + 1],
+                                 ref[s:s + 1], scale, center, return_state))
+        row_shift = (None if state_in is None or not center
+                     else torch.cat([p[0] for p in pieces], 2))
+        row_sums = None if state_in is None else torch.cat([p[1] for p in pieces], 2)
+        sums = None if not return_state else torch.cat([p[2] for p in pieces], 0)
+    y = ops.csq_direct_fwd(q, k, v, shift, cu_seqlens, row_shift, row_sums, True, scale,
+                           center, options["normalize"], options["eps"], chunk)[0]
+    if not return_state:
+        return y, None, None
+    if sums is None:  # no sequence at all
+        sums = q.new_zeros(S, Hk, num_features(D), Dv + 1, dtype=acc)
+    return y, sums, ref
