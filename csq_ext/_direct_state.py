@@ -29,39 +29,25 @@ from .state import num_features, num_pairs
 _BLOCK_ELEMS = 1 << 22
 
 
-def _pairs_into(out: torch.Tensor, u: torch.Tensor, w: torch.Tensor) -> None:
-    """out (..., P) = u_x w_y for the pairs x <= y in the state's row order (row-major upper
-    triangle): one contiguous slice per x, no gather (indexing with a (P,) index tensor ran
+def _pairs(u: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """(..., P): u_x w_y for the pairs x <= y in the state's row order (row-major upper
+    triangle), one contiguous slice per x: no gather (indexing with a (P,) index tensor ran
     several times slower on the CPU)."""
-    d, off = u.shape[-1], 0
-    for x in range(d):
-        torch.mul(w[..., x:], u[..., x:x + 1], out=out[..., off:off + d - x])
-        off += d - x
+    d = u.shape[-1]
+    return torch.cat([w[..., x:] * u[..., x:x + 1] for x in range(d)], -1)
 
 
 def _query_features(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """phi(a, b) (..., F) for a = tau q (..., D), b (...): [m_xy a_x a_y | 2 b a | b^2] with
     m_xy = 2 off the diagonal, so that phi(a, b) . psi(x) = (<a, x> + b)^2."""
-    d = a.shape[-1]
-    P = num_pairs(d)
-    out = a.new_empty(*a.shape[:-1], num_features(d))
-    _pairs_into(out, a, 2 * a)
-    diag = _diagonal_rows(d, a.device)
-    out[..., diag] *= 0.5  # the diagonal pairs x = y have weight 1
-    torch.mul(a, 2 * b[..., None], out=out[..., P:P + d])
-    torch.mul(b, b, out=out[..., -1])
-    return out
+    pairs = _pairs(a, 2 * a)
+    pairs[..., _diagonal_rows(a.shape[-1], a.device)] *= 0.5  # the pairs x = y weigh 1
+    return torch.cat([pairs, 2 * b[..., None] * a, (b * b)[..., None]], -1)
 
 
 def _key_features(x: torch.Tensor) -> torch.Tensor:
     """psi(x) (..., F) for keys x = k - ref (..., D): [x_x x_y | x | 1]."""
-    d = x.shape[-1]
-    P = num_pairs(d)
-    out = x.new_empty(*x.shape[:-1], num_features(d))
-    _pairs_into(out, x, x)
-    out[..., P:P + d] = x
-    out[..., -1] = 1
-    return out
+    return torch.cat([_pairs(x, x), x, torch.ones_like(x[..., :1])], -1)
 
 
 def _diagonal_rows(d: int, device) -> torch.Tensor:

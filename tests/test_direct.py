@@ -199,6 +199,29 @@ def test_direct_compile_fullgraph(gen):
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_direct_state_compile_fullgraph(gen):
+    """A piece continuing a state and returning the next, compiled in one graph (the state's
+    features are plain torch ops: no graph break), equal to eager with gradients into the
+    carried sums and ref."""
+    def step(q, k, v, sums, ref):
+        y, st = csq_ext.attention(q, k, v, initial_state=CSQState(sums, ref), return_state=True,
+                                  path="direct")
+        loss = y.square().sum() + st.sums.sum()
+        return y.detach(), torch.autograd.grad(loss, (q, k, v, sums, ref))
+
+    _, s0 = csq_ext.attention(*make_qkv(gen, (2, 4, 2, 30, 4, 3), torch.float32),
+                              return_state=True)
+    q, k, v = (t.requires_grad_() for t in make_qkv(gen, (2, 4, 2, 11, 4, 3), torch.float32))
+    sums, ref = s0.sums.requires_grad_(), s0.ref.requires_grad_()
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    with torch._dynamo.config.patch(trace_autograd_ops=True):
+        y_c, g_c = compiled(q, k, v, sums, ref)
+    y_e, g_e = step(q, k, v, sums, ref)
+    torch.testing.assert_close(y_c, y_e, rtol=1e-5, atol=1e-6)
+    for a, b in zip(g_c, g_e):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_double_backward_is_refused(gen):
     q, k, v = make_qkv(gen, (1, 2, 1, 6, 3, 2), requires_grad=True)
     y = csq_ext.attention(q, k, v, path="direct")
