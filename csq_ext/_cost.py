@@ -76,11 +76,20 @@ def cuda_direct_cost(n: int, dk: int, dv: int, causal: bool, tasks: int) -> floa
     return n * per_query / (_CUDA_DIRECT_RATE * min(1.0, blocks / _CUDA_SMS))
 
 
+# The direct path's carried-state work (csq_ext/_direct_state.py) is torch: per position and
+# pass, F feature elements built (measured ~1.3 ns each on one CI core, the price of ~64
+# multiply-adds at the rates above) and a 2 F (Dv + 1) GEMM at about the direct kernels' rate.
+# Fitted to forced-path runs at N = 1024-4096, D = 32-128, one thread (bench/NOTES.md, "Direct
+# path" 11): measured 24-62 GFLOP/s for the state against the chunked scan's 42-86.
+_STATE_GEMM_RATE = 0.93
+_STATE_FEATURE_COST = 127
+
+
 def state_cost(n: int, dk: int, dv: int, passes: int, threads: int) -> float:
-    """The direct path's carried-state work (csq_ext/_direct_state.py): about 2 F (Dv + 1)
-    multiply-adds per position for each pass, reading the carried state and building the
-    returned one; torch GEMMs over every thread."""
-    return n * passes * 2 * num_features(dk) * (dv + 1) / (_DIRECT_RATE * max(1, threads))
+    """The direct path's state work: `passes` of reading the carried state (each query) and
+    building the returned one (each key), torch over every thread."""
+    per_pass = num_features(dk) * (2 * (dv + 1) / _STATE_GEMM_RATE + _STATE_FEATURE_COST)
+    return n * passes * per_pass / max(1, threads)
 
 
 def choose_path(n: int, dk: int, dv: int, causal: bool, device_type: str, threads: int,
@@ -90,9 +99,8 @@ def choose_path(n: int, dk: int, dv: int, causal: bool, device_type: str, thread
     total, which overstates the direct path's cost: packed calls lean chunked),
     tasks = sequences x key/value heads. A device without a direct kernel (only CPU and CUDA
     have one) takes the chunked path. A carried or returned state costs the direct path an
-    extra O(N Dk^2 Dv) each (state_cost: with both, never cheaper than the chunked path, which
-    reads and builds the state in its scan anyway); packed sequences with a state stay
-    chunked (the direct path handles their states one sequence at a time, in Python).
+    extra O(N Dk^2 Dv) each (state_cost; the chunked path reads and builds the state in its
+    scan anyway, at a better rate); packed sequences with a state stay chunked (the direct path handles their states one sequence at a time, in Python).
     `threads` matters on the CPU only."""
     if device_type not in ("cpu", "cuda"):
         return "chunked"

@@ -25,48 +25,47 @@ from . import _ops
 from ._ops import ops
 from .state import num_features, num_pairs
 
-# Elements of one block of feature rows (rows x F): 4 M floats, 16 MB in float32.
-_BLOCK_ELEMS = 1 << 22
+# Elements of one block of feature rows (rows x F): 1 M, 4 MB in float32, so that a block stays
+# in cache between its construction and its GEMM (16 MB blocks ran 1.75x slower; bench/NOTES.md).
+_BLOCK_ELEMS = 1 << 20
 
 
-def _pairs(u: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """(..., P): u_x w_y for the pairs x <= y in the state's row order (row-major upper
-    triangle), one contiguous slice per x: no gather (indexing with a (P,) index tensor ran
-    several times slower on the CPU)."""
+def _features(u: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """(..., F): [u_x u_y for x <= y | c u | c^2], the pairs in the state's row order (row-major
+    upper triangle). With c = 1 these are the key features psi(u); with u = tau q and c = b_i
+    they are the query features up to the weights m_xy = 2 of the off-diagonal pairs and 2 of
+    the linear rows, which `_query_weights` moves onto the state. Built from one contiguous
+    slice per x and a single concatenation: no gather (indexing with a (P,) index tensor ran
+    four times slower on the CPU, bench/NOTES.md)."""
     d = u.shape[-1]
-    return torch.cat([w[..., x:] * u[..., x:x + 1] for x in range(d)], -1)
+    return torch.cat([u[..., x:] * u[..., x:x + 1] for x in range(d)] + [c[..., None] * u,
+                                                                         (c * c)[..., None]], -1)
 
 
-def _query_features(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """phi(a, b) (..., F) for a = tau q (..., D), b (...): [m_xy a_x a_y | 2 b a | b^2] with
-    m_xy = 2 off the diagonal, so that phi(a, b) . psi(x) = (<a, x> + b)^2."""
-    pairs = _pairs(a, 2 * a)
-    pairs[..., _diagonal_rows(a.shape[-1], a.device)] *= 0.5  # the pairs x = y weigh 1
-    return torch.cat([pairs, 2 * b[..., None] * a, (b * b)[..., None]], -1)
-
-
-def _key_features(x: torch.Tensor) -> torch.Tensor:
-    """psi(x) (..., F) for keys x = k - ref (..., D): [x_x x_y | x | 1]."""
-    return torch.cat([_pairs(x, x), x, torch.ones_like(x[..., :1])], -1)
-
-
-def _diagonal_rows(d: int, device) -> torch.Tensor:
-    """Rows of the pairs (x, x) among the state's pair rows."""
-    x = torch.arange(d, device=device)
-    return x * d - x * (x - 1) // 2
-
-
-def _pairs_grad(dpairs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """d/du of sum_{x <= y} dpairs_xy u_x u_y (..., D), one contiguous slice per x: the pair
-    (x, y) gives dpairs_xy u_y to coordinate x and dpairs_xy u_x to y (twice u_x at x = y)."""
+def _features_grad(g: torch.Tensor, u: torch.Tensor, c: torch.Tensor):
+    """The gradients with respect to u and c of sum_f g_f _features(u, c)_f: the pair (x, y)
+    gives g_xy u_y to coordinate x and g_xy u_x to y (twice u_x at x = y)."""
     d, off = u.shape[-1], 0
-    g = torch.zeros_like(u)
+    P = num_pairs(d)
+    glin, gconst = g[..., P:P + d], g[..., -1]
+    du = c[..., None] * glin
     for x in range(d):
-        seg = dpairs[..., off:off + d - x]
-        g[..., x] += (seg * u[..., x:]).sum(-1)
-        g[..., x:] += seg * u[..., x:x + 1]
+        seg = g[..., off:off + d - x]
+        du[..., x] += (seg * u[..., x:]).sum(-1)
+        du[..., x:] += seg * u[..., x:x + 1]
         off += d - x
-    return g
+    return du, (u * glin).sum(-1) + 2 * c * gconst
+
+
+def _query_weights(d: int, dtype, device) -> torch.Tensor:
+    """(F, 1): phi(tau q, b) = weights * _features(tau q, b), so phi . sums =
+    _features(tau q, b) . (weights * sums): 2 for the off-diagonal pairs and the linear rows,
+    1 for the diagonal pairs and the constant (csrc/csq_features.h)."""
+    w = torch.full((num_features(d), 1), 2.0, dtype=dtype, device=device)
+    x = torch.arange(d, device=device)
+    w[x * d - x * (x - 1) // 2] = 1.0  # the pairs (x, x)
+    w[-1] = 1.0
+    return w
 
 
 def _blocks(bh: int, rows: int, features: int):
@@ -79,33 +78,26 @@ def _blocks(bh: int, rows: int, features: int):
 
 
 class _StateRead(torch.autograd.Function):
-    """[num | den] that the state's keys give each query row: phi(a_i, b_i) . sums.
-    a (BH, R, D), b (BH, R), sums (BH, F, Dv + 1) -> (BH, R, Dv + 1)."""
+    """[num | den] that the state's keys give each query row: _features(a_i, b_i) . sums
+    (sums already weighted by _query_weights). a (BH, R, D), b (BH, R), sums (BH, F, Dv + 1)
+    -> (BH, R, Dv + 1)."""
 
     @staticmethod
     def forward(ctx, a, b, sums):
         ctx.save_for_backward(a, b, sums)
         out = a.new_empty(a.shape[0], a.shape[1], sums.shape[-1])
         for h, r in _blocks(a.shape[0], a.shape[1], sums.shape[1]):
-            out[h, r] = _query_features(a[h, r], b[h, r]) @ sums[h]
+            out[h, r] = _features(a[h, r], b[h, r]) @ sums[h]
         return out
 
     @staticmethod
     def backward(ctx, dout):
         a, b, sums = ctx.saved_tensors
-        d = a.shape[-1]
-        P = num_pairs(d)
-        diag = _diagonal_rows(d, a.device)
         da, db, dsums = torch.empty_like(a), torch.empty_like(b), torch.zeros_like(sums)
         for h, r in _blocks(a.shape[0], a.shape[1], sums.shape[1]):
             ab, bb, g = a[h, r], b[h, r], dout[h, r]
-            dsums[h] += _query_features(ab, bb).transpose(-1, -2) @ g
-            dphi = g @ sums[h].transpose(-1, -2)
-            dlin, dconst = dphi[..., P:P + d], dphi[..., -1]
-            dpairs = 2 * dphi[..., :P]  # m_xy: 2 off the diagonal, 1 on it
-            dpairs[..., diag] *= 0.5
-            da[h, r] = _pairs_grad(dpairs, ab) + 2 * bb[..., None] * dlin
-            db[h, r] = 2 * (ab * dlin).sum(-1) + 2 * bb * dconst
+            dsums[h].baddbmm_(_features(ab, bb).mT, g)
+            da[h, r], db[h, r] = _features_grad(g @ sums[h].mT, ab, bb)
         return da, db, dsums
 
 
@@ -116,23 +108,22 @@ class _StateBuild(torch.autograd.Function):
     def forward(ctx, x, v):
         ctx.save_for_backward(x, v)
         va = torch.cat([v, torch.ones_like(v[..., :1])], -1)
+        ones = x.new_ones(x.shape[:-1])
         out = x.new_zeros(x.shape[0], num_features(x.shape[-1]), va.shape[-1])
         for h, r in _blocks(x.shape[0], x.shape[1], out.shape[1]):
-            out[h] += _key_features(x[h, r]).transpose(-1, -2) @ va[h, r]
+            out[h].baddbmm_(_features(x[h, r], ones[h, r]).mT, va[h, r])
         return out
 
     @staticmethod
     def backward(ctx, dsums):
         x, v = ctx.saved_tensors
-        d = x.shape[-1]
-        P = num_pairs(d)
         va = torch.cat([v, torch.ones_like(v[..., :1])], -1)
+        ones = x.new_ones(x.shape[:-1])
         dx, dv = torch.empty_like(x), torch.empty_like(v)
         for h, r in _blocks(x.shape[0], x.shape[1], dsums.shape[1]):
             xb, g = x[h, r], dsums[h]
-            dv[h, r] = (_key_features(xb) @ g)[..., :-1]
-            dpsi = va[h, r] @ g.transpose(-1, -2)
-            dx[h, r] = _pairs_grad(dpsi[..., :P], xb) + dpsi[..., P:P + d]
+            dv[h, r] = (_features(xb, ones[h, r]) @ g)[..., :-1]
+            dx[h, r] = _features_grad(va[h, r] @ g.mT, xb, ones[h, r])[0]
         return dx, dv
 
 
@@ -174,8 +165,9 @@ def _piece(q, k, v, shift, sums, ref, scale, center, want_state):
             b0 = c - scale * (qa * rep(mu_r)).sum(-1)
         else:
             b0 = c + scale * (qa * ref[:, :, None]).sum(-1)
+        weighted = sums * _query_weights(D, acc, q.device)
         read = _StateRead.apply((scale * qa).flatten(0, 1), b0.expand(B, Hk, G * n).flatten(0, 1),
-                                sums.flatten(0, 1))
+                                weighted.flatten(0, 1))
         row_sums = read.view(B, Hq, n, Dv + 1)
         if row_shift is not None:
             row_shift = row_shift.view(B, Hq, n)
