@@ -160,9 +160,9 @@ def _piece(q, k, v, shift, sums, ref, scale, center, want_state):
             mu_r = ((s1 + run) / total[..., None]).to(acc)
             # mu_i - mu'_i = (S1 - n0 (mu'_i - r)) / (n0 + t_i): no large difference.
             moved = ((s1 - n0[..., None] * (run / pos[:, None])) / total[..., None]).to(acc)
-            rep = (lambda t: t.repeat(1, 1, G, 1))           # per stacked query row
-            row_shift = -scale * (qa * rep(moved)).sum(-1)
-            b0 = c - scale * (qa * rep(mu_r)).sum(-1)
+            # Per stacked query row: the G query heads of a key/value head share its keys.
+            row_shift = -scale * (qa * moved.repeat(1, 1, G, 1)).sum(-1)
+            b0 = c - scale * (qa * mu_r.repeat(1, 1, G, 1)).sum(-1)
         else:
             b0 = c + scale * (qa * ref[:, :, None]).sum(-1)
         weighted = sums * _query_weights(D, acc, q.device)
@@ -182,9 +182,8 @@ def attention(q, k, v, shift, cu_seqlens, S, state_in, ref_in, return_state, opt
     """Causal CSQ on the direct path continuing `state_in` / `ref_in` (or none) and/or returning
     the state: ``(y, sums, ref)`` with y in the accumulation dtype (sums and ref None unless
     return_state)."""
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    B, Hq, N, D = q.shape
-    Hk, Dv = k.shape[1], v.shape[-1]
+    acc = _ops._acc_dtype(q.dtype)
+    N, D, Hk = q.shape[2], q.shape[3], k.shape[1]
     # ref: the carried state's where it holds keys, else picked from the sequence's keys.
     picked = _ops._ref_picked_from_keys(state_in, cu_seqlens, N, q.device)
     ref = _picked_ref(k, cu_seqlens, acc) if N > 0 else q.new_zeros(S, Hk, D, dtype=acc)
@@ -210,8 +209,4 @@ def attention(q, k, v, shift, cu_seqlens, S, state_in, ref_in, return_state, opt
         sums = None if not return_state else torch.cat([p[2] for p in pieces], 0)
     y = ops.csq_direct_fwd(q, k, v, shift, cu_seqlens, row_shift, row_sums, True, scale,
                            center, options["normalize"], options["eps"], chunk)[0]
-    if not return_state:
-        return y, None, None
-    if sums is None:  # no sequence at all
-        sums = q.new_zeros(S, Hk, num_features(D), Dv + 1, dtype=acc)
-    return y, sums, ref
+    return (y, sums, ref) if return_state else (y, None, None)
