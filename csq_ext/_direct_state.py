@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from . import _ops
+from ._args import acc_dtype
 from ._ops import ops
 from .state import num_features, num_pairs
 
@@ -182,7 +183,7 @@ def attention(q, k, v, shift, cu_seqlens, S, state_in, ref_in, return_state, opt
     """Causal CSQ on the direct path continuing `state_in` / `ref_in` (or none) and/or returning
     the state: ``(y, sums, ref)`` with y in the accumulation dtype (sums and ref None unless
     return_state)."""
-    acc = _ops._acc_dtype(q.dtype)
+    acc = acc_dtype(q.dtype)
     N, D, Hk = q.shape[2], q.shape[3], k.shape[1]
     # ref: the carried state's where it holds keys, else picked from the sequence's keys.
     picked = _ops._ref_picked_from_keys(state_in, cu_seqlens, N, q.device)
