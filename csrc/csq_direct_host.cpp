@@ -1,5 +1,7 @@
 #include "csq_direct_host.h"
 
+#include <ATen/Parallel.h>
+
 namespace csq {
 namespace {
 
@@ -16,7 +18,8 @@ void fill_direct_params(DirectFwdParams& p, const at::Tensor& q, const at::Tenso
   shift_acc = shift.to(acc_dtype(q.scalar_type())).contiguous();
   fill_qkv_params(p, q, k, v, shift_acc, causal, scale, center, normalize, eps);
   cu = set_packed_sequences(p, q, cu_seqlens);
-  p.tile = tile_size > 0 ? tile_size : default_direct_tile(p.dim_k, q.is_cuda());
+  p.tile = tile_size > 0 ? tile_size
+                         : default_direct_tile(p, q.is_cuda(), at::get_num_threads());
 }
 
 // An optional per-query input of the forward (row_shift, row_sums): shape (B, Hq, N, extra...),
