@@ -220,7 +220,8 @@ dev, bad = "cuda", 0
 cases = [  # B, Hq, Hk, N, Dk, Dv, dtype, flags
     (1, 2, 1, 130, 64, 64, torch.bfloat16, {}),                      # partial chunk, GQA
     (2, 4, 2, 67, 16, 8, torch.float64, {}),
-    (1, 2, 2, 70, 128, 128, torch.float32, {}),                      # largest smem tiles
+    (1, 2, 2, 70, 128, 128, torch.float32, {}),
+    (1, 1, 1, 70, 256, 256, torch.float32, dict(path="chunked")),    # largest smem tiles
     (1, 2, 1, 65, 32, 24, torch.float16, dict(center=False, normalize=False)),
     (1, 1, 1, 1, 8, 8, torch.float32, {}),                           # N = 1
 ]

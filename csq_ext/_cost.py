@@ -51,7 +51,7 @@ _CUDA_SMS = 108
 _CUDA_DIRECT_RATE = 1.0
 _CUDA_CHUNKED_RATE = 1.0
 _CUDA_TILE = 64  # kDirectTile and kChunk (csrc/cuda/csq_direct_launch.h, csq_launch.h)
-_CUDA_CHUNKED_MAX_HEAD = 128  # kMaxHeadDim of the chunked CUDA kernels (direct: 256)
+_CUDA_CHUNKED_MAX_HEAD = 256  # kMaxHeadDim of the chunked CUDA kernels (direct: 256 too)
 
 
 def _ceil(a: int, b: int) -> int:
@@ -108,7 +108,7 @@ def choose_path(n: int, dk: int, dv: int, causal: bool, device_type: str, thread
     if passes and packed:
         return "chunked"
     if device_type == "cuda":
-        if max(dk, dv) > _CUDA_CHUNKED_MAX_HEAD:  # the only CUDA path with these heads
+        if max(dk, dv) > _CUDA_CHUNKED_MAX_HEAD:  # beyond both CUDA paths: the direct op refuses
             return "direct"
         extra = passes * 2 * num_features(dk) * (dv + 1) * n / _CUDA_DIRECT_RATE
         return ("direct" if cuda_direct_cost(n, dk, dv, causal, tasks) + extra

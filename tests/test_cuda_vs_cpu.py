@@ -205,6 +205,64 @@ def test_decode_functional_equals_cpu(gen):
 
 
 # --------------------------------------------------------------------------------------------
+# Heads up to 256 on the chunked path (kMaxHeadDim; where the device's shared memory needs it,
+# the state scans stage 16 or 8 rows per step instead of 32: csrc/cuda/csq_state.cuh)
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dk,dv,dtype", [(256, 256, torch.float32), (256, 256, torch.bfloat16),
+                                         (200, 129, torch.float32), (256, 64, torch.bfloat16),
+                                         (64, 256, torch.float32)], ids=str)
+def test_chunked_large_heads_match_cpu(gen, dk, dv, dtype):
+    """path="chunked" with a state in (from a prefill) and out, a loss on both: y, the returned
+    state and every gradient on CUDA equal the CPU backend on the same inputs, y equals the
+    float64 reference over prefill + piece; then decode_ steps on both devices agree."""
+    B, Hq, Hk, N0, N = 1, 2, 1, 20, 70
+    acc = torch.float32
+    shift = rand_shift(gen, Hq, torch.float32)
+    (q0, k0, v0), s0 = prefill_state(gen, B, Hq, Hk, N0, dk, dv, dtype, shift)
+    q, k, v = make_qkv(gen, (B, Hq, Hk, N, dk, dv), dtype)
+    dy = randn(gen, B, Hq, N, dv, dtype=acc)
+    dsums = randn(gen, *s0.sums.shape, dtype=acc)
+
+    def run(device):
+        leaves = [t.to(device).requires_grad_() for t in (q, k, v, shift, s0.sums, s0.ref)]
+        with poisoned_memory(device):
+            y, st = csq_ext.attention(*leaves[:3], shift=leaves[3], path="chunked",
+                                      initial_state=csq_ext.CSQState(leaves[4], leaves[5]),
+                                      return_state=True)
+            loss = (y.to(acc) * dy.to(device)).sum() + (st.sums * dsums.to(device)).sum()
+            grads = torch.autograd.grad(loss, leaves)
+        return [t.detach().cpu() for t in (y, st.sums, st.ref, *grads)], st.detach()
+
+    (gpu, st_gpu), (cpu, st_cpu) = run(DEV), run("cpu")
+    tol = 1e-5 if dtype == torch.float32 else TOL[dtype]
+    for name, a, b in zip("y sums ref dq dk dv dshift dsums dref".split(), gpu, cpu):
+        assert_rel_close(a, b, tol, name)
+    expected = reference(torch.cat([q0, q], 2), torch.cat([k0, k], 2), torch.cat([v0, v], 2),
+                         shift=shift)[:, :, N0:]
+    assert_rel_close(gpu[0], expected, TOL[dtype], "y vs reference")
+    for _ in range(2):
+        qt, kt, vt = (t[:, :, :1] for t in make_qkv(gen, (B, Hq, Hk, 1, dk, dv), dtype))
+        y_cpu = csq_ext.decode_(qt, kt, vt, st_cpu, shift=shift)
+        y_gpu = csq_ext.decode_(qt.to(DEV), kt.to(DEV), vt.to(DEV), st_gpu, shift=shift.to(DEV))
+        assert_rel_close(y_gpu.cpu(), y_cpu, TOL[dtype], "decode y")
+    assert_rel_close(st_gpu.sums.cpu(), st_cpu.sums, TOL[torch.float32], "decode sums")
+
+
+@pytest.mark.parametrize("dk,dv", [(257, 8), (8, 257)])
+def test_chunked_refuses_heads_above_256(gen, dk, dv):
+    """Heads above the chunked kernels' 256: the forward and the decode step refuse them with
+    a message that names the limit; no CUDA path runs them ("auto" sends them to the direct
+    path, which refuses them too)."""
+    q, k, v = make_qkv(gen, (1, 2, 1, 5, dk, dv), torch.float32, device=DEV)
+    for path in ("chunked", "auto"):
+        with pytest.raises(RuntimeError, match=r"1 <= Dk <= 256 and 1 <= Dv <= 256"):
+            csq_ext.attention(q, k, v, path=path)
+    st = csq_ext.CSQState.empty(1, 1, dk, dv, dtype=torch.float32, device=DEV)
+    with pytest.raises(RuntimeError, match=r"1 <= Dk <= 256 and 1 <= Dv <= 256"):
+        csq_ext.decode_(q[:, :, :1], k[:, :, :1], v[:, :, :1], st)
+
+
+# --------------------------------------------------------------------------------------------
 # Tensor cores (bfloat16 / float16 state products, csrc/cuda/csq_mma.cuh)
 # --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)

@@ -243,8 +243,10 @@ def test_auto_choice_both_outcomes():
     assert choose_path(512, 64, 64, True, "mps", 2, 4, False) == "chunked"
     assert choose_path(512, 64, 64, True, "cuda", 2, 4, False) == "direct"
     assert choose_path(65536, 32, 32, True, "cuda", 2, 4, False) == "chunked"
-    # Heads above the chunked CUDA kernels' 128: the direct kernels (up to 256) at any length.
-    assert choose_path(1 << 20, 192, 64, True, "cuda", 2, 4, False) == "direct"
+    # Heads up to 256 run on both CUDA paths: the cost model picks (chunked at this length).
+    # Larger ones on neither: they go direct, whose op refuses them with its message.
+    assert choose_path(1 << 20, 192, 64, True, "cuda", 2, 4, False) == "chunked"
+    assert choose_path(1 << 20, 320, 64, True, "cuda", 2, 4, False) == "direct"
     # The direct path uses every thread for one head, the chunked one a thread per head.
     n = next(n for n in range(64, 1 << 20, 64)
              if choose_path(n, 16, 16, True, "cpu", 8, 8, False) == "chunked")
@@ -367,7 +369,7 @@ def test_auto_takes_the_direct_path_with_a_state_when_cheaper(gen):
     assert choose_path(4096, 64, 64, True, "cpu", 2, 4) == "direct"
     assert choose_path(4096, 64, 64, True, "cpu", 2, 4, True, True) == "chunked"
     assert choose_path(256, 64, 64, True, "cpu", threads, 4, True, packed=True) == "chunked"
-    assert choose_path(1 << 20, 192, 64, True, "cuda", 2, 4, True) == "direct"
+    assert choose_path(1 << 20, 320, 64, True, "cuda", 2, 4, True) == "direct"
     q, k, v = make_qkv(gen, (1, 4, 4, 256, 64, 64), torch.float32)
     y, st = csq_ext.attention(q, k, v, return_state=True)
     y_d, st_d = csq_ext.attention(q, k, v, return_state=True, path="direct")

@@ -1,12 +1,14 @@
 """The CUDA kernels, run on the CPU by the emulator of csrc/cuda/emu/, against the float64
 reference and the CPU backend: the quick subset of check_emu.py (forward and backward of every
 kernel family, several dtypes, strided inputs, carried state, packed batches, the decode step,
-non-finite inputs, outlier and sink keys, the tensor-core path, and the direct path's kernels).
+non-finite inputs, outlier and sink keys, the tensor-core path, heads up to 256, and the direct
+path's kernels).
 This is the kernels' correctness evidence between GPU runs; the full check
 (`python csrc/cuda/emu/check_emu.py LIB`) stays a script.
 
 Needs g++ (every CI machine has it); no GPU, no nvcc."""
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -36,6 +38,12 @@ def test_cuda_kernels_in_the_emulator(emulator_library):
     report = run.stdout + run.stderr
     assert run.returncode == 0 and "ALL OK" in run.stdout, report[-6000:]
     # Every family of kernels was exercised (a check that silently ran nothing must fail).
-    for family in ("decode", "varlen", "state", "tensor", "outlier", "sink", "direct",
+    for family in ("decode", "varlen", "state", "tensor", "outlier", "sink", "wide", "direct",
                    "direct row inputs"):
         assert family in report.lower(), f"no {family} case ran:\n{report[-3000:]}"
+    # Heads of 256 (the limit of the chunked CUDA kernels) ran through the forward and backward,
+    # the carried state and the decode step, and larger ones were refused.
+    for case in (r"wide \S+ float32 .* Dk256 Dv256 ", r"wide \S+ bfloat16 .* Dk256 ",
+                 r"wide \S+ state .* Dk256 ", r"wide \S+ decode .* Dk256 Dv256 ",
+                 r"wide \S+ float32 Dk=257 .* refused"):
+        assert re.search(r"^ok +" + case, report, re.M), f"no passing {case!r}:\n{report[-3000:]}"

@@ -21,7 +21,8 @@ namespace cuda {
 // The minimum of CTAs per SM lifts ptxas's default cap of 64 registers here (spills).
 template <typename T, typename Acc>
 __global__ void __launch_bounds__(kThreads, 3) center_dq_kernel(const BwdParams p, Work w) {
-  __shared__ Acc mu_s[kSub][kMaxHeadDim + 1];
+  extern __shared__ __align__(16) unsigned char smem_raw[];  // key_mean_smem_bytes
+  Acc* mu_s = reinterpret_cast<Acc*>(smem_raw);
   __shared__ Acc dcount_part[kThreads / 32];
   const int64_t bg = blockIdx.x, t = blockIdx.y, bi = bg / p.heads_k, g = bg % p.heads_k;
   const ChunkSpan c = chunk_span(p, w, bi, t);
@@ -31,13 +32,12 @@ __global__ void __launch_bounds__(kThreads, 3) center_dq_kernel(const BwdParams 
   const Acc tau = Acc(p.scale);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
   const bool count_grad = p.state_in != nullptr && p.center;
+  const int sub = key_mean_rows(D, sizeof(Acc)), ms = D + 1;
   ChunkKeyMeans<T, Acc> means(p, w, c, bi, g, t);
 
   Acc dcount = 0;  // lane 0 of each warp: its rows' part of the gradient of the carried count
-  for (int sb = 0; sb < kChunkI / kSub; ++sb) {
-    const int64_t row0 = c.row0 + sb * kSub;
-    if (row0 >= c.row1) break;  // uniform over the block
-    const int nrows = static_cast<int>(min64(kSub, c.row1 - row0));
+  for (int64_t row0 = c.row0; row0 < c.row1; row0 += sub) {  // uniform over the block
+    const int nrows = static_cast<int>(min64(sub, c.row1 - row0));
     __syncthreads();  // mu_s of the previous sub-block is no longer read
     means.fill(mu_s, row0, nrows);
     __syncthreads();
@@ -48,11 +48,11 @@ __global__ void __launch_bounds__(kThreads, 3) center_dq_kernel(const BwdParams 
       const int64_t row = row0 + r;
       const Acc coef = tau * static_cast<const Acc*>(p.db)[bh * N + row];
       Acc* dq = static_cast<Acc*>(p.dq) + (bh * N + row) * D;
-      for (int d = lane; d < D; d += 32) dq[d] -= coef * mu_s[r][d];
+      for (int d = lane; d < D; d += 32) dq[d] -= coef * mu_s[r * ms + d];
       if (count_grad) {
         Acc dot = 0;
         for (int d = lane; d < D; d += 32)
-          dot += load_el<Acc, T>(p.q, p.q_stride, bi, h, row, d) * mu_s[r][d];
+          dot += load_el<Acc, T>(p.q, p.q_stride, bi, h, row, d) * mu_s[r * ms + d];
         dot = warp_sum(dot);
         dcount += coef * dot / (means.carried + Acc(row - c.start + 1));
       }

@@ -78,7 +78,7 @@ Status launch_bwd(const BwdParams& p, void* workspace, size_t workspace_bytes,
     CSQ_CHECK_LAUNCH("bwd_pairs_kernel");
   }
   // Also without centering: dq += tau db r (r is not 0, csq_params.h).
-  center_dq_kernel<T, Acc><<<dim3(bhk, nch), kThreads, 0, stream>>>(p, w);
+  center_dq_kernel<T, Acc><<<dim3(bhk, nch), kThreads, key_mean_smem_bytes<Acc>(D), stream>>>(p, w);
   CSQ_CHECK_LAUNCH("center_dq_kernel");
 
   st = launch_state_scan<DT, QueryStateBwd>(p, w, stream);

@@ -24,7 +24,7 @@ namespace csq {
 namespace cuda {
 
 constexpr int kThreads = 256;  // every kernel but the tiny per-column ones
-constexpr int kSub = 32;       // rows staged in shared memory per step by the state kernels
+constexpr int kSub = 32;       // rows staged in shared memory per step (state kernels: at most)
 constexpr int kSlab = 32;      // feature columns staged per step by the in-chunk kernels
 constexpr int kChunkI = static_cast<int>(kChunk);
 static_assert(kChunkI % kSub == 0, "the chunk must be a whole number of sub-blocks");
@@ -39,8 +39,8 @@ template <> struct DTypeOf<DType::kFloat32> { using type = float; };
 template <> struct DTypeOf<DType::kFloat16> { using type = __half; };
 template <> struct DTypeOf<DType::kBFloat16> { using type = __nv_bfloat16; };
 
-// The generic path: any Dk, Dv <= 128, input type T, accumulation type Acc, and the number of
-// state rows (features) held by one CTA of the state kernels.
+// The generic path: any Dk, Dv <= kMaxHeadDim, input type T, accumulation type Acc, and the
+// number of state rows (features) held by one CTA of the state kernels.
 template <DType DT>
 struct GenericTraits {
   using T = typename DTypeOf<DT>::type;
@@ -248,8 +248,10 @@ __device__ __forceinline__ Acc carried_key_sum(const FwdParams& p, int64_t seq, 
 // a(m, k) must be readable for m < ceil(M / TM) * TM and b(k, n) for n < NG * TN: callers pad
 // their shared buffers. Tiles go to threads first_thread, first_thread + 1, ... (mod the block
 // size), so that a second small product can start on the threads the first one left idle.
-// Calls no __syncthreads itself. Returns the number of tiles.
-template <int TM, int TN, typename Acc, typename FA, typename FB, typename FE>
+// Calls no __syncthreads itself. Returns the number of tiles. KU > 0 unrolls the loop over k
+// KU times (1: not at all); 0 leaves it to the compiler, which unrolls a loop it knows to be
+// short (K <= 8) completely: too many registers for the float64 state scans.
+template <int TM, int TN, typename Acc, int KU = 0, typename FA, typename FB, typename FE>
 __device__ __forceinline__ int block_gemm(int M, int N, int K, const FA& a, const FB& b,
                                           const FE& emit, int first_thread = 0) {
   const int MG = (M + TM - 1) / TM, NG = (N + TN - 1) / TN;
@@ -262,7 +264,7 @@ __device__ __forceinline__ int block_gemm(int M, int N, int K, const FA& a, cons
     for (int i = 0; i < TM; ++i)
 #pragma unroll
       for (int j = 0; j < TN; ++j) acc[i][j] = Acc(0);
-    for (int k = 0; k < K; ++k) {
+    const auto step = [&](int k) {
       Acc av[TM], bv[TN];
 #pragma unroll
       for (int i = 0; i < TM; ++i) av[i] = a(m0 + i, k);
@@ -272,6 +274,12 @@ __device__ __forceinline__ int block_gemm(int M, int N, int K, const FA& a, cons
       for (int i = 0; i < TM; ++i)
 #pragma unroll
         for (int j = 0; j < TN; ++j) acc[i][j] = fma(av[i], bv[j], acc[i][j]);
+    };
+    if constexpr (KU > 0) {
+#pragma unroll KU
+      for (int k = 0; k < K; ++k) step(k);
+    } else {
+      for (int k = 0; k < K; ++k) step(k);
     }
 #pragma unroll
     for (int i = 0; i < TM; ++i)
@@ -287,11 +295,11 @@ __device__ __forceinline__ int block_gemm(int M, int N, int K, const FA& a, cons
 // The same for N = Dv + 1 columns (values and the ones column): the first Dv columns with
 // TM x TN micro-tiles, the last column by one thread per row on the threads left idle. This
 // keeps the "+1" from costing a whole extra round of micro-tiles.
-template <int TM, int TN, typename Acc, typename FA, typename FB, typename FE>
+template <int TM, int TN, typename Acc, int KU = 0, typename FA, typename FB, typename FE>
 __device__ __forceinline__ void block_gemm_aug(int M, int dv, int K, const FA& a, const FB& b,
                                                const FE& emit) {
-  const int tiles = block_gemm<TM, TN, Acc>(M, dv, K, a, b, emit);
-  block_gemm<1, 1, Acc>(
+  const int tiles = block_gemm<TM, TN, Acc, KU>(M, dv, K, a, b, emit);
+  block_gemm<1, 1, Acc, KU>(
       M, 1, K, a, [&](int k, int) { return b(k, dv); },
       [&](int m, int, Acc val) { emit(m, dv, val); }, tiles);
 }

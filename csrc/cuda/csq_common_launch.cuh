@@ -45,32 +45,44 @@ inline int num_feature_tiles(int64_t dim_k, int ft) {
   return static_cast<int>(ceil_div(num_features(dim_k), ft));
 }
 
-// Launches a state scan, Scan<T, Acc, FT, TC>::kernel() (KeyStateFwd, KeyStateBwd,
+// Launches a state scan, Scan<T, Acc, FT, SUB, TC>::kernel() (KeyStateFwd, KeyStateBwd,
 // QueryStateBwd), on grid (S Hk, feature tiles): on tensor cores (TC) for bfloat16 / float16
-// inputs unless p.tensor_core_passes is 0, else on the CUDA cores.
-template <DType DT, template <typename, typename, int, bool> class Scan, typename Params>
+// inputs unless p.tensor_core_passes is 0, else on the CUDA cores; staging SUB = kSub rows per
+// step, or fewer where the device's shared memory needs it (state_rows: large heads).
+template <DType DT, template <typename, typename, int, int, bool> class Scan, typename Params>
 Status launch_state_scan(const Params& p, const Work& w, cudaStream_t stream) {
   using Tr = GenericTraits<DT>;
   using T = typename Tr::T;
   using Acc = typename Tr::Acc;
   constexpr int FT = Tr::kFeatTile;
   constexpr bool kHalf = DT == DType::kFloat16 || DT == DType::kBFloat16;
-  constexpr bool kBackward = Scan<T, Acc, FT, false>::kBackward;
-  const char* name = Scan<T, Acc, FT, false>::kName;
+  constexpr bool kBackward = Scan<T, Acc, FT, kSub, false>::kBackward;
+  const char* name = Scan<T, Acc, FT, kSub, false>::kName;
   const int D = int(p.dim_k), Dv = int(p.dim_v);
-  const size_t smem = state_smem_bytes<Acc>(D, Dv, FT, kBackward);
+  size_t optin = 0;
+  const Status st = smem_optin(&optin, name);
+  if (!st.ok()) return st;
+  const int sub = state_rows<Acc>(D, Dv, FT, kBackward, optin);
+  const size_t smem = state_smem_bytes<Acc>(D, Dv, FT, sub, kBackward);
   const dim3 grid(unsigned(num_sequences(p) * p.heads_k), unsigned(num_feature_tiles(D, FT)));
   auto go = [&](auto kernel) {
-    Status st = prepare_smem(kernel, smem, name);
-    if (!st.ok()) return st;
+    const Status ready = prepare_smem(kernel, smem, name);
+    if (!ready.ok()) return ready;
     kernel<<<grid, kThreads, smem, stream>>>(p, w);
     CSQ_CHECK_LAUNCH(name);
     return Status{};
   };
+  auto with_rows = [&](auto tc) {  // tc: std::bool_constant<TC>
+    constexpr bool TC = decltype(tc)::value;
+    static_assert(kSub / 4 == kMinStateRows, "state_rows picks one of these three");
+    if (sub == kSub) return go(Scan<T, Acc, FT, kSub, TC>::kernel());
+    if (sub == kSub / 2) return go(Scan<T, Acc, FT, kSub / 2, TC>::kernel());
+    return go(Scan<T, Acc, FT, kMinStateRows, TC>::kernel());
+  };
   if constexpr (kHalf) {
-    if (p.tensor_core_passes > 0) return go(Scan<T, Acc, FT, true>::kernel());
+    if (p.tensor_core_passes > 0) return with_rows(std::true_type{});
   }
-  return go(Scan<T, Acc, FT, false>::kernel());
+  return with_rows(std::false_type{});
 }
 
 }  // namespace cuda

@@ -31,6 +31,22 @@ constexpr int kDecCols = 16;                     // value columns per CTA (a 64-
 constexpr int kDecRows = kThreads / kDecCols;    // feature rows in flight per CTA
 constexpr int kDecHeads = 4;                     // query heads per pass (registers)
 
+// decode_kernel's per-coordinate values live in dynamic shared memory sized from Dk (small heads
+// do not pay for kMaxHeadDim), coordinate-major: the kDecCoordVals values of coordinate d are
+// cv[kDecCoordVals d + i], i = kDecK (k - ref), kDecRef (ref), kDecKsum (the key sum after this
+// token), kDecQ + j (tau q of the pass's head j). Every one is then a fixed offset from one base
+// address, as with static arrays: separate Dk-long arrays cost decode_kernel registers (a
+// pointer each) and spilled it on sm_90a. With the static buffers (at most 9.5 KB) this stays
+// below the 48 KB a block gets without opting in.
+constexpr int kDecK = 0, kDecRef = 1, kDecKsum = 2, kDecQ = 3;
+constexpr int kDecCoordVals = kDecQ + kDecHeads;
+static_assert(kDecCoordVals * kMaxHeadDim * sizeof(double) <= 32 * 1024,
+              "decode_kernel's shared memory must not need an opt-in");
+template <typename Acc>
+inline size_t decode_smem_bytes(int D) {
+  return sizeof(Acc) * size_t(kDecCoordVals) * size_t(D);
+}
+
 // Walks the feature rows f = f0, f0 + step, ... of the public order (csq_features.h), keeping
 // the pair (x, y) of f < P = num_pairs(D) without a division (feature_pair divides).
 struct FeatureWalk {
@@ -60,25 +76,27 @@ struct FeatureWalk {
   __device__ int lin() const { return static_cast<int>(f - P); }
 };
 
-// psi_f(ke), ke = [kq, 1] (csq_features.h).
-template <typename Acc>
+// psi_f(ke), ke = [kq, 1] (csq_features.h); coordinate d of kq is kq[kStride * d].
+template <int kStride, typename Acc>
 __device__ __forceinline__ Acc key_feature(const FeatureWalk& fw, const Acc* kq) {
   const int kind = fw.kind();
-  return kind == 0 ? kq[fw.x] * kq[fw.y] : (kind == 1 ? kq[fw.lin()] : Acc(1));
+  return kind == 0 ? kq[kStride * fw.x] * kq[kStride * fw.y]
+                   : (kind == 1 ? kq[kStride * fw.lin()] : Acc(1));
 }
 
 // phi_f(qe), qe = [tq, b] with tq = tau q (csq_features.h: m_xy qe_x qe_y, m_xy = 2 off the
 // diagonal, so 2 for every linear row), for the row's kind (fw.kind(), hoisted by the caller
-// out of its loop over heads: computed per head, decode_kernel spilled on sm_90a).
-template <typename Acc>
+// out of its loop over heads: computed per head, decode_kernel spilled on sm_90a); coordinate
+// d of tq is tq[kStride * d].
+template <int kStride, typename Acc>
 __device__ __forceinline__ Acc query_feature(int kind, const FeatureWalk& fw, const Acc* tq,
                                              Acc b) {
   if (kind == 0) {
-    Acc phi = tq[fw.x] * tq[fw.y];
+    Acc phi = tq[kStride * fw.x] * tq[kStride * fw.y];
     if (fw.x != fw.y) phi *= Acc(2);
     return phi;
   }
-  return kind == 1 ? Acc(2) * b * tq[fw.lin()] : b * b;
+  return kind == 1 ? Acc(2) * b * tq[kStride * fw.lin()] : b * b;
 }
 
 // Coordinate d of the ref of a decode step: the state's, or when the state holds no key yet
@@ -95,32 +113,31 @@ __device__ __forceinline__ Acc decode_ref(const DecodeParams& p, Acc count_befor
 // the input dtype, contiguous; q, k, v strided with N = 1.
 template <typename T, typename Acc>
 __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) {
-  __shared__ Acc kq[kMaxHeadDim];                // k - ref
-  __shared__ Acc rf[kMaxHeadDim];                // ref (see decode_ref)
-  __shared__ Acc ksum[kMaxHeadDim];              // key sum after this token (last column)
+  extern __shared__ __align__(16) unsigned char smem_raw[];  // decode_smem_bytes
   __shared__ Acc vt[kDecCols];                   // this CTA's value columns of v
-  __shared__ Acc qt[kDecHeads][kMaxHeadDim];     // tau q of the pass's heads
-  __shared__ Acc bq[kDecHeads];                  // their shifts b_h
+  __shared__ Acc bq[kDecHeads];                  // the shifts b_h of the pass's heads
   __shared__ Acc cnt_s;                          // key count after this token
   __shared__ Acc red[kDecHeads][kDecRows][kDecCols + 1];
   __shared__ Acc dred[kDecHeads][kDecRows];
 
   const int64_t bg = blockIdx.x, bi = bg / p.heads_k, g = bg % p.heads_k;
   const int D = static_cast<int>(p.dim_k), Dv = static_cast<int>(p.dim_v), V1 = Dv + 1;
+  Acc* cv = reinterpret_cast<Acc*>(smem_raw);  // coordinate-major, see kDecCoordVals
   const int64_t F = num_features(D);
   const int col0 = static_cast<int>(blockIdx.y) * kDecCols;  // this CTA's first value column
   const int tid = threadIdx.x, r = tid / kDecCols, c = tid % kDecCols, n = col0 + c;
   const bool col_ok = n < Dv;
   const Acc tau = Acc(p.scale);
   Acc* S = static_cast<Acc*>(p.sums) + bg * F * V1;
-  const Acc* ref = rf;
 
   for (int d = tid; d < D; d += blockDim.x) {
+    Acc* cd = cv + kDecCoordVals * d;
     const Acc kraw = load_el<Acc, T>(p.k, p.k_stride, bi, g, 0, d);
-    rf[d] = decode_ref(p, state_key_count(S, D, Dv), bg, d, kraw);
-    const Acc kd = kraw - rf[d];
-    kq[d] = kd;
-    ksum[d] = state_key_sum(S, d, D, Dv) + kd;
+    const Acc rd = decode_ref(p, state_key_count(S, D, Dv), bg, d, kraw);
+    const Acc kd = kraw - rd;
+    cd[kDecRef] = rd;
+    cd[kDecK] = kd;
+    cd[kDecKsum] = state_key_sum(S, d, D, Dv) + kd;
   }
   if (tid < kDecCols)
     vt[tid] = col0 + tid < Dv ? load_el<Acc, T>(p.v, p.v_stride, bi, g, 0, col0 + tid) : Acc(0);
@@ -129,17 +146,21 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
   const int64_t G = p.group;
   for (int64_t hb = 0; hb < G; hb += kDecHeads) {
     const int nh = static_cast<int>(min64(kDecHeads, G - hb));
-    __syncthreads();  // kq, ksum, vt written; the previous pass's qt, bq, red are read
+    __syncthreads();  // k - ref, ref, key sums, vt written; the previous pass's q, bq, red read
     for (int e = tid; e < nh * D; e += blockDim.x) {
       const int j = e / D, d = e % D;
-      qt[j][d] = tau * load_el<Acc, T>(p.q, p.q_stride, bi, g * G + hb + j, 0, d);
+      cv[kDecCoordVals * d + kDecQ + j] =
+          tau * load_el<Acc, T>(p.q, p.q_stride, bi, g * G + hb + j, 0, d);
     }
     __syncthreads();
     {  // b_h = c_h - tau <q, mu> (center; mu = ksum / count) or c_h + tau <q, ref>: warp j
       const int warp = tid >> 5, lane = tid & 31;
       if (warp < nh) {
         Acc dot = 0;
-        for (int d = lane; d < D; d += 32) dot += qt[warp][d] * (p.center ? ksum[d] : ref[d]);
+        for (int d = lane; d < D; d += 32) {
+          const Acc* cd = cv + kDecCoordVals * d;
+          dot += cd[kDecQ + warp] * (p.center ? cd[kDecKsum] : cd[kDecRef]);
+        }
         dot = warp_sum(dot);
         if (lane == 0) {
           const Acc c_h = static_cast<const Acc*>(p.shift)[g * G + hb + warp];
@@ -159,7 +180,7 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
     const Acc vn = vt[c];
     for (FeatureWalk fw(r, D); fw.f < F; fw.advance(kDecRows)) {
       const int kind = fw.kind();
-      const Acc psi = key_feature(fw, kq);
+      const Acc psi = key_feature<kDecCoordVals>(fw, cv + kDecK);
       Acc* row = S + fw.f * V1;
       Acc s_new = 0;
       if (col_ok) {
@@ -173,7 +194,7 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
 #pragma unroll
       for (int j = 0; j < kDecHeads; ++j) {
         if (j >= nh) break;
-        const Acc phi = query_feature(kind, fw, qt[j], bh[j]);
+        const Acc phi = query_feature<kDecCoordVals>(kind, fw, cv + kDecQ + j, bh[j]);
         num[j] = fma(phi, s_new, num[j]);
         den[j] = fma(phi, s_den, den[j]);
       }
@@ -220,7 +241,7 @@ __global__ void __launch_bounds__(kThreads) decode_count_kernel(const DecodePara
   }
   __syncthreads();  // kq written, and count_before read by every thread before it changes
   for (FeatureWalk fw(threadIdx.x, D); fw.f < F; fw.advance(blockDim.x))
-    S[fw.f * V1 + Dv] += key_feature(fw, kq);
+    S[fw.f * V1 + Dv] += key_feature<1>(fw, kq);
 }
 
 }  // namespace cuda

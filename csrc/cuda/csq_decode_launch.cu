@@ -23,7 +23,8 @@ Status launch_decode(const DecodeParams& p, cudaStream_t stream) {
   if (p.batch * p.heads_k == 0) return Status{};
   const unsigned bhk = unsigned(p.batch * p.heads_k);
   const unsigned col_tiles = unsigned(ceil_div(p.dim_v, kDecCols));
-  decode_kernel<T, Acc><<<dim3(bhk, col_tiles), kThreads, 0, stream>>>(p);
+  decode_kernel<T, Acc><<<dim3(bhk, col_tiles), kThreads, decode_smem_bytes<Acc>(int(p.dim_k)),
+                          stream>>>(p);
   CSQ_CHECK_LAUNCH("decode_kernel");
   decode_count_kernel<T, Acc><<<bhk, kThreads, 0, stream>>>(p);
   CSQ_CHECK_LAUNCH("decode_count_kernel");

@@ -15,7 +15,8 @@ namespace cuda {
 // The minimum of CTAs per SM lifts ptxas's default cap of 64 registers here (spills).
 template <typename T, typename Acc>
 __global__ void __launch_bounds__(kThreads, 3) query_shift_kernel(const FwdParams p, Work w) {
-  __shared__ Acc mu_s[kSub][kMaxHeadDim + 1];
+  extern __shared__ __align__(16) unsigned char smem_raw[];  // key_mean_smem_bytes
+  Acc* mu_s = reinterpret_cast<Acc*>(smem_raw);
   const int64_t bg = blockIdx.x, t = blockIdx.y, bi = bg / p.heads_k, g = bg % p.heads_k;
   const ChunkSpan c = chunk_span(p, w, bi, t);
   if (!c.valid) return;  // uniform over the block
@@ -23,11 +24,10 @@ __global__ void __launch_bounds__(kThreads, 3) query_shift_kernel(const FwdParam
   const int64_t N = p.seqlen, G = p.group;
   const Acc tau = Acc(p.scale);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
+  const int sub = key_mean_rows(D, sizeof(Acc)), ms = D + 1;
   ChunkKeyMeans<T, Acc> means(p, w, c, bi, g, t);
-  for (int sb = 0; sb < kChunkI / kSub; ++sb) {
-    const int64_t row0 = c.row0 + sb * kSub;
-    if (row0 >= c.row1) break;  // uniform over the block
-    const int nrows = static_cast<int>(min64(kSub, c.row1 - row0));
+  for (int64_t row0 = c.row0; row0 < c.row1; row0 += sub) {  // uniform over the block
+    const int nrows = static_cast<int>(min64(sub, c.row1 - row0));
     __syncthreads();  // mu_s of the previous sub-block is no longer read
     means.fill(mu_s, row0, nrows);
     __syncthreads();
@@ -38,7 +38,7 @@ __global__ void __launch_bounds__(kThreads, 3) query_shift_kernel(const FwdParam
       const int64_t row = row0 + r;
       Acc dot = 0;
       for (int d = lane; d < D; d += 32)
-        dot += load_el<Acc, T>(p.q, p.q_stride, bi, h, row, d) * mu_s[r][d];
+        dot += load_el<Acc, T>(p.q, p.q_stride, bi, h, row, d) * mu_s[r * ms + d];
       dot = warp_sum(dot);
       if (lane == 0)
         static_cast<Acc*>(p.b)[bh * N + row] = static_cast<const Acc*>(p.shift)[h] - tau * dot;

@@ -49,7 +49,8 @@ Status launch_fwd(const FwdParams& p, void* workspace, size_t workspace_bytes,
       "cudaMemsetAsync(num_state)");
   st = launch_key_prefix<T, Acc>(p, w, p.ref_out, stream);
   if (!st.ok()) return st;
-  query_shift_kernel<T, Acc><<<dim3(bhk, nch), kThreads, 0, stream>>>(p, w);
+  query_shift_kernel<T, Acc><<<dim3(bhk, nch), kThreads, key_mean_smem_bytes<Acc>(int(p.dim_k)),
+                               stream>>>(p, w);
   CSQ_CHECK_LAUNCH("query_shift_kernel");
 
   st = launch_state_scan<DT, KeyStateFwd>(p, w, stream);

@@ -9,7 +9,24 @@
 namespace csq {
 namespace cuda {
 
-constexpr int kColThreads = static_cast<int>(kMaxHeadDim);  // one thread per key coordinate
+// Threads of the per-column kernels below, which loop over the D key coordinates: one column
+// per thread up to D = 128, two at D = 256 (the heads the limit was raised for; more threads
+// would idle half the block at D <= 128).
+constexpr int kColThreads = 128;
+
+// The key means mu' (ChunkKeyMeans::fill) are staged in dynamic shared memory sized from D:
+// rows of D + 1 (odd: column walks free of bank conflicts), kSub rows per step, halved while
+// the buffer exceeds what a block gets without opting in (float64 at D >= 192: 16 rows).
+constexpr size_t kSmemNoOptIn = 48 * 1024;
+__host__ __device__ inline int key_mean_rows(int D, size_t acc_bytes) {
+  int rows = kSub;
+  while (rows > 1 && size_t(rows) * size_t(D + 1) * acc_bytes > kSmemNoOptIn) rows /= 2;
+  return rows;
+}
+template <typename Acc>
+inline size_t key_mean_smem_bytes(int D) {
+  return size_t(key_mean_rows(D, sizeof(Acc))) * size_t(D + 1) * sizeof(Acc);
+}
 
 // cu_seqlens only: the chunk slots of every sequence (see csq_common.cuh). One block:
 // seq_chunk0 = exclusive scan of ceil(len_s / C) over s (a block scan per 256 sequences),
@@ -147,13 +164,15 @@ __device__ __forceinline__ Acc seq_total(const Acc* pre, const Acc* cs, const Ch
 }
 
 // mu'_i = mean of (k_j - r) over J(i) for the rows of one chunk, column d = threadIdx.x < D
-// per thread, sub-block by sub-block (kSub rows) into shared memory. A carried state (causal
-// only) holds `carried` earlier keys with sum Z1 (relative to r): then
+// per thread (so the block needs D threads), sub-block by sub-block (key_mean_rows rows) into
+// shared memory. A carried state (causal only) holds `carried` earlier keys with sum Z1
+// (relative to r): then
 // mu'_i = (Z1 + sum of this sequence's keys up to i) / (carried + position + 1). Without
 // centering r is not 0 either (csq_params.h): the keys are k - r, and mu' = -r puts
 // tau <q_i, r> back into b_i (and tau db_i r into dq_i).
 template <typename T, typename Acc>
 struct ChunkKeyMeans {
+  static_assert(kThreads >= kMaxHeadDim, "ChunkKeyMeans: one thread per key coordinate");
   const FwdParams& p;
   const ChunkSpan& c;
   const Acc* ref;
@@ -178,20 +197,20 @@ struct ChunkKeyMeans {
                      : seq_total(pre, cs, c, D, tid, false) / Acc(c.len);
   }
 
-  // mu[r][d] = mu'_{row0 + r} for r < nrows (rows of this chunk, in order).
-  __device__ void fill(Acc (*mu)[kMaxHeadDim + 1], int64_t row0, int nrows) {
-    const int tid = threadIdx.x;
+  // mu[r * (D + 1) + d] = mu'_{row0 + r} for r < nrows (rows of this chunk, in order).
+  __device__ void fill(Acc* mu, int64_t row0, int nrows) {
+    const int tid = threadIdx.x, ms = D + 1;
     if (tid >= D) return;
     if (!p.center) {
-      for (int r = 0; r < nrows; ++r) mu[r][tid] = -ref[tid];
+      for (int r = 0; r < nrows; ++r) mu[r * ms + tid] = -ref[tid];
       return;
     }
     for (int r = 0; r < nrows; ++r) {
       if (p.causal) {
         run += load_el<Acc, T>(p.k, p.k_stride, bi, g, row0 + r, tid) - ref[tid];
-        mu[r][tid] = run / (carried + Acc(row0 + r - c.start + 1));
+        mu[r * ms + tid] = run / (carried + Acc(row0 + r - c.start + 1));
       } else {
-        mu[r][tid] = run;
+        mu[r * ms + tid] = run;
       }
     }
   }

@@ -23,8 +23,9 @@ enum class DType : int { kFloat64 = 0, kFloat32 = 1, kFloat16 = 2, kBFloat16 = 3
 
 inline constexpr size_t acc_size(DType dt) { return dt == DType::kFloat64 ? 8 : 4; }
 
-// Largest head sizes the kernels support (shared memory is sized from the actual ones).
-constexpr int64_t kMaxHeadDim = 128;
+// Largest head sizes the kernels support, Dk and Dv each (256: Gemma's heads). Shared memory is
+// sized from the actual ones, so small heads pay nothing for the limit.
+constexpr int64_t kMaxHeadDim = 256;
 // Chunk length on the GPU. FwdParams::chunk is a CPU tuning knob and is ignored here: the
 // result does not depend on the chunk length (the spec), and the GPU kernels are tiled for this.
 constexpr int64_t kChunk = 64;

@@ -16,14 +16,23 @@ namespace cuda {
 // After a <<<...>>> launch.
 #define CSQ_CHECK_LAUNCH(name) CSQ_RETURN_IF_ERROR(cudaGetLastError(), name)
 
-// Lets `kernel` use `bytes` of dynamic shared memory, or says why it cannot.
-template <typename Kernel>
-inline Status prepare_smem(Kernel kernel, size_t bytes, const char* name) {
+// The most shared memory a block of the current device may opt into (*bytes).
+inline Status smem_optin(size_t* bytes, const char* name) {
   int dev = 0, optin = 0;
   CSQ_RETURN_IF_ERROR(cudaGetDevice(&dev), name);
   CSQ_RETURN_IF_ERROR(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev),
                       name);
-  if (bytes > size_t(optin))
+  *bytes = size_t(optin);
+  return Status{};
+}
+
+// Lets `kernel` use `bytes` of dynamic shared memory, or says why it cannot.
+template <typename Kernel>
+inline Status prepare_smem(Kernel kernel, size_t bytes, const char* name) {
+  size_t optin = 0;
+  const Status st = smem_optin(&optin, name);
+  if (!st.ok()) return st;
+  if (bytes > optin)
     return Status{cudaErrorInvalidConfiguration, name,
                   "this head size needs more shared memory per block than the device has "
                   "(the CUDA kernels are built for sm_80 and newer)"};
@@ -36,9 +45,10 @@ inline Status prepare_smem(Kernel kernel, size_t bytes, const char* name) {
 
 // Shapes the kernels support. The host files check the same with TORCH_CHECK first.
 inline Status check_shapes(const QkvParams& p) {
+  static_assert(kMaxHeadDim == 256, "the message below names the limit");
   if (p.dim_k < 1 || p.dim_k > kMaxHeadDim || p.dim_v < 1 || p.dim_v > kMaxHeadDim)
     return Status{cudaErrorInvalidValue, "check_shapes",
-                  "the CUDA kernels support head sizes 1 <= Dk <= 128 and 1 <= Dv <= 128"};
+                  "the CUDA kernels support head sizes 1 <= Dk <= 256 and 1 <= Dv <= 256"};
   if (ceil_div(p.seqlen, kChunk) > 65535)
     return Status{cudaErrorInvalidValue, "check_shapes",
                   "the CUDA kernels support sequence lengths N <= 65535 * 64"};

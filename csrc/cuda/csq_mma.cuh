@@ -10,7 +10,8 @@
 //   C, D (16 x 8):          c0 (g, 2t)  c1 (g, 2t + 1)  c2 (g + 8, 2t)  c3 (g + 8, 2t + 1)
 //
 // The CPU emulator (emu/, CSQ_CUDA_EMULATOR) runs the same fragment code and replaces only the
-// instruction: it gathers the warp's fragments with shuffles and multiplies them in float32.
+// instruction: it gathers the warp's fragments (one warp exchange, emu::warp_gather) and
+// multiplies them in float32.
 #pragma once
 
 #include <cstdint>
@@ -51,22 +52,28 @@ __device__ __forceinline__ float tf32_value(uint32_t u) {
 __device__ __forceinline__ void mma_tf32(float (&d)[4], const uint32_t (&a)[4],
                                          const uint32_t (&b)[2]) {
 #ifdef CSQ_CUDA_EMULATOR
-  float A[kMmaM][kMmaK], B[kMmaK][kMmaN];
-  for (int l = 0; l < 32; ++l) {
-    for (int r = 0; r < 4; ++r) {
-      uint32_t u = __shfl_sync(0xffffffffu, a[r], l);
-      std::memcpy(&A[l / 4 + 8 * (r % 2)][l % 4 + 4 * (r / 2)], &u, 4);
-    }
-    for (int r = 0; r < 2; ++r) {
-      uint32_t u = __shfl_sync(0xffffffffu, b[r], l);
-      std::memcpy(&B[l % 4 + 4 * r][l / 4], &u, 4);
-    }
-  }
+  struct Frags {
+    uint32_t a[4], b[2];
+  };
+  const Frags mine{{a[0], a[1], a[2], a[3]}, {b[0], b[1]}};
+  // all[l]: lane l's fragments, in one exchange (192 shuffles made large heads too slow).
+  const Frags* all = reinterpret_cast<const Frags*>(emu::warp_gather(&mine, sizeof(Frags)));
+  // A[row][k] and B[k][n] read from the lanes that own them (the fragment layout above).
+  const auto A = [&](int row, int k) {
+    float x;
+    std::memcpy(&x, &all[4 * (row % 8) + k % 4].a[row / 8 + 2 * (k / 4)], 4);
+    return x;
+  };
+  const auto B = [&](int k, int n) {
+    float x;
+    std::memcpy(&x, &all[4 * n + k % 4].b[k / 4], 4);
+    return x;
+  };
   const int lane = static_cast<int>(threadIdx.x) & 31;
   for (int r = 0; r < 4; ++r) {
     const int row = lane / 4 + 8 * (r / 2), col = 2 * (lane % 4) + r % 2;
     float s = 0.f;
-    for (int k = 0; k < kMmaK; ++k) s += A[row][k] * B[k][col];
+    for (int k = 0; k < kMmaK; ++k) s += A(row, k) * B(k, col);
     d[r] += s;
   }
 #else

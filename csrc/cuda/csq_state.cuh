@@ -32,34 +32,53 @@ namespace cuda {
 
 // Shared memory of the state kernels, in Acc elements (the feature table, 2 FT ints, follows).
 //   S    [FT][SS]     the state tile (rows: features f0 .. f0 + FT - 1; columns: Dv + 1)
-//   Feat [kSub][FS]   features of the staged rows (phi or psi), later u
-//   Vec  [kSub][VS]   v~ or g~ of the staged rows
-//   Xe   [kSub][XS]   qe or ke of the staged rows
-//   Dx   [kSub][XS]   dqe or dke of the staged rows (backward only)
+//   Feat [SUB][FS]    features of the staged rows (phi or psi), later u
+//   Vec  [SUB][VS]    v~ or g~ of the staged rows
+//   Xe   [SUB][XS]    qe or ke of the staged rows
+//   Dx   [SUB][XS]    dqe or dke of the staged rows (backward only)
 //   ref  [D]          the reference key
 // Strides are odd (bank-conflict free column walks) and rows padded to multiples of 4.
+// SUB: the rows staged per step (kSub, or fewer for large heads: state_rows).
 struct StateLayout {
   int SS, FS, VS, XS;
   int feat, vec, xe, dx, ref, n_acc;
-  __host__ __device__ StateLayout(int D, int Dv, int FT, bool with_dx) {
+  __host__ __device__ StateLayout(int D, int Dv, int FT, int SUB, bool with_dx) {
     SS = round_up4(Dv + 1) + 1;
     FS = FT + 1;
     VS = SS;
     XS = round_up4(D + 1) + 1;
     feat = FT * SS;
-    vec = feat + kSub * FS;
-    xe = vec + kSub * VS;
-    dx = xe + kSub * XS;
-    ref = dx + (with_dx ? kSub * XS : 0);
+    vec = feat + SUB * FS;
+    xe = vec + SUB * VS;
+    dx = xe + SUB * XS;
+    ref = dx + (with_dx ? SUB * XS : 0);
     n_acc = ref + round_up4(D);
   }
 };
 
 // Bytes of dynamic shared memory of a state scan; the backward ones also hold Dx.
 template <typename Acc>
-inline size_t state_smem_bytes(int D, int Dv, int FT, bool backward) {
-  const StateLayout L(D, Dv, FT, backward);
+inline size_t state_smem_bytes(int D, int Dv, int FT, int SUB, bool backward) {
+  const StateLayout L(D, Dv, FT, SUB, backward);
   return size_t(L.n_acc) * sizeof(Acc) + size_t(2 * FT) * sizeof(int);
+}
+
+// The fewest rows a state scan stages per step.
+constexpr int kMinStateRows = 8;
+
+// Rows staged per step: kSub when that tile fits the device's `optin` bytes of shared memory,
+// else the most of kSub / 2, kMinStateRows that fits (a staged row takes about Dk + Dv + FT
+// elements, Dk more in the backward; the tile S does not shrink with them). Large heads need
+// this: at Dk = Dv = 256 the backward's tile with kSub rows takes 173 KB in float32, 272 KB in
+// float64, more than an A100's 163 KB. Heads up to 128 keep kSub on sm_80 and sm_90.
+// kMinStateRows when nothing fits, for prepare_smem to refuse with its message. The kernels
+// take the rows as a template argument (SUB): a runtime count spilled the float64 scans.
+template <typename Acc>
+inline int state_rows(int D, int Dv, int FT, bool backward, size_t optin) {
+  int sub = kSub;
+  while (sub > kMinStateRows && state_smem_bytes<Acc>(D, Dv, FT, sub, backward) > optin)
+    sub /= 2;
+  return sub;
 }
 
 // At least 3 CTAs per SM (80 registers) for float32 accumulation, 2 (128) for float64: left
@@ -78,24 +97,26 @@ __device__ __forceinline__ void state_gemm(int M, int N, int K, const FA& a, con
     block_gemm<TM, TN, Acc>(M, N, K, a, b, emit);
 }
 
-// The same for N = Dv + 1 columns (block_gemm_aug on the CUDA cores).
-template <int TM, int TN, bool TC, typename Acc, typename FA, typename FB, typename FE>
+// The same for N = Dv + 1 columns (block_gemm_aug on the CUDA cores; KU: block_gemm's).
+template <int TM, int TN, bool TC, typename Acc, int KU = 0, typename FA, typename FB,
+          typename FE>
 __device__ __forceinline__ void state_gemm_aug(int M, int dv, int K, const FA& a, const FB& b,
                                                const FE& emit, bool split) {
   if constexpr (TC)
     block_mma_tf32(M, dv + 1, K, a, b, emit, split);
   else
-    block_gemm_aug<TM, TN, Acc>(M, dv, K, a, b, emit);
+    block_gemm_aug<TM, TN, Acc, KU>(M, dv, K, a, b, emit);
 }
 
 // One CTA's tile of a state scan: its shared memory, feature table and staged rows, and the
 // steps every scan is made of. Built at the start of a kernel (it zeroes the tile and reads the
 // feature table and ref, with a barrier); every method is called by all threads of the CTA.
-template <typename T, typename Acc, int FT, bool TC>
+template <typename T, typename Acc, int FT, int SUB, bool TC>
 struct StateTile {
   static_assert(!TC || std::is_same<Acc, float>::value, "tensor cores: float accumulation");
-  static_assert((kSub * FT) % kThreads == 0 && FT % 32 == 0,
+  static_assert((SUB * FT) % kThreads == 0 && FT % 32 == 0,
                 "one warp must cover 32 features of one row in accumulate_dx");
+  static_assert(kChunkI % SUB == 0, "the chunk must be a whole number of staged steps");
   const FwdParams& p;
   const Work& w;
   Acc *S, *Feat, *Vec, *Xe, *Dx, *rs;
@@ -115,7 +136,7 @@ struct StateTile {
     Dv = static_cast<int>(p.dim_v);
     De = D + 1;
     V1 = Dv + 1;
-    const StateLayout L(D, Dv, FT, backward);
+    const StateLayout L(D, Dv, FT, SUB, backward);
     S = reinterpret_cast<Acc*>(smem_raw);
     Feat = S + L.feat;
     Vec = S + L.vec;
@@ -187,10 +208,10 @@ struct StateTile {
     }
   }
 
-  // ---- staging: rows [row0, row0 + nrows) into rows [0, kSub) of the buffers, zero-padded.
+  // ---- staging: rows [row0, row0 + nrows) into rows [0, SUB) of the buffers, zero-padded.
   __device__ __forceinline__ void stage_q(int64_t h, int64_t row0, int nrows) {  // Xe = qe = [tau q, b]
     const Acc* bsave = static_cast<const Acc*>(p.b) + (bi * Hq + h) * N;
-    for (int e = tid; e < kSub * De; e += nthr) {
+    for (int e = tid; e < SUB * De; e += nthr) {
       const int r = e / De, d = e % De;
       Acc val = 0;
       if (r < nrows)
@@ -200,7 +221,7 @@ struct StateTile {
     }
   }
   __device__ __forceinline__ void stage_k(int64_t row0, int nrows) {  // Xe = ke = [k - r, 1]
-    for (int e = tid; e < kSub * De; e += nthr) {
+    for (int e = tid; e < SUB * De; e += nthr) {
       const int r = e / De, d = e % De;
       Acc val = 0;
       if (r < nrows)
@@ -209,7 +230,7 @@ struct StateTile {
     }
   }
   __device__ __forceinline__ void stage_v(int64_t row0, int nrows) {  // Vec = v~ = [v, 1]
-    for (int e = tid; e < kSub * V1; e += nthr) {
+    for (int e = tid; e < SUB * V1; e += nthr) {
       const int r = e / V1, n = e % V1;
       Acc val = 0;
       if (r < nrows) val = n < Dv ? load_el<Acc, T>(p.v, p.v_stride, bi, g, row0 + r, n) : Acc(1);
@@ -218,18 +239,18 @@ struct StateTile {
   }
   __device__ __forceinline__ void stage_g(int64_t h, int64_t row0, int nrows) {  // Vec = g~ (grad_ext_kernel)
     const Acc* gs = static_cast<const Acc*>(w.g_ext) + ((bi * Hq + h) * N + row0) * V1;
-    for (int e = tid; e < kSub * V1; e += nthr) {
+    for (int e = tid; e < SUB * V1; e += nthr) {
       const int r = e / V1, n = e % V1;
       Vec[r * VS + n] = r < nrows ? gs[int64_t(r) * V1 + n] : Acc(0);
     }
   }
   __device__ __forceinline__ void zero_dx() {
-    for (int e = tid; e < kSub * XS; e += nthr) Dx[e] = Acc(0);
+    for (int e = tid; e < SUB * XS; e += nthr) Dx[e] = Acc(0);
   }
   // Feat[r][fi] = phi_f or psi_f of the staged extended vectors (csq_features.h: m_xy = 2 off
   // the diagonal for phi, 1 for psi).
   __device__ __forceinline__ void build_feat(bool phi) {
-    for (int e = tid; e < kSub * FT; e += nthr) {
+    for (int e = tid; e < SUB * FT; e += nthr) {
       const int r = e / FT, fi = e % FT;
       Acc val = 0;
       if (fi < nf) {
@@ -250,7 +271,7 @@ struct StateTile {
   __device__ __forceinline__ void accumulate_dx(int nrows, bool phi) {
     const int lane = tid & 31;
     const int64_t pairs = num_pairs(D);
-    for (int e = tid; e < kSub * FT; e += nthr) {  // the same trip count on every thread
+    for (int e = tid; e < SUB * FT; e += nthr) {  // the same trip count on every thread
       const int r = e / FT, fi = e % FT;           // one r per warp (FT % 32 == 0)
       int key = -1, run = -1;
       Acc xv = 0;
@@ -275,9 +296,11 @@ struct StateTile {
   }
 
   // ---- the three block products on the staged rows.
-  // S += Feat^T Vec over the nrows staged rows.
+  // S += Feat^T Vec over the nrows staged rows. At SUB = kMinStateRows the loop over them
+  // (nrows <= 8) is not unrolled: the compiler unrolled it completely, and unrolled 2 or 4
+  // times it still spilled the float64 query_state_bwd_kernel on sm_80 or sm_90a.
   __device__ __forceinline__ void update_state(int nrows) {
-    state_gemm_aug<4, 4, TC, Acc>(
+    state_gemm_aug<4, 4, TC, Acc, SUB <= kMinStateRows ? 1 : 0>(
         nf, Dv, nrows, [&](int m, int k) { return Feat[k * FS + m]; },
         [&](int k, int n) { return Vec[k * VS + n]; },
         [&](int m, int n, Acc val) { S[m * SS + n] += val; }, p.tensor_core_passes > 1);
@@ -293,10 +316,10 @@ struct StateTile {
 
   // Rows [row0, row0 + nrows) of sub-block sb of chunk t; false past the sequence's end.
   __device__ __forceinline__ bool sub_block(int64_t t, int sb, int64_t* row0, int* nrows) const {
-    *row0 = seq_rows[0] + t * kChunk + sb * kSub;
+    *row0 = seq_rows[0] + t * kChunk + sb * SUB;
     const int64_t seq_end = seq_rows[1];
     if (*row0 >= seq_end) return false;
-    *nrows = static_cast<int>(min64(kSub, seq_end - *row0));
+    *nrows = static_cast<int>(min64(SUB, seq_end - *row0));
     return true;
   }
 
@@ -322,7 +345,7 @@ struct StateTile {
 
   // The update of a key state (S) with the keys of chunk t.
   __device__ __forceinline__ void absorb_keys(int64_t t) {
-    for (int sb = 0; sb < kChunkI / kSub; ++sb) {
+    for (int sb = 0; sb < kChunkI / SUB; ++sb) {
       int64_t row0;
       int nrows;
       if (!sub_block(t, sb, &row0, &nrows)) break;

@@ -5,8 +5,11 @@ several feature tiles and slabs. Emulator only: it says nothing about speed.
 
     python build_emu.py /tmp/csqemu && python check_emu.py /tmp/csqemu/libcsqemu.so [quick]
 
-The direct path's kernels run too (check_emu_direct.py; `direct` runs only those).
+Heads above 128, up to the limit of 256, run too (WIDE_CASES: the first ones in quick mode,
+all of them in the full check; `wide` runs only those). The direct path's kernels run too
+(check_emu_direct.py; `direct` runs only those).
 """
+import contextlib
 import ctypes
 import os
 import runpy
@@ -23,6 +26,23 @@ lib = ctypes.CDLL(sys.argv[1] if len(sys.argv) > 1 else "/tmp/csqemu/libcsqemu.s
 QUICK = "quick" in sys.argv
 DT = {torch.float64: 0, torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
+C = "contiguous"  # the layout of most inputs (strided() makes the others)
+
+
+# Shared memory a block may opt into (bytes) on the devices the emulator can pose as: the state
+# scans stage fewer rows per step where less is available (csrc/cuda/csq_state.cuh,
+# state_rows). The emulator poses as an H100 unless a check says otherwise.
+DEVICES = {"H100": 227 * 1024, "A100": 163 * 1024, "sm86": 99 * 1024}
+
+
+@contextlib.contextmanager
+def device(name_or_bytes):
+    """The calls inside run on an emulated device with that much opt-in shared memory."""
+    lib.emu_set_smem_optin(DEVICES.get(name_or_bytes, name_or_bytes))
+    try:
+        yield
+    finally:
+        lib.emu_set_smem_optin(DEVICES["H100"])
 
 
 def arr(xs):
@@ -37,7 +57,9 @@ def acc_of(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def emu_fwd(q, k, v, shift, causal, scale, center, normalize, eps):
+def emu_fwd(q, k, v, shift, causal, scale, center, normalize, eps, refusal=False):
+    """The forward of the CUDA kernels: y, b, den; refusal=True: the launcher's return code and
+    message instead (for shapes it must refuse)."""
     B, Hq, N, Dk = q.shape
     Hk, Dv = k.shape[1], v.shape[-1]
     acc = acc_of(q.dtype)
@@ -50,6 +72,8 @@ def emu_fwd(q, k, v, shift, causal, scale, center, normalize, eps):
                      arr(k.stride()), ptr(v), arr(v.stride()), ptr(shift_acc),
                      ctypes.c_double(scale), ctypes.c_double(eps), int(causal), int(center),
                      int(normalize), ptr(y), ptr(b), ptr(den), msg, 512)
+    if refusal:
+        return rc, msg.value.decode()
     assert rc == 0, msg.value
     return y, b, den
 
@@ -131,7 +155,6 @@ def check_tensor_cores():
     (the default) as accurate as on the CUDA cores, plain TF32 less so (which also shows that
     the tensor-core path is the one that ran), all within the half-precision bar."""
     ok = True
-    C = "contiguous"
     for causal in (True, False):
         errs = {}
         for passes in (0, 1, 3):
@@ -150,7 +173,7 @@ def check_tensor_cores():
 
 
 def check_case(dtype, B, Hq, Hk, N, Dk, Dv, causal, center, normalize, kinds, seed,
-               key_offset=0.0, grads=True):
+               key_offset=0.0, grads=True, label=""):
     g = torch.Generator().manual_seed(seed)
     q = strided((B, Hq, N, Dk), dtype, g, kinds[0])
     k = strided((B, Hk, N, Dk), dtype, g, kinds[1], key_offset)
@@ -194,7 +217,7 @@ def check_case(dtype, B, Hq, Hk, N, Dk, Dv, causal, center, normalize, kinds, se
                     dshift=rel(dshift, s64.grad))
     LAST_ERRS.clear()
     LAST_ERRS.update(errs)
-    name = (f"{str(dtype)[6:]:8s} B{B} Hq{Hq} Hk{Hk} N{N:<4d} Dk{Dk:<3d} Dv{Dv:<3d} "
+    name = (f"{label}{str(dtype)[6:]:8s} B{B} Hq{Hq} Hk{Hk} N{N:<4d} Dk{Dk:<3d} Dv{Dv:<3d} "
             f"causal={int(causal)} center={int(center)} norm={int(normalize)} "
             f"{'/'.join(kk[:5] for kk in kinds)} off={key_offset}")
     return report(name, errs, tol)
@@ -215,7 +238,7 @@ def emu_decode(q, k, v, shift, sums, ref, scale, center, normalize, eps):
 
 
 def check_decode(dtype, B, Hq, Hk, Dk, Dv, center, normalize, prefill, steps, kinds, seed,
-                 key_offset=0.0):
+                 key_offset=0.0, label=""):
     """Decode steps of the CUDA kernels against the CPU backend's csq_decode_ (same state, same
     tokens): the output of every step and the state (sums, ref) after the last one. The state
     comes from a CPU prefill of `prefill` tokens (0: CSQState.empty, whose first step picks the
@@ -248,7 +271,7 @@ def check_decode(dtype, B, Hq, Hk, Dk, Dv, center, normalize, prefill, steps, ki
     errs["sums"] = rel(sums_emu, sums_cpu)
     errs["ref"] = rel(ref_emu, ref_cpu)
     tol = TOL[dtype] * (10 if key_offset else 1)
-    name = (f"decode {str(dtype)[6:]:8s} B{B} Hq{Hq} Hk{Hk} Dk{Dk:<3d} Dv{Dv:<3d} "
+    name = (f"{label}decode {str(dtype)[6:]:8s} B{B} Hq{Hq} Hk{Hk} Dk{Dk:<3d} Dv{Dv:<3d} "
             f"center={int(center)} norm={int(normalize)} prefill={prefill} steps={steps} "
             f"{'/'.join(kk[:5] for kk in kinds)} off={key_offset}")
     return report(name, errs, tol)
@@ -312,7 +335,7 @@ def check_varlen(dtype, Hq, Hk, lens, Dk, Dv, causal, center, normalize, seed, g
 
 
 def check_state(dtype, Hq, Hk, lens, prefill, Dk, Dv, center, normalize, seed, carried=True,
-                grads=True):
+                grads=True, label=""):
     """Carried state: a causal call continuing from a state (initial_state), returning its state
     (return_state) and taking the gradient of that state (dstate_out), against the CPU backend's
     op on the same inputs (the reference for the state layout; tests/ check it against the
@@ -397,7 +420,7 @@ def check_state(dtype, Hq, Hk, lens, prefill, Dk, Dv, center, normalize, seed, c
         lib.emu_set_seqs(None, 0)
         lib.emu_set_state(null, null, null, null, null, null, null)
     tol = TOL[dtype]
-    name = (f"state  {str(dtype)[6:]:8s} Hq{Hq} Hk{Hk} lens={lens} prefill={prefill} Dk{Dk} "
+    name = (f"{label}state  {str(dtype)[6:]:8s} Hq{Hq} Hk{Hk} lens={lens} prefill={prefill} Dk{Dk} "
             f"Dv{Dv} center={int(center)} norm={int(normalize)} carried={int(carried)}")
     return report(name, errs, tol)
 
@@ -502,6 +525,73 @@ def check_nonfinite():
     return ok
 
 
+# Heads above 128, up to the limit of 256 (Gemma's heads): D = 256, odd sizes, Dk != Dv both
+# ways, forward and backward, carried state, decode; float32 and bfloat16 (tensor cores) at
+# least. Each case runs on an emulated device (DEVICES, or its opt-in bytes): its shared memory
+# decides how many rows the state scans stage per step (32, 16 or 8; csq_state.cuh), noted as
+# fwd/bwd rows. The first WIDE_QUICK cases run in quick mode (and so in CI: about 50 s), all of
+# them in wide mode and in the full check.
+WIDE_CASES = [
+    # device, check, arguments (of check_case / check_state / check_decode)
+    ("A100", "case", (torch.float32, 1, 1, 1, 70, 256, 256, True, True, True,
+                      (C, "transposed", C))),  # rows 32 / 16
+    ("H100", "case", (torch.bfloat16, 1, 1, 1, 65, 256, 64, True, True, True, (C, C, C))),
+    ("sm86", "case", (torch.bfloat16, 1, 2, 1, 66, 64, 256, True, True, True,
+                      ("transposed", C, "padded"))),  # rows 16 / 16
+    ("sm86", "case", (torch.float64, 1, 1, 1, 66, 64, 256, True, True, True, (C, C, C))),  # 8 / 8
+    (50688, "case", (torch.float32, 1, 1, 1, 65, 256, 32, True, True, True, (C, C, C))),  # 16 / 8
+    ("H100", "case", (torch.float32, 1, 2, 1, 100, 200, 129, False, True, False,
+                      ("padded", C, "every_other"))),
+    ("H100", "state", (torch.float32, 2, 1, [5, 66], 20, 256, 64, True, True)),
+    ("H100", "state", (torch.bfloat16, 2, 1, [5, 66], 20, 64, 256, True, True)),
+    ("H100", "decode", (torch.float32, 1, 2, 1, 256, 256, True, True, 10, 2, (C, C, C))),
+    ("H100", "decode", (torch.bfloat16, 1, 4, 2, 256, 64, True, True, 10, 2,
+                        ("padded", C, "transposed"))),
+    ("H100", "decode", (torch.bfloat16, 1, 2, 1, 64, 256, False, True, 0, 2, (C, C, C))),
+    ("H100", "decode", (torch.float32, 2, 2, 2, 200, 129, True, False, 3, 2, (C, C, C))),
+    # wide mode and the full check only
+    ("H100", "case", (torch.bfloat16, 1, 2, 1, 65, 256, 256, True, True, True, (C, C, C))),
+    # float64 at 256: rows 32 / 16 on an H100, 16 / 8 on an A100
+    ("H100", "case", (torch.float64, 1, 1, 1, 67, 256, 256, False, True, True, (C, C, C))),
+    ("A100", "case", (torch.float64, 1, 1, 1, 70, 256, 256, True, True, True, (C, C, C))),
+    ("sm86", "case", (torch.float32, 1, 1, 1, 70, 256, 256, True, True, True, (C, C, C))),  # 8 / 8
+    ("H100", "case", (torch.float16, 1, 1, 1, 70, 129, 200, True, False, True, (C, C, C))),
+    ("A100", "case", (torch.bfloat16, 1, 1, 1, 130, 256, 256, True, True, True,
+                      (C, C, C))),  # rows 32 / 16
+    ("H100", "state", (torch.float32, 2, 1, [66], 10, 256, 256, True, True)),
+    ("H100", "state", (torch.bfloat16, 2, 1, [5, 66], 20, 200, 48, True, True)),
+    ("A100", "state", (torch.float64, 2, 1, [70], 20, 256, 256, True, True)),
+    ("H100", "decode", (torch.float64, 1, 2, 1, 256, 256, True, True, 10, 2, (C, C, C))),
+    ("H100", "decode", (torch.float16, 1, 2, 1, 129, 200, True, True, 0, 3, (C, C, C))),
+]
+WIDE_QUICK = 12
+
+
+def check_wide(quick):
+    """WIDE_CASES (the first WIDE_QUICK when quick); heads of 257 refused with a message that
+    names the limit, and float64 heads of 256 on a device whose shared memory cannot hold the
+    state scan's tile even with 8 rows (sm_86: 99 KB). Its lines start with "wide"."""
+    ok = True
+    checks = {"case": check_case, "state": check_state, "decode": check_decode}
+    for i, (dev, kind, args) in enumerate(WIDE_CASES[:WIDE_QUICK] if quick else WIDE_CASES):
+        with device(dev):
+            ok &= checks[kind](*args, seed=700 + i, label=f"wide {dev} ")
+    g = torch.Generator().manual_seed(799)
+    limit = "Dk <= 256 and 1 <= Dv <= 256"
+    refusals = [("H100", torch.float32, 257, 8, limit), ("H100", torch.float32, 8, 257, limit),
+                ("sm86", torch.float64, 256, 256, "more shared memory")]
+    for dev, dtype, dk, dv, why in refusals:
+        q, k = (torch.randn(1, 1, 3, dk, generator=g, dtype=dtype) for _ in range(2))
+        v = torch.randn(1, 1, 3, dv, generator=g, dtype=dtype)
+        with device(dev):
+            rc, msg = emu_fwd(q, k, v, torch.ones(1), True, 0.5, True, True, 1e-6, refusal=True)
+        good = rc != 0 and why in msg
+        print(("ok   " if good else "FAIL ") + f"wide {dev} {str(dtype)[6:]} Dk={dk} Dv={dv} "
+              f"refused: {msg!r}", flush=True)
+        ok &= good
+    return ok
+
+
 def run_direct(quick):
     """The direct path's kernels (check_emu_direct.py: its lines start with "direct")."""
     sys.path.insert(0, HERE)
@@ -511,7 +601,6 @@ def run_direct(quick):
 
 def main():
     cases = []
-    C = "contiguous"
     # Shapes: partial chunks, odd N, several feature tiles (Dk = 16: F = 153; Dk = 40: 861),
     # several slabs (Dk or Dv > 32), grouped heads, N < 64 (reference key from fewer keys).
     for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
@@ -532,14 +621,14 @@ def main():
         (torch.float32, 3, 4, 2, 90, 12, 6, True, True, True, ("expanded",) * 3),
         (torch.float64, 2, 2, 2, 70, 4, 3, False, True, True, ("expanded", C, "expanded")),
     ]
-    if "big" in sys.argv:  # the largest supported heads: 131 (float32) / 263 (float64) tiles
-        cases = [(torch.float32, 1, 2, 1, 70, 128, 128, True, True, True, (C, C, C)),
-                 (torch.float64, 1, 1, 1, 67, 128, 128, False, True, True, (C, C, C)),
-                 (torch.bfloat16, 1, 1, 1, 65, 128, 96, True, True, True, (C, C, C))]
+    if "big" in sys.argv:  # the largest supported heads: 519 (float32) / 1037 (float64) tiles
+        cases = [(torch.float32, 1, 2, 1, 70, 256, 256, True, True, True, (C, C, C)),
+                 (torch.float64, 1, 1, 1, 67, 256, 256, False, True, True, (C, C, C)),
+                 (torch.bfloat16, 1, 1, 1, 65, 256, 96, True, True, True, (C, C, C))]
     decode_cases = DECODE_CASES
     if "big" in sys.argv:
-        decode_cases = [(torch.float32, 1, 2, 1, 128, 128, True, True, 10, 2, (C, C, C)),
-                        (torch.float64, 1, 1, 1, 128, 100, True, True, 10, 1, (C, C, C))]
+        decode_cases = [(torch.float32, 1, 2, 1, 256, 256, True, True, 10, 2, (C, C, C)),
+                        (torch.float64, 1, 1, 1, 256, 200, True, True, 10, 1, (C, C, C))]
     if QUICK:
         cases = cases[:6]
         decode_cases = decode_cases[:3]
@@ -556,6 +645,10 @@ def main():
         sys.exit(0 if ok else 1)
     if "tc" in sys.argv:  # only the tensor-core comparison
         ok = check_tensor_cores()
+        print("ALL OK" if ok else "SOME FAILED")
+        sys.exit(0 if ok else 1)
+    if "wide" in sys.argv:  # only the heads above 128 (all of WIDE_CASES)
+        ok = check_wide(False)
         print("ALL OK" if ok else "SOME FAILED")
         sys.exit(0 if ok else 1)
     state_cases = [] if "decode" in sys.argv or "varlen" in sys.argv else STATE_CASES
@@ -593,6 +686,7 @@ def main():
                      key_offset=30.0)
     ok &= check_outliers()
     if "big" not in sys.argv:
+        ok &= check_wide(QUICK)
         ok &= run_direct(QUICK)
     print("ALL OK" if ok else "SOME FAILED")
     sys.exit(0 if ok else 1)

@@ -54,6 +54,14 @@ extern "C" void emu_set_seqs(const int64_t* cu, int64_t num_seqs) {
 // How the following calls run the half-precision state products (0, 1 or 3 tensor-core passes).
 extern "C" void emu_set_tensor_cores(int passes) { g_tensor_core_passes = passes; }
 
+// The shared memory a block may opt into on the emulated device (bytes; an H100's 227 KB at
+// first), for the following calls: the state scans stage fewer rows where less is available.
+// The kernels' raised limits are forgotten, as on a fresh device.
+extern "C" void emu_set_smem_optin(int bytes) {
+  emu::smem_optin() = bytes;
+  emu::smem_limits().clear();
+}
+
 // The carried-state tensors of the following calls (any may be null).
 extern "C" void emu_set_state(const void* state_in, const void* ref_in, void* state_out,
                               void* ref_out, const void* dstate_out, void* dstate_in,

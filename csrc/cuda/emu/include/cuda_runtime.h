@@ -13,5 +13,12 @@ inline cudaError_t cudaMemsetAsync(void* p, int v, size_t n, cudaStream_t = null
 enum cudaMemcpyKind { cudaMemcpyDeviceToDevice = 3 };
 inline cudaError_t cudaMemcpyAsync(void* d, const void* s, size_t n, cudaMemcpyKind, cudaStream_t = nullptr) { std::memcpy(d, s, n); return cudaSuccess; }
 inline cudaError_t cudaGetDevice(int* d) { *d = 0; return cudaSuccess; }
-inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr, int) { *v = 227 * 1024; return cudaSuccess; }
-template <typename K> cudaError_t cudaFuncSetAttribute(K, cudaFuncAttribute, int) { return cudaSuccess; }
+inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr, int) {
+  *v = emu::smem_optin();
+  return cudaSuccess;
+}
+template <typename K> cudaError_t cudaFuncSetAttribute(K k, cudaFuncAttribute, int bytes) {
+  if (bytes > emu::smem_optin()) return cudaErrorInvalidValue;
+  emu::smem_limits()[reinterpret_cast<const void*>(k)] = bytes;
+  return cudaSuccess;
+}
