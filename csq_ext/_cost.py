@@ -87,9 +87,12 @@ _STATE_FEATURE_COST = 127
 
 def state_cost(n: int, dk: int, dv: int, passes: int, threads: int) -> float:
     """The direct path's state work: `passes` of reading the carried state (each query) and
-    building the returned one (each key), torch over every thread."""
+    building the returned one (each key). Not divided by the threads: on two threads it ran no
+    faster than on one (bench/results/cpu_state.json: the D = 128, N = 1024 prefill's state
+    work took ~85 ms on two threads, ~72 ms on one)."""
+    del threads  # kept in the signature: a better-parallelized state would use it
     per_pass = num_features(dk) * (2 * (dv + 1) / _STATE_GEMM_RATE + _STATE_FEATURE_COST)
-    return n * passes * per_pass / max(1, threads)
+    return n * passes * per_pass
 
 
 def choose_path(n: int, dk: int, dv: int, causal: bool, device_type: str, threads: int,

@@ -360,17 +360,22 @@ def test_direct_state_nan_stays_in_its_sequence(gen):
 
 
 def test_auto_takes_the_direct_path_with_a_state_when_cheaper(gen):
-    """A short prefill returning its state, or a short piece continuing one, is cheaper
-    direct; a state's extra O(N Dk^2 Dv) moves the crossover to shorter N; packed sequences
-    with a state stay chunked. auto gives the chosen path's output bit for bit."""
-    threads = torch.get_num_threads()
-    assert choose_path(256, 64, 64, True, "cpu", threads, 4, returns_state=True) == "direct"
-    assert choose_path(256, 64, 64, True, "cpu", threads, 4, reads_state=True) == "direct"
+    """With one thread, a short prefill returning its state, or a short piece continuing one,
+    is cheaper direct at D >= 64; a state's extra O(N Dk^2 Dv) moves the crossover to shorter
+    N, the state work does not speed up with threads (so two threads stay chunked), reading
+    and returning both is never cheaper direct, and packed sequences with a state stay
+    chunked. auto gives the chosen path's output bit for bit."""
+    assert choose_path(1024, 128, 128, True, "cpu", 1, 2, returns_state=True) == "direct"
+    assert choose_path(256, 64, 64, True, "cpu", 1, 2, reads_state=True) == "direct"
+    assert choose_path(1024, 64, 64, True, "cpu", 1, 2, returns_state=True) == "chunked"
+    assert choose_path(1024, 128, 128, True, "cpu", 2, 4, returns_state=True) == "chunked"
     assert choose_path(4096, 64, 64, True, "cpu", 2, 4) == "direct"
-    assert choose_path(4096, 64, 64, True, "cpu", 2, 4, True, True) == "chunked"
-    assert choose_path(256, 64, 64, True, "cpu", threads, 4, True, packed=True) == "chunked"
+    assert choose_path(256, 128, 128, True, "cpu", 1, 2, True, True) == "chunked"
+    assert choose_path(256, 64, 64, True, "cpu", 1, 2, True, packed=True) == "chunked"
     assert choose_path(1 << 20, 320, 64, True, "cuda", 2, 4, True) == "direct"
     q, k, v = make_qkv(gen, (1, 4, 4, 256, 64, 64), torch.float32)
+    chosen = choose_path(256, 64, 64, True, "cpu", torch.get_num_threads(), 4,
+                         returns_state=True)
     y, st = csq_ext.attention(q, k, v, return_state=True)
-    y_d, st_d = csq_ext.attention(q, k, v, return_state=True, path="direct")
-    assert torch.equal(y, y_d) and torch.equal(st.sums, st_d.sums)
+    y_c, st_c = csq_ext.attention(q, k, v, return_state=True, path=chosen)
+    assert torch.equal(y, y_c) and torch.equal(st.sums, st_c.sums)
