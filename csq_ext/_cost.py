@@ -85,12 +85,11 @@ _STATE_GEMM_RATE = 0.93
 _STATE_FEATURE_COST = 127
 
 
-def state_cost(n: int, dk: int, dv: int, passes: int, threads: int) -> float:
+def state_cost(n: int, dk: int, dv: int, passes: int) -> float:
     """The direct path's state work: `passes` of reading the carried state (each query) and
-    building the returned one (each key). Not divided by the threads: on two threads it ran no
-    faster than on one (bench/results/cpu_state.json: the D = 128, N = 1024 prefill's state
-    work took ~85 ms on two threads, ~72 ms on one)."""
-    del threads  # kept in the signature: a better-parallelized state would use it
+    building the returned one (each key). Whatever the threads: on two it ran no faster than
+    on one (bench/results/cpu_state.json: the D = 128, N = 1024 prefill's state work took
+    ~85 ms on two threads, ~72 ms on one)."""
     per_pass = num_features(dk) * (2 * (dv + 1) / _STATE_GEMM_RATE + _STATE_FEATURE_COST)
     return n * passes * per_pass
 
@@ -103,8 +102,9 @@ def choose_path(n: int, dk: int, dv: int, causal: bool, device_type: str, thread
     tasks = sequences x key/value heads. A device without a direct kernel (only CPU and CUDA
     have one) takes the chunked path. A carried or returned state costs the direct path an
     extra O(N Dk^2 Dv) each (state_cost; the chunked path reads and builds the state in its
-    scan anyway, at a better rate); packed sequences with a state stay chunked (the direct path handles their states one sequence at a time, in Python).
-    `threads` matters on the CPU only."""
+    scan anyway, at a better rate); packed sequences with a state stay chunked (the direct
+    path handles their states one sequence at a time, in Python). `threads` matters on the
+    CPU only."""
     if device_type not in ("cpu", "cuda"):
         return "chunked"
     passes = int(reads_state) + int(returns_state)
@@ -116,7 +116,7 @@ def choose_path(n: int, dk: int, dv: int, causal: bool, device_type: str, thread
         extra = passes * 2 * num_features(dk) * (dv + 1) * n / _CUDA_DIRECT_RATE
         return ("direct" if cuda_direct_cost(n, dk, dv, causal, tasks) + extra
                 <= cuda_chunked_cost(n, dk, dv, causal, tasks) else "chunked")
-    if (direct_cost(n, dk, dv, causal, threads, tasks) + state_cost(n, dk, dv, passes, threads)
+    if (direct_cost(n, dk, dv, causal, threads, tasks) + state_cost(n, dk, dv, passes)
             <= chunked_cost(n, dk, dv, causal, threads, tasks)):
         return "direct"
     return "chunked"

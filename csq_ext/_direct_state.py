@@ -102,14 +102,19 @@ class _StateRead(torch.autograd.Function):
         return da, db, dsums
 
 
+def _with_ones(x, v):
+    """[v, 1] (the values with the ones column whose sums count the keys) and the key
+    features' c = 1, rebuilt by the backward rather than saved."""
+    return torch.cat([v, torch.ones_like(v[..., :1])], -1), x.new_ones(x.shape[:-1])
+
+
 class _StateBuild(torch.autograd.Function):
     """sum_j psi(x_j) [v_j, 1]^T: x (BH, n, D), v (BH, n, Dv) -> (BH, F, Dv + 1)."""
 
     @staticmethod
     def forward(ctx, x, v):
         ctx.save_for_backward(x, v)
-        va = torch.cat([v, torch.ones_like(v[..., :1])], -1)
-        ones = x.new_ones(x.shape[:-1])
+        va, ones = _with_ones(x, v)
         out = x.new_zeros(x.shape[0], num_features(x.shape[-1]), va.shape[-1])
         for h, r in _blocks(x.shape[0], x.shape[1], out.shape[1]):
             out[h].baddbmm_(_features(x[h, r], ones[h, r]).mT, va[h, r])
@@ -118,24 +123,13 @@ class _StateBuild(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dsums):
         x, v = ctx.saved_tensors
-        va = torch.cat([v, torch.ones_like(v[..., :1])], -1)
-        ones = x.new_ones(x.shape[:-1])
+        va, ones = _with_ones(x, v)
         dx, dv = torch.empty_like(x), torch.empty_like(v)
         for h, r in _blocks(x.shape[0], x.shape[1], dsums.shape[1]):
             xb, g = x[h, r], dsums[h]
             dv[h, r] = (_features(xb, ones[h, r]) @ g)[..., :-1]
             dx[h, r] = _features_grad(va[h, r] @ g.mT, xb, ones[h, r])[0]
         return dx, dv
-
-
-def _picked_ref(k: torch.Tensor, cu_seqlens, acc) -> torch.Tensor:
-    """(S, Hk, Dk): per sequence and coordinate, the lower median of the finite values among
-    its first keys (0 where there is none), as the op picks its ref (csrc/csq_params.h)."""
-    keys, valid, _ = _ops.first_keys(k, cu_seqlens)
-    keys = keys.to(acc)
-    keep = valid[:, None, :, None] & torch.isfinite(keys)
-    med = torch.where(keep, keys, float("nan")).nanmedian(dim=2).values
-    return torch.nan_to_num(med, nan=0.0)
 
 
 def _piece(q, k, v, shift, sums, ref, scale, center, want_state):
@@ -183,15 +177,7 @@ def attention(q, k, v, shift, cu_seqlens, S, state_in, ref_in, return_state, opt
     """Causal CSQ on the direct path continuing `state_in` / `ref_in` (or none) and/or returning
     the state: ``(y, sums, ref)`` with y in the accumulation dtype (sums and ref None unless
     return_state)."""
-    acc = acc_dtype(q.dtype)
-    N, D, Hk = q.shape[2], q.shape[3], k.shape[1]
-    # ref: the carried state's where it holds keys, else picked from the sequence's keys.
-    picked = _ops._ref_picked_from_keys(state_in, cu_seqlens, N, q.device)
-    ref = _picked_ref(k, cu_seqlens, acc) if N > 0 else q.new_zeros(S, Hk, D, dtype=acc)
-    if ref_in is not None:
-        ref = torch.where(picked[..., None], ref, ref_in)
-    else:
-        ref = torch.where(picked[..., None], ref, 0.0)
+    ref = _ops.state_ref(k, cu_seqlens, state_in, ref_in, acc_dtype(q.dtype))
     scale, center = options["scale"], options["center"]
     if cu_seqlens is None:
         row_shift, row_sums, sums = _piece(q, k, v, shift, state_in, ref, scale, center,

@@ -96,6 +96,26 @@ def first_keys(k, cu_seqlens):
     return keys.transpose(0, 1), valid, pos
 
 
+def state_ref(k, cu_seqlens, state_in, ref_in, acc):
+    """(S, Hk, Dk) in acc: the ref the op sums a sequence's keys relative to
+    (csrc/csq_params.h), for code that builds states outside it (csq_ext/_direct_state.py):
+    the carried ref where the state holds keys or the sequence has none, else per coordinate
+    the lower median of the finite values among the sequence's first keys (0 if there is no
+    such value). Differentiable with respect to k and ref_in."""
+    N = k.shape[2]
+    if N == 0:  # no keys to pick from: the carried ref, or 0
+        S = k.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+        return ref_in if ref_in is not None else k.new_zeros(S, k.shape[1], k.shape[3],
+                                                             dtype=acc)
+    picked = _ref_picked_from_keys(state_in, cu_seqlens, N, k.device)[..., None]
+    carried = 0.0 if ref_in is None else ref_in
+    keys, valid, _ = first_keys(k, cu_seqlens)
+    keys = keys.to(acc)
+    keep = valid[:, None, :, None] & torch.isfinite(keys)
+    median = torch.where(keep, keys, float("nan")).nanmedian(dim=2).values
+    return torch.where(picked, torch.nan_to_num(median, nan=0.0), carried)
+
+
 def _ref_key_gradient(k, ref, dref, cu_seqlens):
     """The gradient that a picked ref (S, Hk, Dk) passes to the keys it was picked from: per
     coordinate, ref is the lower median of the first _REF_KEYS keys of the sequence, i.e. one of
