@@ -85,6 +85,40 @@ def test_direct_float32_offset_keys(gen, causal, n):
     check_float32_offset_keys(gen, causal, n, dk=32, dv=16, path="direct", chunk_size=64)
 
 
+@pytest.mark.parametrize("onednn", [True, False], ids=["microkernel", "blas"])
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_cpu_gemm_backends(gen, monkeypatch, onednn, path, causal):
+    """float32 tile and state products run on oneDNN's GEMM microkernel, or on BLAS with
+    torch.backends.mkldnn off (csrc/cpu/csq_gemm.h): both within tolerance of the float64
+    reference, forward and backward, over several tiles / chunks and a partial one."""
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", onednn)
+    _check(gen, (1, 4, 2, 300, 64, 48), torch.float32, path, causal=causal, chunk_size=64)
+
+
+@pytest.mark.parametrize("store", ["whole", "per-tile"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_direct_drifting_keys(gen, monkeypatch, store, dtype):
+    """Causal, keys whose mean drifts along the sequence (a ramp of 5 spreads over N), so every
+    key tile has its own reference r_j and a query tile reading it corrects its shifts and dq
+    by <q, r_j - r_i>. Keys converted once per sequence, or per tile
+    (CSQ_CPU_KEY_STORE_MAX_ELEMS=0). GQA, tiles of 16, a partial last tile."""
+    if store == "per-tile":
+        monkeypatch.setenv("CSQ_CPU_KEY_STORE_MAX_ELEMS", "0")
+    B, Hq, Hk, N, Dk, Dv = 2, 4, 2, 150, 8, 6
+    ramp = torch.linspace(0, 5, N, dtype=torch.float64).view(1, 1, N, 1)
+    q = randn(gen, B, Hq, N, Dk, dtype=dtype)
+    k = (randn(gen, B, Hk, N, Dk) + ramp * torch.sign(randn(gen, 1, Hk, 1, Dk))).to(dtype)
+    v = randn(gen, B, Hk, N, Dv, dtype=dtype)
+    shift = rand_shift(gen, Hq, dtype)
+    dy = randn(gen, B, Hq, N, Dv, dtype=dtype)
+    y, grads = csq_grads(q, k, v, shift, dy, path="direct", chunk_size=16)
+    y_ref, grads_ref = reference_grads(q, k, v, shift, dy)
+    assert_rel_close(y, y_ref, TOL[dtype], "y")
+    for name, g in grads.items():
+        assert_rel_close(g, grads_ref[name], TOL[dtype], f"d{name}")
+
+
 @pytest.mark.parametrize("n", [64, 1000])
 def test_direct_float32_standard_normal(gen, n):
     _check(gen, (1, 4, 2, n, 64, 64), torch.float32, "direct", chunk_size=128)

@@ -198,9 +198,8 @@ struct BackwardTask {
   // Pass 2 for one chunk of keys: later (or all) queries through R.
   void keys_reverse_order(int64_t t0, int64_t rows) {
     acc_t* dk = out(p.dk, krow0(t0), D);
-    mat(out(p.dv, krow0(t0), Dv), rows, Dv)
-        .addmm_(mat(psi.data(), rows, F),
-                mat(query_state.data(), F, Dv1, Dv1).narrow(1, 0, Dv));
+    gemm<acc_t>(false, false, rows, Dv, F, acc_t(1), psi.data(), F, query_state.data(), Dv1,
+                acc_t(1), out(p.dv, krow0(t0), Dv), Dv);
     mm_into(mat(u.data(), rows, F), mat(vc.data(), rows, Dv1),
             mat(query_state.data(), F, Dv1).t());
     for (int64_t j = 0; j < rows; ++j) {
@@ -215,6 +214,7 @@ struct BackwardTask {
     // its keys and values exactly the terms that later queries give.
     // The key state S is done with: R takes over its memory (4 MB per task at Dk = 128).
     query_state = std::move(keys.state);
+    keys.features_by_row = true;  // for dv += psi R
     const bool seeded = p.dstate_out != nullptr;
     if (seeded) {
       const acc_t* src = task_state(static_cast<const acc_t*>(p.dstate_out), p, t);

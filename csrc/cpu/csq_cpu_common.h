@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "csq_gemm.h"
 #include "../csq_params.h"
 
 namespace csq {
@@ -50,6 +51,19 @@ inline void load_rows(const void* base, const int64_t* stride, int64_t b, int64_
     for (int64_t x = 0; x < d; ++x) dst[x] = static_cast<acc_t>(src[x * stride[3]]);
     if (ref != nullptr)
       for (int64_t x = 0; x < d; ++x) dst[x] -= ref[x];
+  }
+}
+
+// The same rows transposed: out[x * ld + i] (d x rows, ld >= rows), for GEMM operands that the
+// microkernel wants as (k x n) rows (csq_gemm.h).
+template <typename scalar_t, typename acc_t>
+inline void load_rows_t(const void* base, const int64_t* stride, int64_t b, int64_t h,
+                        int64_t row0, int64_t rows, int64_t d, const acc_t* ref, acc_t* out,
+                        int64_t ld) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const scalar_t* src = row_ptr<scalar_t>(base, stride, b, h, row0 + i);
+    for (int64_t x = 0; x < d; ++x)
+      out[x * ld + i] = static_cast<acc_t>(src[x * stride[3]]) - (ref ? ref[x] : acc_t(0));
   }
 }
 
@@ -137,6 +151,16 @@ inline void key_features(const acc_t* k, int64_t rows, int64_t d, acc_t* psi) {
   for (int64_t i = 0; i < rows; ++i) {
     acc_t* out = psi + i * f;
     for_each_key_feature(k + i * d, d, [out](int64_t r, acc_t x) { out[r] = x; });
+  }
+}
+
+// The same features transposed: psi^T (F x rows, ld >= rows), the left operand of the state
+// update S += psi^T V~ as the GEMM microkernel takes it (csq_gemm.h).
+template <typename acc_t>
+inline void key_features_t(const acc_t* k, int64_t rows, int64_t d, acc_t* psi_t, int64_t ld) {
+  for (int64_t i = 0; i < rows; ++i) {
+    acc_t* out = psi_t + i;
+    for_each_key_feature(k + i * d, d, [out, ld](int64_t r, acc_t x) { out[r * ld] = x; });
   }
 }
 
@@ -241,18 +265,21 @@ inline void lower_mm_add(const acc_t* L, int64_t rows, const acc_t* X, int64_t c
 
 // The key side of a task's scan, shared by the forward and the backward's first pass: the
 // current chunk's shifted keys, augmented values and key features, and the key state
-// S = sum psi(k - ref) [v, 1]^T with the running sum of shifted keys.
+// S = sum psi(k - ref) [v, 1]^T with the running sum of shifted keys. The features are built
+// transposed (psi_t, F x C) for the state update, or row by row (psi, C x F) with
+// `features_by_row` for the backward's second pass.
 template <typename scalar_t, typename acc_t>
 struct KeyScan {
   const FwdParams& p;
   const SeqTask t;
   const int64_t D, Dv1, F, C;
-  std::vector<acc_t> ref, kc, vc, psi, ksum, state;
+  std::vector<acc_t> ref, kc, vc, psi, psi_t, ksum, state;
   acc_t carried_keys = 0;  // keys carried in by an initial state
+  bool features_by_row = false;
 
   KeyScan(const FwdParams& p_, const SeqTask& t_)
       : p(p_), t(t_), D(p_.dim_k), Dv1(p_.dim_v + 1), F(num_features(p_.dim_k)), C(p_.chunk),
-        ref(D), kc(C * D), vc(C * Dv1), psi(C * F), ksum(D), state(F * Dv1) {
+        ref(D), kc(C * D), vc(C * Dv1), psi(C * F), psi_t(C * F), ksum(D), state(F * Dv1) {
     task_reference<scalar_t, acc_t>(p, t, ref.data());
   }
 
@@ -264,12 +291,16 @@ struct KeyScan {
     load_rows<scalar_t, acc_t>(p.k, p.k_stride, t.batch, t.head_k, t.start + t0, rows, D,
                                ref.data(), kc.data(), D);
     load_values_aug<scalar_t, acc_t>(p, t.batch, t.head_k, t.start + t0, rows, vc.data());
-    key_features(kc.data(), rows, D, psi.data());
+    if (features_by_row)
+      key_features(kc.data(), rows, D, psi.data());
+    else
+      key_features_t(kc.data(), rows, D, psi_t.data(), C);
   }
 
   // The loaded chunk joins the state: S += Psi^T V~, and the running key sum.
   void absorb(int64_t rows) {
-    mat(state.data(), F, Dv1).addmm_(mat(psi.data(), rows, F).t(), mat(vc.data(), rows, Dv1));
+    gemm<acc_t>(false, false, F, Dv1, rows, acc_t(1), psi_t.data(), C, vc.data(), Dv1, acc_t(1),
+                state.data(), Dv1);
     add_rows(kc.data(), rows, D, ksum.data());
   }
 

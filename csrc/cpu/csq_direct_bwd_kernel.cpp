@@ -29,18 +29,23 @@ template <typename scalar_t, typename acc_t>
 struct BackwardTiles {
   const DirectBwdParams& p;
   const KeyPrefix& kp;
-  const int64_t D, Dv, Dv1, G, T;
+  const int64_t D, Dv, G, T;
   const acc_t tau, eps;
   QueryTile<scalar_t, acc_t> qt;
   KeyTile<scalar_t, acc_t> kt;
-  // Per stacked query row: b, dnum (Dv), dden, db; per pair: s, w, ds (G T x T); dq (G T x D).
-  std::vector<acc_t> b, dnum, dden, db, s, w, ds, dq;
+  // Per stacked query row: b, its pair shifts, dnum (Dv), dden, db; delta (D); per pair: s, w, ds (G T x T); dq (G T x D);
+  // the tile's q^T (D x G T) and dnum^T (Dv x G T). dk^T and dv^T (D and Dv rows of `acc_ld`)
+  // collect a key tile's (or with the per-head schedule a sequence's) gradients unscaled.
+  std::vector<acc_t> b, b_pair, delta, dnum, dden, db, s, w, ds, dq, qT, dnumT, dkT, dvT;
+  int64_t acc_ld = 0;
 
-  BackwardTiles(const DirectBwdParams& p_, const KeyPrefix& kp_)
-      : p(p_), kp(kp_), D(p_.dim_k), Dv(p_.dim_v), Dv1(p_.dim_v + 1), G(p_.group), T(p_.tile),
+  BackwardTiles(const DirectBwdParams& p_, const KeyPrefix& kp_,
+                const KeyStore<scalar_t, acc_t>& ks_)
+      : p(p_), kp(kp_), D(p_.dim_k), Dv(p_.dim_v), G(p_.group), T(p_.tile),
         tau(static_cast<acc_t>(p_.scale)), eps(static_cast<acc_t>(p_.eps)), qt(p_, p_.tile),
-        kt(p_, p_.tile), b(G * T), dnum(G * T * Dv), dden(G * T), db(G * T), s(G * T * T),
-        w(G * T * T), ds(G * T * T), dq(G * T * D) {}
+        kt(p_, kp_, ks_), b(G * T), b_pair(G * T), delta(D), dnum(G * T * Dv), dden(G * T), db(G * T),
+        s(G * T * T), w(G * T * T), ds(G * T * T), dq(G * T * D), qT(D * G * T),
+        dnumT(Dv * G * T) {}
 
   acc_t* key_rows(void* base, const SeqTask& sq, int64_t j0, int64_t width) const {
     return static_cast<acc_t*>(base) +
@@ -69,16 +74,39 @@ struct BackwardTiles {
       dden[r] = p.normalize ? -dot * inv : acc_t(0);
       b[r] = static_cast<const acc_t*>(p.b)[row];
     }
+    transpose_into(qt.q.data(), grows, D, D, acc_t(1), qT.data(), grows);
+    transpose_into(dnum.data(), grows, Dv, Dv, acc_t(1), dnumT.data(), grows);
+  }
+
+  // Zeroed dk^T and dv^T accumulators for `len` key positions.
+  void start_keys(int64_t len) {
+    acc_ld = len;
+    dkT.assign(D * len, acc_t(0));
+    dvT.assign(Dv * len, acc_t(0));
+  }
+
+  // The accumulated key gradients of positions [j0, j0 + len) of sq into dk (times tau) and dv.
+  void flush_keys(const SeqTask& sq, int64_t j0, int64_t len) {
+    acc_t* dk = key_rows(p.dk, sq, j0, D);
+    acc_t* dv = key_rows(p.dv, sq, j0, Dv);
+    for (int64_t j = 0; j < len; ++j) {
+      for (int64_t x = 0; x < D; ++x) dk[j * D + x] += tau * dkT[x * acc_ld + j];
+      for (int64_t x = 0; x < Dv; ++x) dv[j * Dv + x] += dvT[x * acc_ld + j];
+    }
   }
 
   // One (query tile, key tile) pair, keys [j0, j0 + cols) already in kt. Adds to dq and db
-  // when `with_dq`, to the key rows dk (ld D) and dv (ld Dv) when they are given.
-  void pair(const TileTask& t, int64_t cols, bool diag, bool with_dq, acc_t* dk, acc_t* dv) {
+  // when `with_dq`, to the accumulators' columns from `col` on when `with_keys`.
+  void pair(const TileTask& t, int64_t cols, bool diag, bool with_dq, bool with_keys,
+            int64_t col) {
     const int64_t rows = t.rows, grows = G * rows;
-    gemm<acc_t>(false, true, grows, cols, D, acc_t(1), qt.q.data(), D, kt.k, D, acc_t(0),
+    gemm<acc_t>(false, false, grows, cols, D, acc_t(1), qt.q.data(), D, kt.kT, kt.ld, acc_t(0),
                 s.data(), cols);
-    shifted_squares<acc_t>(s.data(), grows, rows, cols, b.data(), tau, diag, s.data(), w.data());
-    gemm<acc_t>(false, true, grows, cols, Dv, acc_t(1), dnum.data(), Dv, kt.v, Dv1,
+    const acc_t* bp = pair_shifts(qt.q.data(), grows, D, b.data(), tau, kt.ref, qt.ref.data(),
+                                  delta.data(), b_pair.data());
+    const bool moved = bp != b.data();  // keys relative to another reference than the queries'
+    shifted_squares<acc_t>(s.data(), grows, rows, cols, bp, tau, diag, s.data(), w.data());
+    gemm<acc_t>(false, false, grows, cols, Dv, acc_t(1), dnum.data(), Dv, kt.vT, kt.ld,
                 acc_t(0), ds.data(), cols);
     for (int64_t r = 0; r < grows; ++r) {
       const int64_t last = diag ? r % rows : cols - 1;
@@ -92,15 +120,18 @@ struct BackwardTiles {
         sum += x;
       }
       db[r] += sum;
+      // dq_i sums ds_ij (k_j - r_i) = ds_ij (k_j - r_j) + ds_ij (r_j - r_i)
+      if (with_dq && moved)
+        for (int64_t x = 0; x < D; ++x) dq[r * D + x] += sum * delta[x];
     }
     if (with_dq)
       gemm<acc_t>(false, false, grows, D, cols, acc_t(1), ds.data(), cols, kt.k, D,
                   acc_t(1), dq.data(), D);
-    if (dk != nullptr) {
-      gemm<acc_t>(true, false, cols, D, grows, tau, ds.data(), cols, qt.q.data(), D, acc_t(1),
-                  dk, D);
-      gemm<acc_t>(true, false, cols, Dv, grows, acc_t(1), w.data(), cols, dnum.data(), Dv,
-                  acc_t(1), dv, Dv);
+    if (with_keys) {  // dk^T += q^T ds (tau at the flush), dv^T += dnum^T w
+      gemm<acc_t>(false, false, D, cols, grows, acc_t(1), qT.data(), grows, ds.data(), cols,
+                  acc_t(1), dkT.data() + col, acc_ld);
+      gemm<acc_t>(false, false, Dv, cols, grows, acc_t(1), dnumT.data(), grows, w.data(), cols,
+                  acc_t(1), dvT.data() + col, acc_ld);
     }
   }
 
@@ -114,10 +145,8 @@ struct BackwardTiles {
     const int64_t end = p.causal ? t.t0 + t.rows : t.seq.len;
     for (int64_t j0 = 0; j0 < end; j0 += T) {
       const int64_t cols = std::min(T, end - j0);
-      kt.load(t.seq, j0, cols, qt.ref.data());
-      pair(t, cols, p.causal && j0 == t.t0, true,
-           with_keys ? key_rows(p.dk, t.seq, j0, D) : nullptr,
-           with_keys ? key_rows(p.dv, t.seq, j0, Dv) : nullptr);
+      kt.load(t.seq, j0, cols);
+      pair(t, cols, p.causal && j0 == t.t0, true, with_keys, j0);
     }
     for (int64_t r = 0; r < grows; ++r) {
       const int64_t row = qt.out_row(t, r);
@@ -131,13 +160,14 @@ struct BackwardTiles {
   // Every query tile that sees key tile t: adds to its rows of dk and dv.
   void key_pass(const TileTask& t) {
     const int64_t first = p.causal ? t.index : 0;
+    start_keys(t.rows);
     for (int64_t i = first; i < num_tiles(t.seq.len, T); ++i) {
       const TileTask tq{t.seq, i * T, std::min(T, t.seq.len - i * T), i};
       load_queries(tq);
-      kt.load(t.seq, t.t0, t.rows, qt.ref.data());
-      pair(tq, t.rows, p.causal && i == t.index, false, key_rows(p.dk, t.seq, t.t0, D),
-           key_rows(p.dv, t.seq, t.t0, Dv));
+      kt.load(t.seq, t.t0, t.rows);
+      pair(tq, t.rows, p.causal && i == t.index, false, true, 0);
     }
+    flush_keys(t.seq, t.t0, t.rows);
   }
 
   // The centering term of dk for a whole (sequence, key/value head), once db is complete.
@@ -179,8 +209,9 @@ bool per_head_schedule(const DirectBwdParams& p) {
 template <typename scalar_t, typename acc_t>
 void backward(const DirectBwdParams& p) {
   const KeyPrefix kp = key_prefix<scalar_t>(p);
+  const KeyStore<scalar_t, acc_t> ks(p, kp, /*backward=*/true);
   using Work = BackwardTiles<scalar_t, acc_t>;
-  const auto make = [&] { return Work(p, kp); };
+  const auto make = [&] { return Work(p, kp, ks); };
   const auto tiles = all_tiles(p);
   const auto later = [&](const TileTask& t) { return p.causal ? t.index : 0; };
   const auto earlier = [&](const TileTask& t) {
@@ -190,8 +221,10 @@ void backward(const DirectBwdParams& p) {
     struct PerHead {
       Work work;
       void run(const SeqTask& sq) {
+        work.start_keys(sq.len);
         for (int64_t i = 0; i < num_tiles(sq.len, work.T); ++i)
           work.query_pass({sq, i * work.T, std::min(work.T, sq.len - i * work.T), i}, true);
+        work.flush_keys(sq, 0, sq.len);
         work.center_keys(sq);
       }
     };
@@ -199,7 +232,7 @@ void backward(const DirectBwdParams& p) {
     for (int64_t task = 0; task < p.num_seqs * p.heads_k; ++task)
       heads.push_back(seq_task(p, task));
     run_balanced(heads, [](const SeqTask& sq) { return sq.len; },
-                 [&] { return PerHead{Work(p, kp)}; });
+                 [&] { return PerHead{Work(p, kp, ks)}; });
     return;
   }
   struct QueryPass {

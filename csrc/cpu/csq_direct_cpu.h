@@ -1,7 +1,7 @@
 // Building blocks of the CPU direct path (forward and backward): the tile list and its
 // balanced split over threads, the per-sequence key prefix sums behind the centering terms,
 // a query tile (all query heads of one key/value head, stacked) with its reference key, a key
-// tile relative to that reference, and row-major GEMMs on raw buffers.
+// tile relative to that reference, in the layouts the tile GEMMs (csq_gemm.h) take.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -11,57 +11,16 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <vector>
 
 #include "../csq_direct_params.h"
 #include "csq_cpu_common.h"
-
-#if AT_BUILD_WITH_BLAS()
-// The Fortran BLAS that torch itself links (MKL or OpenBLAS): a tile GEMM without the
-// dispatcher's few microseconds per call, which are 10-20% of a 128 x 128 x 64 product.
-extern "C" {
-void sgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k,
-            const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
-            const float* beta, float* c, const int* ldc);
-void dgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k,
-            const double* alpha, const double* a, const int* lda, const double* b,
-            const int* ldb, const double* beta, double* c, const int* ldc);
-}
-#endif
+#include "csq_gemm.h"
 
 namespace csq {
 namespace cpu {
 namespace direct {
-
-// Row-major C (m x n, ld ldc) = alpha op(A) op(B) + beta C, op = transpose when ta / tb.
-// A is (m x k) after op, B (k x n) after op; lda / ldb are the row lengths as stored.
-// beta = 0 never reads C (which may hold poison).
-template <typename acc_t>
-inline void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, acc_t alpha, const acc_t* a,
-                 int64_t lda, const acc_t* b, int64_t ldb, acc_t beta, acc_t* c, int64_t ldc) {
-  if (m == 0 || n == 0) return;
-#if AT_BUILD_WITH_BLAS()
-  // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: swap the operands.
-  const char ca = ta ? 'T' : 'N', cb = tb ? 'T' : 'N';
-  const int im = static_cast<int>(m), in = static_cast<int>(n), ik = static_cast<int>(k);
-  const int ila = static_cast<int>(lda), ilb = static_cast<int>(ldb), ilc = static_cast<int>(ldc);
-  if constexpr (std::is_same_v<acc_t, float>)
-    sgemm_(&cb, &ca, &in, &im, &ik, &alpha, b, &ilb, a, &ila, &beta, c, &ilc);
-  else
-    dgemm_(&cb, &ca, &in, &im, &ik, &alpha, b, &ilb, a, &ila, &beta, c, &ilc);
-#else
-  const auto view = [](const acc_t* x, int64_t rows, int64_t cols, int64_t ld, bool t) {
-    at::Tensor v = mat(const_cast<acc_t*>(x), t ? cols : rows, t ? rows : cols, ld);
-    return t ? v.t() : v;
-  };
-  at::Tensor C = mat(c, m, n, ldc);
-  at::Tensor AB = at::mm(view(a, m, k, lda, ta), view(b, k, n, ldb, tb));
-  if (beta == acc_t(0))
-    C.copy_(AB.mul_(alpha));
-  else
-    C.mul_(beta).add_(AB, alpha);
-#endif
-}
 
 // One unit of parallel work: a tile of `rows` positions starting at t0 of a sequence, for
 // one key/value head.
@@ -151,6 +110,28 @@ inline KeyPrefix key_prefix(const DirectFwdParams& p) {
   return kp;
 }
 
+// The reference key r of the tile starting at t0 (csq_direct_params.h): the running key mean at
+// t0 when causal (every row of the tile sees those keys), the mean of all keys when not, 0
+// without centering. From the float64 prefix sums, so a query tile and a key tile that start
+// at t0 get the same r.
+template <typename scalar_t, typename acc_t>
+inline void tile_reference(const DirectFwdParams& p, const KeyPrefix& kp, const SeqTask& s,
+                           int64_t t0, acc_t* out) {
+  const int64_t D = p.dim_k;
+  if (!p.center || s.len == 0) {
+    std::fill(out, out + D, acc_t(0));
+  } else if (!p.causal) {
+    const double* total = kp.before(s, p.heads_k, s.len);
+    for (int64_t x = 0; x < D; ++x) out[x] = static_cast<acc_t>(total[x] / double(s.len));
+  } else {
+    const double* before = kp.before(s, p.heads_k, t0);
+    const scalar_t* kr = row_ptr<scalar_t>(p.k, p.k_stride, s.batch, s.head_k, s.start + t0);
+    for (int64_t x = 0; x < D; ++x)
+      out[x] = static_cast<acc_t>((before[x] + static_cast<double>(kr[x * p.k_stride[3]])) /
+                                  double(t0 + 1));
+  }
+}
+
 // A query tile: the rows of all query heads of one key/value head, stacked head after head
 // (G * rows rows, so the tile GEMMs are G times taller), its reference key r (keys are used
 // as k - r) and, when centering causally, mu_i - r per position.
@@ -176,16 +157,11 @@ struct QueryTile {
       load_rows<scalar_t, acc_t>(p.q, p.q_stride, t.seq.batch, t.seq.head_k * G + hh,
                                  t.seq.start + t.t0, rows, D, nullptr, q.data() + hh * rows * D,
                                  D);
-    std::fill(ref.begin(), ref.end(), acc_t(0));
     std::fill(mdiff.begin(), mdiff.begin() + rows * D, acc_t(0));
-    if (!p.center || rows == 0) return;
-    if (!p.causal) {  // every query sees every key: r = mu, and b_i = c_h
-      const double* total = kp.before(t.seq, p.heads_k, t.seq.len);
-      for (int64_t x = 0; x < D; ++x) ref[x] = static_cast<acc_t>(total[x] / double(t.seq.len));
-      return;
-    }
+    tile_reference<scalar_t, acc_t>(p, kp, t.seq, t.t0, ref.data());
+    if (!p.center || !p.causal || rows == 0) return;  // not causal: mu_i = r, b_i = c_h
     // Running key sums from the tile start, in float64: mu_i = sum_{j <= i} k_j / (i + 1),
-    // r = mu_{t0}, which every row of the tile sees (no key at or after a later position).
+    // r = mu_{t0}.
     std::vector<double> run(kp.before(t.seq, p.heads_k, t.t0),
                             kp.before(t.seq, p.heads_k, t.t0) + D),
         r(D);
@@ -199,59 +175,156 @@ struct QueryTile {
         mdiff[i * D + x] = static_cast<acc_t>(run[x] / n - r[x]);
       }
     }
-    for (int64_t x = 0; x < D; ++x) ref[x] = static_cast<acc_t>(r[x]);
   }
 };
 
-// A key tile relative to a query tile's reference: k - r (rows x D) and [v, 1] (rows x Dv + 1;
-// the ones column gives the backward's and a masked tile's denominator) at `k` and `v`.
-//
-// Not causal, every query tile of a (sequence, key/value head) has the same reference (the key
-// mean), so the worker converts that whole sequence once and a tile is a view into it: the
-// per-tile conversion was 5-10% of a forward at D = 64 (bench/NOTES.md). Sequences longer than
-// kWholeSequenceElems / (Dk + Dv + 1) positions, and causal tiles, are converted per tile.
+// Keys relative to their own tile's reference r_j (tile_reference), in the layouts the tile
+// GEMMs take (csq_gemm.h): (k - r_j)^T (D x n) for the scores, and for the forward [v, 1]
+// (n x Dv + 1, the ones column gives a masked tile's denominator); for the backward k - r_j
+// (n x D) for dq, and v^T (Dv x n) for dnum V^T. A query tile with another reference r_i adds
+// tau <q, r_j - r_i> to its shifts for the pair (pair_shifts): <q, k - r_i> =
+// <q, k - r_j> + <q, r_j - r_i>, so no key is converted again per query tile.
+struct KeyLayout {
+  int64_t D, Dv, T;
+  bool backward;
+  int64_t per_position() const { return backward ? 2 * D + Dv : D + Dv + 1; }
+  int64_t elems(int64_t n) const { return n * per_position(); }
+};
+
+// Converts the n keys of s from tile start j0 (n a whole number of tiles, or up to the
+// sequence's end) into buf (layout.elems(n)) and their tiles' references into refs.
+template <typename scalar_t, typename acc_t>
+inline void convert_keys(const DirectFwdParams& p, const KeyPrefix& kp, const KeyLayout& l,
+                         const SeqTask& s, int64_t j0, int64_t n, acc_t* buf, acc_t* refs) {
+  for (int64_t u = 0; u < n; u += l.T) {
+    const int64_t m = std::min(l.T, n - u), row0 = s.start + j0 + u;
+    acc_t* r = refs + (u / l.T) * l.D;
+    tile_reference<scalar_t, acc_t>(p, kp, s, j0 + u, r);
+    load_rows_t<scalar_t, acc_t>(p.k, p.k_stride, s.batch, s.head_k, row0, m, l.D, r, buf + u,
+                                 n);
+    if (l.backward) {
+      load_rows<scalar_t, acc_t>(p.k, p.k_stride, s.batch, s.head_k, row0, m, l.D, r,
+                                 buf + l.D * n + u * l.D, l.D);
+      load_rows_t<scalar_t, acc_t>(p.v, p.v_stride, s.batch, s.head_k, row0, m, l.Dv, nullptr,
+                                   buf + 2 * l.D * n + u, n);
+    }
+  }
+  if (!l.backward)
+    load_values_aug<scalar_t, acc_t>(p, s.batch, s.head_k, s.start + j0, n, buf + l.D * n);
+}
+
+// Every (sequence, key/value head)'s keys converted once before the tiles run, shared by the
+// workers: converting per tile cost 5-10% of a forward at D = 64 without causal masking, and
+// per (query tile, key tile) pair 30-40% causal at D = 128 (bench/NOTES.md). Above
+// max_elems() in all (2^26, 256 MB in float32; CSQ_CPU_KEY_STORE_MAX_ELEMS overrides it, which
+// the tests use to reach the other branch) the tiles convert their own keys instead.
+template <typename scalar_t, typename acc_t>
+struct KeyStore {
+  static int64_t max_elems() {
+    const char* env = std::getenv("CSQ_CPU_KEY_STORE_MAX_ELEMS");
+    return env != nullptr ? std::atoll(env) : int64_t(1) << 26;
+  }
+  KeyLayout layout;
+  bool whole = false;
+  std::vector<int64_t> base, ref_base;  // per task: first element of data / refs
+  std::vector<acc_t> data, refs;
+
+  KeyStore(const DirectFwdParams& p, const KeyPrefix& kp, bool backward)
+      : layout{p.dim_k, p.dim_v, p.tile, backward} {
+    const int64_t tasks = p.num_seqs * p.heads_k;
+    base.assign(tasks + 1, 0);
+    ref_base.assign(tasks + 1, 0);
+    for (int64_t task = 0; task < tasks; ++task) {
+      const int64_t len = seq_task(p, task).len;
+      base[task + 1] = base[task] + layout.elems(len);
+      ref_base[task + 1] = ref_base[task] + num_tiles(len, p.tile) * p.dim_k;
+    }
+    whole = base[tasks] <= max_elems();
+    if (!whole) return;
+    data.resize(base[tasks]);
+    refs.resize(ref_base[tasks]);
+    at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const SeqTask s = seq_task(p, task);
+        convert_keys<scalar_t, acc_t>(p, kp, layout, s, 0, s.len, data.data() + base[task],
+                                      refs.data() + ref_base[task]);
+      }
+    });
+  }
+};
+
+// One key tile's views, into the store or into its own conversion: kT (D x rows), and v
+// (forward) or k and vT (backward), as in KeyLayout, kT and vT rows `ld` long; ref = r_j.
 template <typename scalar_t, typename acc_t>
 struct KeyTile {
-  static constexpr int64_t kWholeSequenceElems = int64_t(1) << 24;  // 64 MB in float32
   const DirectFwdParams& p;
-  int64_t rows = 0;
+  const KeyPrefix& kp;
+  const KeyStore<scalar_t, acc_t>& store;
+  const KeyLayout& l;
+  int64_t rows = 0, ld = 0;
   const acc_t* k = nullptr;
+  const acc_t* kT = nullptr;
   const acc_t* v = nullptr;
-  std::vector<acc_t> k_tile, v_tile;  // one tile
-  std::vector<acc_t> k_seq, v_seq;    // a whole sequence (not causal)
-  int64_t seq_of_cache = -1, head_of_cache = -1;
+  const acc_t* vT = nullptr;
+  const acc_t* ref = nullptr;
+  std::vector<acc_t> tile_buf, tile_ref;  // without the store
 
-  KeyTile(const DirectFwdParams& p_, int64_t tile)
-      : p(p_), k_tile(tile * p_.dim_k), v_tile(tile * (p_.dim_v + 1)) {}
+  KeyTile(const DirectFwdParams& p_, const KeyPrefix& kp_,
+          const KeyStore<scalar_t, acc_t>& store_)
+      : p(p_), kp(kp_), store(store_), l(store_.layout),
+        tile_buf(store_.whole ? 0 : store_.layout.elems(p_.tile)),
+        tile_ref(p_.dim_k) {}
 
-  void load(const SeqTask& s, int64_t j0, int64_t n, const acc_t* ref) {
+  void load(const SeqTask& s, int64_t j0, int64_t n) {
     rows = n;
-    const int64_t Dv1 = p.dim_v + 1;
-    if (!p.causal && s.len * (p.dim_k + Dv1) <= kWholeSequenceElems) {
-      if (s.seq != seq_of_cache || s.head_k != head_of_cache) {
-        k_seq.resize(s.len * p.dim_k);
-        v_seq.resize(s.len * Dv1);
-        load_rows<scalar_t, acc_t>(p.k, p.k_stride, s.batch, s.head_k, s.start, s.len,
-                                   p.dim_k, p.center ? ref : nullptr, k_seq.data(), p.dim_k);
-        load_values_aug<scalar_t, acc_t>(p, s.batch, s.head_k, s.start, s.len, v_seq.data());
-        seq_of_cache = s.seq;
-        head_of_cache = s.head_k;
-      }
-      k = k_seq.data() + j0 * p.dim_k;
-      v = v_seq.data() + j0 * Dv1;
-      return;
+    const acc_t* buf;
+    int64_t j = j0;
+    if (store.whole) {
+      const int64_t task = s.seq * p.heads_k + s.head_k;
+      buf = store.data.data() + store.base[task];
+      ref = store.refs.data() + store.ref_base[task] + (j0 / p.tile) * p.dim_k;
+      ld = s.len;
+    } else {
+      convert_keys<scalar_t, acc_t>(p, kp, l, s, j0, n, tile_buf.data(), tile_ref.data());
+      buf = tile_buf.data();
+      ref = tile_ref.data();
+      ld = n;
+      j = 0;
     }
-    load_rows<scalar_t, acc_t>(p.k, p.k_stride, s.batch, s.head_k, s.start + j0, n, p.dim_k,
-                               p.center ? ref : nullptr, k_tile.data(), p.dim_k);
-    load_values_aug<scalar_t, acc_t>(p, s.batch, s.head_k, s.start + j0, n, v_tile.data());
-    k = k_tile.data();
-    v = v_tile.data();
+    kT = buf + j;
+    if (l.backward) {
+      k = buf + l.D * ld + j * l.D;
+      vT = buf + 2 * l.D * ld + j;
+    } else {
+      v = buf + l.D * ld + j * (l.Dv + 1);
+    }
   }
 
-  // The values of key rows after each query row of a diagonal tile: if any is NaN or Inf, a
-  // GEMM would carry 0 * NaN across the causal mask.
-  bool values_finite() const { return all_finite_impl(v, rows * (p.dim_v + 1)); }
+  // The values of key rows after each query row of a diagonal tile (forward): if any is NaN or
+  // Inf, a GEMM would carry 0 * NaN across the causal mask.
+  bool values_finite() const { return all_finite_impl(v, rows * (l.Dv + 1)); }
 };
+
+// The shifts of a (query tile, key tile) pair: out_r = b_r + tau <q_r, r_j - r_i> (the key
+// tile's reference minus the query tile's), or b itself when the references are equal (the
+// diagonal, no causal masking, no centering). delta receives r_j - r_i.
+template <typename acc_t>
+inline const acc_t* pair_shifts(const acc_t* q, int64_t grows, int64_t D, const acc_t* b,
+                                acc_t tau, const acc_t* key_ref, const acc_t* query_ref,
+                                acc_t* delta, acc_t* out) {
+  bool same = true;
+  for (int64_t x = 0; x < D; ++x) {
+    delta[x] = key_ref[x] - query_ref[x];
+    same = same && delta[x] == acc_t(0);
+  }
+  if (same) return b;
+  for (int64_t r = 0; r < grows; ++r) {
+    acc_t dot = 0;
+    for (int64_t x = 0; x < D; ++x) dot += q[r * D + x] * delta[x];
+    out[r] = b[r] + tau * dot;
+  }
+  return out;
+}
 
 // s = tau S + b_i and w = s^2 for a (G rows) x cols block of raw scores S, in place into w
 // (and s when given). On a diagonal tile (cols == rows) entries with j > i become 0: selected,

@@ -24,12 +24,14 @@ struct ForwardTile {
   const acc_t tau, eps;
   QueryTile<scalar_t, acc_t> qt;
   KeyTile<scalar_t, acc_t> kt;
-  std::vector<acc_t> b, w, num;  // (G T), (G T x T), (G T x Dv + 1)
+  std::vector<acc_t> b, b_pair, delta, w, num;  // (G T) x 2, (D), (G T x T), (G T x Dv + 1)
 
-  ForwardTile(const DirectFwdParams& p_, const KeyPrefix& kp_)
+  ForwardTile(const DirectFwdParams& p_, const KeyPrefix& kp_,
+              const KeyStore<scalar_t, acc_t>& ks_)
       : p(p_), kp(kp_), D(p_.dim_k), Dv1(p_.dim_v + 1), G(p_.group), T(p_.tile),
         tau(static_cast<acc_t>(p_.scale)), eps(static_cast<acc_t>(p_.eps)), qt(p_, p_.tile),
-        kt(p_, p_.tile), b(G * T), w(G * T * T), num(G * T * Dv1) {}
+        kt(p_, kp_, ks_), b(G * T), b_pair(G * T), delta(D),
+        w(G * T * T), num(G * T * Dv1) {}
 
   void run(const TileTask& t) {
     qt.load(t, kp);
@@ -50,17 +52,19 @@ struct ForwardTile {
     for (int64_t j0 = 0; j0 < end; j0 += T) {
       const int64_t cols = std::min(T, end - j0);
       const bool diag = p.causal && j0 == t.t0;
-      kt.load(t.seq, j0, cols, qt.ref.data());
-      gemm<acc_t>(false, true, grows, cols, D, acc_t(1), qt.q.data(), D, kt.k, D,
+      kt.load(t.seq, j0, cols);
+      const acc_t* bp = pair_shifts(qt.q.data(), grows, D, b.data(), tau, kt.ref,
+                                    qt.ref.data(), delta.data(), b_pair.data());
+      gemm<acc_t>(false, false, grows, cols, D, acc_t(1), qt.q.data(), D, kt.kT, kt.ld,
                   acc_t(0), w.data(), cols);
       if (diag && !kt.values_finite()) {
-        shifted_squares<acc_t>(w.data(), grows, rows, cols, b.data(), tau, diag, nullptr,
+        shifted_squares<acc_t>(w.data(), grows, rows, cols, bp, tau, diag, nullptr,
                                w.data());
         for (int64_t hh = 0; hh < G; ++hh)  // only the kept j <= i, per head
           lower_mm_add(w.data() + hh * rows * cols, rows, kt.v, Dv1, Dv1, acc_t(1),
                        false, num.data() + hh * rows * Dv1, Dv1);
       } else {  // den as row sums of w, the values alone through the GEMM
-        shifted_squares<acc_t>(w.data(), grows, rows, cols, b.data(), tau, diag, nullptr,
+        shifted_squares<acc_t>(w.data(), grows, rows, cols, bp, tau, diag, nullptr,
                                w.data(), num.data() + p.dim_v, Dv1);
         gemm<acc_t>(false, false, grows, p.dim_v, cols, acc_t(1), w.data(), cols, kt.v,
                     Dv1, acc_t(1), num.data(), Dv1);
@@ -89,10 +93,11 @@ template <typename scalar_t>
 void launch_direct_fwd(const DirectFwdParams& p) {
   using acc_t = acc_type_of<scalar_t>;
   const direct::KeyPrefix kp = direct::key_prefix<scalar_t>(p);
+  const direct::KeyStore<scalar_t, acc_t> ks(p, kp, /*backward=*/false);
   // A causal tile's cost grows with its index: the balanced split keeps both cores busy.
   direct::run_balanced(direct::all_tiles(p),
                        [&](const direct::TileTask& t) { return p.causal ? t.index : 0; },
-                       [&] { return ForwardTile<scalar_t, acc_t>(p, kp); });
+                       [&] { return ForwardTile<scalar_t, acc_t>(p, kp, ks); });
 }
 
 CSQ_CPU_INSTANTIATE(launch_direct_fwd, DirectFwdParams);

@@ -24,7 +24,6 @@ void forward_task(const FwdParams& p, const SeqTask& t) {
   std::vector<acc_t> qc(C * D), mu(C * D), bq(C), phi(C * F), num(C * Dv1), w(C * C);
   keys.start();
   const bool carried = p.state_in != nullptr;
-  at::Tensor S = mat(keys.state.data(), F, Dv1);
   if (!p.causal) keys.absorb_all();
 
   for (int64_t t0 = 0; t0 < N; t0 += C) {
@@ -41,25 +40,26 @@ void forward_task(const FwdParams& p, const SeqTask& t) {
       query_shifts(p, qc.data(), mu.data(), ref.data(), rows, shift[h], tau, bq.data());
 
       // Keys of earlier chunks (or all keys) through the state: num~ = phi(Q, b) S.
-      at::Tensor Num = mat(num.data(), rows, Dv1);
       if (p.causal && t0 == 0 && !carried) {
-        Num.zero_();
+        std::fill(num.begin(), num.begin() + rows * Dv1, acc_t(0));
       } else {
         query_features(qc.data(), bq.data(), rows, D, tau, phi.data());
-        mm_into(Num, mat(phi.data(), rows, F), S);
+        gemm<acc_t>(false, false, rows, Dv1, F, acc_t(1), phi.data(), F, keys.state.data(), Dv1,
+                    acc_t(0), num.data(), Dv1);
       }
 
       // Keys of this chunk directly: W_ij = (tau <q_i, k_j> + b_i)^2 for j <= i.
       if (p.causal) {
-        at::Tensor W = mat(w.data(), rows, rows);
-        mm_into(W, mat(qc.data(), rows, D), mat(kc.data(), rows, D).t());
+        gemm<acc_t>(false, true, rows, rows, D, acc_t(1), qc.data(), D, kc.data(), D, acc_t(0),
+                    w.data(), rows);
         for (int64_t i = 0; i < rows; ++i)
           for (int64_t j = 0; j < rows; ++j) {
             const acc_t s = tau * w[i * rows + j] + bq[i];
             w[i * rows + j] = j <= i ? s * s : acc_t(0);
           }
         if (all_finite(vc, rows * Dv1))
-          Num.addmm_(W, mat(vc.data(), rows, Dv1));
+          gemm<acc_t>(false, false, rows, Dv1, rows, acc_t(1), w.data(), rows, vc.data(), Dv1,
+                      acc_t(1), num.data(), Dv1);
         else
           lower_mm_add(w.data(), rows, vc.data(), Dv1, Dv1, acc_t(1), false, num.data(), Dv1);
       }
