@@ -52,16 +52,19 @@ struct DirectBwdParams : DirectFwdParams {
 // Number of tiles of a sequence of `len` positions.
 inline int64_t num_tiles(int64_t len, int64_t tile) { return (len + tile - 1) / tile; }
 
-// Default tile length (0 from the caller), measured in bench/NOTES.md ("Direct path"): 64 on
-// CUDA (kDirectTile); on the CPU 128, or 256 without causal masking (bigger GEMMs: the
-// forward ~2% faster at N = 1024, D = 64-128, the backward even) while every thread still
-// gets at least two query tiles. Causal tiles stay at 128 (a 256 diagonal tile wastes more).
+// Default tile length (0 from the caller), measured in bench/NOTES.md ("Direct path", items 12
+// and 13): 64 on CUDA (kDirectTile); on the CPU 128, or 256 while every thread still gets at
+// least two query tiles and either there is no causal masking (bigger GEMMs: the forward ~2%
+// faster at N = 1024, D = 64-128, the backward even) or the heads are big and the sequences
+// long (causal, Dk + Dv >= 256, N >= 4096: 3-10% faster; smaller causal cases lose more on
+// the half-empty diagonal tiles than the bigger GEMMs give).
 inline int64_t default_direct_tile(const QkvParams& p, bool on_cuda, int64_t threads) {
   if (on_cuda) return 64;
-  if (p.causal) return 128;
   const int64_t per_seq = p.num_seqs > 0 ? p.seqlen / p.num_seqs : p.seqlen;  // packed: mean
   const int64_t tiles = p.num_seqs * p.heads_k * num_tiles(per_seq, 256);
-  return tiles >= 2 * threads ? 256 : 128;
+  if (tiles < 2 * threads) return 128;
+  if (!p.causal) return 256;
+  return p.dim_k + p.dim_v >= 256 && per_seq >= 4096 ? 256 : 128;
 }
 
 }  // namespace csq

@@ -32,7 +32,7 @@ struct BackwardTask {
   std::vector<acc_t> query_state;  // pass 2: R = sum phi(q, b) g~^T of later (or all) queries
   // Pass 2, centering: the per-key terms of a chunk (D each) and their running sum.
   std::vector<acc_t> center_terms, center_sum;
-  std::vector<acc_t> dref, qc, bq, gc, phi, u, blk, blk2, mu;
+  std::vector<acc_t> dref, qc, bq, gc, phi_t, u, blk, blk2, mu;
 
   BackwardTask(const BwdParams& p_, const SeqTask& t_)
       : p(p_), t(t_), g(t_.head_k), N(t_.len), D(p_.dim_k), Dv(p_.dim_v), Dv1(p_.dim_v + 1),
@@ -40,7 +40,7 @@ struct BackwardTask {
         tau(static_cast<acc_t>(p_.scale)), eps(static_cast<acc_t>(p_.eps)),
         carried(p_.state_in != nullptr), keys(p_, t_), ref(keys.ref), kc(keys.kc),
         vc(keys.vc), psi(keys.psi), ksum(keys.ksum), center_terms(C * D), center_sum(D),
-        dref(D, acc_t(0)), qc(C * D), bq(C), gc(C * Dv1), phi(C * F), u(C * F), blk(C * C),
+        dref(D, acc_t(0)), qc(C * D), bq(C), gc(C * Dv1), phi_t(F * C), u(C * F), blk(C * C),
         blk2(C * C), mu(C * D) {}
 
   int64_t qrow0(int64_t h, int64_t t0) const {
@@ -223,13 +223,13 @@ struct BackwardTask {
       std::fill(query_state.begin(), query_state.end(), acc_t(0));
     }
     std::fill(center_sum.begin(), center_sum.end(), acc_t(0));
-    at::Tensor R = mat(query_state.data(), F, Dv1);
     auto absorb_queries = [&](int64_t t0, int64_t rows) {
       for (int64_t hh = 0; hh < p.group; ++hh) {
         const int64_t h = g * p.group + hh;
         load_queries(h, t0, rows);
-        query_features(qc.data(), bq.data(), rows, D, tau, phi.data());
-        R.addmm_(mat(phi.data(), rows, F).t(), mat(gc.data(), rows, Dv1));
+        query_features_t(qc.data(), bq.data(), rows, D, tau, phi_t.data(), C);
+        gemm<acc_t>(false, false, F, Dv1, rows, acc_t(1), phi_t.data(), C, gc.data(), Dv1,
+                    acc_t(1), query_state.data(), Dv1);
       }
     };
 

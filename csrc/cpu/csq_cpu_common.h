@@ -175,6 +175,18 @@ inline void query_features(const acc_t* q, const acc_t* bq, int64_t rows, int64_
   }
 }
 
+// The same features transposed: phi^T (F x rows, ld >= rows), for the backward's query state
+// update R += phi^T G~ as the GEMM microkernel takes it (csq_gemm.h).
+template <typename acc_t>
+inline void query_features_t(const acc_t* q, const acc_t* bq, int64_t rows, int64_t d, acc_t tau,
+                             acc_t* phi_t, int64_t ld) {
+  for (int64_t i = 0; i < rows; ++i) {
+    acc_t* out = phi_t + i;
+    for_each_query_feature(q + i * d, bq[i], tau, d,
+                           [out, ld](int64_t r, acc_t x) { out[r * ld] = x; });
+  }
+}
+
 // out_z += off * sum_{y != z} u_{zy} x_y + diag * u_zz x_z, where u holds the upper triangle
 // of a symmetric D x D matrix in pair order. This is the gradient of the quadratic part of a
 // feature dot product with respect to the vector the features were built from.

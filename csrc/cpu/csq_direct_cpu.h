@@ -179,38 +179,45 @@ struct QueryTile {
 };
 
 // Keys relative to their own tile's reference r_j (tile_reference), in the layouts the tile
-// GEMMs take (csq_gemm.h): (k - r_j)^T (D x n) for the scores, and for the forward [v, 1]
-// (n x Dv + 1, the ones column gives a masked tile's denominator); for the backward k - r_j
-// (n x D) for dq, and v^T (Dv x n) for dnum V^T. A query tile with another reference r_i adds
+// GEMMs take (csq_gemm.h), per tile of T positions: (k - r_j)^T (D x T) for the scores, and for
+// the forward [v, 1] (T x Dv + 1, the ones column gives a masked tile's denominator); for the
+// backward k - r_j (T x D) for dq, and v^T (Dv x T) for dnum V^T. A query tile with another reference r_i adds
 // tau <q, r_j - r_i> to its shifts for the pair (pair_shifts): <q, k - r_i> =
 // <q, k - r_j> + <q, r_j - r_i>, so no key is converted again per query tile.
+//
+// Each tile is one contiguous block of T * per_position() elements (kT and vT rows T long,
+// whatever N): an operand with rows N apart ran 10% (N = 16K) to 35% (N = 64K) slower in the
+// microkernel than one with rows T apart.
 struct KeyLayout {
   int64_t D, Dv, T;
   bool backward;
   int64_t per_position() const { return backward ? 2 * D + Dv : D + Dv + 1; }
-  int64_t elems(int64_t n) const { return n * per_position(); }
+  int64_t block() const { return T * per_position(); }
+  int64_t elems(int64_t n) const { return num_tiles(n, T) * block(); }
 };
 
-// Converts the n keys of s from tile start j0 (n a whole number of tiles, or up to the
-// sequence's end) into buf (layout.elems(n)) and their tiles' references into refs.
+// Converts the keys of s from tile start j0 to j0 + n (n a whole number of tiles, or up to the
+// sequence's end) into buf (layout.elems(n)), a block per tile, and their tiles' references
+// into refs (D each).
 template <typename scalar_t, typename acc_t>
 inline void convert_keys(const DirectFwdParams& p, const KeyPrefix& kp, const KeyLayout& l,
                          const SeqTask& s, int64_t j0, int64_t n, acc_t* buf, acc_t* refs) {
-  for (int64_t u = 0; u < n; u += l.T) {
-    const int64_t m = std::min(l.T, n - u), row0 = s.start + j0 + u;
-    acc_t* r = refs + (u / l.T) * l.D;
+  const int64_t T = l.T;
+  for (int64_t u = 0; u < n; u += T) {
+    const int64_t m = std::min(T, n - u), row0 = s.start + j0 + u;
+    acc_t* r = refs + (u / T) * l.D;
+    acc_t* blk = buf + (u / T) * l.block();
     tile_reference<scalar_t, acc_t>(p, kp, s, j0 + u, r);
-    load_rows_t<scalar_t, acc_t>(p.k, p.k_stride, s.batch, s.head_k, row0, m, l.D, r, buf + u,
-                                 n);
+    load_rows_t<scalar_t, acc_t>(p.k, p.k_stride, s.batch, s.head_k, row0, m, l.D, r, blk, T);
     if (l.backward) {
       load_rows<scalar_t, acc_t>(p.k, p.k_stride, s.batch, s.head_k, row0, m, l.D, r,
-                                 buf + l.D * n + u * l.D, l.D);
+                                 blk + l.D * T, l.D);
       load_rows_t<scalar_t, acc_t>(p.v, p.v_stride, s.batch, s.head_k, row0, m, l.Dv, nullptr,
-                                   buf + 2 * l.D * n + u, n);
+                                   blk + 2 * l.D * T, T);
+    } else {
+      load_values_aug<scalar_t, acc_t>(p, s.batch, s.head_k, row0, m, blk + l.D * T);
     }
   }
-  if (!l.backward)
-    load_values_aug<scalar_t, acc_t>(p, s.batch, s.head_k, s.start + j0, n, buf + l.D * n);
 }
 
 // Every (sequence, key/value head)'s keys converted once before the tiles run, shared by the
@@ -254,7 +261,7 @@ struct KeyStore {
 };
 
 // One key tile's views, into the store or into its own conversion: kT (D x rows), and v
-// (forward) or k and vT (backward), as in KeyLayout, kT and vT rows `ld` long; ref = r_j.
+// (forward) or k and vT (backward), as in KeyLayout, kT and vT rows `ld` = T long; ref = r_j.
 template <typename scalar_t, typename acc_t>
 struct KeyTile {
   const DirectFwdParams& p;
@@ -271,32 +278,27 @@ struct KeyTile {
 
   KeyTile(const DirectFwdParams& p_, const KeyPrefix& kp_,
           const KeyStore<scalar_t, acc_t>& store_)
-      : p(p_), kp(kp_), store(store_), l(store_.layout),
-        tile_buf(store_.whole ? 0 : store_.layout.elems(p_.tile)),
-        tile_ref(p_.dim_k) {}
+      : p(p_), kp(kp_), store(store_), l(store_.layout), ld(p_.tile),
+        tile_buf(store_.whole ? 0 : store_.layout.block()), tile_ref(p_.dim_k) {}
 
   void load(const SeqTask& s, int64_t j0, int64_t n) {
     rows = n;
-    const acc_t* buf;
-    int64_t j = j0;
+    const acc_t* blk;
     if (store.whole) {
-      const int64_t task = s.seq * p.heads_k + s.head_k;
-      buf = store.data.data() + store.base[task];
-      ref = store.refs.data() + store.ref_base[task] + (j0 / p.tile) * p.dim_k;
-      ld = s.len;
+      const int64_t task = s.seq * p.heads_k + s.head_k, tile = j0 / l.T;
+      blk = store.data.data() + store.base[task] + tile * l.block();
+      ref = store.refs.data() + store.ref_base[task] + tile * l.D;
     } else {
       convert_keys<scalar_t, acc_t>(p, kp, l, s, j0, n, tile_buf.data(), tile_ref.data());
-      buf = tile_buf.data();
+      blk = tile_buf.data();
       ref = tile_ref.data();
-      ld = n;
-      j = 0;
     }
-    kT = buf + j;
+    kT = blk;
     if (l.backward) {
-      k = buf + l.D * ld + j * l.D;
-      vT = buf + 2 * l.D * ld + j;
+      k = blk + l.D * l.T;
+      vT = blk + 2 * l.D * l.T;
     } else {
-      v = buf + l.D * ld + j * (l.Dv + 1);
+      v = blk + l.D * l.T;
     }
   }
 
