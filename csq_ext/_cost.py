@@ -8,7 +8,7 @@
   head uses every core.
 
 Each estimate is divided by a throughput measured by bench/bench_cpu.py (bench/NOTES.md,
-"direct path"); the cheaper one runs. The README's crossover table is this function's output.
+"direct path"), per head size, for a forward or a forward + backward; the cheaper one runs. The README's crossover table is this function's output.
 
 On CUDA the same counts are divided by the share of the GPU each path's grid can fill (thread
 blocks against _CUDA_SMS) and by per-path rates that are an UNCALIBRATED ESTIMATE: no GPU run
@@ -17,28 +17,61 @@ meant to calibrate them; bench/NOTES.md).
 """
 from __future__ import annotations
 
+import math
+
 from .state import num_features
 
-# Sustained multiply-add throughput of each path's kernels, relative units per thread, on the
-# 2-core CI machine (float32, forward; the backwards scale alike). Calibrated from interleaved
-# runs of both forced paths at N = 4096, B = 1, H = 4, D = 32-256, causal and not: the measured
-# chunked/direct time ratio over the model's with equal rates was 1.0-1.2 (1.5 once), so the
-# direct kernels get 1.1x the chunked ones' rate. See bench/NOTES.md, "Direct path".
-_DIRECT_RATE = 1.0
-_CHUNKED_RATE = 0.9
+# Per-thread throughput (GFLOP/s, in the forward's FLOPs as counted below) of each path's float32
+# kernels on the 2-core CI machine (AMD EPYC, Zen 5, AVX-512; torch 2.13), by Dk, for a
+# forward alone and for a forward + backward. Fitted from interleaved runs of both forced paths
+# at N = 4096, B = 1, H = 4, Dk = Dv = 32-256 (bench/results/cpu_calibration.json,
+# bench/NOTES.md "Direct path" 13) and interpolated in log Dk between those sizes (the end
+# values outside them). The chunked path's rate depends on Dk: its state (F x (Dv + 1)) leaves
+# the caches at Dk = 256, and its feature building weighs more at Dk = 32; the direct path's
+# hardly does, but its causal tiles run slower (half-empty diagonal tiles, per-pair shifts).
+_RATE_DIMS = (32, 64, 128, 256)
+_CPU_RATES = {
+    # mode -> path -> GFLOP/s per thread at _RATE_DIMS
+    "fwd": {
+        "chunked": (40.0, 120.6, 149.0, 110.8),
+        "direct causal": (148.0, 172.4, 162.4, 145.6),
+        "direct full": (185.6, 204.8, 212.4, 216.4),
+    },
+    "fwd+bwd": {
+        "chunked": (11.0, 29.2, 31.6, 26.6),
+        "direct causal": (43.6, 46.0, 45.6, 44.8),
+        "direct full": (48.8, 53.2, 56.4, 57.2),
+    },
+}
 
 
-def chunked_cost(n: int, dk: int, dv: int, causal: bool, threads: int, tasks: int) -> float:
+def _rate(mode: str, path: str, dk: int) -> float:
+    """GFLOP/s per thread, geometric interpolation in Dk."""
+    rates = _CPU_RATES[mode][path]
+    x = math.log2(min(max(dk, _RATE_DIMS[0]), _RATE_DIMS[-1]))
+    i = min(int(x) - 5, len(_RATE_DIMS) - 2)  # _RATE_DIMS are 2^5 .. 2^8
+    f = x - (i + 5)
+    return rates[i] ** (1 - f) * rates[i + 1] ** f
+
+
+def chunked_cost(n: int, dk: int, dv: int, causal: bool, threads: int, tasks: int,
+                 grad: bool = False) -> float:
+    """Estimated nanoseconds of the chunked path for one call."""
     chunk = 128 if dk <= 32 else 64  # csrc/csq_host.cpp, default_chunk
-    per_query = 4 * num_features(dk) * (dv + 1)
+    flops = 2 * 2 * num_features(dk) * (dv + 1)  # the state's read and update
     if causal:
-        per_query += min(chunk, n) * (dk + dv + 1)
-    return n * per_query / (_CHUNKED_RATE * max(1, min(threads, tasks)))
+        flops += min(chunk, n) * (dk + dv + 1)  # the in-chunk block, half of it masked
+    rate = _rate("fwd+bwd" if grad else "fwd", "chunked", dk)
+    return max(1, tasks) * n * flops / (rate * max(1, min(threads, tasks)))
 
 
-def direct_cost(n: int, dk: int, dv: int, causal: bool, threads: int, tasks: int) -> float:
+def direct_cost(n: int, dk: int, dv: int, causal: bool, threads: int, tasks: int,
+                grad: bool = False) -> float:
+    """Estimated nanoseconds of the direct path for one call."""
     seen = (n + 1) / 2 if causal else n
-    return n * 2 * seen * (dk + dv + 1) / (_DIRECT_RATE * max(1, threads))
+    flops = 2 * seen * (dk + dv + 1)
+    rate = _rate("fwd+bwd" if grad else "fwd", "direct causal" if causal else "direct full", dk)
+    return max(1, tasks) * n * flops / (rate * max(1, threads))
 
 
 # CUDA: uncalibrated estimates, to be replaced by measured values after the first GPU run.
@@ -77,26 +110,26 @@ def cuda_direct_cost(n: int, dk: int, dv: int, causal: bool, tasks: int) -> floa
 
 
 # The direct path's carried-state work (csq_ext/_direct_state.py) is torch: per position and
-# pass, F feature elements built (measured ~1.3 ns each on one CI core, the price of ~64
-# multiply-adds at the rates above) and a 2 F (Dv + 1) GEMM at about the direct kernels' rate.
-# Fitted to forced-path runs at N = 1024-4096, D = 32-128, one thread (bench/NOTES.md, "Direct
-# path" 11): measured 24-62 GFLOP/s for the state against the chunked scan's 42-86.
-_STATE_GEMM_RATE = 0.93
-_STATE_FEATURE_COST = 127
+# pass, F feature elements built (measured ~1.3 ns each on one CI core) and a 2 F (Dv + 1)
+# GEMM (MKL through torch, ~91 GFLOP/s). Fitted to forced-path runs at N = 1024-4096,
+# D = 32-128, one thread (bench/NOTES.md, "Direct path" 11): measured 24-62 GFLOP/s for the
+# state work.
+_STATE_GEMM_GFLOPS = 91.0
+_STATE_FEATURE_NS = 1.3
 
 
-def state_cost(n: int, dk: int, dv: int, passes: int) -> float:
-    """The direct path's state work: `passes` of reading the carried state (each query) and
-    building the returned one (each key). Whatever the threads: on two it ran no faster than
-    on one (bench/results/cpu_state.json: the D = 128, N = 1024 prefill's state work took
-    ~85 ms on two threads, ~72 ms on one)."""
-    per_pass = num_features(dk) * (2 * (dv + 1) / _STATE_GEMM_RATE + _STATE_FEATURE_COST)
-    return n * passes * per_pass
+def state_cost(n: int, dk: int, dv: int, passes: int, tasks: int) -> float:
+    """Estimated nanoseconds of the direct path's state work: `passes` of reading the carried
+    state (each query) and building the returned one (each key). Whatever the threads: on two
+    it ran no faster than on one (bench/results/cpu_state.json: the D = 128, N = 1024
+    prefill's state work took ~85 ms on two threads, ~72 ms on one)."""
+    per_pass = num_features(dk) * (2 * (dv + 1) / _STATE_GEMM_GFLOPS + _STATE_FEATURE_NS)
+    return max(1, tasks) * n * passes * per_pass
 
 
 def choose_path(n: int, dk: int, dv: int, causal: bool, device_type: str, threads: int,
                 tasks: int, reads_state: bool = False, returns_state: bool = False,
-                packed: bool = False) -> str:
+                packed: bool = False, grad: bool = False) -> str:
     """'direct' or 'chunked' for one call: n positions per sequence (with cu_seqlens the packed
     total, which overstates the direct path's cost: packed calls lean chunked),
     tasks = sequences x key/value heads. A device without a direct kernel (only CPU and CUDA
@@ -104,7 +137,9 @@ def choose_path(n: int, dk: int, dv: int, causal: bool, device_type: str, thread
     extra O(N Dk^2 Dv) each (state_cost; the chunked path reads and builds the state in its
     scan anyway, at a better rate); packed sequences with a state stay chunked (the direct
     path handles their states one sequence at a time, in Python). `threads` matters on the
-    CPU only."""
+    CPU only; so does `grad` (a backward will follow: the paths' forward + backward rates,
+    whose ratio differs from the forwards'; with a state, whose backward was not measured,
+    the forward rates)."""
     if device_type not in ("cpu", "cuda"):
         return "chunked"
     passes = int(reads_state) + int(returns_state)
@@ -116,7 +151,47 @@ def choose_path(n: int, dk: int, dv: int, causal: bool, device_type: str, thread
         extra = passes * 2 * num_features(dk) * (dv + 1) * n / _CUDA_DIRECT_RATE
         return ("direct" if cuda_direct_cost(n, dk, dv, causal, tasks) + extra
                 <= cuda_chunked_cost(n, dk, dv, causal, tasks) else "chunked")
-    if (direct_cost(n, dk, dv, causal, threads, tasks) + state_cost(n, dk, dv, passes)
-            <= chunked_cost(n, dk, dv, causal, threads, tasks)):
+    grad = grad and not passes
+    if (direct_cost(n, dk, dv, causal, threads, tasks, grad)
+            + state_cost(n, dk, dv, passes, tasks)
+            <= chunked_cost(n, dk, dv, causal, threads, tasks, grad)):
         return "direct"
     return "chunked"
+
+
+def crossover(dk: int, dv: int, causal: bool, threads: int, tasks: int, **kw) -> int | None:
+    """The shortest sequence length (a multiple of 64, up to 2^22) that the CPU model runs
+    chunked: the direct path runs below it. None: direct up to 2^22; 0: never direct."""
+    def chunked(n):
+        return choose_path(n, dk, dv, causal, "cpu", threads, tasks, **kw) == "chunked"
+    if chunked(64):
+        return 0
+    lo, hi = 64, 1 << 22  # direct at lo; find the first chunked multiple of 64
+    if not chunked(hi):
+        return None
+    while hi - lo > 64:
+        mid = (lo + hi) // 2 // 64 * 64
+        lo, hi = (lo, mid) if chunked(mid) else (mid, hi)
+    return hi
+
+
+def crossover_table(threads: int = 2, heads: int = 4) -> str:
+    """The README's table: crossovers (B = 1, `heads` heads, Dk = Dv) of the CPU model."""
+    cols = [("causal", dict(causal=True)),
+            ("not causal", dict(causal=False)),
+            ("causal, fwd + bwd", dict(causal=True, grad=True)),
+            ("not causal, fwd + bwd", dict(causal=False, grad=True)),
+            ("causal, one head", dict(causal=True, tasks=1)),
+            ("causal, returning a state, one thread",
+             dict(causal=True, returns_state=True, threads=1))]
+    lines = ["| Dk = Dv | " + " | ".join(name for name, _ in cols) + " |",
+             "|---" * (len(cols) + 1) + "|"]
+    for d in (32, 64, 128, 256):
+        cells = []
+        for _, kw in cols:
+            kw = dict(kw)
+            x = crossover(d, d, kw.pop("causal"), kw.pop("threads", threads),
+                          kw.pop("tasks", heads), **kw)
+            cells.append("never" if x == 0 else "always" if x is None else str(x))
+        lines.append(f"| {d} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -70,8 +70,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         _args.no_forward_ad(**{"initial_state.sums": initial_state.sums,
                                "initial_state.ref": initial_state.ref})
         state_in, ref_in = initial_state.sums.contiguous(), initial_state.ref.contiguous()
+    grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, shift_t, state_in, ref_in))
     if _use_direct(path, q, k, v, causal, S, cu_seqlens is not None, initial_state is not None,
-                   return_state):
+                   return_state, grad):
         if initial_state is None and not return_state:
             y = ops.csq_direct_fwd(q, k, v, shift_t, cu_seqlens, None, None, options["causal"],
                                    options["scale"], options["center"], options["normalize"],
@@ -87,9 +89,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     return (y, CSQState(sums, ref)) if return_state else y
 
 
-def _use_direct(path, q, k, v, causal, S, packed, reads_state, returns_state) -> bool:
+def _use_direct(path, q, k, v, causal, S, packed, reads_state, returns_state, grad) -> bool:
     """Whether this call runs the direct path: forced by ``path``, or chosen by the cost
-    model."""
+    model (``grad``: a backward will follow)."""
     _args.check(isinstance(path, str) and path in ("auto", "direct", "chunked"),
                 lambda: f"path must be 'auto', 'direct' or 'chunked', got {path!r}")
     if path == "direct":
@@ -101,7 +103,7 @@ def _use_direct(path, q, k, v, causal, S, packed, reads_state, returns_state) ->
         return False
     return choose_path(q.shape[2], q.shape[3], v.shape[3], bool(causal), q.device.type,
                        _num_threads(), S * k.shape[1], reads_state, returns_state,
-                       packed) == "direct"
+                       packed, grad) == "direct"
 
 
 @torch.compiler.assume_constant_result

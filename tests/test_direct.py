@@ -3,6 +3,7 @@ same configurations, against the float64 reference; the direct path's own edge c
 boundaries, head sizes up to 256, offset keys, NaN, causality, packed sequences); its
 operators under gradcheck, opcheck and torch.compile; and the automatic choice."""
 import itertools
+import sys
 
 import pytest
 import torch
@@ -287,6 +288,35 @@ def test_auto_choice_both_outcomes():
     assert choose_path(n, 16, 16, True, "cpu", 8, 1, False) == "direct"
 
 
+def test_auto_tells_the_model_whether_a_backward_follows(gen, monkeypatch):
+    """attention() passes grad=True exactly when autograd will need a backward: an input that
+    requires grad, with grad mode on."""
+    api = sys.modules["csq_ext.attention"]  # the module (the package exports the function)
+    seen = []
+    monkeypatch.setattr(api, "choose_path", lambda *a, **kw: seen.append(a[-1]) or "chunked")
+    q, k, v = make_qkv(gen, (1, 2, 1, 16, 4, 4), torch.float32)
+    csq_ext.attention(q, k, v)
+    csq_ext.attention(q, k.requires_grad_(), v)
+    with torch.no_grad():
+        csq_ext.attention(q, k, v)
+    csq_ext.attention(q, k.detach(), v, shift=torch.ones(2, requires_grad=True))
+    assert seen == [False, True, False, True]
+
+
+def test_auto_choice_knows_a_backward_follows():
+    """With a backward to come (grad=True) the model uses the paths' forward + backward
+    rates, whose ratio differs from the forwards' (the chunked backward is relatively dearer
+    at Dk >= 64): the crossovers move, and each is where the model's own costs cross."""
+    from csq_ext._cost import chunked_cost, crossover, direct_cost
+    for d, causal in [(64, True), (128, True), (128, False)]:
+        fwd, train = crossover(d, d, causal, 2, 4), crossover(d, d, causal, 2, 4, grad=True)
+        assert fwd and train and fwd != train
+        for n, g in [(fwd - 64, False), (train - 64, True)]:
+            assert direct_cost(n, d, d, causal, 2, 4, g) <= chunked_cost(n, d, d, causal, 2, 4, g)
+        for n, g in [(fwd, False), (train, True)]:
+            assert direct_cost(n, d, d, causal, 2, 4, g) > chunked_cost(n, d, d, causal, 2, 4, g)
+
+
 @pytest.mark.parametrize("n,d", [(64, 16), (2048, 4)])
 def test_auto_runs_the_chosen_path(gen, n, d):
     """"auto" gives bit-for-bit the output of the path the cost model names (direct at the
@@ -394,18 +424,23 @@ def test_direct_state_nan_stays_in_its_sequence(gen):
 
 
 def test_auto_takes_the_direct_path_with_a_state_when_cheaper(gen):
-    """With one thread, a short prefill returning its state, or a short piece continuing one,
-    is cheaper direct at D >= 64; a state's extra O(N Dk^2 Dv) moves the crossover to shorter
-    N, the state work does not speed up with threads (so two threads stay chunked), reading
-    and returning both is never cheaper direct, and packed sequences with a state stay
-    chunked. auto gives the chosen path's output bit for bit."""
-    assert choose_path(1024, 128, 128, True, "cpu", 1, 2, returns_state=True) == "direct"
-    assert choose_path(256, 64, 64, True, "cpu", 1, 2, reads_state=True) == "direct"
-    assert choose_path(1024, 64, 64, True, "cpu", 1, 2, returns_state=True) == "chunked"
+    """A state costs the direct path O(N Dk^2 Dv) more in torch (the chunked scan reads and
+    builds it anyway), so the choice follows bench/bench_state.py's one-thread prefills
+    returning their state (B = 1, H = 4, causal): direct at D = 32 and 256 (measured 1.40x
+    and 1.13-1.25x faster direct), chunked at D = 64 and 128 (1.3-1.45x faster chunked), and
+    chunked at two threads (the state work did not speed up). Reading and returning both is
+    never cheaper direct; packed sequences with a state stay chunked. auto gives the chosen
+    path's output bit for bit."""
+    assert choose_path(1024, 32, 32, True, "cpu", 1, 4, returns_state=True) == "direct"
+    assert choose_path(1024, 256, 256, True, "cpu", 1, 4, returns_state=True) == "direct"
+    assert choose_path(256, 256, 256, True, "cpu", 1, 4, returns_state=True) == "direct"
+    assert choose_path(1024, 128, 128, True, "cpu", 1, 4, returns_state=True) == "chunked"
+    assert choose_path(256, 64, 64, True, "cpu", 1, 4, returns_state=True) == "chunked"
     assert choose_path(1024, 128, 128, True, "cpu", 2, 4, returns_state=True) == "chunked"
+    assert choose_path(256, 64, 64, True, "cpu", 2, 4, returns_state=True) == "chunked"
     assert choose_path(4096, 64, 64, True, "cpu", 2, 4) == "direct"
-    assert choose_path(256, 128, 128, True, "cpu", 1, 2, True, True) == "chunked"
-    assert choose_path(256, 64, 64, True, "cpu", 1, 2, True, packed=True) == "chunked"
+    assert choose_path(256, 128, 128, True, "cpu", 1, 4, True, True) == "chunked"
+    assert choose_path(256, 32, 32, True, "cpu", 1, 4, True, packed=True) == "chunked"
     assert choose_path(1 << 20, 320, 64, True, "cuda", 2, 4, True) == "direct"
     q, k, v = make_qkv(gen, (1, 4, 4, 256, 64, 64), torch.float32)
     chosen = choose_path(256, 64, 64, True, "cpu", torch.get_num_threads(), 4,
