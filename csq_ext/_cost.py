@@ -33,14 +33,14 @@ _RATE_DIMS = (32, 64, 128, 256)
 _CPU_RATES = {
     # mode -> path -> GFLOP/s per thread at _RATE_DIMS
     "fwd": {
-        "chunked": (40.0, 120.6, 149.0, 110.8),
-        "direct causal": (148.0, 172.4, 162.4, 145.6),
-        "direct full": (185.6, 204.8, 212.4, 216.4),
+        "chunked": (40.9, 122.4, 154.5, 116.1),
+        "direct causal": (160.8, 165.3, 161.6, 154.1),
+        "direct full": (191.8, 208.3, 218.7, 224.8),
     },
     "fwd+bwd": {
-        "chunked": (11.0, 29.2, 31.6, 26.6),
-        "direct causal": (43.6, 46.0, 45.6, 44.8),
-        "direct full": (48.8, 53.2, 56.4, 57.2),
+        "chunked": (12.3, 37.3, 45.5, 34.7),
+        "direct causal": (44.4, 47.6, 44.4, 45.8),
+        "direct full": (50.0, 55.8, 58.4, 55.5),
     },
 }
 

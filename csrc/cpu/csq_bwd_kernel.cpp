@@ -32,7 +32,10 @@ struct BackwardTask {
   std::vector<acc_t> query_state;  // pass 2: R = sum phi(q, b) g~^T of later (or all) queries
   // Pass 2, centering: the per-key terms of a chunk (D each) and their running sum.
   std::vector<acc_t> center_terms, center_sum;
-  std::vector<acc_t> dref, qc, bq, gc, phi_t, u, blk, blk2, mu;
+  std::vector<acc_t> dref, qc, bq, gc, phi_t, blk, blk2, mu;
+  // u^T (F x C) = a state times G~^T or V~^T (C rows transposed: gT, Dv + 1 x C), with the
+  // chunk's q^T or k^T (xT) and the gradient it gives them (dxT), D x C, and <q_i, linear u_i>.
+  std::vector<acc_t> uT, gT, xT, dxT, qlin;
 
   BackwardTask(const BwdParams& p_, const SeqTask& t_)
       : p(p_), t(t_), g(t_.head_k), N(t_.len), D(p_.dim_k), Dv(p_.dim_v), Dv1(p_.dim_v + 1),
@@ -40,8 +43,8 @@ struct BackwardTask {
         tau(static_cast<acc_t>(p_.scale)), eps(static_cast<acc_t>(p_.eps)),
         carried(p_.state_in != nullptr), keys(p_, t_), ref(keys.ref), kc(keys.kc),
         vc(keys.vc), psi(keys.psi), ksum(keys.ksum), center_terms(C * D), center_sum(D),
-        dref(D, acc_t(0)), qc(C * D), bq(C), gc(C * Dv1), phi_t(F * C), u(C * F), blk(C * C),
-        blk2(C * C), mu(C * D) {}
+        dref(D, acc_t(0)), qc(C * D), bq(C), gc(C * Dv1), phi_t(F * C), blk(C * C),
+        blk2(C * C), mu(C * D), uT(F * C), gT(Dv1 * C), xT(D * C), dxT(D * C), qlin(C) {}
 
   int64_t qrow0(int64_t h, int64_t t0) const {
     return (t.batch * p.heads_q + h) * p.seqlen + t.start + t0;
@@ -91,21 +94,31 @@ struct BackwardTask {
     acc_t* db = out(p.db, row0, 1);
     std::fill(db, db + rows, acc_t(0));
 
-    // Earlier (or all) keys through the state: u_i = S g~_i, the gradient of phi_i.
+    // Earlier (or all) keys through the state: u_i = S g~_i, the gradient of phi_i, for the
+    // whole chunk as u^T = S G~^T (F x rows; the GEMM microkernel takes no transposed
+    // operand), consumed along the rows with q^T and dq^T (D x rows).
     if (!state_empty) {
-      mm_into(mat(u.data(), rows, F), mat(gc.data(), rows, Dv1),
-              mat(keys.state.data(), F, Dv1).t());
-      for (int64_t i = 0; i < rows; ++i) {
-        const acc_t* ui = u.data() + i * F;
-        const acc_t* qi = qc.data() + i * D;
-        const acc_t* lin = ui + linear_row(0, D);
-        sym_matvec_add(ui, qi, D, 2 * tau * tau, 2 * tau * tau, dq + i * D);
-        acc_t qlin = 0;
-        for (int64_t x = 0; x < D; ++x) {
-          dq[i * D + x] += 2 * tau * bq[i] * lin[x];
-          qlin += qi[x] * lin[x];
+      transpose_into(gc.data(), rows, Dv1, Dv1, acc_t(1), gT.data(), rows);
+      transpose_into(qc.data(), rows, D, D, acc_t(1), xT.data(), rows);
+      gemm<acc_t>(false, false, F, rows, Dv1, acc_t(1), keys.state.data(), Dv1, gT.data(), rows,
+                  acc_t(0), uT.data(), rows);
+      std::fill(dxT.begin(), dxT.begin() + D * rows, acc_t(0));
+      sym_matvec_add_t(uT.data(), rows, xT.data(), rows, D, rows, 2 * tau * tau, 2 * tau * tau,
+                       dxT.data(), rows);
+      std::fill(qlin.begin(), qlin.begin() + rows, acc_t(0));
+      for (int64_t x = 0; x < D; ++x) {
+        const acc_t* lin = uT.data() + linear_row(x, D) * rows;
+        const acc_t* qx = xT.data() + x * rows;
+        acc_t* dqx = dxT.data() + x * rows;
+        for (int64_t i = 0; i < rows; ++i) {
+          dqx[i] += 2 * tau * bq[i] * lin[i];
+          qlin[i] += qx[i] * lin[i];
         }
-        db[i] += 2 * tau * qlin + 2 * bq[i] * ui[constant_row(D)];
+      }
+      const acc_t* cst = uT.data() + constant_row(D) * rows;
+      for (int64_t i = 0; i < rows; ++i) {
+        db[i] += 2 * tau * qlin[i] + 2 * bq[i] * cst[i];
+        for (int64_t x = 0; x < D; ++x) dq[i * D + x] += dxT[x * rows + i];
       }
     }
 
@@ -200,13 +213,20 @@ struct BackwardTask {
     acc_t* dk = out(p.dk, krow0(t0), D);
     gemm<acc_t>(false, false, rows, Dv, F, acc_t(1), psi.data(), F, query_state.data(), Dv1,
                 acc_t(1), out(p.dv, krow0(t0), Dv), Dv);
-    mm_into(mat(u.data(), rows, F), mat(vc.data(), rows, Dv1),
-            mat(query_state.data(), F, Dv1).t());
-    for (int64_t j = 0; j < rows; ++j) {
-      const acc_t* uj = u.data() + j * F;
-      sym_matvec_add(uj, kc.data() + j * D, D, acc_t(1), acc_t(2), dk + j * D);
-      for (int64_t x = 0; x < D; ++x) dk[j * D + x] += uj[linear_row(x, D)];
+    // u_j = R v~_j (the gradient of psi_j), as u^T = R V~^T (F x rows), consumed along the
+    // rows with k^T and dk^T (D x rows).
+    transpose_into(vc.data(), rows, Dv1, Dv1, acc_t(1), gT.data(), rows);
+    transpose_into(kc.data(), rows, D, D, acc_t(1), xT.data(), rows);
+    gemm<acc_t>(false, false, F, rows, Dv1, acc_t(1), query_state.data(), Dv1, gT.data(), rows,
+                acc_t(0), uT.data(), rows);
+    for (int64_t x = 0; x < D; ++x) {  // the linear features' part first
+      const acc_t* lin = uT.data() + linear_row(x, D) * rows;
+      std::copy(lin, lin + rows, dxT.data() + x * rows);
     }
+    sym_matvec_add_t(uT.data(), rows, xT.data(), rows, D, rows, acc_t(1), acc_t(2), dxT.data(),
+                     rows);
+    for (int64_t j = 0; j < rows; ++j)
+      for (int64_t x = 0; x < D; ++x) dk[j * D + x] += dxT[x * rows + j];
   }
 
   void pass_reverse_order() {

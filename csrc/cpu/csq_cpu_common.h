@@ -187,6 +187,33 @@ inline void query_features_t(const acc_t* q, const acc_t* bq, int64_t rows, int6
   }
 }
 
+// sym_matvec_add for `rows` vectors at once, everything transposed (so the inner loop runs
+// along the rows and vectorizes): u^T (F x rows, ld ldu; its first num_pairs rows in pair
+// order), x^T and out^T (d x rows, ld ldx / ldo).
+template <typename acc_t>
+inline void sym_matvec_add_t(const acc_t* uT, int64_t ldu, const acc_t* xT, int64_t ldx,
+                             int64_t d, int64_t rows, acc_t off, acc_t diag, acc_t* outT,
+                             int64_t ldo) {
+  int64_t p = 0;
+  for (int64_t a = 0; a < d; ++a) {
+    acc_t* oa = outT + a * ldo;
+    const acc_t* xa = xT + a * ldx;
+    const acc_t* up = uT + p * ldu;
+    for (int64_t i = 0; i < rows; ++i) oa[i] += diag * up[i] * xa[i];
+    ++p;
+    for (int64_t c = a + 1; c < d; ++c, ++p) {
+      up = uT + p * ldu;
+      acc_t* oc = outT + c * ldo;
+      const acc_t* xc = xT + c * ldx;
+      for (int64_t i = 0; i < rows; ++i) {
+        const acc_t w = off * up[i];
+        oa[i] += w * xc[i];
+        oc[i] += w * xa[i];
+      }
+    }
+  }
+}
+
 // out_z += off * sum_{y != z} u_{zy} x_y + diag * u_zz x_z, where u holds the upper triangle
 // of a symmetric D x D matrix in pair order. This is the gradient of the quadratic part of a
 // feature dot product with respect to the vector the features were built from.
