@@ -33,9 +33,10 @@ struct BackwardTiles {
   const acc_t tau, eps;
   QueryTile<scalar_t, acc_t> qt;
   KeyTile<scalar_t, acc_t> kt;
-  // Per stacked query row: b, its pair shifts, dnum (Dv), dden, db; delta (D); per pair: s, w, ds (G T x T); dq (G T x D);
-  // the tile's q^T (D x G T) and dnum^T (Dv x G T). dk^T and dv^T (D and Dv rows of `acc_ld`)
-  // collect a key tile's (or with the per-head schedule a sequence's) gradients unscaled.
+  // Per stacked query row: b, its pair shifts, dnum (Dv), dden, db; delta (D); per pair: s, w,
+  // ds (G T x T); dq (G T x D); the tile's q^T (D x G T) and dnum^T (Dv x G T). dk^T and dv^T
+  // (D and Dv rows of `acc_ld`) collect a key tile's (or with the per-head schedule a
+  // sequence's) gradients unscaled.
   std::vector<acc_t> b, b_pair, delta, dnum, dden, db, s, w, ds, dq, qT, dnumT, dkT, dvT;
   int64_t acc_ld = 0;
 
@@ -43,8 +44,8 @@ struct BackwardTiles {
                 const KeyStore<scalar_t, acc_t>& ks_)
       : p(p_), kp(kp_), D(p_.dim_k), Dv(p_.dim_v), G(p_.group), T(p_.tile),
         tau(static_cast<acc_t>(p_.scale)), eps(static_cast<acc_t>(p_.eps)), qt(p_, p_.tile),
-        kt(p_, kp_, ks_), b(G * T), b_pair(G * T), delta(D), dnum(G * T * Dv), dden(G * T), db(G * T),
-        s(G * T * T), w(G * T * T), ds(G * T * T), dq(G * T * D), qT(D * G * T),
+        kt(p_, kp_, ks_), b(G * T), b_pair(G * T), delta(D), dnum(G * T * Dv), dden(G * T),
+        db(G * T), s(G * T * T), w(G * T * T), ds(G * T * T), dq(G * T * D), qT(D * G * T),
         dnumT(Dv * G * T) {}
 
   acc_t* key_rows(void* base, const SeqTask& sq, int64_t j0, int64_t width) const {

@@ -181,9 +181,9 @@ struct QueryTile {
 // Keys relative to their own tile's reference r_j (tile_reference), in the layouts the tile
 // GEMMs take (csq_gemm.h), per tile of T positions: (k - r_j)^T (D x T) for the scores, and for
 // the forward [v, 1] (T x Dv + 1, the ones column gives a masked tile's denominator); for the
-// backward k - r_j (T x D) for dq, and v^T (Dv x T) for dnum V^T. A query tile with another reference r_i adds
-// tau <q, r_j - r_i> to its shifts for the pair (pair_shifts): <q, k - r_i> =
-// <q, k - r_j> + <q, r_j - r_i>, so no key is converted again per query tile.
+// backward k - r_j (T x D) for dq, and v^T (Dv x T) for dnum V^T. A query tile with another
+// reference r_i adds tau <q, r_j - r_i> to its shifts for the pair (pair_shifts):
+// <q, k - r_i> = <q, k - r_j> + <q, r_j - r_i>, so no key is converted again per query tile.
 //
 // Each tile is one contiguous block of T * per_position() elements (kT and vT rows T long,
 // whatever N): an operand with rows N apart ran 10% (N = 16K) to 35% (N = 64K) slower in the
