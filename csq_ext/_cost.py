@@ -8,7 +8,8 @@
   head uses every core.
 
 Each estimate is divided by a throughput measured by bench/bench_cpu.py (bench/NOTES.md,
-"direct path"), per head size, for a forward or a forward + backward; the cheaper one runs. The README's crossover table is this function's output.
+"direct path"), per head size, for a forward or a forward + backward; the cheaper one runs.
+The README's crossover table is crossover_table()'s output.
 
 On CUDA the same counts are divided by the share of the GPU each path's grid can fill (thread
 blocks against _CUDA_SMS) and by per-path rates that are an UNCALIBRATED ESTIMATE: no GPU run
@@ -27,20 +28,20 @@ from .state import num_features
 # at N = 4096, B = 1, H = 4, Dk = Dv = 32-256 (bench/results/cpu_calibration.json,
 # bench/NOTES.md "Direct path" 13) and interpolated in log Dk between those sizes (the end
 # values outside them). The chunked path's rate depends on Dk: its state (F x (Dv + 1)) leaves
-# the caches at Dk = 256, and its feature building weighs more at Dk = 32; the direct path's
-# hardly does, but its causal tiles run slower (half-empty diagonal tiles, per-pair shifts).
+# the caches at Dk = 256, and its products are small at Dk = 32; the direct path's hardly
+# does, but its causal tiles run slower (half-empty diagonal tiles, per-pair shifts).
 _RATE_DIMS = (32, 64, 128, 256)
 _CPU_RATES = {
     # mode -> path -> GFLOP/s per thread at _RATE_DIMS
     "fwd": {
-        "chunked": (40.9, 122.4, 154.5, 116.1),
-        "direct causal": (160.8, 165.3, 161.6, 154.1),
-        "direct full": (191.8, 208.3, 218.7, 224.8),
+        "chunked": (104.2, 151.7, 183.5, 123.2),
+        "direct causal": (159.1, 175.0, 175.2, 150.5),
+        "direct full": (182.0, 200.8, 211.3, 214.5),
     },
     "fwd+bwd": {
-        "chunked": (12.3, 37.3, 45.5, 34.7),
-        "direct causal": (44.4, 47.6, 44.4, 45.8),
-        "direct full": (50.0, 55.8, 58.4, 55.5),
+        "chunked": (29.3, 45.3, 54.2, 37.1),
+        "direct causal": (42.6, 49.2, 47.9, 44.2),
+        "direct full": (47.6, 52.4, 55.1, 57.6),
     },
 }
 
@@ -120,9 +121,10 @@ _STATE_FEATURE_NS = 1.3
 
 def state_cost(n: int, dk: int, dv: int, passes: int, tasks: int) -> float:
     """Estimated nanoseconds of the direct path's state work: `passes` of reading the carried
-    state (each query) and building the returned one (each key). Whatever the threads: on two
-    it ran no faster than on one (bench/results/cpu_state.json: the D = 128, N = 1024
-    prefill's state work took ~85 ms on two threads, ~72 ms on one)."""
+    state (each query) and building the returned one (each key), counted on one thread
+    whatever the threads: on two it ran at most ~1.4x faster (bench/results/cpu_state.json and
+    cpu_state_one_thread.json: the D = 128, N = 1024 prefill took 93 ms direct on two threads,
+    134 on one, 5-10 ms of it the direct kernels), and earlier not faster at all."""
     per_pass = num_features(dk) * (2 * (dv + 1) / _STATE_GEMM_GFLOPS + _STATE_FEATURE_NS)
     return max(1, tasks) * n * passes * per_pass
 

@@ -425,22 +425,21 @@ def test_direct_state_nan_stays_in_its_sequence(gen):
 
 def test_auto_takes_the_direct_path_with_a_state_when_cheaper(gen):
     """A state costs the direct path O(N Dk^2 Dv) more in torch (the chunked scan reads and
-    builds it anyway), so the choice follows bench/bench_state.py's one-thread prefills
-    returning their state (B = 1, H = 4, causal): direct at D = 32 and 256 (measured 1.40x
-    and 1.13-1.25x faster direct), chunked at D = 64 and 128 (1.3-1.45x faster chunked), and
-    chunked at two threads (the state work did not speed up). Reading and returning both is
-    never cheaper direct; packed sequences with a state stay chunked. auto gives the chosen
-    path's output bit for bit."""
-    assert choose_path(1024, 32, 32, True, "cpu", 1, 4, returns_state=True) == "direct"
-    assert choose_path(1024, 256, 256, True, "cpu", 1, 4, returns_state=True) == "direct"
+    builds it anyway), so the choice follows bench/bench_state.py's prefills returning their
+    state (B = 1, H = 4, causal; bench/results/cpu_state*.json): on one thread chunked at
+    D = 32 / 64 / 128 (measured 1.4-2x faster chunked) and direct at D = 256, N = 256 (1.11x
+    faster direct); chunked on two threads (1.5-3.2x faster chunked below D = 256). Reading
+    and returning both is never cheaper direct; packed sequences with a state stay chunked.
+    auto gives the chosen path's output bit for bit."""
     assert choose_path(256, 256, 256, True, "cpu", 1, 4, returns_state=True) == "direct"
+    assert choose_path(1024, 32, 32, True, "cpu", 1, 4, returns_state=True) == "chunked"
     assert choose_path(1024, 128, 128, True, "cpu", 1, 4, returns_state=True) == "chunked"
     assert choose_path(256, 64, 64, True, "cpu", 1, 4, returns_state=True) == "chunked"
     assert choose_path(1024, 128, 128, True, "cpu", 2, 4, returns_state=True) == "chunked"
     assert choose_path(256, 64, 64, True, "cpu", 2, 4, returns_state=True) == "chunked"
     assert choose_path(4096, 64, 64, True, "cpu", 2, 4) == "direct"
     assert choose_path(256, 128, 128, True, "cpu", 1, 4, True, True) == "chunked"
-    assert choose_path(256, 32, 32, True, "cpu", 1, 4, True, packed=True) == "chunked"
+    assert choose_path(256, 256, 256, True, "cpu", 1, 4, True, packed=True) == "chunked"
     assert choose_path(1 << 20, 320, 64, True, "cuda", 2, 4, True) == "direct"
     q, k, v = make_qkv(gen, (1, 4, 4, 256, 64, 64), torch.float32)
     chosen = choose_path(256, 64, 64, True, "cpu", torch.get_num_threads(), 4,
