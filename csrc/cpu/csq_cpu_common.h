@@ -39,32 +39,38 @@ inline const T* row_ptr(const void* base, const int64_t* stride, int64_t b, int6
   return static_cast<const T*>(base) + b * stride[0] + h * stride[1] + n * stride[2];
 }
 
-// Copies rows [row0, row0 + rows) of head (b, h) into out (rows x ld), converting to acc_t and
-// subtracting `ref` (length D) when given. Handles any strides, including the last.
+// Copies rows [row0, row0 + rows) of head (b, h) into out[i * row_step + x * col_step],
+// converting to acc_t and subtracting `ref` (length d) when given. Handles any strides,
+// including the last.
+template <typename scalar_t, typename acc_t>
+inline void load_block(const void* base, const int64_t* stride, int64_t b, int64_t h,
+                       int64_t row0, int64_t rows, int64_t d, const acc_t* ref, acc_t* out,
+                       int64_t row_step, int64_t col_step) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const scalar_t* src = row_ptr<scalar_t>(base, stride, b, h, row0 + i);
+    acc_t* dst = out + i * row_step;
+    for (int64_t x = 0; x < d; ++x) {
+      const acc_t value = static_cast<acc_t>(src[x * stride[3]]);
+      dst[x * col_step] = ref != nullptr ? value - ref[x] : value;
+    }
+  }
+}
+
+// The rows as rows: out (rows x ld).
 template <typename scalar_t, typename acc_t>
 inline void load_rows(const void* base, const int64_t* stride, int64_t b, int64_t h,
                       int64_t row0, int64_t rows, int64_t d, const acc_t* ref, acc_t* out,
                       int64_t ld) {
-  for (int64_t i = 0; i < rows; ++i) {
-    const scalar_t* src = row_ptr<scalar_t>(base, stride, b, h, row0 + i);
-    acc_t* dst = out + i * ld;
-    for (int64_t x = 0; x < d; ++x) dst[x] = static_cast<acc_t>(src[x * stride[3]]);
-    if (ref != nullptr)
-      for (int64_t x = 0; x < d; ++x) dst[x] -= ref[x];
-  }
+  load_block<scalar_t, acc_t>(base, stride, b, h, row0, rows, d, ref, out, ld, 1);
 }
 
-// The same rows transposed: out[x * ld + i] (d x rows, ld >= rows), for GEMM operands that the
+// The rows transposed: out[x * ld + i] (d x rows, ld >= rows), for GEMM operands that the
 // microkernel wants as (k x n) rows (csq_gemm.h).
 template <typename scalar_t, typename acc_t>
 inline void load_rows_t(const void* base, const int64_t* stride, int64_t b, int64_t h,
                         int64_t row0, int64_t rows, int64_t d, const acc_t* ref, acc_t* out,
                         int64_t ld) {
-  for (int64_t i = 0; i < rows; ++i) {
-    const scalar_t* src = row_ptr<scalar_t>(base, stride, b, h, row0 + i);
-    for (int64_t x = 0; x < d; ++x)
-      out[x * ld + i] = static_cast<acc_t>(src[x * stride[3]]) - (ref ? ref[x] : acc_t(0));
-  }
+  load_block<scalar_t, acc_t>(base, stride, b, h, row0, rows, d, ref, out, 1, ld);
 }
 
 // Values with a ones column appended: rows x (Dv + 1). The ones column turns the denominator
