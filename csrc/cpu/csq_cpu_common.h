@@ -360,7 +360,7 @@ struct KeyScan {
 
   KeyScan(const FwdParams& p_, const SeqTask& t_)
       : p(p_), t(t_), D(p_.dim_k), Dv1(p_.dim_v + 1), F(num_features(p_.dim_k)), C(p_.chunk),
-        ref(D), kc(C * D), vc(C * Dv1), psi(C * F), psi_t(C * F), ksum(D), state(F * Dv1) {
+        ref(D), kc(C * D), vc(C * Dv1), psi_t(C * F), ksum(D), state(F * Dv1) {
     task_reference<scalar_t, acc_t>(p, t, ref.data());
   }
 
@@ -372,8 +372,10 @@ struct KeyScan {
     load_rows<scalar_t, acc_t>(p.k, p.k_stride, t.batch, t.head_k, t.start + t0, rows, D,
                                ref.data(), kc.data(), D);
     load_values_aug<scalar_t, acc_t>(p, t.batch, t.head_k, t.start + t0, rows, vc.data());
-    if (features_by_row)
+    if (features_by_row) {
+      psi.resize(C * F);  // only the backward's second pass asks for it
       key_features(kc.data(), rows, D, psi.data());
+    }
     else
       key_features_t(kc.data(), rows, D, psi_t.data(), C);
   }

@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <memory>
 #include <vector>
 
 #include "../csq_direct_params.h"
@@ -234,7 +235,8 @@ struct KeyStore {
   KeyLayout layout;
   bool whole = false;
   std::vector<int64_t> base, ref_base;  // per task: first element of data / refs
-  std::vector<acc_t> data, refs;
+  std::unique_ptr<acc_t[]> data;  // not value-initialized: a tile reads only what it converted
+  std::vector<acc_t> refs;
 
   KeyStore(const DirectFwdParams& p, const KeyPrefix& kp, bool backward)
       : layout{p.dim_k, p.dim_v, p.tile, backward} {
@@ -248,12 +250,12 @@ struct KeyStore {
     }
     whole = base[tasks] <= max_elems();
     if (!whole) return;
-    data.resize(base[tasks]);
+    data.reset(new acc_t[base[tasks]]);
     refs.resize(ref_base[tasks]);
     at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
         const SeqTask s = seq_task(p, task);
-        convert_keys<scalar_t, acc_t>(p, kp, layout, s, 0, s.len, data.data() + base[task],
+        convert_keys<scalar_t, acc_t>(p, kp, layout, s, 0, s.len, data.get() + base[task],
                                       refs.data() + ref_base[task]);
       }
     });
@@ -286,7 +288,7 @@ struct KeyTile {
     const acc_t* blk;
     if (store.whole) {
       const int64_t task = s.seq * p.heads_k + s.head_k, tile = j0 / l.T;
-      blk = store.data.data() + store.base[task] + tile * l.block();
+      blk = store.data.get() + store.base[task] + tile * l.block();
       ref = store.refs.data() + store.ref_base[task] + tile * l.D;
     } else {
       convert_keys<scalar_t, acc_t>(p, kp, l, s, j0, n, tile_buf.data(), tile_ref.data());
