@@ -2,13 +2,13 @@
 // product runs.
 //
 // float32 products without transposes go to oneDNN's batch-reduce GEMM microkernel as torch
-// exposes it (at::native::cpublas::brgemm), which generates code for the CPU it runs on
-// (AVX-512 where there is AVX-512). The Fortran BLAS that torch links (MKL) picks its code by
-// CPU vendor: on the AMD EPYC (Zen 5) CI machine its sgemm runs the AVX2 path, 108-111
-// GFLOP/s on one core at the direct path's tile shapes, where the microkernel runs 230-270
-// (bench/NOTES.md, item 13). Everything else (float64, transposed operands, other alpha /
-// beta, torch built without oneDNN, `torch.backends.mkldnn.enabled = False`) goes to BLAS.
-// The kernels therefore keep their operands in the layouts the microkernel takes.
+// exposes it (at::native::cpublas::brgemm), which generates code for the CPU it runs on (AVX-512
+// where there is AVX-512). The Fortran BLAS that torch links (MKL) runs its sgemm at AVX2 speed
+// on the AMD EPYC (Zen 5) CI machine, 108-111 GFLOP/s on one core at the direct path's tile
+// shapes, where the microkernel runs 230-270 (bench/NOTES.md, item 13). Everything else
+// (float64, transposed operands, other alpha / beta, torch built without oneDNN,
+// `torch.backends.mkldnn.enabled = False`) goes to BLAS. The kernels therefore keep their
+// operands in the layouts the microkernel takes.
 #pragma once
 
 #include <ATen/ATen.h>
