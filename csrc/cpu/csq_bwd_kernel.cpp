@@ -98,8 +98,8 @@ struct BackwardTask {
     // whole chunk as u^T = S G~^T (F x rows; the GEMM microkernel takes no transposed
     // operand), consumed along the rows with q^T and dq^T (D x rows).
     if (!state_empty) {
-      transpose_into(gc.data(), rows, Dv1, Dv1, acc_t(1), gT.data(), rows);
-      transpose_into(qc.data(), rows, D, D, acc_t(1), xT.data(), rows);
+      transpose_into(gc.data(), rows, Dv1, Dv1, gT.data(), rows);
+      transpose_into(qc.data(), rows, D, D, xT.data(), rows);
       gemm<acc_t>(false, false, F, rows, Dv1, acc_t(1), keys.state.data(), Dv1, gT.data(), rows,
                   acc_t(0), uT.data(), rows);
       std::fill(dxT.begin(), dxT.begin() + D * rows, acc_t(0));
@@ -215,8 +215,8 @@ struct BackwardTask {
                 acc_t(1), out(p.dv, krow0(t0), Dv), Dv);
     // u_j = R v~_j (the gradient of psi_j), as u^T = R V~^T (F x rows), consumed along the
     // rows with k^T and dk^T (D x rows).
-    transpose_into(vc.data(), rows, Dv1, Dv1, acc_t(1), gT.data(), rows);
-    transpose_into(kc.data(), rows, D, D, acc_t(1), xT.data(), rows);
+    transpose_into(vc.data(), rows, Dv1, Dv1, gT.data(), rows);
+    transpose_into(kc.data(), rows, D, D, xT.data(), rows);
     gemm<acc_t>(false, false, F, rows, Dv1, acc_t(1), query_state.data(), Dv1, gT.data(), rows,
                 acc_t(0), uT.data(), rows);
     for (int64_t x = 0; x < D; ++x) {  // the linear features' part first

@@ -175,7 +175,7 @@ inline acc_t* thread_scratch(int64_t n) {
 template <typename acc_t>
 inline void key_features_t(const acc_t* k, int64_t rows, int64_t d, acc_t* psi_t, int64_t ld) {
   acc_t* kT = thread_scratch<acc_t>(d * rows);
-  transpose_into(k, rows, d, d, acc_t(1), kT, rows);
+  transpose_into(k, rows, d, d, kT, rows);
   int64_t f = 0;
   for (int64_t x = 0; x < d; ++x)
     for (int64_t y = x; y < d; ++y, ++f) {
@@ -207,7 +207,7 @@ template <typename acc_t>
 inline void query_features_t(const acc_t* q, const acc_t* bq, int64_t rows, int64_t d, acc_t tau,
                              acc_t* phi_t, int64_t ld) {
   acc_t* qT = thread_scratch<acc_t>(d * rows);
-  transpose_into(q, rows, d, d, acc_t(1), qT, rows);
+  transpose_into(q, rows, d, d, qT, rows);
   const acc_t t2 = tau * tau;
   int64_t f = 0;
   for (int64_t x = 0; x < d; ++x) {

@@ -53,8 +53,9 @@ struct BackwardTiles {
            ((sq.batch * p.heads_k + sq.head_k) * p.seqlen + sq.start + j0) * width;
   }
 
-  // The query tile, its saved shifts and the gradient of [num, den].
-  void load_queries(const TileTask& t) {
+  // The query tile, its saved shifts and the gradient of [num, den]; with `for_keys` also q^T
+  // and dnum^T, the left operands of the key gradients.
+  void load_queries(const TileTask& t, bool for_keys) {
     qt.load(t, kp);
     const int64_t grows = G * t.rows;
     const acc_t* dy0 = static_cast<const acc_t*>(p.dy);
@@ -75,8 +76,9 @@ struct BackwardTiles {
       dden[r] = p.normalize ? -dot * inv : acc_t(0);
       b[r] = static_cast<const acc_t*>(p.b)[row];
     }
-    transpose_into(qt.q.data(), grows, D, D, acc_t(1), qT.data(), grows);
-    transpose_into(dnum.data(), grows, Dv, Dv, acc_t(1), dnumT.data(), grows);
+    if (!for_keys) return;
+    transpose_into(qt.q.data(), grows, D, D, qT.data(), grows);
+    transpose_into(dnum.data(), grows, Dv, Dv, dnumT.data(), grows);
   }
 
   // Zeroed dk^T and dv^T accumulators for `len` key positions.
@@ -139,7 +141,7 @@ struct BackwardTiles {
   // Every key tile a query tile sees: writes its dq and db; with `with_keys` (the per-head
   // schedule) also adds to dk and dv.
   void query_pass(const TileTask& t, bool with_keys) {
-    load_queries(t);
+    load_queries(t, with_keys);
     const int64_t grows = G * t.rows;
     std::fill(db.begin(), db.begin() + grows, acc_t(0));
     std::fill(dq.begin(), dq.begin() + grows * D, acc_t(0));
@@ -164,7 +166,7 @@ struct BackwardTiles {
     start_keys(t.rows);
     for (int64_t i = first; i < num_tiles(t.seq.len, T); ++i) {
       const TileTask tq{t.seq, i * T, std::min(T, t.seq.len - i * T), i};
-      load_queries(tq);
+      load_queries(tq, true);
       kt.load(t.seq, t.t0, t.rows);
       pair(tq, t.rows, p.causal && i == t.index, false, true, 0);
     }

@@ -270,7 +270,8 @@ struct KeyTile {
   const KeyPrefix& kp;
   const KeyStore<scalar_t, acc_t>& store;
   const KeyLayout& l;
-  int64_t rows = 0, ld = 0;
+  const int64_t ld;  // the row length of kT and vT: the tile length
+  int64_t rows = 0;
   const acc_t* k = nullptr;
   const acc_t* kT = nullptr;
   const acc_t* v = nullptr;

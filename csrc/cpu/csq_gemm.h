@@ -105,17 +105,17 @@ inline void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, acc_t alpha,
 #endif
 }
 
-// out (cols x rows, ld ldo) = alpha in^T for in (rows x cols, ld ldi): in blocks, so that both
-// sides stay in cache lines.
+// out (cols x rows, ld ldo) = in^T for in (rows x cols, ld ldi): in blocks, so that both sides
+// stay in cache lines.
 template <typename acc_t>
-inline void transpose_into(const acc_t* in, int64_t rows, int64_t cols, int64_t ldi, acc_t alpha,
-                           acc_t* out, int64_t ldo) {
+inline void transpose_into(const acc_t* in, int64_t rows, int64_t cols, int64_t ldi, acc_t* out,
+                           int64_t ldo) {
   constexpr int64_t B = 16;
   for (int64_t i0 = 0; i0 < rows; i0 += B)
     for (int64_t j0 = 0; j0 < cols; j0 += B) {
       const int64_t i1 = std::min(rows, i0 + B), j1 = std::min(cols, j0 + B);
       for (int64_t j = j0; j < j1; ++j)
-        for (int64_t i = i0; i < i1; ++i) out[j * ldo + i] = alpha * in[i * ldi + j];
+        for (int64_t i = i0; i < i1; ++i) out[j * ldo + i] = in[i * ldi + j];
     }
 }
 
