@@ -28,8 +28,8 @@ set(_csq_cuda_dir "${CMAKE_CURRENT_LIST_DIR}/../csrc/cuda")
 get_filename_component(_csq_cuda_dir "${_csq_cuda_dir}" ABSOLUTE)
 
 set(CSQ_CUDA_KERNEL_SOURCES
-  "${_csq_cuda_dir}/csq_fwd_launch.cu"
-  "${_csq_cuda_dir}/csq_bwd_launch.cu"
+  "${_csq_cuda_dir}/csq_chunked_fwd_launch.cu"
+  "${_csq_cuda_dir}/csq_chunked_bwd_launch.cu"
   "${_csq_cuda_dir}/csq_decode_launch.cu"
   "${_csq_cuda_dir}/csq_direct_launch.cu")
 

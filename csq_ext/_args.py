@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 
 import torch
 import torch.autograd.forward_ad as _fwAD
@@ -86,16 +87,30 @@ def eps(x) -> float:
     return value
 
 
-def chunk_size(x) -> int:
+def _block_length(name: str, x) -> int:
     """None (the default) or a positive int; 0 means the default to the operator."""
     if x is None:
         return 0
     check_type((isinstance(x, numbers.Integral) or isinstance(x, torch.SymInt))
                and not isinstance(x, bool),
-               lambda: f"chunk_size must be a positive int or None, got {_kind(x)} {x!r}")
+               lambda: f"{name} must be a positive int or None, got {_kind(x)} {x!r}")
     check(isinstance(x, torch.SymInt) or x >= 1,
-          lambda: f"chunk_size must be a positive int or None, got {x}")
+          lambda: f"{name} must be a positive int or None, got {x}")
     return int(x)
+
+
+def tile_size(tile, chunk_size=None, stacklevel: int = 3) -> int:
+    """The block length of the kernels (the chunk of the chunked path, the tile of the direct
+    one): ``tile_size``, or its deprecated alias ``chunk_size`` (a DeprecationWarning; each is
+    named by its own name in errors; passing both raises). 0 means the default."""
+    if chunk_size is None:
+        return _block_length("tile_size", tile)
+    check(tile is None, lambda: "pass tile_size or its deprecated alias chunk_size, not both "
+          f"(got tile_size={tile!r}, chunk_size={chunk_size!r})")
+    if not torch.compiler.is_compiling():
+        warnings.warn("csq_ext: chunk_size is deprecated, pass tile_size (the same block "
+                      "length)", DeprecationWarning, stacklevel=stacklevel)
+    return _block_length("chunk_size", chunk_size)
 
 
 def no_forward_ad(**tensors) -> None:

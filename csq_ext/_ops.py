@@ -21,9 +21,9 @@ def _check_devices(q, *others):
                                  f"got {t.device}")
 
 
-@torch.library.register_fake("csq_ext::csq_fwd")
-def _csq_fwd_fake(q, k, v, shift, cu_seqlens, state_in, ref_in, causal, scale, center,
-                  normalize, eps, chunk_size, return_state):
+@torch.library.register_fake("csq_ext::csq_chunked_fwd")
+def _chunked_fwd_fake(q, k, v, shift, cu_seqlens, state_in, ref_in, causal, scale, center,
+                  normalize, eps, tile_size, return_state):
     _check_devices(q, k, v, shift, state_in, ref_in)
     B, Hq, N, Dk = q.shape
     Hk, Dv = k.shape[1], v.shape[-1]
@@ -35,9 +35,9 @@ def _csq_fwd_fake(q, k, v, shift, cu_seqlens, state_in, ref_in, causal, scale, c
             q.new_empty(state_shape, dtype=acc), q.new_empty((S, Hk, Dk), dtype=acc))
 
 
-@torch.library.register_fake("csq_ext::csq_bwd")
-def _csq_bwd_fake(dy, q, k, v, shift, cu_seqlens, state_in, ref, y, b, den, dstate_out, causal,
-                  scale, center, normalize, eps, chunk_size):
+@torch.library.register_fake("csq_ext::csq_chunked_bwd")
+def _chunked_bwd_fake(dy, q, k, v, shift, cu_seqlens, state_in, ref, y, b, den, dstate_out, causal,
+                  scale, center, normalize, eps, tile_size):
     _check_devices(q, dy, k, v, shift, state_in, ref, y, b, den, dstate_out)
     # The kernels return contiguous gradients whatever the inputs' strides: say so here too.
     dstate = q.new_empty(state_in.shape if state_in is not None else (0,), dtype=ref.dtype)
@@ -53,11 +53,11 @@ def _csq_decode_fake(sums, ref, q, k, v, shift, y, scale, center, normalize, eps
 
 def _fwd_setup_context(ctx, inputs, output):
     (q, k, v, shift, cu_seqlens, state_in, ref_in, causal, scale, center, normalize, eps,
-     chunk_size, return_state) = inputs
+     tile_size, return_state) = inputs
     y, b, den, _state_out, ref = output
     ctx.save_for_backward(q, k, v, shift, cu_seqlens, state_in, ref, y, b, den)
     ctx.has_ref_in = ref_in is not None
-    ctx.options = (causal, scale, center, normalize, eps, chunk_size)
+    ctx.options = (causal, scale, center, normalize, eps, tile_size)
 
 
 # How many leading keys of a sequence its ref is picked from (kRefKeys in csrc/csq_params.h).
@@ -143,7 +143,7 @@ def _fwd_backward(ctx, dy, _db, _dden, dstate_out, dref_out):
     q, k, v, shift, cu_seqlens, state_in, ref, y, b, den = ctx.saved_tensors
     if dy is None:
         dy = torch.zeros_like(y)
-    dq, dk, dv, dshift, dstate_in, dref = ops.csq_bwd(
+    dq, dk, dv, dshift, dstate_in, dref = ops.csq_chunked_bwd(
         dy, q, k, v, shift, cu_seqlens, state_in, ref, y, b, den, dstate_out, *ctx.options)
     # dref: the gradient of the loss through ref, with the sums in and the keys held fixed;
     # the returned ref is ref itself. Where the carried state held keys, ref is its ref;
@@ -160,7 +160,7 @@ def _fwd_backward(ctx, dy, _db, _dden, dstate_out, dref_out):
             None, None, None, None, None, None, None)
 
 
-torch.library.register_autograd("csq_ext::csq_fwd", _fwd_backward,
+torch.library.register_autograd("csq_ext::csq_chunked_fwd", _fwd_backward,
                                 setup_context=_fwd_setup_context)
 
 
@@ -175,5 +175,5 @@ def _bwd_backward(ctx, *grads):
         "for higher-order derivatives.")
 
 
-torch.library.register_autograd("csq_ext::csq_bwd", _bwd_backward,
+torch.library.register_autograd("csq_ext::csq_chunked_bwd", _bwd_backward,
                                 setup_context=_bwd_setup_context)

@@ -14,9 +14,9 @@ from .state import CSQState
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
               scale: float | None = None, shift: float | torch.Tensor = 1.0,
               center: bool = True, normalize: bool = True, eps: float = 1e-6,
-              chunk_size: int | None = None, cu_seqlens: torch.Tensor | None = None,
+              tile_size: int | None = None, cu_seqlens: torch.Tensor | None = None,
               initial_state: CSQState | None = None, return_state: bool = False,
-              path: str = "auto"):
+              path: str = "auto", chunk_size: int | None = None):
     """CSQ attention: ``y_i = sum_j w_ij v_j / (sum_j w_ij + eps)`` with
     ``w_ij = (scale * <q_i, k_j - mu_i> + shift)^2``, mu_i the mean of the keys query i attends
     to (``center``), over j <= i (``causal``) or all j.
@@ -31,8 +31,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         center: subtract from the keys the mean of the keys each query attends to.
         normalize: divide by the sum of weights plus eps; if False return the weighted sum.
         eps: added to the denominator, >= 0.
-        chunk_size: internal block length: the chunk of the chunked path, the tile of the
-            direct path (tuning only; the result does not depend on it).
+        tile_size: internal block length: the chunk of the chunked path, the tile of the
+            direct path (tuning only; the result does not depend on it). None: the default.
         cu_seqlens: (S + 1,) int32/int64 offsets of S sequences packed along N (batch size 1),
             as in FlashAttention's varlen API; each attends only within itself.
         initial_state: a CSQState (causal only) that the sequences continue: the keys and
@@ -42,6 +42,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
             crossover table), "direct" (tiles of q against tiles of k, O(N^2 (Dk + Dv)), plus
             O(N Dk^2 Dv) to read a carried state or build the returned one; CPU and CUDA) or
             "chunked" (the state scan, O(N Dk^2 Dv)). The result is the same to rounding.
+        chunk_size: deprecated alias of tile_size (a DeprecationWarning; not both).
 
     Returns:
         (B, Hq, N, Dv) in the dtype of the inputs (half precision is computed in float32),
@@ -56,7 +57,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
                    normalize=_args.flag("normalize", normalize), eps=_args.eps(eps),
                    scale=_args.scale(scale, q.shape[3]))
     shift_t = _args.shift(shift, q)
-    chunk = _args.chunk_size(chunk_size)
+    tile = _args.tile_size(tile_size, chunk_size)
     _args.flag("return_state", return_state)
     _args.no_forward_ad(q=q, k=k, v=v, shift=shift_t)
     S = _args.cu_seqlens(cu_seqlens, q)
@@ -77,14 +78,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         if initial_state is None and not return_state:
             y = ops.csq_direct_fwd(q, k, v, shift_t, cu_seqlens, None, None, options["causal"],
                                    options["scale"], options["center"], options["normalize"],
-                                   options["eps"], chunk)[0]
+                                   options["eps"], tile)[0]
             return y.to(q.dtype)
         y, sums, ref = _direct_state.attention(q, k, v, shift_t, cu_seqlens, S, state_in, ref_in,
-                                               return_state, options, chunk)
+                                               return_state, options, tile)
     else:
-        y, _, _, sums, ref = ops.csq_fwd(
+        y, _, _, sums, ref = ops.csq_chunked_fwd(
             q, k, v, shift_t, cu_seqlens, state_in, ref_in, options["causal"], options["scale"],
-            options["center"], options["normalize"], options["eps"], chunk, return_state)
+            options["center"], options["normalize"], options["eps"], tile, return_state)
     y = y.to(q.dtype)  # the ops compute half precision in float32
     return (y, CSQState(sums, ref)) if return_state else y
 

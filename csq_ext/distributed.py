@@ -135,18 +135,18 @@ def _inputs_requiring_grad(q, k, v, shift, initial_state) -> bool:
                                            for t in ts)
 
 
-def _local_fields(q, k, v, shift, scale, eps, chunk_size, causal, center, normalize, cu_seqlens,
-                  initial_state, return_state):
+def _local_fields(q, k, v, shift, scale, eps, tile_size, chunk_size, causal, center, normalize,
+                  cu_seqlens, initial_state, return_state):
     """Checks this rank's input (the checks of csq_ext.attention, csq_ext/_args.py, with
-    cu_seqlens describing the whole batch) and returns the handshake fields, or raises
-    ValueError / TypeError."""
+    cu_seqlens describing the whole batch) and returns the handshake fields and the block
+    length, or raises ValueError / TypeError."""
     _args.qkv(q, k, v)
     for name, value in (("causal", causal), ("center", center), ("normalize", normalize),
                         ("return_state", return_state)):
         _args.flag(name, value)
     _args.eps(eps)
     _args.scale(scale, q.shape[3])
-    _args.chunk_size(chunk_size)
+    tile = _args.tile_size(tile_size, chunk_size, stacklevel=4)
     _args.no_forward_ad(q=q, k=k, v=v, shift=_args.shift(shift, q))
     _check(causal or not return_state,
            lambda: "return_state needs causal=True: a non-causal output depends on future keys")
@@ -167,7 +167,7 @@ def _local_fields(q, k, v, shift, scale, eps, chunk_size, causal, center, normal
                   normalize=int(normalize), initial_state=int(initial_state is not None),
                   return_state=int(return_state), sequences=S, cu_seqlens=cu_sig,
                   requires_grad=int(_inputs_requiring_grad(q, k, v, shift, initial_state)))
-    return N, fields, cu
+    return N, fields, cu, tile or None
 
 
 def _comm_device(group, q):
@@ -183,7 +183,7 @@ def _handshake(group, q, local):
     error = local if isinstance(local, Exception) else None
     row = torch.zeros(2 + len(_AGREE), dtype=torch.int64)
     if error is None:
-        N, fields, _ = local
+        N, fields = local[:2]
         row[0], row[1] = 1, N
         row[2:] = torch.tensor([fields[f] for f in _AGREE])
     dev = _comm_device(group, q)
@@ -211,12 +211,6 @@ def _handshake(group, q, local):
 # ----------------------------------------------------------------------------------------------
 # The pieces of the computation
 # ----------------------------------------------------------------------------------------------
-def _segment_ids(local_cu: torch.Tensor, n: int, device) -> torch.Tensor:
-    """(n,) index of the sequence each local position belongs to."""
-    pos = torch.arange(n, device=device)
-    return torch.searchsorted(local_cu[1:].to(device), pos, right=True)
-
-
 def _ref_candidates(k, local_cu):
     """(S, Hk, Dk + 1): per sequence, this rank's candidate reference key and, in the last
     column, 1 where the rank holds keys of it. The candidate follows the op's rule
@@ -266,13 +260,13 @@ def _common_ref(k, local_cu, S, center, initial_state, group):
     return ref * has.any(0).unsqueeze(-1).to(acc)                     # no keys anywhere: 0
 
 
-def _local_state(k, v, ref, local_cu, scale, chunk_size):
+def _local_state(k, v, ref, local_cu, scale, tile_size):
     """The sums of this rank's keys relative to ref, (S, Hk, F, Dv + 1): the op's state of
     them (its output y is not used: the keys stand in for the queries, one per key/value head),
     relative to the offset the op picks, then moved to ref exactly (_recenter). Passing ref in
     an empty initial state would not do: the op picks its own offset for a state without keys."""
     _, state = _attention(k.detach(), k, v, causal=True, scale=scale, center=False,
-                          chunk_size=chunk_size, cu_seqlens=local_cu, return_state=True)
+                          tile_size=tile_size, cu_seqlens=local_cu, return_state=True)
     return _recenter(state.sums, state.ref, ref)
 
 
@@ -289,12 +283,6 @@ def _recenter(sums, ref_from, ref_to):
     pairs = (pairs + d[..., ia, :] * lin[..., ib, :] + d[..., ib, :] * lin[..., ia, :]
              + d[..., ia, :] * d[..., ib, :] * const)
     return torch.cat([pairs, lin + d * const, const], dim=-2)
-
-
-def _zero_state(ref, dim_v):
-    """The state of no keys, relative to ref (S, Hk, Dk)."""
-    S, Hk, Dk = ref.shape
-    return CSQState(ref.new_zeros(S, Hk, num_features(Dk), dim_v + 1), ref)
 
 
 def _read_full_state(q, sums, ref, shift, tau, center, normalize, eps):
@@ -351,9 +339,9 @@ def _read_full_packed(q, sums, ref, local_cu, shift, tau, center, normalize, eps
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=None,
               causal: bool = True, scale: float | None = None,
               shift: float | torch.Tensor = 1.0, center: bool = True, normalize: bool = True,
-              eps: float = 1e-6, chunk_size: int | None = None,
+              eps: float = 1e-6, tile_size: int | None = None,
               cu_seqlens: torch.Tensor | None = None, initial_state: CSQState | None = None,
-              return_state: bool = False):
+              return_state: bool = False, chunk_size: int | None = None):
     """``csq_ext.attention`` over a sequence split across the ranks of ``group`` (default: the
     world; a single process when torch.distributed is not initialized).
 
@@ -370,25 +358,30 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=None,
         (pass it as the next call's initial_state). Its gradient, like every output's, is
         summed over the ranks that use it: the loss is the sum of the ranks' losses.
 
+    tile_size: the block length of the kernels (``csq_ext.attention``'s); chunk_size: its
+        deprecated alias.
+
     Every rank must run the backward when one does. Bytes sent per rank: see README.
     """
     options = dict(causal=causal, scale=scale, shift=shift, center=center, normalize=normalize,
-                   eps=eps, chunk_size=chunk_size)
+                   eps=eps)
     if group is None and not dist.is_initialized():
         world = 1
     else:
         world = dist.get_world_size(group)
     if world == 1:  # the whole sequence is here
+        tile = _args.tile_size(tile_size, chunk_size) or None
         return _attention(q, k, v, cu_seqlens=cu_seqlens, initial_state=initial_state,
-                          return_state=return_state, **options)
+                          return_state=return_state, tile_size=tile, **options)
     rank = dist.get_rank(group)
     try:
-        local = _local_fields(q, k, v, shift, scale, eps, chunk_size, causal, center, normalize,
-                              cu_seqlens, initial_state, return_state)
+        local = _local_fields(q, k, v, shift, scale, eps, tile_size, chunk_size, causal, center,
+                              normalize, cu_seqlens, initial_state, return_state)
     except (ValueError, RuntimeError, TypeError) as e:
         local = e
     lengths = _handshake(group, q, local)  # raises on every rank if a rank's input is bad
-    N_r, fields, cu = local
+    N_r, fields, cu, tile = local
+    options["tile_size"] = tile
     offset, total = sum(lengths[:rank]), sum(lengths)
     S = fields["sequences"]
     local_cu = None
@@ -398,7 +391,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=None,
         local_cu = (cu - offset).clamp(0, N_r).to(device=q.device, dtype=cu_seqlens.dtype)
 
     ref = _common_ref(k, local_cu, S, center, initial_state, group)
-    sums = _local_state(k, v, ref, local_cu, scale, chunk_size)
+    sums = _local_state(k, v, ref, local_cu, scale, tile)
     if not causal:
         full = _AllReduce.apply(sums, group)
         tau, shift_t = _args.scale(scale, q.shape[3]), _args.shift(shift, q)

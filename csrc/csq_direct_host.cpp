@@ -12,9 +12,7 @@ void fill_direct_params(DirectFwdParams& p, const at::Tensor& q, const at::Tenso
                         const c10::optional<at::Tensor>& cu_seqlens, bool causal, double scale,
                         bool center, bool normalize, double eps, int64_t tile_size,
                         at::Tensor& shift_acc, at::Tensor& cu) {
-  check_inputs(q, k, v, shift, eps, 0);
-  TORCH_CHECK(tile_size >= 0, "csq_ext: tile_size (chunk_size of csq_ext.attention) must be >= 0 "
-              "(0 = default), got ", tile_size);
+  check_inputs(q, k, v, shift, eps, tile_size);
   shift_acc = shift.to(acc_dtype(q.scalar_type())).contiguous();
   fill_qkv_params(p, q, k, v, shift_acc, causal, scale, center, normalize, eps);
   cu = set_packed_sequences(p, q, cu_seqlens);
@@ -79,7 +77,7 @@ DirectBackwardCall prepare_direct_backward(const at::Tensor& dy, const at::Tenso
   c.shift_dtype = shift.scalar_type();
   fill_direct_params(p, q, k, v, shift, cu_seqlens, causal, scale, center, normalize, eps,
                      tile_size, c.shift_acc, c.cu_seqlens);
-  const SavedForward saved = set_saved_forward(p, q, v, dy, y, b, den);
+  const SavedForward saved = set_saved_forward(p, p, q, v, dy, y, b, den);
   c.y = saved.y;
   c.b = saved.b;
   c.den = saved.den;

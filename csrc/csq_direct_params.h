@@ -12,15 +12,15 @@
 
 namespace csq {
 
-// csq_direct_fwd: the inputs (QkvParams), the tile length and the outputs y, b (the per-query
-// shift that goes with the tile reference, see below) and den, contiguous, accumulation dtype.
+// csq_direct_fwd: the inputs (QkvParams), the tile length and the outputs (ForwardOutputs: y, b,
+// the per-query shift that goes with the tile reference, see below, and den).
 //
 // Accuracy with centering: query tile T (rows t0..t0 + tile - 1 of a sequence) subtracts a
 // reference r_T from every key before the products, r_T = the running key mean at t0 (causal;
 // every row of T sees those keys) or the mean of all keys (not causal), and uses
 // b_i = c_h - tau <q_i, mu_i - r_T>, so s_ij = tau <q_i, k_j - r_T> + b_i never subtracts two
 // large numbers when the keys share an offset. Without centering r_T = 0 and b_i = c_h.
-struct DirectFwdParams : QkvParams {
+struct DirectFwdParams : QkvParams, ForwardOutputs {
   int64_t tile = 64;  // CPU only: query and key tile length (positions); CUDA uses kDirectTile
   // CUDA, bfloat16 / float16 only: 0 runs the generic kernels instead of the tensor-core ones
   // (CSQ_CUDA_TENSOR_CORES=0, as for FwdParams).
@@ -31,23 +31,12 @@ struct DirectFwdParams : QkvParams {
   // and weights (row_sums).
   const void* row_shift = nullptr;  // (B, Hq, N): added to each b_i
   const void* row_sums = nullptr;   // (B, Hq, N, Dv + 1): added to [num | den] before dividing
-  void* y = nullptr;    // (B, Hq, N, Dv)
-  void* b = nullptr;    // (B, Hq, N)
-  void* den = nullptr;  // (B, Hq, N)
 };
 
 // csq_direct_bwd, derived from the forward's: y, b, den are read back (not written). The saved
 // b already holds row_shift and the saved den row_sums' den, so the backward needs neither;
 // their gradients are db and [dy / (den + eps), dden] (computed by the caller).
-struct DirectBwdParams : DirectFwdParams {
-  int64_t dy_stride[4] = {0, 0, 0, 0};
-  const void* dy = nullptr;  // (B, Hq, N, Dv), accumulation dtype
-  // Outputs, contiguous, accumulation dtype, every element written (as for BwdParams).
-  void* dq = nullptr;  // (B, Hq, N, Dk)
-  void* dk = nullptr;  // (B, Hk, N, Dk)
-  void* dv = nullptr;  // (B, Hk, N, Dv)
-  void* db = nullptr;  // (B, Hq, N): dL/db_i; the host layer sums it into the shift gradient
-};
+struct DirectBwdParams : DirectFwdParams, GradientFields {};
 
 // Number of tiles of a sequence of `len` positions.
 inline int64_t num_tiles(int64_t len, int64_t tile) { return (len + tile - 1) / tile; }

@@ -2,7 +2,6 @@
 
 #include <algorithm>
 
-#include "csq_direct_params.h"
 
 namespace csq {
 
@@ -11,7 +10,7 @@ at::ScalarType acc_dtype(at::ScalarType input) {
 }
 
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                  const at::Tensor& shift, double eps, int64_t chunk_size) {
+                  const at::Tensor& shift, double eps, int64_t tile_size) {
   TORCH_CHECK(q.dim() == 4, "csq_ext: q must have shape (B, Hq, N, Dk), got ", q.sizes());
   TORCH_CHECK(k.dim() == 4, "csq_ext: k must have shape (B, Hk, N, Dk), got ", k.sizes());
   TORCH_CHECK(v.dim() == 4, "csq_ext: v must have shape (B, Hk, N, Dv), got ", v.sizes());
@@ -34,12 +33,13 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
               "csq_ext: shift must have shape (Hq,) = (", q.size(1), ",), got ", shift.sizes());
   TORCH_CHECK(at::isFloatingType(shift.scalar_type()), "csq_ext: shift must be floating point");
   TORCH_CHECK(eps >= 0, "csq_ext: eps must be >= 0, got ", eps);
-  TORCH_CHECK(chunk_size >= 0, "csq_ext: chunk_size must be >= 0 (0 = default)");
+  TORCH_CHECK(tile_size >= 0, "csq_ext: tile_size must be >= 0 (0 = default), got ",
+              tile_size);
 }
 
 namespace {
 
-// Chunk length used when the caller passes chunk_size <= 0.
+// Chunk length used when the caller passes tile_size <= 0 (the chunked path's block).
 int64_t default_chunk(int64_t dim_k, bool on_cuda) {
   if (on_cuda) return 64;
   // The state GEMMs are (C x F) by (F x Dv); a longer chunk makes them more efficient while the
@@ -134,20 +134,20 @@ void set_carried_state(FwdParams& p, const at::Tensor& q,
   }
 }
 
-// The forward's parameters, shared by csq_fwd and csq_bwd (after check_inputs): sizes,
-// scalars, chunk, packed sequences and carried state. Returns the tensors p points into
+// The forward's parameters, shared by csq_chunked_fwd and csq_chunked_bwd (after
+// check_inputs): sizes, scalars, chunk, packed sequences and carried state. Returns the tensors p points into
 // through the last two arguments.
 void fill_forward_params(FwdParams& p, const at::Tensor& q, const at::Tensor& k,
                          const at::Tensor& v, const at::Tensor& shift,
                          const c10::optional<at::Tensor>& cu_seqlens,
                          const c10::optional<at::Tensor>& state_in,
                          const c10::optional<at::Tensor>& ref_in, bool causal, double scale,
-                         bool center, bool normalize, double eps, int64_t chunk_size,
+                         bool center, bool normalize, double eps, int64_t tile_size,
                          at::Tensor& shift_acc, at::Tensor& cu) {
   // q, k, v are read through their strides; shift is tiny and converted here.
   shift_acc = shift.to(acc_dtype(q.scalar_type())).contiguous();
   fill_qkv_params(p, q, k, v, shift_acc, causal, scale, center, normalize, eps);
-  p.chunk = chunk_size > 0 ? chunk_size : default_chunk(p.dim_k, q.is_cuda());
+  p.chunk = tile_size > 0 ? tile_size : default_chunk(p.dim_k, q.is_cuda());
   // A chunk longer than the sequence only wastes workspace.
   p.chunk = std::max<int64_t>(1, std::min(p.chunk, p.seqlen));
   cu = set_packed_sequences(p, q, cu_seqlens);
@@ -160,14 +160,14 @@ ForwardCall prepare_forward(const at::Tensor& q, const at::Tensor& k, const at::
                             const at::Tensor& shift, const c10::optional<at::Tensor>& cu_seqlens,
                             const c10::optional<at::Tensor>& state_in,
                             const c10::optional<at::Tensor>& ref_in, bool causal, double scale,
-                            bool center, bool normalize, double eps, int64_t chunk_size,
+                            bool center, bool normalize, double eps, int64_t tile_size,
                             bool return_state) {
-  check_inputs(q, k, v, shift, eps, chunk_size);
+  check_inputs(q, k, v, shift, eps, tile_size);
   TORCH_CHECK(causal || !return_state, "csq_ext: return_state needs causal=True");
   ForwardCall c;
   FwdParams& p = c.p;
   fill_forward_params(p, q, k, v, shift, cu_seqlens, state_in, ref_in, causal, scale, center,
-                      normalize, eps, chunk_size, c.shift_acc, c.cu_seqlens);
+                      normalize, eps, tile_size, c.shift_acc, c.cu_seqlens);
   // y in the accumulation dtype: the public function rounds it, the backward reads it exact.
   const auto opts = q.options().dtype(acc_dtype(q.scalar_type()));
   c.y = at::empty({p.batch, p.heads_q, p.seqlen, p.dim_v}, opts);
@@ -183,58 +183,44 @@ ForwardCall prepare_forward(const at::Tensor& q, const at::Tensor& k, const at::
   return c;
 }
 
-template <typename Params>
-SavedForward set_saved_forward(Params& p, const at::Tensor& q, const at::Tensor& v,
-                               const at::Tensor& dy, const at::Tensor& y, const at::Tensor& b,
-                               const at::Tensor& den) {
+SavedForward set_saved_forward(ForwardOutputs& saved, GradientFields& grad, const at::Tensor& q,
+                               const at::Tensor& v, const at::Tensor& dy, const at::Tensor& y,
+                               const at::Tensor& b, const at::Tensor& den) {
   const auto acc = acc_dtype(q.scalar_type());
   const int64_t B = q.size(0), Hq = q.size(1), N = q.size(2), Dv = v.size(3);
   const auto on_q = [&](const at::Tensor& t) { return t.device() == q.device(); };
   TORCH_CHECK(dy.sizes() == at::IntArrayRef({B, Hq, N, Dv}) && dy.scalar_type() == acc &&
                   on_q(dy),
-              "csq_bwd: dy must have shape (B, Hq, N, Dv) = ", at::IntArrayRef({B, Hq, N, Dv}),
-              ", the accumulation dtype ", acc, " of y and the device of q; got ", dy.sizes(),
+              "csq_ext backward: dy must have shape (B, Hq, N, Dv) = ",
+              at::IntArrayRef({B, Hq, N, Dv}), ", the accumulation dtype ", acc, " of y and the device of q; got ", dy.sizes(),
               " ", dy.scalar_type());
   TORCH_CHECK(y.sizes() == dy.sizes() && y.scalar_type() == acc && on_q(y),
-              "csq_bwd: y must be the forward's output, (B, Hq, N, Dv) in ", acc);
+              "csq_ext backward: y must be the forward's output, (B, Hq, N, Dv) in ", acc);
   TORCH_CHECK(b.sizes() == at::IntArrayRef({B, Hq, N}) && den.sizes() == b.sizes() &&
                   b.scalar_type() == acc && den.scalar_type() == acc && on_q(b) && on_q(den),
-              "csq_bwd: b and den must be the forward's auxiliary outputs, (B, Hq, N) in ", acc);
+              "csq_ext backward: b and den must be the forward's auxiliary outputs, (B, Hq, N) "
+              "in ", acc);
   // The forward's own outputs are contiguous (free); direct op calls with views stay correct.
   SavedForward s{y.contiguous(), b.contiguous(), den.contiguous()};
-  for (int i = 0; i < 4; ++i) p.dy_stride[i] = dy.stride(i);
-  p.dy = dy.data_ptr();
-  p.y = s.y.data_ptr();
-  p.b = s.b.data_ptr();
-  p.den = s.den.data_ptr();
+  for (int i = 0; i < 4; ++i) grad.dy_stride[i] = dy.stride(i);
+  grad.dy = dy.data_ptr();
+  saved.y = s.y.data_ptr();
+  saved.b = s.b.data_ptr();
+  saved.den = s.den.data_ptr();
   return s;
 }
 
-template <typename Params>
-GradientTensors alloc_gradients(Params& p, const at::Tensor& q, const at::Tensor& k,
+GradientTensors alloc_gradients(GradientFields& grad, const at::Tensor& q, const at::Tensor& k,
                                 const at::Tensor& v) {
   const auto opts = q.options().dtype(acc_dtype(q.scalar_type()));
   GradientTensors g{at::zeros(q.sizes(), opts), at::zeros(k.sizes(), opts),
-                    at::zeros(v.sizes(), opts), at::zeros({p.batch, p.heads_q, p.seqlen}, opts)};
-  p.dq = g.dq.data_ptr();
-  p.dk = g.dk.data_ptr();
-  p.dv = g.dv.data_ptr();
-  p.db = g.db.data_ptr();
+                    at::zeros(v.sizes(), opts), at::zeros({q.size(0), q.size(1), q.size(2)}, opts)};
+  grad.dq = g.dq.data_ptr();
+  grad.dk = g.dk.data_ptr();
+  grad.dv = g.dv.data_ptr();
+  grad.db = g.db.data_ptr();
   return g;
 }
-
-template SavedForward set_saved_forward<BwdParams>(BwdParams&, const at::Tensor&,
-                                                   const at::Tensor&, const at::Tensor&,
-                                                   const at::Tensor&, const at::Tensor&,
-                                                   const at::Tensor&);
-template SavedForward set_saved_forward<DirectBwdParams>(DirectBwdParams&, const at::Tensor&,
-                                                         const at::Tensor&, const at::Tensor&,
-                                                         const at::Tensor&, const at::Tensor&,
-                                                         const at::Tensor&);
-template GradientTensors alloc_gradients<BwdParams>(BwdParams&, const at::Tensor&,
-                                                    const at::Tensor&, const at::Tensor&);
-template GradientTensors alloc_gradients<DirectBwdParams>(DirectBwdParams&, const at::Tensor&,
-                                                          const at::Tensor&, const at::Tensor&);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gradient_outputs(
     const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv, const at::Tensor& db,
@@ -251,8 +237,8 @@ BackwardCall prepare_backward(const at::Tensor& dy, const at::Tensor& q, const a
                               const at::Tensor& y, const at::Tensor& b, const at::Tensor& den,
                               const c10::optional<at::Tensor>& dstate_out, bool causal,
                               double scale, bool center, bool normalize, double eps,
-                              int64_t chunk_size) {
-  check_inputs(q, k, v, shift, eps, chunk_size);
+                              int64_t tile_size) {
+  check_inputs(q, k, v, shift, eps, tile_size);
   BackwardCall c;
   BwdParams& p = c.p;
   c.input_dtype = q.scalar_type();
@@ -260,9 +246,9 @@ BackwardCall prepare_backward(const at::Tensor& dy, const at::Tensor& q, const a
   // ref is the forward's: the kernels read it instead of picking r again.
   c.ref = ref.contiguous();
   fill_forward_params(p, q, k, v, shift, cu_seqlens, state_in, c.ref, causal, scale, center,
-                      normalize, eps, chunk_size, c.shift_acc, c.cu_seqlens);
+                      normalize, eps, tile_size, c.shift_acc, c.cu_seqlens);
   const auto acc = acc_dtype(q.scalar_type());
-  const SavedForward saved = set_saved_forward(p, q, v, dy, y, b, den);
+  const SavedForward saved = set_saved_forward(p, p, q, v, dy, y, b, den);
   c.y = saved.y;
   c.b = saved.b;
   c.den = saved.den;
@@ -270,7 +256,7 @@ BackwardCall prepare_backward(const at::Tensor& dy, const at::Tensor& q, const a
   // accumulation dtype.
   if (dstate_out.has_value() && dstate_out->defined() && dstate_out->numel() != 0) {
     TORCH_CHECK(dstate_out->sizes() == at::IntArrayRef(state_shape(p)),
-                "csq_bwd: dstate_out must have the state's shape ",
+                "csq_ext backward: dstate_out must have the state's shape ",
                 at::IntArrayRef(state_shape(p)), ", got ", dstate_out->sizes());
     c.dstate_out = dstate_out->to(acc).contiguous();
     p.dstate_out = c.dstate_out.data_ptr();

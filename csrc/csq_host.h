@@ -29,7 +29,7 @@ at::ScalarType acc_dtype(at::ScalarType input);
 // Checks what the ops rely on. The public Python entry checks first with friendlier
 // messages; these checks guard direct torch.ops calls.
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                  const at::Tensor& shift, double eps, int64_t chunk_size);
+                  const at::Tensor& shift, double eps, int64_t tile_size);
 
 // Sizes, strides, input pointers and scalars of every op (no packed sequences yet:
 // num_seqs = batch).
@@ -52,7 +52,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gradient_outputs(
     const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv, const at::Tensor& db,
     at::ScalarType input_dtype, at::ScalarType shift_dtype);
 
-// csq_fwd. chunk_size <= 0: the backend's default chunk.
+// csq_chunked_fwd. tile_size <= 0: the backend's default chunk.
 struct ForwardCall {
   FwdParams p;
   at::Tensor shift_acc, cu_seqlens;  // what p points into
@@ -65,11 +65,11 @@ ForwardCall prepare_forward(const at::Tensor& q, const at::Tensor& k, const at::
                             const at::Tensor& shift, const c10::optional<at::Tensor>& cu_seqlens,
                             const c10::optional<at::Tensor>& state_in,
                             const c10::optional<at::Tensor>& ref_in, bool causal, double scale,
-                            bool center, bool normalize, double eps, int64_t chunk_size,
+                            bool center, bool normalize, double eps, int64_t tile_size,
                             bool return_state);
 
-// csq_bwd: the forward's parameters (same checks) plus dy, the forward's saved y, b, den and
-// ref, and the gradient of the returned state.
+// csq_chunked_bwd: the forward's parameters (same checks) plus dy, the forward's saved y, b,
+// den and ref, and the gradient of the returned state.
 struct BackwardCall {
   BwdParams p;
   at::Tensor shift_acc, cu_seqlens, ref, y, b, den, dstate_out;  // what p points into
@@ -85,26 +85,24 @@ BackwardCall prepare_backward(const at::Tensor& dy, const at::Tensor& q, const a
                               const at::Tensor& y, const at::Tensor& b, const at::Tensor& den,
                               const c10::optional<at::Tensor>& dstate_out, bool causal,
                               double scale, bool center, bool normalize, double eps,
-                              int64_t chunk_size);
+                              int64_t tile_size);
 
 // Checks the backward's dy (B, Hq, N, Dv) and the forward's saved y, b, den (accumulation
-// dtype, q's device); points p at dy and at contiguous y, b, den (returned: keep them alive).
-// Shared with the direct path.
+// dtype, q's device); points `grad` at dy and `saved` at contiguous y, b, den (returned: keep
+// them alive). Shared by both algorithms.
 struct SavedForward {
   at::Tensor y, b, den;
 };
-template <typename Params>
-SavedForward set_saved_forward(Params& p, const at::Tensor& q, const at::Tensor& v,
-                               const at::Tensor& dy, const at::Tensor& y, const at::Tensor& b,
-                               const at::Tensor& den);
+SavedForward set_saved_forward(ForwardOutputs& saved, GradientFields& grad, const at::Tensor& q,
+                               const at::Tensor& v, const at::Tensor& dy, const at::Tensor& y,
+                               const at::Tensor& b, const at::Tensor& den);
 
-// The zeroed accumulators of a backward (dq, dk, dv, db in the accumulation dtype); points p
-// at them. Shared with the direct path.
+// The zeroed accumulators of a backward (dq, dk, dv, db in the accumulation dtype); points
+// `grad` at them. Shared by both algorithms.
 struct GradientTensors {
   at::Tensor dq, dk, dv, db;
 };
-template <typename Params>
-GradientTensors alloc_gradients(Params& p, const at::Tensor& q, const at::Tensor& k,
+GradientTensors alloc_gradients(GradientFields& grad, const at::Tensor& q, const at::Tensor& k,
                                 const at::Tensor& v);
 
 // csq_decode_: checks the arguments (one token; sums (B, Hk, F, Dv + 1) and ref (B, Hk, Dk)

@@ -29,21 +29,21 @@ TORCH_LIBRARY(csq_ext, m) {
   // key offset ref (S, Hk, Dk) they are relative to. cu_seqlens packs S sequences into N;
   // state_in / ref_in continue earlier sequences (causal only).
   m.def(
-      "csq_fwd(Tensor q, Tensor k, Tensor v, Tensor shift, Tensor? cu_seqlens, "
+      "csq_chunked_fwd(Tensor q, Tensor k, Tensor v, Tensor shift, Tensor? cu_seqlens, "
       "Tensor? state_in, Tensor? ref_in, bool causal, float scale, bool center, "
-      "bool normalize, float eps, int chunk_size, bool return_state) "
+      "bool normalize, float eps, int tile_size, bool return_state) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Backward: dq, dk, dv in the input dtype, dshift (Hq,) in the dtype of shift, the gradient
   // of state_in (empty when there is none) and of ref.
   m.def(
-      "csq_bwd(Tensor dy, Tensor q, Tensor k, Tensor v, Tensor shift, Tensor? cu_seqlens, "
+      "csq_chunked_bwd(Tensor dy, Tensor q, Tensor k, Tensor v, Tensor shift, Tensor? cu_seqlens, "
       "Tensor? state_in, Tensor ref, Tensor y, Tensor b, Tensor den, Tensor? dstate_out, "
-      "bool causal, float scale, bool center, bool normalize, float eps, int chunk_size) "
+      "bool causal, float scale, bool center, bool normalize, float eps, int tile_size) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // The direct path (csrc/csq_direct_params.h): weights computed tile by tile from q and k,
   // O(N^2 (Dk + Dv)) time, no state. Forward: y (B, Hq, N, Dv), b and den (B, Hq, N), all in
-  // the accumulation dtype as for csq_fwd (b goes with the tile's reference key; the backward
-  // reads it back). tile_size 0 = the default. Optional per-query inputs: row_shift (B, Hq, N)
+  // the accumulation dtype as for csq_chunked_fwd (b goes with the tile's reference key; the
+  // backward reads it back). tile_size 0 = the default. Optional per-query inputs: row_shift (B, Hq, N)
   // is added to each b_i, row_sums (B, Hq, N, Dv + 1) to each query's [num | den] before the
   // division (the carried state's share; csq_ext/_direct_state.py); both come back into b and
   // den.

@@ -1,7 +1,8 @@
 // The plain parameter structs of the ops, shared by every backend. Kernels and launchers see
 // only these: sizes, element strides, raw pointers and scalars. No torch types, so the CUDA
 // kernel files compile with nvcc alone. As in other attention kernels, the backward's
-// parameters derive from the forward's (BwdParams : FwdParams), and every op's from QkvParams.
+// parameters derive from the forward's (BwdParams : FwdParams), every op's from QkvParams, and
+// both algorithms' from the same output (ForwardOutputs) and gradient (GradientFields) fields.
 #pragma once
 
 #include <cstdint>
@@ -35,8 +36,27 @@ struct QkvParams {
   int64_t num_seqs = 0;
 };
 
-// csq_fwd: the chunked algorithm. Every output is contiguous, in the accumulation dtype.
-struct FwdParams : QkvParams {
+// What every forward writes and its backward reads back: contiguous, accumulation dtype.
+struct ForwardOutputs {
+  void* y = nullptr;    // (B, Hq, N, Dv): the output
+  void* b = nullptr;    // (B, Hq, N): per-query effective shift, see kRefKeys
+  void* den = nullptr;  // (B, Hq, N): sum_j w_ij
+};
+
+// What every backward reads (dy) and writes: the gradients of q, k, v and of each b_i.
+struct GradientFields {
+  int64_t dy_stride[4] = {0, 0, 0, 0};
+  const void* dy = nullptr;  // (B, Hq, N, Dv), accumulation dtype (the gradient of y)
+  // Outputs, contiguous, accumulation dtype; every element written by every backend.
+  void* dq = nullptr;  // (B, Hq, N, Dk)
+  void* dk = nullptr;  // (B, Hk, N, Dk)
+  void* dv = nullptr;  // (B, Hk, N, Dv)
+  void* db = nullptr;  // (B, Hq, N): dL/db_i; the host layer sums it into the shift gradient
+};
+
+// csq_chunked_fwd: the chunked algorithm. Every output is contiguous, in the accumulation
+// dtype.
+struct FwdParams : QkvParams, ForwardOutputs {
   // CPU only: positions per chunk (a tuning knob; the result does not depend on it). The CUDA
   // kernels always use csq::cuda::kChunk.
   int64_t chunk = 64;
@@ -54,23 +74,13 @@ struct FwdParams : QkvParams {
   // (see kRefKeys).
   const void* ref_in = nullptr;
 
-  void* y = nullptr;    // (B, Hq, N, Dv): the output
-  void* b = nullptr;    // (B, Hq, N): per-query effective shift, see kRefKeys
-  void* den = nullptr;  // (B, Hq, N): sum_j w_ij
   void* state_out = nullptr;  // (S, Hk, F, Dv + 1) when return_state, else null
   void* ref_out = nullptr;    // (S, Hk, Dk): the ref used (read back by the backward)
 };
 
-// csq_bwd, derived from the forward's parameters: the forward's y, b, den are read back here
-// (not written), and ref_in is the forward's ref_out.
-struct BwdParams : FwdParams {
-  int64_t dy_stride[4] = {0, 0, 0, 0};
-  const void* dy = nullptr;  // (B, Hq, N, Dv), accumulation dtype (the gradient of y)
-  // Outputs, contiguous, accumulation dtype; every element written by every backend.
-  void* dq = nullptr;  // (B, Hq, N, Dk)
-  void* dk = nullptr;  // (B, Hk, N, Dk)
-  void* dv = nullptr;  // (B, Hk, N, Dv)
-  void* db = nullptr;  // (B, Hq, N): dL/db_i; the host layer sums it into the shift gradient
+// csq_chunked_bwd, derived from the forward's parameters: the forward's y, b, den are read
+// back here (not written), and ref_in is the forward's ref_out.
+struct BwdParams : FwdParams, GradientFields {
   const void* dstate_out = nullptr;  // optional incoming gradient of state_out
   void* dstate_in = nullptr;         // (S, Hk, F, Dv + 1), gradient of state_in when given
   void* dref = nullptr;              // (S, Hk, Dk): gradient of ref through k - ref and b,

@@ -192,7 +192,7 @@ def test_carried_state_matches_cpu_and_reference(gen, center, dtype):
 
 
 def test_decode_functional_equals_cpu(gen):
-    """csq_ext.decode (the functional step, through csq_fwd with a state) on CUDA."""
+    """csq_ext.decode (the functional step, through csq_chunked_fwd with a state) on CUDA."""
     q, k, v = make_qkv(gen, (2, 4, 2, 40, 8, 6), torch.float64)
     _, st = csq_ext.attention(q[:, :, :39], k[:, :, :39], v[:, :, :39], return_state=True)
     last = [t[:, :, 39:] for t in (q, k, v)]

@@ -26,7 +26,7 @@ def _inputs(gen, B, Hq, Hk, N, Dk, Dv, device, dtype=torch.float64):
 
 def _fwd(q, k, v, shift, cu=None, state=None, return_state=True, **kw):
     o = {**OPTS, **kw}
-    return ops.csq_fwd(q, k, v, shift, cu, None if state is None else state[0],
+    return ops.csq_chunked_fwd(q, k, v, shift, cu, None if state is None else state[0],
                        None if state is None else state[1], o["causal"], o["scale"], o["center"],
                        o["normalize"], o["eps"], 0, return_state)
 
@@ -34,7 +34,7 @@ def _fwd(q, k, v, shift, cu=None, state=None, return_state=True, **kw):
 def _bwd(dy, q, k, v, shift, fwd, cu=None, state=None, dstate_out=None, **kw):
     o = {**OPTS, **kw}
     y, b, den, _, ref = fwd
-    return ops.csq_bwd(dy, q, k, v, shift, cu, None if state is None else state[0], ref, y, b,
+    return ops.csq_chunked_bwd(dy, q, k, v, shift, cu, None if state is None else state[0], ref, y, b,
                        den, dstate_out, o["causal"], o["scale"], o["center"], o["normalize"],
                        o["eps"], 0)
 

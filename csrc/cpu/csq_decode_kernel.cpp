@@ -6,7 +6,7 @@
 
 #include <vector>
 
-#include "csq_cpu_common.h"
+#include "csq_cpu_rows.h"
 #include "csq_cpu_launch.h"
 
 namespace csq {

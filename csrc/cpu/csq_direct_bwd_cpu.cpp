@@ -1,6 +1,6 @@
 // CPU host of csq_direct_bwd: the shared host layer prepares (checks, params, zeroed
 // gradients), then the launcher for the dtype (csq_direct_bwd_kernel.cpp), then the host
-// layer's outputs (dshift from db, as for csq_bwd).
+// layer's outputs (dshift from db, as for csq_chunked_bwd).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>

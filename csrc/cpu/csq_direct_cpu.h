@@ -16,7 +16,7 @@
 #include <vector>
 
 #include "../csq_direct_params.h"
-#include "csq_cpu_common.h"
+#include "csq_cpu_rows.h"
 #include "csq_gemm.h"
 
 namespace csq {

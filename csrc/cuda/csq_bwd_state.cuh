@@ -53,7 +53,7 @@ __global__ void __launch_bounds__(kThreads, state_min_blocks<Acc>())
       [&](int64_t t) { st.absorb_keys(t); });
 }
 
-// For launch_state_scan (csq_common_launch.cuh).
+// For launch_state_scan (csq_chunked_launch.cuh).
 template <typename T, typename Acc, int FT, int SUB, bool TC>
 struct KeyStateBwd {
   static constexpr bool kBackward = true;

@@ -22,7 +22,7 @@
 // between the column CTAs (they read the same 4-byte elements, served from L2 after the first).
 #pragma once
 
-#include "csq_common.cuh"
+#include "csq_chunked_work.cuh"
 
 namespace csq {
 namespace cuda {

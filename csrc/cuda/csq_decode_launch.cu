@@ -3,7 +3,7 @@
 //   2. the last column (key sums, count) += psi; ref of an empty state      decode_count_kernel
 // No workspace, no allocation: the state and y are the only memory written.
 #include "csq_decode.cuh"
-#include "csq_launch_util.cuh"
+#include "csq_launch_checks.cuh"
 
 namespace csq {
 namespace cuda {

@@ -10,7 +10,7 @@
 // the key sums behind mu_i and r_T are taken in float64 as on the CPU.
 #pragma once
 
-#include "csq_common.cuh"
+#include "csq_elements.cuh"
 #include "csq_direct_launch.h"
 
 namespace csq {

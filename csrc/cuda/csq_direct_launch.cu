@@ -12,7 +12,7 @@
 #include "csq_direct_bwd.cuh"
 #include "csq_direct_fwd.cuh"
 #include "csq_direct_mma.cuh"
-#include "csq_launch_util.cuh"
+#include "csq_launch_checks.cuh"
 
 namespace csq {
 namespace cuda {

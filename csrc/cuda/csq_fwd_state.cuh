@@ -43,7 +43,7 @@ __global__ void __launch_bounds__(kThreads, state_min_blocks<Acc>())
   if (p.state_out != nullptr) st.keep(static_cast<Acc*>(p.state_out), false);
 }
 
-// For launch_state_scan (csq_common_launch.cuh).
+// For launch_state_scan (csq_chunked_launch.cuh).
 template <typename T, typename Acc, int FT, int SUB, bool TC>
 struct KeyStateFwd {
   static constexpr bool kBackward = false;

@@ -4,7 +4,7 @@
 // center_dq_kernel in the backward). Per-column work, one thread per key coordinate.
 #pragma once
 
-#include "csq_common.cuh"
+#include "csq_chunked_work.cuh"
 
 namespace csq {
 namespace cuda {
@@ -28,7 +28,7 @@ inline size_t key_mean_smem_bytes(int D) {
   return size_t(key_mean_rows(D, sizeof(Acc))) * size_t(D + 1) * sizeof(Acc);
 }
 
-// cu_seqlens only: the chunk slots of every sequence (see csq_common.cuh). One block:
+// cu_seqlens only: the chunk slots of every sequence (see csq_chunked_work.cuh). One block:
 // seq_chunk0 = exclusive scan of ceil(len_s / C) over s (a block scan per 256 sequences),
 // then chunk_seq[t] = the last s with seq_chunk0[s] <= t (an upper-bound search; empty
 // sequences own no slot), -1 past the end.

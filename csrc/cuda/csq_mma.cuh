@@ -17,7 +17,7 @@
 #include <cstdint>
 #include <cstring>
 
-#include "csq_common.cuh"
+#include "csq_elements.cuh"
 
 namespace csq {
 namespace cuda {
@@ -85,7 +85,7 @@ __device__ __forceinline__ void mma_tf32(float (&d)[4], const uint32_t (&a)[4],
 #endif
 }
 
-// The tensor-core counterpart of block_gemm (csq_common.cuh): for every (m, n) in
+// The tensor-core counterpart of block_gemm (csq_block_gemm.cuh): for every (m, n) in
 // [0, M) x [0, N), emit(m, n, sum_{k < K} a(m, k) b(k, n)). Warps take 16 x 8 output tiles in
 // turn; a and b are read only inside [0, M) x [0, K) and [0, K) x [0, N) (zero outside), and
 // emit is called once per element by the lane that owns it. Calls no __syncthreads itself.

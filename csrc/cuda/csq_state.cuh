@@ -24,7 +24,8 @@
 // which is therefore read and written as is.
 #pragma once
 
-#include "csq_common.cuh"
+#include "csq_block_gemm.cuh"
+#include "csq_chunked_work.cuh"
 #include "csq_mma.cuh"
 
 namespace csq {

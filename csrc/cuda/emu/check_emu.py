@@ -11,22 +11,17 @@ all of them in the full check; `wide` runs only those). The direct path's kernel
 """
 import contextlib
 import ctypes
-import os
-import runpy
 import sys
 
 import torch
 
+from emu_cases import DECODE_CASES, STATE_CASES, VARLEN_CASES, WIDE_CASES, WIDE_QUICK
+from emu_common import (C, DT, HERE, TOL, acc_of, arr, ptr, reference, rel, report,
+                        strided)
 from emu_inputs import nonfinite_case
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(HERE)))
-reference = runpy.run_path(os.path.join(ROOT, "csq_ext", "reference.py"))["csq_attention_reference"]
 lib = ctypes.CDLL(sys.argv[1] if len(sys.argv) > 1 else "/tmp/csqemu/libcsqemu.so")
 QUICK = "quick" in sys.argv
-DT = {torch.float64: 0, torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}
-TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
-C = "contiguous"  # the layout of most inputs (strided() makes the others)
 
 
 # Shared memory a block may opt into (bytes) on the devices the emulator can pose as: the state
@@ -43,18 +38,6 @@ def device(name_or_bytes):
         yield
     finally:
         lib.emu_set_smem_optin(DEVICES["H100"])
-
-
-def arr(xs):
-    return (ctypes.c_int64 * len(xs))(*[int(x) for x in xs])
-
-
-def ptr(t):
-    return ctypes.c_void_p(t.data_ptr())
-
-
-def acc_of(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def emu_fwd(q, k, v, shift, causal, scale, center, normalize, eps, refusal=False):
@@ -102,49 +85,6 @@ def emu_bwd(dy, q, k, v, shift, y, b, den, causal, scale, center, normalize, eps
                      ptr(dk), ptr(dv), ptr(db), msg, 512)
     assert rc == 0, msg.value
     return dq, dk, dv, shift_grad(db)
-
-
-def rel(a, b):
-    a, b = a.double(), b.double()
-    # Relative, with a floor of 1: some gradients vanish (N = 1 with centering) or nearly.
-    return (a - b).norm().item() / max(b.norm().item(), 1.0)
-
-
-def report(name, errs, tol):
-    """Prints one case's line (ok / FAIL, its worst error, the errors over tol); True if ok."""
-    bad = {k_: e for k_, e in errs.items() if not (e <= tol)}
-    print(("FAIL " if bad else "ok   ") + name + f"  max err {max(errs.values()):.2e}" +
-          (f"  {bad}" if bad else ""), flush=True)
-    return not bad
-
-
-def strided(shape, dtype, g, kind, offset=0.0):
-    """A random (B, H, N, D) tensor, as a non-contiguous view when kind says so."""
-    B, H, N, D = shape
-    if kind == "transposed":
-        t = torch.randn(B, N, H, D, generator=g, dtype=torch.float64).transpose(1, 2)
-    elif kind == "padded":
-        t = torch.randn(B, H, N, D + 3, generator=g, dtype=torch.float64)[..., :D]
-    elif kind == "every_other":
-        t = torch.randn(B, H, N, 2 * D, generator=g, dtype=torch.float64)[..., ::2]
-    elif kind == "expanded":
-        t = torch.randn(1, H, N, D, generator=g, dtype=torch.float64)
-    else:
-        t = torch.randn(B, H, N, D, generator=g, dtype=torch.float64)
-    t = t + offset
-    if kind == "expanded":  # stride 0 over the batch
-        return t.to(dtype).expand(B, H, N, D)
-    if kind == "transposed":
-        return t.transpose(1, 2).contiguous().to(dtype).transpose(1, 2)
-    if kind == "padded":
-        base = torch.zeros(B, H, N, D + 3, dtype=dtype)
-        base[..., :D] = t.to(dtype)
-        return base[..., :D]
-    if kind == "every_other":
-        base = torch.zeros(B, H, N, 2 * D, dtype=dtype)
-        base[..., ::2] = t.to(dtype)
-        return base[..., ::2]
-    return t.to(dtype).contiguous()
 
 
 LAST_ERRS = {}  # the errors of the last check_case
@@ -364,10 +304,10 @@ def check_state(dtype, Hq, Hk, lens, prefill, Dk, Dv, center, normalize, seed, c
         q0 = strided((S, Hq, prefill, Dk), dtype, g, "contiguous")
         k0 = strided((S, Hk, prefill, Dk), dtype, g, "contiguous", 0.5)
         v0 = strided((S, Hk, prefill, Dv), dtype, g, "contiguous")
-        out0 = torch.ops.csq_ext.csq_fwd(q0, k0, v0, shift, None, None, None, True, scale, True,
+        out0 = torch.ops.csq_ext.csq_chunked_fwd(q0, k0, v0, shift, None, None, None, True, scale, True,
                                          normalize, eps, 0, True)
         state_in, ref_in = out0[3].contiguous(), out0[4].contiguous()
-    cpu = torch.ops.csq_ext.csq_fwd(q, k, v, shift, cu, state_in, ref_in, True, scale, center,
+    cpu = torch.ops.csq_ext.csq_chunked_fwd(q, k, v, shift, cu, state_in, ref_in, True, scale, center,
                                     normalize, eps, 0, True)
     nan = float("nan")
     F = csq_ext.state.num_features(Dk)
@@ -394,7 +334,7 @@ def check_state(dtype, Hq, Hk, lens, prefill, Dk, Dv, center, normalize, seed, c
         if grads:
             dy = torch.randn(B, Hq, T, Dv, generator=g, dtype=torch.float64).to(acc)
             dstate_out = torch.randn(S, Hk, F, Dv + 1, generator=g, dtype=torch.float64).to(acc)
-            gc = torch.ops.csq_ext.csq_bwd(dy, q, k, v, shift, cu, state_in, cpu[4], cpu[0],
+            gc = torch.ops.csq_ext.csq_chunked_bwd(dy, q, k, v, shift, cu, state_in, cpu[4], cpu[0],
                                            cpu[1], cpu[2], dstate_out, True, scale, center,
                                            normalize, eps, 0)
             dq = torch.full(q.shape, nan, dtype=acc)
@@ -423,47 +363,6 @@ def check_state(dtype, Hq, Hk, lens, prefill, Dk, Dv, center, normalize, seed, c
     name = (f"{label}state  {str(dtype)[6:]:8s} Hq{Hq} Hk{Hk} lens={lens} prefill={prefill} Dk{Dk} "
             f"Dv{Dv} center={int(center)} norm={int(normalize)} carried={int(carried)}")
     return report(name, errs, tol)
-
-
-STATE_CASES = [
-    # dtype, Hq, Hk, lens (N for B = 2, or segment lengths), prefill, Dk, Dv, center, normalize
-    (torch.float64, 4, 2, 100, 70, 5, 3, True, True),
-    (torch.float64, 2, 1, 1, 3, 4, 6, True, True),
-    (torch.float64, 2, 2, 65, 9, 3, 4, False, True),
-    (torch.float64, 2, 1, 40, 5, 6, 2, True, False),
-    (torch.float64, 2, 1, 0, 5, 3, 2, True, True),
-    (torch.float64, 4, 2, [0, 70, 1, 64, 5], 20, 5, 3, True, True),
-    (torch.float64, 2, 1, [3, 0, 66], 4, 4, 4, False, False),
-    (torch.float32, 3, 1, 130, 80, 16, 8, True, True),
-    (torch.bfloat16, 2, 1, 70, 30, 8, 8, True, True),
-    # prefill 0: an empty carried state (count 0), which picks its ref from the keys
-    (torch.float64, 2, 1, [0, 70, 3], 0, 4, 3, True, True),
-    (torch.float32, 2, 1, 70, 0, 5, 3, False, True),
-]
-
-
-VARLEN_CASES = [
-    # dtype, Hq, Hk, lens, Dk, Dv, causal, center, normalize
-    (torch.float64, 4, 2, [1, 0, 70, 64, 5, 130], 5, 3, True, True, True),
-    (torch.float64, 2, 1, [33, 0, 0, 100, 1], 6, 4, False, True, True),
-    (torch.float64, 2, 2, [3, 65, 9], 4, 3, True, False, False),
-    (torch.float32, 3, 1, [70, 20, 64], 16, 8, True, True, True),
-    (torch.float32, 2, 1, [129, 2], 9, 5, False, False, True),
-    (torch.bfloat16, 2, 1, [40, 90], 8, 8, True, True, True),
-]
-
-
-DECODE_CASES = [
-    # dtype, B, Hq, Hk, Dk, Dv, center, normalize, prefill, steps, kinds
-    (torch.float64, 2, 4, 2, 5, 3, True, True, 9, 3, ("contiguous",) * 3),
-    (torch.float64, 1, 6, 1, 16, 20, True, True, 70, 2, ("transposed", "padded", "every_other")),
-    (torch.float64, 2, 2, 2, 7, 17, False, False, 5, 2, ("contiguous",) * 3),
-    (torch.float64, 1, 2, 1, 3, 2, True, True, 0, 3, ("contiguous",) * 3),
-    (torch.float32, 3, 8, 2, 12, 33, True, True, 40, 2, ("padded", "contiguous", "transposed")),
-    (torch.float32, 1, 1, 1, 1, 1, True, False, 4, 2, ("contiguous",) * 3),
-    (torch.float16, 2, 4, 2, 8, 8, True, True, 30, 2, ("contiguous",) * 3),
-    (torch.bfloat16, 1, 5, 1, 16, 16, False, True, 30, 2, ("every_other", "contiguous", "padded")),
-]
 
 
 def check_outliers():
@@ -523,48 +422,6 @@ def check_nonfinite():
                       f"causal={int(causal)} center={int(center)}", flush=True)
                 ok &= good
     return ok
-
-
-# Heads above 128, up to the limit of 256 (Gemma's heads): D = 256, odd sizes, Dk != Dv both
-# ways, forward and backward, carried state, decode; float32 and bfloat16 (tensor cores) at
-# least. Each case runs on an emulated device (DEVICES, or its opt-in bytes): its shared memory
-# decides how many rows the state scans stage per step (32, 16 or 8; csq_state.cuh), noted as
-# fwd/bwd rows. The first WIDE_QUICK cases run in quick mode (and so in CI: about 50 s), all of
-# them in wide mode and in the full check.
-WIDE_CASES = [
-    # device, check, arguments (of check_case / check_state / check_decode)
-    ("A100", "case", (torch.float32, 1, 1, 1, 70, 256, 256, True, True, True,
-                      (C, "transposed", C))),  # rows 32 / 16
-    ("H100", "case", (torch.bfloat16, 1, 1, 1, 65, 256, 64, True, True, True, (C, C, C))),
-    ("sm86", "case", (torch.bfloat16, 1, 2, 1, 66, 64, 256, True, True, True,
-                      ("transposed", C, "padded"))),  # rows 16 / 16
-    ("sm86", "case", (torch.float64, 1, 1, 1, 66, 64, 256, True, True, True, (C, C, C))),  # 8 / 8
-    (50688, "case", (torch.float32, 1, 1, 1, 65, 256, 32, True, True, True, (C, C, C))),  # 16 / 8
-    ("H100", "case", (torch.float32, 1, 2, 1, 100, 200, 129, False, True, False,
-                      ("padded", C, "every_other"))),
-    ("H100", "state", (torch.float32, 2, 1, [5, 66], 20, 256, 64, True, True)),
-    ("H100", "state", (torch.bfloat16, 2, 1, [5, 66], 20, 64, 256, True, True)),
-    ("H100", "decode", (torch.float32, 1, 2, 1, 256, 256, True, True, 10, 2, (C, C, C))),
-    ("H100", "decode", (torch.bfloat16, 1, 4, 2, 256, 64, True, True, 10, 2,
-                        ("padded", C, "transposed"))),
-    ("H100", "decode", (torch.bfloat16, 1, 2, 1, 64, 256, False, True, 0, 2, (C, C, C))),
-    ("H100", "decode", (torch.float32, 2, 2, 2, 200, 129, True, False, 3, 2, (C, C, C))),
-    # wide mode and the full check only
-    ("H100", "case", (torch.bfloat16, 1, 2, 1, 65, 256, 256, True, True, True, (C, C, C))),
-    # float64 at 256: rows 32 / 16 on an H100, 16 / 8 on an A100
-    ("H100", "case", (torch.float64, 1, 1, 1, 67, 256, 256, False, True, True, (C, C, C))),
-    ("A100", "case", (torch.float64, 1, 1, 1, 70, 256, 256, True, True, True, (C, C, C))),
-    ("sm86", "case", (torch.float32, 1, 1, 1, 70, 256, 256, True, True, True, (C, C, C))),  # 8 / 8
-    ("H100", "case", (torch.float16, 1, 1, 1, 70, 129, 200, True, False, True, (C, C, C))),
-    ("A100", "case", (torch.bfloat16, 1, 1, 1, 130, 256, 256, True, True, True,
-                      (C, C, C))),  # rows 32 / 16
-    ("H100", "state", (torch.float32, 2, 1, [66], 10, 256, 256, True, True)),
-    ("H100", "state", (torch.bfloat16, 2, 1, [5, 66], 20, 200, 48, True, True)),
-    ("A100", "state", (torch.float64, 2, 1, [70], 20, 256, 256, True, True)),
-    ("H100", "decode", (torch.float64, 1, 2, 1, 256, 256, True, True, 10, 2, (C, C, C))),
-    ("H100", "decode", (torch.float16, 1, 2, 1, 129, 200, True, True, 0, 3, (C, C, C))),
-]
-WIDE_QUICK = 12
 
 
 def check_wide(quick):

@@ -1,10 +1,10 @@
 // The kernel sequences both launchers run: the key side (csq_keys.cuh) and a state scan
-// (csq_state.cuh; the scans themselves are in csq_fwd_state.cuh and csq_bwd_state.cuh). Header-only templates, so that csq_fwd_launch.cu and csq_bwd_launch.cu each
+// (csq_state.cuh; the scans themselves are in csq_fwd_state.cuh and csq_bwd_state.cuh). Header-only templates, so that csq_chunked_fwd_launch.cu and csq_chunked_bwd_launch.cu each
 // instantiate what they use.
 #pragma once
 
 #include "csq_keys.cuh"
-#include "csq_launch_util.cuh"
+#include "csq_launch_checks.cuh"
 #include "csq_state.cuh"
 
 namespace csq {

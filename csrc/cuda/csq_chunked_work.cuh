@@ -1,7 +1,6 @@
-// Building blocks shared by the CUDA kernels of both directions: dtype traits and conversions,
-// strided element access, sequences and chunk slots, the workspace layout, the carried state's
-// key sums, and a small shared-memory block GEMM. Torch-free: csq_params.h, CUDA headers and
-// standard headers only.
+// The chunked path's sequences, chunks and workspace, shared by its kernels of both directions
+// (and the decode step's thread count): chunk slots of packed sequences, the spans of a
+// sequence and of a chunk, the workspace layout, and the carried state's key sums. Torch-free.
 //
 // Notation (README.md): D = Dk, De = D + 1, V1 = Dv + 1. Extended vectors
 //   qe_i = [tau q_i, b_i],  ke_j = [k_j - r, 1],  v~_j = [v_j, 1],  g~_i = [dnum_i, dden_i],
@@ -9,16 +8,7 @@
 // order are csq_features.h's (the public state order, as on the CPU).
 #pragma once
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
-#include <cstddef>
-#include <cstdint>
-#include <type_traits>
-
-#include "../csq_params.h"
-#include "csq_launch.h"
+#include "csq_elements.cuh"
 
 namespace csq {
 namespace cuda {
@@ -29,59 +19,6 @@ constexpr int kSlab = 32;      // feature columns staged per step by the in-chun
 constexpr int kChunkI = static_cast<int>(kChunk);
 static_assert(kChunkI % kSub == 0, "the chunk must be a whole number of sub-blocks");
 static_assert(kChunkI == 64 && kThreads == 256, "in-chunk kernels map 256 threads on 64 x 64");
-
-// ---------------------------------------------------------------------------------------------
-// dtypes
-
-template <DType DT> struct DTypeOf;
-template <> struct DTypeOf<DType::kFloat64> { using type = double; };
-template <> struct DTypeOf<DType::kFloat32> { using type = float; };
-template <> struct DTypeOf<DType::kFloat16> { using type = __half; };
-template <> struct DTypeOf<DType::kBFloat16> { using type = __nv_bfloat16; };
-
-// The generic path: any Dk, Dv <= kMaxHeadDim, input type T, accumulation type Acc, and the
-// number of state rows (features) held by one CTA of the state kernels.
-template <DType DT>
-struct GenericTraits {
-  using T = typename DTypeOf<DT>::type;
-  using Acc = typename std::conditional<DT == DType::kFloat64, double, float>::type;
-  static constexpr int kFeatTile = DT == DType::kFloat64 ? 32 : 64;
-};
-
-template <typename Acc> __device__ __forceinline__ Acc to_acc(double x) { return Acc(x); }
-template <typename Acc> __device__ __forceinline__ Acc to_acc(float x) { return Acc(x); }
-template <typename Acc> __device__ __forceinline__ Acc to_acc(__half x) {
-  return Acc(__half2float(x));
-}
-template <typename Acc> __device__ __forceinline__ Acc to_acc(__nv_bfloat16 x) {
-  return Acc(__bfloat162float(x));
-}
-
-__device__ __forceinline__ void store_el(double* p, double x) { *p = x; }
-__device__ __forceinline__ void store_el(float* p, float x) { *p = x; }
-__device__ __forceinline__ void store_el(__half* p, float x) { *p = __float2half_rn(x); }
-__device__ __forceinline__ void store_el(__nv_bfloat16* p, float x) { *p = __float2bfloat16_rn(x); }
-
-// Element (b, h, n, d) of a strided (B, H, N, D) tensor, converted to Acc.
-template <typename Acc, typename T>
-__device__ __forceinline__ Acc load_el(const void* base, const int64_t* st, int64_t b,
-                                       int64_t h, int64_t n, int64_t d) {
-  const T* p = static_cast<const T*>(base);
-  return to_acc<Acc>(p[b * st[0] + h * st[1] + n * st[2] + d * st[3]]);
-}
-
-template <typename Acc>
-__device__ __forceinline__ Acc warp_sum(Acc x) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
-  return x;
-}
-
-__host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) {
-  return (a + b - 1) / b;
-}
-__host__ __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
-__host__ __device__ __forceinline__ int round_up4(int a) { return (a + 3) & ~3; }
 
 // ---------------------------------------------------------------------------------------------
 // Sequences. Without cu_seqlens, sequence s is batch entry s (positions [0, N)); with it,
@@ -118,13 +55,6 @@ struct Work {
 };
 
 enum class Direction : int { kForward = 0, kBackward = 1 };
-
-inline size_t align256(size_t x) { return (x + 255) & ~size_t(255); }
-
-// Number of sequences S: batch entries, or packed segments.
-__host__ __device__ inline int64_t num_sequences(const QkvParams& p) {
-  return p.cu_seqlens != nullptr ? p.num_seqs : p.batch;
-}
 
 // Chunk slots: ceil(N / C), or with cu_seqlens an upper bound of sum_s ceil(len_s / C).
 __host__ __device__ inline int64_t num_chunk_slots(const QkvParams& p) {
@@ -238,70 +168,6 @@ __device__ __forceinline__ Acc carried_key_sum(const FwdParams& p, int64_t seq, 
   if (p.state_in == nullptr) return Acc(0);
   return state_key_sum(head_sums(static_cast<const Acc*>(p.state_in), p, seq, g), d, p.dim_k,
                        p.dim_v);
-}
-
-// ---------------------------------------------------------------------------------------------
-// Block GEMM on shared memory: for every (m, n) in [0, M) x [0, N), calls
-// emit(m, n, sum_{k < K} a(m, k) * b(k, n)). A thread owns micro-tiles of TM consecutive rows
-// and TN columns strided by NG = ceil(N / TN), so that consecutive threads read consecutive
-// columns of b (no bank conflicts) and threads of one row group read one a (broadcast).
-// a(m, k) must be readable for m < ceil(M / TM) * TM and b(k, n) for n < NG * TN: callers pad
-// their shared buffers. Tiles go to threads first_thread, first_thread + 1, ... (mod the block
-// size), so that a second small product can start on the threads the first one left idle.
-// Calls no __syncthreads itself. Returns the number of tiles. KU > 0 unrolls the loop over k
-// KU times (1: not at all); 0 leaves it to the compiler, which unrolls a loop it knows to be
-// short (K <= 8) completely: too many registers for the float64 state scans.
-template <int TM, int TN, typename Acc, int KU = 0, typename FA, typename FB, typename FE>
-__device__ __forceinline__ int block_gemm(int M, int N, int K, const FA& a, const FB& b,
-                                          const FE& emit, int first_thread = 0) {
-  const int MG = (M + TM - 1) / TM, NG = (N + TN - 1) / TN;
-  const int nt = static_cast<int>(blockDim.x);
-  const int me = (static_cast<int>(threadIdx.x) + nt - first_thread % nt) % nt;
-  for (int tile = me; tile < MG * NG; tile += nt) {
-    const int m0 = (tile / NG) * TM, n0 = tile % NG;
-    Acc acc[TM][TN];
-#pragma unroll
-    for (int i = 0; i < TM; ++i)
-#pragma unroll
-      for (int j = 0; j < TN; ++j) acc[i][j] = Acc(0);
-    const auto step = [&](int k) {
-      Acc av[TM], bv[TN];
-#pragma unroll
-      for (int i = 0; i < TM; ++i) av[i] = a(m0 + i, k);
-#pragma unroll
-      for (int j = 0; j < TN; ++j) bv[j] = b(k, n0 + j * NG);
-#pragma unroll
-      for (int i = 0; i < TM; ++i)
-#pragma unroll
-        for (int j = 0; j < TN; ++j) acc[i][j] = fma(av[i], bv[j], acc[i][j]);
-    };
-    if constexpr (KU > 0) {
-#pragma unroll KU
-      for (int k = 0; k < K; ++k) step(k);
-    } else {
-      for (int k = 0; k < K; ++k) step(k);
-    }
-#pragma unroll
-    for (int i = 0; i < TM; ++i)
-#pragma unroll
-      for (int j = 0; j < TN; ++j) {
-        const int m = m0 + i, n = n0 + j * NG;
-        if (m < M && n < N) emit(m, n, acc[i][j]);
-      }
-  }
-  return MG * NG;
-}
-
-// The same for N = Dv + 1 columns (values and the ones column): the first Dv columns with
-// TM x TN micro-tiles, the last column by one thread per row on the threads left idle. This
-// keeps the "+1" from costing a whole extra round of micro-tiles.
-template <int TM, int TN, typename Acc, int KU = 0, typename FA, typename FB, typename FE>
-__device__ __forceinline__ void block_gemm_aug(int M, int dv, int K, const FA& a, const FB& b,
-                                               const FE& emit) {
-  const int tiles = block_gemm<TM, TN, Acc, KU>(M, dv, K, a, b, emit);
-  block_gemm<1, 1, Acc, KU>(
-      M, 1, K, a, [&](int k, int) { return b(k, dv); },
-      [&](int m, int, Acc val) { emit(m, dv, val); }, tiles);
 }
 
 }  // namespace cuda

@@ -10,7 +10,7 @@
 
 #include <vector>
 
-#include "csq_cpu_common.h"
+#include "csq_cpu_key_scan.h"
 #include "csq_cpu_launch.h"
 
 namespace csq {

@@ -8,7 +8,7 @@
 //   3. b_i = c_h - tau <q_i, mu'_i>                              query_shift_kernel
 //   4. the key state against the queries, by feature tiles      key_state_fwd_kernel
 //   5. in-chunk pairs (causal), den and y                        fwd_finalize_kernel
-#include "csq_common_launch.cuh"
+#include "csq_chunked_launch.cuh"
 #include "csq_fwd_chunk.cuh"
 #include "csq_fwd_state.cuh"
 

@@ -1,5 +1,5 @@
-// CPU host of csq_fwd: the shared host layer prepares (checks, params, outputs), then the
-// launcher for the dtype (csq_fwd_kernel.cpp).
+// CPU host of csq_chunked_fwd: the shared host layer prepares (checks, params, outputs), then the
+// launcher for the dtype (csq_chunked_fwd_kernel.cpp).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
@@ -11,15 +11,15 @@ namespace csq {
 namespace cpu {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> csq_fwd_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> csq_chunked_fwd_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& shift,
     const c10::optional<at::Tensor>& cu_seqlens, const c10::optional<at::Tensor>& state_in,
     const c10::optional<at::Tensor>& ref_in, bool causal, double scale, bool center,
-    bool normalize, double eps, int64_t chunk_size, bool return_state) {
+    bool normalize, double eps, int64_t tile_size, bool return_state) {
   const ForwardCall call = prepare_forward(q, k, v, shift, cu_seqlens, state_in, ref_in, causal,
-                                           scale, center, normalize, eps, chunk_size,
+                                           scale, center, normalize, eps, tile_size,
                                            return_state);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "csq_fwd_cpu",
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "csq_chunked_fwd_cpu",
                                   [&] { launch_fwd<scalar_t>(call.p); });
   return call.outputs();
 }
@@ -28,4 +28,4 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> csq_fwd_c
 }  // namespace cpu
 }  // namespace csq
 
-TORCH_LIBRARY_IMPL(csq_ext, CPU, m) { m.impl("csq_fwd", &csq::cpu::csq_fwd_cpu); }
+TORCH_LIBRARY_IMPL(csq_ext, CPU, m) { m.impl("csq_chunked_fwd", &csq::cpu::csq_chunked_fwd_cpu); }

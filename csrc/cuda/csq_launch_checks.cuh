@@ -2,7 +2,7 @@
 // shapes the kernels do not support (with a message, never a crash), and state sizes.
 #pragma once
 
-#include "csq_common.cuh"
+#include "csq_chunked_work.cuh"
 
 namespace csq {
 namespace cuda {

@@ -1,5 +1,5 @@
-// CPU host of csq_bwd: the shared host layer prepares (checks, params, zeroed gradients), then
-// the launcher for the dtype (csq_bwd_kernel.cpp), then the host layer's outputs.
+// CPU host of csq_chunked_bwd: the shared host layer prepares (checks, params, zeroed
+// gradients), then the launcher for the dtype (csq_chunked_bwd_kernel.cpp), then the host layer's outputs.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
@@ -11,16 +11,17 @@ namespace csq {
 namespace cpu {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> csq_bwd_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+csq_chunked_bwd_cpu(
     const at::Tensor& dy, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& shift, const c10::optional<at::Tensor>& cu_seqlens,
     const c10::optional<at::Tensor>& state_in, const at::Tensor& ref, const at::Tensor& y,
     const at::Tensor& b, const at::Tensor& den, const c10::optional<at::Tensor>& dstate_out,
-    bool causal, double scale, bool center, bool normalize, double eps, int64_t chunk_size) {
+    bool causal, double scale, bool center, bool normalize, double eps, int64_t tile_size) {
   const BackwardCall call =
       prepare_backward(dy, q, k, v, shift, cu_seqlens, state_in, ref, y, b, den, dstate_out,
-                       causal, scale, center, normalize, eps, chunk_size);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "csq_bwd_cpu",
+                       causal, scale, center, normalize, eps, tile_size);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "csq_chunked_bwd_cpu",
                                   [&] { launch_bwd<scalar_t>(call.p); });
   return call.outputs();
 }
@@ -29,4 +30,4 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 }  // namespace cpu
 }  // namespace csq
 
-TORCH_LIBRARY_IMPL(csq_ext, CPU, m) { m.impl("csq_bwd", &csq::cpu::csq_bwd_cpu); }
+TORCH_LIBRARY_IMPL(csq_ext, CPU, m) { m.impl("csq_chunked_bwd", &csq::cpu::csq_chunked_bwd_cpu); }

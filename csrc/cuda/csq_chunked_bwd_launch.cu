@@ -18,7 +18,7 @@
 #include "csq_bwd_center.cuh"
 #include "csq_bwd_chunk.cuh"
 #include "csq_bwd_state.cuh"
-#include "csq_common_launch.cuh"
+#include "csq_chunked_launch.cuh"
 
 namespace csq {
 namespace cuda {

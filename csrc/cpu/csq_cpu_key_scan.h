@@ -1,0 +1,158 @@
+// The key side of the chunked path's CPU kernels (forward and the backward's passes): a task's
+// carried state and reference key, the per-query shifts b_i and key means mu_i of a chunk, and
+// the key scan (shifted keys, augmented values, key features and the key state S). The big
+// products go through csq_gemm.h (oneDNN's microkernel / BLAS).
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "../csq_params.h"
+#include "csq_cpu_features.h"
+#include "csq_cpu_rows.h"
+#include "csq_gemm.h"
+
+namespace csq {
+namespace cpu {
+
+// A task's rows of a state tensor (S, Hk, F, Dv + 1): its F x (Dv + 1) sums.
+template <typename Ptr>
+inline Ptr task_state(Ptr base, const QkvParams& p, const SeqTask& t) {
+  return base + (t.seq * p.heads_k + t.head_k) * state_head_elems(p.dim_k, p.dim_v);
+}
+
+// The key count that a task's carried state holds (0 without one).
+template <typename acc_t>
+inline acc_t carried_count(const FwdParams& p, const SeqTask& t) {
+  if (p.state_in == nullptr) return acc_t(0);
+  return state_key_count(task_state(static_cast<const acc_t*>(p.state_in), p, t), p.dim_k,
+                         p.dim_v);
+}
+
+// The reference key r of a task (csq_params.h): the carried state's when it holds keys (or
+// when the sequence has none to pick from), else the median of the sequence's first keys.
+template <typename scalar_t, typename acc_t>
+inline void task_reference(const FwdParams& p, const SeqTask& t, acc_t* ref) {
+  const int64_t d = p.dim_k;
+  if (p.ref_in != nullptr && (p.state_in == nullptr || t.len == 0 ||
+                              carried_count<acc_t>(p, t) != acc_t(0))) {
+    const acc_t* src = static_cast<const acc_t*>(p.ref_in) + (t.seq * p.heads_k + t.head_k) * d;
+    std::copy(src, src + d, ref);
+    return;
+  }
+  const int64_t m = std::min<int64_t>(t.len, kRefKeys);
+  for (int64_t x = 0; x < d; ++x)
+    ref[x] = ref_key_median<acc_t>(m, [&](int64_t j) {
+      return static_cast<acc_t>(
+          row_ptr<scalar_t>(p.k, p.k_stride, t.batch, t.head_k, t.start + j)[x * p.k_stride[3]]);
+    });
+}
+
+// Starts a task's key state: the carried sums (F x (Dv + 1)) or zeros. Fills ksum with the
+// carried sum of shifted keys and returns the carried key count (both read off the ones
+// column of the sums).
+template <typename acc_t>
+inline acc_t task_initial_state(const FwdParams& p, const SeqTask& t, acc_t* state,
+                                acc_t* ksum) {
+  const int64_t d = p.dim_k, elems = state_head_elems(d, p.dim_v);
+  if (p.state_in == nullptr) {
+    std::fill(state, state + elems, acc_t(0));
+    std::fill(ksum, ksum + d, acc_t(0));
+    return acc_t(0);
+  }
+  const acc_t* src = task_state(static_cast<const acc_t*>(p.state_in), p, t);
+  std::copy(src, src + elems, state);
+  for (int64_t x = 0; x < d; ++x) ksum[x] = state_key_sum(state, x, d, p.dim_v);
+  return state_key_count(state, d, p.dim_v);
+}
+
+// Per-query shifts b_i for the rows of a chunk (see csq_params.h): with centering
+// b_i = c - tau <q_i, mu_i>, else b_i = c + tau <q_i, ref>.
+template <typename acc_t>
+inline void query_shifts(const QkvParams& p, const acc_t* qc, const acc_t* mu, const acc_t* ref,
+                         int64_t rows, acc_t shift, acc_t tau, acc_t* bq) {
+  const int64_t d = p.dim_k;
+  for (int64_t i = 0; i < rows; ++i) {
+    acc_t dot = 0;
+    if (p.center)
+      for (int64_t x = 0; x < d; ++x) dot -= qc[i * d + x] * mu[i * d + x];
+    else
+      for (int64_t x = 0; x < d; ++x) dot += qc[i * d + x] * ref[x];
+    bq[i] = shift + tau * dot;
+  }
+}
+
+// mu'_i for the rows of a chunk: the mean of the shifted keys query i attends to. ksum holds
+// the sum of the n_before shifted keys before the chunk (causal) or of all n_total keys.
+template <typename acc_t>
+inline void key_means(const acc_t* kc, int64_t rows, int64_t d, const acc_t* ksum,
+                      acc_t n_before, bool causal, int64_t n_total, acc_t* mu) {
+  if (!causal) {
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t x = 0; x < d; ++x) mu[i * d + x] = ksum[x] / acc_t(n_total);
+    return;
+  }
+  for (int64_t i = 0; i < rows; ++i) {
+    const acc_t* prev = i == 0 ? ksum : mu + (i - 1) * d;  // running sums, divided below
+    for (int64_t x = 0; x < d; ++x) mu[i * d + x] = prev[x] + kc[i * d + x];
+  }
+  for (int64_t i = rows - 1; i >= 0; --i)
+    for (int64_t x = 0; x < d; ++x) mu[i * d + x] /= n_before + acc_t(i + 1);
+}
+
+// The key side of a task's scan, shared by the forward and the backward's first pass: the
+// current chunk's shifted keys, augmented values and key features, and the key state
+// S = sum psi(k - ref) [v, 1]^T with the running sum of shifted keys. The features are built
+// transposed (psi_t, F x C) for the state update, or row by row (psi, C x F) with
+// `features_by_row` for the backward's second pass.
+template <typename scalar_t, typename acc_t>
+struct KeyScan {
+  const FwdParams& p;
+  const SeqTask t;
+  const int64_t D, Dv1, F, C;
+  std::vector<acc_t> ref, kc, vc, psi, psi_t, ksum, state;
+  acc_t carried_keys = 0;  // keys carried in by an initial state
+  bool features_by_row = false;
+
+  KeyScan(const FwdParams& p_, const SeqTask& t_)
+      : p(p_), t(t_), D(p_.dim_k), Dv1(p_.dim_v + 1), F(num_features(p_.dim_k)), C(p_.chunk),
+        ref(D), kc(C * D), vc(C * Dv1), psi_t(C * F), ksum(D), state(F * Dv1) {
+    task_reference<scalar_t, acc_t>(p, t, ref.data());
+  }
+
+  // The state before the sequence: the carried one, or empty.
+  void start() { carried_keys = task_initial_state(p, t, state.data(), ksum.data()); }
+
+  // Keys (shifted by ref), values with their ones column, and key features of a chunk.
+  void load(int64_t t0, int64_t rows) {
+    load_rows<scalar_t, acc_t>(p.k, p.k_stride, t.batch, t.head_k, t.start + t0, rows, D,
+                               ref.data(), kc.data(), D);
+    load_values_aug<scalar_t, acc_t>(p, t.batch, t.head_k, t.start + t0, rows, vc.data());
+    if (features_by_row) {
+      psi.resize(C * F);  // only the backward's second pass asks for it
+      key_features(kc.data(), rows, D, psi.data());
+    }
+    else
+      key_features_t(kc.data(), rows, D, psi_t.data(), C);
+  }
+
+  // The loaded chunk joins the state: S += Psi^T V~, and the running key sum.
+  void absorb(int64_t rows) {
+    gemm<acc_t>(false, false, F, Dv1, rows, acc_t(1), psi_t.data(), C, vc.data(), Dv1, acc_t(1),
+                state.data(), Dv1);
+    add_rows(kc.data(), rows, D, ksum.data());
+  }
+
+  // Non-causal: every key joins the state before any query reads it.
+  void absorb_all() {
+    for (int64_t t0 = 0; t0 < t.len; t0 += C) {
+      const int64_t rows = std::min(C, t.len - t0);
+      load(t0, rows);
+      absorb(rows);
+    }
+  }
+};
+
+}  // namespace cpu
+}  // namespace csq
