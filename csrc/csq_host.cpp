@@ -99,8 +99,8 @@ at::Tensor set_packed_sequences(QkvParams& p, const at::Tensor& q,
   return cu;
 }
 
-std::vector<int64_t> state_shape(const QkvParams& p) {
-  return {p.num_seqs, p.heads_k, num_features(p.dim_k), p.dim_v + 1};
+std::vector<int64_t> state_shape(const QkvParams& p, FeatureCount features) {
+  return {p.num_seqs, p.heads_k, features(p.dim_k), p.dim_v + 1};
 }
 
 namespace {
@@ -109,7 +109,7 @@ namespace {
 // p at them. ref alone (the backward's, the forward's ref_out) is checked the same way.
 void set_carried_state(FwdParams& p, const at::Tensor& q,
                        const c10::optional<at::Tensor>& state_in,
-                       const c10::optional<at::Tensor>& ref_in) {
+                       const c10::optional<at::Tensor>& ref_in, FeatureCount features) {
   const bool has_state = state_in.has_value() && state_in->defined();
   const bool has_ref = ref_in.has_value() && ref_in->defined();
   const auto acc = acc_dtype(q.scalar_type());
@@ -117,10 +117,11 @@ void set_carried_state(FwdParams& p, const at::Tensor& q,
     TORCH_CHECK(p.causal, "csq_ext: a carried state needs causal=True");
     TORCH_CHECK(has_ref, "csq_ext: state_in needs its ref");
     const at::Tensor& s = *state_in;
-    TORCH_CHECK(s.sizes() == at::IntArrayRef(state_shape(p)) && s.scalar_type() == acc &&
+    const std::vector<int64_t> shape = state_shape(p, features);
+    TORCH_CHECK(s.sizes() == at::IntArrayRef(shape) && s.scalar_type() == acc &&
                     s.device() == q.device() && s.is_contiguous(),
                 "csq_ext: state sums must be a contiguous ", acc, " tensor of shape (S, Hk, F, "
-                "Dv + 1) = ", at::IntArrayRef(state_shape(p)), " on ", q.device(), ", got ",
+                "Dv + 1) = ", at::IntArrayRef(shape), " on ", q.device(), ", got ",
                 s.scalar_type(), " ", s.sizes(), " on ", s.device());
     p.state_in = s.data_ptr();
   }
@@ -143,7 +144,7 @@ void fill_forward_params(FwdParams& p, const at::Tensor& q, const at::Tensor& k,
                          const c10::optional<at::Tensor>& state_in,
                          const c10::optional<at::Tensor>& ref_in, bool causal, double scale,
                          bool center, bool normalize, double eps, int64_t tile_size,
-                         at::Tensor& shift_acc, at::Tensor& cu) {
+                         FeatureCount features, at::Tensor& shift_acc, at::Tensor& cu) {
   // q, k, v are read through their strides; shift is tiny and converted here.
   shift_acc = shift.to(acc_dtype(q.scalar_type())).contiguous();
   fill_qkv_params(p, q, k, v, shift_acc, causal, scale, center, normalize, eps);
@@ -151,7 +152,7 @@ void fill_forward_params(FwdParams& p, const at::Tensor& q, const at::Tensor& k,
   // A chunk longer than the sequence only wastes workspace.
   p.chunk = std::max<int64_t>(1, std::min(p.chunk, p.seqlen));
   cu = set_packed_sequences(p, q, cu_seqlens);
-  set_carried_state(p, q, state_in, ref_in);
+  set_carried_state(p, q, state_in, ref_in, features);
 }
 
 }  // namespace
@@ -161,19 +162,19 @@ ForwardCall prepare_forward(const at::Tensor& q, const at::Tensor& k, const at::
                             const c10::optional<at::Tensor>& state_in,
                             const c10::optional<at::Tensor>& ref_in, bool causal, double scale,
                             bool center, bool normalize, double eps, int64_t tile_size,
-                            bool return_state) {
+                            bool return_state, FeatureCount features) {
   check_inputs(q, k, v, shift, eps, tile_size);
   TORCH_CHECK(causal || !return_state, "csq_ext: return_state needs causal=True");
   ForwardCall c;
   FwdParams& p = c.p;
   fill_forward_params(p, q, k, v, shift, cu_seqlens, state_in, ref_in, causal, scale, center,
-                      normalize, eps, tile_size, c.shift_acc, c.cu_seqlens);
+                      normalize, eps, tile_size, features, c.shift_acc, c.cu_seqlens);
   // y in the accumulation dtype: the public function rounds it, the backward reads it exact.
   const auto opts = q.options().dtype(acc_dtype(q.scalar_type()));
   c.y = at::empty({p.batch, p.heads_q, p.seqlen, p.dim_v}, opts);
   c.b = at::empty({p.batch, p.heads_q, p.seqlen}, opts);
   c.den = at::empty({p.batch, p.heads_q, p.seqlen}, opts);
-  c.state_out = return_state ? at::empty(state_shape(p), opts) : at::empty({0}, opts);
+  c.state_out = return_state ? at::empty(state_shape(p, features), opts) : at::empty({0}, opts);
   c.ref_out = at::empty({p.num_seqs, p.heads_k, p.dim_k}, opts);
   p.y = c.y.data_ptr();
   p.b = c.b.data_ptr();
@@ -237,7 +238,7 @@ BackwardCall prepare_backward(const at::Tensor& dy, const at::Tensor& q, const a
                               const at::Tensor& y, const at::Tensor& b, const at::Tensor& den,
                               const c10::optional<at::Tensor>& dstate_out, bool causal,
                               double scale, bool center, bool normalize, double eps,
-                              int64_t tile_size) {
+                              int64_t tile_size, FeatureCount features) {
   check_inputs(q, k, v, shift, eps, tile_size);
   BackwardCall c;
   BwdParams& p = c.p;
@@ -246,7 +247,7 @@ BackwardCall prepare_backward(const at::Tensor& dy, const at::Tensor& q, const a
   // ref is the forward's: the kernels read it instead of picking r again.
   c.ref = ref.contiguous();
   fill_forward_params(p, q, k, v, shift, cu_seqlens, state_in, c.ref, causal, scale, center,
-                      normalize, eps, tile_size, c.shift_acc, c.cu_seqlens);
+                      normalize, eps, tile_size, features, c.shift_acc, c.cu_seqlens);
   const auto acc = acc_dtype(q.scalar_type());
   const SavedForward saved = set_saved_forward(p, p, q, v, dy, y, b, den);
   c.y = saved.y;
@@ -255,9 +256,9 @@ BackwardCall prepare_backward(const at::Tensor& dy, const at::Tensor& q, const a
   // The gradient of the returned state, if given (and not empty): a contiguous copy in the
   // accumulation dtype.
   if (dstate_out.has_value() && dstate_out->defined() && dstate_out->numel() != 0) {
-    TORCH_CHECK(dstate_out->sizes() == at::IntArrayRef(state_shape(p)),
+    TORCH_CHECK(dstate_out->sizes() == at::IntArrayRef(state_shape(p, features)),
                 "csq_ext backward: dstate_out must have the state's shape ",
-                at::IntArrayRef(state_shape(p)), ", got ", dstate_out->sizes());
+                at::IntArrayRef(state_shape(p, features)), ", got ", dstate_out->sizes());
     c.dstate_out = dstate_out->to(acc).contiguous();
     p.dstate_out = c.dstate_out.data_ptr();
   }
@@ -268,7 +269,7 @@ BackwardCall prepare_backward(const at::Tensor& dy, const at::Tensor& q, const a
   c.db = g.db;
   const auto opts = q.options().dtype(acc);
   const bool carried = p.state_in != nullptr;
-  c.dstate_in = carried ? at::zeros(state_shape(p), opts) : at::empty({0}, opts);
+  c.dstate_in = carried ? at::zeros(state_shape(p, features), opts) : at::empty({0}, opts);
   c.dref = at::zeros({p.num_seqs, p.heads_k, p.dim_k}, opts);
   p.dstate_in = carried ? c.dstate_in.data_ptr() : nullptr;
   p.dref = c.dref.data_ptr();
@@ -284,7 +285,7 @@ BackwardCall::outputs() const {
 DecodeParams prepare_decode(const at::Tensor& sums, const at::Tensor& ref, const at::Tensor& q,
                             const at::Tensor& k, const at::Tensor& v, const at::Tensor& shift,
                             const at::Tensor& y, double scale, bool center, bool normalize,
-                            double eps) {
+                            double eps, FeatureCount features) {
   check_inputs(q, k, v, shift, eps, 0);
   TORCH_CHECK(q.size(2) == 1, "csq_ext.decode: q, k, v must hold one token (N = 1), got N = ",
               q.size(2));
@@ -295,7 +296,7 @@ DecodeParams prepare_decode(const at::Tensor& sums, const at::Tensor& ref, const
   fill_qkv_params(p, q, k, v, shift, true, scale, center, normalize, eps);
   FwdParams carried;  // the same checks of sums and ref as a carried state's
   static_cast<QkvParams&>(carried) = p;
-  set_carried_state(carried, q, sums, ref);
+  set_carried_state(carried, q, sums, ref, features);
   TORCH_CHECK(y.sizes() == at::IntArrayRef({p.batch, p.heads_q, 1, p.dim_v}) &&
                   y.scalar_type() == q.scalar_type() && y.is_contiguous() &&
                   y.device() == q.device(),

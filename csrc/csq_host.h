@@ -19,6 +19,7 @@
 #include <tuple>
 #include <vector>
 
+#include "csq_feature_maps.h"
 #include "csq_params.h"
 
 namespace csq {
@@ -42,8 +43,13 @@ void fill_qkv_params(QkvParams& p, const at::Tensor& q, const at::Tensor& k, con
 at::Tensor set_packed_sequences(QkvParams& p, const at::Tensor& q,
                                 const c10::optional<at::Tensor>& cu_seqlens);
 
+// The rows F of a state for head size Dk: the feature map's count (csq_feature_maps.h). Every
+// op that ships uses StateMap's; a test build for another map passes that map's.
+using FeatureCount = int64_t (*)(int64_t dim_k);
+
 // Shape of the carried sums: (S, Hk, F, Dv + 1).
-std::vector<int64_t> state_shape(const QkvParams& p);
+std::vector<int64_t> state_shape(const QkvParams& p,
+                                 FeatureCount features = &StateMap::num_features);
 
 // The backward's results from its accumulators (shared with the direct path): dq, dk, dv in
 // the input dtype and dshift = sum of db over batch entries and positions, (Hq,), in the dtype
@@ -66,7 +72,7 @@ ForwardCall prepare_forward(const at::Tensor& q, const at::Tensor& k, const at::
                             const c10::optional<at::Tensor>& state_in,
                             const c10::optional<at::Tensor>& ref_in, bool causal, double scale,
                             bool center, bool normalize, double eps, int64_t tile_size,
-                            bool return_state);
+                            bool return_state, FeatureCount features = &StateMap::num_features);
 
 // csq_chunked_bwd: the forward's parameters (same checks) plus dy, the forward's saved y, b,
 // den and ref, and the gradient of the returned state.
@@ -85,7 +91,8 @@ BackwardCall prepare_backward(const at::Tensor& dy, const at::Tensor& q, const a
                               const at::Tensor& y, const at::Tensor& b, const at::Tensor& den,
                               const c10::optional<at::Tensor>& dstate_out, bool causal,
                               double scale, bool center, bool normalize, double eps,
-                              int64_t tile_size);
+                              int64_t tile_size,
+                              FeatureCount features = &StateMap::num_features);
 
 // Checks the backward's dy (B, Hq, N, Dv) and the forward's saved y, b, den (accumulation
 // dtype, q's device); points `grad` at dy and `saved` at contiguous y, b, den (returned: keep
@@ -111,6 +118,6 @@ GradientTensors alloc_gradients(GradientFields& grad, const at::Tensor& q, const
 DecodeParams prepare_decode(const at::Tensor& sums, const at::Tensor& ref, const at::Tensor& q,
                             const at::Tensor& k, const at::Tensor& v, const at::Tensor& shift,
                             const at::Tensor& y, double scale, bool center, bool normalize,
-                            double eps);
+                            double eps, FeatureCount features = &StateMap::num_features);
 
 }  // namespace csq

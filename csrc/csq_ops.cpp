@@ -4,6 +4,9 @@
 
 #include <string>
 
+#include "csq_feature_map_table.h"
+#include "csq_feature_maps.h"
+
 #ifndef CSQ_BUILD_CUDA_ARCHS
 #define CSQ_BUILD_CUDA_ARCHS ""
 #endif
@@ -18,6 +21,9 @@ std::string build_info() {
 #endif
   return info;
 }
+
+// The rows of the feature map of every op (StateMap), for the Python mirror's check.
+at::Tensor feature_map_rows(int64_t dim_k) { return csq::feature_map_table<csq::StateMap>(dim_k); }
 
 }  // namespace
 
@@ -66,4 +72,8 @@ TORCH_LIBRARY(csq_ext, m) {
       "csq_decode_(Tensor(a!) sums, Tensor(c!) ref, Tensor q, Tensor k, Tensor v, Tensor shift, "
       "Tensor(b!) y, float scale, bool center, bool normalize, float eps) -> ()");
   m.def("build_info() -> str", &build_info);
+  // The feature map's rows (csrc/csq_feature_map.h): (F, 3) int64, per row its factors x, y of
+  // the extended coordinates (y = -1: one factor) and its query weight m_f, in the state's row
+  // order; csq_ext/feature_map.py mirrors it.
+  m.def("feature_map_rows(int dim_k) -> Tensor", &feature_map_rows);
 }

@@ -7,7 +7,7 @@
 
 #include <cstdint>
 
-#include "csq_features.h"
+#include "csq_feature_map.h"
 
 namespace csq {
 
@@ -66,7 +66,7 @@ struct FwdParams : QkvParams, ForwardOutputs {
   int tensor_core_passes = 3;
 
   // Carried state, per (sequence, key/value head), contiguous, in the layout of
-  // csq_features.h: sums (S, Hk, F, Dv + 1) = sum_j psi(k_j - ref) [v_j, 1]^T, and the key
+  // csq_feature_map.h: sums (S, Hk, F, Dv + 1) = sum_j psi(k_j - ref) [v_j, 1]^T, and the key
   // offset ref (S, Hk, Dk) the sums are taken relative to.
   const void* state_in = nullptr;  // optional
   // ref_in comes with state_in (in the backward: the forward's ref). It is used as given when

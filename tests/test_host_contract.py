@@ -41,7 +41,7 @@ def _bwd(dy, q, k, v, shift, fwd, cu=None, state=None, dstate_out=None, **kw):
 
 @pytest.mark.parametrize("Dk", [1, 3, 16, 33])
 def test_num_features_is_the_state_row_count(gen, device, Dk):
-    """Python's num_features (csq_ext/state.py) and the C++ one (csrc/csq_features.h) agree:
+    """Python's num_features (csq_ext/state.py) and the C++ one (csrc/csq_feature_map.h) agree:
     the op's returned state, CSQState.empty and the fake kernel have the same shape."""
     B, Hq, Hk, N, Dv = 2, 2, 1, 5, 3
     q, k, v, shift = _inputs(gen, B, Hq, Hk, N, Dk, Dv, device)

@@ -22,7 +22,7 @@ csq_chunked_bwd_cpu(
       prepare_backward(dy, q, k, v, shift, cu_seqlens, state_in, ref, y, b, den, dstate_out,
                        causal, scale, center, normalize, eps, tile_size);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "csq_chunked_bwd_cpu",
-                                  [&] { launch_bwd<scalar_t>(call.p); });
+                                  [&] { launch_bwd<scalar_t, StateMap>(call.p); });
   return call.outputs();
 }
 

@@ -20,7 +20,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> csq_chunk
                                            scale, center, normalize, eps, tile_size,
                                            return_state);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "csq_chunked_fwd_cpu",
-                                  [&] { launch_fwd<scalar_t>(call.p); });
+                                  [&] { launch_fwd<scalar_t, StateMap>(call.p); });
   return call.outputs();
 }
 

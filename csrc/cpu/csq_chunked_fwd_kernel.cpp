@@ -1,5 +1,6 @@
 // CSQ attention forward on the CPU: the chunked algorithm of the spec, one task per
-// (sequence, key/value head), all query heads of the group served by one key state.
+// (sequence, key/value head), all query heads of the group served by one key state; for any
+// feature map (Map, csq_feature_map.h).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -12,14 +13,14 @@ namespace csq {
 namespace cpu {
 namespace {
 
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, typename Map>
 void forward_task(const FwdParams& p, const SeqTask& t) {
   const int64_t N = t.len, D = p.dim_k, Dv = p.dim_v, Dv1 = Dv + 1;
-  const int64_t F = num_features(D), C = p.chunk, g = t.head_k;
+  const int64_t F = Map::num_features(D), C = p.chunk, g = t.head_k;
   const acc_t tau = static_cast<acc_t>(p.scale), eps = static_cast<acc_t>(p.eps);
   const acc_t* shift = static_cast<const acc_t*>(p.shift);
 
-  KeyScan<scalar_t, acc_t> keys(p, t);
+  KeyScan<scalar_t, acc_t, Map> keys(p, t);
   std::vector<acc_t>&kc = keys.kc, &vc = keys.vc, &ref = keys.ref, &ksum = keys.ksum;
   std::vector<acc_t> qc(C * D), mu(C * D), bq(C), phi(C * F), num(C * Dv1), w(C * C);
   keys.start();
@@ -43,19 +44,19 @@ void forward_task(const FwdParams& p, const SeqTask& t) {
       if (p.causal && t0 == 0 && !carried) {
         std::fill(num.begin(), num.begin() + rows * Dv1, acc_t(0));
       } else {
-        query_features(qc.data(), bq.data(), rows, D, tau, phi.data());
+        features_rows<Map, true>(qc.data(), bq.data(), rows, D, tau, phi.data());
         gemm<acc_t>(false, false, rows, Dv1, F, acc_t(1), phi.data(), F, keys.state.data(), Dv1,
                     acc_t(0), num.data(), Dv1);
       }
 
-      // Keys of this chunk directly: W_ij = (tau <q_i, k_j> + b_i)^2 for j <= i.
+      // Keys of this chunk directly: W_ij = weight(tau <q_i, k_j> + b_i) for j <= i.
       if (p.causal) {
         gemm<acc_t>(false, true, rows, rows, D, acc_t(1), qc.data(), D, kc.data(), D, acc_t(0),
                     w.data(), rows);
         for (int64_t i = 0; i < rows; ++i)
           for (int64_t j = 0; j < rows; ++j) {
             const acc_t s = tau * w[i * rows + j] + bq[i];
-            w[i * rows + j] = j <= i ? s * s : acc_t(0);
+            w[i * rows + j] = j <= i ? Map::weight(s) : acc_t(0);
           }
         if (all_finite(vc, rows * Dv1))
           gemm<acc_t>(false, false, rows, Dv1, rows, acc_t(1), w.data(), rows, vc.data(), Dv1,
@@ -81,17 +82,17 @@ void forward_task(const FwdParams& p, const SeqTask& t) {
   std::copy(ref.begin(), ref.end(), static_cast<acc_t*>(p.ref_out) + (t.seq * p.heads_k + g) * D);
   if (p.state_out != nullptr)
     std::copy(keys.state.begin(), keys.state.end(),
-              task_state(static_cast<acc_t*>(p.state_out), p, t));
+              task_state<Map>(static_cast<acc_t*>(p.state_out), p, t));
 }
 
 }  // namespace
 
-template <typename scalar_t>
+template <typename scalar_t, typename Map>
 void launch_fwd(const FwdParams& p) {
   using acc_t = acc_type_of<scalar_t>;
   at::parallel_for(0, p.num_seqs * p.heads_k, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task)
-      forward_task<scalar_t, acc_t>(p, seq_task(p, task));
+      forward_task<scalar_t, acc_t, Map>(p, seq_task(p, task));
   });
 }
 

@@ -1,114 +1,115 @@
-// The feature rows of the chunked path's CPU kernels (csq_features.h): key features psi and
-// query features phi of a block of rows, as rows or transposed (the GEMM microkernel's
-// operand layout, csq_gemm.h), and the symmetric matrix-vector product that maps a
-// feature-space gradient back to q or k.
+// The feature rows of the CPU kernels, for any feature map (csq_feature_map.h): key features
+// psi and query features phi of a block of rows, as rows or transposed (the GEMM microkernel's
+// operand layout, csq_gemm.h), and the gradient that maps a feature-space vector back to the
+// extended coordinates (q and b, or k). Transposed, every loop runs along the rows and
+// vectorizes, whatever the map's row order.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
-#include "../csq_features.h"
+#include "../csq_feature_map.h"
 #include "csq_cpu_rows.h"
 #include "csq_gemm.h"
 
 namespace csq {
 namespace cpu {
 
-// Key features psi(k) (csq_features.h), one row of length F per key.
+// The extended coordinates of a block of rows, transposed: eT ((d + 1) x rows, ld rows), rows
+// x < d scale * x^T, row d the constant coordinate: c[i] (queries: b_i), or 1 with c null
+// (keys). x: rows x d, row-major.
 template <typename acc_t>
-inline void key_features(const acc_t* k, int64_t rows, int64_t d, acc_t* psi) {
-  const int64_t f = num_features(d);
-  for (int64_t i = 0; i < rows; ++i) {
-    acc_t* out = psi + i * f;
-    for_each_key_feature(k + i * d, d, [out](int64_t r, acc_t x) { out[r] = x; });
-  }
+inline void extended_t(const acc_t* x, const acc_t* c, int64_t rows, int64_t d, acc_t scale,
+                       acc_t* eT) {
+  transpose_into(x, rows, d, d, eT, rows);
+  if (scale != acc_t(1))
+    for (int64_t e = 0; e < d * rows; ++e) eT[e] *= scale;
+  acc_t* last = eT + d * rows;
+  if (c != nullptr)
+    std::copy(c, c + rows, last);
+  else
+    std::fill(last, last + rows, acc_t(1));
 }
 
-// The same features transposed: psi^T (F x rows, ld >= rows), the left operand of the state
+// Row f of a feature block from the extended coordinates eT: m_f eT_x eT_y (eT_x for a row of
+// one factor), m_f = Map::query_weight for query features (kQuery), 1 for key features.
+template <typename Map, bool kQuery, typename acc_t>
+inline void features_from_extended_t(const acc_t* eT, int64_t rows, int64_t d, acc_t* out,
+                                     int64_t ld) {
+  Map::for_each_row(static_cast<int>(d), [&](int64_t f, int x, int y) {
+    const acc_t m = kQuery ? Map::template query_weight<acc_t>(x, y) : acc_t(1);
+    const acc_t* ex = eT + x * rows;
+    acc_t* o = out + f * ld;
+    if (y == kOneFactor) {
+      for (int64_t i = 0; i < rows; ++i) o[i] = m * ex[i];
+    } else {
+      const acc_t* ey = eT + y * rows;
+      for (int64_t i = 0; i < rows; ++i) o[i] = m * ex[i] * ey[i];
+    }
+  });
+}
+
+// Key features psi(k) transposed: psi^T (F x rows, ld >= rows), the left operand of the state
 // update S += psi^T V~ as the GEMM microkernel takes it (csq_gemm.h). Built feature by feature
 // from k^T, so every write is contiguous (one key at a time, writing F rows apart, made the
-// chunked forward 35% slower at Dk = 32); the same products as key_features.
-template <typename acc_t>
+// chunked forward 35% slower at Dk = 32).
+template <typename Map, typename acc_t>
 inline void key_features_t(const acc_t* k, int64_t rows, int64_t d, acc_t* psi_t, int64_t ld) {
-  acc_t* kT = thread_scratch<acc_t>(d * rows);
-  transpose_into(k, rows, d, d, kT, rows);
-  int64_t f = 0;
-  for (int64_t x = 0; x < d; ++x)
-    for (int64_t y = x; y < d; ++y, ++f) {
-      const acc_t* kx = kT + x * rows;
-      const acc_t* ky = kT + y * rows;
-      acc_t* out = psi_t + f * ld;
-      for (int64_t i = 0; i < rows; ++i) out[i] = kx[i] * ky[i];
-    }
-  for (int64_t x = 0; x < d; ++x, ++f)
-    std::copy(kT + x * rows, kT + (x + 1) * rows, psi_t + f * ld);
-  std::fill(psi_t + f * ld, psi_t + f * ld + rows, acc_t(1));
+  acc_t* eT = thread_scratch<acc_t>((d + 1) * rows);
+  extended_t<acc_t>(k, nullptr, rows, d, acc_t(1), eT);
+  features_from_extended_t<Map, false>(eT, rows, d, psi_t, ld);
 }
 
-// Query features phi(q, b) (csq_features.h), so that phi(q, b) . psi(k) = (tau <q, k> + b)^2.
-template <typename acc_t>
-inline void query_features(const acc_t* q, const acc_t* bq, int64_t rows, int64_t d, acc_t tau,
-                           acc_t* phi) {
-  const int64_t f = num_features(d);
-  for (int64_t i = 0; i < rows; ++i) {
-    acc_t* out = phi + i * f;
-    for_each_query_feature(q + i * d, bq[i], tau, d, [out](int64_t r, acc_t x) { out[r] = x; });
-  }
-}
-
-// The same features transposed: phi^T (F x rows, ld >= rows), for the backward's query state
-// update R += phi^T G~ as the GEMM microkernel takes it (csq_gemm.h); feature by feature, the
-// same products as query_features.
-template <typename acc_t>
+// Query features phi(tau q, b) transposed: phi^T (F x rows, ld >= rows), so that
+// phi . psi(k) = Map::weight(tau <q, k> + b); for the backward's query state R += phi^T G~.
+template <typename Map, typename acc_t>
 inline void query_features_t(const acc_t* q, const acc_t* bq, int64_t rows, int64_t d, acc_t tau,
                              acc_t* phi_t, int64_t ld) {
-  acc_t* qT = thread_scratch<acc_t>(d * rows);
-  transpose_into(q, rows, d, d, qT, rows);
-  const acc_t t2 = tau * tau;
-  int64_t f = 0;
-  for (int64_t x = 0; x < d; ++x) {
-    const acc_t* qx = qT + x * rows;
-    acc_t* out = phi_t + f++ * ld;
-    for (int64_t i = 0; i < rows; ++i) out[i] = t2 * qx[i] * qx[i];
-    for (int64_t y = x + 1; y < d; ++y) {
-      const acc_t* qy = qT + y * rows;
-      out = phi_t + f++ * ld;
-      for (int64_t i = 0; i < rows; ++i) out[i] = 2 * t2 * qx[i] * qy[i];
-    }
-  }
-  for (int64_t x = 0; x < d; ++x) {
-    const acc_t* qx = qT + x * rows;
-    acc_t* out = phi_t + f++ * ld;
-    for (int64_t i = 0; i < rows; ++i) out[i] = 2 * tau * bq[i] * qx[i];
-  }
-  acc_t* out = phi_t + f * ld;
-  for (int64_t i = 0; i < rows; ++i) out[i] = bq[i] * bq[i];
+  acc_t* eT = thread_scratch<acc_t>((d + 1) * rows);
+  extended_t(q, bq, rows, d, tau, eT);
+  features_from_extended_t<Map, true>(eT, rows, d, phi_t, ld);
 }
 
-// sym_matvec_add for `rows` vectors at once, everything transposed (so the inner loop runs
-// along the rows and vectorizes): u^T (F x rows, ld ldu; its first num_pairs rows in pair
-// order), x^T and out^T (d x rows, ld ldx / ldo).
-template <typename acc_t>
-inline void sym_matvec_add_t(const acc_t* uT, int64_t ldu, const acc_t* xT, int64_t ldx,
-                             int64_t d, int64_t rows, acc_t off, acc_t diag, acc_t* outT,
-                             int64_t ldo) {
-  int64_t p = 0;
-  for (int64_t a = 0; a < d; ++a) {
-    acc_t* oa = outT + a * ldo;
-    const acc_t* xa = xT + a * ldx;
-    const acc_t* up = uT + p * ldu;
-    for (int64_t i = 0; i < rows; ++i) oa[i] += diag * up[i] * xa[i];
-    ++p;
-    for (int64_t c = a + 1; c < d; ++c, ++p) {
-      up = uT + p * ldu;
-      acc_t* oc = outT + c * ldo;
-      const acc_t* xc = xT + c * ldx;
-      for (int64_t i = 0; i < rows; ++i) {
-        const acc_t w = off * up[i];
-        oa[i] += w * xc[i];
-        oc[i] += w * xa[i];
-      }
-    }
+// The same features as rows (rows x F): psi(k), or with kQuery phi(tau q, b) (b one per row).
+template <typename Map, bool kQuery, typename acc_t>
+inline void features_rows(const acc_t* x, const acc_t* b, int64_t rows, int64_t d, acc_t tau,
+                          acc_t* out) {
+  const int64_t F = Map::num_features(d);
+  for (int64_t i = 0; i < rows; ++i) {
+    const acc_t* xi = x + i * d;
+    const acc_t c = kQuery ? b[i] : acc_t(1), scale = kQuery ? tau : acc_t(1);
+    const auto e = [&](int z) { return z < d ? scale * xi[z] : c; };
+    acc_t* o = out + i * F;
+    Map::for_each_row(static_cast<int>(d), [&](int64_t f, int x, int y) {
+      o[f] = kQuery ? query_feature<Map, acc_t>(x, y, e) : key_feature<acc_t>(x, y, e);
+    });
   }
+}
+
+// dE^T ((d + 1) x rows, ld ldd) += the gradient with respect to the extended coordinates eT
+// of sum_f u_f feature_f(e) for every row (u^T: F x rows, ld ldu): a row (x, y) gives
+// m u e_y to coordinate x and m u e_x to y (2 m u e_x when x == y), one factor m u to x.
+// Queries (kQuery, m = Map::query_weight): dq = tau dE[:d], db = dE[d]; keys: dk = dE[:d].
+template <typename Map, bool kQuery, typename acc_t>
+inline void features_grad_t(const acc_t* uT, int64_t ldu, const acc_t* eT, int64_t rows,
+                            int64_t d, acc_t* dE, int64_t ldd) {
+  Map::for_each_row(static_cast<int>(d), [&](int64_t f, int x, int y) {
+    const acc_t m = kQuery ? Map::template query_weight<acc_t>(x, y) : acc_t(1);
+    const acc_t* u = uT + f * ldu;
+    acc_t* dx = dE + x * ldd;
+    if (y == kOneFactor) {
+      for (int64_t i = 0; i < rows; ++i) dx[i] += m * u[i];
+      return;
+    }
+    const acc_t* ex = eT + x * rows;
+    const acc_t* ey = eT + y * rows;
+    acc_t* dy = dE + y * ldd;
+    for (int64_t i = 0; i < rows; ++i) {
+      const acc_t w = m * u[i];
+      dx[i] += w * ey[i];
+      dy[i] += w * ex[i];
+    }
+  });
 }
 
 }  // namespace cpu

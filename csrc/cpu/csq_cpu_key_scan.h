@@ -1,5 +1,5 @@
-// The key side of the chunked path's CPU kernels (forward and the backward's passes): a task's
-// carried state and reference key, the per-query shifts b_i and key means mu_i of a chunk, and
+// The key side of the chunked path's CPU kernels (forward and the backward's passes), for any
+// feature map (csq_feature_map.h): a task's carried state and reference key, the per-query shifts b_i and key means mu_i of a chunk, and
 // the key scan (shifted keys, augmented values, key features and the key state S). The big
 // products go through csq_gemm.h (oneDNN's microkernel / BLAS).
 #pragma once
@@ -17,26 +17,26 @@ namespace csq {
 namespace cpu {
 
 // A task's rows of a state tensor (S, Hk, F, Dv + 1): its F x (Dv + 1) sums.
-template <typename Ptr>
+template <typename Map, typename Ptr>
 inline Ptr task_state(Ptr base, const QkvParams& p, const SeqTask& t) {
-  return base + (t.seq * p.heads_k + t.head_k) * state_head_elems(p.dim_k, p.dim_v);
+  return base + (t.seq * p.heads_k + t.head_k) * state_head_elems<Map>(p.dim_k, p.dim_v);
 }
 
 // The key count that a task's carried state holds (0 without one).
-template <typename acc_t>
+template <typename Map, typename acc_t>
 inline acc_t carried_count(const FwdParams& p, const SeqTask& t) {
   if (p.state_in == nullptr) return acc_t(0);
-  return state_key_count(task_state(static_cast<const acc_t*>(p.state_in), p, t), p.dim_k,
-                         p.dim_v);
+  return state_key_count<Map>(task_state<Map>(static_cast<const acc_t*>(p.state_in), p, t),
+                              p.dim_k, p.dim_v);
 }
 
 // The reference key r of a task (csq_params.h): the carried state's when it holds keys (or
 // when the sequence has none to pick from), else the median of the sequence's first keys.
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, typename Map>
 inline void task_reference(const FwdParams& p, const SeqTask& t, acc_t* ref) {
   const int64_t d = p.dim_k;
   if (p.ref_in != nullptr && (p.state_in == nullptr || t.len == 0 ||
-                              carried_count<acc_t>(p, t) != acc_t(0))) {
+                              carried_count<Map, acc_t>(p, t) != acc_t(0))) {
     const acc_t* src = static_cast<const acc_t*>(p.ref_in) + (t.seq * p.heads_k + t.head_k) * d;
     std::copy(src, src + d, ref);
     return;
@@ -52,19 +52,19 @@ inline void task_reference(const FwdParams& p, const SeqTask& t, acc_t* ref) {
 // Starts a task's key state: the carried sums (F x (Dv + 1)) or zeros. Fills ksum with the
 // carried sum of shifted keys and returns the carried key count (both read off the ones
 // column of the sums).
-template <typename acc_t>
+template <typename Map, typename acc_t>
 inline acc_t task_initial_state(const FwdParams& p, const SeqTask& t, acc_t* state,
                                 acc_t* ksum) {
-  const int64_t d = p.dim_k, elems = state_head_elems(d, p.dim_v);
+  const int64_t d = p.dim_k, elems = state_head_elems<Map>(d, p.dim_v);
   if (p.state_in == nullptr) {
     std::fill(state, state + elems, acc_t(0));
     std::fill(ksum, ksum + d, acc_t(0));
     return acc_t(0);
   }
-  const acc_t* src = task_state(static_cast<const acc_t*>(p.state_in), p, t);
+  const acc_t* src = task_state<Map>(static_cast<const acc_t*>(p.state_in), p, t);
   std::copy(src, src + elems, state);
-  for (int64_t x = 0; x < d; ++x) ksum[x] = state_key_sum(state, x, d, p.dim_v);
-  return state_key_count(state, d, p.dim_v);
+  for (int64_t x = 0; x < d; ++x) ksum[x] = state_key_sum<Map>(state, x, d, p.dim_v);
+  return state_key_count<Map>(state, d, p.dim_v);
 }
 
 // Per-query shifts b_i for the rows of a chunk (see csq_params.h): with centering
@@ -106,7 +106,7 @@ inline void key_means(const acc_t* kc, int64_t rows, int64_t d, const acc_t* ksu
 // S = sum psi(k - ref) [v, 1]^T with the running sum of shifted keys. The features are built
 // transposed (psi_t, F x C) for the state update, or row by row (psi, C x F) with
 // `features_by_row` for the backward's second pass.
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, typename Map>
 struct KeyScan {
   const FwdParams& p;
   const SeqTask t;
@@ -116,13 +116,13 @@ struct KeyScan {
   bool features_by_row = false;
 
   KeyScan(const FwdParams& p_, const SeqTask& t_)
-      : p(p_), t(t_), D(p_.dim_k), Dv1(p_.dim_v + 1), F(num_features(p_.dim_k)), C(p_.chunk),
+      : p(p_), t(t_), D(p_.dim_k), Dv1(p_.dim_v + 1), F(Map::num_features(p_.dim_k)), C(p_.chunk),
         ref(D), kc(C * D), vc(C * Dv1), psi_t(C * F), ksum(D), state(F * Dv1) {
-    task_reference<scalar_t, acc_t>(p, t, ref.data());
+    task_reference<scalar_t, acc_t, Map>(p, t, ref.data());
   }
 
   // The state before the sequence: the carried one, or empty.
-  void start() { carried_keys = task_initial_state(p, t, state.data(), ksum.data()); }
+  void start() { carried_keys = task_initial_state<Map>(p, t, state.data(), ksum.data()); }
 
   // Keys (shifted by ref), values with their ones column, and key features of a chunk.
   void load(int64_t t0, int64_t rows) {
@@ -131,10 +131,11 @@ struct KeyScan {
     load_values_aug<scalar_t, acc_t>(p, t.batch, t.head_k, t.start + t0, rows, vc.data());
     if (features_by_row) {
       psi.resize(C * F);  // only the backward's second pass asks for it
-      key_features(kc.data(), rows, D, psi.data());
+      features_rows<Map, false>(kc.data(), static_cast<const acc_t*>(nullptr), rows, D,
+                                acc_t(1), psi.data());
+    } else {
+      key_features_t<Map>(kc.data(), rows, D, psi_t.data(), C);
     }
-    else
-      key_features_t(kc.data(), rows, D, psi_t.data(), C);
   }
 
   // The loaded chunk joins the state: S += Psi^T V~, and the running key sum.

@@ -21,7 +21,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> csq_direc
       prepare_direct_backward(dy, q, k, v, shift, cu_seqlens, y, b, den, causal, scale, center,
                               normalize, eps, tile_size);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "csq_direct_bwd",
-                                  [&] { launch_direct_bwd<scalar_t>(call.p); });
+                                  [&] { launch_direct_bwd<scalar_t, StateMap>(call.p); });
   return call.outputs();
 }
 

@@ -1,7 +1,7 @@
 // CSQ attention backward on the CPU, direct path. The weights are recomputed tile by tile (as
 // flash attention does) from q, k and the forward's saved b:
 //   dnum_i = dy_i / (den_i + eps),  dden_i = -<dy_i, y_i> / (den_i + eps)   (normalize)
-//   dw_ij = <dnum_i, v_j> + dden_i,  ds_ij = 2 s_ij dw_ij,  db_i = sum_j ds_ij
+//   dw_ij = <dnum_i, v_j> + dden_i,  ds_ij = w'(s_ij) dw_ij (2 s_ij for CSQ),  db_i = sum_j ds_ij
 //   dq_i = tau sum_j ds_ij (k_j - r) - tau (mu_i - r) db_i,  dk_j = tau sum_i ds_ij q_i,
 //   dv_j = sum_i w_ij dnum_i,  dshift_h = sum_i db_i,
 // plus the centering term of dk: key l is in the mean mu_i of every query i that sees it, so
@@ -25,7 +25,7 @@ namespace {
 
 using namespace direct;
 
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, typename Map>
 struct BackwardTiles {
   const DirectBwdParams& p;
   const KeyPrefix& kp;
@@ -108,7 +108,7 @@ struct BackwardTiles {
     const acc_t* bp = pair_shifts(qt.q.data(), grows, D, b.data(), tau, kt.ref, qt.ref.data(),
                                   delta.data(), b_pair.data());
     const bool moved = bp != b.data();  // keys relative to another reference than the queries'
-    shifted_squares<acc_t>(s.data(), grows, rows, cols, bp, tau, diag, s.data(), w.data());
+    shifted_weights<Map, acc_t>(s.data(), grows, rows, cols, bp, tau, diag, s.data(), w.data());
     gemm<acc_t>(false, false, grows, cols, Dv, acc_t(1), dnum.data(), Dv, kt.vT, kt.ld,
                 acc_t(0), ds.data(), cols);
     for (int64_t r = 0; r < grows; ++r) {
@@ -118,7 +118,7 @@ struct BackwardTiles {
       const acc_t* sr = s.data() + r * cols;
       acc_t sum = 0;
       for (int64_t j = 0; j < cols; ++j) {
-        const acc_t x = j <= last ? 2 * sr[j] * (dsr[j] + dd) : acc_t(0);
+        const acc_t x = j <= last ? Map::weight_grad(sr[j]) * (dsr[j] + dd) : acc_t(0);
         dsr[j] = x;
         sum += x;
       }
@@ -209,11 +209,11 @@ bool per_head_schedule(const DirectBwdParams& p) {
   return 5.0 * rounds <= 7.0 * double(tasks) / double(threads);
 }
 
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, typename Map>
 void backward(const DirectBwdParams& p) {
   const KeyPrefix kp = key_prefix<scalar_t>(p);
   const KeyStore<scalar_t, acc_t> ks(p, kp, /*backward=*/true);
-  using Work = BackwardTiles<scalar_t, acc_t>;
+  using Work = BackwardTiles<scalar_t, acc_t, Map>;
   const auto make = [&] { return Work(p, kp, ks); };
   const auto tiles = all_tiles(p);
   const auto later = [&](const TileTask& t) { return p.causal ? t.index : 0; };
@@ -257,9 +257,9 @@ void backward(const DirectBwdParams& p) {
 
 }  // namespace
 
-template <typename scalar_t>
+template <typename scalar_t, typename Map>
 void launch_direct_bwd(const DirectBwdParams& p) {
-  backward<scalar_t, acc_type_of<scalar_t>>(p);
+  backward<scalar_t, acc_type_of<scalar_t>, Map>(p);
 }
 
 CSQ_CPU_INSTANTIATE(launch_direct_bwd, DirectBwdParams);

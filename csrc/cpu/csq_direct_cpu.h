@@ -331,13 +331,13 @@ inline const acc_t* pair_shifts(const acc_t* q, int64_t grows, int64_t D, const 
   return out;
 }
 
-// s = tau S + b_i and w = s^2 for a (G rows) x cols block of raw scores S, in place into w
-// (and s when given). On a diagonal tile (cols == rows) entries with j > i become 0: selected,
+// s = tau S + b_i and w = Map::weight(s) (s^2 for CSQ) for a (G rows) x cols block of raw
+// scores S, in place into w (and s when given). On a diagonal tile (cols == rows) entries with j > i become 0: selected,
 // not multiplied, so a NaN key after i cannot reach row i. With `den`, each row's sum of w is
 // added to den[r * den_ld]: the forward's denominator, so that its value GEMM need not carry a
 // column of ones (an n = Dv + 1 GEMM runs ~20% slower than n = Dv; bench/NOTES.md).
-template <typename acc_t>
-inline void shifted_squares(const acc_t* S, int64_t grows, int64_t rows, int64_t cols,
+template <typename Map, typename acc_t>
+inline void shifted_weights(const acc_t* S, int64_t grows, int64_t rows, int64_t cols,
                             const acc_t* b, acc_t tau, bool diag, acc_t* s_out, acc_t* w_out,
                             acc_t* den = nullptr, int64_t den_ld = 0) {
   constexpr int64_t L = 16;  // independent partial sums: the row sum vectorizes
@@ -351,7 +351,7 @@ inline void shifted_squares(const acc_t* S, int64_t grows, int64_t rows, int64_t
       const acc_t x = tau * in[j] + br;
       const bool keep = j <= last;
       if (s) s[j] = keep ? x : acc_t(0);
-      w[j] = keep ? x * x : acc_t(0);
+      w[j] = keep ? Map::weight(x) : acc_t(0);
     }
     if (den == nullptr) continue;
     acc_t part[L] = {};

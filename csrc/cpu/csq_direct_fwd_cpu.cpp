@@ -20,7 +20,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> csq_direct_fwd_cpu(
       prepare_direct_forward(q, k, v, shift, cu_seqlens, row_shift, row_sums, causal, scale,
                              center, normalize, eps, tile_size);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "csq_direct_fwd",
-                                  [&] { launch_direct_fwd<scalar_t>(call.p); });
+                                  [&] { launch_direct_fwd<scalar_t, StateMap>(call.p); });
   return call.outputs();
 }
 

@@ -1,6 +1,6 @@
 // CSQ attention forward on the CPU, direct path: for each query tile (all query heads of a
 // key/value head), the weights of each key tile are computed from a GEMM,
-// w = (tau Q (K - r)^T + b)^2, and summed into num with a second GEMM against V (den: the rows'
+// w = weight(tau Q (K - r)^T + b) ((...)^2 for CSQ; Map, csq_feature_map.h), and summed into num with a second GEMM against V (den: the rows'
 // sums of w).
 // Causal key tiles after the query tile are skipped. No N x N tensor, no state.
 #include <ATen/ATen.h>
@@ -16,7 +16,7 @@ namespace {
 
 using namespace direct;
 
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, typename Map>
 struct ForwardTile {
   const DirectFwdParams& p;
   const KeyPrefix& kp;
@@ -58,13 +58,13 @@ struct ForwardTile {
       gemm<acc_t>(false, false, grows, cols, D, acc_t(1), qt.q.data(), D, kt.kT, kt.ld,
                   acc_t(0), w.data(), cols);
       if (diag && !kt.values_finite()) {
-        shifted_squares<acc_t>(w.data(), grows, rows, cols, bp, tau, diag, nullptr,
+        shifted_weights<Map, acc_t>(w.data(), grows, rows, cols, bp, tau, diag, nullptr,
                                w.data());
         for (int64_t hh = 0; hh < G; ++hh)  // only the kept j <= i, per head
           lower_mm_add(w.data() + hh * rows * cols, rows, kt.v, Dv1, Dv1, acc_t(1),
                        false, num.data() + hh * rows * Dv1, Dv1);
       } else {  // den as row sums of w, the values alone through the GEMM
-        shifted_squares<acc_t>(w.data(), grows, rows, cols, bp, tau, diag, nullptr,
+        shifted_weights<Map, acc_t>(w.data(), grows, rows, cols, bp, tau, diag, nullptr,
                                w.data(), num.data() + p.dim_v, Dv1);
         gemm<acc_t>(false, false, grows, p.dim_v, cols, acc_t(1), w.data(), cols, kt.v,
                     Dv1, acc_t(1), num.data(), Dv1);
@@ -89,7 +89,7 @@ struct ForwardTile {
 
 }  // namespace
 
-template <typename scalar_t>
+template <typename scalar_t, typename Map>
 void launch_direct_fwd(const DirectFwdParams& p) {
   using acc_t = acc_type_of<scalar_t>;
   const direct::KeyPrefix kp = direct::key_prefix<scalar_t>(p);
@@ -97,7 +97,7 @@ void launch_direct_fwd(const DirectFwdParams& p) {
   // A causal tile's cost grows with its index: the balanced split keeps both cores busy.
   direct::run_balanced(direct::all_tiles(p),
                        [&](const direct::TileTask& t) { return p.causal ? t.index : 0; },
-                       [&] { return ForwardTile<scalar_t, acc_t>(p, kp, ks); });
+                       [&] { return ForwardTile<scalar_t, acc_t, Map>(p, kp, ks); });
 }
 
 CSQ_CPU_INSTANTIATE(launch_direct_fwd, DirectFwdParams);

@@ -10,12 +10,12 @@ namespace cuda {
 // Pass 1: the forward's S (from state_in when given), in chunk order; each chunk's queries of
 // every head of the group read it: u_i = S_tile g~_i, dqe_i += d/dqe <phi(qe_i), u_i>
 // (atomics into dq, db).
-template <typename T, typename Acc, int FT, int SUB, bool TC>
+template <typename T, typename Acc, int FT, int SUB, bool TC, typename Map>
 __global__ void __launch_bounds__(kThreads, state_min_blocks<Acc>())
     key_state_bwd_kernel(const BwdParams p, Work w) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   __shared__ int64_t seq_rows[2];
-  StateTile<T, Acc, FT, SUB, TC> st(p, w, true, smem_raw, seq_rows);
+  StateTile<T, Acc, FT, SUB, TC, Map> st(p, w, true, smem_raw, seq_rows);
   if (p.state_in != nullptr) st.seed(static_cast<const Acc*>(p.state_in));
   const auto read = [&](int64_t t) {
     for (int sb = 0; sb < kChunkI / SUB; ++sb) {
@@ -54,11 +54,11 @@ __global__ void __launch_bounds__(kThreads, state_min_blocks<Acc>())
 }
 
 // For launch_state_scan (csq_chunked_launch.cuh).
-template <typename T, typename Acc, int FT, int SUB, bool TC>
+template <typename T, typename Acc, int FT, int SUB, bool TC, typename Map>
 struct KeyStateBwd {
   static constexpr bool kBackward = true;
   static constexpr const char* kName = "key_state_bwd_kernel";
-  static auto kernel() { return key_state_bwd_kernel<T, Acc, FT, SUB, TC>; }
+  static auto kernel() { return key_state_bwd_kernel<T, Acc, FT, SUB, TC, Map>; }
 };
 
 // Pass 2: R = sum_i phi(qe_i) g~_i^T over all query heads of the group, in reverse chunk order,
@@ -67,12 +67,12 @@ struct KeyStateBwd {
 // dke_j += d/dke <psi(ke_j), u_j> (atomics into dv, dk). With a carried state every query read
 // it, so its gradient is the final R, added to dstate_in (onto what center_dq_kernel put there
 // for the carried key count, one CTA per row).
-template <typename T, typename Acc, int FT, int SUB, bool TC>
+template <typename T, typename Acc, int FT, int SUB, bool TC, typename Map>
 __global__ void __launch_bounds__(kThreads, state_min_blocks<Acc>())
     query_state_bwd_kernel(const BwdParams p, Work w) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   __shared__ int64_t seq_rows[2];
-  StateTile<T, Acc, FT, SUB, TC> st(p, w, true, smem_raw, seq_rows);
+  StateTile<T, Acc, FT, SUB, TC, Map> st(p, w, true, smem_raw, seq_rows);
   if (p.dstate_out != nullptr) st.seed(static_cast<const Acc*>(p.dstate_out));
   const auto read = [&](int64_t t) {
     for (int sb = 0; sb < kChunkI / SUB; ++sb) {
@@ -131,11 +131,11 @@ __global__ void __launch_bounds__(kThreads, state_min_blocks<Acc>())
   if (p.dstate_in != nullptr) st.keep(static_cast<Acc*>(p.dstate_in), true);
 }
 
-template <typename T, typename Acc, int FT, int SUB, bool TC>
+template <typename T, typename Acc, int FT, int SUB, bool TC, typename Map>
 struct QueryStateBwd {
   static constexpr bool kBackward = true;
   static constexpr const char* kName = "query_state_bwd_kernel";
-  static auto kernel() { return query_state_bwd_kernel<T, Acc, FT, SUB, TC>; }
+  static auto kernel() { return query_state_bwd_kernel<T, Acc, FT, SUB, TC, Map>; }
 };
 
 }  // namespace cuda

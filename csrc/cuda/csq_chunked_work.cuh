@@ -5,7 +5,7 @@
 // Notation (README.md): D = Dk, De = D + 1, V1 = Dv + 1. Extended vectors
 //   qe_i = [tau q_i, b_i],  ke_j = [k_j - r, 1],  v~_j = [v_j, 1],  g~_i = [dnum_i, dden_i],
 // so that s_ij = <qe_i, ke_j> = tau <q_i, k'_j> + b_i and w_ij = s_ij^2. The features and their
-// order are csq_features.h's (the public state order, as on the CPU).
+// order are the feature map's (csq_feature_map.h; the public state order, as on the CPU).
 #pragma once
 
 #include "csq_elements.cuh"
@@ -141,33 +141,34 @@ __device__ __forceinline__ ChunkSpan chunk_span(const QkvParams& p, const Work& 
 }
 
 // ---------------------------------------------------------------------------------------------
-// Carried state (csq_features.h): per (sequence, kv head) the sums (F, Dv + 1) in the public
-// row order, shared with the CPU backend (a state moves between devices with .to()) and used
-// as is by the state scans. The last column of the linear rows is the carried key sum
-// (relative to ref), that of the constant row the carried key count.
+// Carried state (csq_feature_map.h): per (sequence, kv head) the sums (F, Dv + 1) in the row
+// order of the feature map Map (StateMap's: the public order), shared with the CPU backend (a
+// state moves between devices with .to()) and used as is by the state scans. The last column
+// of the key-sum rows is the carried key sum (relative to ref), that of the count row the
+// carried key count.
 
 // The sums of one (sequence, kv head) in a state tensor (state_in, state_out, dstate_*).
 // Ptr is a typed (const) Acc pointer.
-template <typename Ptr>
+template <typename Map, typename Ptr>
 __device__ __forceinline__ Ptr head_sums(Ptr base, const QkvParams& p, int64_t seq, int64_t g) {
-  return base + (seq * p.heads_k + g) * state_head_elems(p.dim_k, p.dim_v);
+  return base + (seq * p.heads_k + g) * state_head_elems<Map>(p.dim_k, p.dim_v);
 }
 
 // The carried key count of a (sequence, kv head), 0 without a carried state.
-template <typename Acc>
+template <typename Map, typename Acc>
 __device__ __forceinline__ Acc carried_count(const FwdParams& p, int64_t seq, int64_t g) {
   if (p.state_in == nullptr) return Acc(0);
-  return state_key_count(head_sums(static_cast<const Acc*>(p.state_in), p, seq, g), p.dim_k,
-                         p.dim_v);
+  return state_key_count<Map>(head_sums<Map>(static_cast<const Acc*>(p.state_in), p, seq, g),
+                              p.dim_k, p.dim_v);
 }
 
 // Coordinate d of the carried key sum (relative to ref), 0 without a carried state.
-template <typename Acc>
+template <typename Map, typename Acc>
 __device__ __forceinline__ Acc carried_key_sum(const FwdParams& p, int64_t seq, int64_t g,
                                                int d) {
   if (p.state_in == nullptr) return Acc(0);
-  return state_key_sum(head_sums(static_cast<const Acc*>(p.state_in), p, seq, g), d, p.dim_k,
-                       p.dim_v);
+  return state_key_sum<Map>(head_sums<Map>(static_cast<const Acc*>(p.state_in), p, seq, g), d,
+                            p.dim_k, p.dim_v);
 }
 
 }  // namespace cuda

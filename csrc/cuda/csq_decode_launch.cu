@@ -8,7 +8,7 @@
 namespace csq {
 namespace cuda {
 
-template <DType DT>
+template <DType DT, typename Map>
 Status launch_decode(const DecodeParams& p, cudaStream_t stream) {
   using Tr = GenericTraits<DT>;
   using T = typename Tr::T;
@@ -23,18 +23,18 @@ Status launch_decode(const DecodeParams& p, cudaStream_t stream) {
   if (p.batch * p.heads_k == 0) return Status{};
   const unsigned bhk = unsigned(p.batch * p.heads_k);
   const unsigned col_tiles = unsigned(ceil_div(p.dim_v, kDecCols));
-  decode_kernel<T, Acc><<<dim3(bhk, col_tiles), kThreads, decode_smem_bytes<Acc>(int(p.dim_k)),
-                          stream>>>(p);
+  decode_kernel<T, Acc, Map><<<dim3(bhk, col_tiles), kThreads,
+                               decode_smem_bytes<Acc>(int(p.dim_k)), stream>>>(p);
   CSQ_CHECK_LAUNCH("decode_kernel");
-  decode_count_kernel<T, Acc><<<bhk, kThreads, 0, stream>>>(p);
+  decode_count_kernel<T, Acc, Map><<<bhk, kThreads, 0, stream>>>(p);
   CSQ_CHECK_LAUNCH("decode_count_kernel");
   return Status{};
 }
 
-template Status launch_decode<DType::kFloat64>(const DecodeParams&, cudaStream_t);
-template Status launch_decode<DType::kFloat32>(const DecodeParams&, cudaStream_t);
-template Status launch_decode<DType::kFloat16>(const DecodeParams&, cudaStream_t);
-template Status launch_decode<DType::kBFloat16>(const DecodeParams&, cudaStream_t);
+#define CSQ_INSTANTIATE(DT, MAP) \
+  template Status launch_decode<DT, MAP>(const DecodeParams&, cudaStream_t);
+CSQ_CUDA_FOR_EACH_LAUNCH(CSQ_INSTANTIATE)
+#undef CSQ_INSTANTIATE
 
 }  // namespace cuda
 }  // namespace csq

@@ -25,8 +25,6 @@ constexpr int kLdX = kT + 1;                        // row stride of the 64 x 64
 constexpr int kMaxD = static_cast<int>(kDirectMaxHeadDim);
 static_assert(kT == 64 && kDThreads == 256, "the tile kernels map 16 x 16 threads on 64 x 64");
 
-__host__ __device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
-
 // Workspace of the direct path (all pieces 256-byte aligned):
 //   tile0 (S + 1) int64             packed only: first tile slot of each sequence
 //   tsum, tpre (Hk, slots, D) f64    per-tile column sums and their (exclusive) scan: key sums

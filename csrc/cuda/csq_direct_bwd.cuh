@@ -1,7 +1,7 @@
 // Backward tile kernels of the CUDA direct path (generic, CUDA cores). The weights are
 // recomputed tile by tile from q, k and the forward's b (as flash attention does):
 //   dnum_i = dy_i inv_i,  dden_i = -<dy_i, y_i> inv_i   (direct_row_grad_kernel)
-//   ds_ij = 2 s_ij (<dnum_i, v_j> + dden_i),  db_i = sum_j ds_ij
+//   ds_ij = w'(s_ij) (<dnum_i, v_j> + dden_i) (2 s_ij for CSQ),  db_i = sum_j ds_ij
 //   dq_i = tau (sum_j ds_ij (k_j - r_T) - (mu_i - r_T) db_i)          direct_dq_kernel
 //   dk_j = tau sum_i ds_ij q_i,  dv_j = sum_i w_ij dnum_i              direct_dkdv_kernel
 // plus the centering term of dk (direct_center_dk_kernel). Every output element belongs to one
@@ -70,7 +70,7 @@ __device__ __forceinline__ void load_query_rows(const DirectBwdParams& p, const 
 
 // dq and db. Grid (slots, Hq, ceil(Dk / 64)): one block per (query tile, query head, block of
 // 64 columns of dq); every block recomputes s and ds, the first writes db.
-template <typename T, typename Acc>
+template <typename T, typename Acc, typename Map>
 __global__ void __launch_bounds__(kDThreads) direct_dq_kernel(const DirectBwdParams p,
                                                               const DirectWork w) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -106,7 +106,7 @@ __global__ void __launch_bounds__(kDThreads) direct_dq_kernel(const DirectBwdPar
         const int j = l.tx + 16 * c;
         const bool keep = i < t.rows && j < cols && (!diag || j <= i);
         const Acc x = tau * s[a][c] + sm.r0[i];
-        const Acc ds = keep ? Acc(2) * x * (dp[a][c] + sm.r2[i]) : Acc(0);
+        const Acc ds = keep ? Map::weight_grad(x) * (dp[a][c] + sm.r2[i]) : Acc(0);
         sm.X[i * kLdX + j] = ds;
         db[a] += ds;
       }
@@ -145,7 +145,7 @@ __global__ void __launch_bounds__(kDThreads) direct_dq_kernel(const DirectBwdPar
 // dk (without its centering term) and dv. Grid (slots, Hk, ceil(Dk / 64) + ceil(Dv / 64)):
 // one block per (key tile, key/value head, block of 64 columns of dk or of dv), looping over
 // the query heads of the group and the query tiles that see the key tile.
-template <typename T, typename Acc>
+template <typename T, typename Acc, typename Map>
 __global__ void __launch_bounds__(kDThreads, 1) direct_dkdv_kernel(const DirectBwdParams p,
                                                                 const DirectWork w) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -189,7 +189,7 @@ __global__ void __launch_bounds__(kDThreads, 1) direct_dkdv_kernel(const DirectB
           const int j = l.tx + 16 * c;
           const bool keep = i < tq.rows && j < cols && (!diag || j <= i);
           const Acc x = tau * s[a][c] + sm.r0[i];
-          const Acc v = is_dk ? Acc(2) * x * (dp[a][c] + sm.r2[i]) : x * x;
+          const Acc v = is_dk ? Map::weight_grad(x) * (dp[a][c] + sm.r2[i]) : Map::weight(x);
           sm.X[i * kLdX + j] = keep ? v : Acc(0);
         }
       }

@@ -13,7 +13,7 @@ namespace direct {
 
 // Grid (slots, Hq, ceil(Dv / 64)); kDThreads threads; kDirectSmemElems Acc of shared memory.
 // p.b must hold b (direct_rows_kernel) and w.ref the tile references.
-template <typename T, typename Acc>
+template <typename T, typename Acc, typename Map>
 __global__ void __launch_bounds__(kDThreads) direct_fwd_kernel(const DirectFwdParams p,
                                                                const DirectWork w) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -56,7 +56,7 @@ __global__ void __launch_bounds__(kDThreads) direct_fwd_kernel(const DirectFwdPa
       return r < cols ? load_el<Acc, T>(p.k, p.k_stride, t.bi, hk, kpos + r, x) - sm.ref[x]
                       : Acc(0);
     });
-    // w = (tau s + b_i)^2 where kept (selected, so a masked NaN stays out), into X.
+    // w = Map::weight(tau s + b_i) where kept (selected, so a masked NaN stays out), into X.
 #pragma unroll
     for (int a = 0; a < 4; ++a) {
       const int i = l.ty + 16 * a;
@@ -65,7 +65,7 @@ __global__ void __launch_bounds__(kDThreads) direct_fwd_kernel(const DirectFwdPa
         const int j = l.tx + 16 * c;
         const bool keep = i < t.rows && j < cols && (!diag || j <= i);
         const Acc x = tau * s[a][c] + sm.r0[i];
-        const Acc wv = keep ? x * x : Acc(0);
+        const Acc wv = keep ? Map::weight(x) : Acc(0);
         sm.X[i * kLdX + j] = wv;
         den[a] += wv;
       }

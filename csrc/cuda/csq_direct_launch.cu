@@ -87,7 +87,7 @@ Status launch_tiles(Kernel kernel, dim3 grid, size_t smem, const Params& p,
 
 }  // namespace
 
-template <DType DT>
+template <DType DT, typename Map>
 Status launch_direct_fwd(const DirectFwdParams& p, void* workspace, size_t workspace_bytes,
                          cudaStream_t stream) {
   using T = typename DTypeOf<DT>::type;
@@ -103,14 +103,14 @@ Status launch_direct_fwd(const DirectFwdParams& p, void* workspace, size_t works
   const dim3 grid(unsigned(w.slots), unsigned(p.heads_q), unsigned(ceil_div(p.dim_v, kT)));
   if constexpr (kHalfInput<DT>) {
     if (p.tensor_core_passes > 0)
-      return launch_tiles(direct_fwd_mma_kernel<T>, grid, MmaSmem<T>::kBytes, p, w, stream,
+      return launch_tiles(direct_fwd_mma_kernel<T, Map>, grid, MmaSmem<T>::kBytes, p, w, stream,
                           "direct_fwd_mma_kernel");
   }
-  return launch_tiles(direct_fwd_kernel<T, Acc>, grid, tile_smem_bytes<Acc>(), p, w, stream,
+  return launch_tiles(direct_fwd_kernel<T, Acc, Map>, grid, tile_smem_bytes<Acc>(), p, w, stream,
                       "direct_fwd_kernel");
 }
 
-template <DType DT>
+template <DType DT, typename Map>
 Status launch_direct_bwd(const DirectBwdParams& p, void* workspace, size_t workspace_bytes,
                          cudaStream_t stream) {
   using T = typename DTypeOf<DT>::type;
@@ -133,20 +133,20 @@ Status launch_direct_bwd(const DirectBwdParams& p, void* workspace, size_t works
   bool done = false;
   if constexpr (kHalfInput<DT>) {
     if (p.tensor_core_passes > 0) {
-      st = launch_tiles(direct_dq_mma_kernel<T>, dq_grid, MmaSmem<T>::kBytes, p, w, stream,
+      st = launch_tiles(direct_dq_mma_kernel<T, Map>, dq_grid, MmaSmem<T>::kBytes, p, w, stream,
                         "direct_dq_mma_kernel");
       if (!st.ok()) return st;
-      st = launch_tiles(direct_dkdv_mma_kernel<T>, dkdv_grid, MmaSmem<T>::kBytes, p, w, stream,
+      st = launch_tiles(direct_dkdv_mma_kernel<T, Map>, dkdv_grid, MmaSmem<T>::kBytes, p, w, stream,
                         "direct_dkdv_mma_kernel");
       if (!st.ok()) return st;
       done = true;
     }
   }
   if (!done) {
-    st = launch_tiles(direct_dq_kernel<T, Acc>, dq_grid, tile_smem_bytes<Acc>(), p, w, stream,
+    st = launch_tiles(direct_dq_kernel<T, Acc, Map>, dq_grid, tile_smem_bytes<Acc>(), p, w, stream,
                       "direct_dq_kernel");
     if (!st.ok()) return st;
-    st = launch_tiles(direct_dkdv_kernel<T, Acc>, dkdv_grid, tile_smem_bytes<Acc>(), p, w,
+    st = launch_tiles(direct_dkdv_kernel<T, Acc, Map>, dkdv_grid, tile_smem_bytes<Acc>(), p, w,
                       stream, "direct_dkdv_kernel");
     if (!st.ok()) return st;
   }
@@ -164,22 +164,12 @@ Status launch_direct_bwd(const DirectBwdParams& p, void* workspace, size_t works
   return Status{};
 }
 
-template Status launch_direct_fwd<DType::kFloat64>(const DirectFwdParams&, void*, size_t,
-                                                   cudaStream_t);
-template Status launch_direct_fwd<DType::kFloat32>(const DirectFwdParams&, void*, size_t,
-                                                   cudaStream_t);
-template Status launch_direct_fwd<DType::kFloat16>(const DirectFwdParams&, void*, size_t,
-                                                   cudaStream_t);
-template Status launch_direct_fwd<DType::kBFloat16>(const DirectFwdParams&, void*, size_t,
-                                                    cudaStream_t);
-template Status launch_direct_bwd<DType::kFloat64>(const DirectBwdParams&, void*, size_t,
-                                                   cudaStream_t);
-template Status launch_direct_bwd<DType::kFloat32>(const DirectBwdParams&, void*, size_t,
-                                                   cudaStream_t);
-template Status launch_direct_bwd<DType::kFloat16>(const DirectBwdParams&, void*, size_t,
-                                                   cudaStream_t);
-template Status launch_direct_bwd<DType::kBFloat16>(const DirectBwdParams&, void*, size_t,
-                                                    cudaStream_t);
+#define CSQ_INSTANTIATE(DT, MAP)                                                               \
+  template Status launch_direct_fwd<DT, MAP>(const DirectFwdParams&, void*, size_t,              \
+                                             cudaStream_t);                                      \
+  template Status launch_direct_bwd<DT, MAP>(const DirectBwdParams&, void*, size_t, cudaStream_t);
+CSQ_CUDA_FOR_EACH_LAUNCH(CSQ_INSTANTIATE)
+#undef CSQ_INSTANTIATE
 
 }  // namespace cuda
 }  // namespace csq

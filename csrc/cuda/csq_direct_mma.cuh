@@ -323,7 +323,7 @@ __device__ __forceinline__ bool finite_f(float x) { return x - x == 0.f; }
 
 // ---------------------------------------------------------------------------------------------
 // Forward. Grid, outputs and inputs as direct_fwd_kernel.
-template <typename T>
+template <typename T, typename Map>
 __global__ void __launch_bounds__(kDThreads) direct_fwd_mma_kernel(const DirectFwdParams p,
                                                                    const DirectWork w) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -366,7 +366,7 @@ __global__ void __launch_bounds__(kDThreads) direct_fwd_mma_kernel(const DirectF
         const int i = f.row(r), n = f.col(j, r);
         const bool keep = i < t.rows && n < cols && (!diag || n <= i);
         const float x = tau * s[j][r] + sm.r0[i];
-        const float wv = keep ? x * x : 0.f;
+        const float wv = keep ? Map::weight(x) : 0.f;
         sm.X[i * kLdM + n] = wv;
         den[r / 2] += wv;
       }
@@ -460,7 +460,7 @@ __device__ __forceinline__ void mma_pair_scores(const DirectBwdParams& p, const 
 }
 
 // dq and db, as direct_dq_kernel.
-template <typename T>
+template <typename T, typename Map>
 __global__ void __launch_bounds__(kDThreads) direct_dq_mma_kernel(const DirectBwdParams p,
                                                                   const DirectWork w) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -489,7 +489,7 @@ __global__ void __launch_bounds__(kDThreads) direct_dq_mma_kernel(const DirectBw
         const int i = f.row(r), n = f.col(j, r);
         const bool keep = i < t.rows && n < cols && (!diag || n <= i);
         const float x = tau * s[j][r] + sm.r0[i];
-        const float ds = keep ? 2.f * x * (dp[j][r] + sm.r2[i]) : 0.f;
+        const float ds = keep ? Map::weight_grad(x) * (dp[j][r] + sm.r2[i]) : 0.f;
         sm.X[i * kLdM + n] = ds;
         db[r / 2] += ds;
       }
@@ -535,7 +535,7 @@ __global__ void __launch_bounds__(kDThreads) direct_dq_mma_kernel(const DirectBw
 }
 
 // dk (without its centering term) and dv, as direct_dkdv_kernel.
-template <typename T>
+template <typename T, typename Map>
 __global__ void __launch_bounds__(kDThreads) direct_dkdv_mma_kernel(const DirectBwdParams p,
                                                                     const DirectWork w) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -573,7 +573,7 @@ __global__ void __launch_bounds__(kDThreads) direct_dkdv_mma_kernel(const Direct
           const int i = f.row(r), n = f.col(j, r);
           const bool keep = i < tq.rows && n < cols && (!diag || n <= i);
           const float x = tau * s[j][r] + sm.r0[i];
-          const float v = is_dk ? 2.f * x * (dp[j][r] + sm.r2[i]) : x * x;
+          const float v = is_dk ? Map::weight_grad(x) * (dp[j][r] + sm.r2[i]) : Map::weight(x);
           sm.X[i * kLdM + n] = keep ? v : 0.f;
         }
       bool bad = false;

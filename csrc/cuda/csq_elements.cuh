@@ -66,6 +66,7 @@ __host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) {
   return (a + b - 1) / b;
 }
 __host__ __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+__host__ __device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
 __host__ __device__ __forceinline__ int round_up4(int a) { return (a + 3) & ~3; }
 
 inline size_t align256(size_t x) { return (x + 255) & ~size_t(255); }

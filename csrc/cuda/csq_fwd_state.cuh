@@ -9,12 +9,12 @@ namespace cuda {
 // S = sum_j psi(ke_j) v~_j^T in chunk order, from state_in when given, into state_out when
 // given; each chunk's queries of every head of the group read it: num~_i += phi(qe_i) . S_tile
 // (atomics into Work::num_state; fwd_finalize_kernel adds the in-chunk pairs).
-template <typename T, typename Acc, int FT, int SUB, bool TC>
+template <typename T, typename Acc, int FT, int SUB, bool TC, typename Map>
 __global__ void __launch_bounds__(kThreads, state_min_blocks<Acc>())
     key_state_fwd_kernel(const FwdParams p, Work w) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   __shared__ int64_t seq_rows[2];
-  StateTile<T, Acc, FT, SUB, TC> st(p, w, false, smem_raw, seq_rows);
+  StateTile<T, Acc, FT, SUB, TC, Map> st(p, w, false, smem_raw, seq_rows);
   if (p.state_in != nullptr) st.seed(static_cast<const Acc*>(p.state_in));
   const auto read = [&](int64_t t) {
     for (int sb = 0; sb < kChunkI / SUB; ++sb) {
@@ -44,11 +44,11 @@ __global__ void __launch_bounds__(kThreads, state_min_blocks<Acc>())
 }
 
 // For launch_state_scan (csq_chunked_launch.cuh).
-template <typename T, typename Acc, int FT, int SUB, bool TC>
+template <typename T, typename Acc, int FT, int SUB, bool TC, typename Map>
 struct KeyStateFwd {
   static constexpr bool kBackward = false;
   static constexpr const char* kName = "key_state_fwd_kernel";
-  static auto kernel() { return key_state_fwd_kernel<T, Acc, FT, SUB, TC>; }
+  static auto kernel() { return key_state_fwd_kernel<T, Acc, FT, SUB, TC, Map>; }
 };
 
 }  // namespace cuda

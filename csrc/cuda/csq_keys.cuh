@@ -78,14 +78,14 @@ __global__ void __launch_bounds__(kBlock) chunk_map_kernel(const QkvParams p, Wo
 // keys (or there is no carried state: the backward passes the forward's r), else the
 // coordinate-wise median of the finite values among the first min(len, kRefKeys) keys.
 // Grid (S Hk).
-template <typename T, typename Acc>
+template <typename T, typename Acc, typename Map>
 __global__ void __launch_bounds__(kColThreads) ref_key_kernel(const FwdParams p, Work w) {
   const int64_t tg = blockIdx.x, s = tg / p.heads_k, g = tg % p.heads_k;
   const int D = static_cast<int>(p.dim_k);
   const SeqSpan seq = seq_span(p, w, s);
   Acc* ref = static_cast<Acc*>(w.ref) + tg * D;
   if (p.ref_in != nullptr &&
-      (p.state_in == nullptr || seq.len == 0 || carried_count<Acc>(p, s, g) != Acc(0))) {
+      (p.state_in == nullptr || seq.len == 0 || carried_count<Map, Acc>(p, s, g) != Acc(0))) {
     for (int d = threadIdx.x; d < D; d += blockDim.x)
       ref[d] = static_cast<const Acc*>(p.ref_in)[tg * D + d];
     return;
@@ -170,7 +170,7 @@ __device__ __forceinline__ Acc seq_total(const Acc* pre, const Acc* cs, const Ch
 // mu'_i = (Z1 + sum of this sequence's keys up to i) / (carried + position + 1). Without
 // centering r is not 0 either (csq_params.h): the keys are k - r, and mu' = -r puts
 // tau <q_i, r> back into b_i (and tau db_i r into dq_i).
-template <typename T, typename Acc>
+template <typename T, typename Acc, typename Map>
 struct ChunkKeyMeans {
   static_assert(kThreads >= kMaxHeadDim, "ChunkKeyMeans: one thread per key coordinate");
   const FwdParams& p;
@@ -186,14 +186,14 @@ struct ChunkKeyMeans {
       : p(p_), c(c_), bi(bi_), g(g_) {
     D = static_cast<int>(p.dim_k);
     ref = seq_ref<Acc>(p, w, c.seq, g);
-    carried = carried_count<Acc>(p, c.seq, g);
+    carried = carried_count<Map, Acc>(p, c.seq, g);
     const int64_t bg = bi * p.heads_k + g, nch = w.nchunks;
     const Acc* pre = static_cast<const Acc*>(w.key_prefix) + bg * (nch + 1) * D;
     const Acc* cs = static_cast<const Acc*>(w.key_sums) + bg * nch * D;
     const int tid = threadIdx.x;
     run = 0;
     if (p.center && tid < D)
-      run = p.causal ? pre[t * D + tid] + carried_key_sum<Acc>(p, c.seq, g, tid)
+      run = p.causal ? pre[t * D + tid] + carried_key_sum<Map, Acc>(p, c.seq, g, tid)
                      : seq_total(pre, cs, c, D, tid, false) / Acc(c.len);
   }
 

@@ -16,11 +16,13 @@ import sys
 import torch
 
 from emu_cases import DECODE_CASES, STATE_CASES, VARLEN_CASES, WIDE_CASES, WIDE_QUICK
-from emu_common import (C, DT, HERE, TOL, acc_of, arr, ptr, reference, rel, report,
-                        strided)
+from emu_common import (C, DT, HERE, TOL, Emu, acc_of, arr, ptr, reference, rel, report,
+                        shift_grad, strided)
 from emu_inputs import nonfinite_case
 
 lib = ctypes.CDLL(sys.argv[1] if len(sys.argv) > 1 else "/tmp/csqemu/libcsqemu.so")
+EMU = Emu(lib)
+emu_fwd, emu_bwd, emu_decode = EMU.fwd, EMU.bwd, EMU.decode
 QUICK = "quick" in sys.argv
 
 
@@ -38,53 +40,6 @@ def device(name_or_bytes):
         yield
     finally:
         lib.emu_set_smem_optin(DEVICES["H100"])
-
-
-def emu_fwd(q, k, v, shift, causal, scale, center, normalize, eps, refusal=False):
-    """The forward of the CUDA kernels: y, b, den; refusal=True: the launcher's return code and
-    message instead (for shapes it must refuse)."""
-    B, Hq, N, Dk = q.shape
-    Hk, Dv = k.shape[1], v.shape[-1]
-    acc = acc_of(q.dtype)
-    shift_acc = shift.to(acc).contiguous()
-    y = torch.full((B, Hq, N, Dv), float("nan"), dtype=acc)  # the op's y is unrounded
-    b = torch.full((B, Hq, N), float("nan"), dtype=acc)
-    den = torch.full((B, Hq, N), float("nan"), dtype=acc)
-    msg = ctypes.create_string_buffer(512)
-    rc = lib.emu_fwd(DT[q.dtype], arr([B, Hq, Hk, N, Dk, Dv]), ptr(q), arr(q.stride()), ptr(k),
-                     arr(k.stride()), ptr(v), arr(v.stride()), ptr(shift_acc),
-                     ctypes.c_double(scale), ctypes.c_double(eps), int(causal), int(center),
-                     int(normalize), ptr(y), ptr(b), ptr(den), msg, 512)
-    if refusal:
-        return rc, msg.value.decode()
-    assert rc == 0, msg.value
-    return y, b, den
-
-
-def shift_grad(db):
-    """The op's shift gradient from the kernels' db, as the host layer takes it
-    (csrc/csq_host.h: db summed over batch entries and positions)."""
-    return db.sum((0, 2))
-
-
-def emu_bwd(dy, q, k, v, shift, y, b, den, causal, scale, center, normalize, eps):
-    B, Hq, N, Dk = q.shape
-    Hk, Dv = k.shape[1], v.shape[-1]
-    acc = acc_of(q.dtype)
-    shift_acc = shift.to(acc).contiguous()
-    nan = float("nan")
-    dq = torch.full(q.shape, nan, dtype=acc)
-    dk = torch.full(k.shape, nan, dtype=acc)
-    dv = torch.full(v.shape, nan, dtype=acc)
-    db = torch.full((B, Hq, N), nan, dtype=acc)
-    msg = ctypes.create_string_buffer(512)
-    rc = lib.emu_bwd(DT[q.dtype], arr([B, Hq, Hk, N, Dk, Dv]), ptr(q), arr(q.stride()), ptr(k),
-                     arr(k.stride()), ptr(v), arr(v.stride()), ptr(shift_acc),
-                     ctypes.c_double(scale), ctypes.c_double(eps), int(causal), int(center),
-                     int(normalize), ptr(dy), arr(dy.stride()), ptr(y), ptr(b), ptr(den), ptr(dq),
-                     ptr(dk), ptr(dv), ptr(db), msg, 512)
-    assert rc == 0, msg.value
-    return dq, dk, dv, shift_grad(db)
 
 
 LAST_ERRS = {}  # the errors of the last check_case
@@ -161,20 +116,6 @@ def check_case(dtype, B, Hq, Hk, N, Dk, Dv, causal, center, normalize, kinds, se
             f"causal={int(causal)} center={int(center)} norm={int(normalize)} "
             f"{'/'.join(kk[:5] for kk in kinds)} off={key_offset}")
     return report(name, errs, tol)
-
-
-def emu_decode(q, k, v, shift, sums, ref, scale, center, normalize, eps):
-    """One in-place step of the CUDA decode kernels on (sums, ref); returns y."""
-    B, Hq, _, Dk = q.shape
-    Hk, Dv = k.shape[1], v.shape[-1]
-    y = torch.full((B, Hq, 1, Dv), float("nan"), dtype=q.dtype)
-    msg = ctypes.create_string_buffer(512)
-    rc = lib.emu_decode(DT[q.dtype], arr([B, Hq, Hk, 1, Dk, Dv]), ptr(q), arr(q.stride()),
-                        ptr(k), arr(k.stride()), ptr(v), arr(v.stride()), ptr(shift),
-                        ctypes.c_double(scale), ctypes.c_double(eps), int(center),
-                        int(normalize), ptr(sums), ptr(ref), ptr(y), msg, 512)
-    assert rc == 0, msg.value
-    return y
 
 
 def check_decode(dtype, B, Hq, Hk, Dk, Dv, center, normalize, prefill, steps, kinds, seed,
@@ -456,6 +397,13 @@ def run_direct(quick):
     return check_emu_direct.run(lib, quick)
 
 
+def run_maps():
+    """The tests' second feature map through the kernels (check_emu_maps.py: "map linear")."""
+    sys.path.insert(0, HERE)
+    import check_emu_maps
+    return check_emu_maps.run(lib)
+
+
 def main():
     cases = []
     # Shapes: partial chunks, odd N, several feature tiles (Dk = 16: F = 153; Dk = 40: 861),
@@ -496,6 +444,10 @@ def main():
         varlen_cases = []
     if "varlen" in sys.argv:
         decode_cases = []
+    if "maps" in sys.argv:  # only the second feature map (check_emu_maps.py)
+        ok = run_maps()
+        print("ALL OK" if ok else "SOME FAILED")
+        sys.exit(0 if ok else 1)
     if "direct" in sys.argv:  # only the direct path's kernels (check_emu_direct.py)
         ok = run_direct(QUICK)
         print("ALL OK" if ok else "SOME FAILED")
@@ -545,6 +497,7 @@ def main():
     if "big" not in sys.argv:
         ok &= check_wide(QUICK)
         ok &= run_direct(QUICK)
+        ok &= run_maps()
     print("ALL OK" if ok else "SOME FAILED")
     sys.exit(0 if ok else 1)
 

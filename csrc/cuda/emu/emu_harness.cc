@@ -62,6 +62,9 @@ extern "C" void emu_set_smem_optin(int bytes) {
   emu::smem_limits().clear();
 }
 
+// The feature map of the following calls: 0 StateMap, 1 the tests' LinearMap (float64).
+extern "C" void emu_set_feature_map(int map) { feature_map() = map; }
+
 // The carried-state tensors of the following calls (any may be null).
 extern "C" void emu_set_state(const void* state_in, const void* ref_in, void* state_out,
                               void* ref_out, const void* dstate_out, void* dstate_in,
@@ -81,8 +84,8 @@ extern "C" int emu_fwd(int dt, const int64_t* sz, const void* q, const int64_t* 
   p.den = den;
   const DType d = DType(dt);
   std::vector<unsigned char> ws(fwd_workspace_bytes(p, d) + 1, 0xFF);  // poisoned
-  const Status st = for_dtype(d, [&](auto tag) {
-    return launch_fwd<decltype(tag)::value>(p, ws.data(), ws.size(), nullptr);
+  const Status st = for_launch(d, [&](auto tag, auto map) {
+    return launch_fwd<decltype(tag)::value, decltype(map)>(p, ws.data(), ws.size(), nullptr);
   });
   return report(st, msg, msglen);
 }
@@ -111,8 +114,8 @@ extern "C" int emu_bwd(int dt, const int64_t* sz, const void* q, const int64_t* 
   p.db = db;
   const DType d = DType(dt);
   std::vector<unsigned char> ws(bwd_workspace_bytes(p, d) + 1, 0xFF);
-  const Status st = for_dtype(d, [&](auto tag) {
-    return launch_bwd<decltype(tag)::value>(p, ws.data(), ws.size(), nullptr);
+  const Status st = for_launch(d, [&](auto tag, auto map) {
+    return launch_bwd<decltype(tag)::value, decltype(map)>(p, ws.data(), ws.size(), nullptr);
   });
   return report(st, msg, msglen);
 }
@@ -131,8 +134,8 @@ extern "C" int emu_decode(int dt, const int64_t* sz, const void* q, const int64_
   p.sums = sums;
   p.ref = const_cast<void*>(ref);  // written when the state holds no key yet
   p.y = y;
-  const Status st = for_dtype(DType(dt), [&](auto tag) {
-    return launch_decode<decltype(tag)::value>(p, nullptr);
+  const Status st = for_launch(DType(dt), [&](auto tag, auto map) {
+    return launch_decode<decltype(tag)::value, decltype(map)>(p, nullptr);
   });
   return report(st, msg, msglen);
 }
