@@ -217,8 +217,15 @@ def _shift_tensor(c: float, heads: int, dtype: torch.dtype, device: torch.device
 
 def cu_seqlens(x, q) -> int:
     """Packed sequences: returns S, the number of sequences (the batch size without them)."""
+    return packed_sequences(x, q)[0]
+
+
+def packed_sequences(x, q):
+    """Packed sequences: (S, offsets). S is the number of sequences (the batch size without
+    them); the offsets are x's copy on the CPU, read once here for the data-dependent check and
+    handed to the op, which then reads no device memory for them (x itself when traced)."""
     if x is None:
-        return q.shape[0]
+        return q.shape[0], None
     what = "an int32 or int64 tensor of shape (S + 1,): the offsets of S packed sequences"
     check_type(isinstance(x, torch.Tensor), lambda: f"cu_seqlens must be {what}, got {_kind(x)}")
     check(x.dim() == 1 and x.shape[0] >= 2 and x.dtype in (torch.int32, torch.int64),
@@ -228,11 +235,12 @@ def cu_seqlens(x, q) -> int:
     check(q.shape[0] == 1,
           lambda: f"with cu_seqlens, q, k, v must pack the sequences along N with batch size 1: "
           f"q of shape (1, Hq, T, Dk), got {tuple(q.shape)}")
-    if x.device.type != "meta" and not torch.compiler.is_compiling():
-        c = x.cpu()  # a data-dependent check; the op checks it too
-        check(int(c[0]) == 0 and int(c[-1]) == q.shape[2] and bool((c[1:] >= c[:-1]).all()),
-              lambda: f"cu_seqlens must be non-decreasing offsets from 0 to T = {q.shape[2]}")
-    return x.shape[0] - 1
+    if x.device.type == "meta" or torch.compiler.is_compiling():
+        return x.shape[0] - 1, x
+    c = x.cpu()  # a data-dependent check; the op checks it too
+    check(int(c[0]) == 0 and int(c[-1]) == q.shape[2] and bool((c[1:] >= c[:-1]).all()),
+          lambda: f"cu_seqlens must be non-decreasing offsets from 0 to T = {q.shape[2]}")
+    return x.shape[0] - 1, c
 
 
 def state(st, q, k, v, S: int, name: str) -> None:

@@ -4,8 +4,6 @@ from __future__ import annotations
 import torch
 
 from . import _args
-from . import _direct  # noqa: F401  (registers the direct path's fake and autograd)
-from . import _direct_state
 from ._cost import choose_path
 from ._ops import ops
 from .state import CSQState
@@ -60,7 +58,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     tile = _args.tile_size(tile_size, chunk_size)
     _args.flag("return_state", return_state)
     _args.no_forward_ad(q=q, k=k, v=v, shift=shift_t)
-    S = _args.cu_seqlens(cu_seqlens, q)
+    S, cu = _args.packed_sequences(cu_seqlens, q)
     _args.check(causal or not return_state,
                 lambda: "return_state needs causal=True: a non-causal output depends on future keys")
     state_in = ref_in = None
@@ -73,20 +71,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         state_in, ref_in = initial_state.sums.contiguous(), initial_state.ref.contiguous()
     grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, shift_t, state_in, ref_in))
-    if _use_direct(path, q, k, v, causal, S, cu_seqlens is not None, initial_state is not None,
-                   return_state, grad):
-        if initial_state is None and not return_state:
-            y = ops.csq_direct_fwd(q, k, v, shift_t, cu_seqlens, None, None, options["causal"],
-                                   options["scale"], options["center"], options["normalize"],
-                                   options["eps"], tile)[0]
-            return y if y.dtype == q.dtype else y.to(q.dtype)
-        y, sums, ref = _direct_state.attention(q, k, v, shift_t, cu_seqlens, S, state_in, ref_in,
-                                               return_state, options, tile)
-    else:
-        y, _, _, sums, ref = ops.csq_chunked_fwd(
-            q, k, v, shift_t, cu_seqlens, state_in, ref_in, options["causal"], options["scale"],
-            options["center"], options["normalize"], options["eps"], tile, return_state)
-    y = y.to(q.dtype)  # the ops compute half precision in float32
+    # Both algorithms' ops take the same arguments and carry the same states.
+    op = (ops.csq_direct_fwd if _use_direct(path, q, k, v, causal, S, cu is not None,
+                                            initial_state is not None, return_state, grad)
+          else ops.csq_chunked_fwd)
+    y, _, _, sums, ref = op(q, k, v, shift_t, cu, state_in, ref_in, options["causal"],
+                            options["scale"], options["center"], options["normalize"],
+                            options["eps"], tile, return_state)
+    y = y if y.dtype == q.dtype else y.to(q.dtype)  # half precision is computed in float32
     return (y, CSQState(sums, ref)) if return_state else y
 
 

@@ -62,6 +62,24 @@ class FeatureMap:
         return torch.tensor([(x, y, int(self.query_weight(x, y))) for x, y in self.rows(d)],
                             dtype=torch.int64).reshape(-1, 3)
 
+    def recenter(self, sums: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        """The same keys' state relative to another ref: sums (..., F, C) relative to r_from,
+        d = r_from - r_to (..., D). Every key coordinate moves by d (the constant one by 0), so
+        a row with factors (x, y) becomes (ke_x + d_x)(ke_y + d_y): itself, plus d_x times the
+        row that sums ke_y, d_y times the one that sums ke_x, d_x d_y times the count (a row of
+        one factor: plus d_x times the count). Exact and differentiable."""
+        D = d.shape[-1]
+        t = self.table(D).to(sums.device)
+        x, y = t[:, 0], t[:, 1]
+        y = torch.where(y == ONE_FACTOR, torch.full_like(y, D), y)   # one factor: x times ke_d
+        single = torch.tensor([self.key_sum_row(z, D) for z in range(D)] + [self.count_row(D)],
+                              device=sums.device)                     # the row summing ke_z
+        dz = torch.cat([d, torch.zeros_like(d[..., :1])], -1)          # d_D = 0
+        dx, dy = dz[..., x, None], dz[..., y, None]                    # (..., F, 1)
+        count = sums[..., self.count_row(D):self.count_row(D) + 1, :]
+        return (sums + dx * sums[..., single[y], :] + dy * sums[..., single[x], :]
+                + dx * dy * count)
+
     def features(self, e: torch.Tensor, query: bool) -> torch.Tensor:
         """(..., d + 1) extended coordinates -> (..., F) features: phi (query) or psi."""
         d = e.shape[-1] - 1

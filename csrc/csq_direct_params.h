@@ -12,31 +12,32 @@
 
 namespace csq {
 
-// csq_direct_fwd: the inputs (QkvParams), the tile length and the outputs (ForwardOutputs: y, b,
-// the per-query shift that goes with the tile reference, see below, and den).
+// csq_direct_fwd: the inputs (QkvParams), the tile length, the outputs (ForwardOutputs: y, b,
+// the per-query shift that goes with the tile reference, see below, and den) and a carried
+// state (CarriedState, causal only: the state's keys join each query's mean and add
+// phi(qe) . sums to its [num | den]; ref_out is written when a state is read or returned).
 //
 // Accuracy with centering: query tile T (rows t0..t0 + tile - 1 of a sequence) subtracts a
 // reference r_T from every key before the products, r_T = the running key mean at t0 (causal;
 // every row of T sees those keys) or the mean of all keys (not causal), and uses
 // b_i = c_h - tau <q_i, mu_i - r_T>, so s_ij = tau <q_i, k_j - r_T> + b_i never subtracts two
 // large numbers when the keys share an offset. Without centering r_T = 0 and b_i = c_h.
-struct DirectFwdParams : QkvParams, ForwardOutputs {
+struct DirectFwdParams : QkvParams, ForwardOutputs, CarriedState {
   int64_t tile = 64;  // CPU only: query and key tile length (positions); CUDA uses kDirectTile
   // CUDA, bfloat16 / float16 only: 0 runs the generic kernels instead of the tensor-core ones
   // (CSQ_CUDA_TENSOR_CORES=0, as for FwdParams).
   int tensor_core_passes = 3;
-  // Optional per-query inputs from outside the keys of this call (nullptr: none), contiguous,
-  // accumulation dtype. csq_ext/_direct_state.py uses them to carry a state on the direct
-  // path: the state's keys move each query's mean (row_shift) and add their weighted values
-  // and weights (row_sums).
-  const void* row_shift = nullptr;  // (B, Hq, N): added to each b_i
-  const void* row_sums = nullptr;   // (B, Hq, N, Dv + 1): added to [num | den] before dividing
+  // CUDA only, internal (set by the launcher, null from the host): per-query terms from
+  // outside the call's keys, contiguous, accumulation dtype: row_shift (B, Hq, N) added to
+  // each b_i, row_sums (B, Hq, N, Dv + 1) added to [num | den] before dividing (a carried
+  // state's read). The emulator checks them directly.
+  const void* row_shift = nullptr;
+  const void* row_sums = nullptr;
 };
 
-// csq_direct_bwd, derived from the forward's: y, b, den are read back (not written). The saved
-// b already holds row_shift and the saved den row_sums' den, so the backward needs neither;
-// their gradients are db and [dy / (den + eps), dden] (computed by the caller).
-struct DirectBwdParams : DirectFwdParams, GradientFields {};
+// csq_direct_bwd, derived from the forward's: y, b, den are read back (not written); ref_in is
+// the forward's ref_out (with a carried state, or when the state was returned).
+struct DirectBwdParams : DirectFwdParams, GradientFields, CarriedStateGrads {};
 
 // Number of tiles of a sequence of `len` positions.
 inline int64_t num_tiles(int64_t len, int64_t tile) { return (len + tile - 1) / tile; }

@@ -37,17 +37,12 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
               tile_size);
 }
 
-namespace {
-
-// Chunk length used when the caller passes tile_size <= 0 (the chunked path's block).
 int64_t default_chunk(int64_t dim_k, bool on_cuda) {
   if (on_cuda) return 64;
   // The state GEMMs are (C x F) by (F x Dv); a longer chunk makes them more efficient while the
   // C x C block inside a chunk stays cheap next to them. Measured in bench/NOTES.md.
   return dim_k <= 32 ? 128 : 64;
 }
-
-}  // namespace
 
 void fill_qkv_params(QkvParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                      const at::Tensor& shift_acc, bool causal, double scale, bool center,
@@ -105,13 +100,15 @@ std::vector<int64_t> state_shape(const QkvParams& p, FeatureCount features) {
 
 namespace {
 
-// The carried state (causal only): checks its sums and ref (shape, dtype, device) and points
-// p at them. ref alone (the backward's, the forward's ref_out) is checked the same way.
-void set_carried_state(FwdParams& p, const at::Tensor& q,
+bool given(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+}  // namespace
+
+void set_carried_state(const QkvParams& p, CarriedState& cs, const at::Tensor& q,
                        const c10::optional<at::Tensor>& state_in,
                        const c10::optional<at::Tensor>& ref_in, FeatureCount features) {
-  const bool has_state = state_in.has_value() && state_in->defined();
-  const bool has_ref = ref_in.has_value() && ref_in->defined();
+  const bool has_state = given(state_in);
+  const bool has_ref = given(ref_in) && ref_in->numel() != 0;
   const auto acc = acc_dtype(q.scalar_type());
   if (has_state) {
     TORCH_CHECK(p.causal, "csq_ext: a carried state needs causal=True");
@@ -123,7 +120,7 @@ void set_carried_state(FwdParams& p, const at::Tensor& q,
                 "csq_ext: state sums must be a contiguous ", acc, " tensor of shape (S, Hk, F, "
                 "Dv + 1) = ", at::IntArrayRef(shape), " on ", q.device(), ", got ",
                 s.scalar_type(), " ", s.sizes(), " on ", s.device());
-    p.state_in = s.data_ptr();
+    cs.state_in = s.data_ptr();
   }
   if (has_ref) {
     const at::Tensor& r = *ref_in;
@@ -131,13 +128,59 @@ void set_carried_state(FwdParams& p, const at::Tensor& q,
                     r.scalar_type() == acc && r.device() == q.device() && r.is_contiguous(),
                 "csq_ext: state ref must be a contiguous ", acc, " tensor of shape (S, Hk, Dk) "
                 "= (", p.num_seqs, ", ", p.heads_k, ", ", p.dim_k, ")");
-    p.ref_in = r.data_ptr();
+    cs.ref_in = r.data_ptr();
   }
 }
 
+StateOutputs alloc_state_outputs(const QkvParams& p, CarriedState& cs,
+                                 const at::TensorOptions& opts, bool returns, bool with_ref,
+                                 FeatureCount features) {
+  StateOutputs o{returns ? at::empty(state_shape(p, features), opts) : at::empty({0}, opts),
+                 with_ref ? at::empty({p.num_seqs, p.heads_k, p.dim_k}, opts)
+                          : at::empty({0}, opts)};
+  cs.state_out = returns ? o.state_out.data_ptr() : nullptr;
+  cs.ref_out = with_ref ? o.ref_out.data_ptr() : nullptr;
+  return o;
+}
+
+StateGradients set_state_gradients(const QkvParams& p, const CarriedState& cs,
+                                   CarriedStateGrads& g, const at::TensorOptions& opts,
+                                   const c10::optional<at::Tensor>& dstate_out,
+                                   const c10::optional<at::Tensor>& dref_out, bool ref_given, bool with_ref,
+                                   FeatureCount features) {
+  StateGradients t;
+  const std::vector<int64_t> shape = state_shape(p, features);
+  const std::vector<int64_t> ref_shape = {p.num_seqs, p.heads_k, p.dim_k};
+  // The incoming gradients, if given (and not empty): contiguous copies in the accumulation
+  // dtype.
+  if (given(dstate_out) && dstate_out->numel() != 0) {
+    TORCH_CHECK(dstate_out->sizes() == at::IntArrayRef(shape),
+                "csq_ext backward: dstate_out must have the state's shape ",
+                at::IntArrayRef(shape), ", got ", dstate_out->sizes());
+    t.dstate_out = dstate_out->to(opts.dtype()).contiguous();
+    g.dstate_out = t.dstate_out.data_ptr();
+  }
+  g.ref_given = ref_given;
+  if (given(dref_out) && dref_out->numel() != 0) {
+    TORCH_CHECK(with_ref && dref_out->sizes() == at::IntArrayRef(ref_shape),
+                "csq_ext backward: dref_out must have the ref's shape (S, Hk, Dk) = ",
+                at::IntArrayRef(ref_shape), ", got ", dref_out->sizes());
+    t.dref_out = dref_out->to(opts.dtype()).contiguous();
+    g.dref_out = t.dref_out.data_ptr();
+  }
+  const bool carried = cs.state_in != nullptr;
+  t.dstate_in = carried ? at::zeros(shape, opts) : at::empty({0}, opts);
+  t.dref = with_ref ? at::zeros(ref_shape, opts) : at::empty({0}, opts);
+  g.dstate_in = carried ? t.dstate_in.data_ptr() : nullptr;
+  g.dref = with_ref ? t.dref.data_ptr() : nullptr;
+  return t;
+}
+
+namespace {
+
 // The forward's parameters, shared by csq_chunked_fwd and csq_chunked_bwd (after
-// check_inputs): sizes, scalars, chunk, packed sequences and carried state. Returns the tensors p points into
-// through the last two arguments.
+// check_inputs): sizes, scalars, chunk, packed sequences and carried state. Returns the
+// tensors p points into through the last two arguments.
 void fill_forward_params(FwdParams& p, const at::Tensor& q, const at::Tensor& k,
                          const at::Tensor& v, const at::Tensor& shift,
                          const c10::optional<at::Tensor>& cu_seqlens,
@@ -152,7 +195,7 @@ void fill_forward_params(FwdParams& p, const at::Tensor& q, const at::Tensor& k,
   // A chunk longer than the sequence only wastes workspace.
   p.chunk = std::max<int64_t>(1, std::min(p.chunk, p.seqlen));
   cu = set_packed_sequences(p, q, cu_seqlens);
-  set_carried_state(p, q, state_in, ref_in, features);
+  set_carried_state(p, p, q, state_in, ref_in, features);
 }
 
 }  // namespace
@@ -174,13 +217,12 @@ ForwardCall prepare_forward(const at::Tensor& q, const at::Tensor& k, const at::
   c.y = at::empty({p.batch, p.heads_q, p.seqlen, p.dim_v}, opts);
   c.b = at::empty({p.batch, p.heads_q, p.seqlen}, opts);
   c.den = at::empty({p.batch, p.heads_q, p.seqlen}, opts);
-  c.state_out = return_state ? at::empty(state_shape(p, features), opts) : at::empty({0}, opts);
-  c.ref_out = at::empty({p.num_seqs, p.heads_k, p.dim_k}, opts);
+  const StateOutputs st = alloc_state_outputs(p, p, opts, return_state, true, features);
+  c.state_out = st.state_out;
+  c.ref_out = st.ref_out;
   p.y = c.y.data_ptr();
   p.b = c.b.data_ptr();
   p.den = c.den.data_ptr();
-  p.state_out = return_state ? c.state_out.data_ptr() : nullptr;
-  p.ref_out = c.ref_out.data_ptr();
   return c;
 }
 
@@ -193,8 +235,8 @@ SavedForward set_saved_forward(ForwardOutputs& saved, GradientFields& grad, cons
   TORCH_CHECK(dy.sizes() == at::IntArrayRef({B, Hq, N, Dv}) && dy.scalar_type() == acc &&
                   on_q(dy),
               "csq_ext backward: dy must have shape (B, Hq, N, Dv) = ",
-              at::IntArrayRef({B, Hq, N, Dv}), ", the accumulation dtype ", acc, " of y and the device of q; got ", dy.sizes(),
-              " ", dy.scalar_type());
+              at::IntArrayRef({B, Hq, N, Dv}), ", the accumulation dtype ", acc,
+              " of y and the device of q; got ", dy.sizes(), " ", dy.scalar_type());
   TORCH_CHECK(y.sizes() == dy.sizes() && y.scalar_type() == acc && on_q(y),
               "csq_ext backward: y must be the forward's output, (B, Hq, N, Dv) in ", acc);
   TORCH_CHECK(b.sizes() == at::IntArrayRef({B, Hq, N}) && den.sizes() == b.sizes() &&
@@ -236,7 +278,8 @@ BackwardCall prepare_backward(const at::Tensor& dy, const at::Tensor& q, const a
                               const c10::optional<at::Tensor>& cu_seqlens,
                               const c10::optional<at::Tensor>& state_in, const at::Tensor& ref,
                               const at::Tensor& y, const at::Tensor& b, const at::Tensor& den,
-                              const c10::optional<at::Tensor>& dstate_out, bool causal,
+                              const c10::optional<at::Tensor>& dstate_out,
+                              const c10::optional<at::Tensor>& dref_out, bool ref_given, bool causal,
                               double scale, bool center, bool normalize, double eps,
                               int64_t tile_size, FeatureCount features) {
   check_inputs(q, k, v, shift, eps, tile_size);
@@ -248,38 +291,25 @@ BackwardCall prepare_backward(const at::Tensor& dy, const at::Tensor& q, const a
   c.ref = ref.contiguous();
   fill_forward_params(p, q, k, v, shift, cu_seqlens, state_in, c.ref, causal, scale, center,
                       normalize, eps, tile_size, features, c.shift_acc, c.cu_seqlens);
-  const auto acc = acc_dtype(q.scalar_type());
   const SavedForward saved = set_saved_forward(p, p, q, v, dy, y, b, den);
   c.y = saved.y;
   c.b = saved.b;
   c.den = saved.den;
-  // The gradient of the returned state, if given (and not empty): a contiguous copy in the
-  // accumulation dtype.
-  if (dstate_out.has_value() && dstate_out->defined() && dstate_out->numel() != 0) {
-    TORCH_CHECK(dstate_out->sizes() == at::IntArrayRef(state_shape(p, features)),
-                "csq_ext backward: dstate_out must have the state's shape ",
-                at::IntArrayRef(state_shape(p, features)), ", got ", dstate_out->sizes());
-    c.dstate_out = dstate_out->to(acc).contiguous();
-    p.dstate_out = c.dstate_out.data_ptr();
-  }
   const GradientTensors g = alloc_gradients(p, q, k, v);
   c.dq = g.dq;
   c.dk = g.dk;
   c.dv = g.dv;
   c.db = g.db;
-  const auto opts = q.options().dtype(acc);
-  const bool carried = p.state_in != nullptr;
-  c.dstate_in = carried ? at::zeros(state_shape(p, features), opts) : at::empty({0}, opts);
-  c.dref = at::zeros({p.num_seqs, p.heads_k, p.dim_k}, opts);
-  p.dstate_in = carried ? c.dstate_in.data_ptr() : nullptr;
-  p.dref = c.dref.data_ptr();
+  c.state = set_state_gradients(p, p, p, q.options().dtype(acc_dtype(q.scalar_type())),
+                                dstate_out, dref_out, ref_given, true, features);
   return c;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 BackwardCall::outputs() const {
   const auto g = gradient_outputs(dq, dk, dv, db, input_dtype, shift_dtype);
-  return {std::get<0>(g), std::get<1>(g), std::get<2>(g), std::get<3>(g), dstate_in, dref};
+  return {std::get<0>(g), std::get<1>(g), std::get<2>(g), std::get<3>(g), state.dstate_in,
+          state.dref};
 }
 
 DecodeParams prepare_decode(const at::Tensor& sums, const at::Tensor& ref, const at::Tensor& q,
@@ -294,9 +324,8 @@ DecodeParams prepare_decode(const at::Tensor& sums, const at::Tensor& ref, const
               "csq_ext.decode_: shift must be a contiguous ", acc, " tensor");
   DecodeParams p;
   fill_qkv_params(p, q, k, v, shift, true, scale, center, normalize, eps);
-  FwdParams carried;  // the same checks of sums and ref as a carried state's
-  static_cast<QkvParams&>(carried) = p;
-  set_carried_state(carried, q, sums, ref, features);
+  CarriedState carried;  // the same checks of sums and ref as a carried state's
+  set_carried_state(p, carried, q, sums, ref, features);
   TORCH_CHECK(y.sizes() == at::IntArrayRef({p.batch, p.heads_q, 1, p.dim_v}) &&
                   y.scalar_type() == q.scalar_type() && y.is_contiguous() &&
                   y.device() == q.device(),

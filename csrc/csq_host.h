@@ -32,6 +32,10 @@ at::ScalarType acc_dtype(at::ScalarType input);
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                   const at::Tensor& shift, double eps, int64_t tile_size);
 
+// The chunked path's block (chunk) length when the caller passes tile_size <= 0; also the
+// state-only op's.
+int64_t default_chunk(int64_t dim_k, bool on_cuda);
+
 // Sizes, strides, input pointers and scalars of every op (no packed sequences yet:
 // num_seqs = batch).
 void fill_qkv_params(QkvParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -50,6 +54,35 @@ using FeatureCount = int64_t (*)(int64_t dim_k);
 // Shape of the carried sums: (S, Hk, F, Dv + 1).
 std::vector<int64_t> state_shape(const QkvParams& p,
                                  FeatureCount features = &StateMap::num_features);
+
+// A carried state (causal only): checks state_in and ref_in (shape, dtype, q's device,
+// contiguous; an empty ref is none) and points cs at them. A backward's ref (the forward's
+// ref_out) is checked the same way.
+void set_carried_state(const QkvParams& p, CarriedState& cs, const at::Tensor& q,
+                       const c10::optional<at::Tensor>& state_in,
+                       const c10::optional<at::Tensor>& ref_in, FeatureCount features);
+
+// A forward's returned state: state_out (S, Hk, F, Dv + 1) when `returns`, ref_out (S, Hk, Dk)
+// when `with_ref` (else empty tensors); points cs at them.
+struct StateOutputs {
+  at::Tensor state_out, ref_out;
+};
+StateOutputs alloc_state_outputs(const QkvParams& p, CarriedState& cs,
+                                 const at::TensorOptions& opts, bool returns, bool with_ref,
+                                 FeatureCount features);
+
+// A backward's carried-state gradients: checks the incoming dstate_out and dref_out (optional)
+// and points g at contiguous copies; dstate_in (zeroed) when cs has a state_in, dref (zeroed)
+// when `with_ref`, else empty tensors. ref_given: whether the forward was given its ref_in
+// (else it picked its ref, whose gradient goes to the keys).
+struct StateGradients {
+  at::Tensor dstate_out, dref_out, dstate_in, dref;
+};
+StateGradients set_state_gradients(const QkvParams& p, const CarriedState& cs,
+                                   CarriedStateGrads& g, const at::TensorOptions& opts,
+                                   const c10::optional<at::Tensor>& dstate_out,
+                                   const c10::optional<at::Tensor>& dref_out, bool ref_given, bool with_ref,
+                                   FeatureCount features);
 
 // The backward's results from its accumulators (shared with the direct path): dq, dk, dv in
 // the input dtype and dshift = sum of db over batch entries and positions, (Hq,), in the dtype
@@ -75,11 +108,12 @@ ForwardCall prepare_forward(const at::Tensor& q, const at::Tensor& k, const at::
                             bool return_state, FeatureCount features = &StateMap::num_features);
 
 // csq_chunked_bwd: the forward's parameters (same checks) plus dy, the forward's saved y, b,
-// den and ref, and the gradient of the returned state.
+// den and ref, and the gradients of the returned state and ref.
 struct BackwardCall {
   BwdParams p;
-  at::Tensor shift_acc, cu_seqlens, ref, y, b, den, dstate_out;  // what p points into
-  at::Tensor dq, dk, dv, db, dstate_in, dref;
+  at::Tensor shift_acc, cu_seqlens, ref, y, b, den;  // what p points into
+  at::Tensor dq, dk, dv, db;
+  StateGradients state;
   at::ScalarType input_dtype, shift_dtype;
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> outputs()
       const;
@@ -89,7 +123,8 @@ BackwardCall prepare_backward(const at::Tensor& dy, const at::Tensor& q, const a
                               const c10::optional<at::Tensor>& cu_seqlens,
                               const c10::optional<at::Tensor>& state_in, const at::Tensor& ref,
                               const at::Tensor& y, const at::Tensor& b, const at::Tensor& den,
-                              const c10::optional<at::Tensor>& dstate_out, bool causal,
+                              const c10::optional<at::Tensor>& dstate_out,
+                              const c10::optional<at::Tensor>& dref_out, bool ref_given, bool causal,
                               double scale, bool center, bool normalize, double eps,
                               int64_t tile_size,
                               FeatureCount features = &StateMap::num_features);

@@ -29,7 +29,8 @@ err = ((y - yr).norm() / yr.norm()).item()
 assert err < 1e-10, err
 # A library built with CUDA must have registered a CUDA kernel for every operator.
 if "cuda" in torch.ops.csq_ext.build_info():
-    for op in ("csq_chunked_fwd", "csq_chunked_bwd", "csq_decode_", "csq_direct_fwd", "csq_direct_bwd"):
+    for op in ("csq_chunked_fwd", "csq_chunked_bwd", "csq_decode_", "csq_direct_fwd", "csq_direct_bwd",
+               "csq_state", "csq_state_bwd"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"csq_ext::{op}", "CUDA"), op
 print("cmake library ok", err, torch.ops.csq_ext.build_info())
 """

@@ -340,7 +340,7 @@ def test_direct_large_heads_and_packed(gen, dk, dv):
     for name in g_cpu:
         assert_rel_close(g_gpu[name].cpu(), g_cpu[name], 2 * TOL[torch.float32], f"d{name}")
     # The op's auxiliary outputs match the CPU's at the same tile length (64).
-    args = (shift, cu, None, None, True, dk ** -0.5, True, True, 1e-6, 64)
+    args = (shift, cu, None, None, True, dk ** -0.5, True, True, 1e-6, 64, False)
     cpu = torch.ops.csq_ext.csq_direct_fwd(q, k, v, *args)
     gpu = torch.ops.csq_ext.csq_direct_fwd(q.to(DEV), k.to(DEV), v.to(DEV), shift.to(DEV),
                                            cu.to(DEV), *args[2:])

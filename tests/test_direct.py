@@ -197,22 +197,31 @@ def test_direct_gradcheck(gen, causal, center, normalize):
 
 
 def test_direct_opcheck(gen):
+    """The direct ops' fake kernels and autograd wiring, without and with a carried state and a
+    returned one (the op computes the state itself; its schema is csq_chunked_fwd's)."""
     q, k, v = make_qkv(gen, (2, 4, 2, 13, 3, 5), torch.float32)
     shift = rand_shift(gen, 4, torch.float32)
-    row_shift = randn(gen, 2, 4, 13, dtype=torch.float32)
-    row_sums = randn(gen, 2, 4, 13, 6, dtype=torch.float32).abs()
+    _, st = csq_ext.attention(*make_qkv(gen, (2, 4, 2, 9, 3, 5), torch.float32),
+                              return_state=True)
     for rg in (False, True):
         args = [t.detach().requires_grad_(rg) for t in (q, k, v, shift)]
         torch.library.opcheck(ops.csq_direct_fwd.default,
-                              (*args, None, None, None, True, 0.5, True, True, 1e-6, 4))
-        rows = [t.detach().requires_grad_(rg) for t in (row_shift, row_sums)]
+                              (*args, None, None, None, True, 0.5, True, True, 1e-6, 4, False))
+        state = [t.detach().requires_grad_(rg) for t in (st.sums, st.ref)]
         torch.library.opcheck(ops.csq_direct_fwd.default,
-                              (*args, None, *rows, True, 0.5, True, True, 1e-6, 4))
-    y, b, den = ops.csq_direct_fwd(q, k, v, shift, None, None, None, True, 0.5, True, True,
-                                   1e-6, 4)
+                              (*args, None, *state, True, 0.5, True, True, 1e-6, 4, True))
+    y, b, den, _, ref = ops.csq_direct_fwd(q, k, v, shift, None, None, None, True, 0.5, True,
+                                           True, 1e-6, 4, False)
     dy = randn(gen, *y.shape, dtype=torch.float32)
     torch.library.opcheck(ops.csq_direct_bwd.default,
-                          (dy, q, k, v, shift, None, y, b, den, True, 0.5, True, True, 1e-6, 4))
+                          (dy, q, k, v, shift, None, None, ref, y, b, den, None, None, False, True,
+                           0.5, True, True, 1e-6, 4))
+    y, b, den, sums, ref = ops.csq_direct_fwd(q, k, v, shift, None, st.sums, st.ref, True, 0.5,
+                                              True, True, 1e-6, 4, True)
+    torch.library.opcheck(ops.csq_direct_bwd.default,
+                          (dy, q, k, v, shift, None, st.sums, ref, y, b, den,
+                           torch.randn_like(sums), torch.randn_like(ref), True, True, 0.5, True,
+                           True, 1e-6, 4))
 
 
 def test_direct_compile_fullgraph(gen):
@@ -235,9 +244,9 @@ def test_direct_compile_fullgraph(gen):
 
 
 def test_direct_state_compile_fullgraph(gen):
-    """A piece continuing a state and returning the next, compiled in one graph (the state's
-    features are plain torch ops: no graph break), equal to eager with gradients into the
-    carried sums and ref."""
+    """A piece continuing a state and returning the next, compiled in one graph (the op carries
+    the state itself: no graph break), equal to eager with gradients into the carried sums and
+    ref."""
     def step(q, k, v, sums, ref):
         y, st = csq_ext.attention(q, k, v, initial_state=CSQState(sums, ref), return_state=True,
                                   path="direct")
@@ -338,7 +347,7 @@ def test_bad_path_is_refused(gen):
 
 
 # --------------------------------------------------------------------------------------------
-# Carried state on the direct path (csq_ext/_direct_state.py)
+# Carried state on the direct path (the op's: csrc/cpu/csq_direct_state_cpu.h)
 # --------------------------------------------------------------------------------------------
 def _state_run(path, q, k, v, shift, sums, ref, **kw):
     y, st = csq_ext.attention(q, k, v, shift=shift, initial_state=CSQState(sums, ref),
@@ -392,22 +401,22 @@ def test_direct_state_pieces_match_reference(gen, dtype):
     assert_rel_close(torch.cat(ys, 2), reference(q, k, v, shift=shift), TOL[dtype], "y")
 
 
-def test_direct_state_feature_blocks(gen, monkeypatch):
-    """The state's features are built in blocks of rows (and of heads): any block size gives
-    the same output, state and gradients."""
-    from csq_ext import _direct_state
+def test_direct_state_feature_blocks(gen):
+    """The state is read and built in blocks of rows (tiles, and blocks of at most 64 stacked
+    query rows within a tile): any block size gives the same output, state and gradients."""
     q, k, v = make_qkv(gen, (2, 4, 2, 90, 5, 3))
     _, s0 = csq_ext.attention(q[:, :, :30], k[:, :, :30], v[:, :, :30], return_state=True)
     inputs = [t.detach().requires_grad_() for t in (q[:, :, 30:], k[:, :, 30:], v[:, :, 30:])]
 
-    def run():
-        y, st = csq_ext.attention(*inputs, initial_state=s0, return_state=True, path="direct")
+    def run(tile):
+        y, st = csq_ext.attention(*inputs, initial_state=s0, return_state=True, path="direct",
+                                  tile_size=tile)
         return (y, st.sums, *torch.autograd.grad(y.sum() + st.sums.square().sum(), inputs))
 
-    one_block = run()
-    monkeypatch.setattr(_direct_state, "_BLOCK_ELEMS", 3 * 26)  # F = 21: 1-3 rows, 1 head
-    for a, b in zip(run(), one_block):
-        assert_rel_close(a, b, 1e-12)
+    one_block = run(64)
+    for tile in (3, 17, None):
+        for a, b in zip(run(tile), one_block):
+            assert_rel_close(a, b, 1e-12)
 
 
 def test_direct_state_nan_stays_in_its_sequence(gen):

@@ -39,7 +39,7 @@ def test_cuda_kernels_in_the_emulator(emulator_library):
     assert run.returncode == 0 and "ALL OK" in run.stdout, report[-6000:]
     # Every family of kernels was exercised (a check that silently ran nothing must fail).
     for family in ("decode", "varlen", "state", "tensor", "outlier", "sink", "wide", "direct",
-                   "direct row inputs", "map linear"):
+                   "direct row inputs", "map linear", "state op"):
         assert family in report.lower(), f"no {family} case ran:\n{report[-3000:]}"
     # Heads of 256 (the limit of the chunked CUDA kernels) ran through the forward and backward,
     # the carried state and the decode step, and larger ones were refused.

@@ -105,10 +105,12 @@ def test_toy_forward_and_backward(gen, toy, path, causal, center, normalize):
         y, b, den, _, ref = toy.chunked_fwd(q, k, v, shift, None, None, None, causal, *args,
                                             False)
         dq, dk, dv, dshift, _, _ = toy.chunked_bwd(dy, q, k, v, shift, None, None, ref, y, b, den,
-                                                    None, causal, *args)
+                                                    None, None, False, causal, *args)
     else:
-        y, b, den = toy.direct_fwd(q, k, v, shift, None, causal, *args)
-        dq, dk, dv, dshift, _ = toy.direct_bwd(dy, q, k, v, shift, None, y, b, den, causal, *args)
+        y, b, den, _, ref = toy.direct_fwd(q, k, v, shift, None, None, None, causal, *args,
+                                           False)
+        dq, dk, dv, dshift, _, _ = toy.direct_bwd(dy, q, k, v, shift, None, None, ref, y, b, den,
+                                                  None, None, False, causal, *args)
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, shift)]
     want = _reference(*leaves, **opts)
     grads = torch.autograd.grad(want, leaves, dy)

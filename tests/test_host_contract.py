@@ -34,9 +34,11 @@ def _fwd(q, k, v, shift, cu=None, state=None, return_state=True, **kw):
 def _bwd(dy, q, k, v, shift, fwd, cu=None, state=None, dstate_out=None, **kw):
     o = {**OPTS, **kw}
     y, b, den, _, ref = fwd
-    return ops.csq_chunked_bwd(dy, q, k, v, shift, cu, None if state is None else state[0], ref, y, b,
-                       den, dstate_out, o["causal"], o["scale"], o["center"], o["normalize"],
-                       o["eps"], 0)
+    # ref_given: dref is the gradient of the forward's ref through k - ref and b, whether the
+    # forward picked it or was given it.
+    return ops.csq_chunked_bwd(dy, q, k, v, shift, cu, None if state is None else state[0], ref,
+                               y, b, den, dstate_out, None, True, o["causal"], o["scale"],
+                               o["center"], o["normalize"], o["eps"], 0)
 
 
 @pytest.mark.parametrize("Dk", [1, 3, 16, 33])

@@ -64,7 +64,7 @@ def _bwd_args(gen, layout):
     opts = args[7:13]  # causal, scale, center, normalize, eps, tile_size
     y, b, den, _, ref = ops.csq_chunked_fwd(*args)
     dy = randn(gen, *y.shape)
-    return (dy, q, k, v, shift, None, None, ref, y, b, den, None, *opts)
+    return (dy, q, k, v, shift, None, None, ref, y, b, den, None, None, False, *opts)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "transposed", "sliced"])
@@ -85,11 +85,13 @@ def test_fake_outputs_match_real(gen):
         opts = (True, 0.5, True, True, 1e-6, 4)
         real = ops.csq_chunked_fwd(*fwd_op_args(q, k, v, shift, *opts, return_state=True))
         dy = randn(gen, *real[0].shape, dtype=real[0].dtype)  # the gradient of y
-        real_b = ops.csq_chunked_bwd(dy, q, k, v, shift, None, None, real[4], *real[:3], real[3], *opts)
+        real_b = ops.csq_chunked_bwd(dy, q, k, v, shift, None, None, real[4], *real[:3], real[3],
+                                     None, False, *opts)
         with FakeTensorMode() as mode:
             f = [mode.from_tensor(t) for t in (q, k, v, shift, dy)]
             fake = ops.csq_chunked_fwd(*fwd_op_args(*f[:4], *opts, return_state=True))
-            fake_b = ops.csq_chunked_bwd(f[4], *f[:4], None, None, fake[4], *fake[:3], fake[3], *opts)
+            fake_b = ops.csq_chunked_bwd(f[4], *f[:4], None, None, fake[4], *fake[:3], fake[3],
+                                         None, False, *opts)
         for r, fk in zip(real + real_b, fake + fake_b):
             assert (r.shape, r.dtype, r.stride()) == (fk.shape, fk.dtype, fk.stride())
 

@@ -12,7 +12,7 @@ from csq_ext import CSQState
 from conftest import poisoned_memory, rand_shift, randn, reference, rel_err
 
 TOL_STREAM = {torch.float64: 1e-10, torch.float32: 1e-5}
-# Both exact algorithms carry states (the direct one through csq_ext/_direct_state.py).
+# Both exact algorithms carry states (each op computes its own).
 PATHS = ["chunked", "direct"]
 
 

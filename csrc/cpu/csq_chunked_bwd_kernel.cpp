@@ -33,19 +33,16 @@ struct BackwardTask {
   // Pass 2, centering: the per-key terms of a chunk (D each) and their running sum.
   std::vector<acc_t> center_terms, center_sum;
   std::vector<acc_t> dref, qc, bq, gc, phi_t, blk, blk2, mu;
-  // u^T (F x C) = a state times G~^T or V~^T (C rows transposed: gT, Dv + 1 x C), with the
-  // chunk's extended coordinates transposed ([tau q, b]^T or [k, 1]^T: eT, D + 1 x C) and the
-  // gradient it gives them (deT, D + 1 x C).
-  std::vector<acc_t> uT, gT, eT, deT;
+  StateReadGrad<Map, acc_t> read_grad;  // pass 1: the key state's read by the queries
 
   BackwardTask(const BwdParams& p_, const SeqTask& t_)
       : p(p_), t(t_), g(t_.head_k), N(t_.len), D(p_.dim_k), Dv(p_.dim_v), Dv1(p_.dim_v + 1),
         F(Map::num_features(p_.dim_k)), C(p_.chunk),
         tau(static_cast<acc_t>(p_.scale)), eps(static_cast<acc_t>(p_.eps)),
-        carried(p_.state_in != nullptr), keys(p_, t_), ref(keys.ref), kc(keys.kc),
+        carried(p_.state_in != nullptr), keys(p_, p_, p_.chunk, t_), ref(keys.ref), kc(keys.kc),
         vc(keys.vc), psi(keys.psi), ksum(keys.ksum), center_terms(C * D), center_sum(D),
         dref(D, acc_t(0)), qc(C * D), bq(C), gc(C * Dv1), phi_t(F * C), blk(C * C),
-        blk2(C * C), mu(C * D), uT(F * C), gT(Dv1 * C), eT((D + 1) * C), deT((D + 1) * C) {}
+        blk2(C * C), mu(C * D), read_grad(D, Dv1, C) {}
 
   int64_t qrow0(int64_t h, int64_t t0) const {
     return (t.batch * p.heads_q + h) * p.seqlen + t.start + t0;
@@ -95,20 +92,12 @@ struct BackwardTask {
     acc_t* db = out(p.db, row0, 1);
     std::fill(db, db + rows, acc_t(0));
 
-    // Earlier (or all) keys through the state: u_i = S g~_i, the gradient of phi_i, for the
-    // whole chunk as u^T = S G~^T (F x rows; the GEMM microkernel takes no transposed
-    // operand), consumed along the rows with qe^T = [tau q, b]^T and its gradient
-    // (D + 1 x rows): dq = tau dqe[:D], db = dqe[D].
+    // Earlier (or all) keys through the state: the gradient of the read (StateReadGrad):
+    // dq = tau dqe[:D], db = dqe[D].
     if (!state_empty) {
-      transpose_into(gc.data(), rows, Dv1, Dv1, gT.data(), rows);
-      gemm<acc_t>(false, false, F, rows, Dv1, acc_t(1), keys.state.data(), Dv1, gT.data(), rows,
-                  acc_t(0), uT.data(), rows);
-      extended_t(qc.data(), bq.data(), rows, D, tau, eT.data());
-      std::fill(deT.begin(), deT.begin() + (D + 1) * rows, acc_t(0));
-      features_grad_t<Map, true>(uT.data(), rows, eT.data(), rows, D, deT.data(), rows);
-      const acc_t* dbe = deT.data() + D * rows;
+      const acc_t* deT = read_grad(keys.state.data(), gc.data(), qc.data(), bq.data(), rows, tau);
       for (int64_t i = 0; i < rows; ++i) {
-        db[i] += dbe[i];
+        db[i] += deT[D * rows + i];
         for (int64_t x = 0; x < D; ++x) dq[i * D + x] += tau * deT[x * rows + i];
       }
     }
@@ -201,19 +190,7 @@ struct BackwardTask {
 
   // Pass 2 for one chunk of keys: later (or all) queries through R.
   void keys_reverse_order(int64_t t0, int64_t rows) {
-    acc_t* dk = out(p.dk, krow0(t0), D);
-    gemm<acc_t>(false, false, rows, Dv, F, acc_t(1), psi.data(), F, query_state.data(), Dv1,
-                acc_t(1), out(p.dv, krow0(t0), Dv), Dv);
-    // u_j = R v~_j (the gradient of psi_j), as u^T = R V~^T (F x rows), consumed along the
-    // rows with ke^T = [k, 1]^T and its gradient (D + 1 x rows): dk = dke[:D].
-    transpose_into(vc.data(), rows, Dv1, Dv1, gT.data(), rows);
-    gemm<acc_t>(false, false, F, rows, Dv1, acc_t(1), query_state.data(), Dv1, gT.data(), rows,
-                acc_t(0), uT.data(), rows);
-    extended_t<acc_t>(kc.data(), nullptr, rows, D, acc_t(1), eT.data());
-    std::fill(deT.begin(), deT.begin() + (D + 1) * rows, acc_t(0));
-    features_grad_t<Map, false>(uT.data(), rows, eT.data(), rows, D, deT.data(), rows);
-    for (int64_t j = 0; j < rows; ++j)
-      for (int64_t x = 0; x < D; ++x) dk[j * D + x] += deT[x * rows + j];
+    keys.keys_grad(query_state.data(), rows, out(p.dk, krow0(t0), D), out(p.dv, krow0(t0), Dv));
   }
 
   void pass_reverse_order() {
@@ -293,10 +270,10 @@ struct BackwardTask {
         state_key_count<Map>(ds, D, Dv) += dcount;
       }
     }
-    const acc_t* dk = out(p.dk, krow0(0), D);
+    acc_t* dk = out(p.dk, krow0(0), D);
     for (int64_t j = 0; j < N; ++j)
       for (int64_t x = 0; x < D; ++x) dref[x] -= dk[j * D + x];
-    std::copy(dref.begin(), dref.end(), static_cast<acc_t*>(p.dref) + (t.seq * p.heads_k + g) * D);
+    finish_ref_gradient<scalar_t, acc_t, Map>(p, p, p, t, ref.data(), dref.data(), dk);
   }
 };
 

@@ -20,7 +20,7 @@ void forward_task(const FwdParams& p, const SeqTask& t) {
   const acc_t tau = static_cast<acc_t>(p.scale), eps = static_cast<acc_t>(p.eps);
   const acc_t* shift = static_cast<const acc_t*>(p.shift);
 
-  KeyScan<scalar_t, acc_t, Map> keys(p, t);
+  KeyScan<scalar_t, acc_t, Map> keys(p, p, p.chunk, t);
   std::vector<acc_t>&kc = keys.kc, &vc = keys.vc, &ref = keys.ref, &ksum = keys.ksum;
   std::vector<acc_t> qc(C * D), mu(C * D), bq(C), phi(C * F), num(C * Dv1), w(C * C);
   keys.start();
@@ -44,9 +44,8 @@ void forward_task(const FwdParams& p, const SeqTask& t) {
       if (p.causal && t0 == 0 && !carried) {
         std::fill(num.begin(), num.begin() + rows * Dv1, acc_t(0));
       } else {
-        features_rows<Map, true>(qc.data(), bq.data(), rows, D, tau, phi.data());
-        gemm<acc_t>(false, false, rows, Dv1, F, acc_t(1), phi.data(), F, keys.state.data(), Dv1,
-                    acc_t(0), num.data(), Dv1);
+        read_state<Map>(keys.state.data(), qc.data(), bq.data(), rows, D, Dv1, tau, phi.data(),
+                        num.data(), Dv1, acc_t(0));
       }
 
       // Keys of this chunk directly: W_ij = weight(tau <q_i, k_j> + b_i) for j <= i.

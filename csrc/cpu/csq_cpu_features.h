@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <vector>
 
 #include "../csq_feature_map.h"
 #include "csq_cpu_rows.h"
@@ -111,6 +112,41 @@ inline void features_grad_t(const acc_t* uT, int64_t ldu, const acc_t* eT, int64
     }
   });
 }
+
+// A block of query rows reading a state S (F x (Dv + 1)): num (rows x Dv + 1, ld ldn) =
+// beta num + phi(tau q_i, b_i) . S, the features built into phi (rows x F). The chunked
+// forward reads the state of the earlier chunks this way, the direct path a carried state.
+template <typename Map, typename acc_t>
+inline void read_state(const acc_t* S, const acc_t* q, const acc_t* b, int64_t rows, int64_t d,
+                       int64_t dv1, acc_t tau, acc_t* phi, acc_t* num, int64_t ldn, acc_t beta) {
+  const int64_t F = Map::num_features(d);
+  features_rows<Map, true>(q, b, rows, d, tau, phi);
+  gemm<acc_t>(false, false, rows, dv1, F, acc_t(1), phi, F, S, dv1, beta, num, ldn);
+}
+
+// The gradient of read_state for a block of rows, from g~_i (the gradient of num_i): with
+// u_i = S g~_i (as u^T = S G~^T, F x rows: the GEMM microkernel takes no transposed
+// operand), dqe^T ((D + 1) x rows) = d/dqe <phi(qe_i), u_i> along the rows of
+// qe^T = [tau q, b]^T: dq = tau dqe[:D], db = dqe[D]. Owns its buffers (C rows at most).
+template <typename Map, typename acc_t>
+struct StateReadGrad {
+  const int64_t D, Dv1, F;
+  std::vector<acc_t> gT, uT, eT, deT;
+  StateReadGrad(int64_t d, int64_t dv1, int64_t C)
+      : D(d), Dv1(dv1), F(Map::num_features(d)), gT(dv1 * C), uT(F * C), eT((d + 1) * C),
+        deT((d + 1) * C) {}
+  // g: rows x (Dv + 1), q: rows x D, b: rows (row-major). Returns dqe^T, rows apart.
+  const acc_t* operator()(const acc_t* S, const acc_t* g, const acc_t* q, const acc_t* b,
+                          int64_t rows, acc_t tau) {
+    transpose_into(g, rows, Dv1, Dv1, gT.data(), rows);
+    gemm<acc_t>(false, false, F, rows, Dv1, acc_t(1), S, Dv1, gT.data(), rows, acc_t(0),
+                uT.data(), rows);
+    extended_t(q, b, rows, D, tau, eT.data());
+    std::fill(deT.begin(), deT.begin() + (D + 1) * rows, acc_t(0));
+    features_grad_t<Map, true>(uT.data(), rows, eT.data(), rows, D, deT.data(), rows);
+    return deT.data();
+  }
+};
 
 }  // namespace cpu
 }  // namespace csq

@@ -24,44 +24,87 @@ inline Ptr task_state(Ptr base, const QkvParams& p, const SeqTask& t) {
 
 // The key count that a task's carried state holds (0 without one).
 template <typename Map, typename acc_t>
-inline acc_t carried_count(const FwdParams& p, const SeqTask& t) {
-  if (p.state_in == nullptr) return acc_t(0);
-  return state_key_count<Map>(task_state<Map>(static_cast<const acc_t*>(p.state_in), p, t),
+inline acc_t carried_count(const QkvParams& p, const CarriedState& cs, const SeqTask& t) {
+  if (cs.state_in == nullptr) return acc_t(0);
+  return state_key_count<Map>(task_state<Map>(static_cast<const acc_t*>(cs.state_in), p, t),
                               p.dim_k, p.dim_v);
+}
+
+// Coordinate x of key j of a task, in the accumulation type.
+template <typename scalar_t, typename acc_t>
+inline acc_t task_key(const QkvParams& p, const SeqTask& t, int64_t j, int64_t x) {
+  return static_cast<acc_t>(
+      row_ptr<scalar_t>(p.k, p.k_stride, t.batch, t.head_k, t.start + j)[x * p.k_stride[3]]);
+}
+
+// Whether the task keeps ref_in (csq_params.h, keeps_ref_in) rather than picking its own.
+template <typename Map, typename acc_t>
+inline bool task_keeps_ref(const QkvParams& p, const CarriedState& cs, const SeqTask& t) {
+  return keeps_ref_in(cs.ref_in != nullptr, cs.state_in != nullptr, t.len,
+                      carried_count<Map, acc_t>(p, cs, t) != acc_t(0));
 }
 
 // The reference key r of a task (csq_params.h): the carried state's when it holds keys (or
 // when the sequence has none to pick from), else the median of the sequence's first keys.
 template <typename scalar_t, typename acc_t, typename Map>
-inline void task_reference(const FwdParams& p, const SeqTask& t, acc_t* ref) {
+inline void task_reference(const QkvParams& p, const CarriedState& cs, const SeqTask& t,
+                           acc_t* ref) {
   const int64_t d = p.dim_k;
-  if (p.ref_in != nullptr && (p.state_in == nullptr || t.len == 0 ||
-                              carried_count<Map, acc_t>(p, t) != acc_t(0))) {
-    const acc_t* src = static_cast<const acc_t*>(p.ref_in) + (t.seq * p.heads_k + t.head_k) * d;
+  if (task_keeps_ref<Map, acc_t>(p, cs, t)) {
+    const acc_t* src = static_cast<const acc_t*>(cs.ref_in) + (t.seq * p.heads_k + t.head_k) * d;
     std::copy(src, src + d, ref);
     return;
   }
   const int64_t m = std::min<int64_t>(t.len, kRefKeys);
   for (int64_t x = 0; x < d; ++x)
-    ref[x] = ref_key_median<acc_t>(m, [&](int64_t j) {
-      return static_cast<acc_t>(
-          row_ptr<scalar_t>(p.k, p.k_stride, t.batch, t.head_k, t.start + j)[x * p.k_stride[3]]);
-    });
+    ref[x] = ref_key_median<acc_t>(
+        m, [&](int64_t j) { return task_key<scalar_t, acc_t>(p, t, j, x); });
+}
+
+// The end of a task's backward: its ref's gradient dref (D; the op's gradient through k - ref
+// and b) plus that of the returned ref goes to ref_in where the task kept it (the rule with
+// the forward's ref_in given or not: g.ref_given), else, when a
+// returned state or ref carries a gradient, to the keys the median picked (ref_key_position;
+// the outputs alone do not depend on a picked ref: it only re-centres the keys of a state that
+// holds none). Writes the task's row of dref_in (0 where picked) and adds to dk (the task's
+// rows, row-major D).
+template <typename scalar_t, typename acc_t, typename Map>
+inline void finish_ref_gradient(const QkvParams& p, const CarriedState& cs,
+                                const CarriedStateGrads& g, const SeqTask& t, const acc_t* ref,
+                                acc_t* dref, acc_t* dk) {
+  const int64_t d = p.dim_k, row = (t.seq * p.heads_k + t.head_k) * d;
+  if (g.dref_out != nullptr)
+    for (int64_t x = 0; x < d; ++x) dref[x] += static_cast<const acc_t*>(g.dref_out)[row + x];
+  acc_t* out = static_cast<acc_t*>(g.dref) + row;
+  const bool keeps = keeps_ref_in(g.ref_given, cs.state_in != nullptr, t.len,
+                                  carried_count<Map, acc_t>(p, cs, t) != acc_t(0));
+  if (keeps) {
+    std::copy(dref, dref + d, out);
+    return;
+  }
+  std::fill(out, out + d, acc_t(0));
+  if (g.dstate_out == nullptr && g.dref_out == nullptr) return;
+  const int64_t m = std::min<int64_t>(t.len, kRefKeys);
+  for (int64_t x = 0; x < d; ++x) {
+    const int64_t j = ref_key_position<acc_t>(
+        m, ref[x], [&](int64_t i) { return task_key<scalar_t, acc_t>(p, t, i, x); });
+    if (j >= 0) dk[j * d + x] += dref[x];
+  }
 }
 
 // Starts a task's key state: the carried sums (F x (Dv + 1)) or zeros. Fills ksum with the
 // carried sum of shifted keys and returns the carried key count (both read off the ones
 // column of the sums).
 template <typename Map, typename acc_t>
-inline acc_t task_initial_state(const FwdParams& p, const SeqTask& t, acc_t* state,
-                                acc_t* ksum) {
+inline acc_t task_initial_state(const QkvParams& p, const CarriedState& cs, const SeqTask& t,
+                                acc_t* state, acc_t* ksum) {
   const int64_t d = p.dim_k, elems = state_head_elems<Map>(d, p.dim_v);
-  if (p.state_in == nullptr) {
+  if (cs.state_in == nullptr) {
     std::fill(state, state + elems, acc_t(0));
     std::fill(ksum, ksum + d, acc_t(0));
     return acc_t(0);
   }
-  const acc_t* src = task_state<Map>(static_cast<const acc_t*>(p.state_in), p, t);
+  const acc_t* src = task_state<Map>(static_cast<const acc_t*>(cs.state_in), p, t);
   std::copy(src, src + elems, state);
   for (int64_t x = 0; x < d; ++x) ksum[x] = state_key_sum<Map>(state, x, d, p.dim_v);
   return state_key_count<Map>(state, d, p.dim_v);
@@ -101,28 +144,30 @@ inline void key_means(const acc_t* kc, int64_t rows, int64_t d, const acc_t* ksu
     for (int64_t x = 0; x < d; ++x) mu[i * d + x] /= n_before + acc_t(i + 1);
 }
 
-// The key side of a task's scan, shared by the forward and the backward's first pass: the
-// current chunk's shifted keys, augmented values and key features, and the key state
-// S = sum psi(k - ref) [v, 1]^T with the running sum of shifted keys. The features are built
-// transposed (psi_t, F x C) for the state update, or row by row (psi, C x F) with
-// `features_by_row` for the backward's second pass.
+// The key side of a task's scan, shared by the chunked forward and backward, the direct
+// path's carried state and the state-only op: the current chunk's shifted keys, augmented
+// values and key features, and the key state S = sum psi(k - ref) [v, 1]^T with the running
+// sum of shifted keys. The features are built transposed (psi_t, F x C) for the state update,
+// or row by row (psi, C x F) with `features_by_row` for the keys' gradients (keys_grad).
 template <typename scalar_t, typename acc_t, typename Map>
 struct KeyScan {
-  const FwdParams& p;
+  const QkvParams& p;
+  const CarriedState& cs;
   const SeqTask t;
   const int64_t D, Dv1, F, C;
   std::vector<acc_t> ref, kc, vc, psi, psi_t, ksum, state;
+  std::vector<acc_t> gT, uT, eT, deT;  // keys_grad's V~^T, u^T, ke^T and its gradient
   acc_t carried_keys = 0;  // keys carried in by an initial state
   bool features_by_row = false;
 
-  KeyScan(const FwdParams& p_, const SeqTask& t_)
-      : p(p_), t(t_), D(p_.dim_k), Dv1(p_.dim_v + 1), F(Map::num_features(p_.dim_k)), C(p_.chunk),
-        ref(D), kc(C * D), vc(C * Dv1), psi_t(C * F), ksum(D), state(F * Dv1) {
-    task_reference<scalar_t, acc_t, Map>(p, t, ref.data());
+  KeyScan(const QkvParams& p_, const CarriedState& cs_, int64_t chunk, const SeqTask& t_)
+      : p(p_), cs(cs_), t(t_), D(p_.dim_k), Dv1(p_.dim_v + 1), F(Map::num_features(p_.dim_k)),
+        C(chunk), ref(D), kc(C * D), vc(C * Dv1), psi_t(C * F), ksum(D), state(F * Dv1) {
+    task_reference<scalar_t, acc_t, Map>(p, cs, t, ref.data());
   }
 
   // The state before the sequence: the carried one, or empty.
-  void start() { carried_keys = task_initial_state<Map>(p, t, state.data(), ksum.data()); }
+  void start() { carried_keys = task_initial_state<Map>(p, cs, t, state.data(), ksum.data()); }
 
   // Keys (shifted by ref), values with their ones column, and key features of a chunk.
   void load(int64_t t0, int64_t rows) {
@@ -145,13 +190,34 @@ struct KeyScan {
     add_rows(kc.data(), rows, D, ksum.data());
   }
 
-  // Non-causal: every key joins the state before any query reads it.
+  // Every key joins the state (before any query reads it, when not causal).
   void absorb_all() {
     for (int64_t t0 = 0; t0 < t.len; t0 += C) {
       const int64_t rows = std::min(C, t.len - t0);
       load(t0, rows);
       absorb(rows);
     }
+  }
+
+  // The gradient that a state gradient R (F x (Dv + 1)) gives the loaded chunk's keys and
+  // values (loaded with features_by_row): dv += psi R[:, :Dv], and with u_j = R v~_j (the
+  // gradient of psi_j, as u^T = R V~^T), dk += d/dk <psi(k - ref), u> along the rows of
+  // ke^T = [k, 1]^T. dk, dv: the chunk's rows, row-major D and Dv.
+  void keys_grad(const acc_t* R, int64_t rows, acc_t* dk, acc_t* dv) {
+    const int64_t Dv = Dv1 - 1;
+    gT.resize(Dv1 * C);
+    uT.resize(F * C);
+    eT.resize((D + 1) * C);
+    deT.resize((D + 1) * C);
+    gemm<acc_t>(false, false, rows, Dv, F, acc_t(1), psi.data(), F, R, Dv1, acc_t(1), dv, Dv);
+    transpose_into(vc.data(), rows, Dv1, Dv1, gT.data(), rows);
+    gemm<acc_t>(false, false, F, rows, Dv1, acc_t(1), R, Dv1, gT.data(), rows, acc_t(0),
+                uT.data(), rows);
+    extended_t<acc_t>(kc.data(), nullptr, rows, D, acc_t(1), eT.data());
+    std::fill(deT.begin(), deT.begin() + (D + 1) * rows, acc_t(0));
+    features_grad_t<Map, false>(uT.data(), rows, eT.data(), rows, D, deT.data(), rows);
+    for (int64_t j = 0; j < rows; ++j)
+      for (int64_t x = 0; x < D; ++x) dk[j * D + x] += deT[x * rows + j];
   }
 };
 

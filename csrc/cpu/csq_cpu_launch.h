@@ -31,6 +31,12 @@ void launch_direct_fwd(const DirectFwdParams& p);
 template <typename scalar_t, typename Map>
 void launch_direct_bwd(const DirectBwdParams& p);
 
+template <typename scalar_t, typename Map>
+void launch_state(const StateParams& p);
+
+template <typename scalar_t, typename Map>
+void launch_state_bwd(const StateBwdParams& p);
+
 // Accumulation type of an input type: double for double, float for the rest.
 template <typename scalar_t>
 using acc_type_of = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;

@@ -71,20 +71,29 @@ inline int64_t small_pass_grain(const DirectFwdParams& p) {
 
 // Sums of the keys before each tile start, and of all keys, per (sequence, key/value head),
 // in float64: the key means mu_i and the tile references are differences of these, and
-// float64 keeps them exact enough for float32 keys with a large common offset.
+// float64 keeps them exact enough for float32 keys with a large common offset. A carried
+// state's keys (causal only) come first: `carried` of them, summing to carried_sum (raw
+// coordinates: count ref + Z1, csq_direct_state_cpu.h).
 struct KeyPrefix {
   int64_t dim = 0, tile = 1;
   std::vector<int64_t> base;  // per task (sequence, head): its first entry
   std::vector<double> sums;   // entries of `dim`: tile starts 0, T, 2T, ..., then the total
+  std::vector<double> carried;  // per task: the carried key count (empty: none)
 
   // Sum of the keys at positions < t0 (t0 a tile start, or the length for the total).
   const double* before(const SeqTask& s, int64_t heads_k, int64_t t0) const {
     return sums.data() + (base[s.seq * heads_k + s.head_k] + (t0 + tile - 1) / tile) * dim;
   }
+  // The number of keys before position 0 of the sequence (a carried state's).
+  double count0(const SeqTask& s, int64_t heads_k) const {
+    return carried.empty() ? 0.0 : carried[s.seq * heads_k + s.head_k];
+  }
 };
 
+// carried_count (per task) and carried_sum (per task, dim): a carried state's, or null.
 template <typename scalar_t>
-inline KeyPrefix key_prefix(const DirectFwdParams& p) {
+inline KeyPrefix key_prefix(const DirectFwdParams& p, const double* carried_count = nullptr,
+                            const double* carried_sum = nullptr) {
   KeyPrefix kp;
   kp.dim = p.dim_k;
   kp.tile = p.tile;
@@ -94,11 +103,14 @@ inline KeyPrefix key_prefix(const DirectFwdParams& p) {
     kp.base[task + 1] = kp.base[task] + num_tiles(seq_task(p, task).len, p.tile) + 1;
   kp.sums.assign(kp.base[tasks] * p.dim_k, 0.0);
   if (!p.center) return kp;
+  if (carried_count != nullptr) kp.carried.assign(carried_count, carried_count + tasks);
   at::parallel_for(0, tasks, small_pass_grain(p), [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const SeqTask s = seq_task(p, task);
       double* out = kp.sums.data() + kp.base[task] * p.dim_k;
       std::vector<double> run(p.dim_k, 0.0);
+      if (carried_sum != nullptr)
+        std::copy(carried_sum + task * p.dim_k, carried_sum + (task + 1) * p.dim_k, run.begin());
       for (int64_t j = 0; j < s.len; ++j) {
         if (j % p.tile == 0) out = std::copy(run.begin(), run.end(), out);
         const scalar_t* kr = row_ptr<scalar_t>(p.k, p.k_stride, s.batch, s.head_k, s.start + j);
@@ -112,8 +124,8 @@ inline KeyPrefix key_prefix(const DirectFwdParams& p) {
 }
 
 // The reference key r of the tile starting at t0 (csq_direct_params.h): the running key mean at
-// t0 when causal (every row of the tile sees those keys), the mean of all keys when not, 0
-// without centering. From the float64 prefix sums, so a query tile and a key tile that start
+// t0 when causal (every row of the tile sees those keys, a carried state's too), the mean of
+// all keys when not, 0 without centering. From the float64 prefix sums, so a query tile and a key tile that start
 // at t0 get the same r.
 template <typename scalar_t, typename acc_t>
 inline void tile_reference(const DirectFwdParams& p, const KeyPrefix& kp, const SeqTask& s,
@@ -126,10 +138,10 @@ inline void tile_reference(const DirectFwdParams& p, const KeyPrefix& kp, const 
     for (int64_t x = 0; x < D; ++x) out[x] = static_cast<acc_t>(total[x] / double(s.len));
   } else {
     const double* before = kp.before(s, p.heads_k, t0);
+    const double n = kp.count0(s, p.heads_k) + double(t0 + 1);
     const scalar_t* kr = row_ptr<scalar_t>(p.k, p.k_stride, s.batch, s.head_k, s.start + t0);
     for (int64_t x = 0; x < D; ++x)
-      out[x] = static_cast<acc_t>((before[x] + static_cast<double>(kr[x * p.k_stride[3]])) /
-                                  double(t0 + 1));
+      out[x] = static_cast<acc_t>((before[x] + static_cast<double>(kr[x * p.k_stride[3]])) / n);
   }
 }
 
@@ -166,10 +178,11 @@ struct QueryTile {
     std::vector<double> run(kp.before(t.seq, p.heads_k, t.t0),
                             kp.before(t.seq, p.heads_k, t.t0) + D),
         r(D);
+    const double n0 = kp.count0(t.seq, p.heads_k);
     for (int64_t i = 0; i < rows; ++i) {
       const scalar_t* kr = row_ptr<scalar_t>(p.k, p.k_stride, t.seq.batch, t.seq.head_k,
                                              t.seq.start + t.t0 + i);
-      const double n = double(t.t0 + i + 1);
+      const double n = n0 + double(t.t0 + i + 1);
       for (int64_t x = 0; x < D; ++x) {
         run[x] += static_cast<double>(kr[x * p.k_stride[3]]);
         if (i == 0) r[x] = run[x] / n;

@@ -21,11 +21,12 @@ csq_chunked_bwd_cuda(
     const at::Tensor& shift, const c10::optional<at::Tensor>& cu_seqlens,
     const c10::optional<at::Tensor>& state_in, const at::Tensor& ref, const at::Tensor& y,
     const at::Tensor& b, const at::Tensor& den, const c10::optional<at::Tensor>& dstate_out,
-    bool causal, double scale, bool center, bool normalize, double eps, int64_t tile_size) {
+    const c10::optional<at::Tensor>& dref_out, bool ref_given, bool causal, double scale, bool center,
+    bool normalize, double eps, int64_t tile_size) {
   const c10::cuda::CUDAGuard guard(q.device());
   BackwardCall call = prepare_backward(dy, q, k, v, shift, cu_seqlens, state_in, ref, y, b, den,
-                                       dstate_out, causal, scale, center, normalize, eps,
-                                       tile_size);
+                                       dstate_out, dref_out, ref_given, causal, scale, center, normalize,
+                                       eps, tile_size);
   cuda_host::check_supported(q, k, v, shift);
   cuda_host::check_packed(call.p);
   call.p.tensor_core_passes = cuda_host::tensor_core_passes();

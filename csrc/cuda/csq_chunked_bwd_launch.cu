@@ -10,6 +10,7 @@
 //                                                                  chunk_scan_kernel<reverse>,
 //                                                                  center_dk_kernel
 //   9. dref; carried state: the gradient of the carried key sum    ref_state_grad_kernel
+//  10. dref to ref_in, or to the keys a picked ref came from        ref_gradient_kernel
 // Steps 6 and 8 need the complete db, i.e. steps 4 and 5 done (stream order). The shift's
 // gradient is db summed, taken by the host layer.
 // A carried state (state_in, causal only): pass 1 starts from it, pass 2 from dstate_out (the
@@ -52,10 +53,15 @@ Status launch_bwd(const BwdParams& p, void* workspace, size_t workspace_bytes,
                         "memset(dstate_in)");
   if (p.dref != nullptr)  // the host always asks for it; a carried state needs it
     CSQ_RETURN_IF_ERROR(cudaMemsetAsync(p.dref, 0, a * ref_elems(p), stream), "memset(dref)");
-  if (B * Hq * N == 0)  // no token: the carried state's gradient is the returned state's
+  if (B * Hq * N == 0) {  // no token: the carried state's gradients are the returned state's
+    if (p.dref != nullptr && p.dref_out != nullptr)
+      CSQ_RETURN_IF_ERROR(cudaMemcpyAsync(p.dref, p.dref_out, a * ref_elems(p),
+                                          cudaMemcpyDeviceToDevice, stream),
+                          "dref (empty input)");
     return carried ? copy_or_zero(p.dstate_in, p.dstate_out, a * state_elems<Map>(p), stream,
                                   "dstate_in (empty input)")
                    : Status{};
+  }
   Work w;
   if (workspace_bytes < carve_workspace(p, DT, Direction::kBackward, workspace, &w))
     return Status{cudaErrorInvalidValue, "launch_bwd", "workspace too small"};
@@ -96,6 +102,10 @@ Status launch_bwd(const BwdParams& p, void* workspace, size_t workspace_bytes,
   if (p.dref != nullptr) {  // r reaches a returned state; and the carried key sum
     ref_state_grad_kernel<T, Acc, Map><<<dim3(bhk, nch), kColThreads, 0, stream>>>(p, w);
     CSQ_CHECK_LAUNCH("ref_state_grad_kernel");
+    // Then to ref_in, or to the keys it was picked from.
+    const unsigned shk = unsigned(num_sequences(p) * p.heads_k);
+    ref_gradient_kernel<T, Acc, Map><<<shk, kColThreads, 0, stream>>>(p, w, false);
+    CSQ_CHECK_LAUNCH("ref_gradient_kernel");
   }
   return Status{};
 }

@@ -54,7 +54,8 @@ struct Work {
   int64_t nchunks = 0;  // chunk slots per (batch entry, head)
 };
 
-enum class Direction : int { kForward = 0, kBackward = 1 };
+// kState: the state-only op (no query rows).
+enum class Direction : int { kForward = 0, kBackward = 1, kState = 2 };
 
 // Chunk slots: ceil(N / C), or with cu_seqlens an upper bound of sum_s ceil(len_s / C).
 __host__ __device__ inline int64_t num_chunk_slots(const QkvParams& p) {
@@ -76,7 +77,9 @@ inline size_t carve_workspace(const QkvParams& p, DType dt, Direction dir, void*
       align256(a * shk * size_t(p.dim_k)),
       align256(chunk_cols),
       align256(prefix_cols),
-      align256(a * size_t(p.batch * p.heads_q) * size_t(p.seqlen) * size_t(p.dim_v + 1)),
+      dir == Direction::kState
+          ? 0
+          : align256(a * size_t(p.batch * p.heads_q) * size_t(p.seqlen) * size_t(p.dim_v + 1)),
       bwd ? align256(chunk_cols) : 0,
       bwd ? align256(prefix_cols) : 0,
       varlen ? align256(sizeof(int) * size_t(nchunks)) : 0,
@@ -92,7 +95,7 @@ inline size_t carve_workspace(const QkvParams& p, DType dt, Direction dir, void*
     w->ref = c + off[kRef];
     w->key_sums = c + off[kKeySums];
     w->key_prefix = c + off[kKeyPrefix];
-    (bwd ? w->g_ext : w->num_state) = c + off[kRows];
+    if (dir != Direction::kState) (bwd ? w->g_ext : w->num_state) = c + off[kRows];
     if (bwd) {
       w->center_sums = c + off[kCenterSums];
       w->center_prefix = c + off[kCenterPrefix];

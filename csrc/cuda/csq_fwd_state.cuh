@@ -51,5 +51,25 @@ struct KeyStateFwd {
   static auto kernel() { return key_state_fwd_kernel<T, Acc, FT, SUB, TC, Map>; }
 };
 
+// The state alone (csq_state): S from state_in (or 0) plus every chunk's keys, into state_out;
+// no queries read it.
+template <typename T, typename Acc, int FT, int SUB, bool TC, typename Map>
+__global__ void __launch_bounds__(kThreads, state_min_blocks<Acc>())
+    key_state_build_kernel(const FwdParams p, Work w) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  __shared__ int64_t seq_rows[2];
+  StateTile<T, Acc, FT, SUB, TC, Map> st(p, w, false, smem_raw, seq_rows);
+  if (p.state_in != nullptr) st.seed(static_cast<const Acc*>(p.state_in));
+  for (int64_t t = 0; t < st.nch; ++t) st.absorb_keys(t);
+  st.keep(static_cast<Acc*>(p.state_out), false);
+}
+
+template <typename T, typename Acc, int FT, int SUB, bool TC, typename Map>
+struct KeyStateBuild {
+  static constexpr bool kBackward = false;
+  static constexpr const char* kName = "key_state_build_kernel";
+  static auto kernel() { return key_state_build_kernel<T, Acc, FT, SUB, TC, Map>; }
+};
+
 }  // namespace cuda
 }  // namespace csq

@@ -78,14 +78,21 @@ __global__ void __launch_bounds__(kBlock) chunk_map_kernel(const QkvParams p, Wo
 // keys (or there is no carried state: the backward passes the forward's r), else the
 // coordinate-wise median of the finite values among the first min(len, kRefKeys) keys.
 // Grid (S Hk).
+// Whether (sequence s, kv head g) keeps ref_in (csq_params.h, keeps_ref_in).
+template <typename Map, typename Acc>
+__device__ __forceinline__ bool seq_keeps_ref(const FwdParams& p, const SeqSpan& seq, int64_t s,
+                                              int64_t g) {
+  return keeps_ref_in(p.ref_in != nullptr, p.state_in != nullptr, seq.len,
+                      carried_count<Map, Acc>(p, s, g) != Acc(0));
+}
+
 template <typename T, typename Acc, typename Map>
 __global__ void __launch_bounds__(kColThreads) ref_key_kernel(const FwdParams p, Work w) {
   const int64_t tg = blockIdx.x, s = tg / p.heads_k, g = tg % p.heads_k;
   const int D = static_cast<int>(p.dim_k);
   const SeqSpan seq = seq_span(p, w, s);
   Acc* ref = static_cast<Acc*>(w.ref) + tg * D;
-  if (p.ref_in != nullptr &&
-      (p.state_in == nullptr || seq.len == 0 || carried_count<Map, Acc>(p, s, g) != Acc(0))) {
+  if (seq_keeps_ref<Map, Acc>(p, seq, s, g)) {
     for (int d = threadIdx.x; d < D; d += blockDim.x)
       ref[d] = static_cast<const Acc*>(p.ref_in)[tg * D + d];
     return;
@@ -95,6 +102,40 @@ __global__ void __launch_bounds__(kColThreads) ref_key_kernel(const FwdParams p,
     ref[d] = ref_key_median<Acc>(m, [&](int64_t j) {
       return load_el<Acc, T>(p.k, p.k_stride, seq.bi, g, seq.start + j, d);
     });
+}
+
+// The end of a backward, once dk is complete: ref's gradient, p.dref (the op's through k - ref
+// and b; with `sum_keys`, computed here as minus the sum of dk over the sequence) plus that of
+// the returned ref (dref_out), goes to ref_in where the sequence kept it, else, when the
+// returned state or ref carries a gradient, to the keys the median picked (ref_key_position;
+// the outputs alone do not depend on a picked ref); p.dref then holds ref_in's gradient (0
+// where picked). As the CPU's finish_ref_gradient. Grid (S Hk); one thread per coordinate.
+template <typename T, typename Acc, typename Map>
+__global__ void __launch_bounds__(kColThreads) ref_gradient_kernel(const BwdParams p, Work w,
+                                                                   bool sum_keys) {
+  const int64_t tg = blockIdx.x, s = tg / p.heads_k, g = tg % p.heads_k;
+  const int D = static_cast<int>(p.dim_k);
+  const SeqSpan seq = seq_span(p, w, s);
+  const bool keeps = keeps_ref_in(p.ref_given, p.state_in != nullptr, seq.len,
+                                  carried_count<Map, Acc>(p, s, g) != Acc(0));
+  Acc* dk = static_cast<Acc*>(p.dk) + ((seq.bi * p.heads_k + g) * p.seqlen + seq.start) * D;
+  const Acc* ref = static_cast<const Acc*>(w.ref) + tg * D;
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    Acc* dref = static_cast<Acc*>(p.dref) + tg * D + d;
+    Acc total = *dref;
+    if (sum_keys) {
+      total = Acc(0);
+      for (int64_t j = 0; j < seq.len; ++j) total -= dk[j * D + d];
+    }
+    if (p.dref_out != nullptr) total += static_cast<const Acc*>(p.dref_out)[tg * D + d];
+    *dref = keeps ? total : Acc(0);
+    if (keeps || (p.dstate_out == nullptr && p.dref_out == nullptr)) continue;
+    const int64_t m = seq.len < kRefKeys ? seq.len : kRefKeys;
+    const int64_t j = ref_key_position<Acc>(m, ref[d], [&](int64_t i) {
+      return load_el<Acc, T>(p.k, p.k_stride, seq.bi, g, seq.start + i, d);
+    });
+    if (j >= 0) dk[j * D + d] += total;
+  }
 }
 
 // The reference key of the sequence of a chunk.

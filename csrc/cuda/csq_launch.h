@@ -63,6 +63,17 @@ Status launch_bwd(const BwdParams& p, void* workspace, size_t workspace_bytes,
 template <DType DT, typename Map = StateMap>
 Status launch_decode(const DecodeParams& p, cudaStream_t stream);
 
+// The state-only op (csq_state, csq_state_bwd): the state of the keys and values alone (the q
+// fields mirror k). Forward: state_out and ref_out; backward: dk, dv, dstate_in (when state_in
+// is given) and dref, every element written.
+size_t state_workspace_bytes(const StateParams& p, DType dt);
+template <DType DT, typename Map = StateMap>
+Status launch_state(const StateParams& p, void* workspace, size_t workspace_bytes,
+                    cudaStream_t stream);
+template <DType DT, typename Map = StateMap>
+Status launch_state_bwd(const StateBwdParams& p, void* workspace, size_t workspace_bytes,
+                        cudaStream_t stream);
+
 // X(DT, MAP) for every (dtype, map) the launchers are instantiated for (in the .cu files).
 #ifdef CSQ_TEST_FEATURE_MAPS
 #define CSQ_CUDA_FOR_EACH_TEST_LAUNCH(X) X(DType::kFloat64, LinearMap)
@@ -77,7 +88,11 @@ Status launch_decode(const DecodeParams& p, cudaStream_t stream);
 #define CSQ_CUDA_DECLARE_LAUNCHERS(DT, MAP)                                                    \
   extern template Status launch_fwd<DT, MAP>(const FwdParams&, void*, size_t, cudaStream_t); \
   extern template Status launch_bwd<DT, MAP>(const BwdParams&, void*, size_t, cudaStream_t); \
-  extern template Status launch_decode<DT, MAP>(const DecodeParams&, cudaStream_t);
+  extern template Status launch_decode<DT, MAP>(const DecodeParams&, cudaStream_t);           \
+  extern template Status launch_state<DT, MAP>(const StateParams&, void*, size_t,              \
+                                               cudaStream_t);                                  \
+  extern template Status launch_state_bwd<DT, MAP>(const StateBwdParams&, void*, size_t,       \
+                                                   cudaStream_t);
 CSQ_CUDA_FOR_EACH_LAUNCH(CSQ_CUDA_DECLARE_LAUNCHERS)
 #undef CSQ_CUDA_DECLARE_LAUNCHERS
 

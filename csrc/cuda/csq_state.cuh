@@ -119,10 +119,18 @@ struct StateTile {
   static_assert((SUB * FT) % kThreads == 0 && FT % 32 == 0,
                 "one warp must cover 32 features of one row in accumulate_dx");
   static_assert(kChunkI % SUB == 0, "the chunk must be a whole number of staged steps");
+  using AccT = Acc;
+  static constexpr int kSubRows = SUB;
+  static constexpr bool kTensorCores = TC;
   const FwdParams& p;
   const Work& w;
   Acc *S, *Feat, *Vec, *Xe, *Dx, *rs;
-  int *fx, *fy, *fr;  // per row of the tile: its factors (csq_feature_map.h) and its run
+  // The feature table [3][FT]: per row of the tile its factors (csq_feature_map.h) and its
+  // run, behind one pointer (a pointer per column cost the backward scan a spill on sm_90a).
+  int* ftab;
+  __device__ __forceinline__ int& fx(int fi) const { return ftab[fi]; }
+  __device__ __forceinline__ int& fy(int fi) const { return ftab[FT + fi]; }
+  __device__ __forceinline__ int& fr(int fi) const { return ftab[2 * FT + fi]; }
   int SS, FS, VS, XS;
   int D, Dv, De, V1, nf, zlo, tid, nthr;
   // The sequence's first and end rows live in shared memory (read once per staged step): kept
@@ -145,9 +153,7 @@ struct StateTile {
     Xe = S + L.xe;
     Dx = S + L.dx;
     rs = S + L.ref;
-    fx = reinterpret_cast<int*>(S + L.n_acc);
-    fy = fx + FT;
-    fr = fy + FT;
+    ftab = reinterpret_cast<int*>(S + L.n_acc);
     SS = L.SS;
     FS = L.FS;
     VS = L.VS;
@@ -176,19 +182,19 @@ struct StateTile {
     for (int fi = tid; fi < FT; fi += nthr) {
       int x = 0, y = 0;
       if (fi < nf) Map::row_factors(f0 + fi, D, &x, &y);
-      fx[fi] = x;
-      fy[fi] = y;
+      fx(fi) = x;
+      fy(fi) = y;
     }
     for (int d = tid; d < D; d += nthr) rs[d] = static_cast<const Acc*>(w.ref)[tg * D + d];
     __syncthreads();
     // Runs: stretches of consecutive rows with one x (accumulate_dx sums them in a warp first).
     if (tid == 0)
-      for (int fi = 0; fi < FT; ++fi) fr[fi] = fi > 0 && fx[fi] == fx[fi - 1] ? fr[fi - 1] : fi;
+      for (int fi = 0; fi < FT; ++fi) fr(fi) = fi > 0 && fx(fi) == fx(fi - 1) ? fr(fi - 1) : fi;
     // Every coordinate this tile touches is >= zlo (rows past nf hold 0).
     zlo = D;
     for (int fi = 0; fi < nf; ++fi) {
-      zlo = imin(zlo, fx[fi]);
-      if (fy[fi] != kOneFactor) zlo = imin(zlo, fy[fi]);
+      zlo = imin(zlo, fx(fi));
+      if (fy(fi) != kOneFactor) zlo = imin(zlo, fy(fi));
     }
     __syncthreads();
   }
@@ -264,7 +270,7 @@ struct StateTile {
       const int r = e / FT, fi = e % FT;
       Acc val = 0;
       if (fi < nf) {
-        const int x = fx[fi], y = fy[fi];
+        const int x = fx(fi), y = fy(fi);
         val = Xe[r * XS + x];
         if (y != kOneFactor) val *= Xe[r * XS + y];
         if (phi) val *= Map::template query_weight<Acc>(x, y);
@@ -285,7 +291,7 @@ struct StateTile {
       int key = -1, run = -1;
       Acc xv = 0;
       if (r < nrows && fi < nf) {
-        const int x = fx[fi], y = fy[fi];
+        const int x = fx(fi), y = fy(fi);
         Acc u = Feat[r * FS + fi];
         if (phi) u *= Map::template query_weight<Acc>(x, y);
         xv = u;
@@ -294,7 +300,7 @@ struct StateTile {
           xv = u * Xe[r * XS + y];
         }
         key = x;
-        run = fr[fi];
+        run = fr(fi);
       }
 #pragma unroll
       for (int off = 1; off < 32; off <<= 1) {

@@ -46,12 +46,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& dy, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& shift, const Opt& cu_seqlens, const Opt& state_in, const at::Tensor& ref,
     const at::Tensor& y, const at::Tensor& b, const at::Tensor& den, const Opt& dstate_out,
-    bool causal, double scale, bool center, bool normalize, double eps, int64_t tile_size) {
+    const Opt& dref_out, bool ref_given, bool causal, double scale, bool center, bool normalize,
+    double eps, int64_t tile_size) {
   float64_only(q);
   const csq::BackwardCall call =
       csq::prepare_backward(dy, q, k, v, shift, cu_seqlens, state_in, ref, y, b, den,
-                            dstate_out, causal, scale, center, normalize, eps, tile_size,
-                            &Map::num_features);
+                            dstate_out, dref_out, ref_given, causal, scale, center, normalize,
+                            eps, tile_size, &Map::num_features);
   csq::cpu::launch_bwd<double, Map>(call.p);
   return call.outputs();
 }
@@ -65,27 +66,29 @@ void decode_(at::Tensor& sums, at::Tensor& ref, const at::Tensor& q, const at::T
   csq::cpu::launch_decode<double, Map>(p);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_fwd(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> direct_fwd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& shift,
-    const Opt& cu_seqlens, bool causal, double scale, bool center, bool normalize, double eps,
-    int64_t tile_size) {
+    const Opt& cu_seqlens, const Opt& state_in, const Opt& ref_in, bool causal, double scale,
+    bool center, bool normalize, double eps, int64_t tile_size, bool return_state) {
   float64_only(q);
   const csq::DirectForwardCall call =
-      csq::prepare_direct_forward(q, k, v, shift, cu_seqlens, c10::nullopt, c10::nullopt,
-                                  causal, scale, center, normalize, eps, tile_size);
+      csq::prepare_direct_forward(q, k, v, shift, cu_seqlens, state_in, ref_in, causal, scale,
+                                  center, normalize, eps, tile_size, return_state,
+                                  &Map::num_features);
   csq::cpu::launch_direct_fwd<double, Map>(call.p);
   return call.outputs();
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> direct_bwd(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> direct_bwd(
     const at::Tensor& dy, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& shift, const Opt& cu_seqlens, const at::Tensor& y, const at::Tensor& b,
-    const at::Tensor& den, bool causal, double scale, bool center, bool normalize, double eps,
-    int64_t tile_size) {
+    const at::Tensor& shift, const Opt& cu_seqlens, const Opt& state_in, const at::Tensor& ref,
+    const at::Tensor& y, const at::Tensor& b, const at::Tensor& den, const Opt& dstate_out,
+    const Opt& dref_out, bool ref_given, bool causal, double scale, bool center, bool normalize,
+    double eps, int64_t tile_size) {
   float64_only(q);
-  const csq::DirectBackwardCall call =
-      csq::prepare_direct_backward(dy, q, k, v, shift, cu_seqlens, y, b, den, causal, scale,
-                                   center, normalize, eps, tile_size);
+  const csq::DirectBackwardCall call = csq::prepare_direct_backward(
+      dy, q, k, v, shift, cu_seqlens, state_in, ref, y, b, den, dstate_out, dref_out, ref_given,
+      causal, scale, center, normalize, eps, tile_size, &Map::num_features);
   csq::cpu::launch_direct_bwd<double, Map>(call.p);
   return call.outputs();
 }

@@ -35,9 +35,11 @@ def main():
                 text = transform(f.read())
             with open(os.path.join(src, "cuda", name), "w") as f:
                 f.write(text)
-    units = [os.path.join(src, "cuda", n) for n in ("csq_chunked_fwd_launch.cu", "csq_chunked_bwd_launch.cu",
+    units = [os.path.join(src, "cuda", n) for n in ("csq_chunked_fwd_launch.cu",
+                                                    "csq_chunked_bwd_launch.cu",
                                                     "csq_decode_launch.cu",
-                                                    "csq_direct_launch.cu")]
+                                                    "csq_direct_launch.cu",
+                                                    "csq_state_launch.cu")]
     units += [os.path.join(HERE, "emu_harness.cc"), os.path.join(HERE, "emu_direct_harness.cc")]
     lib = os.path.join(OUT, "libcsqemu.so")
     cmd = ["g++", "-std=c++17", "-O1", "-g", "-fPIC", "-shared", "-Wall", "-Wno-unused", "-Wno-unknown-pragmas",

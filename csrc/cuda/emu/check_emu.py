@@ -15,7 +15,8 @@ import sys
 
 import torch
 
-from emu_cases import DECODE_CASES, STATE_CASES, VARLEN_CASES, WIDE_CASES, WIDE_QUICK
+from emu_cases import (DECODE_CASES, STATE_CASES, STATE_OP_CASES, VARLEN_CASES, WIDE_CASES,
+                       WIDE_QUICK)
 from emu_common import (C, DT, HERE, TOL, Emu, acc_of, arr, ptr, reference, rel, report,
                         shift_grad, strided)
 from emu_inputs import nonfinite_case
@@ -275,9 +276,11 @@ def check_state(dtype, Hq, Hk, lens, prefill, Dk, Dv, center, normalize, seed, c
         if grads:
             dy = torch.randn(B, Hq, T, Dv, generator=g, dtype=torch.float64).to(acc)
             dstate_out = torch.randn(S, Hk, F, Dv + 1, generator=g, dtype=torch.float64).to(acc)
-            gc = torch.ops.csq_ext.csq_chunked_bwd(dy, q, k, v, shift, cu, state_in, cpu[4], cpu[0],
-                                           cpu[1], cpu[2], dstate_out, True, scale, center,
-                                           normalize, eps, 0)
+            dref_out = torch.randn(S, Hk, Dk, generator=g, dtype=torch.float64).to(acc)
+            gc = torch.ops.csq_ext.csq_chunked_bwd(dy, q, k, v, shift, cu, state_in, cpu[4],
+                                                   cpu[0], cpu[1], cpu[2], dstate_out, dref_out,
+                                                   carried, True, scale, center, normalize, eps,
+                                                   0)
             dq = torch.full(q.shape, nan, dtype=acc)
             dk = torch.full(k.shape, nan, dtype=acc)
             dv = torch.full(v.shape, nan, dtype=acc)
@@ -286,6 +289,7 @@ def check_state(dtype, Hq, Hk, lens, prefill, Dk, Dv, center, normalize, seed, c
             dref = torch.full((S, Hk, Dk), nan, dtype=acc)
             lib.emu_set_state(opt(state_in), ptr(ref_out), null, null, ptr(dstate_out),
                               opt(dstate_in if carried else None), ptr(dref))
+            lib.emu_set_ref_grad(ptr(dref_out), int(carried))
             rc = lib.emu_bwd(DT[dtype], arr([B, Hq, Hk, T, Dk, Dv]), ptr(q), arr(q.stride()),
                              ptr(k), arr(k.stride()), ptr(v), arr(v.stride()), ptr(shift),
                              ctypes.c_double(scale), ctypes.c_double(eps), 1, int(center),
@@ -304,6 +308,67 @@ def check_state(dtype, Hq, Hk, lens, prefill, Dk, Dv, center, normalize, seed, c
     name = (f"{label}state  {str(dtype)[6:]:8s} Hq{Hq} Hk{Hk} lens={lens} prefill={prefill} Dk{Dk} "
             f"Dv{Dv} center={int(center)} norm={int(normalize)} carried={int(carried)}")
     return report(name, errs, tol)
+
+
+def check_state_op(dtype, Hk, lens, prefill, Dk, Dv, seed):
+    """The state-only op (csq_state / csq_state_bwd; csq_state_launch.cu) against the CPU
+    backend's: state_out, ref_out, then dk, dv, dstate_in and dref from random gradients of
+    the returned state and ref (a picked ref's gradient reaches its keys). prefill 0: an empty
+    carried state (count 0: the op picks its ref); None: no carried state."""
+    import csq_ext  # noqa: F401  (loads the CPU operators)
+    ops = torch.ops.csq_ext
+    g = torch.Generator().manual_seed(seed)
+    acc = acc_of(dtype)
+    varlen = isinstance(lens, list)
+    B, S = (1, len(lens)) if varlen else (2, 2)
+    T = sum(lens) if varlen else lens
+    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int64) if varlen else None
+    k = strided((B, Hk, T, Dk), dtype, g, "padded", 3.0)
+    v = strided((B, Hk, T, Dv), dtype, g, "transposed")
+    F = (Dk + 1) * (Dk + 2) // 2
+    state_in = ref_in = None
+    if prefill == 0:
+        state_in = torch.zeros(S, Hk, F, Dv + 1, dtype=acc)
+        ref_in = torch.randn(S, Hk, Dk, generator=g, dtype=torch.float64).to(acc)
+    elif prefill is not None:
+        state_in, ref_in = ops.csq_state(strided((S, Hk, prefill, Dk), dtype, g, C, 3.0),
+                                         strided((S, Hk, prefill, Dv), dtype, g, C), None, None,
+                                         None, 0)
+    cpu = ops.csq_state(k, v, cu, state_in, ref_in, 0)
+    nan, null = float("nan"), ctypes.c_void_p(None)
+    opt = lambda t: null if t is None else ptr(t)
+    sums, ref = torch.full((S, Hk, F, Dv + 1), nan, dtype=acc), torch.full((S, Hk, Dk), nan,
+                                                                          dtype=acc)
+    dk, dv = torch.full(k.shape, nan, dtype=acc), torch.full(v.shape, nan, dtype=acc)
+    dstate_in = None if state_in is None else torch.full(state_in.shape, nan, dtype=acc)
+    dref = torch.full((S, Hk, Dk), nan, dtype=acc)
+    dsums = torch.randn(S, Hk, F, Dv + 1, generator=g, dtype=torch.float64).to(acc)
+    dref_out = torch.randn(S, Hk, Dk, generator=g, dtype=torch.float64).to(acc)
+    msg = ctypes.create_string_buffer(512)
+    sz = arr([B, Hk, Hk, T, Dk, Dv])
+    if varlen:
+        lib.emu_set_seqs(ctypes.cast(cu.data_ptr(), ctypes.POINTER(ctypes.c_int64)), S)
+    try:
+        lib.emu_set_state(opt(state_in), opt(ref_in), null, null, null, null, null)
+        rc = lib.emu_state(DT[dtype], sz, ptr(k), arr(k.stride()), ptr(v), arr(v.stride()),
+                           ptr(sums), ptr(ref), msg, 512)
+        assert rc == 0, msg.value
+        lib.emu_set_state(opt(state_in), ptr(ref), null, null, ptr(dsums), opt(dstate_in),
+                          ptr(dref))
+        lib.emu_set_ref_grad(ptr(dref_out), int(state_in is not None))
+        rc = lib.emu_state_bwd(DT[dtype], sz, ptr(k), arr(k.stride()), ptr(v), arr(v.stride()),
+                               ptr(dk), ptr(dv), msg, 512)
+        assert rc == 0, msg.value
+    finally:
+        lib.emu_set_seqs(None, 0)
+        lib.emu_set_state(null, null, null, null, null, null, null)
+    gc = ops.csq_state_bwd(k, v, cu, state_in, cpu[1], dsums, dref_out, state_in is not None, 0)
+    errs = {"sums": rel(sums, cpu[0]), "ref": rel(ref, cpu[1]), "dk": rel(dk, gc[0]),
+            "dv": rel(dv, gc[1]), "dref": rel(dref, gc[3])}
+    if state_in is not None:
+        errs["dstate_in"] = rel(dstate_in, gc[2])
+    name = (f"state op {str(dtype)[6:]:8s} Hk{Hk} lens={lens} prefill={prefill} Dk{Dk} Dv{Dv}")
+    return report(name, errs, TOL[dtype])
 
 
 def check_outliers():
@@ -468,6 +533,9 @@ def main():
     ok = True
     for i, c in enumerate(state_cases):
         ok &= check_state(*c, seed=600 + i)
+    if state_cases:  # the state-only op: fresh, carried, empty carried (picked ref), packed
+        for i, c in enumerate(STATE_OP_CASES[:2] if QUICK else STATE_OP_CASES):
+            ok &= check_state_op(*c, seed=680 + i)
     if state_cases:  # no initial state, but return_state and its gradient
         ok &= check_state(torch.float64, 2, 1, 70, 0, 4, 3, True, True, seed=650, carried=False)
         ok &= check_state(torch.float32, 2, 2, [5, 64, 0, 30], 0, 6, 5, True, True, seed=651,

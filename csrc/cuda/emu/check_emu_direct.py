@@ -133,12 +133,14 @@ def check_direct(lib, dtype, B, Hq, Hk, N, Dk, Dv, causal, center, normalize, ki
                     dshift=rel(dshift, s64.grad))
     ops = _cpu_op() if cpu else None
     if ops is not None:
-        cy, cb, cden = ops.csq_direct_fwd(q, k, v, shift, cu, None, None, causal, opts[1],
-                                          center, normalize, opts[4], TILE)
+        cy, cb, cden, _, cref = ops.csq_direct_fwd(q, k, v, shift, cu, None, None, causal,
+                                                   opts[1], center, normalize, opts[4], TILE,
+                                                   False)
         errs.update(y_cpu=rel(y, cy), b_cpu=rel(b, cb), den_cpu=rel(den, cden))
         if grads:
-            cq, ck, cv, cs, _ = ops.csq_direct_bwd(dy, q, k, v, shift, cu, cy, cb, cden, causal,
-                                                   opts[1], center, normalize, opts[4], TILE)
+            cq, ck, cv, cs, _, _ = ops.csq_direct_bwd(dy, q, k, v, shift, cu, None, cref, cy, cb,
+                                                      cden, None, None, False, causal, opts[1],
+                                                      center, normalize, opts[4], TILE)
             # The op returns dq, dk, dv in the input dtype (the host file rounds them).
             errs.update(dq_cpu=rel(dq.to(dtype), cq), dk_cpu=rel(dk.to(dtype), ck),
                         dv_cpu=rel(dv.to(dtype), cv), dshift_cpu=rel(dshift, cs))
@@ -169,9 +171,9 @@ def _dense_with_rows(q, k, v, shift, row_shift, row_sums, causal, scale, normali
 
 
 def check_direct_row_inputs(lib):
-    """row_shift and row_sums (the carried state's share, csq_ext/_direct_state.py): the
-    forward against the definition and against the CPU op fed the same rows; the backward,
-    which reads them back through b and den, against the CPU op's."""
+    """The kernels' per-query row_shift and row_sums (a carried state's share, internal to the
+    launchers): the forward against the definition; the backward, which reads them back
+    through b and den, against the CPU op's on the same y, b, den."""
     ok = True
     ops = _cpu_op()
     cases = [  # dtype, Hq, Hk, N, Dk, Dv, causal, normalize, tensor_cores
@@ -197,14 +199,12 @@ def check_direct_row_inputs(lib):
                                       normalize, opts[4])
         errs = {"y": rel(y, yref), "den": rel(den, dref)}
         if ops is not None:
-            cy, cb, cden = ops.csq_direct_fwd(q, k, v, shift, None, row_shift, row_sums, causal,
-                                              opts[1], True, normalize, opts[4], TILE)
-            errs.update(y_cpu=rel(y, cy), b_cpu=rel(b, cb), den_cpu=rel(den, cden))
             dy = torch.randn(1, Hq, N, Dv, generator=g, dtype=torch.float64).to(acc)
             dq, dk, dv, dshift = emu_direct_bwd(lib, dy, q, k, v, shift, None, y, b, den, opts, tc)
-            cq, ck, cv, cs, _ = ops.csq_direct_bwd(dy, q, k, v, shift, None, cy, cb, cden,
-                                                   causal, opts[1], True, normalize, opts[4],
-                                                   TILE)
+            no_ref = torch.empty(0, dtype=acc)
+            cq, ck, cv, cs, _, _ = ops.csq_direct_bwd(dy, q, k, v, shift, None, None, no_ref, y,
+                                                      b, den, None, None, False, causal, opts[1],
+                                                      True, normalize, opts[4], TILE)
             errs.update(dq_cpu=rel(dq.to(dtype), cq), dk_cpu=rel(dk.to(dtype), ck),
                         dv_cpu=rel(dv.to(dtype), cv), dshift_cpu=rel(dshift, cs))
         ok &= _report(f"row inputs {str(dtype)[6:]:8s} Hq{Hq} Hk{Hk} N{N} Dk{Dk} Dv{Dv} "

@@ -21,6 +21,16 @@ STATE_CASES = [
 ]
 
 
+
+STATE_OP_CASES = [
+    # dtype, Hk, lens (N for B = 2, or segment lengths), prefill (None: no state), Dk, Dv
+    (torch.float64, 2, [0, 70, 3], 9, 5, 3),
+    (torch.float32, 1, 130, 0, 16, 8),
+    (torch.float64, 2, 65, None, 4, 6),
+    (torch.bfloat16, 1, [40, 90], 20, 8, 8),
+]
+
+
 VARLEN_CASES = [
     # dtype, Hq, Hk, lens, Dk, Dv, causal, center, normalize
     (torch.float64, 4, 2, [1, 0, 70, 64, 5, 130], 5, 3, True, True, True),
