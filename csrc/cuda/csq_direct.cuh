@@ -342,6 +342,19 @@ __global__ void __launch_bounds__(kDThreads) direct_center_dk_kernel(const Direc
 // cannot select per term falls back to scalar sums where it matters: kFallback).
 enum { kMaskNone = 0, kMaskUpTo = 1, kMaskFrom = 2 };
 
+// Columns x0 .. x0 + kSlabD - 1 of two 64 x K operands given by element functions fa(row, x),
+// fb(row, x), 0 past K, handed to put(row, x - x0, a, b) (which stores them in an engine's
+// slab buffers): the staging step of every engine's A B^T product.
+template <typename Acc, typename FA, typename FB, typename Put>
+__device__ __forceinline__ void stage_slab(int x0, int K, const FA& fa, const FB& fb,
+                                           const Put& put) {
+  for (int e = threadIdx.x; e < kT * kSlabD; e += kDThreads) {
+    const int r = e / kSlabD, x = e % kSlabD;
+    const bool in = x0 + x < K;
+    put(r, x, in ? Acc(fa(r, x0 + x)) : Acc(0), in ? Acc(fb(r, x0 + x)) : Acc(0));
+  }
+}
+
 }  // namespace direct
 }  // namespace cuda
 }  // namespace csq

@@ -23,12 +23,10 @@ __device__ __forceinline__ void slab_product(Acc (&acc)[4][4], int K, Acc* As, A
   const int ty = static_cast<int>(threadIdx.x) / 16, tx = static_cast<int>(threadIdx.x) % 16;
   for (int x0 = 0; x0 < K; x0 += kSlabD) {
     __syncthreads();
-    for (int e = threadIdx.x; e < kT * kSlabD; e += kDThreads) {
-      const int r = e / kSlabD, x = e % kSlabD;
-      const bool in = x0 + x < K;
-      As[r * kLdA + x] = in ? fa(r, x0 + x) : Acc(0);
-      Bs[r * kLdA + x] = in ? fb(r, x0 + x) : Acc(0);
-    }
+    stage_slab<Acc>(x0, K, fa, fb, [&](int r, int x, Acc a, Acc b) {
+      As[r * kLdA + x] = a;
+      Bs[r * kLdA + x] = b;
+    });
     __syncthreads();
     const int xn = imin(kSlabD, K - x0);
     for (int x = 0; x < xn; ++x) {

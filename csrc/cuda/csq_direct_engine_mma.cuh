@@ -95,12 +95,10 @@ __device__ __forceinline__ void scores_f16(float (&acc)[4][4], int K, const MmaS
   for (int x0 = 0; x0 < K; x0 += kSlabD) {
     __syncthreads();
     if (x0 == 0 && threadIdx.x == 0) *sm.flag = 0;
-    for (int e = threadIdx.x; e < 64 * kSlabD; e += kDThreads) {
-      const int r = e / kSlabD, x = e % kSlabD;
-      const bool in = x0 + x < K;
-      store_el(&sm.Ah[r * kLdH + x], in ? fa(r, x0 + x) : 0.f);
-      store_el(&sm.Bh[r * kLdH + x], in ? fb(r, x0 + x) : 0.f);
-    }
+    stage_slab<float>(x0, K, fa, fb, [&](int r, int x, float a, float b) {
+      store_el(&sm.Ah[r * kLdH + x], a);
+      store_el(&sm.Bh[r * kLdH + x], b);
+    });
     __syncthreads();
 #pragma unroll
     for (int ks = 0; ks < kSlabD; ks += 16) {
@@ -128,12 +126,10 @@ __device__ __forceinline__ void product_tf32(float (&acc)[4][4], int K, const Mm
   const Frag f = frag();
   for (int x0 = 0; x0 < K; x0 += kSlabD) {
     __syncthreads();
-    for (int e = threadIdx.x; e < 64 * kSlabD; e += kDThreads) {
-      const int r = e / kSlabD, x = e % kSlabD;
-      const bool in = x0 + x < K;
-      sm.Af[r * kLdF + x] = in ? fa(r, x0 + x) : 0.f;
-      sm.Bf[r * kLdF + x] = in ? fb(r, x0 + x) : 0.f;
-    }
+    stage_slab<float>(x0, K, fa, fb, [&](int r, int x, float a, float b) {
+      sm.Af[r * kLdF + x] = a;
+      sm.Bf[r * kLdF + x] = b;
+    });
     __syncthreads();
 #pragma unroll
     for (int k0 = 0; k0 < kSlabD; k0 += 8) {
