@@ -6,9 +6,10 @@ O(N^2) definition it is tested against.
 from .attention import attention, decode, decode_
 from .nn import CSQAttention
 from .penalty import negativity_penalty
+from .pool import pool_decode_, pool_prefill_
 from .reference import csq_attention_reference
 from .state import CSQState
 
 __all__ = ["attention", "decode", "decode_", "CSQState", "csq_attention_reference",
-           "CSQAttention", "negativity_penalty"]
+           "CSQAttention", "negativity_penalty", "pool_prefill_", "pool_decode_"]
 __version__ = "0.1.0"

@@ -216,11 +216,12 @@ __device__ __forceinline__ ChunkSpan chunk_span(const QkvParams& p, const Work& 
 // as is by the state scans. The last column of the linear rows is the carried key sum
 // (relative to ref), that of the constant row the carried key count.
 
-// The sums of one (sequence, kv head) in a state tensor (state_in, state_out, dstate_*).
+// The sums of one (sequence, kv head) in a state tensor (state_in, state_out, dstate_*): its
+// entry, or its slot of a pool (csq_params.h, StatePool; the forward of csq_pool_prefill_).
 // Ptr is a typed (const) Acc pointer.
 template <typename Ptr>
-__device__ __forceinline__ Ptr head_sums(Ptr base, const QkvParams& p, int64_t seq, int64_t g) {
-  return base + (seq * p.heads_k + g) * state_head_elems(p.dim_k, p.dim_v);
+__device__ __forceinline__ Ptr head_sums(Ptr base, const FwdParams& p, int64_t seq, int64_t g) {
+  return base + state_sums_offset(p.pool, seq, g, p.heads_k, state_head_elems(p.dim_k, p.dim_v));
 }
 
 // The carried key count of a (sequence, kv head), 0 without a carried state.
