@@ -15,6 +15,7 @@ from torch import nn
 from vllm.config import get_current_vllm_config
 from vllm.forward_context import get_forward_context
 from vllm.model_executor.layers.mamba.abstract import MambaBase
+from vllm.utils.torch_utils import direct_register_custom_op
 from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
 
 from ..pool import pool_decode_, pool_prefill_
@@ -75,12 +76,21 @@ class CSQStateAttention(MambaBase, nn.Module):
                     eps=self.record.eps)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(q.shape[0], self.num_heads * self.head_size, dtype=q.dtype,
+                          device=q.device)
+        # One opaque operator: torch.compile (vLLM's default) must not trace into attend(),
+        # whose work depends on the step's metadata, and splits its graphs there.
+        torch.ops.vllm.csq_state_attention(q, k, v, out, self.prefix)
+        return out
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               out: torch.Tensor) -> None:
         T, H, Hk, D = q.shape[0], self.num_heads, self.num_kv_heads, self.head_size
-        out = torch.empty(T, H * D, dtype=q.dtype, device=q.device)
         metadata = get_forward_context().attn_metadata
         md = metadata.get(self.prefix) if isinstance(metadata, dict) else None
         if md is None:  # a profiling run without requests: nothing to attend to
-            return out.zero_()
+            out.zero_()
+            return
         q, k, v = q.view(T, H, D), k.view(T, Hk, D), v.view(T, Hk, D)
         if self._head_scale[0] is not None:
             q = q * self._head_scale[0].to(q.dtype).view(1, H, 1)
@@ -100,4 +110,18 @@ class CSQStateAttention(MambaBase, nn.Module):
                               md.prefill_slots,
                               has_initial_state=md.prefill_has_initial_state, **options)
             out[nd:n].view(n - nd, H, D).copy_(y[0].transpose(0, 1))
-        return out
+
+
+def _csq_state_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                         layer_name: str) -> None:
+    get_forward_context().no_compile_layers[layer_name].attend(q, k, v, out)
+
+
+def _csq_state_attention_fake(q, k, v, out, layer_name) -> None:
+    return None
+
+
+# vllm::csq_state_attention, one of the ops vLLM's compiled graphs split at (plugin.py).
+OP_NAME = "csq_state_attention"
+direct_register_custom_op(op_name=OP_NAME, op_func=_csq_state_attention, mutates_args=["out"],
+                          fake_impl=_csq_state_attention_fake)

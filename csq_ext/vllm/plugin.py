@@ -78,6 +78,17 @@ def _register_backend() -> None:
         MambaAttentionBackendEnum.register(NAME, "csq_ext.vllm.backend.CSQStateBackend")
 
 
+def _register_splitting_op() -> None:
+    """vLLM's compiled graphs end before and start after each attention op; ours joins them."""
+    from vllm.config.compilation import CompilationConfig
+
+    from .layer import OP_NAME
+
+    name = f"vllm::{OP_NAME}"
+    if name not in CompilationConfig._attention_ops:
+        CompilationConfig._attention_ops.append(name)
+
+
 def register() -> None:
     """Makes vLLM serve CSQ checkpoints (idempotent; vLLM calls it in every process)."""
     global _registered
@@ -88,6 +99,7 @@ def register() -> None:
     from .models import CLASSES
 
     _register_backend()
+    _register_splitting_op()
     for arch, cls in CLASSES.items():
         ModelRegistry.register_model(arch, cls)
     _register_config_check()
