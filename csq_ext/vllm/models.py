@@ -73,17 +73,18 @@ class QKVAdapters:
         qkv_proj.register_forward_hook(self._add)
 
     @staticmethod
-    def _shard(loaded):
-        shard = getattr(loaded, "shard_id", None)
+    def _shard(loaded, shard_id):
+        # vLLM passes the shard id ("q", "k", "v") as an argument or on the tensor.
+        shard = shard_id if shard_id is not None else getattr(loaded, "shard_id", None)
         if shard not in ("q", "k"):
             raise ValueError(f"csq_lora tensors belong to q_proj or k_proj, got shard {shard!r}")
         return shard
 
-    def _load_a(self, param, loaded):
-        param.data[0 if self._shard(loaded) == "q" else 1].copy_(loaded)
+    def _load_a(self, param, loaded, shard_id=None):
+        param.data[0 if self._shard(loaded, shard_id) == "q" else 1].copy_(loaded)
 
-    def _load_b(self, param, loaded):
-        if self._shard(loaded) == "q":
+    def _load_b(self, param, loaded, shard_id=None):
+        if self._shard(loaded, shard_id) == "q":
             param.data[:self.q_rows].copy_(loaded.narrow(0, self.q_start, self.q_rows))
         else:
             param.data[self.q_rows:].copy_(loaded.narrow(0, self.k_start, self.k_rows))
