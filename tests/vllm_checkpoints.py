@@ -24,7 +24,7 @@ def tiny_model(arch: str, seed: int = 0):
 
     torch.manual_seed(seed)
     common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32768,
                   tie_word_embeddings=False,
                   # No end-of-sequence token: generate() would stop at it or, asked for a
                   # minimum length, suppress it, where vLLM (ignore_eos) keeps the argmax.
