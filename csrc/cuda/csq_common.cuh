@@ -216,11 +216,18 @@ __device__ __forceinline__ ChunkSpan chunk_span(const QkvParams& p, const Work& 
 // as is by the state scans. The last column of the linear rows is the carried key sum
 // (relative to ref), that of the constant row the carried key count.
 
-// The sums of one (sequence, kv head) in a state tensor (state_in, state_out, dstate_*): its
-// entry, or its slot of a pool (csq_params.h, StatePool; the forward of csq_pool_prefill_).
+// The sums of one (sequence, kv head) in a state tensor (state_in, state_out, dstate_*).
 // Ptr is a typed (const) Acc pointer.
 template <typename Ptr>
-__device__ __forceinline__ Ptr head_sums(Ptr base, const FwdParams& p, int64_t seq, int64_t g) {
+__device__ __forceinline__ Ptr head_sums(Ptr base, const QkvParams& p, int64_t seq, int64_t g) {
+  return base + (seq * p.heads_k + g) * state_head_elems(p.dim_k, p.dim_v);
+}
+
+// The same in the forward's carried state (state_in, state_out), which may be a pool: its
+// entry, or its slot (csq_params.h, StatePool; csq_pool_prefill_). The gradients of a state
+// (dstate_*) are never pooled: head_sums, which costs the backward's kernels no registers.
+template <typename Ptr>
+__device__ __forceinline__ Ptr carried_sums(Ptr base, const FwdParams& p, int64_t seq, int64_t g) {
   return base + state_sums_offset(p.pool, seq, g, p.heads_k, state_head_elems(p.dim_k, p.dim_v));
 }
 
@@ -228,7 +235,7 @@ __device__ __forceinline__ Ptr head_sums(Ptr base, const FwdParams& p, int64_t s
 template <typename Acc>
 __device__ __forceinline__ Acc carried_count(const FwdParams& p, int64_t seq, int64_t g) {
   if (p.state_in == nullptr) return Acc(0);
-  return state_key_count(head_sums(static_cast<const Acc*>(p.state_in), p, seq, g), p.dim_k,
+  return state_key_count(carried_sums(static_cast<const Acc*>(p.state_in), p, seq, g), p.dim_k,
                          p.dim_v);
 }
 
@@ -237,7 +244,7 @@ template <typename Acc>
 __device__ __forceinline__ Acc carried_key_sum(const FwdParams& p, int64_t seq, int64_t g,
                                                int d) {
   if (p.state_in == nullptr) return Acc(0);
-  return state_key_sum(head_sums(static_cast<const Acc*>(p.state_in), p, seq, g), d, p.dim_k,
+  return state_key_sum(carried_sums(static_cast<const Acc*>(p.state_in), p, seq, g), d, p.dim_k,
                        p.dim_v);
 }
 
