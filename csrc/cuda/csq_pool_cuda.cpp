@@ -29,16 +29,7 @@ at::Tensor csq_pool_prefill_cuda(at::Tensor& sums, at::Tensor& ref, const at::Te
     call.run_empty(sums, ref);
     return call.y.to(q.scalar_type());
   }
-  cuda_host::check_packed(call.p);
-  call.p.tensor_core_passes = cuda_host::tensor_core_passes();
-  const cuda::DType dt = cuda_host::to_dtype(q.scalar_type());
-  const size_t bytes = cuda::fwd_workspace_bytes(call.p, dt);
-  at::Tensor ws = cuda_host::workspace(q, bytes);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  const cuda::Status st = CSQ_DTYPE_SWITCH(q.scalar_type(), DT, [&] {
-    return cuda::launch_fwd<DT>(call.p, ws.data_ptr(), bytes, stream);
-  });
-  cuda_host::check_status(st, "pool prefill");
+  cuda_host::run_forward(call.p, q, "pool prefill");
   return call.y.to(q.scalar_type());
 }
 

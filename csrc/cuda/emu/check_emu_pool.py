@@ -11,29 +11,11 @@ Used by check_emu.py (which prints "pool" on every line of this family); alone:
     python check_emu_pool.py LIB [quick]
 """
 import ctypes
-import os
-import runpy
 import sys
 
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(HERE)))
-reference = runpy.run_path(os.path.join(ROOT, "csq_ext", "reference.py"))["csq_attention_reference"]
-DT = {torch.float64: 0, torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}
-TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
-
-
-def _arr(xs):
-    return (ctypes.c_int64 * len(xs))(*[int(x) for x in xs])
-
-
-def _ptr(t):
-    return ctypes.c_void_p(t.data_ptr())
-
-
-def _acc(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from check_emu_direct import DT, TOL, _acc, _arr, _ptr, reference
 
 
 def _rel(a, b):
