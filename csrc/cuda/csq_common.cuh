@@ -231,12 +231,15 @@ __device__ __forceinline__ Ptr carried_sums(Ptr base, const FwdParams& p, int64_
   return base + state_sums_offset(p.pool, seq, g, p.heads_k, state_head_elems(p.dim_k, p.dim_v));
 }
 
-// The carried key count of a (sequence, kv head), 0 without a carried state.
-template <typename Acc>
+// The carried key count of a (sequence, kv head), 0 without a carried state. kPool = false
+// for the backward's own kernels, whose state is never a pool (the slot lookup spilled
+// center_dk_kernel<double> on sm_90a).
+template <typename Acc, bool kPool = true>
 __device__ __forceinline__ Acc carried_count(const FwdParams& p, int64_t seq, int64_t g) {
   if (p.state_in == nullptr) return Acc(0);
-  return state_key_count(carried_sums(static_cast<const Acc*>(p.state_in), p, seq, g), p.dim_k,
-                         p.dim_v);
+  const Acc* state = static_cast<const Acc*>(p.state_in);
+  return state_key_count(kPool ? carried_sums(state, p, seq, g) : head_sums(state, p, seq, g),
+                         p.dim_k, p.dim_v);
 }
 
 // Coordinate d of the carried key sum (relative to ref), 0 without a carried state.
