@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import torch
 from vllm.v1.attention.backend import (AttentionBackend, AttentionCGSupport,
                                        AttentionMetadataBuilder, CommonAttentionMetadata)
-from vllm.v1.attention.backends.utils import mamba_get_block_table_tensor, split_decodes_and_prefills
+from vllm.v1.attention.backends.utils import (mamba_get_block_table_tensor,
+                                              split_decodes_and_prefills)
 
 NAME = "CSQ_STATE"
 

@@ -100,12 +100,14 @@ class CSQStateAttention(MambaBase, nn.Module):
         if n < T:
             out[n:].zero_()  # padding tokens of the step
         if md.num_decodes:
-            rows = lambda x: x[:nd].unsqueeze(2)  # (B, H, 1, D) views  # noqa: E731
+            def rows(x):  # (B, H, 1, D) views
+                return x[:nd].unsqueeze(2)
             pool_decode_(rows(q), rows(k), rows(v), pool, md.decode_slots,
                          has_initial_state=md.decode_has_initial_state,
                          out=out[:nd].view(nd, H, 1, D), **options)
         if md.num_prefills:
-            packed = lambda x: x[nd:n].transpose(0, 1).unsqueeze(0)  # (1, H, T_p, D) views  # noqa: E731
+            def packed(x):  # (1, H, T_p, D) views
+                return x[nd:n].transpose(0, 1).unsqueeze(0)
             y = pool_prefill_(packed(q), packed(k), packed(v), md.prefill_cu_seqlens, pool,
                               md.prefill_slots,
                               has_initial_state=md.prefill_has_initial_state, **options)

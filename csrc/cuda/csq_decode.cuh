@@ -123,8 +123,8 @@ __device__ __forceinline__ Acc decode_ref(const DecodeParams& p, Acc count_befor
   return ref_key_median<Acc>(1, [&](int64_t) { return key; });
 }
 
-// p.sums: (B, Hk, F, Dv + 1) acc, contiguous, or a pool (p.pool); p.ref: (B, Hk, Dk) acc; p.y: (B, Hq, 1, Dv) in
-// the input dtype, contiguous; q, k, v strided with N = 1.
+// p.sums: (B, Hk, F, Dv + 1) acc, contiguous, or a pool (p.pool); p.ref: (B, Hk, Dk) acc;
+// p.y: (B, Hq, 1, Dv) in the input dtype, contiguous; q, k, v strided with N = 1.
 template <typename T, typename Acc>
 __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];  // decode_smem_bytes
