@@ -14,6 +14,7 @@ Conventions
 from __future__ import annotations
 
 import contextlib
+import os
 import zlib
 
 import pytest
@@ -21,6 +22,11 @@ import torch
 
 import csq_ext
 from csq_ext.reference import csq_attention_reference
+
+# CI's installed-package stage (.ci/run) sets CSQ_EXPECT_INSTALLED=1: these tests must then
+# exercise the installed wheel, never a checkout's csq_ext that would hide what the wheel lacks.
+if os.environ.get("CSQ_EXPECT_INSTALLED") == "1" and "site-packages" not in csq_ext.__file__:
+    raise RuntimeError(f"CSQ_EXPECT_INSTALLED=1 but csq_ext comes from {csq_ext.__file__}")
 
 # The spec's accuracy table (relative Frobenius error against the float64 reference).
 TOL = {
