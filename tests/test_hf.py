@@ -14,40 +14,13 @@ from conftest import TOL, assert_rel_close, randn
 
 pytest.importorskip("transformers")
 from transformers import (AutoModelForCausalLM, BertConfig, BertModel, DynamicCache,  # noqa: E402
-                          LlamaConfig, MistralConfig, Qwen2Config)
+                          MistralConfig)
 
 import csq_ext  # noqa: E402
 from csq_ext import hf  # noqa: E402
 from csq_ext.hf.convert import attention_modules  # noqa: E402
 from csq_ext.reference import csq_attention_reference  # noqa: E402
-
-VOCAB = 100
-
-
-def tiny_config(family: str):
-    """Two layers, hidden 32, 4 query heads over 2 key/value heads (grouped-query)."""
-    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                  pad_token_id=0, eos_token_id=None, bos_token_id=None)
-    if family == "llama":
-        return LlamaConfig(**common)
-    if family == "qwen2":  # q/k/v projections with biases
-        return Qwen2Config(**common)
-    raise ValueError(family)
-
-
-def tiny_model(family: str, seed: int, dtype=torch.float64, attn="csq", device="cpu"):
-    hf.register()
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(tiny_config(family), attn_implementation=attn,
-                                            dtype=dtype).to(device).eval()
-
-
-def tokens(gen, *shape):
-    return torch.randint(1, VOCAB, shape, generator=gen)
-
-
-FAMILIES = ["llama", "qwen2"]
+from hf_models import FAMILIES, VOCAB, tiny_model, tokens  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="module")

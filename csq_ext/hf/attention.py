@@ -27,8 +27,8 @@ from transformers.modeling_utils import AttentionInterface
 from .._args import acc_dtype as _acc_dtype
 from ..attention import attention
 from ..nn import feature_kernel_attention
+from .saved import NAME
 
-NAME = "csq"
 # Kernels of csq_ext.nn that convert() can select besides "csq" itself ("rebased" runs through
 # csq_ext.attention with shift 0 and no centering; these two through their feature maps).
 FEATURE_KERNELS = ("linear", "taylor")
@@ -37,10 +37,19 @@ FEATURE_KERNELS = ("linear", "taylor")
 def register(name: str = NAME) -> str:
     """Registers CSQ attention and its mask function with transformers under ``name``; then
     ``from_config(cfg, attn_implementation=name)`` and ``model.set_attn_implementation(name)``
-    select it. Idempotent. Returns ``name``."""
+    select it. Also installs (once) what makes saved CSQ models load as CSQ
+    (csq_ext.hf.saved). ``import csq_ext.hf`` calls it. Idempotent. Returns ``name``."""
+    from . import saved
     AttentionInterface.register(name, csq_attention_forward)
     AttentionMaskInterface.register(name, csq_mask)
+    saved.install()
     return name
+
+
+def runs_csq(config) -> bool:
+    """Whether a model with this config runs csq attention (under any registered name)."""
+    impl = getattr(config, "_attn_implementation", None)
+    return AttentionInterface._global_mapping.get(impl) is csq_attention_forward
 
 
 # --------------------------------------------------------------------------------------------
