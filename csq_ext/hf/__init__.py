@@ -10,8 +10,9 @@
   holds the attention-transfer parameters and their loader (``convert(model, params=...)``),
   ``pretrained`` the parameters shipped with csq_ext (``params="all-MiniLM-L6-v2"``).
 
-Importing this module calls ``register()``: "csq" is registered, and a converted model saved
-with ``save_pretrained`` loads back as the same CSQ model (``saved``; docs/saved_models.md).
+Importing this module calls ``register()``: "csq" is registered, a converted model saved with
+``save_pretrained`` loads back as the same CSQ model (``saved``; docs/saved_models.md), and
+``generate()`` of a csq model uses a CSQCache unless asked otherwise (``generation``).
 
 transformers is an optional dependency: ``import csq_ext`` works without it; importing this
 module without it raises an ImportError that says what to install.

@@ -38,11 +38,13 @@ def register(name: str = NAME) -> str:
     """Registers CSQ attention and its mask function with transformers under ``name``; then
     ``from_config(cfg, attn_implementation=name)`` and ``model.set_attn_implementation(name)``
     select it. Also installs (once) what makes saved CSQ models load as CSQ
-    (csq_ext.hf.saved). ``import csq_ext.hf`` calls it. Idempotent. Returns ``name``."""
-    from . import saved
+    (csq_ext.hf.saved) and generate() default to a CSQCache (csq_ext.hf.generation).
+    ``import csq_ext.hf`` calls it. Idempotent. Returns ``name``."""
+    from . import generation, saved
     AttentionInterface.register(name, csq_attention_forward)
     AttentionMaskInterface.register(name, csq_mask)
     saved.install()
+    generation.install()
     return name
 
 
