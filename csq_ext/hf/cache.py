@@ -15,7 +15,8 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..attention import attention, decode_
-from .attention import run_packed, runs_csq
+from ..packing import run_packed
+from .attention import runs_csq
 
 
 class CSQCacheLayer(CacheLayerMixin):
