@@ -33,6 +33,7 @@ from csq_ext._cost import choose_path
 from csq_ext._timing import device_description, interleaved_times, summarize
 from chunked_torch import csq_attention_chunked
 from flex_csq import csq_attention_flex
+from plot_colors import color
 
 CPU = torch.device("cpu")
 # Each takes (q, k, v, causal).
@@ -95,14 +96,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="run every implementation at every length")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--quick", action="store_true",
-                   help=f"smoke test: {QUICK}, output to bench/results/cpu_quick.*")
-    p.add_argument("--out", default=None, help="JSON path (default bench/results/cpu.json)")
+                   help=f"smoke test: {QUICK}, output to bench/out/cpu_quick.*")
+    p.add_argument("--out", default=None, help="JSON path (default bench/out/cpu.json; the "
+                   "committed results are written only when named, e.g. bench/results/cpu.json)")
     p.add_argument("--plot", default=None, help="PNG path (default: the JSON path, .png)")
     if p.parse_known_args(argv)[0].quick:
         p.set_defaults(**QUICK)  # options given on the command line still win
     args = p.parse_args(argv)
-    results = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-    args.out = args.out or os.path.join(results, "cpu_quick.json" if args.quick else "cpu.json")
+    out_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")  # ignored by git
+    args.out = args.out or os.path.join(out_dir, "cpu_quick.json" if args.quick else "cpu.json")
     args.plot = args.plot or os.path.splitext(args.out)[0] + ".png"
     skips = [] if args.no_default_skips else [parse_skip(s) for s in DEFAULT_SKIPS]
     args.skips = skips + (args.skip_above or [])
@@ -224,7 +226,7 @@ def plot(points: list[dict], meta: dict, path: str) -> bool:
                 xy = [(pt["n"], pt[mode][impl]["median_s"] * 1e3) for pt in points
                       if pt["d"] == d and pt["mask"] == mask and pt[mode][impl]]
                 if xy:
-                    ax.plot(*zip(*xy), marker="o", label=impl)
+                    ax.plot(*zip(*xy), marker="o", label=impl, color=color(impl))
             lengths = sorted({pt["n"] for pt in points if pt["d"] == d})
             ax.set(xscale="log", yscale="log", xlabel="N", ylabel="median ms",
                    title=f"{mask} {mode}, Dk = Dv = {d}")
