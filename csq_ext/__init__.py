@@ -4,6 +4,7 @@
 the same with the call of ``torch.nn.functional.scaled_dot_product_attention``;
 ``csq_ext.reference`` holds the O(N^2) definition it is tested against.
 """
+from ._calibrate import calibrate
 from .attention import attention, decode, decode_
 from .nn import CSQAttention
 from .penalty import negativity_penalty
@@ -12,5 +13,5 @@ from .sdpa import scaled_dot_product_attention
 from .state import CSQState
 
 __all__ = ["attention", "decode", "decode_", "CSQState", "csq_attention_reference",
-           "CSQAttention", "negativity_penalty", "scaled_dot_product_attention"]
+           "CSQAttention", "negativity_penalty", "scaled_dot_product_attention", "calibrate"]
 __version__ = "0.1.0"
