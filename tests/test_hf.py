@@ -20,7 +20,7 @@ import csq_ext  # noqa: E402
 from csq_ext import hf  # noqa: E402
 from csq_ext.hf.convert import attention_modules  # noqa: E402
 from csq_ext.reference import csq_attention_reference  # noqa: E402
-from hf_models import FAMILIES, VOCAB, tiny_model, tokens  # noqa: E402
+from hf_models import FAMILIES, VOCAB, left_padded_prompts, tiny_model, tokens  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -121,10 +121,7 @@ def test_left_padded_batch_generation_equals_per_sequence(gen):
     """Batch generation with prompts of different lengths (left padding, CSQCache) gives each
     row the tokens it gets alone."""
     model = tiny_model("llama", seed=5)
-    short, long = tokens(gen, 1, 4), tokens(gen, 1, 9)
-    ids = torch.cat([torch.cat([torch.zeros(1, 5, dtype=torch.long), short], 1), long])
-    mask = torch.ones_like(ids)
-    mask[0, :5] = 0
+    ids, mask, short, long = left_padded_prompts(gen)
     kw = dict(max_new_tokens=30, min_new_tokens=30, do_sample=False, pad_token_id=0)
     both = model.generate(ids, attention_mask=mask, past_key_values=hf.CSQCache(model.config), **kw)
     assert torch.equal(both[0, 5:], model.generate(short, use_cache=False, **kw)[0])

@@ -13,7 +13,7 @@ pytest.importorskip("transformers")
 from transformers import DynamicCache  # noqa: E402
 
 from csq_ext import hf  # noqa: E402
-from hf_models import VOCAB, tiny_model, tokens  # noqa: E402
+from hf_models import VOCAB, left_padded_prompts, tiny_model, tokens  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -57,10 +57,7 @@ def test_default_cache_is_csq_cache(family, case, gen):
 
 def test_left_padded_batch_uses_csq_cache(gen):
     model = tiny_model("llama", seed=32)
-    short, long = tokens(gen, 1, 4), tokens(gen, 1, 9)
-    ids = torch.cat([torch.cat([torch.zeros(1, 5, dtype=torch.long), short], 1), long])
-    mask = torch.ones_like(ids)
-    mask[0, :5] = 0
+    ids, mask, short, long = left_padded_prompts(gen)
     kw = dict(max_new_tokens=20, min_new_tokens=20, do_sample=False, pad_token_id=0)
     both, cache = generate(model, ids, attention_mask=mask, **kw)
     assert isinstance(cache, hf.CSQCache)

@@ -68,7 +68,10 @@ def convert(model: torch.nn.Module, *, shift: float = 1.0, learnable_shift: bool
             (CSQ with shift 0, no centering), "taylor" or "linear" (feature maps; whole
             sequences only: no cache, no packed rows, padding in non-causal models only).
         params: attention-transfer parameters: the name of a set shipped with csq_ext
-            (``"all-MiniLM-L6-v2"``, see ``csq_ext.hf.pretrained``), a dict saved by
+            (``"all-MiniLM-L6-v2"``: rank-4 q/k adapters, per-head scale and shift; cosine
+            0.968 between the converted and the original sentence embeddings on 1000 held-out
+            sentences, 0.855 without them; every set and its cosine:
+            ``csq_ext.hf.pretrained``), a dict saved by
             ``csq_ext.hf.transfer.save_params`` or its JSON path. They carry their own
             conversion options, which replace the arguments above, and their trained values
             (per-head shift and scale, low-rank q/k adapters) are loaded into the model.
