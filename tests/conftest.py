@@ -34,6 +34,22 @@ from csq_ext.reference import csq_attention_reference
 if os.environ.get("CSQ_EXPECT_INSTALLED") == "1" and "site-packages" not in csq_ext.__file__:
     raise RuntimeError(f"CSQ_EXPECT_INSTALLED=1 but csq_ext comes from {csq_ext.__file__}")
 
+# The repository around tests/: its bench/, quality/, transfer/ and csrc/ hold scripts and
+# sources that some tests run but that are not part of the installed package.
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def repository_folder(*parts: str) -> str:
+    """A folder of the repository beside tests/; skips the calling test (or, at import, its
+    module) where the tests run from a copy without it, e.g. against an installed wheel."""
+    path = os.path.join(REPO, *parts)
+    if not os.path.isdir(path):
+        pytest.skip(f"{'/'.join(parts)}/ is not beside the tests: it holds repository scripts "
+                    "or sources, not part of the installed package (run the tests from a "
+                    "checkout, or copy the folder beside them)", allow_module_level=True)
+    return path
+
+
 # The spec's accuracy table (relative Frobenius error against the float64 reference).
 TOL = {
     torch.float64: 1e-10,

@@ -6,8 +6,9 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BENCH = os.path.join(ROOT, "bench")
+from conftest import repository_folder
+
+BENCH = repository_folder("bench")
 sys.path.insert(0, BENCH)
 
 import bench_cpu  # noqa: E402

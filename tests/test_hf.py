@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import TOL, assert_rel_close, randn
+from conftest import TOL, assert_rel_close, randn, repository_folder
 
 pytest.importorskip("transformers")
 from transformers import (AutoModelForCausalLM, BertConfig, BertModel, DynamicCache,  # noqa: E402
@@ -263,7 +263,7 @@ def test_import_without_transformers():
 
 def test_bench_hf_generate_quick(tmp_path):
     """bench/bench_hf_generate.py on a tiny run: CSQCache's bytes stay put, the KV cache's grow."""
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parents[1] / "bench"))
+    sys.path.insert(0, repository_folder("bench"))
     import bench_hf_generate
 
     out = bench_hf_generate.main(["--device", "cpu", "--quick", "--json", str(tmp_path / "g.json")])

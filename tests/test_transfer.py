@@ -12,12 +12,12 @@ import sys
 import pytest
 import torch
 
-from conftest import TOL, assert_rel_close, randn
+from conftest import TOL, assert_rel_close, randn, repository_folder
 
 pytest.importorskip("transformers")
 pytest.importorskip("all_minilm_l6_v2")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(repository_folder("transfer"))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
