@@ -15,10 +15,17 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import zlib
 
 import pytest
 import torch
+
+# The test modules import their helpers as plain modules (``from conftest import ...``,
+# ``from hf_models import ...``): keep this folder importable under
+# ``pytest --import-mode=importlib`` too, which does not put it on sys.path.
+if os.path.dirname(os.path.abspath(__file__)) not in sys.path:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 # The cost model's per-machine calibration (csq_ext/_calibrate.py) measures at the first
 # path="auto" call: the tests pin the shipped rates, so that the paths auto picks (and the
