@@ -114,6 +114,28 @@ def test_save_pretrained_from_pretrained_round_trip(family, variant, gen, tmp_pa
         assert (run(softmax, ids, mask) - want).abs().max() > 1e-4
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_base_model_of_a_causal_lm_checkpoint(family, gen, tmp_path):
+    """AutoModel.from_pretrained of a converted *ForCausalLM checkpoint: the base model, CSQ,
+    with the decoder's hidden states; in bfloat16 too, where the CSQ parameters follow."""
+    model = converted(family, "transfer", gen)
+    model.save_pretrained(tmp_path)
+    ids, mask = inputs(gen)
+    base = AutoModel.from_pretrained(tmp_path)
+    assert type(base) is type(model.model)
+    with torch.no_grad():
+        want = model.model(ids, attention_mask=mask).last_hidden_state
+        got = base(ids, attention_mask=mask).last_hidden_state
+    assert (got - want).abs().max() <= 1e-6
+    half = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    params = transfer_parameters(half)
+    assert params and all(p.dtype == torch.bfloat16 for p in params.values())
+    with torch.no_grad():
+        logits = half(ids, attention_mask=mask).logits.float()
+        full = model(ids, attention_mask=mask).logits
+    assert_rel_close(logits, full, 5e-2, "bfloat16 logits")
+
+
 def test_loaded_model_keeps_training(gen, tmp_path):
     """The restored CSQ parameters are trainable parameters of the loaded model."""
     model = converted("llama", "transfer", gen)
