@@ -99,8 +99,16 @@ def machine() -> dict:
     GEMM backend of our kernels (oneDNN's microkernel unless torch.backends.mkldnn is off)."""
     from . import __version__
     return {"cpu": _cpu_model(), "isa": _cpu_isa(), "machine": platform.machine(),
-            "torch": torch.__version__, "csq_ext": __version__,
-            "gemm": "brgemm" if torch.backends.mkldnn.enabled else "blas"}
+            "torch": torch.__version__, "csq_ext": __version__, "gemm": _gemm_backend()}
+
+
+def _gemm_backend() -> str:
+    """'microkernel' or 'blas': what the CPU kernels' float32 products run on here
+    (csrc/cpu/csq_gemm_choice.cpp measures it once per process)."""
+    if not torch.backends.mkldnn.enabled:
+        return "blas"
+    from ._ops import ops
+    return ops.cpu_gemm_backend().split()[0]
 
 
 def _file_key(desc: dict) -> str:
