@@ -2,7 +2,7 @@
 
 ``convert`` and ``add_transfer_parameters`` record what they did in the model's config under
 ``"csq_attention"`` (and set ``attn_implementation = "csq"``), so that ``save_pretrained``
-writes it into config.json. Importing csq_ext.hf installs two small hooks on transformers'
+writes it into config.json. Importing csq_ext.hf installs three small hooks on transformers'
 ``PreTrainedModel`` (:func:`install`), active only for configs that carry such a record:
 
 * at construction (``__init__``) the model is made to run "csq" attention; another attention
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 
 import torch
 
@@ -46,7 +47,7 @@ _FIELDS = {
 
 
 def _is_real(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def conversion_record(*, kernel: str, shift: float, learnable_shift: bool, center: bool,
