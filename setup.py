@@ -6,7 +6,15 @@ the dispatcher), so one `_C.abi3.so` imports under every Python >= 3.10 with the
 import glob
 import os
 
+import setuptools
 from setuptools import setup
+
+# pyproject.toml's `license = "MIT"` / `license-files` (PEP 639) need setuptools 77; an older one
+# (Python 3.11's venv ships 65) fails with a long schema error. A build without isolation uses
+# whatever setuptools the environment has, so say what to do.
+if int(setuptools.__version__.split(".")[0]) < 77:
+    raise SystemExit(f"csq_ext needs setuptools>=77 to build (found {setuptools.__version__}): "
+                     "pip install 'setuptools>=77' wheel ninja")
 from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
