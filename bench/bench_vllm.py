@@ -8,20 +8,27 @@ The models are random-weight Llamas of one size (--layers, --hidden, --heads, --
 csq_ext.hf.convert, as a CSQ checkpoint with the same weights. Each model runs in its own
 engine (a subprocess). For every (context N, concurrency C):
 
-C prompts of N tokens are submitted together, each generating 1 + T tokens (T =
---decode-tokens), and vLLM's own per-request timestamps (engine core clock) give
+C new random prompts of N tokens are submitted together and the engine is stepped by hand
+(its core in the same process, so that one step() is one scheduler step): vLLM prefills them
+in chunks of --batch-tokens (requests whose prompt is done decode meanwhile), then all C
+decode together; the next T = --decode-tokens steps are timed and the requests aborted.
 
-    prefill tok/s = C N / (last first-token time - first scheduling time)
-    decode tok/s  = C T / (last final-token time - first first-token time)
-    per-token latency = median over requests of (final - first token time) / T
+    prefill tok/s = C N / (time until the last request's first token)
+    decode tok/s  = C T / (time of the T steps in which all C requests decode)
+    per-token latency = median time of those steps (each gives every request one token)
 
-A warm-up run precedes --repeats timed runs; medians are reported.
-A configuration whose KV cache does not fit --cache-gib is skipped by vLLM's own check and
-recorded as such. Results (JSON, with the machine, torch and vLLM versions) and a plot go to
---out (default bench/out/vllm; refuses bench/results unless --force).
+Prefix caching is off for both models (a softmax prompt seen before would come from the
+cache; CSQ has none). One warm-up run per concurrency at the smallest context precedes the
+sweep; up to --repeats runs per point (fewer where they take over --repeat-within-s),
+medians reported. A point whose cache (KV blocks or CSQ state pages) does not fit
+--cache-gib is recorded as skipped, with the numbers. Results (JSON, with the machine, torch
+and vLLM versions), a Markdown table and a plot go to --out (default bench/out/vllm; refuses
+bench/results unless --force).
 
-    python bench/bench_vllm.py --smoke                  # a tiny model, seconds per run
-    python bench/bench_vllm.py --out bench/out/vllm     # the sweep (hours on a CPU)
+    python bench/bench_vllm.py --smoke          # a tiny model: a check, minutes
+    python bench/bench_vllm.py                  # the sweep: hours on 2 cores (docs/vllm.md)
+    python bench/bench_vllm.py --contexts 1024 8192 --concurrency 1 8 --repeats 1
+                                                # the target's point (>= 8K): ~10 minutes
 
 Run it in the vLLM environment (docs/vllm.md). The machine must be otherwise idle.
 """
@@ -31,6 +38,7 @@ import argparse
 import datetime
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -52,7 +60,12 @@ def parse_args(argv=None):
     p.add_argument("--contexts", type=int, nargs="+", default=CONTEXTS)
     p.add_argument("--concurrency", type=int, nargs="+", default=CONCURRENCY)
     p.add_argument("--decode-tokens", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3, help="runs per point, at most")
+    p.add_argument("--repeat-within-s", type=float, default=120.0,
+                   help="no further run of a point once its runs took this long (a run at "
+                   "32K tokens and 32 requests takes far longer than its noise)")
+    p.add_argument("--batch-tokens", type=int, default=4096,
+                   help="vLLM's max_num_batched_tokens (the prefill chunk; its CPU default)")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--heads", type=int, default=16)
@@ -61,7 +74,8 @@ def parse_args(argv=None):
     p.add_argument("--intermediate", type=int, default=2816)
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--cache-gib", type=float, default=32.0,
+    # The softmax model's KV cache at 32 requests of 32K tokens: 8.7 GB (float32).
+    p.add_argument("--cache-gib", type=float, default=10.0,
                    help="vLLM cache memory of each engine (KV cache or CSQ states)")
     p.add_argument("--models", nargs="+", default=["softmax", "csq"],
                    choices=["softmax", "csq"])
@@ -76,21 +90,21 @@ def parse_args(argv=None):
 
 
 def build_checkpoints(args, folder):
-    """The softmax checkpoint and its CSQ conversion, same weights (random, seeded)."""
+    """The softmax checkpoint and its CSQ conversion, same weights (random, seeded); made
+    anew each run (a few seconds), so that they always have this run's shape."""
     import torch
     import transformers
 
     import csq_ext.hf
 
+    shutil.rmtree(folder, ignore_errors=True)  # no file of an earlier run's shape stays
     paths = {m: os.path.join(folder, m) for m in ("softmax", "csq")}
-    if all(os.path.exists(os.path.join(p, "config.json")) for p in paths.values()):
-        return paths
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(
         vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
         num_hidden_layers=args.layers, num_attention_heads=args.heads,
         num_key_value_heads=args.kv_heads, head_dim=args.head_dim,
-        max_position_embeddings=max(args.contexts) + args.decode_tokens + 8,
+        max_position_embeddings=max_model_len(args),
         bos_token_id=None, eos_token_id=None, pad_token_id=None)
     model = transformers.LlamaForCausalLM(cfg).eval()
     model.save_pretrained(paths["softmax"])
@@ -108,46 +122,101 @@ def build_checkpoints(args, folder):
     return paths
 
 
+def max_new_tokens(args, n, c):
+    """New tokens asked of each of c requests of n prompt tokens: enough that all c are still
+    decoding after the last prompt is prefilled (each request decodes one token per step from
+    its first token on, while later prompts are prefilled in chunks of --batch-tokens), plus
+    the --decode-tokens measured steps; the requests are aborted after those steps."""
+    prefill_steps = -(-c * n // args.batch_tokens) + c
+    return prefill_steps + args.decode_tokens + 2
+
+
+def max_model_len(args):
+    return max(n + max_new_tokens(args, n, max(args.concurrency)) for n in args.contexts)
+
+
 def run_engine(args, model_dir):
-    """One model's measurements (in this process: an engine of its own)."""
+    """One model's measurements (in this process: an engine of its own, its core in this
+    process too (VLLM_ENABLE_V1_MULTIPROCESSING=0, set by main), so that every step() is one
+    scheduler step and its wall time is that step's time)."""
+    import time
+
     import torch
     import vllm
 
-    max_len = max(args.contexts) + args.decode_tokens + 8
     llm = vllm.LLM(model=model_dir, skip_tokenizer_init=True, dtype=args.dtype,
-                   max_model_len=max_len, max_num_seqs=max(args.concurrency),
-                   kv_cache_memory_bytes=int(args.cache_gib * (1 << 30)), seed=0,
-                   disable_log_stats=False)  # per-request timestamps (RequestOutput.metrics)
+                   max_model_len=max_model_len(args), max_num_seqs=max(args.concurrency),
+                   max_num_batched_tokens=args.batch_tokens,
+                   # Prefix caching would serve a softmax prompt seen before from its cache;
+                   # CSQ cannot have it (docs/vllm.md). Off for both, and every run's prompts
+                   # are new anyway.
+                   enable_prefix_caching=False,
+                   kv_cache_memory_bytes=int(args.cache_gib * (1 << 30)), seed=0)
+    engine = llm.llm_engine
+    cache = engine.vllm_config.cache_config
     gen = torch.Generator().manual_seed(1)
+    run_id = iter(range(1 << 30))
 
-    def measure(prompts):
-        """One run's times from vLLM's per-request timestamps (engine core, monotonic)."""
-        params = vllm.SamplingParams(max_tokens=1 + args.decode_tokens, temperature=0.0,
+    def blocks_needed(n, c):
+        size = cache.block_size  # CSQ: one page of max_model_len tokens per request
+        return c * -(-(n + max_new_tokens(args, n, c)) // size)
+
+    def measure(n, c):
+        """One run: c new prompts of n tokens submitted together; the prefill time (until
+        the last request's first token) and the times of the next --decode-tokens steps, in
+        which every request decodes (checked)."""
+        params = vllm.SamplingParams(max_tokens=max_new_tokens(args, n, c), temperature=0.0,
                                      ignore_eos=True)
-        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params,
-                            use_tqdm=False)
-        m = [o.metrics for o in outs]
-        assert all(len(o.outputs[0].token_ids) == 1 + args.decode_tokens for o in outs)
-        first, last = [x.first_token_ts for x in m], [x.last_token_ts for x in m]
-        return dict(prefill_s=max(first) - min(x.scheduled_ts for x in m),
-                    decode_s=max(last) - min(first),
-                    token_latency_s=statistics.median(
-                        (b - a) / args.decode_tokens for a, b in zip(first, last)))
+        ids = []
+        for _ in range(c):
+            prompt = torch.randint(1, args.vocab, (n,), generator=gen).tolist()
+            ids.append(f"r{next(run_id)}")
+            engine.add_request(ids[-1], {"prompt_token_ids": prompt}, params)
+        started, done, steps = set(), 0, []
+        t0 = time.perf_counter()
+        prefill_s = None
+        while len(steps) < args.decode_tokens:
+            t = time.perf_counter()
+            outs = engine.step()
+            dt = time.perf_counter() - t
+            if any(o.finished for o in outs):
+                raise RuntimeError("a request finished before the measured decode steps "
+                                   "(max_new_tokens too small)")
+            if prefill_s is None:
+                started |= {o.request_id for o in outs if o.outputs[0].token_ids}
+                if len(started) == c:
+                    prefill_s = time.perf_counter() - t0
+            elif outs:  # a step of c decodes, one token each
+                if len(outs) != c:
+                    raise RuntimeError(f"a decode step served {len(outs)} of {c} requests")
+                steps.append(dt)
+        engine.abort_request(ids)
+        while engine.has_unfinished_requests():
+            engine.step()
+        return dict(prefill_s=prefill_s, decode_s=sum(steps),
+                    token_latency_s=statistics.median(steps))
 
+    for c in args.concurrency:  # warm-up: compilation and first-touch of each batch size
+        if blocks_needed(min(args.contexts), c) < (cache.num_gpu_blocks or 1 << 62):
+            measure(min(args.contexts), c)
     rows = []
     for n in args.contexts:
         for c in args.concurrency:
-            prompts = [torch.randint(1, args.vocab, (n,), generator=gen).tolist()
-                       for _ in range(c)]
             row = dict(context=n, concurrency=c)
-            try:
-                runs = [measure(prompts) for _ in range(args.repeats + 1)][1:]  # 1 warm-up
-            except (ValueError, RuntimeError) as e:  # e.g. the cache cannot hold it
-                row["skipped"] = str(e)[:300]
+            need = blocks_needed(n, c)
+            if cache.num_gpu_blocks is not None and need >= cache.num_gpu_blocks:
+                row["skipped"] = (f"the cache holds {cache.num_gpu_blocks} blocks of "
+                                  f"{cache.block_size} tokens, {need} needed (--cache-gib)")
+                print(json.dumps(row), file=sys.stderr, flush=True)
                 rows.append(row)
                 continue
+            t = time.perf_counter()
+            runs = [measure(n, c)]
+            while (len(runs) < args.repeats
+                   and time.perf_counter() - t < args.repeat_within_s):
+                runs.append(measure(n, c))
             med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-            row.update(prefill_s=med["prefill_s"], decode_s=med["decode_s"],
+            row.update(runs=len(runs), prefill_s=med["prefill_s"], decode_s=med["decode_s"],
                        prefill_tok_s=c * n / med["prefill_s"],
                        decode_tok_s=c * args.decode_tokens / med["decode_s"],
                        token_latency_ms=1e3 * med["token_latency_s"])
@@ -227,15 +296,18 @@ def main(argv=None):
         device=device_description(torch.device("cpu")), torch=torch.__version__,
         vllm=vllm.__version__, dtype=args.dtype, contexts=args.contexts,
         concurrency=args.concurrency, decode_tokens=args.decode_tokens, repeats=args.repeats,
+        batch_tokens=args.batch_tokens,
         model=(f"Llama {args.layers} layers, hidden {args.hidden}, {args.heads} heads / "
                f"{args.kv_heads} kv heads of {args.head_dim}, {args.dtype}"),
         command=" ".join(sys.argv), models={})
     forwarded = [a for a in (argv if argv is not None else sys.argv[1:])]
+    # The engine core in the child's own process: its step() is then one scheduler step.
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
     for model in args.models:
         print(f"== {model}", file=sys.stderr, flush=True)
         rows_file = os.path.join(out, f"{model}.rows.json")
         child = subprocess.run([sys.executable, os.path.abspath(__file__), *forwarded,
-                                "--engine", paths[model], "--engine-out", rows_file])
+                                "--engine", paths[model], "--engine-out", rows_file], env=env)
         if child.returncode != 0:
             sys.exit(f"the {model} engine failed ({child.returncode})")
         with open(rows_file) as f:
