@@ -26,7 +26,7 @@ PY="$ENV/bin/python"
 # build; stand-ins below let torch import without them.
 "$PY" -m pip install -q --no-deps "$TORCH_CUDA"
 "$PY" -m pip install -q typing_extensions sympy filelock networkx jinja2 fsspec numpy \
-  setuptools wheel ninja
+  "setuptools>=77" wheel ninja
 "$PY" .ci/cuda_stand_ins.py "$ENV/stand-ins" >/dev/null
 export LD_LIBRARY_PATH="$ENV/stand-ins:$CUDA_HOME/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 "$PY" -c 'import torch; assert torch.version.cuda, torch.__version__; print("torch", torch.__version__, "CUDA", torch.version.cuda)'
@@ -53,7 +53,7 @@ info = ops.build_info()
 print("  ", csq_ext.__file__, info)
 assert "cuda" in info, info
 for op in ("csq_chunked_fwd", "csq_chunked_bwd", "csq_decode_", "csq_direct_fwd", "csq_direct_bwd",
-           "csq_state", "csq_state_bwd"):
+           "csq_state", "csq_state_bwd", "csq_pool_prefill_", "csq_pool_decode_"):
     for key in ("CPU", "CUDA"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"csq_ext::{op}", key), (op, key)
 print("   every operator has a CPU and a CUDA kernel")

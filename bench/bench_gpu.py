@@ -124,7 +124,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="time even when the correctness gate fails (results marked INVALID)")
     p.add_argument("--out", help="JSON path; .md and .png beside it")
     p.add_argument("--out-dir", help="directory for gpu_<GPU>_torch<V>_cuda<V>_<date>.json/.md/"
-                   ".png (default bench/results; /tmp/csq_gpu_dry_run with --dry-run)")
+                   ".png (default bench/out, ignored by git: name bench/results to commit; "
+                   "/tmp/csq_gpu_dry_run with --dry-run)")
     p.add_argument("--quick", action="store_true", help=f"shorter sweep: {QUICK}")
     p.add_argument("--dry-run", action="store_true",
                    help=f"the whole pipeline on the CPU with tiny sizes: {DRY_RUN}")
@@ -195,7 +196,7 @@ def output_paths(args, meta: dict) -> tuple[str, str, str]:
                     f"cuda{slug(dev['torch_version_cuda'])}_{meta['date'][:10]}")
             name += "_quick" if args.quick else ""
         default_dir = ("/tmp/csq_gpu_dry_run" if args.dry_run
-                       else os.path.join(REPO, "bench", "results"))
+                       else os.path.join(REPO, "bench", "out"))
         stem = os.path.join(os.path.abspath(args.out_dir or default_dir), name)
     os.makedirs(os.path.dirname(stem), exist_ok=True)
     return stem + ".json", stem + ".md", stem + ".png"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 from gpu_gate import GATE_TOL
+from plot_colors import color  # bench/, beside this script
 
 MODES = ("fwd", "fwd+bwd")
 GROUPS = ("target", "causal", "full")  # in the order they are measured
@@ -175,7 +176,7 @@ def plot(meta: dict, points: list[dict], impls: list[str], baseline: str, path: 
                 xy = [(p["n"], p["impls"][name]["median_s"] * 1e3) for p in pts
                       if p["impls"][name]]
                 if xy:
-                    ax.plot(*zip(*xy), marker="o", label=name)
+                    ax.plot(*zip(*xy), marker="o", label=name, color=color(name))
             ax.set(xscale="log", yscale="log", xlabel="N (B H N constant)", ylabel="median ms",
                    title=f"{group}, {mode}")
             ax.grid(True, which="both", alpha=0.3)

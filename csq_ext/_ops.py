@@ -9,6 +9,8 @@ relative to, and where a picked ref's gradient goes, is decided by the operators
 (csrc/csq_params.h); Python only passes gradients along."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 from . import _C  # noqa: F401  (loading the library registers torch.ops.csq_ext.*)
@@ -16,6 +18,12 @@ from ._args import acc_dtype as _acc_dtype
 from .state import num_features as _num_features
 
 ops = torch.ops.csq_ext
+
+# Which library runs the CPU kernels' float32 products (csrc/cpu/csq_gemm_choice.cpp reads it;
+# unset or "auto": measured once per process). Refused here, by name, rather than ignored there.
+if os.environ.get("CSQ_CPU_GEMM", "auto") not in ("auto", "microkernel", "blas"):
+    raise ValueError(f"CSQ_CPU_GEMM must be 'auto', 'microkernel' or 'blas', got "
+                     f"{os.environ['CSQ_CPU_GEMM']!r}")
 
 
 def _check_devices(q, *others):
@@ -92,6 +100,20 @@ def _state_bwd_fake(k, v, cu_seqlens, state_in, ref, dstate_out, dref_out, ref_g
 
 @torch.library.register_fake("csq_ext::csq_decode_")
 def _csq_decode_fake(sums, ref, q, k, v, shift, y, scale, center, normalize, eps):
+    _check_devices(q, sums, ref, k, v, shift, y)
+    return None
+
+
+@torch.library.register_fake("csq_ext::csq_pool_prefill_")
+def _csq_pool_prefill_fake(sums, ref, slots, has_initial_state, q, k, v, shift, cu_seqlens,
+                           scale, center, normalize, eps, tile_size):
+    _check_devices(q, sums, ref, k, v, shift)
+    return q.new_empty((1, q.shape[1], q.shape[2], v.shape[-1]))
+
+
+@torch.library.register_fake("csq_ext::csq_pool_decode_")
+def _csq_pool_decode_fake(sums, ref, slots, has_initial_state, q, k, v, shift, y, scale, center,
+                          normalize, eps):
     _check_devices(q, sums, ref, k, v, shift, y)
     return None
 

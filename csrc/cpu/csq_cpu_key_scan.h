@@ -22,12 +22,32 @@ inline Ptr task_state(Ptr base, const QkvParams& p, const SeqTask& t) {
   return base + (t.seq * p.heads_k + t.head_k) * state_head_elems<Map>(p.dim_k, p.dim_v);
 }
 
+// A task's sums and ref in the carried-state tensors of an op (state_in / state_out, ref_in /
+// ref_out): its own entry, or its slot of a pool (csq_params.h, StatePool).
+template <typename Map, typename Ptr>
+inline Ptr task_pooled_sums(Ptr base, const QkvParams& p, const CarriedState& cs,
+                            const SeqTask& t) {
+  return base + state_sums_offset(cs.pool, t.seq, t.head_k, p.heads_k,
+                                  state_head_elems<Map>(p.dim_k, p.dim_v));
+}
+template <typename Ptr>
+inline Ptr task_pooled_ref(Ptr base, const QkvParams& p, const CarriedState& cs,
+                           const SeqTask& t) {
+  return base + state_ref_offset(cs.pool, t.seq, t.head_k, p.heads_k, p.dim_k);
+}
+
+// The task's carried sums, or null when it has none (no state_in, or a fresh pool slot).
+template <typename Map, typename acc_t>
+inline const acc_t* carried_sums(const QkvParams& p, const CarriedState& cs, const SeqTask& t) {
+  if (cs.state_in == nullptr || state_fresh(cs.pool, t.seq)) return nullptr;
+  return task_pooled_sums<Map>(static_cast<const acc_t*>(cs.state_in), p, cs, t);
+}
+
 // The key count that a task's carried state holds (0 without one).
 template <typename Map, typename acc_t>
 inline acc_t carried_count(const QkvParams& p, const CarriedState& cs, const SeqTask& t) {
-  if (cs.state_in == nullptr) return acc_t(0);
-  return state_key_count<Map>(task_state<Map>(static_cast<const acc_t*>(cs.state_in), p, t),
-                              p.dim_k, p.dim_v);
+  const acc_t* sums = carried_sums<Map, acc_t>(p, cs, t);
+  return sums == nullptr ? acc_t(0) : state_key_count<Map>(sums, p.dim_k, p.dim_v);
 }
 
 // Coordinate x of key j of a task, in the accumulation type.
@@ -37,21 +57,24 @@ inline acc_t task_key(const QkvParams& p, const SeqTask& t, int64_t j, int64_t x
       row_ptr<scalar_t>(p.k, p.k_stride, t.batch, t.head_k, t.start + j)[x * p.k_stride[3]]);
 }
 
-// Whether the task keeps ref_in (csq_params.h, keeps_ref_in) rather than picking its own.
+// Whether the task keeps ref_in (csq_params.h, keeps_ref_in) rather than picking its own. A
+// fresh pool slot's ref is never read: the sequence starts as one without ref_in.
 template <typename Map, typename acc_t>
 inline bool task_keeps_ref(const QkvParams& p, const CarriedState& cs, const SeqTask& t) {
-  return keeps_ref_in(cs.ref_in != nullptr, cs.state_in != nullptr, t.len,
+  return keeps_ref_in(cs.ref_in != nullptr && !state_fresh(cs.pool, t.seq),
+                      cs.state_in != nullptr, t.len,
                       carried_count<Map, acc_t>(p, cs, t) != acc_t(0));
 }
 
 // The reference key r of a task (csq_params.h): the carried state's when it holds keys (or
-// when the sequence has none to pick from), else the median of the sequence's first keys.
+// when the sequence has none to pick from), else the median of the sequence's first keys (0
+// for none).
 template <typename scalar_t, typename acc_t, typename Map>
 inline void task_reference(const QkvParams& p, const CarriedState& cs, const SeqTask& t,
                            acc_t* ref) {
   const int64_t d = p.dim_k;
   if (task_keeps_ref<Map, acc_t>(p, cs, t)) {
-    const acc_t* src = static_cast<const acc_t*>(cs.ref_in) + (t.seq * p.heads_k + t.head_k) * d;
+    const acc_t* src = task_pooled_ref(static_cast<const acc_t*>(cs.ref_in), p, cs, t);
     std::copy(src, src + d, ref);
     return;
   }
@@ -99,12 +122,12 @@ template <typename Map, typename acc_t>
 inline acc_t task_initial_state(const QkvParams& p, const CarriedState& cs, const SeqTask& t,
                                 acc_t* state, acc_t* ksum) {
   const int64_t d = p.dim_k, elems = state_head_elems<Map>(d, p.dim_v);
-  if (cs.state_in == nullptr) {
+  const acc_t* src = carried_sums<Map, acc_t>(p, cs, t);
+  if (src == nullptr) {
     std::fill(state, state + elems, acc_t(0));
     std::fill(ksum, ksum + d, acc_t(0));
     return acc_t(0);
   }
-  const acc_t* src = task_state<Map>(static_cast<const acc_t*>(cs.state_in), p, t);
   std::copy(src, src + elems, state);
   for (int64_t x = 0; x < d; ++x) ksum[x] = state_key_sum<Map>(state, x, d, p.dim_v);
   return state_key_count<Map>(state, d, p.dim_v);

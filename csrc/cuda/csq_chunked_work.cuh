@@ -157,11 +157,25 @@ __device__ __forceinline__ Ptr head_sums(Ptr base, const QkvParams& p, int64_t s
   return base + (seq * p.heads_k + g) * state_head_elems<Map>(p.dim_k, p.dim_v);
 }
 
-// The carried key count of a (sequence, kv head), 0 without a carried state.
-template <typename Map, typename Acc>
+// The same in the forward's carried state (state_in, state_out), which may be a pool: its
+// entry, or its slot (csq_params.h, StatePool; csq_pool_prefill_). The gradients of a state
+// (dstate_*) are never pooled: head_sums, which costs the backward's kernels no registers.
+template <typename Map, typename Ptr>
+__device__ __forceinline__ Ptr carried_sums(Ptr base, const FwdParams& p, int64_t seq,
+                                            int64_t g) {
+  return base + state_sums_offset(p.pool, seq, g, p.heads_k,
+                                  state_head_elems<Map>(p.dim_k, p.dim_v));
+}
+
+// The carried key count of a (sequence, kv head), 0 without a carried state. kPool = false
+// for the backward's own kernels, whose state is never a pool (the slot lookup spilled
+// center_dk_kernel<double> on sm_90a).
+template <typename Map, typename Acc, bool kPool = true>
 __device__ __forceinline__ Acc carried_count(const FwdParams& p, int64_t seq, int64_t g) {
   if (p.state_in == nullptr) return Acc(0);
-  return state_key_count<Map>(head_sums<Map>(static_cast<const Acc*>(p.state_in), p, seq, g),
+  const Acc* state = static_cast<const Acc*>(p.state_in);
+  return state_key_count<Map>(kPool ? carried_sums<Map>(state, p, seq, g)
+                                    : head_sums<Map>(state, p, seq, g),
                               p.dim_k, p.dim_v);
 }
 
@@ -170,7 +184,7 @@ template <typename Map, typename Acc>
 __device__ __forceinline__ Acc carried_key_sum(const FwdParams& p, int64_t seq, int64_t g,
                                                int d) {
   if (p.state_in == nullptr) return Acc(0);
-  return state_key_sum<Map>(head_sums<Map>(static_cast<const Acc*>(p.state_in), p, seq, g), d,
+  return state_key_sum<Map>(carried_sums<Map>(static_cast<const Acc*>(p.state_in), p, seq, g), d,
                             p.dim_k, p.dim_v);
 }
 

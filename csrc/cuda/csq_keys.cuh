@@ -74,17 +74,20 @@ __global__ void __launch_bounds__(kBlock) chunk_map_kernel(const QkvParams p, Wo
   }
 }
 
-// r of each (sequence, kv head), csq_params.h: the given ref_in when the carried state holds
-// keys (or there is no carried state: the backward passes the forward's r), else the
-// coordinate-wise median of the finite values among the first min(len, kRefKeys) keys.
-// Grid (S Hk).
-// Whether (sequence s, kv head g) keeps ref_in (csq_params.h, keeps_ref_in).
+// Whether (sequence s, kv head g) keeps ref_in (csq_params.h, keeps_ref_in). A fresh pool
+// slot's ref is never read: the sequence starts as one without ref_in.
 template <typename Map, typename Acc>
 __device__ __forceinline__ bool seq_keeps_ref(const FwdParams& p, const SeqSpan& seq, int64_t s,
                                               int64_t g) {
-  return keeps_ref_in(p.ref_in != nullptr, p.state_in != nullptr, seq.len,
-                      carried_count<Map, Acc>(p, s, g) != Acc(0));
+  return keeps_ref_in(p.ref_in != nullptr && !state_fresh(p.pool, s), p.state_in != nullptr,
+                      seq.len, carried_count<Map, Acc>(p, s, g) != Acc(0));
 }
+
+// r of each (sequence, kv head), csq_params.h: the given ref_in when the carried state holds
+// keys (or there is no carried state: the backward passes the forward's r), else the
+// coordinate-wise median of the finite values among the first min(len, kRefKeys) keys (0 for
+// none: a fresh pool slot's r is never read).
+// Grid (S Hk).
 
 template <typename T, typename Acc, typename Map>
 __global__ void __launch_bounds__(kColThreads) ref_key_kernel(const FwdParams p, Work w) {
@@ -93,8 +96,9 @@ __global__ void __launch_bounds__(kColThreads) ref_key_kernel(const FwdParams p,
   const SeqSpan seq = seq_span(p, w, s);
   Acc* ref = static_cast<Acc*>(w.ref) + tg * D;
   if (seq_keeps_ref<Map, Acc>(p, seq, s, g)) {
-    for (int d = threadIdx.x; d < D; d += blockDim.x)
-      ref[d] = static_cast<const Acc*>(p.ref_in)[tg * D + d];
+    const Acc* ref_in =
+        static_cast<const Acc*>(p.ref_in) + state_ref_offset(p.pool, s, g, p.heads_k, D);
+    for (int d = threadIdx.x; d < D; d += blockDim.x) ref[d] = ref_in[d];
     return;
   }
   const int64_t m = seq.len < kRefKeys ? seq.len : kRefKeys;
