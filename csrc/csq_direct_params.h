@@ -19,7 +19,11 @@ namespace csq {
 // reference r_T from every key before the products, r_T = the running key mean at t0 (causal;
 // every row of T sees those keys) or the mean of all keys (not causal), and uses
 // b_i = c_h - tau <q_i, mu_i - r_T>, so s_ij = tau <q_i, k_j - r_T> + b_i never subtracts two
-// large numbers when the keys share an offset. Without centering r_T = 0 and b_i = c_h.
+// large numbers when the keys share an offset. r_T is rounded to the accumulation dtype once,
+// and mu_i - r_T is taken in float64 from that rounded r_T: k_j - r_T is then exact for keys
+// near r_T (both are floats of the same size), and the rounding of r_T, an offset-sized error,
+// cancels between the two terms (docs/SPEC.md, section 6). Without centering r_T = 0 and
+// b_i = c_h.
 struct DirectFwdParams : QkvParams {
   int64_t tile = 64;  // CPU only: query and key tile length (positions); CUDA uses kDirectTile
   // CUDA, bfloat16 / float16 only: 0 runs the generic kernels instead of the tensor-core ones

@@ -135,7 +135,7 @@ inline void tile_reference(const DirectFwdParams& p, const KeyPrefix& kp, const 
 
 // A query tile: the rows of all query heads of one key/value head, stacked head after head
 // (G * rows rows, so the tile GEMMs are G times taller), its reference key r (keys are used
-// as k - r) and, when centering causally, mu_i - r per position.
+// as k - r) and, when centering, mu_i - r per position (0 without centering).
 template <typename scalar_t, typename acc_t>
 struct QueryTile {
   const DirectFwdParams& p;
@@ -158,22 +158,33 @@ struct QueryTile {
       load_rows<scalar_t, acc_t>(p.q, p.q_stride, t.seq.batch, t.seq.head_k * G + hh,
                                  t.seq.start + t.t0, rows, D, nullptr, q.data() + hh * rows * D,
                                  D);
-    std::fill(mdiff.begin(), mdiff.begin() + rows * D, acc_t(0));
     tile_reference<scalar_t, acc_t>(p, kp, t.seq, t.t0, ref.data());
-    if (!p.center || !p.causal || rows == 0) return;  // not causal: mu_i = r, b_i = c_h
-    // Running key sums from the tile start, in float64: mu_i = sum_{j <= i} k_j / (i + 1),
-    // r = mu_{t0}.
+    if (!p.center || rows == 0) {
+      std::fill(mdiff.begin(), mdiff.begin() + rows * D, acc_t(0));
+      return;
+    }
+    // mu_i - r against r as the keys see it: rounded to acc_t. The rounding of a mean of keys
+    // with a large common offset is an offset-sized error; measured from the rounded r, the
+    // difference stays the size of the keys' spread, and every score
+    // tau <q_i, k_j - r> + tau <q_i, r - mu_i> + c_h is free of it.
+    if (!p.causal) {  // mu_i = the mean of all keys for every row
+      const double* total = kp.before(t.seq, p.heads_k, t.seq.len);
+      for (int64_t x = 0; x < D; ++x) {
+        const acc_t m = static_cast<acc_t>(total[x] / double(t.seq.len) - double(ref[x]));
+        for (int64_t i = 0; i < rows; ++i) mdiff[i * D + x] = m;
+      }
+      return;
+    }
+    // Running key sums from the tile start, in float64: mu_i = sum_{j <= i} k_j / (i + 1).
     std::vector<double> run(kp.before(t.seq, p.heads_k, t.t0),
-                            kp.before(t.seq, p.heads_k, t.t0) + D),
-        r(D);
+                            kp.before(t.seq, p.heads_k, t.t0) + D);
     for (int64_t i = 0; i < rows; ++i) {
       const scalar_t* kr = row_ptr<scalar_t>(p.k, p.k_stride, t.seq.batch, t.seq.head_k,
                                              t.seq.start + t.t0 + i);
       const double n = double(t.t0 + i + 1);
       for (int64_t x = 0; x < D; ++x) {
         run[x] += static_cast<double>(kr[x * p.k_stride[3]]);
-        if (i == 0) r[x] = run[x] / n;
-        mdiff[i * D + x] = static_cast<acc_t>(run[x] / n - r[x]);
+        mdiff[i * D + x] = static_cast<acc_t>(run[x] / n - double(ref[x]));
       }
     }
   }

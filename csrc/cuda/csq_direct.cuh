@@ -34,7 +34,7 @@ __host__ __device__ __forceinline__ int imin(int a, int b) { return a < b ? a : 
 //                                    the centering term of dk (suffix)
 //   ttot (Hk, S, D) f64              the whole sequence's sum
 //   ref (Hk, slots, D) Acc           r_T of every query tile
-//   mdiff (B, Hk, N, D) Acc          mu_i - r_T (center and causal only)
+//   mdiff (B, Hk, N, D) Acc          mu_i - r_T (center only)
 //   inv, dden (B, Hq, N) Acc         backward: 1 / (den_i + eps), -<dy_i, y_i> / (den_i + eps)
 // Tile slots: without cu_seqlens slot = batch entry * ntiles + tile; with it, the slots of
 // sequence s are tile0[s] .. tile0[s + 1] - 1, at most ceil(N / 64) + S in all.
@@ -70,7 +70,7 @@ inline size_t carve_direct(const DirectFwdParams& p, DType dt, bool backward, vo
       align256(sizeof(double) * hk * slots * d),
       align256(sizeof(double) * hk * seqs * d),
       align256(a * hk * slots * d),
-      p.center && p.causal ? align256(a * size_t(p.batch * p.heads_k * p.seqlen) * d) : 0,
+      p.center ? align256(a * size_t(p.batch * p.heads_k * p.seqlen) * d) : 0,
       backward ? align256(a * rows_q) : 0,
       backward ? align256(a * rows_q) : 0};
   size_t off[8], total = 0;
@@ -235,7 +235,7 @@ __global__ void __launch_bounds__(kDThreads) direct_tile_scan_kernel(const Direc
   }
 }
 
-// Per query tile and key/value head: r_T (w.ref), mu_i - r_T (w.mdiff, center and causal) and,
+// Per query tile and key/value head: r_T (w.ref), mu_i - r_T (w.mdiff, center) and,
 // when write_b, b_i = c_h - tau <q_i, mu_i - r_T> (+ row_shift_i) for every query head of the
 // group (p.b).
 // Grid (slots, Hk).
@@ -248,21 +248,26 @@ __global__ void __launch_bounds__(kDThreads) direct_rows_kernel(const DirectFwdP
   const int64_t hk = blockIdx.y, D = p.dim_k;
   Acc* ref = static_cast<Acc*>(w.ref) + (hk * w.slots + blockIdx.x) * D;
   Acc* mdiff = static_cast<Acc*>(w.mdiff);
-  const bool md = p.center && p.causal;
+  const bool md = p.center;
   const auto md_at = [&](int i, int d) {
     return ((t.bi * p.heads_k + hk) * p.seqlen + t.start + t.t0 + i) * D + d;
   };
   for (int d = threadIdx.x; d < D; d += blockDim.x) {
     if (!p.center) {
       ref[d] = Acc(0);
-    } else if (!p.causal) {  // every query sees every key: r = mu
-      ref[d] = Acc(w.ttot[(hk * num_sequences(p) + t.seq) * D + d] / double(t.len));
+    } else if (!p.causal) {  // every query sees every key: r = mu, rounded
+      const double mu = w.ttot[(hk * num_sequences(p) + t.seq) * D + d] / double(t.len);
+      const Acc r = Acc(mu);
+      ref[d] = r;
+      for (int i = 0; i < t.rows; ++i) mdiff[md_at(i, d)] = Acc(mu - double(r));
     } else {  // r = mu_{t0}, seen by every row of the tile; running sums in float64
+      // mu_i - r is measured from r rounded to Acc, as the keys k_j - r see it: the rounding
+      // of a mean of offset keys then cancels (csrc/csq_direct_params.h).
       double run = w.tpre[(hk * w.slots + blockIdx.x) * D + d], r = 0;
       for (int i = 0; i < t.rows; ++i) {
         run += double(load_el<Acc, T>(p.k, p.k_stride, t.bi, hk, t.start + t.t0 + i, d));
         const double n = double(t.t0 + i + 1);
-        if (i == 0) r = run / n;
+        if (i == 0) r = double(Acc(run / n));
         mdiff[md_at(i, d)] = Acc(run / n - r);
       }
       ref[d] = Acc(r);

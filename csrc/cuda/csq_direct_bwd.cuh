@@ -121,7 +121,7 @@ __global__ void __launch_bounds__(kDThreads) direct_dq_kernel(const DirectBwdPar
     __syncthreads();
     tile_product<false>(dq, sm.X, sm.Y, diag ? kMaskUpTo : kMaskNone);
   }
-  const bool md = p.center && p.causal;
+  const bool md = p.center;
   const Acc* mdiff = static_cast<const Acc*>(w.mdiff);
   Acc* dq_out = static_cast<Acc*>(p.dq);
 #pragma unroll

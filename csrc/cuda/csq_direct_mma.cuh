@@ -512,7 +512,7 @@ __global__ void __launch_bounds__(kDThreads) direct_dq_mma_kernel(const DirectBw
   }
   __syncthreads();
   row_sums(db, sm);
-  const bool md = p.center && p.causal;
+  const bool md = p.center;
   const float* mdiff = static_cast<const float*>(w.mdiff);
   float* dq_out = static_cast<float*>(p.dq);
 #pragma unroll
