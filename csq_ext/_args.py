@@ -86,16 +86,24 @@ def eps(x) -> float:
     return value
 
 
-def chunk_size(x) -> int:
-    """None (the default) or a positive int; 0 means the default to the operator."""
+# Larger tuning sizes act as this one: the kernels clamp every tile and chunk to the sequence
+# and to their own limits (docs/SPEC.md, section 7), so no knob allocates by its own value.
+_TUNING_MAX = 1 << 30
+
+
+def tuning_size(name: str, x) -> int:
+    """A tuning knob's length (chunk_size; the kernels' tile or chunk): None (0 to the op: the
+    default) or a positive int, a Python or numpy integer but not a bool. The result does not
+    depend on it; a value beyond the sequence or a kernel's limit acts as that limit."""
     if x is None:
         return 0
-    check_type((isinstance(x, numbers.Integral) or isinstance(x, torch.SymInt))
-               and not isinstance(x, bool),
-               lambda: f"chunk_size must be a positive int or None, got {_kind(x)} {x!r}")
-    check(isinstance(x, torch.SymInt) or x >= 1,
-          lambda: f"chunk_size must be a positive int or None, got {x}")
-    return int(x)
+    if isinstance(x, torch.SymInt):
+        return x
+    check_type(isinstance(x, numbers.Integral) and not isinstance(x, bool),
+               lambda: f"{name} must be a positive int or None, got {_kind(x)} {x!r}")
+    value = int(x)
+    check(value >= 1, lambda: f"{name} must be a positive int or None, got {value}")
+    return min(value, _TUNING_MAX)
 
 
 def no_forward_ad(**tensors) -> None:

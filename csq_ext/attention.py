@@ -56,7 +56,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
                    normalize=_args.flag("normalize", normalize), eps=_args.eps(eps),
                    scale=_args.scale(scale, q.shape[3]))
     shift_t = _args.shift(shift, q)
-    chunk = _args.chunk_size(chunk_size)
+    chunk = _args.tuning_size("chunk_size", chunk_size)
     _args.flag("return_state", return_state)
     _args.no_forward_ad(q=q, k=k, v=v, shift=shift_t)
     S = _args.cu_seqlens(cu_seqlens, q)

@@ -146,7 +146,7 @@ def _local_fields(q, k, v, shift, scale, eps, chunk_size, causal, center, normal
         _args.flag(name, value)
     _args.eps(eps)
     _args.scale(scale, q.shape[3])
-    _args.chunk_size(chunk_size)
+    _args.tuning_size("chunk_size", chunk_size)
     _args.no_forward_ad(q=q, k=k, v=v, shift=_args.shift(shift, q))
     _check(causal or not return_state,
            lambda: "return_state needs causal=True: a non-causal output depends on future keys")

@@ -105,6 +105,7 @@ struct BackwardTiles {
     const int64_t rows = t.rows, grows = G * rows;
     gemm<acc_t>(false, false, grows, cols, D, acc_t(1), qt.q.data(), D, kt.kT, kt.ld, acc_t(0),
                 s.data(), cols);
+    kt.exact_far_scores(qt.q.data(), grows, s.data(), cols);
     const acc_t* bp = pair_shifts(qt.q.data(), grows, D, b.data(), tau, kt.ref, qt.ref.data(),
                                   delta.data(), b_pair.data());
     const bool moved = bp != b.data();  // keys relative to another reference than the queries'
@@ -182,9 +183,10 @@ struct BackwardTiles {
     }
     for (int64_t r = 0; r < grows; ++r) {
       const int64_t row = qt.out_row(t, r);
-      const acc_t* md = qt.mdiff.data() + (r % t.rows) * D;
+      const double* md = qt.mdiff.data() + (r % t.rows) * D;
       acc_t* out = static_cast<acc_t*>(p.dq) + row * D;
-      for (int64_t x = 0; x < D; ++x) out[x] = tau * (dq[r * D + x] - md[x] * db[r]);
+      for (int64_t x = 0; x < D; ++x)
+        out[x] = static_cast<acc_t>(p.scale * (double(dq[r * D + x]) - md[x] * double(db[r])));
       static_cast<acc_t*>(p.db)[row] = db[r];
     }
   }

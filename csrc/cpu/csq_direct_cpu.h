@@ -69,68 +69,77 @@ inline int64_t small_pass_grain(const DirectFwdParams& p) {
   return std::max<int64_t>(1, (int64_t(1) << 22) / per_task);
 }
 
-// Sums of the keys before each tile start, and of all keys, per (sequence, key/value head),
-// in float64: the key means mu_i and the tile references are differences of these, and
-// float64 keeps them exact enough for float32 keys with a large common offset.
+// Per (sequence, key/value head), in float64: the sums of the keys before each tile start and
+// of all keys (the key means mu_i are differences of these, and float64 keeps them exact
+// enough for float32 keys with a large common offset), and each tile's reference key r
+// (csq_direct_params.h, direct_reference_candidates).
 struct KeyPrefix {
   int64_t dim = 0, tile = 1;
   std::vector<int64_t> base;  // per task (sequence, head): its first entry
   std::vector<double> sums;   // entries of `dim`: tile starts 0, T, 2T, ..., then the total
+  std::vector<double> refs;   // entries of `dim`: the tiles' references (base indexes them too)
 
   // Sum of the keys at positions < t0 (t0 a tile start, or the length for the total).
   const double* before(const SeqTask& s, int64_t heads_k, int64_t t0) const {
     return sums.data() + (base[s.seq * heads_k + s.head_k] + (t0 + tile - 1) / tile) * dim;
+  }
+  // The reference key of the tile starting at t0.
+  const double* ref(const SeqTask& s, int64_t heads_k, int64_t t0) const {
+    return refs.data() + (base[s.seq * heads_k + s.head_k] + t0 / tile) * dim;
   }
 };
 
 template <typename scalar_t>
 inline KeyPrefix key_prefix(const DirectFwdParams& p) {
   KeyPrefix kp;
-  kp.dim = p.dim_k;
-  kp.tile = p.tile;
+  const int64_t D = p.dim_k, T = p.tile;
+  kp.dim = D;
+  kp.tile = T;
   const int64_t tasks = p.num_seqs * p.heads_k;
   kp.base.resize(tasks + 1, 0);
   for (int64_t task = 0; task < tasks; ++task)
-    kp.base[task + 1] = kp.base[task] + num_tiles(seq_task(p, task).len, p.tile) + 1;
-  kp.sums.assign(kp.base[tasks] * p.dim_k, 0.0);
-  if (!p.center) return kp;
+    kp.base[task + 1] = kp.base[task] + num_tiles(seq_task(p, task).len, T) + 1;
+  kp.sums.assign(kp.base[tasks] * D, 0.0);
+  kp.refs.assign(kp.base[tasks] * D, 0.0);
   at::parallel_for(0, tasks, small_pass_grain(p), [&](int64_t begin, int64_t end) {
+    std::vector<double> point(D);
     for (int64_t task = begin; task < end; ++task) {
       const SeqTask s = seq_task(p, task);
-      double* out = kp.sums.data() + kp.base[task] * p.dim_k;
-      std::vector<double> run(p.dim_k, 0.0);
+      const auto key = [&](int64_t j, int64_t x) {
+        return static_cast<double>(row_ptr<scalar_t>(p.k, p.k_stride, s.batch, s.head_k,
+                                                     s.start + j)[x * p.k_stride[3]]);
+      };
+      double* sums = kp.sums.data() + kp.base[task] * D;
+      double* out = sums;
+      std::vector<double> run(D, 0.0);
       for (int64_t j = 0; j < s.len; ++j) {
-        if (j % p.tile == 0) out = std::copy(run.begin(), run.end(), out);
-        const scalar_t* kr = row_ptr<scalar_t>(p.k, p.k_stride, s.batch, s.head_k, s.start + j);
-        for (int64_t x = 0; x < p.dim_k; ++x)
-          run[x] += static_cast<double>(kr[x * p.k_stride[3]]);
+        if (j % T == 0) out = std::copy(run.begin(), run.end(), out);
+        for (int64_t x = 0; x < D; ++x) run[x] += key(j, x);
       }
       std::copy(run.begin(), run.end(), out);  // the total
+      for (int64_t i = 0; i < num_tiles(s.len, T); ++i) {
+        const int64_t t0 = i * T, rows = std::min(T, s.len - t0);
+        const double* at = sums + i * D;               // keys before t0
+        const double* next = sums + (i + 1) * D;       // before t0 + T, or the total
+        for (int64_t x = 0; x < D; ++x)
+          point[x] = p.causal ? (at[x] + key(t0, x)) / double(t0 + 1)
+                              : (next[x] - at[x]) / double(rows);
+        const DirectCandidates c = direct_reference_candidates(p.causal, t0, T, s.len);
+        const int64_t best = nearest_key(c.first, c.last, D, point.data(), key);
+        double* r = kp.refs.data() + (kp.base[task] + i) * D;
+        for (int64_t x = 0; x < D; ++x) r[x] = best < 0 ? 0.0 : key(best, x);
+      }
     }
   });
   return kp;
 }
 
-// The reference key r of the tile starting at t0 (csq_direct_params.h): the running key mean at
-// t0 when causal (every row of the tile sees those keys), the mean of all keys when not, 0
-// without centering. From the float64 prefix sums, so a query tile and a key tile that start
-// at t0 get the same r.
-template <typename scalar_t, typename acc_t>
+// The reference key r of the tile starting at t0, in acc_t (exactly: it is a key).
+template <typename acc_t>
 inline void tile_reference(const DirectFwdParams& p, const KeyPrefix& kp, const SeqTask& s,
                            int64_t t0, acc_t* out) {
-  const int64_t D = p.dim_k;
-  if (!p.center || s.len == 0) {
-    std::fill(out, out + D, acc_t(0));
-  } else if (!p.causal) {
-    const double* total = kp.before(s, p.heads_k, s.len);
-    for (int64_t x = 0; x < D; ++x) out[x] = static_cast<acc_t>(total[x] / double(s.len));
-  } else {
-    const double* before = kp.before(s, p.heads_k, t0);
-    const scalar_t* kr = row_ptr<scalar_t>(p.k, p.k_stride, s.batch, s.head_k, s.start + t0);
-    for (int64_t x = 0; x < D; ++x)
-      out[x] = static_cast<acc_t>((before[x] + static_cast<double>(kr[x * p.k_stride[3]])) /
-                                  double(t0 + 1));
-  }
+  const double* r = kp.ref(s, p.heads_k, t0);
+  for (int64_t x = 0; x < p.dim_k; ++x) out[x] = static_cast<acc_t>(r[x]);
 }
 
 // A query tile: the rows of all query heads of one key/value head, stacked head after head
@@ -141,7 +150,11 @@ struct QueryTile {
   const DirectFwdParams& p;
   const int64_t D, G;
   int64_t rows = 0;
-  std::vector<acc_t> q, ref, mdiff;  // (G rows x D), (D), (rows x D)
+  std::vector<acc_t> q, ref;  // (G rows x D), (D)
+  // m_i (rows x D), in float64: b_i = c_h - tau <q_i, m_i> is read from it, and an m_i as
+  // large as an outlier's share of the mean must not be rounded before a query nearly
+  // orthogonal to it makes the product small.
+  std::vector<double> mdiff;
 
   QueryTile(const DirectFwdParams& p_, int64_t tile)
       : p(p_), D(p_.dim_k), G(p_.group), q(G * tile * D), ref(D), mdiff(tile * D) {}
@@ -158,20 +171,14 @@ struct QueryTile {
       load_rows<scalar_t, acc_t>(p.q, p.q_stride, t.seq.batch, t.seq.head_k * G + hh,
                                  t.seq.start + t.t0, rows, D, nullptr, q.data() + hh * rows * D,
                                  D);
-    tile_reference<scalar_t, acc_t>(p, kp, t.seq, t.t0, ref.data());
-    if (!p.center || rows == 0) {
-      std::fill(mdiff.begin(), mdiff.begin() + rows * D, acc_t(0));
-      return;
-    }
-    // mu_i - r against r as the keys see it: rounded to acc_t. The rounding of a mean of keys
-    // with a large common offset is an offset-sized error; measured from the rounded r, the
-    // difference stays the size of the keys' spread, and every score
-    // tau <q_i, k_j - r> + tau <q_i, r - mu_i> + c_h is free of it.
-    if (!p.causal) {  // mu_i = the mean of all keys for every row
+    tile_reference(p, kp, t.seq, t.t0, ref.data());
+    // m_i = mu_i - r (centering) or -r, in float64 from r (a key, exact in acc_t): as small as
+    // the keys' spread, whatever their common offset (csq_direct_params.h).
+    if (!p.center || !p.causal) {
       const double* total = kp.before(t.seq, p.heads_k, t.seq.len);
       for (int64_t x = 0; x < D; ++x) {
-        const acc_t m = static_cast<acc_t>(total[x] / double(t.seq.len) - double(ref[x]));
-        for (int64_t i = 0; i < rows; ++i) mdiff[i * D + x] = m;
+        const double mu = p.center ? total[x] / double(t.seq.len) : 0.0;
+        for (int64_t i = 0; i < rows; ++i) mdiff[i * D + x] = mu - double(ref[x]);
       }
       return;
     }
@@ -184,7 +191,7 @@ struct QueryTile {
       const double n = double(t.t0 + i + 1);
       for (int64_t x = 0; x < D; ++x) {
         run[x] += static_cast<double>(kr[x * p.k_stride[3]]);
-        mdiff[i * D + x] = static_cast<acc_t>(run[x] / n - double(ref[x]));
+        mdiff[i * D + x] = run[x] / n - double(ref[x]);
       }
     }
   }
@@ -208,18 +215,64 @@ struct KeyLayout {
   int64_t elems(int64_t n) const { return num_tiles(n, T) * block(); }
 };
 
+// Far keys: a key much farther from its tile's reference than the tile's typical key (an
+// outlier or a sink key) makes the float32 tile GEMM sum large terms, and a query nearly
+// orthogonal to it gets a small score with the large terms' rounding (measured: rows after a
+// 1e6 key at Dk = 128 lost 30x more than a dense float32 computation). Per key tile, up to
+// kMaxFarKeys keys farther than kFarKeyRatio times the median distance have their scores
+// recomputed in float64 (FarKeys::exact_scores), a few dot products per tile pair.
+constexpr int64_t kMaxFarKeys = 8;
+constexpr double kFarKeyRatio = 64;
+constexpr int64_t kFarSlots = 1 + kMaxFarKeys;  // per tile: the count, then the positions
+
+// Finds the far keys of one tile (m keys at row0 of s, reference r) into far (kFarSlots).
+template <typename scalar_t, typename acc_t>
+inline void find_far_keys(const DirectFwdParams& p, const SeqTask& s, int64_t row0, int64_t m,
+                          const acc_t* r, int32_t* far) {
+  double dist[kMaxDirectTile];
+  std::vector<double> sorted;
+  for (int64_t j = 0; j < m; ++j) {
+    const scalar_t* kr = row_ptr<scalar_t>(p.k, p.k_stride, s.batch, s.head_k, row0 + j);
+    double d2 = 0;
+    for (int64_t x = 0; x < p.dim_k; ++x) {
+      const double e = static_cast<double>(kr[x * p.k_stride[3]]) - double(r[x]);
+      d2 += e * e;
+    }
+    dist[j] = d2;
+    if (d2 - d2 == 0.0) sorted.push_back(d2);
+  }
+  far[0] = 0;
+  if (sorted.size() < 2) return;
+  std::nth_element(sorted.begin(), sorted.begin() + sorted.size() / 2, sorted.end());
+  const double limit = kFarKeyRatio * kFarKeyRatio * sorted[sorted.size() / 2];
+  for (int64_t j = 0; j < m; ++j) {
+    if (!(dist[j] > limit) || !(dist[j] - dist[j] == 0.0)) continue;
+    // Keep the farthest kMaxFarKeys: replace the nearest kept one when full.
+    int64_t slot = far[0] < kMaxFarKeys ? far[0]++ : -1;
+    if (slot < 0) {
+      slot = 0;
+      for (int64_t f = 1; f < kMaxFarKeys; ++f)
+        if (dist[far[1 + f]] < dist[far[1 + slot]]) slot = f;
+      if (!(dist[j] > dist[far[1 + slot]])) continue;
+    }
+    far[1 + slot] = static_cast<int32_t>(j);
+  }
+}
+
 // Converts the keys of s from tile start j0 to j0 + n (n a whole number of tiles, or up to the
-// sequence's end) into buf (layout.elems(n)), a block per tile, and their tiles' references
-// into refs (D each).
+// sequence's end) into buf (layout.elems(n)), a block per tile, their tiles' references into
+// refs (D each) and their far keys into far (kFarSlots each).
 template <typename scalar_t, typename acc_t>
 inline void convert_keys(const DirectFwdParams& p, const KeyPrefix& kp, const KeyLayout& l,
-                         const SeqTask& s, int64_t j0, int64_t n, acc_t* buf, acc_t* refs) {
+                         const SeqTask& s, int64_t j0, int64_t n, acc_t* buf, acc_t* refs,
+                         int32_t* far) {
   const int64_t T = l.T;
   for (int64_t u = 0; u < n; u += T) {
     const int64_t m = std::min(T, n - u), row0 = s.start + j0 + u;
     acc_t* r = refs + (u / T) * l.D;
     acc_t* blk = buf + (u / T) * l.block();
-    tile_reference<scalar_t, acc_t>(p, kp, s, j0 + u, r);
+    tile_reference(p, kp, s, j0 + u, r);
+    find_far_keys<scalar_t, acc_t>(p, s, row0, m, r, far + (u / T) * kFarSlots);
     load_rows_t<scalar_t, acc_t>(p.k, p.k_stride, s.batch, s.head_k, row0, m, l.D, r, blk, T);
     if (l.backward) {
       load_rows<scalar_t, acc_t>(p.k, p.k_stride, s.batch, s.head_k, row0, m, l.D, r,
@@ -248,6 +301,7 @@ struct KeyStore {
   std::vector<int64_t> base, ref_base;  // per task: first element of data / refs
   std::unique_ptr<acc_t[]> data;  // not value-initialized: a tile reads only what it converted
   std::vector<acc_t> refs;
+  std::vector<int32_t> far;  // kFarSlots per tile, indexed as refs / D
 
   KeyStore(const DirectFwdParams& p, const KeyPrefix& kp, bool backward)
       : layout{p.dim_k, p.dim_v, p.tile, backward} {
@@ -263,11 +317,13 @@ struct KeyStore {
     if (!whole) return;
     data.reset(new acc_t[base[tasks]]);
     refs.resize(ref_base[tasks]);
+    far.resize(ref_base[tasks] / p.dim_k * kFarSlots);
     at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
         const SeqTask s = seq_task(p, task);
         convert_keys<scalar_t, acc_t>(p, kp, layout, s, 0, s.len, data.get() + base[task],
-                                      refs.data() + ref_base[task]);
+                                      refs.data() + ref_base[task],
+                                      far.data() + ref_base[task] / p.dim_k * kFarSlots);
       }
     });
   }
@@ -288,24 +344,35 @@ struct KeyTile {
   const acc_t* v = nullptr;
   const acc_t* vT = nullptr;
   const acc_t* ref = nullptr;
+  const int32_t* far = nullptr;  // the count, then the far keys' positions in the tile
   std::vector<acc_t> tile_buf, tile_ref;  // without the store
+  std::vector<int32_t> tile_far;
+  std::vector<double> far_x;  // one far key relative to ref, in float64
+  SeqTask seq{};
+  int64_t row0 = 0;
 
   KeyTile(const DirectFwdParams& p_, const KeyPrefix& kp_,
           const KeyStore<scalar_t, acc_t>& store_)
       : p(p_), kp(kp_), store(store_), l(store_.layout), ld(p_.tile),
-        tile_buf(store_.whole ? 0 : store_.layout.block()), tile_ref(p_.dim_k) {}
+        tile_buf(store_.whole ? 0 : store_.layout.block()), tile_ref(p_.dim_k),
+        tile_far(kFarSlots), far_x(p_.dim_k) {}
 
   void load(const SeqTask& s, int64_t j0, int64_t n) {
     rows = n;
+    seq = s;
+    row0 = s.start + j0;
     const acc_t* blk;
     if (store.whole) {
       const int64_t task = s.seq * p.heads_k + s.head_k, tile = j0 / l.T;
       blk = store.data.get() + store.base[task] + tile * l.block();
       ref = store.refs.data() + store.ref_base[task] + tile * l.D;
+      far = store.far.data() + (store.ref_base[task] / l.D + tile) * kFarSlots;
     } else {
-      convert_keys<scalar_t, acc_t>(p, kp, l, s, j0, n, tile_buf.data(), tile_ref.data());
+      convert_keys<scalar_t, acc_t>(p, kp, l, s, j0, n, tile_buf.data(), tile_ref.data(),
+                                    tile_far.data());
       blk = tile_buf.data();
       ref = tile_ref.data();
+      far = tile_far.data();
     }
     kT = blk;
     if (l.backward) {
@@ -319,25 +386,56 @@ struct KeyTile {
   // The values of key rows after each query row of a diagonal tile (forward): if any is NaN or
   // Inf, a GEMM would carry 0 * NaN across the causal mask.
   bool values_finite() const { return all_finite_impl(v, rows * (l.Dv + 1)); }
+
+  // The raw scores <q_r, k_j - ref> of the far keys, in float64, into S (grows x cols, the
+  // GEMM's output for this tile): q (grows x D).
+  void exact_far_scores(const acc_t* q, int64_t grows, acc_t* S, int64_t cols) {
+    const int64_t D = l.D;
+    for (int32_t f = 0; f < far[0]; ++f) {
+      const int64_t j = far[1 + f];
+      const scalar_t* kr = row_ptr<scalar_t>(p.k, p.k_stride, seq.batch, seq.head_k, row0 + j);
+      for (int64_t x = 0; x < D; ++x)
+        far_x[x] = static_cast<double>(kr[x * p.k_stride[3]]) - double(ref[x]);
+      for (int64_t r = 0; r < grows; ++r) {
+        double dot = 0;
+        for (int64_t x = 0; x < D; ++x) dot += double(q[r * D + x]) * far_x[x];
+        S[r * cols + j] = static_cast<acc_t>(dot);
+      }
+    }
+  }
 };
+
+// A per-thread float64 vector for pair_shifts.
+inline std::vector<double>& pair_delta_scratch() {
+  thread_local std::vector<double> d;
+  return d;
+}
 
 // The shifts of a (query tile, key tile) pair: out_r = b_r + tau <q_r, r_j - r_i> (the key
 // tile's reference minus the query tile's), or b itself when the references are equal (the
-// diagonal, no causal masking, no centering). delta receives r_j - r_i.
+// diagonal). delta receives r_j - r_i. In float64: the references are keys (exact), and their
+// difference can be far larger than the scores (keys drifting along the sequence), so the
+// product is taken exactly enough that only the sum is rounded.
 template <typename acc_t>
 inline const acc_t* pair_shifts(const acc_t* q, int64_t grows, int64_t D, const acc_t* b,
                                 acc_t tau, const acc_t* key_ref, const acc_t* query_ref,
                                 acc_t* delta, acc_t* out) {
   bool same = true;
-  for (int64_t x = 0; x < D; ++x) {
-    delta[x] = key_ref[x] - query_ref[x];
-    same = same && delta[x] == acc_t(0);
+  for (int64_t x = 0; x < D; ++x) same = same && key_ref[x] == query_ref[x];
+  if (same) {
+    std::fill(delta, delta + D, acc_t(0));
+    return b;
   }
-  if (same) return b;
+  std::vector<double>& d = pair_delta_scratch();
+  d.resize(D);
+  for (int64_t x = 0; x < D; ++x) {
+    d[x] = double(key_ref[x]) - double(query_ref[x]);
+    delta[x] = static_cast<acc_t>(d[x]);
+  }
   for (int64_t r = 0; r < grows; ++r) {
-    acc_t dot = 0;
-    for (int64_t x = 0; x < D; ++x) dot += q[r * D + x] * delta[x];
-    out[r] = b[r] + tau * dot;
+    double dot = 0;
+    for (int64_t x = 0; x < D; ++x) dot += double(q[r * D + x]) * d[x];
+    out[r] = static_cast<acc_t>(double(b[r]) + double(tau) * dot);
   }
   return out;
 }
