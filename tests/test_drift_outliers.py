@@ -1,0 +1,146 @@
+"""float32 accuracy when keys drift along the sequence or a few keys are far larger than the
+rest (docs/SPEC.md, section 6), on every path, outputs and gradients.
+
+* Drift: keys = N(0, 1) + a trend along one direction whose size reaches R times the keys'
+  norm (linear, or a sine over the sequence, as position terms make). The chunked path's
+  float32 state used to lose digits with the square of the spread (2e-4 to 2e-3 at R = 1000,
+  rows up to 6e-2); the op now measures the state's conditioning and computes such calls in
+  float64 (csrc/csq_params.h, state_read_ill_conditioned).
+* Outliers: one key 1e4 to 1e10 times the others at Dk = 128 after which the direct path met
+  its 2e-5 only marginally (3e-5 measured at Dk = 128 and 256): its tile references are keys
+  near the mean, and far keys' scores are taken in float64; now ~3e-7."""
+import math
+
+import pytest
+import torch
+
+import csq_ext
+from conftest import assert_rel_close, poisoned_memory, randn, reference_grads, rel_err
+
+# docs/SPEC.md, section 6: rows after keys up to 1000x the typical norm, either path.
+TOL_LARGE_KEYS = 2e-4
+# and no single row far off it (the old chunked path: rows at 1e-2 to 6e-2).
+TOL_ROW = 1e-3
+# Rows after one key of any size, direct path (docs/SPEC.md); held with a 10x margin here.
+TOL_OUTLIER_DIRECT = 2e-6
+
+
+def _drift_keys(gen, n, d, R, kind, hk=2):
+    noise = randn(gen, 1, hk, n, d)
+    u = randn(gen, 1, hk, 1, d)
+    u = u / u.norm(dim=-1, keepdim=True) * noise.norm(dim=-1).mean()
+    t = torch.arange(n, dtype=torch.float64)[None, None, :, None] / n
+    trend = t if kind == "linear" else torch.sin(2 * math.pi * t)
+    return noise + R * trend * u
+
+
+def _max_row_err(y, want):
+    y, want = y.detach().cpu().double(), want.double()
+    return ((y - want).norm(dim=-1) / want.norm(dim=-1).clamp_min(1e-30)).max().item()
+
+
+@pytest.mark.parametrize("R", [30, 1000])
+@pytest.mark.parametrize("kind", ["linear", "sine"])
+@pytest.mark.parametrize("d", [16, 128])
+@pytest.mark.parametrize("path", ["chunked", "direct", "auto"])
+def test_drifting_keys(gen, device, path, d, kind, R):
+    n = 400
+    q = randn(gen, 1, 4, n, d, dtype=torch.float32, device=device)
+    k = _drift_keys(gen, n, d, R, kind).to(device, torch.float32)
+    v = randn(gen, 1, 2, n, d, dtype=torch.float32, device=device)
+    dy = randn(gen, 1, 4, n, d, dtype=torch.float32, device=device)
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    with poisoned_memory(device):
+        y = csq_ext.attention(*leaves, path=path)
+        grads = torch.autograd.grad(y, leaves, dy)
+    y_ref, g_ref = reference_grads(q, k, v, 1.0, dy)
+    assert_rel_close(y.cpu(), y_ref, TOL_LARGE_KEYS, "y")
+    assert _max_row_err(y, y_ref) <= TOL_ROW
+    for name, g in zip("qkv", grads):
+        assert_rel_close(g.cpu(), g_ref[name], TOL_LARGE_KEYS, f"d{name}")
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("path", ["chunked", "direct"])
+def test_drifting_keys_packed_and_not_causal(gen, device, path, causal):
+    """Each packed sequence drifts on its own; causal or not."""
+    cu = torch.tensor([0, 150, 150, 400])
+    q = randn(gen, 1, 2, 400, 32, dtype=torch.float32, device=device)
+    k = torch.cat([_drift_keys(gen, 150, 32, 1000, "linear", 1),
+                   _drift_keys(gen, 250, 32, 500, "sine", 1)], 2).to(device, torch.float32)
+    v = randn(gen, 1, 1, 400, 32, dtype=torch.float32, device=device)
+    with poisoned_memory(device):
+        y = csq_ext.attention(q, k, v, path=path, causal=causal, cu_seqlens=cu.to(device))
+    for a, b in ((0, 150), (150, 400)):
+        want = reference_grads(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], 1.0,
+                               torch.zeros(1, 2, b - a, 32), causal=causal)[0]
+        assert_rel_close(y[:, :, a:b].cpu(), want, TOL_LARGE_KEYS, f"sequence {a}:{b}")
+        assert _max_row_err(y[:, :, a:b], want) <= TOL_ROW
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_drifting_keys_half(gen, device, dtype):
+    """Half inputs keep float32 states and their own bar (2e-2), drift or not."""
+    n, d = 300, 32
+    q = randn(gen, 1, 2, n, d).to(device, dtype)
+    k = (_drift_keys(gen, n, d, 1000, "linear", 1) / 100).to(device, dtype)
+    v = randn(gen, 1, 1, n, d).to(device, dtype)
+    for path in ("chunked", "direct"):
+        with poisoned_memory(device):
+            y = csq_ext.attention(q, k, v, path=path)
+        want = reference_grads(q, k, v, 1.0, torch.zeros(1, 2, n, d))[0]
+        assert_rel_close(y.float().cpu(), want, 2e-2, path)
+
+
+@pytest.mark.parametrize("magnitude", [1e4, 1e6, 1e10])
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("seed", range(3))
+def test_rows_after_an_outlier_key_direct_path_d128(device, d, magnitude, seed):
+    """The seeds of the old failure (3e-5 at d = 128, 1e6) among others: rows after the
+    outlier, and every row before it, within a tenth of the bar."""
+    g = torch.Generator().manual_seed(1000 * seed + d)
+    q, k, v = (randn(g, 1, 2, 300, d) for _ in range(3))
+    k[:, :, 50] = magnitude * torch.sign(randn(g, d))
+    q, k, v = (t.to(device, torch.float32) for t in (q, k, v))
+    with poisoned_memory(device):
+        y = csq_ext.attention(q, k, v, path="direct")
+    want = reference_grads(q, k, v, 1.0, torch.zeros(1, 2, 300, d))[0]
+    assert_rel_close(y[:, :, 51:].cpu(), want[:, :, 51:], TOL_OUTLIER_DIRECT, "rows after")
+    assert_rel_close(y[:, :, :50].cpu(), want[:, :, :50], TOL_OUTLIER_DIRECT, "rows before")
+
+
+def test_rows_after_an_outlier_nearly_orthogonal_query(device):
+    """The worst row of the old failure, built on purpose: a query orthogonal to a 1e6 key up
+    to 1e-6 gives that key a moderate score, which a float32 GEMM over the key's large terms
+    got wrong by 1e-3 (row error 8e-4)."""
+    g = torch.Generator().manual_seed(7)
+    d, n = 128, 300
+    q, k, v = (randn(g, 1, 1, n, d) for _ in range(3))
+    k[:, :, 50] = 1e6 * torch.sign(randn(g, d))
+    ko = k[0, 0, 50] / k[0, 0, 50].norm()
+    q[:, :, 51:] -= ((q[:, :, 51:] @ ko) - 1e-6 * randn(g, 1, 1, n - 51))[..., None] * ko
+    q, k, v = (t.to(device, torch.float32) for t in (q, k, v))
+    with poisoned_memory(device):
+        y = csq_ext.attention(q, k, v, path="direct")
+    want = reference_grads(q, k, v, 1.0, torch.zeros(1, 1, n, d))[0]
+    assert_rel_close(y[:, :, 51:].cpu(), want[:, :, 51:], TOL_OUTLIER_DIRECT, "rows after")
+    assert _max_row_err(y[:, :, 51:], want[:, :, 51:]) <= 2e-5
+
+
+@pytest.mark.parametrize("magnitude", [1e3, 1e6])
+def test_rows_after_a_huge_key_chunked_path(gen, device, magnitude):
+    """The chunked path used to lose digits beyond 1000x (docs/SPEC.md's old "limits of the
+    state form": 0.1 to 2 at 1e5 to 1e8); its conditioning check now computes such calls in
+    float64."""
+    q, k, v = (randn(gen, 1, 2, 600, 32) for _ in range(3))
+    k[:, :, 50] = magnitude * torch.sign(randn(gen, 32))
+    q, k, v = (t.to(device, torch.float32) for t in (q, k, v))
+    dy = randn(gen, 1, 2, 600, 32, dtype=torch.float32, device=device)
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    with poisoned_memory(device):
+        y = csq_ext.attention(*leaves, path="chunked")
+        grads = torch.autograd.grad(y, leaves, dy)
+    y_ref, g_ref = reference_grads(q, k, v, 1.0, dy)
+    assert_rel_close(y[:, :, 51:].cpu(), y_ref[:, :, 51:], 2e-5, "rows after")
+    for name, g in zip("qkv", grads):
+        assert rel_err(g.cpu(), g_ref[name]) <= TOL_LARGE_KEYS, f"d{name}"
