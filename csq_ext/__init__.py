@@ -3,6 +3,7 @@
 ``csq_ext.attention(q, k, v, ...)`` is the public entry; ``csq_ext.reference`` holds the
 O(N^2) definition it is tested against.
 """
+from ._calibrate import calibrate
 from .attention import attention, decode, decode_
 from .nn import CSQAttention
 from .penalty import negativity_penalty
@@ -10,5 +11,5 @@ from .reference import csq_attention_reference
 from .state import CSQState
 
 __all__ = ["attention", "decode", "decode_", "CSQState", "csq_attention_reference",
-           "CSQAttention", "negativity_penalty"]
+           "CSQAttention", "negativity_penalty", "calibrate"]
 __version__ = "0.1.0"

@@ -38,6 +38,7 @@ def random_inputs(device, dtype, B, Hq, Hk, N, Dk, Dv, requires_grad=False):
 
 def print_build() -> None:
     print(f"csq_ext {csq_ext.__version__}: {ops.build_info()}")
+    print(f"CPU float32 products: {ops.cpu_gemm_backend()}")
     cuda = torch.cuda.is_available()
     print(f"torch {torch.__version__}, torch.version.cuda {torch.version.cuda}, "
           f"CUDA available: {cuda}"

@@ -54,6 +54,8 @@ def flag(name: str, x) -> bool:
 def _number(name: str, x, what: str) -> float:
     """A real Python or numpy number, or a one-element real tensor that does not require grad
     (the options are not differentiable: a tensor that requires grad would be detached)."""
+    if type(x) is float:  # the common case first: isinstance against numbers.Real is slow
+        return x
     if isinstance(x, torch.Tensor):
         check_type(x.numel() == 1 and not x.is_complex() and x.dtype != torch.bool,
                    lambda: f"{name} must be {what}, got a tensor of shape {tuple(x.shape)} and "
@@ -109,8 +111,8 @@ def tuning_size(name: str, x) -> int:
 def no_forward_ad(**tensors) -> None:
     """Forward-mode AD (torch.func.jvp, jacfwd, torch.autograd.forward_ad) is not implemented:
     refuse dual tensors rather than return a zero tangent."""
-    if torch.compiler.is_compiling():
-        return
+    if _fwAD._current_level < 0 or torch.compiler.is_compiling():
+        return  # no dual level entered: no tensor can carry a tangent (unpack_dual's own test)
     for name, t in tensors.items():
         if isinstance(t, torch.Tensor) and _fwAD.unpack_dual(t).tangent is not None:
             raise NotImplementedError(
@@ -120,6 +122,23 @@ def no_forward_ad(**tensors) -> None:
 
 
 def qkv(q, k, v) -> None:
+    """q, k, v of shapes (B, Hq, N, Dk), (B, Hk, N, Dk), (B, Hk, N, Dv) with Hq % Hk == 0, one
+    floating dtype, one device. Valid inputs pass one combined test (a call at small N costs
+    microseconds); anything else gets the checks below, which name what is wrong."""
+    if (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor)
+            and isinstance(v, torch.Tensor) and q.dim() == 4 and k.dim() == 4 and v.dim() == 4
+            and q.is_floating_point() and q.dtype == k.dtype == v.dtype
+            and q.device == k.device == v.device):
+        B, Hq, N, Dk = q.shape
+        kB, Hk, kN, kD = k.shape
+        vB, vH, vN, Dv = v.shape
+        if (kB == B and vB == B and kN == N and vN == N and kD == Dk and vH == Hk and Hk > 0
+                and Hq % Hk == 0 and Dk > 0 and Dv > 0):
+            return
+    _qkv_explained(q, k, v)
+
+
+def _qkv_explained(q, k, v) -> None:
     for name, t, shape in (("q", q, "(B, Hq, N, Dk)"), ("k", k, "(B, Hk, N, Dk)"),
                            ("v", v, "(B, Hk, N, Dv)")):
         check_type(isinstance(t, torch.Tensor),
@@ -153,15 +172,40 @@ def qkv(q, k, v) -> None:
 def shift(x, q) -> torch.Tensor:
     """c: a real number, or a floating tensor of shape (Hq,) on q's device. Returns a tensor."""
     Hq = q.shape[1]
-    what = f"a float or a floating-point torch.Tensor of shape (Hq,) = ({Hq},)"
+
+    def what():
+        return f"a float or a floating-point torch.Tensor of shape (Hq,) = ({Hq},)"
     if isinstance(x, torch.Tensor):
-        check(x.shape == (Hq,), lambda: f"shift must be {what}, got shape {tuple(x.shape)}")
-        check(x.is_floating_point(), lambda: f"shift must be {what}, got dtype {x.dtype}")
+        check(x.shape == (Hq,), lambda: f"shift must be {what()}, got shape {tuple(x.shape)}")
+        check(x.is_floating_point(), lambda: f"shift must be {what()}, got dtype {x.dtype}")
         check(x.device == q.device,
               lambda: f"shift must be on the device of q ({q.device}), got {x.device}")
         return x
-    c = _number("shift", x, what)
-    return torch.full((Hq,), c, dtype=acc_dtype(q.dtype), device=q.device)
+    c = _number("shift", x, "a float or a floating-point torch.Tensor of shape (Hq,)")
+    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+            or type(q) not in (torch.Tensor, torch.nn.Parameter)):
+        # Traced, fake or subclass tensors: a fresh tensor of their kind.
+        return torch.full((Hq,), c, dtype=acc_dtype(q.dtype), device=q.device)
+    return _shift_tensor(c, Hq, acc_dtype(q.dtype), q.device)
+
+
+_SHIFT_TENSORS: dict = {}
+
+
+def _shift_tensor(c: float, heads: int, dtype: torch.dtype, device: torch.device):
+    """The (Hq,) tensor of a float shift, made once per value, size, dtype and device: the ops
+    only read it (it takes no gradient), and a fresh torch.full costs a call at small N a
+    tenth of its time. Made outside inference mode (an inference tensor could not be saved
+    for a later backward); bounded: cleared when it holds many."""
+    key = (c, heads, dtype, device)
+    t = _SHIFT_TENSORS.get(key)
+    if t is None:
+        if len(_SHIFT_TENSORS) >= 256:
+            _SHIFT_TENSORS.clear()
+        with torch.inference_mode(False):
+            t = torch.full((heads,), c, dtype=dtype, device=device)
+        _SHIFT_TENSORS[key] = t
+    return t
 
 
 def cu_seqlens(x, q) -> int:

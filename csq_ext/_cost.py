@@ -20,6 +20,9 @@ from __future__ import annotations
 
 import math
 
+import torch
+
+from . import _calibrate
 from .state import num_features
 
 # Per-thread throughput (GFLOP/s, in the forward's FLOPs as counted below) of each path's float32
@@ -46,8 +49,8 @@ _CPU_RATES = {
 }
 
 
-def _rate(mode: str, path: str, dk: int) -> float:
-    """GFLOP/s per thread, geometric interpolation in Dk."""
+def _shipped_rate(mode: str, path: str, dk: int) -> float:
+    """GFLOP/s per thread of the shipped table, geometric interpolation in Dk."""
     rates = _CPU_RATES[mode][path]
     x = math.log2(min(max(dk, _RATE_DIMS[0]), _RATE_DIMS[-1]))
     i = min(int(x) - 5, len(_RATE_DIMS) - 2)  # _RATE_DIMS are 2^5 .. 2^8
@@ -55,24 +58,45 @@ def _rate(mode: str, path: str, dk: int) -> float:
     return rates[i] ** (1 - f) * rates[i + 1] ** f
 
 
-def chunked_cost(n: int, dk: int, dv: int, causal: bool, threads: int, tasks: int,
-                 grad: bool = False) -> float:
-    """Estimated nanoseconds of the chunked path for one call."""
+def _rate(mode: str, path: str, dk: int, measured: dict | None) -> float:
+    """GFLOP/s per thread: this machine's measured rate (csq_ext/_calibrate.py) where there
+    is one, else the shipped table's."""
+    if measured is not None:
+        if isinstance(measured, tuple):  # as torch.compile's constant (_calibrate.py)
+            return measured[_calibrate.MODES.index(mode)][_calibrate.PATHS.index(path)]
+        return measured[mode][path]
+    return _shipped_rate(mode, path, dk)
+
+
+def chunked_flops(n: int, dk: int, dv: int, causal: bool, tasks: int) -> float:
+    """The chunked path's forward FLOPs for one call (the unit its rates are counted in)."""
     chunk = 128 if dk <= 32 else 64  # csrc/csq_host.cpp, default_chunk
-    flops = 2 * 2 * num_features(dk) * (dv + 1)  # the state's read and update
+    per_query = 2 * 2 * num_features(dk) * (dv + 1)  # the state's read and update
     if causal:
-        flops += min(chunk, n) * (dk + dv + 1)  # the in-chunk block, half of it masked
-    rate = _rate("fwd+bwd" if grad else "fwd", "chunked", dk)
-    return max(1, tasks) * n * flops / (rate * max(1, min(threads, tasks)))
+        per_query += min(chunk, n) * (dk + dv + 1)  # the in-chunk block, half of it masked
+    return max(1, tasks) * n * per_query
+
+
+def direct_flops(n: int, dk: int, dv: int, causal: bool, tasks: int) -> float:
+    """The direct path's forward FLOPs for one call."""
+    seen = (n + 1) / 2 if causal else n
+    return max(1, tasks) * n * 2 * seen * (dk + dv + 1)
+
+
+def chunked_cost(n: int, dk: int, dv: int, causal: bool, threads: int, tasks: int,
+                 grad: bool = False, measured: dict | None = None) -> float:
+    """Estimated nanoseconds of the chunked path for one call: parallel over the
+    (sequence, key/value head) tasks only."""
+    rate = _rate("fwd+bwd" if grad else "fwd", "chunked", dk, measured)
+    return chunked_flops(n, dk, dv, causal, tasks) / (rate * max(1, min(threads, tasks)))
 
 
 def direct_cost(n: int, dk: int, dv: int, causal: bool, threads: int, tasks: int,
-                grad: bool = False) -> float:
-    """Estimated nanoseconds of the direct path for one call."""
-    seen = (n + 1) / 2 if causal else n
-    flops = 2 * seen * (dk + dv + 1)
-    rate = _rate("fwd+bwd" if grad else "fwd", "direct causal" if causal else "direct full", dk)
-    return max(1, tasks) * n * flops / (rate * max(1, threads))
+                grad: bool = False, measured: dict | None = None) -> float:
+    """Estimated nanoseconds of the direct path for one call: parallel over query tiles too."""
+    rate = _rate("fwd+bwd" if grad else "fwd", "direct causal" if causal else "direct full", dk,
+                 measured)
+    return direct_flops(n, dk, dv, causal, tasks) / (rate * max(1, threads))
 
 
 # CUDA: uncalibrated estimates, to be replaced by measured values after the first GPU run.
@@ -131,7 +155,7 @@ def state_cost(n: int, dk: int, dv: int, passes: int, tasks: int) -> float:
 
 def choose_path(n: int, dk: int, dv: int, causal: bool, device_type: str, threads: int,
                 tasks: int, reads_state: bool = False, returns_state: bool = False,
-                packed: bool = False, grad: bool = False) -> str:
+                packed: bool = False, grad: bool = False, measure: bool = False) -> str:
     """'direct' or 'chunked' for one call: n positions per sequence (with cu_seqlens the packed
     total, which overstates the direct path's cost: packed calls lean chunked),
     tasks = sequences x key/value heads. A device without a direct kernel (only CPU and CUDA
@@ -141,7 +165,8 @@ def choose_path(n: int, dk: int, dv: int, causal: bool, device_type: str, thread
     path handles their states one sequence at a time, in Python). `threads` matters on the
     CPU only; so does `grad` (a backward will follow: the paths' forward + backward rates,
     whose ratio differs from the forwards'; with a state, whose backward was not measured,
-    the forward rates)."""
+    the forward rates). On the CPU the rates are this machine's where they were measured
+    (csq_ext/_calibrate.py; ``measure``: measure them now if they were not)."""
     if device_type not in ("cpu", "cuda"):
         return "chunked"
     passes = int(reads_state) + int(returns_state)
@@ -154,9 +179,28 @@ def choose_path(n: int, dk: int, dv: int, causal: bool, device_type: str, thread
         return ("direct" if cuda_direct_cost(n, dk, dv, causal, tasks) + extra
                 <= cuda_chunked_cost(n, dk, dv, causal, tasks) else "chunked")
     grad = grad and not passes
-    if (direct_cost(n, dk, dv, causal, threads, tasks, grad)
+    measured = _calibrate.rates(dk, dv, threads, measure=measure)
+    if torch.compiler.is_compiling():  # traced once per graph: no memo (sizes are symbolic)
+        return _cpu_choice(n, dk, dv, causal, threads, tasks, passes, grad, measured)
+    key = (n, dk, dv, causal, threads, tasks, passes, grad, id(measured), _calibrate.generation)
+    choice = _CHOICES.get(key)
+    if choice is None:
+        if len(_CHOICES) >= 4096:
+            _CHOICES.clear()
+        choice = _CHOICES[key] = _cpu_choice(n, dk, dv, causal, threads, tasks, passes, grad,
+                                             measured)
+    return choice
+
+
+# choose_path's CPU answers by their arguments: a call at small N costs microseconds, and the
+# model's arithmetic was a tenth of it. Keyed by the calibration's generation too.
+_CHOICES: dict = {}
+
+
+def _cpu_choice(n, dk, dv, causal, threads, tasks, passes, grad, measured) -> str:
+    if (direct_cost(n, dk, dv, causal, threads, tasks, grad, measured)
             + state_cost(n, dk, dv, passes, tasks)
-            <= chunked_cost(n, dk, dv, causal, threads, tasks, grad)):
+            <= chunked_cost(n, dk, dv, causal, threads, tasks, grad, measured)):
         return "direct"
     return "chunked"
 

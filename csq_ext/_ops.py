@@ -2,6 +2,8 @@
 (torch.compile, meta) and the autograd formula (the backward op)."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 from . import _C  # noqa: F401  (loading the library registers torch.ops.csq_ext.*)
@@ -9,6 +11,12 @@ from ._args import acc_dtype as _acc_dtype
 from .state import num_features as _num_features
 
 ops = torch.ops.csq_ext
+
+# Which library runs the CPU kernels' float32 products (csrc/cpu/csq_gemm_choice.cpp reads it;
+# unset or "auto": measured once per process). Refused here, by name, rather than ignored there.
+if os.environ.get("CSQ_CPU_GEMM", "auto") not in ("auto", "microkernel", "blas"):
+    raise ValueError(f"CSQ_CPU_GEMM must be 'auto', 'microkernel' or 'blas', got "
+                     f"{os.environ['CSQ_CPU_GEMM']!r}")
 
 
 def _check_devices(q, *others):

@@ -78,7 +78,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
             y = ops.csq_direct_fwd(q, k, v, shift_t, cu_seqlens, None, None, options["causal"],
                                    options["scale"], options["center"], options["normalize"],
                                    options["eps"], chunk)[0]
-            return y.to(q.dtype)
+            return y if y.dtype == q.dtype else y.to(q.dtype)
         y, sums, ref = _direct_state.attention(q, k, v, shift_t, cu_seqlens, S, state_in, ref_in,
                                                return_state, options, chunk)
     else:
@@ -103,7 +103,7 @@ def _use_direct(path, q, k, v, causal, S, packed, reads_state, returns_state, gr
         return False
     return choose_path(q.shape[2], q.shape[3], v.shape[3], bool(causal), q.device.type,
                        _num_threads(), S * k.shape[1], reads_state, returns_state,
-                       packed, grad) == "direct"
+                       packed, grad, measure=True) == "direct"
 
 
 @torch.compiler.assume_constant_result

@@ -2,13 +2,14 @@
 // product runs.
 //
 // float32 products without transposes go to oneDNN's batch-reduce GEMM microkernel as torch
-// exposes it (at::native::cpublas::brgemm), which generates code for the CPU it runs on (AVX-512
-// where there is AVX-512). The Fortran BLAS that torch links (MKL) runs its sgemm at AVX2 speed
-// on the AMD EPYC (Zen 5) CI machine, 108-111 GFLOP/s on one core at the direct path's tile
-// shapes, where the microkernel runs 230-270 (bench/NOTES.md, item 13). Everything else
-// (float64, transposed operands, other alpha / beta, torch built without oneDNN,
-// `torch.backends.mkldnn.enabled = False`) goes to BLAS. The kernels therefore keep their
-// operands in the layouts the microkernel takes.
+// exposes it (at::native::cpublas::brgemm), which generates code for the CPU it runs on
+// (AVX-512 or AVX2), where it measured faster than the BLAS torch links at the kernels' shapes
+// (csq_gemm_choice.cpp: once per process). MKL runs its sgemm at AVX2 speed on the AMD EPYC
+// CI machine, 108-111 GFLOP/s on one core at the direct path's tile shapes, where the
+// microkernel runs 230-270 (bench/NOTES.md, item 13). Everything else (float64, transposed
+// operands, other alpha / beta, torch built without oneDNN, `torch.backends.mkldnn.enabled =
+// False`, CSQ_CPU_GEMM=blas) goes to BLAS. The kernels therefore keep their operands in the
+// layouts the microkernel takes.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -42,15 +43,24 @@ void dgemm_(const char* ta, const char* tb, const int* m, const int* n, const in
 namespace csq {
 namespace cpu {
 
+// Whether the microkernel measured at least as fast as BLAS on this machine (or
+// CSQ_CPU_GEMM says which): csq_gemm_choice.cpp, measured at the first call.
+bool microkernel_preferred();
+
 // Whether float32 products go to the oneDNN microkernel now (the user can turn oneDNN off
 // with torch.backends.mkldnn, and the tests compare both ways).
 inline bool use_microkernel() {
 #if CSQ_CPU_HAS_BRGEMM
-  return at::globalContext().userEnabledMkldnn();
+  return at::globalContext().userEnabledMkldnn() && microkernel_preferred();
 #else
   return false;
 #endif
 }
+
+template <typename acc_t>
+inline void blas_gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, acc_t alpha,
+                      const acc_t* a, int64_t lda, const acc_t* b, int64_t ldb, acc_t beta,
+                      acc_t* c, int64_t ldc);
 
 // Row-major C (m x n, ld ldc) = alpha op(A) op(B) + beta C, op = transpose when ta / tb.
 // A is (m x k) after op, B (k x n) after op; lda / ldb are the row lengths as stored.
@@ -79,6 +89,14 @@ inline void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, acc_t alpha,
     }
   }
 #endif
+  blas_gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+// The same product on the BLAS torch links (no dispatcher), or at::mm without one.
+template <typename acc_t>
+inline void blas_gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, acc_t alpha,
+                      const acc_t* a, int64_t lda, const acc_t* b, int64_t ldb, acc_t beta,
+                      acc_t* c, int64_t ldc) {
 #if AT_BUILD_WITH_BLAS()
   // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: swap the operands.
   const char ca = ta ? 'T' : 'N', cb = tb ? 'T' : 'N';
