@@ -117,8 +117,27 @@ def no_forward_ad(**tensors) -> None:
         if isinstance(t, torch.Tensor) and _fwAD.unpack_dual(t).tangent is not None:
             raise NotImplementedError(
                 f"csq_ext: forward-mode AD (torch.func.jvp / jacfwd / forward_ad) is not "
-                f"implemented ({name} has a tangent); use reverse mode (backward, torch.func.vjp,"
-                f" jacrev) or csq_ext.reference.csq_attention_reference")
+                f"implemented ({name} has a tangent); use reverse mode through torch.autograd "
+                f"(.backward(), torch.autograd.grad) or csq_ext.reference.csq_attention_reference")
+
+
+def no_functorch_grad() -> None:
+    """torch.func's reverse-mode transforms (grad, vjp, jacrev, hessian) cannot run the
+    operators' autograd (registered with torch.library, which they do not support): refuse
+    with a message that says what works, instead of PyTorch's generic setup_context error.
+    torch.func.vmap alone works (the operators run once per batch element)."""
+    if not torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling():
+        return
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    if any(i.key() == TransformType.Grad for i in retrieve_all_functorch_interpreters()):
+        raise NotImplementedError(
+            "csq_ext: torch.func.grad / vjp / jacrev / hessian cannot differentiate "
+            "csq_ext.attention (its operators' gradients are registered with torch.library, "
+            "which torch.func's transforms do not run); use torch.autograd.grad or "
+            ".backward() (torch.func.vmap without grad works), or "
+            "csq_ext.reference.csq_attention_reference inside torch.func")
 
 
 def qkv(q, k, v) -> None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _args
+from . import _args, _auto
 from . import _direct  # noqa: F401  (registers the direct path's fake and autograd)
 from . import _direct_state
 from ._cost import choose_path
@@ -59,6 +59,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     chunk = _args.tuning_size("chunk_size", chunk_size)
     _args.flag("return_state", return_state)
     _args.no_forward_ad(q=q, k=k, v=v, shift=shift_t)
+    _args.no_functorch_grad()
     S = _args.cu_seqlens(cu_seqlens, q)
     _args.check(causal or not return_state,
                 lambda: "return_state needs causal=True: a non-causal output depends on future keys")
@@ -72,8 +73,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         state_in, ref_in = initial_state.sums.contiguous(), initial_state.ref.contiguous()
     grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, shift_t, state_in, ref_in))
-    if _use_direct(path, q, k, v, causal, S, cu_seqlens is not None, initial_state is not None,
-                   return_state, grad):
+    path = _path(path, q, k, v, causal, S, cu_seqlens is not None, initial_state is not None,
+                 return_state, grad)
+    if path == "in graph":
+        y = _auto.auto_fwd(q, k, v, shift_t, cu_seqlens, options["causal"], options["scale"],
+                           options["center"], options["normalize"], options["eps"], chunk,
+                           grad)[0]
+        return y.to(q.dtype)
+    if path == "direct":
         if initial_state is None and not return_state:
             y = ops.csq_direct_fwd(q, k, v, shift_t, cu_seqlens, None, None, options["causal"],
                                    options["scale"], options["center"], options["normalize"],
@@ -89,21 +96,26 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     return (y, CSQState(sums, ref)) if return_state else y
 
 
-def _use_direct(path, q, k, v, causal, S, packed, reads_state, returns_state, grad) -> bool:
-    """Whether this call runs the direct path: forced by ``path``, or chosen by the cost
-    model (``grad``: a backward will follow)."""
+def _path(path, q, k, v, causal, S, packed, reads_state, returns_state, grad) -> str:
+    """The path this call runs: "direct" or "chunked", forced by ``path`` or chosen by the
+    cost model (``grad``: a backward will follow), or "in graph": under torch.compile, the
+    automatic choice of a call without states is csq_ext::auto_fwd's, made when the graph
+    runs, so that one graph serves every N (csq_ext/_auto.py)."""
     _args.check(isinstance(path, str) and path in ("auto", "direct", "chunked"),
                 lambda: f"path must be 'auto', 'direct' or 'chunked', got {path!r}")
     if path == "direct":
         _args.check(q.device.type in ("cpu", "cuda"), lambda: f"path='direct' has CPU and CUDA "
                     f"kernels only, got {q.device}; use path='chunked' (or 'auto', which picks "
                     f"it)")
-        return True
+        return path
     if path == "chunked":
-        return False
+        return path
+    if (torch.compiler.is_compiling() and q.device.type in ("cpu", "cuda")
+            and not (reads_state or returns_state)):
+        return "in graph"
     return choose_path(q.shape[2], q.shape[3], v.shape[3], bool(causal), q.device.type,
-                       _num_threads(), S * k.shape[1], reads_state, returns_state,
-                       packed, grad, measure=True) == "direct"
+                       _num_threads(), S * k.shape[1], reads_state, returns_state, packed, grad,
+                       measure=True)
 
 
 @torch.compiler.assume_constant_result
