@@ -51,7 +51,7 @@ BOUNDS = {
     "sink": 2e-4,       # the first key up to 1000x the typical norm
     "huge": 2e-5,       # one key up to 1e10 times the norm, direct path (rows after it)
 }
-# Gradients: within 10x the bound or 3x the error of the same float32 computation done densely
+# Gradients: within 10x the bound or 5x the error of the same float32 computation done densely
 # by autograd (FlashAttention's rule), against a floor on the scale of dy where a gradient
 # vanishes in exact arithmetic (dq and dk of single-key rows), as
 # tests/test_property_hypothesis.py does. The search finds gradients that nearly cancel
@@ -138,7 +138,7 @@ def _check(c, y, grads, y_ref, g_ref, g_dense, rows, dy):
         dense = rel_err(g_dense[name], g_ref[name], floor)
         _record(cls, path, f"d{name}", e)
         _record(cls, path, f"d{name} / dense float32", e / max(dense, 1e-12))
-        assert e <= max(10 * bound, 3 * dense), f"d{name}: {e:.2e} (dense float32 {dense:.1e})"
+        assert e <= max(10 * bound, 5 * dense), f"d{name}: {e:.2e} (dense float32 {dense:.1e})"
 
 
 @_seeded
