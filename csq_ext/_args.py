@@ -247,8 +247,9 @@ def cu_seqlens(x, q) -> int:
     return x.shape[0] - 1
 
 
-def state(st, q, k, v, S: int, name: str) -> None:
-    """A carried CSQState for S sequences of these q, k, v."""
+def state(st, q, k, v, S: int, name: str, wide: bool = False) -> None:
+    """A carried CSQState for S sequences of these q, k, v: sums and ref in the accumulation
+    dtype, or with ``wide`` in float64 whatever the inputs (wide_state)."""
     check_type(isinstance(st, CSQState),
                lambda: f"{name} must be a csq_ext.CSQState (sums, ref); start a sequence with "
                f"csq_ext.CSQState.empty(...) or a prefill's state; got {_kind(st)}")
@@ -263,10 +264,19 @@ def state(st, q, k, v, S: int, name: str) -> None:
                    f"got {_kind(t)}")
         check(tuple(t.shape) == want,
               lambda: f"{name}.{part} must have shape {text} = {want}, got {tuple(t.shape)}")
-        check(t.dtype == acc,
-              lambda: f"{name}.{part} must be {acc} for {q.dtype} inputs, got {t.dtype}")
+        check(t.dtype == acc or (wide and t.dtype == torch.float64 == st.sums.dtype
+                                 == st.ref.dtype),
+              lambda: f"{name}.{part} must be {acc} for {q.dtype} inputs"
+              + (" (or float64, sums and ref alike)" if wide and acc != torch.float64 else "")
+              + f", got {t.dtype}")
         check(t.device == q.device,
               lambda: f"{name}.{part} must be on the device of q ({q.device}), got {t.device}")
+
+
+def wide_state(st, q) -> bool:
+    """A float64 state for float32 or half inputs: the call computes in float64, so that the
+    state keeps float64 sums (docs/SPEC.md, section 3: keys spread far beyond their norm)."""
+    return st is not None and st.sums.dtype == torch.float64 and q.dtype != torch.float64
 
 
 def one_token(name: str, q, k, v) -> None:

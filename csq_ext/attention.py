@@ -36,7 +36,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         cu_seqlens: (S + 1,) int32/int64 offsets of S sequences packed along N (batch size 1),
             as in FlashAttention's varlen API; each attends only within itself.
         initial_state: a CSQState (causal only) that the sequences continue: the keys and
-            values of their earlier pieces. Differentiable.
+            values of their earlier pieces. Differentiable. Its dtype is the accumulation
+            dtype, or float64 for any inputs: a float64 state keeps float64 sums (the call
+            then computes in float64), for streams whose keys spread far beyond their norm
+            (docs/SPEC.md, section 6); start one with CSQState.empty(..., dtype=torch.float64).
         return_state: also return the state after the last position.
         path: "auto" (default: the cheaper algorithm for this call, see the README's
             crossover table), "direct" (tiles of q against tiles of k, O(N^2 (Dk + Dv)), plus
@@ -67,9 +70,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     if initial_state is not None:
         _args.check(causal, lambda: "initial_state: a carried state continues a causal sequence; "
                     "causal=False attends to future keys, which a state cannot hold")
-        _args.state(initial_state, q, k, v, S, "initial_state")
+        _args.state(initial_state, q, k, v, S, "initial_state", wide=True)
         _args.no_forward_ad(**{"initial_state.sums": initial_state.sums,
                                "initial_state.ref": initial_state.ref})
+        if _args.wide_state(initial_state, q):  # the call in float64, y back in q's dtype
+            out = attention(*(t.double() for t in (q, k, v)), causal=causal, scale=scale,
+                            shift=shift.double() if isinstance(shift, torch.Tensor) else shift,
+                            center=center, normalize=normalize, eps=eps, chunk_size=chunk_size,
+                            cu_seqlens=cu_seqlens, initial_state=initial_state,
+                            return_state=return_state, path=path)
+            return (out[0].to(q.dtype), out[1]) if return_state else out.to(q.dtype)
         state_in, ref_in = initial_state.sums.contiguous(), initial_state.ref.contiguous()
     grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, shift_t, state_in, ref_in))
@@ -135,7 +145,7 @@ def decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: CSQState, *
     ``state`` is required: start a sequence with ``CSQState.empty(...)``."""
     _args.qkv(q, k, v)
     _args.one_token("decode", q, k, v)
-    _args.state(state, q, k, v, q.shape[0], "state")
+    _args.state(state, q, k, v, q.shape[0], "state", wide=True)
     return attention(q, k, v, causal=True, scale=scale, shift=shift, center=center,
                      normalize=normalize, eps=eps, initial_state=state, return_state=True)
 
@@ -155,7 +165,12 @@ def decode_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: CSQState, 
     ref from the first keys: that keeps float32 sums accurate when keys share a large offset."""
     _args.qkv(q, k, v)
     _args.one_token("decode_", q, k, v)
-    _args.state(state, q, k, v, q.shape[0], "state")
+    _args.state(state, q, k, v, q.shape[0], "state", wide=True)
+    if _args.wide_state(state, q):  # the step in float64, y into q's dtype
+        y = decode_(*(t.double() for t in (q, k, v)), state, scale=scale,
+                    shift=shift.double() if isinstance(shift, torch.Tensor) else shift,
+                    center=center, normalize=normalize, eps=eps)
+        return _args.out(out, q, v).copy_(y)
     _args.check(q.device.type in ("cpu", "cuda"), lambda: "decode_ runs on CPU and CUDA tensors, "
                 f"got {q.device} (csq_ext.decode works wherever attention does)")
     _args.check(state.sums.is_contiguous() and state.ref.is_contiguous(),

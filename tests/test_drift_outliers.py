@@ -144,3 +144,66 @@ def test_rows_after_a_huge_key_chunked_path(gen, device, magnitude):
     assert_rel_close(y[:, :, 51:].cpu(), y_ref[:, :, 51:], 2e-5, "rows after")
     for name, g in zip("qkv", grads):
         assert rel_err(g.cpu(), g_ref[name]) <= TOL_LARGE_KEYS, f"d{name}"
+
+
+# --------------------------------------------------------------------------------------------
+# Carried states of such keys: a float32 state has lost the digits its readers need
+# (docs/SPEC.md, section 6, "Limits"); a float64 state keeps them, for float32 inputs too.
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("path", ["chunked", "direct"])
+def test_float64_state_streams_drifting_keys(gen, device, path):
+    """Pieces continuing a float64 state, then decode and decode_ steps, on float32 inputs
+    with keys drifting 1000x: the whole stream within the bar (a float32 state: 7e-4)."""
+    n, d = 300, 16
+    q = randn(gen, 1, 2, n, d, dtype=torch.float32, device=device)
+    k = _drift_keys(gen, n, d, 1000, "sine", 1).to(device, torch.float32)
+    v = randn(gen, 1, 1, n, d, dtype=torch.float32, device=device)
+    st = csq_ext.CSQState.empty(1, 1, d, d, dtype=torch.float64, device=device)
+    ys = []
+    for a, b in ((0, 120), (120, 297)):
+        y, st = csq_ext.attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], path=path,
+                                  initial_state=st, return_state=True)
+        assert y.dtype == torch.float32 and st.sums.dtype == torch.float64
+        ys.append(y)
+    y, st = csq_ext.decode(q[:, :, 297:298], k[:, :, 297:298], v[:, :, 297:298], st)
+    ys.append(y)
+    for i in (298, 299):
+        out = torch.empty(1, 2, 1, d, device=device)
+        ys.append(csq_ext.decode_(q[:, :, i:i + 1], k[:, :, i:i + 1], v[:, :, i:i + 1], st,
+                                  out=out))
+    want = reference_grads(q, k, v, 1.0, torch.zeros(1, 2, n, d))[0]
+    got = torch.cat(ys, 2)
+    assert_rel_close(got.cpu(), want, TOL_LARGE_KEYS)
+    assert _max_row_err(got, want) <= TOL_LARGE_KEYS
+
+
+def test_float64_state_gradients(gen, device):
+    """Gradients through a call that continues a float64 state reach the float32 inputs and
+    the state, equal to the float64 call's."""
+    d = 8
+    q, k, v = (randn(gen, 1, 2 if i == 0 else 1, 40, d, dtype=torch.float32, device=device)
+               for i in range(3))
+    _, st = csq_ext.attention(*(t.double() for t in (q, k, v)), return_state=True)
+    sums = st.sums.clone().requires_grad_()
+    leaves = [t[:, :, :20].detach().clone().requires_grad_() for t in (q, k, v)]
+    y = csq_ext.attention(*leaves, initial_state=csq_ext.CSQState(sums, st.ref))
+    dy = randn(gen, 1, 2, 20, d, dtype=torch.float32, device=device)
+    got = torch.autograd.grad(y, leaves + [sums], dy)
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    sums64 = st.sums.clone().requires_grad_()
+    y64 = csq_ext.attention(*leaves64, initial_state=csq_ext.CSQState(sums64, st.ref))
+    want = torch.autograd.grad(y64, leaves64 + [sums64], dy.double())
+    assert rel_err(y, y64) <= 1e-7
+    for a, b, leaf in zip(got, want, leaves + [sums]):
+        assert a.dtype == leaf.dtype and rel_err(a, b) <= 1e-6
+
+
+def test_state_dtype_errors(gen):
+    q, k, v = (randn(gen, 1, 2, 4, 3, dtype=torch.float32) for _ in range(3))
+    half = csq_ext.CSQState.empty(1, 2, 3, 3).to(torch.float16)
+    with pytest.raises(ValueError, match="initial_state.sums must be torch.float32.*or float64"):
+        csq_ext.attention(q, k, v, initial_state=half)
+    mixed = csq_ext.CSQState(csq_ext.CSQState.empty(1, 2, 3, 3, dtype=torch.float64).sums,
+                             torch.zeros(1, 2, 3))
+    with pytest.raises(ValueError, match="sums and ref alike"):
+        csq_ext.attention(q, k, v, initial_state=mixed)
