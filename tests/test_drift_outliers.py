@@ -127,6 +127,52 @@ def test_rows_after_an_outlier_nearly_orthogonal_query(device):
     assert _max_row_err(y[:, :, 51:], want[:, :, 51:]) <= 2e-5
 
 
+@pytest.mark.parametrize("store", ["whole", "per-tile"])
+def test_far_keys_every_key_store_d128(monkeypatch, store):
+    """The far keys of a tile (found once per tile, csrc/cpu/csq_direct_cpu.h) serve the keys
+    converted once per sequence and those converted per tile pair
+    (CSQ_CPU_KEY_STORE_MAX_ELEMS=0) alike, forward and backward: a 1e6 key at 50 with queries
+    nearly orthogonal to it and a 1e4 key at 200 (two tiles of 64 with a far key), Dk = 128.
+    Outputs within a tenth of the bar, every row within the bar; gradients within 5x a dense
+    float32 computation (docs/SPEC.md, section 6); a NaN key in the far key's tile reaches
+    exactly the rows after it, outputs and dq."""
+    if store == "per-tile":
+        monkeypatch.setenv("CSQ_CPU_KEY_STORE_MAX_ELEMS", "0")
+    g = torch.Generator().manual_seed(11)
+    d, n = 128, 300
+    q, k, v = (randn(g, 1, 2, n, d) for _ in range(3))
+    k[:, :, 50] = 1e6 * torch.sign(randn(g, d))
+    k[:, :, 200] = 1e4 * torch.sign(randn(g, d))
+    ko = k[0, 0, 50] / k[0, 0, 50].norm()
+    q[:, :, 51:] -= ((q[:, :, 51:] @ ko) - 1e-6 * randn(g, 1, 2, n - 51))[..., None] * ko
+    q, k, v = (t.float() for t in (q, k, v))
+    dy = randn(g, 1, 2, n, d).float()
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    with poisoned_memory("cpu"):
+        y = csq_ext.attention(*leaves, path="direct", chunk_size=64)
+        grads = torch.autograd.grad(y, leaves, dy)
+    y_ref, g_ref = reference_grads(q, k, v, 1.0, dy)
+    assert_rel_close(y[:, :, 51:], y_ref[:, :, 51:], TOL_OUTLIER_DIRECT, "rows after")
+    assert_rel_close(y[:, :, :50], y_ref[:, :, :50], TOL_OUTLIER_DIRECT, "rows before")
+    assert _max_row_err(y, y_ref) <= 2e-5
+    dense = [t.clone().requires_grad_() for t in (q, k, v)]
+    g_dense = torch.autograd.grad(csq_ext.reference.csq_attention_reference(*dense), dense, dy)
+    for name, got, want in zip("qkv", grads, g_dense):
+        dense_err = rel_err(want, g_ref[name])
+        assert rel_err(got, g_ref[name]) <= max(TOL_LARGE_KEYS, 5 * dense_err), f"d{name}"
+
+    p = 70  # in the 1e6 key's tile, after it
+    k[:, :, p, 3] = float("nan")
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    with poisoned_memory("cpu"):
+        y = csq_ext.attention(*leaves, path="direct", chunk_size=64)
+        dq = torch.autograd.grad(y, leaves[0], dy)[0]
+    for what, t in (("y", y), ("dq", dq)):
+        bad = ~torch.isfinite(t)
+        assert not bad[:, :, :p].any() and bad[:, :, p:].all(), what
+    assert_rel_close(y[:, :, 51:p], y_ref[:, :, 51:p], TOL_OUTLIER_DIRECT, "rows before NaN")
+
+
 @pytest.mark.parametrize("magnitude", [1e3, 1e6])
 def test_rows_after_a_huge_key_chunked_path(gen, device, magnitude):
     """The chunked path used to lose digits beyond 1000x (docs/SPEC.md's old "limits of the

@@ -69,23 +69,73 @@ inline int64_t small_pass_grain(const DirectFwdParams& p) {
   return std::max<int64_t>(1, (int64_t(1) << 22) / per_task);
 }
 
+// Far keys: a key much farther from its tile's reference than the tile's typical key (an
+// outlier or a sink key) makes the float32 tile GEMM sum large terms, and a query nearly
+// orthogonal to it gets a small score with the large terms' rounding (measured: rows after a
+// 1e6 key at Dk = 128 lost 30x more than a dense float32 computation). Per key tile, up to
+// kMaxFarKeys keys farther than kFarKeyRatio times the median distance have their scores
+// recomputed in float64 (KeyTile::exact_far_scores), a few dot products per tile pair.
+constexpr int64_t kMaxFarKeys = 8;
+constexpr double kFarKeyRatio = 64;
+constexpr int64_t kFarSlots = 1 + kMaxFarKeys;  // per tile: the count, then the positions
+
+// Finds the far keys of one tile (m keys from position j0 of a sequence, key(j, x) as in
+// key_prefix, reference r) into far (kFarSlots).
+template <typename KeyAt>
+inline void find_far_keys(int64_t j0, int64_t m, int64_t d, const KeyAt& key, const double* r,
+                          int32_t* far) {
+  double dist[kMaxDirectTile];
+  std::vector<double> sorted;
+  for (int64_t j = 0; j < m; ++j) {
+    double d2 = 0;
+    for (int64_t x = 0; x < d; ++x) {
+      const double e = key(j0 + j, x) - r[x];
+      d2 += e * e;
+    }
+    dist[j] = d2;
+    if (d2 - d2 == 0.0) sorted.push_back(d2);
+  }
+  far[0] = 0;
+  if (sorted.size() < 2) return;
+  std::nth_element(sorted.begin(), sorted.begin() + sorted.size() / 2, sorted.end());
+  const double limit = kFarKeyRatio * kFarKeyRatio * sorted[sorted.size() / 2];
+  for (int64_t j = 0; j < m; ++j) {
+    if (!(dist[j] > limit) || !(dist[j] - dist[j] == 0.0)) continue;
+    // Keep the farthest kMaxFarKeys: replace the nearest kept one when full.
+    int64_t slot = far[0] < kMaxFarKeys ? far[0]++ : -1;
+    if (slot < 0) {
+      slot = 0;
+      for (int64_t f = 1; f < kMaxFarKeys; ++f)
+        if (dist[far[1 + f]] < dist[far[1 + slot]]) slot = f;
+      if (!(dist[j] > dist[far[1 + slot]])) continue;
+    }
+    far[1 + slot] = static_cast<int32_t>(j);
+  }
+}
+
 // Per (sequence, key/value head), in float64: the sums of the keys before each tile start and
 // of all keys (the key means mu_i are differences of these, and float64 keeps them exact
-// enough for float32 keys with a large common offset), and each tile's reference key r
-// (csq_direct_params.h, direct_reference_candidates).
+// enough for float32 keys with a large common offset), each tile's reference key r
+// (csq_direct_params.h, direct_reference_candidates) and its far keys (find_far_keys): found
+// once per tile here, not per conversion (without the key store a tile is converted once per
+// query tile that reads it).
 struct KeyPrefix {
   int64_t dim = 0, tile = 1;
   std::vector<int64_t> base;  // per task (sequence, head): its first entry
   std::vector<double> sums;   // entries of `dim`: tile starts 0, T, 2T, ..., then the total
   std::vector<double> refs;   // entries of `dim`: the tiles' references (base indexes them too)
+  std::vector<int32_t> far;   // entries of kFarSlots: the tiles' far keys
 
   // Sum of the keys at positions < t0 (t0 a tile start, or the length for the total).
   const double* before(const SeqTask& s, int64_t heads_k, int64_t t0) const {
     return sums.data() + (base[s.seq * heads_k + s.head_k] + (t0 + tile - 1) / tile) * dim;
   }
-  // The reference key of the tile starting at t0.
+  // The reference key and the far keys of the tile starting at t0.
   const double* ref(const SeqTask& s, int64_t heads_k, int64_t t0) const {
     return refs.data() + (base[s.seq * heads_k + s.head_k] + t0 / tile) * dim;
+  }
+  const int32_t* far_keys(const SeqTask& s, int64_t heads_k, int64_t t0) const {
+    return far.data() + (base[s.seq * heads_k + s.head_k] + t0 / tile) * kFarSlots;
   }
 };
 
@@ -101,6 +151,7 @@ inline KeyPrefix key_prefix(const DirectFwdParams& p) {
     kp.base[task + 1] = kp.base[task] + num_tiles(seq_task(p, task).len, T) + 1;
   kp.sums.assign(kp.base[tasks] * D, 0.0);
   kp.refs.assign(kp.base[tasks] * D, 0.0);
+  kp.far.assign(kp.base[tasks] * kFarSlots, 0);
   at::parallel_for(0, tasks, small_pass_grain(p), [&](int64_t begin, int64_t end) {
     std::vector<double> point(D);
     for (int64_t task = begin; task < end; ++task) {
@@ -128,6 +179,7 @@ inline KeyPrefix key_prefix(const DirectFwdParams& p) {
         const int64_t best = nearest_key(c.first, c.last, D, point.data(), key);
         double* r = kp.refs.data() + (kp.base[task] + i) * D;
         for (int64_t x = 0; x < D; ++x) r[x] = best < 0 ? 0.0 : key(best, x);
+        find_far_keys(t0, rows, D, key, r, kp.far.data() + (kp.base[task] + i) * kFarSlots);
       }
     }
   });
@@ -215,64 +267,18 @@ struct KeyLayout {
   int64_t elems(int64_t n) const { return num_tiles(n, T) * block(); }
 };
 
-// Far keys: a key much farther from its tile's reference than the tile's typical key (an
-// outlier or a sink key) makes the float32 tile GEMM sum large terms, and a query nearly
-// orthogonal to it gets a small score with the large terms' rounding (measured: rows after a
-// 1e6 key at Dk = 128 lost 30x more than a dense float32 computation). Per key tile, up to
-// kMaxFarKeys keys farther than kFarKeyRatio times the median distance have their scores
-// recomputed in float64 (FarKeys::exact_scores), a few dot products per tile pair.
-constexpr int64_t kMaxFarKeys = 8;
-constexpr double kFarKeyRatio = 64;
-constexpr int64_t kFarSlots = 1 + kMaxFarKeys;  // per tile: the count, then the positions
-
-// Finds the far keys of one tile (m keys at row0 of s, reference r) into far (kFarSlots).
-template <typename scalar_t, typename acc_t>
-inline void find_far_keys(const DirectFwdParams& p, const SeqTask& s, int64_t row0, int64_t m,
-                          const acc_t* r, int32_t* far) {
-  double dist[kMaxDirectTile];
-  std::vector<double> sorted;
-  for (int64_t j = 0; j < m; ++j) {
-    const scalar_t* kr = row_ptr<scalar_t>(p.k, p.k_stride, s.batch, s.head_k, row0 + j);
-    double d2 = 0;
-    for (int64_t x = 0; x < p.dim_k; ++x) {
-      const double e = static_cast<double>(kr[x * p.k_stride[3]]) - double(r[x]);
-      d2 += e * e;
-    }
-    dist[j] = d2;
-    if (d2 - d2 == 0.0) sorted.push_back(d2);
-  }
-  far[0] = 0;
-  if (sorted.size() < 2) return;
-  std::nth_element(sorted.begin(), sorted.begin() + sorted.size() / 2, sorted.end());
-  const double limit = kFarKeyRatio * kFarKeyRatio * sorted[sorted.size() / 2];
-  for (int64_t j = 0; j < m; ++j) {
-    if (!(dist[j] > limit) || !(dist[j] - dist[j] == 0.0)) continue;
-    // Keep the farthest kMaxFarKeys: replace the nearest kept one when full.
-    int64_t slot = far[0] < kMaxFarKeys ? far[0]++ : -1;
-    if (slot < 0) {
-      slot = 0;
-      for (int64_t f = 1; f < kMaxFarKeys; ++f)
-        if (dist[far[1 + f]] < dist[far[1 + slot]]) slot = f;
-      if (!(dist[j] > dist[far[1 + slot]])) continue;
-    }
-    far[1 + slot] = static_cast<int32_t>(j);
-  }
-}
-
 // Converts the keys of s from tile start j0 to j0 + n (n a whole number of tiles, or up to the
-// sequence's end) into buf (layout.elems(n)), a block per tile, their tiles' references into
-// refs (D each) and their far keys into far (kFarSlots each).
+// sequence's end) into buf (layout.elems(n)), a block per tile, and their tiles' references
+// into refs (D each).
 template <typename scalar_t, typename acc_t>
 inline void convert_keys(const DirectFwdParams& p, const KeyPrefix& kp, const KeyLayout& l,
-                         const SeqTask& s, int64_t j0, int64_t n, acc_t* buf, acc_t* refs,
-                         int32_t* far) {
+                         const SeqTask& s, int64_t j0, int64_t n, acc_t* buf, acc_t* refs) {
   const int64_t T = l.T;
   for (int64_t u = 0; u < n; u += T) {
     const int64_t m = std::min(T, n - u), row0 = s.start + j0 + u;
     acc_t* r = refs + (u / T) * l.D;
     acc_t* blk = buf + (u / T) * l.block();
     tile_reference(p, kp, s, j0 + u, r);
-    find_far_keys<scalar_t, acc_t>(p, s, row0, m, r, far + (u / T) * kFarSlots);
     load_rows_t<scalar_t, acc_t>(p.k, p.k_stride, s.batch, s.head_k, row0, m, l.D, r, blk, T);
     if (l.backward) {
       load_rows<scalar_t, acc_t>(p.k, p.k_stride, s.batch, s.head_k, row0, m, l.D, r,
@@ -301,7 +307,6 @@ struct KeyStore {
   std::vector<int64_t> base, ref_base;  // per task: first element of data / refs
   std::unique_ptr<acc_t[]> data;  // not value-initialized: a tile reads only what it converted
   std::vector<acc_t> refs;
-  std::vector<int32_t> far;  // kFarSlots per tile, indexed as refs / D
 
   KeyStore(const DirectFwdParams& p, const KeyPrefix& kp, bool backward)
       : layout{p.dim_k, p.dim_v, p.tile, backward} {
@@ -317,13 +322,11 @@ struct KeyStore {
     if (!whole) return;
     data.reset(new acc_t[base[tasks]]);
     refs.resize(ref_base[tasks]);
-    far.resize(ref_base[tasks] / p.dim_k * kFarSlots);
     at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
         const SeqTask s = seq_task(p, task);
         convert_keys<scalar_t, acc_t>(p, kp, layout, s, 0, s.len, data.get() + base[task],
-                                      refs.data() + ref_base[task],
-                                      far.data() + ref_base[task] / p.dim_k * kFarSlots);
+                                      refs.data() + ref_base[task]);
       }
     });
   }
@@ -346,7 +349,6 @@ struct KeyTile {
   const acc_t* ref = nullptr;
   const int32_t* far = nullptr;  // the count, then the far keys' positions in the tile
   std::vector<acc_t> tile_buf, tile_ref;  // without the store
-  std::vector<int32_t> tile_far;
   std::vector<double> far_x;  // one far key relative to ref, in float64
   SeqTask seq{};
   int64_t row0 = 0;
@@ -355,7 +357,7 @@ struct KeyTile {
           const KeyStore<scalar_t, acc_t>& store_)
       : p(p_), kp(kp_), store(store_), l(store_.layout), ld(p_.tile),
         tile_buf(store_.whole ? 0 : store_.layout.block()), tile_ref(p_.dim_k),
-        tile_far(kFarSlots), far_x(p_.dim_k) {}
+        far_x(p_.dim_k) {}
 
   void load(const SeqTask& s, int64_t j0, int64_t n) {
     rows = n;
@@ -366,14 +368,12 @@ struct KeyTile {
       const int64_t task = s.seq * p.heads_k + s.head_k, tile = j0 / l.T;
       blk = store.data.get() + store.base[task] + tile * l.block();
       ref = store.refs.data() + store.ref_base[task] + tile * l.D;
-      far = store.far.data() + (store.ref_base[task] / l.D + tile) * kFarSlots;
     } else {
-      convert_keys<scalar_t, acc_t>(p, kp, l, s, j0, n, tile_buf.data(), tile_ref.data(),
-                                    tile_far.data());
+      convert_keys<scalar_t, acc_t>(p, kp, l, s, j0, n, tile_buf.data(), tile_ref.data());
       blk = tile_buf.data();
       ref = tile_ref.data();
-      far = tile_far.data();
     }
+    far = kp.far_keys(s, p.heads_k, j0);
     kT = blk;
     if (l.backward) {
       k = blk + l.D * l.T;
