@@ -26,7 +26,7 @@ PY="$ENV/bin/python"
 # build; stand-ins below let torch import without them.
 "$PY" -m pip install -q --no-deps "$TORCH_CUDA"
 "$PY" -m pip install -q typing_extensions sympy filelock networkx jinja2 fsspec numpy \
-  setuptools wheel ninja
+  "setuptools>=77" wheel ninja
 "$PY" .ci/cuda_stand_ins.py "$ENV/stand-ins" >/dev/null
 export LD_LIBRARY_PATH="$ENV/stand-ins:$CUDA_HOME/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 "$PY" -c 'import torch; assert torch.version.cuda, torch.__version__; print("torch", torch.__version__, "CUDA", torch.version.cuda)'

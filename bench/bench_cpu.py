@@ -14,6 +14,13 @@ Implementations: ``csq_ext`` (this package, path="auto": the cost model's choice
 (torch.nn.functional.scaled_dot_product_attention: softmax attention, the cost to beat),
 ``flex_csq`` (bench/flex_csq.py: CSQ as a user would write it with FlexAttention) and
 ``chunked_torch`` (bench/chunked_torch.py: the chunked CSQ math written in plain PyTorch).
+
+Roofline: the float32 GEMM peak of the BLAS (SDPA's products) and of oneDNN (csq_ext's
+microkernel) is measured at the start and the end of the run, and every time becomes GFLOP/s
+and a fraction of the better peak (bench/roofline.py: FLOP counts, forward + backward as 3.5x
+the forward). auto's rates on this machine are measured first (csq_ext.calibrate; the JSON
+keeps them) unless CSQ_CALIBRATE=0. `python bench/profile_cpu.py` says where one point's time
+goes.
 """
 from __future__ import annotations
 
@@ -29,10 +36,13 @@ import torch
 import torch.nn.functional as F
 
 import csq_ext
+from csq_ext import _calibrate
 from csq_ext._cost import choose_path
 from csq_ext._timing import device_description, interleaved_times, summarize
 from chunked_torch import csq_attention_chunked
 from flex_csq import csq_attention_flex
+from roofline import attention_flops, gemm_peak
+from plot_colors import color
 
 CPU = torch.device("cpu")
 # Each takes (q, k, v, causal).
@@ -95,14 +105,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="run every implementation at every length")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--quick", action="store_true",
-                   help=f"smoke test: {QUICK}, output to bench/results/cpu_quick.*")
-    p.add_argument("--out", default=None, help="JSON path (default bench/results/cpu.json)")
+                   help=f"smoke test: {QUICK}, output to bench/out/cpu_quick.*")
+    p.add_argument("--out", default=None, help="JSON path (default bench/out/cpu.json; the "
+                   "committed results are written only when named, e.g. bench/results/cpu.json)")
     p.add_argument("--plot", default=None, help="PNG path (default: the JSON path, .png)")
     if p.parse_known_args(argv)[0].quick:
         p.set_defaults(**QUICK)  # options given on the command line still win
     args = p.parse_args(argv)
-    results = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-    args.out = args.out or os.path.join(results, "cpu_quick.json" if args.quick else "cpu.json")
+    out_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")  # ignored by git
+    args.out = args.out or os.path.join(out_dir, "cpu_quick.json" if args.quick else "cpu.json")
     args.plot = args.plot or os.path.splitext(args.out)[0] + ".png"
     skips = [] if args.no_default_skips else [parse_skip(s) for s in DEFAULT_SKIPS]
     args.skips = skips + (args.skip_above or [])
@@ -177,6 +188,46 @@ def ratio(result: dict, impl: str, mode: str):
     return sdpa["median_s"] / mine["median_s"] if mine and sdpa else None
 
 
+def _flop_path(impl: str, pt: dict, mode: str) -> str:
+    """Whose FLOP count an implementation's time is divided by (bench/roofline.py)."""
+    if impl == "csq_ext":
+        return pt["auto_path"] if mode == "fwd" else pt["auto_path_fwd_bwd"]
+    return {"direct": "direct", "flex_csq": "direct", "chunked": "chunked",
+            "chunked_torch": "chunked", "sdpa": "sdpa"}[impl]
+
+
+def add_roofline(pt: dict, heads: int, peak: float) -> None:
+    """GFLOP/s of every timed implementation at this point, and its fraction of the peak."""
+    pt["gflops"], pt["peak_fraction"] = {}, {}
+    for impl in IMPLS:
+        for mode in MODES:
+            entry = pt[mode][impl]
+            if entry is None:
+                continue
+            flops = attention_flops(_flop_path(impl, pt, mode), pt["n"], pt["d"],
+                                    pt["mask"] == "causal", heads, mode)
+            rate = flops / entry["median_s"] / 1e9
+            pt["gflops"].setdefault(impl, {})[mode] = rate
+            pt["peak_fraction"].setdefault(impl, {})[mode] = rate / peak
+
+
+def print_roofline(points: list[dict], peak: float) -> None:
+    impls = ("sdpa", "csq_ext", "direct", "chunked")
+    print(f"\nGFLOP/s and fraction of the measured float32 GEMM peak ({peak:.0f} GFLOP/s; "
+          "forward + backward counted as 3.5x the forward's FLOPs, bench/roofline.py)")
+    head = f"{'mask':<6} {'N':>6} {'D':>3} " + " ".join(f"{i + ' fwd':>15} {'fwd+bwd':>13}"
+                                                           for i in impls)
+    print(head + "\n" + "-" * len(head))
+    for pt in points:
+        cells = []
+        for impl in impls:
+            for mode in MODES:
+                g = pt["gflops"].get(impl, {}).get(mode)
+                cells.append(f"{'-':>13}" if g is None else
+                             f"{g:7.0f} {pt['peak_fraction'][impl][mode]:4.0%}")
+        print(f"{pt['mask']:<6} {pt['n']:>6} {pt['d']:>3} " + "  ".join(cells))
+
+
 def print_table(points: list[dict]) -> None:
     def ms(entry):
         if entry is None:
@@ -224,7 +275,7 @@ def plot(points: list[dict], meta: dict, path: str) -> bool:
                 xy = [(pt["n"], pt[mode][impl]["median_s"] * 1e3) for pt in points
                       if pt["d"] == d and pt["mask"] == mask and pt[mode][impl]]
                 if xy:
-                    ax.plot(*zip(*xy), marker="o", label=impl)
+                    ax.plot(*zip(*xy), marker="o", label=impl, color=color(impl))
             lengths = sorted({pt["n"] for pt in points if pt["d"] == d})
             ax.set(xscale="log", yscale="log", xlabel="N", ylabel="median ms",
                    title=f"{mask} {mode}, Dk = Dv = {d}")
@@ -264,12 +315,22 @@ def main(argv=None) -> None:
     print(f"{meta['device']['name']}: {meta['device']['torch_threads']} torch threads, "
           f"torch {torch.__version__}")
     meta["agreement_rel_err_float32"] = check_agreement(args)
+    # auto's rates on this machine (csq_ext/_calibrate.py), measured before anything is timed
+    # so that no timed warm-up pays for them; CSQ_CALIBRATE=0 keeps the shipped ones.
+    meta["calibration"] = (None if _calibrate.mode() == "off" else
+                           csq_ext.calibrate(dims=[(d, d) for d in args.dims]))
+    meta["gemm_peak_start"] = gemm_peak()
+    print(f"float32 GEMM peak: {meta['gemm_peak_start']['peak']:.0f} GFLOP/s "
+          f"(blas {max(meta['gemm_peak_start']['blas'].values()):.0f}, onednn "
+          f"{max(meta['gemm_peak_start']['onednn'].values(), default=0):.0f})", flush=True)
 
     start, points = time.perf_counter(), []
     for mask, d, n in ((m, d, n) for m in args.masks for d in args.dims for n in args.lengths):
-        pt = {"mask": mask, "n": n, "d": d,
-              "auto_path": choose_path(n, d, d, MASKS[mask], "cpu", torch.get_num_threads(),
-                                       args.batch * args.heads, False)}
+        def auto(grad):
+            return choose_path(n, d, d, MASKS[mask], "cpu", torch.get_num_threads(),
+                               args.batch * args.heads, grad=grad)
+        pt = {"mask": mask, "n": n, "d": d, "auto_path": auto(False),
+              "auto_path_fwd_bwd": auto(True)}
         for mode in MODES:
             pt[mode] = measure_point(args, n, d, MASKS[mask], mode)
         points.append(pt)
@@ -280,7 +341,13 @@ def main(argv=None) -> None:
         meta["sweep_seconds"] = round(time.perf_counter() - start, 1)
         write_json(args.out, meta, points)  # after every point: a stopped sweep keeps data
 
+    meta["gemm_peak_end"] = gemm_peak()
+    peak = max(meta["gemm_peak_start"]["peak"], meta["gemm_peak_end"]["peak"])
+    for pt in points:
+        add_roofline(pt, args.batch * args.heads, peak)
+    write_json(args.out, meta, points)
     print_table(points)
+    print_roofline(points, peak)
     drawn = plot(points, meta, args.plot)
     print(f"wrote {args.out}" + (f" and {args.plot}" if drawn else " (no PNG: matplotlib is "
           "not installed)") + f"; the sweep took {meta['sweep_seconds']} s")

@@ -101,6 +101,7 @@ import csq_ext  # noqa: E402
 from csq_ext._timing import device_description, interleaved_times, summarize  # noqa: E402
 from csq_ext.reference import csq_attention_reference  # noqa: E402
 from csq_ext.state import num_features  # noqa: E402
+from plot_colors import color  # noqa: E402  (bench/, beside this script)
 
 MODES = ("fwd", "fwd+bwd")
 GROUPS = ("target", "causal", "full")  # in the order they are measured
@@ -196,7 +197,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="time even when the correctness gate fails (results marked INVALID)")
     p.add_argument("--out", help="JSON path; .md and .png beside it")
     p.add_argument("--out-dir", help="directory for gpu_<GPU>_torch<V>_cuda<V>_<date>.json/.md/"
-                   ".png (default bench/results; /tmp/csq_gpu_dry_run with --dry-run)")
+                   ".png (default bench/out, ignored by git: name bench/results to commit; "
+                   "/tmp/csq_gpu_dry_run with --dry-run)")
     p.add_argument("--quick", action="store_true", help=f"shorter sweep: {QUICK}")
     p.add_argument("--dry-run", action="store_true",
                    help=f"the whole pipeline on the CPU with tiny sizes: {DRY_RUN}")
@@ -267,7 +269,7 @@ def output_paths(args, meta: dict) -> tuple[str, str, str]:
                     f"cuda{slug(dev['torch_version_cuda'])}_{meta['date'][:10]}")
             name += "_quick" if args.quick else ""
         default_dir = ("/tmp/csq_gpu_dry_run" if args.dry_run
-                       else os.path.join(REPO, "bench", "results"))
+                       else os.path.join(REPO, "bench", "out"))
         stem = os.path.join(os.path.abspath(args.out_dir or default_dir), name)
     os.makedirs(os.path.dirname(stem), exist_ok=True)
     return stem + ".json", stem + ".md", stem + ".png"
@@ -667,7 +669,7 @@ def plot(meta: dict, points: list[dict], impls: list[str], baseline: str, path: 
                 xy = [(p["n"], p["impls"][name]["median_s"] * 1e3) for p in pts
                       if p["impls"][name]]
                 if xy:
-                    ax.plot(*zip(*xy), marker="o", label=name)
+                    ax.plot(*zip(*xy), marker="o", label=name, color=color(name))
             ax.set(xscale="log", yscale="log", xlabel="N (B H N constant)", ylabel="median ms",
                    title=f"{group}, {mode}")
             ax.grid(True, which="both", alpha=0.3)

@@ -76,7 +76,7 @@ def run_fresh(n: int, dim: int) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=131072)
@@ -85,9 +85,14 @@ def main() -> None:
                    help="measure in this process and print JSON only (the default starts a "
                         "fresh process, whose peak is not inflated by the caller's)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                 "results", "mem_peak.json"),
-                   help="JSON path; empty: do not write")
-    args = p.parse_args()
+                                                 "out", "mem_peak.json"),
+                   help="JSON path (default bench/out/mem_peak.json, ignored by git; the "
+                        "committed one: bench/results/mem_peak.json); empty: do not write")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
 
     if args.in_process:
         print(json.dumps(measure(args.n, args.dim)))

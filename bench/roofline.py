@@ -16,11 +16,10 @@ fractions of peak of a forward + backward are comparable between them.
 """
 from __future__ import annotations
 
-import time
-
 import torch
 
 from csq_ext._cost import chunked_flops, direct_flops
+from csq_ext._timing import best_seconds
 
 FWD_BWD_FACTOR = 3.5
 PEAK_SIZES = (1024, 2048, 4096)
@@ -41,16 +40,6 @@ def attention_flops(impl_path: str, n: int, d: int, causal: bool, heads: int,
     return fwd * (FWD_BWD_FACTOR if mode == "fwd+bwd" else 1.0)
 
 
-def _best_seconds(fn, repeats: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def gemm_peak(repeats: int = 5) -> dict:
     """Float32 square GEMMs at PEAK_SIZES with the current torch threads: ``blas`` is torch.mm
     (MKL or OpenBLAS: SDPA's CPU kernel's products), ``onednn`` oneDNN's matmul (the library
@@ -59,10 +48,10 @@ def gemm_peak(repeats: int = 5) -> dict:
     out = {"threads": torch.get_num_threads(), "blas": {}, "onednn": {}}
     for n in PEAK_SIZES:
         a, b = torch.randn(n, n), torch.randn(n, n)
-        out["blas"][n] = 2.0 * n ** 3 / _best_seconds(lambda: torch.mm(a, b), repeats) / 1e9
+        out["blas"][n] = 2.0 * n ** 3 / best_seconds(lambda: torch.mm(a, b), repeats) / 1e9
         if torch.backends.mkldnn.is_available():
             am, bm = a.to_mkldnn(), b.to_mkldnn()
-            out["onednn"][n] = 2.0 * n ** 3 / _best_seconds(
+            out["onednn"][n] = 2.0 * n ** 3 / best_seconds(
                 lambda: torch._C._nn.mkldnn_linear(am, bm, None), repeats) / 1e9
     out["peak"] = max([*out["blas"].values(), *out["onednn"].values()])
     return out

@@ -36,6 +36,8 @@ import warnings
 
 import torch
 
+from ._timing import best_seconds, cpu_model
+
 # (path, mode) pairs the cost model reads; path names as in _cost._CPU_RATES.
 PATHS = ("chunked", "direct causal", "direct full")
 MODES = ("fwd", "fwd+bwd")
@@ -74,18 +76,6 @@ def cache_dir() -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-@functools.lru_cache(maxsize=None)
 def _cpu_isa() -> str:
     """The ISA level torch's CPU kernels dispatch to (DEFAULT, AVX2, AVX512, ...)."""
     try:
@@ -98,7 +88,7 @@ def machine() -> dict:
     """What the rates depend on: the CPU, its ISA level, the torch build, csq_ext, and the
     GEMM backend of our kernels (oneDNN's microkernel unless torch.backends.mkldnn is off)."""
     from . import __version__
-    return {"cpu": _cpu_model(), "isa": _cpu_isa(), "machine": platform.machine(),
+    return {"cpu": cpu_model(), "isa": _cpu_isa(), "machine": platform.machine(),
             "torch": torch.__version__, "csq_ext": __version__, "gemm": _gemm_backend()}
 
 
@@ -306,16 +296,6 @@ def _lengths(dk: int, dv: int, threads: int) -> tuple[int, int]:
     return n_direct, n_chunked
 
 
-def _best_time(fn, repeats: int = 3) -> float:
-    fn()  # warm-up: allocations, OpenMP pool, caches
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def _measure_entry(dk: int, dv: int, threads: int) -> dict | None:
     """Times the six runs; returns {"rates": {mode: {path: GFLOP/s per thread}}, ...} or None
     (with a warning) when they cannot run."""
@@ -352,7 +332,7 @@ def _measure_entry(dk: int, dv: int, threads: int) -> dict | None:
                     torch.autograd.grad(y, leaves, dy)
 
             for m, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
-                seconds = _best_time(fn)
+                seconds = best_seconds(fn)
                 result[m][path] = flops / (seconds * 1e9 * parallel)
         entry = {"rates": result, "lengths": {"direct": n_direct, "chunked": n_chunked},
                  "seconds": round(time.perf_counter() - t_start, 3),

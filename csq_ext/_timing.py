@@ -2,6 +2,7 @@
 description of the device that the times were taken on (every result names its device)."""
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import statistics
@@ -67,13 +68,27 @@ def interleaved_times(fns: dict[str, Callable[[], object]], device: torch.device
     return times
 
 
+def best_seconds(fn: Callable[[], object], repeats: int = 3) -> float:
+    """The fastest of `repeats` timed calls of fn after one warm-up call (allocations, the
+    OpenMP pool, caches): a machine's capability, for rates that a model divides by."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def summarize(runs: list[float]) -> dict:
     """Median and min of measured seconds, with the raw runs kept."""
     return {"median_s": statistics.median(runs), "min_s": min(runs), "runs": len(runs),
             "times_s": runs}
 
 
-def _cpu_model() -> str:
+@functools.lru_cache(maxsize=None)
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), or what the platform module knows."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -94,6 +109,6 @@ def device_description(device: torch.device) -> dict:
                     multiprocessors=props.multi_processor_count)
     else:
         usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-        info.update(name=_cpu_model(), logical_cores=os.cpu_count(), usable_cores=usable,
+        info.update(name=cpu_model(), logical_cores=os.cpu_count(), usable_cores=usable,
                     torch_threads=torch.get_num_threads())
     return info

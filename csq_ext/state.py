@@ -58,6 +58,19 @@ class CSQState(NamedTuple):
         """(S, Hk): how many keys the state holds."""
         return self.sums[..., -1, -1]
 
+    def __repr__(self) -> str:
+        """Shapes, dtype, device and how many positions each sequence holds, never the sums
+        themselves (a state is O(Dk^2 Dv) numbers per head)."""
+        sums, ref = self.sums, self.ref
+        if not (isinstance(sums, torch.Tensor) and isinstance(ref, torch.Tensor)
+                and sums.dim() == 4 and ref.dim() == 3):
+            return f"CSQState(sums={_describe(sums)}, ref={_describe(ref)})"
+        S, Hk, _, Dv1 = sums.shape
+        grad = ", requires_grad=True" if sums.requires_grad or ref.requires_grad else ""
+        return (f"CSQState(sequences={S}, heads_k={Hk}, dim_k={ref.shape[-1]}, dim_v={Dv1 - 1}, "
+                f"sums={tuple(sums.shape)}, ref={tuple(ref.shape)}, dtype={sums.dtype}, "
+                f"device={sums.device}{grad}, positions={_positions(self.count)})")
+
     def to(self, *args, **kwargs) -> "CSQState":
         return CSQState(self.sums.to(*args, **kwargs), self.ref.to(*args, **kwargs))
 
@@ -66,3 +79,28 @@ class CSQState(NamedTuple):
 
     def clone(self) -> "CSQState":
         return CSQState(self.sums.clone(), self.ref.clone())
+
+
+def _describe(x) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"tensor of shape {tuple(x.shape)}, {x.dtype}, {x.device}"
+    return type(x).__name__
+
+
+def _positions(count: torch.Tensor, shown: int = 8) -> str:
+    """The positions (keys) each sequence holds: a list for a few sequences, else the range.
+    The count is the same for every key/value head of a sequence, unless the state was built
+    by hand."""
+    if count.is_meta:
+        return "unknown (meta tensors)"
+    if count.numel() == 0:
+        return "[]"
+    count = count.detach().to("cpu", torch.float64)
+    per_seq = count[:, 0]
+    note = "" if bool((count == per_seq[:, None]).all()) else " (differs between heads)"
+    values = [int(c) if c == int(c) else c for c in per_seq.tolist()]
+    if len(values) <= shown:
+        return f"{values}{note}"
+    low, high = min(values), max(values)
+    span = f"{low} each" if low == high else f"{low} to {high}"
+    return f"{span} over {len(values)} sequences{note}"

@@ -13,6 +13,8 @@ import glob
 import json
 import os
 
+from bench.plot_colors import color
+
 KERNELS = ["softmax", "csq", "rebased", "taylor", "linear"]
 
 
@@ -82,7 +84,8 @@ def plot_mqar(runs: list[dict], path: str) -> None:
     width = 0.8 / len(kernels)
     for i, k in enumerate(kernels):
         xs = [j + i * width for j in range(len(settings))]
-        ax.bar(xs, [acc.get((n, kv, k), 0.0) for n, kv in settings], width, label=k)
+        ax.bar(xs, [acc.get((n, kv, k), 0.0) for n, kv in settings], width, label=k,
+               color=color(k))
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(settings))])
     ax.set_xticklabels([f"N={n}, kv={kv}" for n, kv in settings])
     ax.set_ylabel("MQAR test accuracy")

@@ -23,6 +23,7 @@ import json
 import os
 import time
 
+from bench.plot_colors import color
 from quality.common import (add_config_args, config_from_args, environment, parse_list,
                             write_json)
 from quality.train_mqar import MQARConfig, run as run_mqar
@@ -116,7 +117,7 @@ def plot(cells, kernels, seq_lens, kv_pairs, path: str, base: MQARConfig) -> Non
             pts = [(kv, cells[(k, n, kv)]["accuracy"]) for kv in kv_pairs
                    if (k, n, kv) in cells]
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=k)
+                ax.plot(*zip(*pts), marker="o", label=k, color=color(k))
         ax.set_xscale("log", base=2)
         ax.set_title(f"seq_len {n}", fontsize=9)
         ax.set_xlabel("key-value pairs")

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bench.plot_colors import color
 from quality.common import (add_config_args, config_from_args, environment, finite_or_none,
                             lr_at, make_optimizer, parse_list, write_json)
 from quality.models import TinyLM
@@ -256,7 +257,7 @@ def plot(runs: dict, path: str, title: str) -> None:
     for k, r in runs.items():
         pts = [(s, v) for s, v in zip(r["steps"], r["val_loss"]) if v is not None]
         if pts:
-            ax.plot(*zip(*pts), marker=".", label=k)
+            ax.plot(*zip(*pts), marker=".", label=k, color=color(k))
     ax.set_xlabel("step")
     ax.set_ylabel("validation loss (nats / byte)")
     ax.set_title(title, fontsize=9)

@@ -15,10 +15,17 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import zlib
 
 import pytest
 import torch
+
+# The test modules import their helpers as plain modules (``from conftest import ...``,
+# ``from hf_models import ...``): keep this folder importable under
+# ``pytest --import-mode=importlib`` too, which does not put it on sys.path.
+if os.path.dirname(os.path.abspath(__file__)) not in sys.path:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 # The cost model's per-machine calibration (csq_ext/_calibrate.py) measures at the first
 # path="auto" call: the tests pin the shipped rates, so that the paths auto picks (and the
@@ -28,6 +35,27 @@ os.environ.setdefault("CSQ_CALIBRATE", "0")
 
 import csq_ext
 from csq_ext.reference import csq_attention_reference
+
+# CI's installed-package stage (.ci/run) sets CSQ_EXPECT_INSTALLED=1: these tests must then
+# exercise the installed wheel, never a checkout's csq_ext that would hide what the wheel lacks.
+if os.environ.get("CSQ_EXPECT_INSTALLED") == "1" and "site-packages" not in csq_ext.__file__:
+    raise RuntimeError(f"CSQ_EXPECT_INSTALLED=1 but csq_ext comes from {csq_ext.__file__}")
+
+# The repository around tests/: its bench/, quality/, transfer/ and csrc/ hold scripts and
+# sources that some tests run but that are not part of the installed package.
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def repository_folder(*parts: str) -> str:
+    """A folder of the repository beside tests/; skips the calling test (or, at import, its
+    module) where the tests run from a copy without it, e.g. against an installed wheel."""
+    path = os.path.join(REPO, *parts)
+    if not os.path.isdir(path):
+        pytest.skip(f"{'/'.join(parts)}/ is not beside the tests: it holds repository scripts "
+                    "or sources, not part of the installed package (run the tests from a "
+                    "checkout, or copy the folder beside them)", allow_module_level=True)
+    return path
+
 
 # The spec's accuracy table (relative Frobenius error against the float64 reference).
 TOL = {

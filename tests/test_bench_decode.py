@@ -1,11 +1,11 @@
 """bench/bench_decode.py (the decode-bandwidth benchmark the GPU suite runs) on a tiny case:
 it must run on this machine's device, and what it reports must be consistent."""
 import json
-import os
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "bench"))
+from conftest import repository_folder
+
+sys.path.insert(0, repository_folder("bench"))
 
 import bench_decode  # noqa: E402
 

@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import csq_ext.reference
+
 LIB = os.environ.get("CSQ_CMAKE_LIB")
 
 CHECK = r"""
@@ -38,7 +39,7 @@ print("cmake library ok", err, torch.ops.csq_ext.build_info())
 @pytest.mark.skipif(not LIB, reason="set CSQ_CMAKE_LIB to the CMake-built libcsq_ext_ops.so")
 def test_cmake_library_matches_reference():
     out = subprocess.run(
-        [sys.executable, "-c", CHECK, LIB, os.path.join(ROOT, "csq_ext", "reference.py")],
+        [sys.executable, "-c", CHECK, LIB, csq_ext.reference.__file__],
         capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "cmake library ok" in out.stdout

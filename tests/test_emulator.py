@@ -16,11 +16,13 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EMU = os.path.join(ROOT, "csrc", "cuda", "emu")
+from conftest import repository_folder
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ to build the "
                                 "emulator")
+# The emulator checks a checkout's CUDA sources, not an installed package: CI's installed-wheel
+# stage runs the tests from a copy without csrc/ (the README's test command runs this file).
+EMU = repository_folder("csrc", "cuda", "emu")
 
 
 @pytest.fixture(scope="module")

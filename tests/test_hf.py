@@ -10,44 +10,17 @@ import sys
 import pytest
 import torch
 
-from conftest import TOL, assert_rel_close, randn
+from conftest import TOL, assert_rel_close, randn, repository_folder
 
 pytest.importorskip("transformers")
 from transformers import (AutoModelForCausalLM, BertConfig, BertModel, DynamicCache,  # noqa: E402
-                          LlamaConfig, MistralConfig, Qwen2Config)
+                          MistralConfig)
 
 import csq_ext  # noqa: E402
 from csq_ext import hf  # noqa: E402
 from csq_ext.hf.convert import attention_modules  # noqa: E402
 from csq_ext.reference import csq_attention_reference  # noqa: E402
-
-VOCAB = 100
-
-
-def tiny_config(family: str):
-    """Two layers, hidden 32, 4 query heads over 2 key/value heads (grouped-query)."""
-    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                  pad_token_id=0, eos_token_id=None, bos_token_id=None)
-    if family == "llama":
-        return LlamaConfig(**common)
-    if family == "qwen2":  # q/k/v projections with biases
-        return Qwen2Config(**common)
-    raise ValueError(family)
-
-
-def tiny_model(family: str, seed: int, dtype=torch.float64, attn="csq", device="cpu"):
-    hf.register()
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(tiny_config(family), attn_implementation=attn,
-                                            dtype=dtype).to(device).eval()
-
-
-def tokens(gen, *shape):
-    return torch.randint(1, VOCAB, shape, generator=gen)
-
-
-FAMILIES = ["llama", "qwen2"]
+from hf_models import FAMILIES, VOCAB, left_padded_prompts, tiny_model, tokens  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -148,10 +121,7 @@ def test_left_padded_batch_generation_equals_per_sequence(gen):
     """Batch generation with prompts of different lengths (left padding, CSQCache) gives each
     row the tokens it gets alone."""
     model = tiny_model("llama", seed=5)
-    short, long = tokens(gen, 1, 4), tokens(gen, 1, 9)
-    ids = torch.cat([torch.cat([torch.zeros(1, 5, dtype=torch.long), short], 1), long])
-    mask = torch.ones_like(ids)
-    mask[0, :5] = 0
+    ids, mask, short, long = left_padded_prompts(gen)
     kw = dict(max_new_tokens=30, min_new_tokens=30, do_sample=False, pad_token_id=0)
     both = model.generate(ids, attention_mask=mask, past_key_values=hf.CSQCache(model.config), **kw)
     assert torch.equal(both[0, 5:], model.generate(short, use_cache=False, **kw)[0])
@@ -293,7 +263,7 @@ def test_import_without_transformers():
 
 def test_bench_hf_generate_quick(tmp_path):
     """bench/bench_hf_generate.py on a tiny run: CSQCache's bytes stay put, the KV cache's grow."""
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parents[1] / "bench"))
+    sys.path.insert(0, repository_folder("bench"))
     import bench_hf_generate
 
     out = bench_hf_generate.main(["--device", "cpu", "--quick", "--json", str(tmp_path / "g.json")])

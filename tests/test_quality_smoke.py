@@ -8,7 +8,9 @@ import sys
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import repository_folder
+
+ROOT = os.path.dirname(repository_folder("quality"))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 

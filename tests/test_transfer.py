@@ -12,12 +12,12 @@ import sys
 import pytest
 import torch
 
-from conftest import TOL, assert_rel_close, randn
+from conftest import TOL, assert_rel_close, randn, repository_folder
 
 pytest.importorskip("transformers")
 pytest.importorskip("all_minilm_l6_v2")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(repository_folder("transfer"))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
@@ -84,16 +84,18 @@ def test_converted_layer_equals_hand_computation(original, gen, values):
         with torch.no_grad():
             attn.csq_shift.copy_(randn(gen, 12))
             attn.csq_head_scale.copy_(0.5 + randn(gen, 12).abs())
-            lora = attn.query.parametrizations.weight[0]
-            lora.csq_lora_b.copy_(0.1 * randn(gen, 384, 2))
+            attn.query.csq_lora_b.copy_(0.1 * randn(gen, 384, 2))
     B, N, lengths = 3, 9, [9, 4, 6]
     x = randn(gen, B, N, 384)
     keep = _lengths_mask(lengths, N)
     with torch.no_grad():
         y = attn(x, attention_mask=keep)[0]
         heads = lambda t: t.view(B, N, 12, 32).transpose(1, 2)  # noqa: E731
-        q = heads(attn.query(x)) * attn.csq_head_scale.view(1, 12, 1, 1)
-        k, v = heads(attn.key(x)), heads(attn.value(x))
+        # the adapted projection by hand: x W^T + b + (x A^T) B^T
+        adapted = lambda p: (x @ p.weight.T + p.bias  # noqa: E731
+                             + (x @ p.csq_lora_a.T) @ p.csq_lora_b.T)
+        q = heads(adapted(attn.query)) * attn.csq_head_scale.view(1, 12, 1, 1)
+        k, v = heads(adapted(attn.key)), heads(attn.value(x))
         for b, n in enumerate(lengths):
             expect = csq_ext.attention(q[b:b + 1, :, :n], k[b:b + 1, :, :n], v[b:b + 1, :, :n],
                                        causal=False, scale=32 ** -0.5, shift=attn.csq_shift,

@@ -71,7 +71,8 @@ def main(argv=None):
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=os.path.join("bench", "results", "transfer", "speed.json"))
+    ap.add_argument("--out", default=os.path.join("bench", "out", "transfer", "speed.json"),
+                    help="JSON path (the committed one: bench/results/transfer/speed.json)")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child process: one model
     args = ap.parse_args(argv)
     lengths = [int(n) for n in args.lengths.split(",")]

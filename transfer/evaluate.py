@@ -9,9 +9,11 @@
   output when the whole converted model runs freely).
 
 For each variant: the zero-shot swap (transfer parameters at their initial values) and, where
-``bench/results/transfer/params/<variant>.json`` exists, the transferred model.
+``<params-dir>/<variant>.json`` exists (default: the parameters csq_ext ships,
+csq_ext/hf/pretrained/all-MiniLM-L6-v2), the transferred model.
 
-    python -m transfer.evaluate                    # every variant -> .../transfer/eval.json
+    python -m transfer.evaluate                    # every variant -> bench/out/transfer/eval.json
+    python -m transfer.evaluate --out bench/results/transfer/eval.json   # the committed one
 """
 from __future__ import annotations
 
@@ -73,8 +75,8 @@ def main(argv=None):
     ap.add_argument("--sentences", type=int, default=1000)
     ap.add_argument("--passages", type=int, default=128)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--params-dir", default=os.path.join(RESULTS, "params"))
-    ap.add_argument("--out", default=os.path.join(RESULTS, "eval.json"))
+    ap.add_argument("--params-dir", default=minilm.SHIPPED_PARAMS)
+    ap.add_argument("--out", default=os.path.join(minilm.OUT, "eval.json"))
     ap.add_argument("--force", action="store_true", help="recompute entries already in --out")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)

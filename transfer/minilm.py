@@ -14,6 +14,11 @@ import torch.nn.functional as F
 from csq_ext import hf
 
 DEFAULT_DIR = os.path.join(os.path.expanduser("~"), ".cache", "csq_ext", "minilm")
+# The trained parameters csq_ext ships (package data: convert(model, params="all-MiniLM-L6-v2")).
+SHIPPED_PARAMS = os.path.dirname(hf.pretrained.path("all-MiniLM-L6-v2"))
+# Where a new training run writes by default (ignored by git; bench/results and the shipped
+# parameters change only when --out / OUT_DIR says so).
+OUT = os.path.join("bench", "out", "transfer")
 MAX_TOKENS = 128  # the package's sentence_bert_config max_seq_length
 
 # name -> (convert() options, adapter rank). Every variant also trains a per-head scale.

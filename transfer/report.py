@@ -29,11 +29,11 @@ def _load(name):
         return json.load(f)
 
 
-def _params_meta(variant, folder="params"):
+def _params_meta(variant, folder=minilm.SHIPPED_PARAMS):
     return (_load(os.path.join(folder, f"{variant}.json")) or {}).get("meta")
 
 
-def embedding_table(results, folder="params") -> list[str]:
+def embedding_table(results, folder=minilm.SHIPPED_PARAMS) -> list[str]:
     lines = ["| variant | run | cos mean | cos p5 | NN agreement | attention error (mean over "
              "layers) | hidden error, last layer | training s |", "|---|---|---|---|---|---|---|---|"]
     for variant in minilm.VARIANTS:

@@ -77,13 +77,12 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1 suits a shared machine; more on an idle one)")
     ap.add_argument("--save-every", type=int, default=25)
-    ap.add_argument("--out", default=None, help="default bench/results/transfer/params/"
-                                                "<variant>.json")
+    ap.add_argument("--out", default=None, help="default bench/out/transfer/params/<variant>.json"
+                    " (the shipped ones: csq_ext/hf/pretrained/all-MiniLM-L6-v2/<variant>.json)")
     ap.add_argument("--ckpt", default=None, help="default <out>.ckpt")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    out = args.out or os.path.join("bench", "results", "transfer", "params",
-                                   f"{args.variant}.json")
+    out = args.out or os.path.join(minilm.OUT, "params", f"{args.variant}.json")
     ckpt = args.ckpt or out + ".ckpt"
     os.makedirs(os.path.dirname(os.path.abspath(ckpt)), exist_ok=True)
 

@@ -27,8 +27,9 @@ from transformers.modeling_utils import AttentionInterface
 from .._args import acc_dtype as _acc_dtype
 from ..attention import attention
 from ..nn import feature_kernel_attention
+from ..packing import run_packed
+from .saved import NAME
 
-NAME = "csq"
 # Kernels of csq_ext.nn that convert() can select besides "csq" itself ("rebased" runs through
 # csq_ext.attention with shift 0 and no centering; these two through their feature maps).
 FEATURE_KERNELS = ("linear", "taylor")
@@ -37,10 +38,21 @@ FEATURE_KERNELS = ("linear", "taylor")
 def register(name: str = NAME) -> str:
     """Registers CSQ attention and its mask function with transformers under ``name``; then
     ``from_config(cfg, attn_implementation=name)`` and ``model.set_attn_implementation(name)``
-    select it. Idempotent. Returns ``name``."""
+    select it. Also installs (once) what makes saved CSQ models load as CSQ
+    (csq_ext.hf.saved) and generate() default to a CSQCache (csq_ext.hf.generation).
+    ``import csq_ext.hf`` calls it. Idempotent. Returns ``name``."""
+    from . import generation, saved
     AttentionInterface.register(name, csq_attention_forward)
     AttentionMaskInterface.register(name, csq_mask)
+    saved.install()
+    generation.install()
     return name
+
+
+def runs_csq(config) -> bool:
+    """Whether a model with this config runs csq attention (under any registered name)."""
+    impl = getattr(config, "_attn_implementation", None)
+    return AttentionInterface._global_mapping.get(impl) is csq_attention_forward
 
 
 # --------------------------------------------------------------------------------------------
@@ -129,10 +141,6 @@ def _feature_forward(module, query, key, value, keep, scaling, is_causal):
     return y if keep is None else y * keep[:, :, None, None].to(y.dtype)  # 0 where padded
 
 
-def _cu_from_lengths(lengths: torch.Tensor) -> torch.Tensor:
-    return F.pad(lengths.cumsum(0), (1, 0)).to(torch.int64)
-
-
 def _packed_position_ids(position_ids, batch: int, n: int) -> torch.Tensor | None:
     """cu_seqlens over the flattened (B * N) tokens when ``position_ids`` restart inside a row
     (sequences packed in one row, transformers' convention: a new sequence wherever the
@@ -158,41 +166,6 @@ def _varlen_cu(kwargs) -> torch.Tensor | None:
         raise ValueError("csq attention: cu_seq_lens_q and cu_seq_lens_k must be given together "
                          "and be equal (self-attention over packed sequences)")
     return cu_q.to(torch.int64)
-
-
-def _flat(x: torch.Tensor) -> torch.Tensor:
-    """(B, H, N, D) -> (B * N, H, D): the tokens of every row one after the other."""
-    B, H, N, D = x.shape
-    return x.transpose(1, 2).reshape(B * N, H, D)
-
-
-def _as_packed(x: torch.Tensor) -> torch.Tensor:
-    """(T, H, D) -> (1, H, T, D), the layout of a packed varlen call."""
-    return x.transpose(0, 1).unsqueeze(0)
-
-
-def run_packed(q, k, v, keep, cu, **options):
-    """Attention over the tokens of (B, H, N, D) inputs regrouped into packed sequences.
-
-    ``keep`` (B, N) bool or None: the real tokens; each row's real tokens form one sequence
-    (so a padded key is neither attended nor counted in the centering mean, for any padding
-    pattern). ``cu``: cu_seqlens over the flattened B * N tokens instead (packed rows).
-    Returns the output in transformers' layout (B, N, Hq, Dv), zeros at padded positions, and
-    the state (one entry per sequence) when ``return_state`` is in ``options``."""
-    B, Hq, N, _ = q.shape
-    qf, kf, vf = _flat(q), _flat(k), _flat(v)
-    idx = None
-    if keep is not None:
-        idx = keep.reshape(-1).nonzero().squeeze(1)
-        qf, kf, vf = qf[idx], kf[idx], vf[idx]
-        cu = _cu_from_lengths(keep.sum(1))
-    out = attention(_as_packed(qf), _as_packed(kf), _as_packed(vf), cu_seqlens=cu.to(q.device),
-                    **options)
-    y, state = out if options.get("return_state") else (out, None)
-    y = y[0].transpose(0, 1)  # (T, Hq, Dv)
-    if idx is not None:
-        y = y.new_zeros(B * N, Hq, y.shape[-1]).index_copy(0, idx, y)
-    return y.reshape(B, N, Hq, -1), state
 
 
 def _check_mask(mask, batch: int, n: int):

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
-from transformers.modeling_utils import AttentionInterface
 
 from ..attention import attention, decode_
-from .attention import csq_attention_forward, run_packed
+from ..packing import run_packed
+from .attention import runs_csq
 
 
 class CSQCacheLayer(CacheLayerMixin):
@@ -144,10 +144,10 @@ class CSQCache(Cache):
         self.config = config
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
-        impl = getattr(self.config, "_attn_implementation", None)
-        if self.config is not None and AttentionInterface._global_mapping.get(impl) is not csq_attention_forward:
+        if self.config is not None and not runs_csq(self.config):
             raise RuntimeError(
-                f"CSQCache needs csq attention, but the model runs {impl!r}: call "
+                f"CSQCache needs csq attention, but the model runs "
+                f"{getattr(self.config, '_attn_implementation', None)!r}: call "
                 "csq_ext.hf.register() and model.set_attn_implementation('csq')")
         keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
         self.layers[layer_idx].layer_idx = layer_idx

@@ -9,12 +9,14 @@ Per attention module (``convert.attention_modules``):
 * ``csq_head_scale`` (Hq,): a per-head factor on the score scale (1 at first), applied to the
   query by the attention function;
 * ``csq_shift`` (Hq,): CSQ's per-head shift, with ``convert(..., learnable_shift=True)``;
-* with ``adapter_rank = r > 0``, low-rank adapters on the query and key projections: their
-  weight becomes ``W + B A`` (``torch.nn.utils.parametrize``; A (r, in), B (out, r) = 0 at
-  first), so the pretrained W is kept unchanged.
+* with ``adapter_rank = r > 0``, low-rank adapters on the query and key projections:
+  ``csq_lora_a`` (r, in) and ``csq_lora_b`` (out, r, 0 at first), parameters of the projection
+  itself, which then computes ``x W^T + b + (x A^T) B^T`` (a forward hook), so the pretrained
+  W is kept unchanged and keeps its name.
 
 At their initial values the model computes exactly what ``convert`` alone gives. Every such
-parameter's name ends in a component starting with ``csq_``; ``save_params`` writes them,
+parameter's name ends in a component starting with ``csq_``; they are recorded in the model's
+config and saved by ``save_pretrained`` (docs/saved_models.md). ``save_params`` writes them,
 with the conversion options, to a small JSON file that ``convert(model, params=...)`` loads.
 """
 from __future__ import annotations
@@ -23,28 +25,38 @@ import json
 import os
 
 import torch
+import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils import parametrize
 
+from . import saved
 from .convert import _num_query_heads, attention_modules, convert
 
 FORMAT = "csq_ext.hf.transfer/1"
 # Names of the query and key projections in transformers' attention modules (BERT, Llama-style).
 _QK_NAMES = (("query", "key"), ("q_proj", "k_proj"))
+# Adapter names of parameter files written before the adapters were hooks (a parametrization).
+_OLD_ADAPTER = ".parametrizations.weight.0.csq_lora_"
 
 
-class LowRankDelta(nn.Module):
-    """The parametrization ``W -> W + B A`` of a linear layer's weight (a LoRA-style adapter
-    merged into the weight, so every caller of the layer sees it). B starts at 0."""
+def _adapter_hook(proj: nn.Linear, args, out: torch.Tensor) -> torch.Tensor:
+    """Forward hook of an adapted projection: adds ``(x A^T) B^T`` to its output. A module-level
+    function that reads the adapter from the module, so deep copies and pickles keep it."""
+    a, b = proj.csq_lora_a, proj.csq_lora_b
+    return out + F.linear(F.linear(args[0], a.to(out.dtype)), b.to(out.dtype))
 
-    def __init__(self, out_features: int, in_features: int, rank: int, like: torch.Tensor):
-        super().__init__()
-        kw = dict(dtype=like.dtype, device=like.device)
-        self.csq_lora_a = nn.Parameter(torch.randn(rank, in_features, **kw) / in_features ** 0.5)
-        self.csq_lora_b = nn.Parameter(torch.zeros(out_features, rank, **kw))
 
-    def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight + self.csq_lora_b @ self.csq_lora_a
+def _add_adapter(proj: nn.Linear, rank: int) -> None:
+    proj.csq_lora_a = saved.new_parameter((rank, proj.in_features), proj.weight, "csq_lora_a")
+    proj.csq_lora_b = saved.new_parameter((proj.out_features, rank), proj.weight, "csq_lora_b")
+    proj.register_forward_hook(_adapter_hook)
+
+
+def _remove_adapter(proj: nn.Module) -> None:
+    proj._parameters.pop("csq_lora_a", None)
+    proj._parameters.pop("csq_lora_b", None)
+    for key, hook in list(proj._forward_hooks.items()):
+        if hook is _adapter_hook:
+            del proj._forward_hooks[key]
 
 
 def _qk_projections(module) -> list[nn.Linear]:
@@ -58,20 +70,38 @@ def _qk_projections(module) -> list[nn.Linear]:
 
 def add_transfer_parameters(model: nn.Module, *, head_scale: bool = True,
                             adapter_rank: int = 0) -> nn.Module:
-    """Adds ``csq_head_scale`` and (``adapter_rank > 0``) q/k adapters to every attention module
-    of a model that ``convert`` switched; returns the model."""
-    for module in attention_modules(model):
-        weight = next(module.parameters())
+    """Gives every attention module of a model that ``convert`` switched exactly these transfer
+    parameters, at their initial values: ``csq_head_scale`` (ones) when ``head_scale``, q/k
+    adapters of rank ``adapter_rank`` when it is > 0 (earlier ones are replaced or removed).
+    Records them in the model's config; returns the model."""
+    if not isinstance(head_scale, bool):
+        raise ValueError(f"head_scale must be a bool, got {head_scale!r}")
+    if isinstance(adapter_rank, bool) or not isinstance(adapter_rank, int) or adapter_rank < 0:
+        raise ValueError(f"adapter_rank must be an int >= 0, got {adapter_rank!r}")
+    modules = attention_modules(model)
+    if adapter_rank > 0:
+        for module in modules:
+            _qk_projections(module)  # every module has them, before anything changes
+    remove_transfer_parameters(model)
+    for module in modules:
         if head_scale:
-            module.csq_head_scale = nn.Parameter(torch.ones(
-                _num_query_heads(module), dtype=weight.dtype, device=weight.device))
+            module.csq_head_scale = saved.new_parameter(
+                (_num_query_heads(module),), next(module.parameters()), "csq_head_scale")
         if adapter_rank > 0:
             for proj in _qk_projections(module):
-                if parametrize.is_parametrized(proj, "weight"):
-                    parametrize.remove_parametrizations(proj, "weight")
-                parametrize.register_parametrization(proj, "weight", LowRankDelta(
-                    proj.out_features, proj.in_features, adapter_rank, proj.weight))
+                _add_adapter(proj, adapter_rank)
+    saved.record_transfer(model, head_scale=head_scale, adapter_rank=adapter_rank)
     return model
+
+
+def remove_transfer_parameters(model: nn.Module) -> None:
+    """Removes every ``csq_head_scale`` and q/k adapter (not the record: the caller's)."""
+    for module in attention_modules(model):
+        module._parameters.pop("csq_head_scale", None)
+        for names in _QK_NAMES:
+            for name in names:
+                if isinstance(getattr(module, name, None), nn.Module):
+                    _remove_adapter(getattr(module, name))
 
 
 def transfer_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -107,11 +137,12 @@ def save_params(model: nn.Module, path: str | None, *, convert_options: dict,
 
 def load_params_into(model: nn.Module, params: dict | str) -> nn.Module:
     """``convert`` ``model`` with the options stored in ``params`` (a dict from
-    ``save_params`` or its JSON path), add the transfer parameters and load their values.
-    Every stored tensor must match a parameter of the same name and shape, and every transfer
-    parameter must be stored."""
+    ``save_params``, its JSON path, or the name of a set shipped in ``csq_ext.hf.pretrained``),
+    add the transfer parameters and load their values. Every stored tensor must match a
+    parameter of the same name and shape, and every transfer parameter must be stored."""
     if not isinstance(params, dict):
-        with open(params) as f:
+        from .pretrained import resolve
+        with open(resolve(params)) as f:
             params = json.load(f)
     if params.get("format") != FORMAT:
         raise ValueError(f"not attention-transfer parameters of format {FORMAT!r} "
@@ -119,7 +150,9 @@ def load_params_into(model: nn.Module, params: dict | str) -> nn.Module:
     convert(model, **params["convert"])
     add_transfer_parameters(model, head_scale=params["head_scale"],
                             adapter_rank=params["adapter_rank"])
-    wanted, stored = transfer_parameters(model), params["tensors"]
+    wanted = transfer_parameters(model)
+    stored = {name.replace(_OLD_ADAPTER, ".csq_lora_"): value
+              for name, value in params["tensors"].items()}
     if set(wanted) != set(stored):
         raise ValueError(f"transfer parameters do not match the model: missing "
                          f"{sorted(set(wanted) - set(stored))[:3]}, unexpected "
