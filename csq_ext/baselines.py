@@ -54,6 +54,8 @@ _FEATURE_KERNELS = {
 # the best block grows with the feature size F: D for "linear", 1 + D + D(D+1)/2 for "taylor"
 # (561 at D = 32, where a block of 64 is about 5x slower than 256 on CPU, forward + backward).
 _DEFAULT_TILE = {"linear": 64, "taylor": 256}
+# The C x C blocks of a chunk: a longer tile_size acts as this one (memory O(N C), not N^2).
+_MAX_TILE = 1024
 
 
 def _feature_attention(q, k, v, kind: str, *, causal: bool, scale: float, normalize: bool,
@@ -75,7 +77,7 @@ def _feature_attention(q, k, v, kind: str, *, causal: bool, scale: float, normal
             return num
         return num / (fq @ fk.sum(2).unsqueeze(-1) + eps)
 
-    C = max(1, min(tile_size, N))
+    C = max(1, min(tile_size, N, _MAX_TILE))
     nc = -(-N // C)
     pad = nc * C - N
     if pad:  # padded keys come after every real query, so the causal mask hides them

@@ -4,8 +4,9 @@ CSQ's state is a sum over keys (``csq_ext.CSQState``), so a rank needs from the 
 only the sum of their states, O(Dk^2 Dv) numbers per head whatever the sequence length
 (LASP-2's scheme for linear attention). A call, on every rank of the group:
 
-1. a handshake: one all-gather of 16 integers per rank (shard length, shapes, options, an
-   error flag), so that bad input on one rank raises on every rank instead of hanging;
+1. a handshake: one all-gather of HANDSHAKE_INTS (20) integers per rank (shard length, shapes,
+   options, an error flag), so that bad input on one rank, or ranks that disagree on an
+   option, raise on every rank instead of hanging or computing something else;
 2. one common reference key per sequence (centering, or an ``initial_state``): an all-gather
    of one candidate key per sequence and head; the sums are taken relative to it;
 3. the rank's state of its own keys (the state-only op, csq_state), then one all-gather of the
@@ -18,6 +19,9 @@ The backward mirrors it: the all-gather's backward is a reduce-scatter, which br
 gradients of a carried state back to the ranks whose keys made it. Nothing here grows with N.
 """
 from __future__ import annotations
+
+import hashlib
+import struct
 
 import torch
 import torch.distributed as dist
@@ -110,10 +114,14 @@ class _AllReduce(torch.autograd.Function):
 # Handshake: every rank checks its input, then all learn whether every rank could go on
 # ----------------------------------------------------------------------------------------------
 _DTYPES = {torch.float64: 1, torch.float32: 2, torch.bfloat16: 3, torch.float16: 4}
-# The fields every rank must agree on; the shard length (first) may differ.
+_PATHS = ("auto", "direct", "chunked")
+# The fields every rank must agree on; the shard length (first) may differ. Every option that
+# changes the result is here (tile_size, a tuning knob, does not change it): scale and eps as
+# their float64 bits, shift as a digest of its (Hq,) values (a float or a tensor alike).
 _AGREE = ("batch", "heads_q", "heads_k", "dim_k", "dim_v", "dtype", "causal", "center",
           "normalize", "initial_state", "return_state", "sequences", "cu_seqlens",
-          "requires_grad")
+          "requires_grad", "scale", "eps", "shift", "path")
+HANDSHAKE_INTS = 2 + len(_AGREE)  # an error flag and the shard length, then the fields
 
 
 def _check_cu_seqlens(cu_seqlens, q):
@@ -136,19 +144,33 @@ def _inputs_requiring_grad(q, k, v, shift, initial_state) -> bool:
                                            for t in ts)
 
 
+def _float_bits(x: float) -> int:
+    """The float64 bits of x as an int64 (exact: ranks agree only on equal values)."""
+    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
+
+
+def _shift_digest(shift_t: torch.Tensor) -> int:
+    """An int64 digest of the (Hq,) shift values, the same on every rank for the same values."""
+    data = shift_t.detach().to("cpu", torch.float64).contiguous().numpy().tobytes()
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little", signed=True)
+
+
 def _local_fields(q, k, v, shift, scale, eps, tile_size, chunk_size, causal, center, normalize,
-                  cu_seqlens, initial_state, return_state):
+                  cu_seqlens, initial_state, return_state, path):
     """Checks this rank's input (the checks of csq_ext.attention, csq_ext/_args.py, with
-    cu_seqlens describing the whole batch) and returns the handshake fields and the block
-    length, or raises ValueError / TypeError."""
+    cu_seqlens describing the whole batch) and returns the handshake fields, the options as
+    shown in a disagreement's message and the block length, or raises ValueError / TypeError."""
     _args.qkv(q, k, v)
     for name, value in (("causal", causal), ("center", center), ("normalize", normalize),
                         ("return_state", return_state)):
         _args.flag(name, value)
-    _args.eps(eps)
-    _args.scale(scale, q.shape[3])
+    eps_v = _args.eps(eps)
+    tau = _args.scale(scale, q.shape[3])
     tile = _args.tile_size(tile_size, chunk_size, stacklevel=4)
-    _args.no_forward_ad(q=q, k=k, v=v, shift=_args.shift(shift, q))
+    _check(isinstance(path, str) and path in _PATHS,
+           lambda: f"path must be 'auto', 'direct' or 'chunked', got {path!r}")
+    shift_t = _args.shift(shift, q)
+    _args.no_forward_ad(q=q, k=k, v=v, shift=shift_t)
     _check(causal or not return_state,
            lambda: "return_state needs causal=True: a non-causal output depends on future keys")
     cu = None
@@ -167,8 +189,13 @@ def _local_fields(q, k, v, shift, scale, eps, tile_size, chunk_size, causal, cen
                   dtype=_DTYPES[q.dtype], causal=int(causal), center=int(center),
                   normalize=int(normalize), initial_state=int(initial_state is not None),
                   return_state=int(return_state), sequences=S, cu_seqlens=cu_sig,
-                  requires_grad=int(_inputs_requiring_grad(q, k, v, shift, initial_state)))
-    return N, fields, cu, tile or None
+                  requires_grad=int(_inputs_requiring_grad(q, k, v, shift, initial_state)),
+                  scale=_float_bits(tau), eps=_float_bits(eps_v), shift=_shift_digest(shift_t),
+                  path=_PATHS.index(path))
+    values = shift_t.detach().cpu().tolist()
+    shown = dict(scale=tau, eps=eps_v, path=path,
+                 shift=values[0] if len(set(values)) == 1 else values)
+    return N, fields, cu, shown, tile or None
 
 
 def _comm_device(group, q):
@@ -182,9 +209,9 @@ def _handshake(group, q, local):
     rejected its input or the ranks disagree. Returns the shard lengths of all ranks."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     error = local if isinstance(local, Exception) else None
-    row = torch.zeros(2 + len(_AGREE), dtype=torch.int64)
+    row = torch.zeros(HANDSHAKE_INTS, dtype=torch.int64)
     if error is None:
-        N, fields = local[:2]
+        N, fields, _, shown, _ = local
         row[0], row[1] = 1, N
         row[2:] = torch.tensor([fields[f] for f in _AGREE])
     dev = _comm_device(group, q)
@@ -202,8 +229,13 @@ def _handshake(group, q, local):
     for i, name in enumerate(_AGREE):
         col = table[:, 2 + i]
         if not bool((col == col[0]).all()):
+            if name in shown:  # every rank is here (the same table): gather the values shown
+                values = [None] * world
+                dist.all_gather_object(values, shown[name], group=group)
+            else:
+                values = col.tolist()
             raise ValueError(f"csq_ext.distributed.attention: the ranks must agree on {name}, "
-                             f"got {col.tolist()} on ranks 0..{world - 1} (every rank passes the "
+                             f"got {values} on ranks 0..{world - 1} (every rank passes the "
                              "same options, head sizes, cu_seqlens and initial_state, and all "
                              "or none of them differentiate)")
     return table[:, 1].tolist()
@@ -312,7 +344,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=None,
               shift: float | torch.Tensor = 1.0, center: bool = True, normalize: bool = True,
               eps: float = 1e-6, tile_size: int | None = None,
               cu_seqlens: torch.Tensor | None = None, initial_state: CSQState | None = None,
-              return_state: bool = False, chunk_size: int | None = None):
+              return_state: bool = False, path: str = "auto",
+              chunk_size: int | None = None):
     """``csq_ext.attention`` over a sequence split across the ranks of ``group`` (default: the
     world; a single process when torch.distributed is not initialized).
 
@@ -330,12 +363,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=None,
         summed over the ranks that use it: the loss is the sum of the ranks' losses.
 
     tile_size: the block length of the kernels (``csq_ext.attention``'s); chunk_size: its
-        deprecated alias.
+        deprecated alias. path: the local attention's (``csq_ext.attention``'s); the same on
+        every rank.
 
     Every rank must run the backward when one does. Bytes sent per rank: see README.
     """
     options = dict(causal=causal, scale=scale, shift=shift, center=center, normalize=normalize,
-                   eps=eps)
+                   eps=eps, path=path)
     if group is None and not dist.is_initialized():
         world = 1
     else:
@@ -347,11 +381,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=None,
     rank = dist.get_rank(group)
     try:
         local = _local_fields(q, k, v, shift, scale, eps, tile_size, chunk_size, causal, center,
-                              normalize, cu_seqlens, initial_state, return_state)
+                              normalize, cu_seqlens, initial_state, return_state, path)
     except (ValueError, RuntimeError, TypeError) as e:
         local = e
     lengths = _handshake(group, q, local)  # raises on every rank if a rank's input is bad
-    N_r, fields, cu, tile = local
+    N_r, fields, cu, _, tile = local
     options["tile_size"] = tile
     offset, total = sum(lengths[:rank]), sum(lengths)
     S = fields["sequences"]

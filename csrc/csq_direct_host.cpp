@@ -2,6 +2,8 @@
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
+
 namespace csq {
 namespace {
 
@@ -18,6 +20,8 @@ void fill_direct_params(DirectFwdParams& p, const at::Tensor& q, const at::Tenso
   cu = set_packed_sequences(p, q, cu_seqlens);
   p.tile = tile_size > 0 ? tile_size
                          : default_direct_tile(p, q.is_cuda(), at::get_num_threads());
+  // A knob never allocates by its own value: at most the sequence and kMaxDirectTile.
+  p.tile = std::max<int64_t>(1, std::min({p.tile, p.seqlen, kMaxDirectTile}));
 }
 
 }  // namespace

@@ -11,7 +11,7 @@
 // recomputed tile by tile from q, k and the forward's b (as flash attention does):
 //   dnum_i = dy_i inv_i,  dden_i = -<dy_i, y_i> inv_i   (direct_row_grad_kernel)
 //   ds_ij = w'(s_ij) (<dnum_i, v_j> + dden_i),  db_i = sum_j ds_ij
-//   dq_i = tau (sum_j ds_ij (k_j - r_T) - (mu_i - r_T) db_i)          direct_dq_kernel
+//   dq_i = tau (sum_j ds_ij (k_j - r_T) - m_i db_i)                   direct_dq_kernel
 //   dk_j = tau sum_i ds_ij q_i,  dv_j = sum_i w_ij dnum_i              direct_dkdv_kernel
 // plus the centering term of dk (direct_center_dk_kernel, csq_direct.cuh). Every output
 // element belongs to one thread block (dk and dv sum over the query tiles and the query heads
@@ -206,13 +206,14 @@ __device__ __forceinline__ void query_block(const P& p, const DirectWork& w,
       if (i >= t.rows) continue;
       const int64_t row = out_row(t, p.heads_q, h, p.seqlen, i);
       Acc total = E::row_total(sm, i);  // den_i or db_i
-      if constexpr (GRAD) {  // dq_i = tau (sum_j ds_ij (k_j - r_T) - (mu_i - r_T) db_i)
+      if constexpr (GRAD) {  // dq_i = tau (sum_j ds_ij (k_j - r_T) - m_i db_i)
         if (n < ncols) {
+          // m_i (mu_i - r_T, or -r_T without centering) in float64, as b_i was formed: it may
+          // be far larger than the scores (csq_direct.cuh, direct_rows_kernel).
           const int64_t mrow = out_row(t, p.heads_k, hk, p.seqlen, i);
-          const Acc m = p.center && p.causal
-                            ? static_cast<const Acc*>(w.mdiff)[mrow * width + c0 + n]
-                            : Acc(0);
-          static_cast<Acc*>(p.dq)[row * width + c0 + n] = Acc(p.scale) * (acc[u][v] - m * total);
+          const double m = static_cast<const double*>(w.mdiff)[mrow * width + c0 + n];
+          static_cast<Acc*>(p.dq)[row * width + c0 + n] =
+              Acc(p.scale * (double(acc[u][v]) - m * double(total)));
         }
         if (blockIdx.z == 0 && n == 0) static_cast<Acc*>(p.db)[row] = total;
       } else {  // y_i = (num_i + carried) / (den_i + carried + eps)

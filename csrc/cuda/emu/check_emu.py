@@ -7,8 +7,9 @@ several feature tiles and slabs. Emulator only: it says nothing about speed.
 
 Heads above 128, up to the limit of 256, run too (WIDE_CASES: the first ones in quick mode,
 all of them in the full check; `wide` runs only those). The direct path's kernels run too
-(check_emu_direct.py; `direct` runs only those), and the state pool's (check_emu_pool.py;
-`pool` runs only those).
+(check_emu_direct.py; `direct` runs only those), the state pool's (check_emu_pool.py; `pool`
+runs only those), and the input classes of the spec's accuracy table with the backward's
+causality (check_emu_classes.py; `classes` runs only those).
 """
 import contextlib
 import ctypes
@@ -456,6 +457,14 @@ def check_wide(quick):
     return ok
 
 
+def run_classes(quick):
+    """Offsets, drifts, outliers and the backward's causality on both kernel families
+    (check_emu_classes.py: its lines start with "classes")."""
+    sys.path.insert(0, HERE)
+    import check_emu_classes
+    return check_emu_classes.run(lib, emu_fwd, emu_bwd, quick)
+
+
 def run_direct(quick):
     """The direct path's kernels (check_emu_direct.py: its lines start with "direct")."""
     sys.path.insert(0, HERE)
@@ -517,26 +526,17 @@ def main():
         varlen_cases = []
     if "varlen" in sys.argv:
         decode_cases = []
-    if "maps" in sys.argv:  # only the second feature map (check_emu_maps.py)
-        ok = run_maps()
-        print("ALL OK" if ok else "SOME FAILED")
-        sys.exit(0 if ok else 1)
-    if "direct" in sys.argv:  # only the direct path's kernels (check_emu_direct.py)
-        ok = run_direct(QUICK)
-        print("ALL OK" if ok else "SOME FAILED")
-        sys.exit(0 if ok else 1)
-    if "pool" in sys.argv:  # only the state pool (check_emu_pool.py)
-        ok = run_pool(QUICK)
-        print("ALL OK" if ok else "SOME FAILED")
-        sys.exit(0 if ok else 1)
-    if "tc" in sys.argv:  # only the tensor-core comparison
-        ok = check_tensor_cores()
-        print("ALL OK" if ok else "SOME FAILED")
-        sys.exit(0 if ok else 1)
-    if "wide" in sys.argv:  # only the heads above 128 (all of WIDE_CASES)
-        ok = check_wide(False)
-        print("ALL OK" if ok else "SOME FAILED")
-        sys.exit(0 if ok else 1)
+    # One family only: the second feature map (check_emu_maps.py), the direct path's kernels
+    # (check_emu_direct.py), the state pool (check_emu_pool.py), the input classes
+    # (check_emu_classes.py), the tensor-core comparison, the heads above 128 (all of WIDE_CASES).
+    alone = {"maps": run_maps, "direct": lambda: run_direct(QUICK), "pool": lambda: run_pool(QUICK),
+             "classes": lambda: run_classes(QUICK), "tc": check_tensor_cores,
+             "wide": lambda: check_wide(False)}
+    for name, run in alone.items():
+        if name in sys.argv:
+            ok = run()
+            print("ALL OK" if ok else "SOME FAILED")
+            sys.exit(0 if ok else 1)
     state_cases = [] if "decode" in sys.argv or "varlen" in sys.argv else STATE_CASES
     if QUICK:
         state_cases = state_cases[:2]
@@ -579,6 +579,7 @@ def main():
         ok &= run_direct(QUICK)
         ok &= run_maps()
         ok &= run_pool(QUICK)
+        ok &= run_classes(QUICK)
     print("ALL OK" if ok else "SOME FAILED")
     sys.exit(0 if ok else 1)
 
