@@ -91,6 +91,11 @@ struct DirectBwdParams : DirectFwdParams, GradientFields, CarriedStateGrads {};
 // The longest CPU tile (tile_size on the direct path): the tile buffers hold G T^2 scores,
 // so a tile never grows with N beyond this (nor beyond the sequence).
 constexpr int64_t kMaxDirectTile = 512;
+// The shortest CPU tile (or the sequence): a row's numerator and denominator are float32 sums
+// over key tiles, so their rounding grows with the number of tiles; with tiles of one key,
+// rows whose weights are all large and nearly equal (a 1e7 key, not causal, centered) lost
+// 6.6e-5 at N = 3000 (dense float32: 6e-7). As the chunked path's kMinChunk (csq_host.cpp).
+constexpr int64_t kMinDirectTile = 16;
 
 // Number of tiles of a sequence of `len` positions.
 inline int64_t num_tiles(int64_t len, int64_t tile) { return (len + tile - 1) / tile; }
