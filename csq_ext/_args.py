@@ -88,16 +88,24 @@ def eps(x) -> float:
     return value
 
 
-def chunk_size(x) -> int:
-    """None (the default) or a positive int; 0 means the default to the operator."""
+# Larger tuning sizes act as this one: the kernels clamp every tile and chunk to the sequence
+# and to their own limits (docs/SPEC.md, section 7), so no knob allocates by its own value.
+_TUNING_MAX = 1 << 30
+
+
+def tuning_size(name: str, x) -> int:
+    """A tuning knob's length (chunk_size; the kernels' tile or chunk): None (0 to the op: the
+    default) or a positive int, a Python or numpy integer but not a bool. The result does not
+    depend on it; a value beyond the sequence or a kernel's limit acts as that limit."""
     if x is None:
         return 0
-    check_type((isinstance(x, numbers.Integral) or isinstance(x, torch.SymInt))
-               and not isinstance(x, bool),
-               lambda: f"chunk_size must be a positive int or None, got {_kind(x)} {x!r}")
-    check(isinstance(x, torch.SymInt) or x >= 1,
-          lambda: f"chunk_size must be a positive int or None, got {x}")
-    return int(x)
+    if isinstance(x, torch.SymInt):
+        return x
+    check_type(isinstance(x, numbers.Integral) and not isinstance(x, bool),
+               lambda: f"{name} must be a positive int or None, got {_kind(x)} {x!r}")
+    value = int(x)
+    check(value >= 1, lambda: f"{name} must be a positive int or None, got {value}")
+    return min(value, _TUNING_MAX)
 
 
 def no_forward_ad(**tensors) -> None:
@@ -109,8 +117,27 @@ def no_forward_ad(**tensors) -> None:
         if isinstance(t, torch.Tensor) and _fwAD.unpack_dual(t).tangent is not None:
             raise NotImplementedError(
                 f"csq_ext: forward-mode AD (torch.func.jvp / jacfwd / forward_ad) is not "
-                f"implemented ({name} has a tangent); use reverse mode (backward, torch.func.vjp,"
-                f" jacrev) or csq_ext.reference.csq_attention_reference")
+                f"implemented ({name} has a tangent); use reverse mode through torch.autograd "
+                f"(.backward(), torch.autograd.grad) or csq_ext.reference.csq_attention_reference")
+
+
+def no_functorch_grad() -> None:
+    """torch.func's reverse-mode transforms (grad, vjp, jacrev, hessian) cannot run the
+    operators' autograd (registered with torch.library, which they do not support): refuse
+    with a message that says what works, instead of PyTorch's generic setup_context error.
+    torch.func.vmap alone works (the operators run once per batch element)."""
+    if not torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling():
+        return
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    if any(i.key() == TransformType.Grad for i in retrieve_all_functorch_interpreters()):
+        raise NotImplementedError(
+            "csq_ext: torch.func.grad / vjp / jacrev / hessian cannot differentiate "
+            "csq_ext.attention (its operators' gradients are registered with torch.library, "
+            "which torch.func's transforms do not run); use torch.autograd.grad or "
+            ".backward() (torch.func.vmap without grad works), or "
+            "csq_ext.reference.csq_attention_reference inside torch.func")
 
 
 def qkv(q, k, v) -> None:
@@ -220,8 +247,9 @@ def cu_seqlens(x, q) -> int:
     return x.shape[0] - 1
 
 
-def state(st, q, k, v, S: int, name: str) -> None:
-    """A carried CSQState for S sequences of these q, k, v."""
+def state(st, q, k, v, S: int, name: str, wide: bool = False) -> None:
+    """A carried CSQState for S sequences of these q, k, v: sums and ref in the accumulation
+    dtype, or with ``wide`` in float64 whatever the inputs (wide_state)."""
     check_type(isinstance(st, CSQState),
                lambda: f"{name} must be a csq_ext.CSQState (sums, ref); start a sequence with "
                f"csq_ext.CSQState.empty(...) or a prefill's state; got {_kind(st)}")
@@ -236,10 +264,19 @@ def state(st, q, k, v, S: int, name: str) -> None:
                    f"got {_kind(t)}")
         check(tuple(t.shape) == want,
               lambda: f"{name}.{part} must have shape {text} = {want}, got {tuple(t.shape)}")
-        check(t.dtype == acc,
-              lambda: f"{name}.{part} must be {acc} for {q.dtype} inputs, got {t.dtype}")
+        check(t.dtype == acc or (wide and t.dtype == torch.float64 == st.sums.dtype
+                                 == st.ref.dtype),
+              lambda: f"{name}.{part} must be {acc} for {q.dtype} inputs"
+              + (" (or float64, sums and ref alike)" if wide and acc != torch.float64 else "")
+              + f", got {t.dtype}")
         check(t.device == q.device,
               lambda: f"{name}.{part} must be on the device of q ({q.device}), got {t.device}")
+
+
+def wide_state(st, q) -> bool:
+    """A float64 state for float32 or half inputs: the call computes in float64, so that the
+    state keeps float64 sums (docs/SPEC.md, section 3: keys spread far beyond their norm)."""
+    return st is not None and st.sums.dtype == torch.float64 and q.dtype != torch.float64
 
 
 def one_token(name: str, q, k, v) -> None:

@@ -167,42 +167,48 @@ def choose_path(n: int, dk: int, dv: int, causal: bool, device_type: str, thread
     whose ratio differs from the forwards'; with a state, whose backward was not measured,
     the forward rates). On the CPU the rates are this machine's where they were measured
     (csq_ext/_calibrate.py; ``measure``: measure them now if they were not)."""
-    if device_type not in ("cpu", "cuda"):
-        return "chunked"
-    passes = int(reads_state) + int(returns_state)
-    if passes and packed:
-        return "chunked"
-    if device_type == "cuda":
-        if max(dk, dv) > _CUDA_CHUNKED_MAX_HEAD:  # beyond both CUDA paths: the direct op refuses
-            return "direct"
-        extra = passes * 2 * num_features(dk) * (dv + 1) * n / _CUDA_DIRECT_RATE
-        return ("direct" if cuda_direct_cost(n, dk, dv, causal, tasks) + extra
-                <= cuda_chunked_cost(n, dk, dv, causal, tasks) else "chunked")
-    grad = grad and not passes
+    args = (n, dk, dv, causal, device_type, threads, tasks, reads_state, returns_state, packed,
+            grad, measure)
+    if device_type != "cpu" or torch.compiler.is_compiling():
+        return "direct" if prefers_direct(*args) else "chunked"
     measured = _calibrate.rates(dk, dv, threads, measure=measure)
-    if torch.compiler.is_compiling():  # traced once per graph: no memo (sizes are symbolic)
-        return _cpu_choice(n, dk, dv, causal, threads, tasks, passes, grad, measured)
-    key = (n, dk, dv, causal, threads, tasks, passes, grad, id(measured), _calibrate.generation)
+    key = (n, dk, dv, causal, threads, tasks, reads_state, returns_state, packed, grad,
+           id(measured), _calibrate.generation)
     choice = _CHOICES.get(key)
     if choice is None:
         if len(_CHOICES) >= 4096:
             _CHOICES.clear()
-        choice = _CHOICES[key] = _cpu_choice(n, dk, dv, causal, threads, tasks, passes, grad,
-                                             measured)
+        choice = _CHOICES[key] = "direct" if prefers_direct(*args) else "chunked"
     return choice
+
+
+def prefers_direct(n, dk: int, dv: int, causal: bool, device_type: str, threads: int,
+                   tasks: int, reads_state: bool = False, returns_state: bool = False,
+                   packed: bool = False, grad: bool = False, measure: bool = False):
+    """choose_path's comparison itself: whether the direct path is the cheaper one. A bool, or
+    under torch.compile with a symbolic n a SymBool: attention hands it to torch.cond, so that
+    one graph serves every n instead of a guard on n per side of the crossover."""
+    if device_type not in ("cpu", "cuda"):
+        return False
+    passes = int(reads_state) + int(returns_state)
+    if passes and packed:
+        return False
+    if device_type == "cuda":
+        if max(dk, dv) > _CUDA_CHUNKED_MAX_HEAD:  # beyond both CUDA paths: the direct op refuses
+            return True
+        extra = passes * 2 * num_features(dk) * (dv + 1) * n / _CUDA_DIRECT_RATE
+        return (cuda_direct_cost(n, dk, dv, causal, tasks) + extra
+                <= cuda_chunked_cost(n, dk, dv, causal, tasks))
+    grad = grad and not passes
+    measured = _calibrate.rates(dk, dv, threads, measure=measure)
+    return (direct_cost(n, dk, dv, causal, threads, tasks, grad, measured)
+            + state_cost(n, dk, dv, passes, tasks)
+            <= chunked_cost(n, dk, dv, causal, threads, tasks, grad, measured))
 
 
 # choose_path's CPU answers by their arguments: a call at small N costs microseconds, and the
 # model's arithmetic was a tenth of it. Keyed by the calibration's generation too.
 _CHOICES: dict = {}
-
-
-def _cpu_choice(n, dk, dv, causal, threads, tasks, passes, grad, measured) -> str:
-    if (direct_cost(n, dk, dv, causal, threads, tasks, grad, measured)
-            + state_cost(n, dk, dv, passes, tasks)
-            <= chunked_cost(n, dk, dv, causal, threads, tasks, grad, measured)):
-        return "direct"
-    return "chunked"
 
 
 def crossover(dk: int, dv: int, causal: bool, threads: int, tasks: int, **kw) -> int | None:

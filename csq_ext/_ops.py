@@ -77,6 +77,11 @@ def _fwd_setup_context(ctx, inputs, output):
     (q, k, v, shift, cu_seqlens, state_in, ref_in, causal, scale, center, normalize, eps,
      chunk_size, return_state) = inputs
     y, b, den, _state_out, ref = output
+    # Outputs the loss does not use arrive as None, not zeros: the returned state and ref
+    # are unused by most callers, and only a used one may pass the ref's gradient on to the
+    # keys it was picked from (_fwd_backward), where a NaN after them would otherwise reach
+    # them too.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(q, k, v, shift, cu_seqlens, state_in, ref, y, b, den)
     ctx.has_ref_in = ref_in is not None
     ctx.options = (causal, scale, center, normalize, eps, chunk_size)

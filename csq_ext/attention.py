@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _args
+from . import _args, _auto
 from . import _direct  # noqa: F401  (registers the direct path's fake and autograd)
 from . import _direct_state
 from ._cost import choose_path
@@ -36,7 +36,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         cu_seqlens: (S + 1,) int32/int64 offsets of S sequences packed along N (batch size 1),
             as in FlashAttention's varlen API; each attends only within itself.
         initial_state: a CSQState (causal only) that the sequences continue: the keys and
-            values of their earlier pieces. Differentiable.
+            values of their earlier pieces. Differentiable. Its dtype is the accumulation
+            dtype, or float64 for any inputs: a float64 state keeps float64 sums (the call
+            then computes in float64), for streams whose keys spread far beyond their norm
+            (docs/SPEC.md, section 6); start one with CSQState.empty(..., dtype=torch.float64).
         return_state: also return the state after the last position.
         path: "auto" (default: the cheaper algorithm for this call, see the README's
             crossover table), "direct" (tiles of q against tiles of k, O(N^2 (Dk + Dv)), plus
@@ -56,9 +59,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
                    normalize=_args.flag("normalize", normalize), eps=_args.eps(eps),
                    scale=_args.scale(scale, q.shape[3]))
     shift_t = _args.shift(shift, q)
-    chunk = _args.chunk_size(chunk_size)
+    chunk = _args.tuning_size("chunk_size", chunk_size)
     _args.flag("return_state", return_state)
     _args.no_forward_ad(q=q, k=k, v=v, shift=shift_t)
+    _args.no_functorch_grad()
     S = _args.cu_seqlens(cu_seqlens, q)
     _args.check(causal or not return_state,
                 lambda: "return_state needs causal=True: a non-causal output depends on future keys")
@@ -66,14 +70,27 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     if initial_state is not None:
         _args.check(causal, lambda: "initial_state: a carried state continues a causal sequence; "
                     "causal=False attends to future keys, which a state cannot hold")
-        _args.state(initial_state, q, k, v, S, "initial_state")
+        _args.state(initial_state, q, k, v, S, "initial_state", wide=True)
         _args.no_forward_ad(**{"initial_state.sums": initial_state.sums,
                                "initial_state.ref": initial_state.ref})
+        if _args.wide_state(initial_state, q):  # the call in float64, y back in q's dtype
+            out = attention(*(t.double() for t in (q, k, v)), causal=causal, scale=scale,
+                            shift=shift.double() if isinstance(shift, torch.Tensor) else shift,
+                            center=center, normalize=normalize, eps=eps, chunk_size=chunk_size,
+                            cu_seqlens=cu_seqlens, initial_state=initial_state,
+                            return_state=return_state, path=path)
+            return (out[0].to(q.dtype), out[1]) if return_state else out.to(q.dtype)
         state_in, ref_in = initial_state.sums.contiguous(), initial_state.ref.contiguous()
     grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, shift_t, state_in, ref_in))
-    if _use_direct(path, q, k, v, causal, S, cu_seqlens is not None, initial_state is not None,
-                   return_state, grad):
+    path = _path(path, q, k, v, causal, S, cu_seqlens is not None, initial_state is not None,
+                 return_state, grad)
+    if path == "in graph":
+        y = _auto.auto_fwd(q, k, v, shift_t, cu_seqlens, options["causal"], options["scale"],
+                           options["center"], options["normalize"], options["eps"], chunk,
+                           grad)[0]
+        return y.to(q.dtype)
+    if path == "direct":
         if initial_state is None and not return_state:
             y = ops.csq_direct_fwd(q, k, v, shift_t, cu_seqlens, None, None, options["causal"],
                                    options["scale"], options["center"], options["normalize"],
@@ -89,21 +106,26 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     return (y, CSQState(sums, ref)) if return_state else y
 
 
-def _use_direct(path, q, k, v, causal, S, packed, reads_state, returns_state, grad) -> bool:
-    """Whether this call runs the direct path: forced by ``path``, or chosen by the cost
-    model (``grad``: a backward will follow)."""
+def _path(path, q, k, v, causal, S, packed, reads_state, returns_state, grad) -> str:
+    """The path this call runs: "direct" or "chunked", forced by ``path`` or chosen by the
+    cost model (``grad``: a backward will follow), or "in graph": under torch.compile, the
+    automatic choice of a call without states is csq_ext::auto_fwd's, made when the graph
+    runs, so that one graph serves every N (csq_ext/_auto.py)."""
     _args.check(isinstance(path, str) and path in ("auto", "direct", "chunked"),
                 lambda: f"path must be 'auto', 'direct' or 'chunked', got {path!r}")
     if path == "direct":
         _args.check(q.device.type in ("cpu", "cuda"), lambda: f"path='direct' has CPU and CUDA "
                     f"kernels only, got {q.device}; use path='chunked' (or 'auto', which picks "
                     f"it)")
-        return True
+        return path
     if path == "chunked":
-        return False
+        return path
+    if (torch.compiler.is_compiling() and q.device.type in ("cpu", "cuda")
+            and not (reads_state or returns_state)):
+        return "in graph"
     return choose_path(q.shape[2], q.shape[3], v.shape[3], bool(causal), q.device.type,
-                       _num_threads(), S * k.shape[1], reads_state, returns_state,
-                       packed, grad, measure=True) == "direct"
+                       _num_threads(), S * k.shape[1], reads_state, returns_state, packed, grad,
+                       measure=True)
 
 
 @torch.compiler.assume_constant_result
@@ -123,7 +145,7 @@ def decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: CSQState, *
     ``state`` is required: start a sequence with ``CSQState.empty(...)``."""
     _args.qkv(q, k, v)
     _args.one_token("decode", q, k, v)
-    _args.state(state, q, k, v, q.shape[0], "state")
+    _args.state(state, q, k, v, q.shape[0], "state", wide=True)
     return attention(q, k, v, causal=True, scale=scale, shift=shift, center=center,
                      normalize=normalize, eps=eps, initial_state=state, return_state=True)
 
@@ -143,7 +165,12 @@ def decode_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: CSQState, 
     ref from the first keys: that keeps float32 sums accurate when keys share a large offset."""
     _args.qkv(q, k, v)
     _args.one_token("decode_", q, k, v)
-    _args.state(state, q, k, v, q.shape[0], "state")
+    _args.state(state, q, k, v, q.shape[0], "state", wide=True)
+    if _args.wide_state(state, q):  # the step in float64, y into q's dtype
+        y = decode_(*(t.double() for t in (q, k, v)), state, scale=scale,
+                    shift=shift.double() if isinstance(shift, torch.Tensor) else shift,
+                    center=center, normalize=normalize, eps=eps)
+        return _args.out(out, q, v).copy_(y)
     _args.check(q.device.type in ("cpu", "cuda"), lambda: "decode_ runs on CPU and CUDA tensors, "
                 f"got {q.device} (csq_ext.decode works wherever attention does)")
     _args.check(state.sums.is_contiguous() and state.ref.is_contiguous(),

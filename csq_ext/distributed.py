@@ -4,8 +4,9 @@ CSQ's state is a sum over keys (``csq_ext.CSQState``), so a rank needs from the 
 only the sum of their states, O(Dk^2 Dv) numbers per head whatever the sequence length
 (LASP-2's scheme for linear attention). A call, on every rank of the group:
 
-1. a handshake: one all-gather of 16 integers per rank (shard length, shapes, options, an
-   error flag), so that bad input on one rank raises on every rank instead of hanging;
+1. a handshake: one all-gather of HANDSHAKE_INTS (20) integers per rank (shard length, shapes,
+   options, an error flag), so that bad input on one rank, or ranks that disagree on an
+   option, raise on every rank instead of hanging or computing something else;
 2. one common reference key per sequence (centering, or an ``initial_state``): an all-gather
    of one candidate key per sequence and head; the sums are taken relative to it;
 3. the rank's state of its own keys, then one all-gather of the states (causal: rank r starts
@@ -18,6 +19,9 @@ The backward mirrors it: the all-gather's backward is a reduce-scatter, which br
 gradients of a carried state back to the ranks whose keys made it. Nothing here grows with N.
 """
 from __future__ import annotations
+
+import hashlib
+import struct
 
 import torch
 import torch.distributed as dist
@@ -109,10 +113,14 @@ class _AllReduce(torch.autograd.Function):
 # Handshake: every rank checks its input, then all learn whether every rank could go on
 # ----------------------------------------------------------------------------------------------
 _DTYPES = {torch.float64: 1, torch.float32: 2, torch.bfloat16: 3, torch.float16: 4}
-# The fields every rank must agree on; the shard length (first) may differ.
+_PATHS = ("auto", "direct", "chunked")
+# The fields every rank must agree on; the shard length (first) may differ. Every option that
+# changes the result is here (chunk_size, a tuning knob, does not change it): scale and eps as
+# their float64 bits, shift as a digest of its (Hq,) values (a float or a tensor alike).
 _AGREE = ("batch", "heads_q", "heads_k", "dim_k", "dim_v", "dtype", "causal", "center",
           "normalize", "initial_state", "return_state", "sequences", "cu_seqlens",
-          "requires_grad")
+          "requires_grad", "scale", "eps", "shift", "path")
+HANDSHAKE_INTS = 2 + len(_AGREE)  # an error flag and the shard length, then the fields
 
 
 def _check_cu_seqlens(cu_seqlens, q):
@@ -135,19 +143,33 @@ def _inputs_requiring_grad(q, k, v, shift, initial_state) -> bool:
                                            for t in ts)
 
 
+def _float_bits(x: float) -> int:
+    """The float64 bits of x as an int64 (exact: ranks agree only on equal values)."""
+    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
+
+
+def _shift_digest(shift_t: torch.Tensor) -> int:
+    """An int64 digest of the (Hq,) shift values, the same on every rank for the same values."""
+    data = shift_t.detach().to("cpu", torch.float64).contiguous().numpy().tobytes()
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little", signed=True)
+
+
 def _local_fields(q, k, v, shift, scale, eps, chunk_size, causal, center, normalize, cu_seqlens,
-                  initial_state, return_state):
+                  initial_state, return_state, path):
     """Checks this rank's input (the checks of csq_ext.attention, csq_ext/_args.py, with
-    cu_seqlens describing the whole batch) and returns the handshake fields, or raises
-    ValueError / TypeError."""
+    cu_seqlens describing the whole batch) and returns the handshake fields (and the options
+    as shown in a disagreement's message), or raises ValueError / TypeError."""
     _args.qkv(q, k, v)
     for name, value in (("causal", causal), ("center", center), ("normalize", normalize),
                         ("return_state", return_state)):
         _args.flag(name, value)
-    _args.eps(eps)
-    _args.scale(scale, q.shape[3])
-    _args.chunk_size(chunk_size)
-    _args.no_forward_ad(q=q, k=k, v=v, shift=_args.shift(shift, q))
+    eps_v = _args.eps(eps)
+    tau = _args.scale(scale, q.shape[3])
+    _args.tuning_size("chunk_size", chunk_size)
+    _check(isinstance(path, str) and path in _PATHS,
+           lambda: f"path must be 'auto', 'direct' or 'chunked', got {path!r}")
+    shift_t = _args.shift(shift, q)
+    _args.no_forward_ad(q=q, k=k, v=v, shift=shift_t)
     _check(causal or not return_state,
            lambda: "return_state needs causal=True: a non-causal output depends on future keys")
     cu = None
@@ -166,8 +188,13 @@ def _local_fields(q, k, v, shift, scale, eps, chunk_size, causal, center, normal
                   dtype=_DTYPES[q.dtype], causal=int(causal), center=int(center),
                   normalize=int(normalize), initial_state=int(initial_state is not None),
                   return_state=int(return_state), sequences=S, cu_seqlens=cu_sig,
-                  requires_grad=int(_inputs_requiring_grad(q, k, v, shift, initial_state)))
-    return N, fields, cu
+                  requires_grad=int(_inputs_requiring_grad(q, k, v, shift, initial_state)),
+                  scale=_float_bits(tau), eps=_float_bits(eps_v), shift=_shift_digest(shift_t),
+                  path=_PATHS.index(path))
+    values = shift_t.detach().cpu().tolist()
+    shown = dict(scale=tau, eps=eps_v, path=path,
+                 shift=values[0] if len(set(values)) == 1 else values)
+    return N, fields, cu, shown
 
 
 def _comm_device(group, q):
@@ -181,9 +208,9 @@ def _handshake(group, q, local):
     rejected its input or the ranks disagree. Returns the shard lengths of all ranks."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     error = local if isinstance(local, Exception) else None
-    row = torch.zeros(2 + len(_AGREE), dtype=torch.int64)
+    row = torch.zeros(HANDSHAKE_INTS, dtype=torch.int64)
     if error is None:
-        N, fields, _ = local
+        N, fields, _, shown = local
         row[0], row[1] = 1, N
         row[2:] = torch.tensor([fields[f] for f in _AGREE])
     dev = _comm_device(group, q)
@@ -201,8 +228,13 @@ def _handshake(group, q, local):
     for i, name in enumerate(_AGREE):
         col = table[:, 2 + i]
         if not bool((col == col[0]).all()):
+            if name in shown:  # every rank is here (the same table): gather the values shown
+                values = [None] * world
+                dist.all_gather_object(values, shown[name], group=group)
+            else:
+                values = col.tolist()
             raise ValueError(f"csq_ext.distributed.attention: the ranks must agree on {name}, "
-                             f"got {col.tolist()} on ranks 0..{world - 1} (every rank passes the "
+                             f"got {values} on ranks 0..{world - 1} (every rank passes the "
                              "same options, head sizes, cu_seqlens and initial_state, and all "
                              "or none of them differentiate)")
     return table[:, 1].tolist()
@@ -266,13 +298,14 @@ def _common_ref(k, local_cu, S, center, initial_state, group):
     return ref * has.any(0).unsqueeze(-1).to(acc)                     # no keys anywhere: 0
 
 
-def _local_state(k, v, ref, local_cu, scale, chunk_size):
+def _local_state(k, v, ref, local_cu, scale, chunk_size, path):
     """The sums of this rank's keys relative to ref, (S, Hk, F, Dv + 1): the op's state of
     them (its output y is not used: the keys stand in for the queries, one per key/value head),
     relative to the offset the op picks, then moved to ref exactly (_recenter). Passing ref in
     an empty initial state would not do: the op picks its own offset for a state without keys."""
     _, state = _attention(k.detach(), k, v, causal=True, scale=scale, center=False,
-                          chunk_size=chunk_size, cu_seqlens=local_cu, return_state=True)
+                          chunk_size=chunk_size, cu_seqlens=local_cu, return_state=True,
+                          path=path)
     return _recenter(state.sums, state.ref, ref)
 
 
@@ -353,7 +386,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=None,
               shift: float | torch.Tensor = 1.0, center: bool = True, normalize: bool = True,
               eps: float = 1e-6, chunk_size: int | None = None,
               cu_seqlens: torch.Tensor | None = None, initial_state: CSQState | None = None,
-              return_state: bool = False):
+              return_state: bool = False, path: str = "auto"):
     """``csq_ext.attention`` over a sequence split across the ranks of ``group`` (default: the
     world; a single process when torch.distributed is not initialized).
 
@@ -373,7 +406,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=None,
     Every rank must run the backward when one does. Bytes sent per rank: see README.
     """
     options = dict(causal=causal, scale=scale, shift=shift, center=center, normalize=normalize,
-                   eps=eps, chunk_size=chunk_size)
+                   eps=eps, chunk_size=chunk_size, path=path)
     if group is None and not dist.is_initialized():
         world = 1
     else:
@@ -384,11 +417,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=None,
     rank = dist.get_rank(group)
     try:
         local = _local_fields(q, k, v, shift, scale, eps, chunk_size, causal, center, normalize,
-                              cu_seqlens, initial_state, return_state)
+                              cu_seqlens, initial_state, return_state, path)
     except (ValueError, RuntimeError, TypeError) as e:
         local = e
     lengths = _handshake(group, q, local)  # raises on every rank if a rank's input is bad
-    N_r, fields, cu = local
+    N_r, fields, cu, _ = local
     offset, total = sum(lengths[:rank]), sum(lengths)
     S = fields["sequences"]
     local_cu = None
@@ -398,7 +431,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=None,
         local_cu = (cu - offset).clamp(0, N_r).to(device=q.device, dtype=cu_seqlens.dtype)
 
     ref = _common_ref(k, local_cu, S, center, initial_state, group)
-    sums = _local_state(k, v, ref, local_cu, scale, chunk_size)
+    sums = _local_state(k, v, ref, local_cu, scale, chunk_size, path)
     if not causal:
         full = _AllReduce.apply(sums, group)
         tau, shift_t = _args.scale(scale, q.shape[3]), _args.shift(shift, q)

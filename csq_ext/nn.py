@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import _args
 from .attention import attention as csq_attention
 from .distributed import attention as cp_attention
 from .penalty import negativity_penalty
@@ -83,6 +84,8 @@ _FEATURE_KERNELS = {
 # the best chunk grows with the feature size F: D for "linear", 1 + D + D(D+1)/2 for "taylor"
 # (561 at D = 32, where chunk 64 is about 5x slower than 256 on CPU, forward + backward).
 _DEFAULT_CHUNK = {"linear": 64, "taylor": 256}
+# The C x C blocks of a chunk: a longer chunk_size acts as this one (memory O(N C), not N^2).
+_MAX_CHUNK = 1024
 
 
 def _feature_attention(q, k, v, kind: str, *, causal: bool, scale: float, normalize: bool,
@@ -104,7 +107,7 @@ def _feature_attention(q, k, v, kind: str, *, causal: bool, scale: float, normal
             return num
         return num / (fq @ fk.sum(2).unsqueeze(-1) + eps)
 
-    C = max(1, min(chunk_size, N))
+    C = max(1, min(chunk_size, N, _MAX_CHUNK))
     nc = -(-N // C)
     pad = nc * C - N
     if pad:  # padded keys come after every real query, so the causal mask hides them
@@ -232,7 +235,7 @@ class CSQAttention(nn.Module):
         self.causal, self.kernel = causal, kernel
         self.center, self.normalize, self.eps = center, normalize, eps
         self.scale = self.head_dim ** -0.5 if scale is None else float(scale)
-        self.chunk_size = chunk_size
+        self.chunk_size = _args.tuning_size("chunk_size", chunk_size) or None
         self.penalty_window = penalty_window
         self.q_proj = nn.Linear(embed_dim, num_heads * self.head_dim, bias=bias, **fk)
         self.k_proj = nn.Linear(embed_dim, num_kv_heads * self.head_dim, bias=bias, **fk)

@@ -2,6 +2,8 @@
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
+
 namespace csq {
 namespace {
 
@@ -20,6 +22,10 @@ void fill_direct_params(DirectFwdParams& p, const at::Tensor& q, const at::Tenso
   cu = set_packed_sequences(p, q, cu_seqlens);
   p.tile = tile_size > 0 ? tile_size
                          : default_direct_tile(p, q.is_cuda(), at::get_num_threads());
+  // A knob never allocates by its own value: at most the sequence and kMaxDirectTile; and
+  // never shorter than kMinDirectTile (or the sequence), so that it never costs digits.
+  p.tile = std::max<int64_t>(1, std::min({std::max(p.tile, kMinDirectTile), p.seqlen,
+                                          kMaxDirectTile}));
 }
 
 // An optional per-query input of the forward (row_shift, row_sums): shape (B, Hq, N, extra...),

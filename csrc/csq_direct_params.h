@@ -15,11 +15,60 @@ namespace csq {
 // csq_direct_fwd: the inputs (QkvParams), the tile length and the outputs y, b (the per-query
 // shift that goes with the tile reference, see below) and den, contiguous, accumulation dtype.
 //
-// Accuracy with centering: query tile T (rows t0..t0 + tile - 1 of a sequence) subtracts a
-// reference r_T from every key before the products, r_T = the running key mean at t0 (causal;
-// every row of T sees those keys) or the mean of all keys (not causal), and uses
-// b_i = c_h - tau <q_i, mu_i - r_T>, so s_ij = tau <q_i, k_j - r_T> + b_i never subtracts two
-// large numbers when the keys share an offset. Without centering r_T = 0 and b_i = c_h.
+// Accuracy: query tile T (rows t0..t0 + tile - 1 of a sequence) uses every key as k_j - r_T
+// with a reference key r_T, and b_i = c_h - tau <q_i, m_i>, m_i = mu_i - r_T when centering
+// (-r_T without), so that s_ij = tau <q_i, k_j - r_T> + b_i. r_T is a key: the one nearest to
+// the keys' mean among the candidates of direct_reference_candidates (every row of the tile
+// sees them when causal). Being a key, k_j - r_T is exact for keys near it whatever their
+// common offset (both floats of the same size), and m_i, taken in float64 from that exact
+// r_T, is as small as the keys' spread: no score subtracts two large numbers, and no offset
+// reaches the rounding (docs/SPEC.md, section 6). Being the key nearest the mean, it is never
+// an outlier or a sink key, whose size would otherwise reach every score of the tile through a
+// mean. (The CPU kernels also give each key tile its own reference and add
+// tau <q_i, r_key - r_T>, in float64, to the shifts of the pair; see csrc/cpu/csq_direct_cpu.h.)
+struct DirectCandidates {
+  int64_t first, last;  // positions in the sequence, inclusive
+};
+// Causal: the keys (t0 - tile, t0] and the running mean at t0 (every row of the tile sees
+// them); not causal: the tile's own keys and their mean.
+CSQ_HOST_DEVICE inline DirectCandidates direct_reference_candidates(bool causal, int64_t t0,
+                                                                    int64_t tile, int64_t len) {
+  if (causal) return {t0 - tile + 1 > 0 ? t0 - tile + 1 : 0, t0};
+  return {t0, (t0 + tile < len ? t0 + tile : len) - 1};
+}
+
+// The squared distance of key j to `point` (D coordinates), in float64 summed over x in
+// order, or -1 where it is not finite (a NaN or Inf key is never a reference). key(j, x)
+// returns coordinate x of key j as a double.
+template <typename KeyAt>
+CSQ_HOST_DEVICE inline double key_distance(int64_t j, int64_t d, const double* point,
+                                           const KeyAt& key) {
+  double dist = 0;
+  for (int64_t x = 0; x < d; ++x) {
+    const double e = key(j, x) - point[x];
+    dist += e * e;
+  }
+  return dist - dist == 0.0 ? dist : -1.0;
+}
+
+// The position of the key nearest to `point` among positions first..last (the first of
+// equals), -1 if none has a finite distance. The CUDA kernels pick the same key from the same
+// key_distance values.
+template <typename KeyAt>
+CSQ_HOST_DEVICE inline int64_t nearest_key(int64_t first, int64_t last, int64_t d,
+                                           const double* point, const KeyAt& key) {
+  int64_t best = -1;
+  double best_dist = 0;
+  for (int64_t j = first; j <= last; ++j) {
+    const double dist = key_distance(j, d, point, key);
+    if (dist >= 0 && (best < 0 || dist < best_dist)) {
+      best = j;
+      best_dist = dist;
+    }
+  }
+  return best;
+}
+
 struct DirectFwdParams : QkvParams {
   int64_t tile = 64;  // CPU only: query and key tile length (positions); CUDA uses kDirectTile
   // CUDA, bfloat16 / float16 only: 0 runs the generic kernels instead of the tensor-core ones
@@ -48,6 +97,15 @@ struct DirectBwdParams : DirectFwdParams {
   void* dv = nullptr;  // (B, Hk, N, Dv)
   void* db = nullptr;  // (B, Hq, N): dL/db_i; the host layer sums it into the shift gradient
 };
+
+// The longest CPU tile (chunk_size on the direct path): the tile buffers hold G T^2 scores,
+// so a tile never grows with N beyond this (nor beyond the sequence).
+constexpr int64_t kMaxDirectTile = 512;
+// The shortest CPU tile (or the sequence): a row's numerator and denominator are float32 sums
+// over key tiles, so their rounding grows with the number of tiles; with tiles of one key,
+// rows whose weights are all large and nearly equal (a 1e7 key, not causal, centered) lost
+// 6.6e-5 at N = 3000 (dense float32: 6e-7). As the chunked path's kMinChunk (csq_host.cpp).
+constexpr int64_t kMinDirectTile = 16;
 
 // Number of tiles of a sequence of `len` positions.
 inline int64_t num_tiles(int64_t len, int64_t tile) { return (len + tile - 1) / tile; }

@@ -47,6 +47,21 @@ int64_t default_chunk(int64_t dim_k, bool on_cuda) {
   return dim_k <= 32 ? 128 : 64;
 }
 
+// The chunk a knob asks for, as the CPU kernels run it (docs/SPEC.md, section 7): never
+// longer than the sequence, than kMaxChunk, or than keeps a chunk's feature rows (C x F
+// elements, a few buffers per thread) below kMaxChunkFeatureElems: a knob never allocates
+// by its own value. And never shorter than kMinChunk (or the sequence): a chunk of one or
+// two keys makes the next query read a state of as few keys, whose rounding nothing
+// averages (dq 7e-5, dk 8e-5 from 1e-5 at Dk = 128, scale 1, chunk 1, N = 2).
+constexpr int64_t kMinChunk = 16, kMaxChunk = 512, kMaxChunkFeatureElems = int64_t(1) << 22;
+
+int64_t clamp_chunk(int64_t chunk, int64_t dim_k, int64_t seqlen) {
+  const int64_t by_features = std::max<int64_t>(64, kMaxChunkFeatureElems / num_features(dim_k));
+  chunk = std::min({chunk, kMaxChunk, by_features});
+  chunk = std::max(chunk, kMinChunk);
+  return std::max<int64_t>(1, std::min(chunk, seqlen));
+}
+
 }  // namespace
 
 void fill_qkv_params(QkvParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -146,9 +161,8 @@ void fill_forward_params(FwdParams& p, const at::Tensor& q, const at::Tensor& k,
   // q, k, v are read through their strides; shift is tiny and converted here.
   shift_acc = shift.to(acc_dtype(q.scalar_type())).contiguous();
   fill_qkv_params(p, q, k, v, shift_acc, causal, scale, center, normalize, eps);
-  p.chunk = chunk_size > 0 ? chunk_size : default_chunk(p.dim_k, q.is_cuda());
-  // A chunk longer than the sequence only wastes workspace.
-  p.chunk = std::max<int64_t>(1, std::min(p.chunk, p.seqlen));
+  p.chunk = clamp_chunk(chunk_size > 0 ? chunk_size : default_chunk(p.dim_k, q.is_cuda()),
+                        p.dim_k, p.seqlen);
   cu = set_packed_sequences(p, q, cu_seqlens);
   set_carried_state(p, q, state_in, ref_in);
 }
@@ -290,6 +304,58 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 BackwardCall::outputs() const {
   const auto g = gradient_outputs(dq, dk, dv, db, input_dtype, shift_dtype);
   return {std::get<0>(g), std::get<1>(g), std::get<2>(g), std::get<3>(g), dstate_in, dref};
+}
+
+double state_condition_limit(at::ScalarType input) {
+  if (input == at::kDouble) return 0;
+  return input == at::kFloat ? kStateConditionLimitFloat : kStateConditionLimitHalf;
+}
+
+namespace {
+
+c10::optional<at::Tensor> in_float64(const c10::optional<at::Tensor>& t) {
+  if (!t.has_value() || !t->defined()) return t;
+  return t->to(at::kDouble);
+}
+
+at::Tensor like(const at::Tensor& t, at::ScalarType dtype) { return t.to(dtype); }
+
+}  // namespace
+
+ForwardOutputs forward_in_float64(ForwardOp op, const at::Tensor& q, const at::Tensor& k,
+                                  const at::Tensor& v, const at::Tensor& shift,
+                                  const c10::optional<at::Tensor>& cu_seqlens,
+                                  const c10::optional<at::Tensor>& state_in,
+                                  const c10::optional<at::Tensor>& ref_in, bool causal,
+                                  double scale, bool center, bool normalize, double eps,
+                                  int64_t chunk_size, bool return_state) {
+  const auto acc = acc_dtype(q.scalar_type());
+  const auto out = op(q.to(at::kDouble), k.to(at::kDouble), v.to(at::kDouble),
+                      shift.to(at::kDouble), cu_seqlens, in_float64(state_in),
+                      in_float64(ref_in), causal, scale, center, normalize, eps, chunk_size,
+                      return_state);
+  return {like(std::get<0>(out), acc), like(std::get<1>(out), acc), like(std::get<2>(out), acc),
+          like(std::get<3>(out), acc), like(std::get<4>(out), acc)};
+}
+
+BackwardOutputs backward_in_float64(BackwardOp op, const at::Tensor& dy, const at::Tensor& q,
+                                    const at::Tensor& k, const at::Tensor& v,
+                                    const at::Tensor& shift,
+                                    const c10::optional<at::Tensor>& cu_seqlens,
+                                    const c10::optional<at::Tensor>& state_in,
+                                    const at::Tensor& ref, const at::Tensor& y,
+                                    const at::Tensor& b, const at::Tensor& den,
+                                    const c10::optional<at::Tensor>& dstate_out, bool causal,
+                                    double scale, bool center, bool normalize, double eps,
+                                    int64_t chunk_size) {
+  const auto acc = acc_dtype(q.scalar_type());
+  const auto d = at::kDouble;
+  const auto out = op(dy.to(d), q.to(d), k.to(d), v.to(d), shift.to(d), cu_seqlens,
+                      in_float64(state_in), ref.to(d), y.to(d), b.to(d), den.to(d),
+                      in_float64(dstate_out), causal, scale, center, normalize, eps, chunk_size);
+  return {like(std::get<0>(out), q.scalar_type()), like(std::get<1>(out), q.scalar_type()),
+          like(std::get<2>(out), q.scalar_type()), like(std::get<3>(out), shift.scalar_type()),
+          like(std::get<4>(out), acc), like(std::get<5>(out), acc)};
 }
 
 DecodeParams prepare_decode_step(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

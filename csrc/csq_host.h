@@ -80,6 +80,45 @@ ForwardCall prepare_forward(const at::Tensor& q, const at::Tensor& k, const at::
                             bool center, bool normalize, double eps, int64_t chunk_size,
                             bool return_state);
 
+// The chunked op's float32 state check (csq_params.h, state_read_ill_conditioned): the limit
+// for inputs of this dtype, 0 for float64 (no check).
+double state_condition_limit(at::ScalarType input);
+
+// What a backend does when a float32 state cannot serve a call (FwdParams::state_too_coarse):
+// the same op once more on float64 copies of the floating inputs, its results converted back
+// to the dtypes of the float32 call's (outputs in the accumulation dtype, gradients of q, k, v
+// in the input dtype, of shift in shift's). `op` is the backend's own csq_fwd / csq_bwd.
+using ForwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using ForwardOp = ForwardOutputs (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                     const at::Tensor&, const c10::optional<at::Tensor>&,
+                                     const c10::optional<at::Tensor>&,
+                                     const c10::optional<at::Tensor>&, bool, double, bool, bool,
+                                     double, int64_t, bool);
+ForwardOutputs forward_in_float64(ForwardOp op, const at::Tensor& q, const at::Tensor& k,
+                                  const at::Tensor& v, const at::Tensor& shift,
+                                  const c10::optional<at::Tensor>& cu_seqlens,
+                                  const c10::optional<at::Tensor>& state_in,
+                                  const c10::optional<at::Tensor>& ref_in, bool causal,
+                                  double scale, bool center, bool normalize, double eps,
+                                  int64_t chunk_size, bool return_state);
+using BackwardOutputs =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using BackwardOp = BackwardOutputs (*)(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const at::Tensor&, const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const c10::optional<at::Tensor>&, bool, double, bool, bool, double, int64_t);
+BackwardOutputs backward_in_float64(BackwardOp op, const at::Tensor& dy, const at::Tensor& q,
+                                    const at::Tensor& k, const at::Tensor& v,
+                                    const at::Tensor& shift,
+                                    const c10::optional<at::Tensor>& cu_seqlens,
+                                    const c10::optional<at::Tensor>& state_in,
+                                    const at::Tensor& ref, const at::Tensor& y,
+                                    const at::Tensor& b, const at::Tensor& den,
+                                    const c10::optional<at::Tensor>& dstate_out, bool causal,
+                                    double scale, bool center, bool normalize, double eps,
+                                    int64_t chunk_size);
+
 // csq_bwd: the forward's parameters (same checks) plus dy, the forward's saved y, b, den and
 // ref, and the gradient of the returned state.
 struct BackwardCall {

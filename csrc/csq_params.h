@@ -4,6 +4,7 @@
 // parameters derive from the forward's (BwdParams : FwdParams), and every op's from QkvParams.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #include "csq_features.h"
@@ -93,6 +94,13 @@ struct FwdParams : QkvParams {
   void* ref_out = nullptr;    // (S, Hk, Dk): the ref used (read back by the backward)
   // csq_pool_prefill_ only: state_in / ref_in and state_out / ref_out are one pool, in place.
   StatePool pool;
+
+  // The float32 state's conditioning (state_read_ill_conditioned below), float32 and half
+  // inputs: a kernel that finds a query row beyond state_condition_limit sets
+  // *state_too_coarse and may stop early; the host then runs the op again in float64.
+  // 0 / nullptr: no check (float64 inputs, and the backends that do not check).
+  double state_condition_limit = 0;
+  int* state_too_coarse = nullptr;
 };
 
 // csq_bwd, derived from the forward's parameters: the forward's y, b, den are read back here
@@ -119,6 +127,29 @@ struct DecodeParams : QkvParams {
   // csq_pool_decode_ only: sums and ref are a pool, sequence b updates slot pool.slots[b].
   StatePool pool;
 };
+
+// How well a float32 state serves a query row (docs/SPEC.md, section 6). Row i reads the sums
+// of n keys x_j = k_j - r as phi(qe_i) . S, a dot product whose terms add up, in absolute
+// value, to at most sum_j (tau |q_i| |x_j| + |b_i|)^2, so by Cauchy-Schwarz to at most
+//   bound_i = (tau |q_i| sqrt(T) + |b_i| sqrt(n))^2,   T = sum_j |x_j|^2
+// (T is the trace of the state's pair rows in its count column). Rounded to float32, the sums
+// and the read then err by about eps bound_i against den_i, the row's weight sum (measured
+// 0.2 to 0.4 eps bound_i / den_i, Dk = 16 to 128, N = 600). N(0, 1) inputs give
+// bound_i / den_i <= 2 Dk; keys that drift along the sequence, or a few keys far larger than
+// the rest, grow it with the square of their spread (a drift of 30 times the key norm:
+// ~2000, of 1000 times: ~6e5, the error 5e-2 in the worst rows). Beyond these limits the
+// chunked op computes in float64 instead (the host files; csrc/cpu/csq_fwd_cpu.cpp).
+constexpr double kStateConditionLimitFloat = 2048;   // eps * limit = 1.2e-4: rows <= ~5e-5
+constexpr double kStateConditionLimitHalf = 65536;   // 4e-3: bfloat16 / float16 (bar 2e-2)
+
+// Whether bound_i / den_i exceeds `limit` (finite bounds only: a NaN or Inf key or query is
+// data that propagates, and float64 would not change it).
+CSQ_HOST_DEVICE inline bool state_read_ill_conditioned(double tau_qnorm, double trace, double b,
+                                                       double n, double den, double limit) {
+  const double root = tau_qnorm * sqrt(trace) + fabs(b) * sqrt(n);
+  const double bound = root * root;
+  return bound - bound == 0.0 && bound > limit * den;
+}
 
 // Keys are summed relative to a reference key r when the sums are built: the carried state's
 // ref when the state holds keys, else the coordinate-wise median of the finite values among

@@ -232,8 +232,9 @@ def test_decode_rejects_bad_states(gen, device):
     state = csq_ext.CSQState.empty(1, 1, 4, 4, device=device)
     with pytest.raises((ValueError, RuntimeError), match="device"):
         csq_ext.decode_(q, k, v, state.to(OTHER_DEVICE[device]))
+    # float64 is accepted for any inputs (docs/SPEC.md, section 3); another dtype is not.
     with pytest.raises((ValueError, RuntimeError), match="float32"):
-        csq_ext.decode_(q, k, v, state.to(torch.float64))
+        csq_ext.decode_(q, k, v, state.to(torch.bfloat16))
 
 
 # --------------------------------------------------------------------------------------------

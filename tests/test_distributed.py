@@ -48,6 +48,11 @@ CASES = [
     dict(causal=True, packed=True, return_state=True, gqa=True),
     dict(causal=False, packed=True, gqa=True),
     dict(causal=True, center=False, initial_state=True, return_state=True),
+    # path= as csq_ext.attention takes it (README: the options of attention).
+    dict(causal=True, gqa=True, path="direct", return_state=True),
+    dict(causal=True, dtype=torch.float32, path="chunked", shift_tensor=True),
+    dict(causal=False, path="direct"),
+    dict(causal=True, packed=True, path="direct", gqa=True),
 ]
 
 
@@ -93,7 +98,7 @@ def _expected_state(k, v, cu, lengths, center, init):
 
 def _run_case(rank, lengths, seed, *, causal, dtype=torch.float64, center=True,
               normalize=True, gqa=False, shift_tensor=False, offset=0.0, packed=False,
-              initial_state=False, return_state=False):
+              initial_state=False, return_state=False, path="auto"):
     """Runs one call on every rank; returns [(what, error, tolerance)] for this rank."""
     gen = torch.Generator().manual_seed(seed)
     world, T = len(lengths), sum(lengths)
@@ -144,7 +149,8 @@ def _run_case(rank, lengths, seed, *, causal, dtype=torch.float64, center=True,
     # Every rank its shard.
     loc = leaves(False, True)
     out = cd.attention(loc["q"], loc["k"], loc["v"], shift=loc.get("shift", shift),
-                       initial_state=state_of(loc), return_state=return_state, **opts)
+                       initial_state=state_of(loc), return_state=return_state, path=path,
+                       **opts)
     y, state = out if return_state else (out, None)
     loss = (y * dy[:, :, sum(lengths[:rank]):sum(lengths[:rank + 1])]).sum()
     if return_state and rank == world - 1:  # the state's loss counted once, on one rank
@@ -192,11 +198,11 @@ def _packed_reference(q, k, v, shift, cu, opts):
 
 
 def _expected_bytes(world, S, Hk, Dk, Dv, causal, elem):
-    """The module's count for one forward call with centering: handshake (16 int64), candidate
-    reference keys, states (all-gather if causal, else all-reduce)."""
+    """The module's count for one forward call with centering: handshake (20 int64, README),
+    candidate reference keys, states (all-gather if causal, else all-reduce)."""
     state = S * Hk * num_features(Dk) * (Dv + 1) * elem
     states = (world - 1) * state if causal else 2 * (world - 1) * state // world
-    return (world - 1) * 16 * 8 + (world - 1) * S * Hk * (Dk + 1) * elem + states
+    return (world - 1) * 20 * 8 + (world - 1) * S * Hk * (Dk + 1) * elem + states
 
 
 def _check_bytes(rank, world):
@@ -240,6 +246,25 @@ def _check_errors(rank, world):
                                   "agree on causal")
         problems += _expect_error(lambda: cd.attention(q, k, v, cu_seqlens=torch.tensor(
             [0, 1, 3 * world - 1], dtype=torch.int32)), "cu_seqlens must end")
+        # Every option that changes the result, each with the ranks' values in the message.
+        first = rank == 0
+        other_shift = torch.full((2,), 0.5 if first else 0.75, dtype=torch.float64)
+        for kw, name, shown in (
+                (dict(scale=0.5 if first else 0.25), "scale", "0.25"),
+                (dict(eps=1e-6 if first else 1e-3), "eps", "0.001"),
+                (dict(shift=1.0 if first else 2.0), "shift", "2.0"),
+                (dict(shift=other_shift), "shift", "0.75"),
+                (dict(shift=1.0 if first else torch.tensor([1.0, 3.0], dtype=torch.float64)),
+                 "shift", "3.0"),
+                (dict(center=first), "center", ""),
+                (dict(normalize=first), "normalize", ""),
+                (dict(path="direct" if first else "chunked"), "path", "'chunked'")):
+            problems += _expect_error(lambda: cd.attention(q, k, v, **kw), f"agree on {name}",
+                                      shown)
+        problems += _expect_error(lambda: cd.attention(q, k, v, path="fast"), "path must be")
+    # A float shift and a tensor of the same values agree (the same computation).
+    same = cd.attention(q, k, v, shift=1.0 if rank == 0 else torch.ones(2, dtype=torch.float64))
+    problems += [] if torch.isfinite(same).all() else ["a float and an equal tensor shift"]
     # The group still works afterwards.
     y = cd.attention(q, k, v)
     return problems + ([] if torch.isfinite(y).all() else ["no output after the errors"])

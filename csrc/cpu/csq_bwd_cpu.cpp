@@ -17,11 +17,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const c10::optional<at::Tensor>& state_in, const at::Tensor& ref, const at::Tensor& y,
     const at::Tensor& b, const at::Tensor& den, const c10::optional<at::Tensor>& dstate_out,
     bool causal, double scale, bool center, bool normalize, double eps, int64_t chunk_size) {
-  const BackwardCall call =
+  BackwardCall call =
       prepare_backward(dy, q, k, v, shift, cu_seqlens, state_in, ref, y, b, den, dstate_out,
                        causal, scale, center, normalize, eps, chunk_size);
+  int too_coarse = 0;  // as in the forward: the same test on the saved b and den
+  call.p.state_condition_limit = state_condition_limit(q.scalar_type());
+  call.p.state_too_coarse = &too_coarse;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "csq_bwd_cpu",
                                   [&] { launch_bwd<scalar_t>(call.p); });
+  if (too_coarse)
+    return backward_in_float64(&csq_bwd_cpu, dy, q, k, v, shift, cu_seqlens, state_in, ref, y,
+                               b, den, dstate_out, causal, scale, center, normalize, eps,
+                               chunk_size);
   return call.outputs();
 }
 

@@ -174,21 +174,36 @@ struct BackwardTask {
     }
   }
 
-  void pass_forward_order() {
+  // Returns false when a query row reads the state beyond its float32 conditioning limit (the
+  // forward's test, on the saved b and den; csq_params.h): the op runs again in float64.
+  bool pass_forward_order() {
+    const bool check = p.state_condition_limit > 0;
     keys.start();
     if (!p.causal) keys.absorb_all();
     for (int64_t t0 = 0; t0 < N; t0 += C) {
+      if (check && state_flagged(p)) return false;
       const int64_t rows = std::min(C, N - t0);
+      const bool reads_state = !(p.causal && t0 == 0 && !carried);
+      double trace = 0, count = 0;
+      if (check && reads_state) state_key_spread(keys.state.data(), D, Dv, &trace, &count);
       if (p.causal) keys.load(t0, rows);
       if (p.center)
         key_means(kc.data(), rows, D, ksum.data(), n_before(t0), p.causal, N, mu.data());
       for (int64_t hh = 0; hh < p.group; ++hh) {
         const int64_t h = g * p.group + hh;
         load_queries(h, t0, rows);
-        queries_forward_order(h, t0, rows, p.causal && t0 == 0 && !carried);
+        if (check && reads_state &&
+            rows_ill_conditioned(p, qc.data(), bq.data(),
+                                 static_cast<const acc_t*>(p.den) + qrow0(h, t0), 1, rows, trace,
+                                 count)) {
+          flag_state(p);
+          return false;
+        }
+        queries_forward_order(h, t0, rows, !reads_state);
       }
       if (p.causal) keys.absorb(rows);
     }
+    return true;
   }
 
   // Centering: mu_i = mean of the keys of J(i), so key j receives sum_{i : j in J(i)} dmu_i
@@ -321,8 +336,7 @@ void launch_bwd(const BwdParams& p) {
   at::parallel_for(0, p.num_seqs * p.heads_k, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       BackwardTask<scalar_t, acc_t> work(p, seq_task(p, task));
-      work.pass_forward_order();
-      work.pass_reverse_order();
+      if (work.pass_forward_order()) work.pass_reverse_order();
     }
   });
 }

@@ -105,6 +105,7 @@ struct BackwardTiles {
     const int64_t rows = t.rows, grows = G * rows;
     gemm<acc_t>(false, false, grows, cols, D, acc_t(1), qt.q.data(), D, kt.kT, kt.ld, acc_t(0),
                 s.data(), cols);
+    kt.exact_far_scores(qt.q.data(), grows, s.data(), cols);
     const acc_t* bp = pair_shifts(qt.q.data(), grows, D, b.data(), tau, kt.ref, qt.ref.data(),
                                   delta.data(), b_pair.data());
     const bool moved = bp != b.data();  // keys relative to another reference than the queries'
@@ -127,14 +128,43 @@ struct BackwardTiles {
       if (with_dq && moved)
         for (int64_t x = 0; x < D; ++x) dq[r * D + x] += sum * delta[x];
     }
-    if (with_dq)
-      gemm<acc_t>(false, false, grows, D, cols, acc_t(1), ds.data(), cols, kt.k, D,
-                  acc_t(1), dq.data(), D);
+    // On a diagonal tile a GEMM would carry 0 * NaN across the causal mask: a NaN or Inf key
+    // after row i into dq_i, a NaN query or gradient row i into the keys after i. There the
+    // products skip the masked terms instead (the same sums).
+    if (with_dq) {
+      if (diag && !all_finite_impl(kt.k, cols * D)) {
+        for (int64_t hh = 0; hh < G; ++hh)
+          lower_mm_add(ds.data() + hh * rows * cols, rows, kt.k, D, D, acc_t(1), false,
+                       dq.data() + hh * rows * D, D);
+      } else {
+        gemm<acc_t>(false, false, grows, D, cols, acc_t(1), ds.data(), cols, kt.k, D,
+                    acc_t(1), dq.data(), D);
+      }
+    }
     if (with_keys) {  // dk^T += q^T ds (tau at the flush), dv^T += dnum^T w
+      if (diag && !(all_finite_impl(qT.data(), D * grows) &&
+                    all_finite_impl(dnumT.data(), Dv * grows))) {
+        masked_key_products(rows, cols, col);
+        return;
+      }
       gemm<acc_t>(false, false, D, cols, grows, acc_t(1), qT.data(), grows, ds.data(), cols,
                   acc_t(1), dkT.data() + col, acc_ld);
       gemm<acc_t>(false, false, Dv, cols, grows, acc_t(1), dnumT.data(), grows, w.data(), cols,
                   acc_t(1), dvT.data() + col, acc_ld);
+    }
+  }
+
+  // dk^T += q^T ds and dv^T += dnum^T w of a diagonal tile, over the pairs j <= i only.
+  void masked_key_products(int64_t rows, int64_t cols, int64_t col) {
+    const int64_t grows = G * rows;
+    for (int64_t r = 0; r < grows; ++r) {
+      const int64_t i = r % rows;
+      for (int64_t j = 0; j <= i && j < cols; ++j) {
+        const acc_t dsv = ds[r * cols + j], wv = w[r * cols + j];
+        for (int64_t x = 0; x < D; ++x) dkT[x * acc_ld + col + j] += qT[x * grows + r] * dsv;
+        for (int64_t x = 0; x < Dv; ++x)
+          dvT[x * acc_ld + col + j] += dnumT[x * grows + r] * wv;
+      }
     }
   }
 
@@ -153,9 +183,10 @@ struct BackwardTiles {
     }
     for (int64_t r = 0; r < grows; ++r) {
       const int64_t row = qt.out_row(t, r);
-      const acc_t* md = qt.mdiff.data() + (r % t.rows) * D;
+      const double* md = qt.mdiff.data() + (r % t.rows) * D;
       acc_t* out = static_cast<acc_t*>(p.dq) + row * D;
-      for (int64_t x = 0; x < D; ++x) out[x] = tau * (dq[r * D + x] - md[x] * db[r]);
+      for (int64_t x = 0; x < D; ++x)
+        out[x] = static_cast<acc_t>(p.scale * (double(dq[r * D + x]) - md[x] * double(db[r])));
       static_cast<acc_t*>(p.db)[row] = db[r];
     }
   }

@@ -69,79 +69,144 @@ inline int64_t small_pass_grain(const DirectFwdParams& p) {
   return std::max<int64_t>(1, (int64_t(1) << 22) / per_task);
 }
 
-// Sums of the keys before each tile start, and of all keys, per (sequence, key/value head),
-// in float64: the key means mu_i and the tile references are differences of these, and
-// float64 keeps them exact enough for float32 keys with a large common offset.
+// Far keys: a key much farther from its tile's reference than the tile's typical key (an
+// outlier or a sink key) makes the float32 tile GEMM sum large terms, and a query nearly
+// orthogonal to it gets a small score with the large terms' rounding (measured: rows after a
+// 1e6 key at Dk = 128 lost 30x more than a dense float32 computation). Per key tile, up to
+// kMaxFarKeys keys farther than kFarKeyRatio times the median distance have their scores
+// recomputed in float64 (KeyTile::exact_far_scores), a few dot products per tile pair.
+constexpr int64_t kMaxFarKeys = 8;
+constexpr double kFarKeyRatio = 64;
+constexpr int64_t kFarSlots = 1 + kMaxFarKeys;  // per tile: the count, then the positions
+
+// Finds the far keys of one tile (m keys from position j0 of a sequence, key(j, x) as in
+// key_prefix, reference r) into far (kFarSlots).
+template <typename KeyAt>
+inline void find_far_keys(int64_t j0, int64_t m, int64_t d, const KeyAt& key, const double* r,
+                          int32_t* far) {
+  double dist[kMaxDirectTile];
+  std::vector<double> sorted;
+  for (int64_t j = 0; j < m; ++j) {
+    double d2 = 0;
+    for (int64_t x = 0; x < d; ++x) {
+      const double e = key(j0 + j, x) - r[x];
+      d2 += e * e;
+    }
+    dist[j] = d2;
+    if (d2 - d2 == 0.0) sorted.push_back(d2);
+  }
+  far[0] = 0;
+  if (sorted.size() < 2) return;
+  std::nth_element(sorted.begin(), sorted.begin() + sorted.size() / 2, sorted.end());
+  const double limit = kFarKeyRatio * kFarKeyRatio * sorted[sorted.size() / 2];
+  for (int64_t j = 0; j < m; ++j) {
+    if (!(dist[j] > limit) || !(dist[j] - dist[j] == 0.0)) continue;
+    // Keep the farthest kMaxFarKeys: replace the nearest kept one when full.
+    int64_t slot = far[0] < kMaxFarKeys ? far[0]++ : -1;
+    if (slot < 0) {
+      slot = 0;
+      for (int64_t f = 1; f < kMaxFarKeys; ++f)
+        if (dist[far[1 + f]] < dist[far[1 + slot]]) slot = f;
+      if (!(dist[j] > dist[far[1 + slot]])) continue;
+    }
+    far[1 + slot] = static_cast<int32_t>(j);
+  }
+}
+
+// Per (sequence, key/value head), in float64: the sums of the keys before each tile start and
+// of all keys (the key means mu_i are differences of these, and float64 keeps them exact
+// enough for float32 keys with a large common offset), each tile's reference key r
+// (csq_direct_params.h, direct_reference_candidates) and its far keys (find_far_keys): found
+// once per tile here, not per conversion (without the key store a tile is converted once per
+// query tile that reads it).
 struct KeyPrefix {
   int64_t dim = 0, tile = 1;
   std::vector<int64_t> base;  // per task (sequence, head): its first entry
   std::vector<double> sums;   // entries of `dim`: tile starts 0, T, 2T, ..., then the total
+  std::vector<double> refs;   // entries of `dim`: the tiles' references (base indexes them too)
+  std::vector<int32_t> far;   // entries of kFarSlots: the tiles' far keys
 
   // Sum of the keys at positions < t0 (t0 a tile start, or the length for the total).
   const double* before(const SeqTask& s, int64_t heads_k, int64_t t0) const {
     return sums.data() + (base[s.seq * heads_k + s.head_k] + (t0 + tile - 1) / tile) * dim;
+  }
+  // The reference key and the far keys of the tile starting at t0.
+  const double* ref(const SeqTask& s, int64_t heads_k, int64_t t0) const {
+    return refs.data() + (base[s.seq * heads_k + s.head_k] + t0 / tile) * dim;
+  }
+  const int32_t* far_keys(const SeqTask& s, int64_t heads_k, int64_t t0) const {
+    return far.data() + (base[s.seq * heads_k + s.head_k] + t0 / tile) * kFarSlots;
   }
 };
 
 template <typename scalar_t>
 inline KeyPrefix key_prefix(const DirectFwdParams& p) {
   KeyPrefix kp;
-  kp.dim = p.dim_k;
-  kp.tile = p.tile;
+  const int64_t D = p.dim_k, T = p.tile;
+  kp.dim = D;
+  kp.tile = T;
   const int64_t tasks = p.num_seqs * p.heads_k;
   kp.base.resize(tasks + 1, 0);
   for (int64_t task = 0; task < tasks; ++task)
-    kp.base[task + 1] = kp.base[task] + num_tiles(seq_task(p, task).len, p.tile) + 1;
-  kp.sums.assign(kp.base[tasks] * p.dim_k, 0.0);
-  if (!p.center) return kp;
+    kp.base[task + 1] = kp.base[task] + num_tiles(seq_task(p, task).len, T) + 1;
+  kp.sums.assign(kp.base[tasks] * D, 0.0);
+  kp.refs.assign(kp.base[tasks] * D, 0.0);
+  kp.far.assign(kp.base[tasks] * kFarSlots, 0);
   at::parallel_for(0, tasks, small_pass_grain(p), [&](int64_t begin, int64_t end) {
+    std::vector<double> point(D);
     for (int64_t task = begin; task < end; ++task) {
       const SeqTask s = seq_task(p, task);
-      double* out = kp.sums.data() + kp.base[task] * p.dim_k;
-      std::vector<double> run(p.dim_k, 0.0);
+      const auto key = [&](int64_t j, int64_t x) {
+        return static_cast<double>(row_ptr<scalar_t>(p.k, p.k_stride, s.batch, s.head_k,
+                                                     s.start + j)[x * p.k_stride[3]]);
+      };
+      double* sums = kp.sums.data() + kp.base[task] * D;
+      double* out = sums;
+      std::vector<double> run(D, 0.0);
       for (int64_t j = 0; j < s.len; ++j) {
-        if (j % p.tile == 0) out = std::copy(run.begin(), run.end(), out);
-        const scalar_t* kr = row_ptr<scalar_t>(p.k, p.k_stride, s.batch, s.head_k, s.start + j);
-        for (int64_t x = 0; x < p.dim_k; ++x)
-          run[x] += static_cast<double>(kr[x * p.k_stride[3]]);
+        if (j % T == 0) out = std::copy(run.begin(), run.end(), out);
+        for (int64_t x = 0; x < D; ++x) run[x] += key(j, x);
       }
       std::copy(run.begin(), run.end(), out);  // the total
+      for (int64_t i = 0; i < num_tiles(s.len, T); ++i) {
+        const int64_t t0 = i * T, rows = std::min(T, s.len - t0);
+        const double* at = sums + i * D;               // keys before t0
+        const double* next = sums + (i + 1) * D;       // before t0 + T, or the total
+        for (int64_t x = 0; x < D; ++x)
+          point[x] = p.causal ? (at[x] + key(t0, x)) / double(t0 + 1)
+                              : (next[x] - at[x]) / double(rows);
+        const DirectCandidates c = direct_reference_candidates(p.causal, t0, T, s.len);
+        const int64_t best = nearest_key(c.first, c.last, D, point.data(), key);
+        double* r = kp.refs.data() + (kp.base[task] + i) * D;
+        for (int64_t x = 0; x < D; ++x) r[x] = best < 0 ? 0.0 : key(best, x);
+        find_far_keys(t0, rows, D, key, r, kp.far.data() + (kp.base[task] + i) * kFarSlots);
+      }
     }
   });
   return kp;
 }
 
-// The reference key r of the tile starting at t0 (csq_direct_params.h): the running key mean at
-// t0 when causal (every row of the tile sees those keys), the mean of all keys when not, 0
-// without centering. From the float64 prefix sums, so a query tile and a key tile that start
-// at t0 get the same r.
-template <typename scalar_t, typename acc_t>
+// The reference key r of the tile starting at t0, in acc_t (exactly: it is a key).
+template <typename acc_t>
 inline void tile_reference(const DirectFwdParams& p, const KeyPrefix& kp, const SeqTask& s,
                            int64_t t0, acc_t* out) {
-  const int64_t D = p.dim_k;
-  if (!p.center || s.len == 0) {
-    std::fill(out, out + D, acc_t(0));
-  } else if (!p.causal) {
-    const double* total = kp.before(s, p.heads_k, s.len);
-    for (int64_t x = 0; x < D; ++x) out[x] = static_cast<acc_t>(total[x] / double(s.len));
-  } else {
-    const double* before = kp.before(s, p.heads_k, t0);
-    const scalar_t* kr = row_ptr<scalar_t>(p.k, p.k_stride, s.batch, s.head_k, s.start + t0);
-    for (int64_t x = 0; x < D; ++x)
-      out[x] = static_cast<acc_t>((before[x] + static_cast<double>(kr[x * p.k_stride[3]])) /
-                                  double(t0 + 1));
-  }
+  const double* r = kp.ref(s, p.heads_k, t0);
+  for (int64_t x = 0; x < p.dim_k; ++x) out[x] = static_cast<acc_t>(r[x]);
 }
 
 // A query tile: the rows of all query heads of one key/value head, stacked head after head
 // (G * rows rows, so the tile GEMMs are G times taller), its reference key r (keys are used
-// as k - r) and, when centering causally, mu_i - r per position.
+// as k - r) and, when centering, mu_i - r per position (0 without centering).
 template <typename scalar_t, typename acc_t>
 struct QueryTile {
   const DirectFwdParams& p;
   const int64_t D, G;
   int64_t rows = 0;
-  std::vector<acc_t> q, ref, mdiff;  // (G rows x D), (D), (rows x D)
+  std::vector<acc_t> q, ref;  // (G rows x D), (D)
+  // m_i (rows x D), in float64: b_i = c_h - tau <q_i, m_i> is read from it, and an m_i as
+  // large as an outlier's share of the mean must not be rounded before a query nearly
+  // orthogonal to it makes the product small.
+  std::vector<double> mdiff;
 
   QueryTile(const DirectFwdParams& p_, int64_t tile)
       : p(p_), D(p_.dim_k), G(p_.group), q(G * tile * D), ref(D), mdiff(tile * D) {}
@@ -158,22 +223,27 @@ struct QueryTile {
       load_rows<scalar_t, acc_t>(p.q, p.q_stride, t.seq.batch, t.seq.head_k * G + hh,
                                  t.seq.start + t.t0, rows, D, nullptr, q.data() + hh * rows * D,
                                  D);
-    std::fill(mdiff.begin(), mdiff.begin() + rows * D, acc_t(0));
-    tile_reference<scalar_t, acc_t>(p, kp, t.seq, t.t0, ref.data());
-    if (!p.center || !p.causal || rows == 0) return;  // not causal: mu_i = r, b_i = c_h
-    // Running key sums from the tile start, in float64: mu_i = sum_{j <= i} k_j / (i + 1),
-    // r = mu_{t0}.
+    tile_reference(p, kp, t.seq, t.t0, ref.data());
+    // m_i = mu_i - r (centering) or -r, in float64 from r (a key, exact in acc_t): as small as
+    // the keys' spread, whatever their common offset (csq_direct_params.h).
+    if (!p.center || !p.causal) {
+      const double* total = kp.before(t.seq, p.heads_k, t.seq.len);
+      for (int64_t x = 0; x < D; ++x) {
+        const double mu = p.center ? total[x] / double(t.seq.len) : 0.0;
+        for (int64_t i = 0; i < rows; ++i) mdiff[i * D + x] = mu - double(ref[x]);
+      }
+      return;
+    }
+    // Running key sums from the tile start, in float64: mu_i = sum_{j <= i} k_j / (i + 1).
     std::vector<double> run(kp.before(t.seq, p.heads_k, t.t0),
-                            kp.before(t.seq, p.heads_k, t.t0) + D),
-        r(D);
+                            kp.before(t.seq, p.heads_k, t.t0) + D);
     for (int64_t i = 0; i < rows; ++i) {
       const scalar_t* kr = row_ptr<scalar_t>(p.k, p.k_stride, t.seq.batch, t.seq.head_k,
                                              t.seq.start + t.t0 + i);
       const double n = double(t.t0 + i + 1);
       for (int64_t x = 0; x < D; ++x) {
         run[x] += static_cast<double>(kr[x * p.k_stride[3]]);
-        if (i == 0) r[x] = run[x] / n;
-        mdiff[i * D + x] = static_cast<acc_t>(run[x] / n - r[x]);
+        mdiff[i * D + x] = run[x] / n - double(ref[x]);
       }
     }
   }
@@ -208,7 +278,7 @@ inline void convert_keys(const DirectFwdParams& p, const KeyPrefix& kp, const Ke
     const int64_t m = std::min(T, n - u), row0 = s.start + j0 + u;
     acc_t* r = refs + (u / T) * l.D;
     acc_t* blk = buf + (u / T) * l.block();
-    tile_reference<scalar_t, acc_t>(p, kp, s, j0 + u, r);
+    tile_reference(p, kp, s, j0 + u, r);
     load_rows_t<scalar_t, acc_t>(p.k, p.k_stride, s.batch, s.head_k, row0, m, l.D, r, blk, T);
     if (l.backward) {
       load_rows<scalar_t, acc_t>(p.k, p.k_stride, s.batch, s.head_k, row0, m, l.D, r,
@@ -277,15 +347,22 @@ struct KeyTile {
   const acc_t* v = nullptr;
   const acc_t* vT = nullptr;
   const acc_t* ref = nullptr;
+  const int32_t* far = nullptr;  // the count, then the far keys' positions in the tile
   std::vector<acc_t> tile_buf, tile_ref;  // without the store
+  std::vector<double> far_x;  // one far key relative to ref, in float64
+  SeqTask seq{};
+  int64_t row0 = 0;
 
   KeyTile(const DirectFwdParams& p_, const KeyPrefix& kp_,
           const KeyStore<scalar_t, acc_t>& store_)
       : p(p_), kp(kp_), store(store_), l(store_.layout), ld(p_.tile),
-        tile_buf(store_.whole ? 0 : store_.layout.block()), tile_ref(p_.dim_k) {}
+        tile_buf(store_.whole ? 0 : store_.layout.block()), tile_ref(p_.dim_k),
+        far_x(p_.dim_k) {}
 
   void load(const SeqTask& s, int64_t j0, int64_t n) {
     rows = n;
+    seq = s;
+    row0 = s.start + j0;
     const acc_t* blk;
     if (store.whole) {
       const int64_t task = s.seq * p.heads_k + s.head_k, tile = j0 / l.T;
@@ -296,6 +373,7 @@ struct KeyTile {
       blk = tile_buf.data();
       ref = tile_ref.data();
     }
+    far = kp.far_keys(s, p.heads_k, j0);
     kT = blk;
     if (l.backward) {
       k = blk + l.D * l.T;
@@ -308,25 +386,56 @@ struct KeyTile {
   // The values of key rows after each query row of a diagonal tile (forward): if any is NaN or
   // Inf, a GEMM would carry 0 * NaN across the causal mask.
   bool values_finite() const { return all_finite_impl(v, rows * (l.Dv + 1)); }
+
+  // The raw scores <q_r, k_j - ref> of the far keys, in float64, into S (grows x cols, the
+  // GEMM's output for this tile): q (grows x D).
+  void exact_far_scores(const acc_t* q, int64_t grows, acc_t* S, int64_t cols) {
+    const int64_t D = l.D;
+    for (int32_t f = 0; f < far[0]; ++f) {
+      const int64_t j = far[1 + f];
+      const scalar_t* kr = row_ptr<scalar_t>(p.k, p.k_stride, seq.batch, seq.head_k, row0 + j);
+      for (int64_t x = 0; x < D; ++x)
+        far_x[x] = static_cast<double>(kr[x * p.k_stride[3]]) - double(ref[x]);
+      for (int64_t r = 0; r < grows; ++r) {
+        double dot = 0;
+        for (int64_t x = 0; x < D; ++x) dot += double(q[r * D + x]) * far_x[x];
+        S[r * cols + j] = static_cast<acc_t>(dot);
+      }
+    }
+  }
 };
+
+// A per-thread float64 vector for pair_shifts.
+inline std::vector<double>& pair_delta_scratch() {
+  thread_local std::vector<double> d;
+  return d;
+}
 
 // The shifts of a (query tile, key tile) pair: out_r = b_r + tau <q_r, r_j - r_i> (the key
 // tile's reference minus the query tile's), or b itself when the references are equal (the
-// diagonal, no causal masking, no centering). delta receives r_j - r_i.
+// diagonal). delta receives r_j - r_i. In float64: the references are keys (exact), and their
+// difference can be far larger than the scores (keys drifting along the sequence), so the
+// product is taken exactly enough that only the sum is rounded.
 template <typename acc_t>
 inline const acc_t* pair_shifts(const acc_t* q, int64_t grows, int64_t D, const acc_t* b,
                                 acc_t tau, const acc_t* key_ref, const acc_t* query_ref,
                                 acc_t* delta, acc_t* out) {
   bool same = true;
-  for (int64_t x = 0; x < D; ++x) {
-    delta[x] = key_ref[x] - query_ref[x];
-    same = same && delta[x] == acc_t(0);
+  for (int64_t x = 0; x < D; ++x) same = same && key_ref[x] == query_ref[x];
+  if (same) {
+    std::fill(delta, delta + D, acc_t(0));
+    return b;
   }
-  if (same) return b;
+  std::vector<double>& d = pair_delta_scratch();
+  d.resize(D);
+  for (int64_t x = 0; x < D; ++x) {
+    d[x] = double(key_ref[x]) - double(query_ref[x]);
+    delta[x] = static_cast<acc_t>(d[x]);
+  }
   for (int64_t r = 0; r < grows; ++r) {
-    acc_t dot = 0;
-    for (int64_t x = 0; x < D; ++x) dot += q[r * D + x] * delta[x];
-    out[r] = b[r] + tau * dot;
+    double dot = 0;
+    for (int64_t x = 0; x < D; ++x) dot += double(q[r * D + x]) * d[x];
+    out[r] = static_cast<acc_t>(double(b[r]) + double(tau) * dot);
   }
   return out;
 }

@@ -38,14 +38,17 @@ struct ForwardTile {
     const int64_t rows = t.rows, grows = G * rows;
     const acc_t* shift = static_cast<const acc_t*>(p.shift);
     const acc_t* row_shift = static_cast<const acc_t*>(p.row_shift);
-    // b_i = c_h - tau <q_i, mu_i - r> (+ row_shift_i): the shift that goes with keys k - r.
+    // b_i = c_h - tau <q_i, m_i> (+ row_shift_i): the shift that goes with keys k - r
+    // (csq_direct_params.h). In float64: without centering m_i = -r, a key, and c_h + tau <q_i, r>
+    // may be the difference of two large numbers.
     for (int64_t r = 0; r < grows; ++r) {
       const acc_t* qr = qt.q.data() + r * D;
-      const acc_t* md = qt.mdiff.data() + (r % rows) * D;
-      acc_t dot = 0;
-      for (int64_t x = 0; x < D; ++x) dot += qr[x] * md[x];
-      b[r] = shift[t.seq.head_k * G + r / rows] - tau * dot;
-      if (row_shift != nullptr) b[r] += row_shift[qt.out_row(t, r)];
+      const double* md = qt.mdiff.data() + (r % rows) * D;
+      double dot = 0;
+      for (int64_t x = 0; x < D; ++x) dot += double(qr[x]) * md[x];
+      double br = double(shift[t.seq.head_k * G + r / rows]) - p.scale * dot;
+      if (row_shift != nullptr) br += double(row_shift[qt.out_row(t, r)]);
+      b[r] = static_cast<acc_t>(br);
     }
     std::fill(num.begin(), num.begin() + grows * Dv1, acc_t(0));
     const int64_t end = p.causal ? t.t0 + rows : t.seq.len;
@@ -57,6 +60,7 @@ struct ForwardTile {
                                     qt.ref.data(), delta.data(), b_pair.data());
       gemm<acc_t>(false, false, grows, cols, D, acc_t(1), qt.q.data(), D, kt.kT, kt.ld,
                   acc_t(0), w.data(), cols);
+      kt.exact_far_scores(qt.q.data(), grows, w.data(), cols);
       if (diag && !kt.values_finite()) {
         shifted_squares<acc_t>(w.data(), grows, rows, cols, bp, tau, diag, nullptr,
                                w.data());

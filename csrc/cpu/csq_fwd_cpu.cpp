@@ -16,11 +16,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> csq_fwd_c
     const c10::optional<at::Tensor>& cu_seqlens, const c10::optional<at::Tensor>& state_in,
     const c10::optional<at::Tensor>& ref_in, bool causal, double scale, bool center,
     bool normalize, double eps, int64_t chunk_size, bool return_state) {
-  const ForwardCall call = prepare_forward(q, k, v, shift, cu_seqlens, state_in, ref_in, causal,
-                                           scale, center, normalize, eps, chunk_size,
-                                           return_state);
+  ForwardCall call = prepare_forward(q, k, v, shift, cu_seqlens, state_in, ref_in, causal,
+                                     scale, center, normalize, eps, chunk_size, return_state);
+  int too_coarse = 0;  // a float32 state could not serve the call: float64 instead
+  call.p.state_condition_limit = state_condition_limit(q.scalar_type());
+  call.p.state_too_coarse = &too_coarse;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "csq_fwd_cpu",
                                   [&] { launch_fwd<scalar_t>(call.p); });
+  if (too_coarse)
+    return forward_in_float64(&csq_fwd_cpu, q, k, v, shift, cu_seqlens, state_in, ref_in,
+                              causal, scale, center, normalize, eps, chunk_size, return_state);
   return call.outputs();
 }
 

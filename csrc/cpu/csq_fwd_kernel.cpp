@@ -26,8 +26,15 @@ void forward_task(const FwdParams& p, const SeqTask& t) {
   const bool carried = carried_sums<acc_t>(p, t) != nullptr;
   if (!p.causal) keys.absorb_all();
 
+  // The state's conditioning (csq_params.h): a row beyond the limit stops the task and sends
+  // the whole op to float64 (the host); so does a flag another task raised.
+  const bool check = p.state_condition_limit > 0;
   for (int64_t t0 = 0; t0 < N; t0 += C) {
+    if (check && state_flagged(p)) return;
     const int64_t rows = std::min(C, N - t0);
+    const bool reads_state = !(p.causal && t0 == 0 && !carried);
+    double trace = 0, count = 0;
+    if (check && reads_state) state_key_spread(keys.state.data(), D, Dv, &trace, &count);
     if (p.causal) keys.load(t0, rows);
     if (p.center)
       key_means(kc.data(), rows, D, ksum.data(), keys.carried_keys + acc_t(t0), p.causal, N,
@@ -40,7 +47,7 @@ void forward_task(const FwdParams& p, const SeqTask& t) {
       query_shifts(p, qc.data(), mu.data(), ref.data(), rows, shift[h], tau, bq.data());
 
       // Keys of earlier chunks (or all keys) through the state: num~ = phi(Q, b) S.
-      if (p.causal && t0 == 0 && !carried) {
+      if (!reads_state) {
         std::fill(num.begin(), num.begin() + rows * Dv1, acc_t(0));
       } else {
         query_features(qc.data(), bq.data(), rows, D, tau, phi.data());
@@ -64,6 +71,12 @@ void forward_task(const FwdParams& p, const SeqTask& t) {
           lower_mm_add(w.data(), rows, vc.data(), Dv1, Dv1, acc_t(1), false, num.data(), Dv1);
       }
 
+      if (check && reads_state &&
+          rows_ill_conditioned(p, qc.data(), bq.data(), num.data() + Dv, Dv1, rows, trace,
+                               count)) {
+        flag_state(p);
+        return;
+      }
       const int64_t row0 = (t.batch * p.heads_q + h) * p.seqlen + t.start + t0;
       acc_t* y = static_cast<acc_t*>(p.y) + row0 * Dv;
       for (int64_t i = 0; i < rows; ++i) {

@@ -5,9 +5,9 @@
 // of dk), and the block-level tile products on shared memory. Torch-free.
 //
 // Semantics are the CPU kernel's (csrc/cpu/csq_direct_cpu.h): query tile T (positions
-// t0 .. t0 + 63 of a sequence) uses keys k_j - r_T with r_T the running key mean at t0 (causal)
-// or the mean of all keys (not causal), 0 without centering, and b_i = c_h - tau <q_i, mu_i - r_T>;
-// the key sums behind mu_i and r_T are taken in float64 as on the CPU.
+// t0 .. t0 + 63 of a sequence) uses keys k_j - r_T with r_T a key near their mean
+// (csrc/csq_direct_params.h), b_i = c_h - tau <q_i, m_i> with m_i = mu_i - r_T (or -r_T
+// without centering); the key sums behind mu_i and r_T are taken in float64 as on the CPU.
 #pragma once
 
 #include "csq_common.cuh"
@@ -34,7 +34,8 @@ __host__ __device__ __forceinline__ int imin(int a, int b) { return a < b ? a : 
 //                                    the centering term of dk (suffix)
 //   ttot (Hk, S, D) f64              the whole sequence's sum
 //   ref (Hk, slots, D) Acc           r_T of every query tile
-//   mdiff (B, Hk, N, D) Acc          mu_i - r_T (center and causal only)
+//   mdiff (B, Hk, N, D) f64          m_i: mu_i - r_T, or -r_T without centering (float64: b_i
+//                                    and dq_i read it before any rounding)
 //   inv, dden (B, Hq, N) Acc         backward: 1 / (den_i + eps), -<dy_i, y_i> / (den_i + eps)
 // Tile slots: without cu_seqlens slot = batch entry * ntiles + tile; with it, the slots of
 // sequence s are tile0[s] .. tile0[s + 1] - 1, at most ceil(N / 64) + S in all.
@@ -70,7 +71,7 @@ inline size_t carve_direct(const DirectFwdParams& p, DType dt, bool backward, vo
       align256(sizeof(double) * hk * slots * d),
       align256(sizeof(double) * hk * seqs * d),
       align256(a * hk * slots * d),
-      p.center && p.causal ? align256(a * size_t(p.batch * p.heads_k * p.seqlen) * d) : 0,
+      align256(sizeof(double) * size_t(p.batch * p.heads_k * p.seqlen) * d),
       backward ? align256(a * rows_q) : 0,
       backward ? align256(a * rows_q) : 0};
   size_t off[8], total = 0;
@@ -85,7 +86,7 @@ inline size_t carve_direct(const DirectFwdParams& p, DType dt, bool backward, vo
     w->tpre = reinterpret_cast<double*>(c + off[2]);
     w->ttot = reinterpret_cast<double*>(c + off[3]);
     w->ref = c + off[4];
-    w->mdiff = sizes[5] ? c + off[5] : nullptr;
+    w->mdiff = c + off[5];
     w->inv = backward ? c + off[6] : nullptr;
     w->dden = backward ? c + off[7] : nullptr;
     w->slots = int64_t(slots);
@@ -235,56 +236,81 @@ __global__ void __launch_bounds__(kDThreads) direct_tile_scan_kernel(const Direc
   }
 }
 
-// Per query tile and key/value head: r_T (w.ref), mu_i - r_T (w.mdiff, center and causal) and,
-// when write_b, b_i = c_h - tau <q_i, mu_i - r_T> (+ row_shift_i) for every query head of the
-// group (p.b).
+// Per query tile and key/value head: r_T (w.ref), m_i = mu_i - r_T or -r_T (w.mdiff) and, when
+// write_b, b_i = c_h - tau <q_i, m_i> (+ row_shift_i) for every query head of the group (p.b).
+// r_T is the key nearest to the keys' mean among the candidates (csrc/csq_direct_params.h,
+// the CPU kernels' choice: direct_reference_candidates, nearest_key): one thread per
+// candidate measures its distance in float64, thread 0 picks the first of the nearest.
 // Grid (slots, Hk).
 template <typename T, typename Acc>
 __global__ void __launch_bounds__(kDThreads) direct_rows_kernel(const DirectFwdParams p,
                                                                 const DirectWork w,
                                                                 bool write_b) {
+  __shared__ double point[kMaxD];
+  __shared__ double dist[kT];
+  __shared__ int best;
   const DTile t = direct_tile(p, w, blockIdx.x);
   if (!t.valid) return;
   const int64_t hk = blockIdx.y, D = p.dim_k;
   Acc* ref = static_cast<Acc*>(w.ref) + (hk * w.slots + blockIdx.x) * D;
-  Acc* mdiff = static_cast<Acc*>(w.mdiff);
-  const bool md = p.center && p.causal;
+  double* mdiff = static_cast<double*>(w.mdiff);
   const auto md_at = [&](int i, int d) {
     return ((t.bi * p.heads_k + hk) * p.seqlen + t.start + t.t0 + i) * D + d;
   };
+  const auto key = [&](int64_t j, int64_t d) {
+    return double(load_el<Acc, T>(p.k, p.k_stride, t.bi, hk, t.start + j, int(d)));
+  };
+  const int64_t sum_at = hk * w.slots + blockIdx.x;
+  for (int d = threadIdx.x; d < D; d += blockDim.x)  // the candidates' point: a mean
+    point[d] = p.causal ? (w.tpre[sum_at * D + d] + key(t.t0, d)) / double(t.t0 + 1)
+                        : w.tsum[sum_at * D + d] / double(t.rows);
+  __syncthreads();
+  const DirectCandidates c = direct_reference_candidates(p.causal, t.t0, kT, t.len);
+  const int n = static_cast<int>(c.last - c.first + 1);
+  for (int j = threadIdx.x; j < n; j += blockDim.x)
+    dist[j] = key_distance(c.first + j, D, point, key);
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int b = -1;
+    for (int j = 0; j < n; ++j)
+      if (dist[j] >= 0 && (b < 0 || dist[j] < dist[b])) b = j;
+    best = b;
+  }
+  __syncthreads();
   for (int d = threadIdx.x; d < D; d += blockDim.x) {
-    if (!p.center) {
-      ref[d] = Acc(0);
-    } else if (!p.causal) {  // every query sees every key: r = mu
-      ref[d] = Acc(w.ttot[(hk * num_sequences(p) + t.seq) * D + d] / double(t.len));
-    } else {  // r = mu_{t0}, seen by every row of the tile; running sums in float64
-      double run = w.tpre[(hk * w.slots + blockIdx.x) * D + d], r = 0;
+    const double r = best < 0 ? 0.0 : key(c.first + best, d);  // a key: exact in Acc
+    ref[d] = Acc(r);
+    if (!p.center || !p.causal) {  // every row: mu - r (the mean of all keys) or -r
+      const double mu = p.center ? w.ttot[(hk * num_sequences(p) + t.seq) * D + d] /
+                                       double(t.len)
+                                 : 0.0;
+      for (int i = 0; i < t.rows; ++i) mdiff[md_at(i, d)] = mu - r;
+    } else {  // mu_i - r with mu_i the running mean; running sums in float64
+      double run = w.tpre[sum_at * D + d];
       for (int i = 0; i < t.rows; ++i) {
-        run += double(load_el<Acc, T>(p.k, p.k_stride, t.bi, hk, t.start + t.t0 + i, d));
-        const double n = double(t.t0 + i + 1);
-        if (i == 0) r = run / n;
-        mdiff[md_at(i, d)] = Acc(run / n - r);
+        run += key(t.t0 + i, d);
+        mdiff[md_at(i, d)] = run / double(t.t0 + i + 1) - r;
       }
-      ref[d] = Acc(r);
     }
   }
   if (!write_b) return;
   __syncthreads();  // mdiff (global) written by this block is visible to it
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nwarps = blockDim.x / 32;
-  const Acc tau = Acc(p.scale);
   for (int task = warp; task < p.group * t.rows; task += nwarps) {  // uniform over the warp
     const int64_t h = hk * p.group + task / t.rows;
     const int i = task % t.rows;
-    Acc dot = 0;
-    for (int d = lane; d < D; d += 32) {
-      const Acc m = md ? mdiff[md_at(i, d)] : Acc(0);
-      dot += load_el<Acc, T>(p.q, p.q_stride, t.bi, h, t.start + t.t0 + i, d) * m;
-    }
+    // In float64: without centering m_i = -r, and c_h + tau <q_i, r> may be the difference of
+    // two large numbers.
+    double dot = 0;
+    for (int d = lane; d < D; d += 32)
+      dot += double(load_el<Acc, T>(p.q, p.q_stride, t.bi, h, t.start + t.t0 + i, d)) *
+             mdiff[md_at(i, d)];
     dot = warp_sum(dot);
     if (lane == 0) {
       const int64_t row = out_row(t, p.heads_q, h, p.seqlen, i);
-      const Acc extra = p.row_shift ? static_cast<const Acc*>(p.row_shift)[row] : Acc(0);
-      static_cast<Acc*>(p.b)[row] = static_cast<const Acc*>(p.shift)[h] - tau * dot + extra;
+      const double extra = p.row_shift ? double(static_cast<const Acc*>(p.row_shift)[row]) : 0.0;
+      static_cast<Acc*>(p.b)[row] =
+          Acc(double(static_cast<const Acc*>(p.shift)[h]) - p.scale * dot + extra);
     }
   }
 }

@@ -121,8 +121,7 @@ __global__ void __launch_bounds__(kDThreads) direct_dq_kernel(const DirectBwdPar
     __syncthreads();
     tile_product<false>(dq, sm.X, sm.Y, diag ? kMaskUpTo : kMaskNone);
   }
-  const bool md = p.center && p.causal;
-  const Acc* mdiff = static_cast<const Acc*>(w.mdiff);
+  const double* mdiff = static_cast<const double*>(w.mdiff);
   Acc* dq_out = static_cast<Acc*>(p.dq);
 #pragma unroll
   for (int a = 0; a < 4; ++a) {
@@ -135,8 +134,8 @@ __global__ void __launch_bounds__(kDThreads) direct_dq_kernel(const DirectBwdPar
     for (int c = 0; c < 4; ++c) {
       const int col = l.tx + 16 * c;
       if (col >= ncols) continue;
-      const Acc m = md ? mdiff[mrow * D + c0 + col] : Acc(0);
-      dq_out[row * D + c0 + col] = tau * (dq[a][c] - m * dbi);
+      const double m = mdiff[mrow * D + c0 + col];
+      dq_out[row * D + c0 + col] = Acc(p.scale * (double(dq[a][c]) - m * double(dbi)));
     }
     if (blockIdx.z == 0 && l.tx == 0) static_cast<Acc*>(p.db)[row] = dbi;
   }

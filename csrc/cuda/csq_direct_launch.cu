@@ -1,7 +1,7 @@
 // Launchers of the CUDA direct path, for the four input dtypes (README.md, "Direct path").
 // Forward:
 //   1. cu_seqlens: the first tile slot of each sequence          direct_tile_map_kernel
-//   2. center: per-tile key sums (float64) and their scan         direct_tile_sum/scan_kernel
+//   2. per-tile key sums (float64) and their scan                  direct_tile_sum/scan_kernel
 //   3. r_T per query tile, mu_i - r_T, b_i                        direct_rows_kernel
 //   4. the tiles: y, den                                          direct_fwd_kernel
 //      (bfloat16 / float16: direct_fwd_mma_kernel, on tensor cores, unless
@@ -63,7 +63,7 @@ Status launch_direct_rows(const DirectFwdParams& p, const DirectWork& w, bool wr
     direct_tile_map_kernel<<<1, 32, 0, stream>>>(p, w);
     CSQ_CHECK_LAUNCH("direct_tile_map_kernel");
   }
-  if (p.center) {
+  {  // with or without centering: the means pick the reference keys
     direct_tile_sum_kernel<T, Acc, kSumKeys><<<tiles, kDThreads, 0, stream>>>(p, w);
     CSQ_CHECK_LAUNCH("direct_tile_sum_kernel<keys>");
     const dim3 seqs(unsigned(num_sequences(p)), unsigned(p.heads_k));

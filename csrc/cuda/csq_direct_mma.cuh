@@ -512,8 +512,7 @@ __global__ void __launch_bounds__(kDThreads) direct_dq_mma_kernel(const DirectBw
   }
   __syncthreads();
   row_sums(db, sm);
-  const bool md = p.center && p.causal;
-  const float* mdiff = static_cast<const float*>(w.mdiff);
+  const double* mdiff = static_cast<const double*>(w.mdiff);
   float* dq_out = static_cast<float*>(p.dq);
 #pragma unroll
   for (int r = 0; r < 4; ++r) {
@@ -526,8 +525,8 @@ __global__ void __launch_bounds__(kDThreads) direct_dq_mma_kernel(const DirectBw
     for (int j = 0; j < 4; ++j) {
       const int n = f.col(j, r);
       if (n >= ncols) continue;
-      const float m = md ? mdiff[mrow * D + c0 + n] : 0.f;
-      dq_out[row * D + c0 + n] = tau * (acc[j][r] - m * dbi);
+      const double m = mdiff[mrow * D + c0 + n];
+      dq_out[row * D + c0 + n] = float(p.scale * (double(acc[j][r]) - m * double(dbi)));
     }
     if (blockIdx.z == 0 && f.nb == 0 && f.t == 0 && r % 2 == 0)
       static_cast<float*>(p.db)[row] = dbi;

@@ -7,8 +7,9 @@ several feature tiles and slabs. Emulator only: it says nothing about speed.
 
 Heads above 128, up to the limit of 256, run too (WIDE_CASES: the first ones in quick mode,
 all of them in the full check; `wide` runs only those). The direct path's kernels run too
-(check_emu_direct.py; `direct` runs only those), and the state pool's (check_emu_pool.py;
-`pool` runs only those).
+(check_emu_direct.py; `direct` runs only those), the state pool's (check_emu_pool.py; `pool`
+runs only those), and the input classes of the spec's accuracy table with the backward's
+causality (check_emu_classes.py; `classes` runs only those).
 """
 import contextlib
 import ctypes
@@ -593,6 +594,14 @@ def check_wide(quick):
     return ok
 
 
+def run_classes(quick):
+    """Offsets, drifts, outliers and the backward's causality on both kernel families
+    (check_emu_classes.py: its lines start with "classes")."""
+    sys.path.insert(0, HERE)
+    import check_emu_classes
+    return check_emu_classes.run(lib, emu_fwd, emu_bwd, quick)
+
+
 def run_direct(quick):
     """The direct path's kernels (check_emu_direct.py: its lines start with "direct")."""
     sys.path.insert(0, HERE)
@@ -655,6 +664,10 @@ def main():
         ok = run_pool(QUICK)
         print("ALL OK" if ok else "SOME FAILED")
         sys.exit(0 if ok else 1)
+    if "classes" in sys.argv:  # only the input classes (check_emu_classes.py)
+        ok = run_classes(QUICK)
+        print("ALL OK" if ok else "SOME FAILED")
+        sys.exit(0 if ok else 1)
     if "tc" in sys.argv:  # only the tensor-core comparison
         ok = check_tensor_cores()
         print("ALL OK" if ok else "SOME FAILED")
@@ -701,6 +714,7 @@ def main():
         ok &= check_wide(QUICK)
         ok &= run_direct(QUICK)
         ok &= run_pool(QUICK)
+        ok &= run_classes(QUICK)
     print("ALL OK" if ok else "SOME FAILED")
     sys.exit(0 if ok else 1)
 
