@@ -38,7 +38,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         initial_state: a CSQState (causal only) that the sequences continue: the keys and
             values of their earlier pieces. Differentiable.
         return_state: also return the state after the last position.
-        path: "auto" (default: the cheaper algorithm for this call, see the README's
+        path: "auto" (default: the cheaper algorithm for this call, see docs/performance.md's
             crossover table), "direct" (tiles of q against tiles of k, O(N^2 (Dk + Dv)), plus
             O(N Dk^2 Dv) to read a carried state or build the returned one; CPU and CUDA) or
             "chunked" (the state scan, O(N Dk^2 Dv)). The result is the same to rounding.
