@@ -59,6 +59,20 @@ def _csq_decode_fake(sums, ref, q, k, v, shift, y, scale, center, normalize, eps
     return None
 
 
+@torch.library.register_fake("csq_ext::csq_pool_prefill_")
+def _csq_pool_prefill_fake(sums, ref, slots, has_initial_state, q, k, v, shift, cu_seqlens,
+                           scale, center, normalize, eps, chunk_size):
+    _check_devices(q, sums, ref, k, v, shift)
+    return q.new_empty((1, q.shape[1], q.shape[2], v.shape[-1]))
+
+
+@torch.library.register_fake("csq_ext::csq_pool_decode_")
+def _csq_pool_decode_fake(sums, ref, slots, has_initial_state, q, k, v, shift, y, scale, center,
+                          normalize, eps):
+    _check_devices(q, sums, ref, k, v, shift, y)
+    return None
+
+
 def _fwd_setup_context(ctx, inputs, output):
     (q, k, v, shift, cu_seqlens, state_in, ref_in, causal, scale, center, normalize, eps,
      chunk_size, return_state) = inputs

@@ -134,9 +134,8 @@ void set_carried_state(FwdParams& p, const at::Tensor& q,
   }
 }
 
-// The forward's parameters, shared by csq_fwd and csq_bwd (after check_inputs): sizes,
-// scalars, chunk, packed sequences and carried state. Returns the tensors p points into
-// through the last two arguments.
+}  // namespace
+
 void fill_forward_params(FwdParams& p, const at::Tensor& q, const at::Tensor& k,
                          const at::Tensor& v, const at::Tensor& shift,
                          const c10::optional<at::Tensor>& cu_seqlens,
@@ -153,8 +152,6 @@ void fill_forward_params(FwdParams& p, const at::Tensor& q, const at::Tensor& k,
   cu = set_packed_sequences(p, q, cu_seqlens);
   set_carried_state(p, q, state_in, ref_in);
 }
-
-}  // namespace
 
 ForwardCall prepare_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const at::Tensor& shift, const c10::optional<at::Tensor>& cu_seqlens,
@@ -295,10 +292,9 @@ BackwardCall::outputs() const {
   return {std::get<0>(g), std::get<1>(g), std::get<2>(g), std::get<3>(g), dstate_in, dref};
 }
 
-DecodeParams prepare_decode(const at::Tensor& sums, const at::Tensor& ref, const at::Tensor& q,
-                            const at::Tensor& k, const at::Tensor& v, const at::Tensor& shift,
-                            const at::Tensor& y, double scale, bool center, bool normalize,
-                            double eps) {
+DecodeParams prepare_decode_step(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const at::Tensor& shift, const at::Tensor& y, double scale,
+                                 bool center, bool normalize, double eps) {
   check_inputs(q, k, v, shift, eps, 0);
   TORCH_CHECK(q.size(2) == 1, "csq_ext.decode: q, k, v must hold one token (N = 1), got N = ",
               q.size(2));
@@ -307,17 +303,25 @@ DecodeParams prepare_decode(const at::Tensor& sums, const at::Tensor& ref, const
               "csq_ext.decode_: shift must be a contiguous ", acc, " tensor");
   DecodeParams p;
   fill_qkv_params(p, q, k, v, shift, true, scale, center, normalize, eps);
-  FwdParams carried;  // the same checks of sums and ref as a carried state's
-  static_cast<QkvParams&>(carried) = p;
-  set_carried_state(carried, q, sums, ref);
   TORCH_CHECK(y.sizes() == at::IntArrayRef({p.batch, p.heads_q, 1, p.dim_v}) &&
                   y.scalar_type() == q.scalar_type() && y.is_contiguous() &&
                   y.device() == q.device(),
               "csq_ext.decode_: out must be a contiguous (B, Hq, 1, Dv) tensor of q's dtype on ",
               q.device());
+  p.y = y.data_ptr();
+  return p;
+}
+
+DecodeParams prepare_decode(const at::Tensor& sums, const at::Tensor& ref, const at::Tensor& q,
+                            const at::Tensor& k, const at::Tensor& v, const at::Tensor& shift,
+                            const at::Tensor& y, double scale, bool center, bool normalize,
+                            double eps) {
+  DecodeParams p = prepare_decode_step(q, k, v, shift, y, scale, center, normalize, eps);
+  FwdParams carried;  // the same checks of sums and ref as a carried state's
+  static_cast<QkvParams&>(carried) = p;
+  set_carried_state(carried, q, sums, ref);
   p.sums = sums.data_ptr();
   p.ref = ref.data_ptr();  // written when the state holds no key yet
-  p.y = y.data_ptr();
   return p;
 }
 

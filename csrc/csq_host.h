@@ -52,6 +52,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gradient_outputs(
     const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv, const at::Tensor& db,
     at::ScalarType input_dtype, at::ScalarType shift_dtype);
 
+// The forward's parameters, shared by csq_fwd, csq_bwd and csq_pool_prefill_ (after
+// check_inputs): sizes, scalars, chunk, packed sequences and carried state (none when
+// state_in / ref_in are empty). Returns the tensors p points into through the last two
+// arguments.
+void fill_forward_params(FwdParams& p, const at::Tensor& q, const at::Tensor& k,
+                         const at::Tensor& v, const at::Tensor& shift,
+                         const c10::optional<at::Tensor>& cu_seqlens,
+                         const c10::optional<at::Tensor>& state_in,
+                         const c10::optional<at::Tensor>& ref_in, bool causal, double scale,
+                         bool center, bool normalize, double eps, int64_t chunk_size,
+                         at::Tensor& shift_acc, at::Tensor& cu);
+
 // csq_fwd. chunk_size <= 0: the backend's default chunk.
 struct ForwardCall {
   FwdParams p;
@@ -114,5 +126,11 @@ DecodeParams prepare_decode(const at::Tensor& sums, const at::Tensor& ref, const
                             const at::Tensor& k, const at::Tensor& v, const at::Tensor& shift,
                             const at::Tensor& y, double scale, bool center, bool normalize,
                             double eps);
+
+// The same without the state (sums and ref left null): the checks of q, k, v, shift and y,
+// shared with the pool's decode step (csq_pool_host.h).
+DecodeParams prepare_decode_step(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const at::Tensor& shift, const at::Tensor& y, double scale,
+                                 bool center, bool normalize, double eps);
 
 }  // namespace csq

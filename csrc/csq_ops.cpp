@@ -65,5 +65,20 @@ TORCH_LIBRARY(csq_ext, m) {
   m.def(
       "csq_decode_(Tensor(a!) sums, Tensor(c!) ref, Tensor q, Tensor k, Tensor v, Tensor shift, "
       "Tensor(b!) y, float scale, bool center, bool normalize, float eps) -> ()");
+  // The state pool, for serving (docs/SPEC.md section 8; csrc/csq_pool_host.h): states of
+  // many requests in the slots of one pool, sums (P, Hk, F, Dv + 1) and ref (P, Hk, Dk),
+  // updated in place; sequence s uses slot slots[s] (distinct slots) and, where
+  // has_initial_state[s] is False, starts empty whatever the slot holds. Not differentiable.
+  // Prefill: S sequences packed by cu_seqlens (q (1, Hq, T, Dk)); returns y (1, Hq, T, Dv) in
+  // q's dtype. Decode: one token per sequence, q (B, Hq, 1, Dk), y (B, Hq, 1, Dv) written.
+  m.def(
+      "csq_pool_prefill_(Tensor(a!) sums, Tensor(b!) ref, Tensor slots, "
+      "Tensor? has_initial_state, Tensor q, Tensor k, Tensor v, Tensor shift, "
+      "Tensor cu_seqlens, float scale, bool center, bool normalize, float eps, "
+      "int chunk_size) -> Tensor");
+  m.def(
+      "csq_pool_decode_(Tensor(a!) sums, Tensor(b!) ref, Tensor slots, "
+      "Tensor? has_initial_state, Tensor q, Tensor k, Tensor v, Tensor shift, Tensor(c!) y, "
+      "float scale, bool center, bool normalize, float eps) -> ()");
   m.def("build_info() -> str", &build_info);
 }

@@ -35,6 +35,38 @@ struct QkvParams {
   int64_t num_seqs = 0;
 };
 
+// A pool of carried states (the pool ops: docs/SPEC.md section 8, csrc/csq_pool_host.cpp).
+// Without one (slots == nullptr) sequence s reads and writes entry s of the state tensors.
+// With one, the state tensors are the pool: sequence s reads and writes slot slots[s], whose
+// sums start sums_stride elements after the previous slot's and whose ref start ref_stride
+// after (a slot's own (Hk, F, Dv + 1) and (Hk, Dk) are contiguous); slots are distinct, so a
+// sequence's reads and writes never meet another's. fresh[s] != 0 (optional): the slot's
+// contents are not read, the sequence starts from an empty state.
+struct StatePool {
+  const int64_t* slots = nullptr;
+  const uint8_t* fresh = nullptr;
+  int64_t sums_stride = 0, ref_stride = 0;
+};
+
+// Offset of the sums of (sequence s, kv head g) in a state tensor, pooled or not.
+CSQ_HOST_DEVICE inline int64_t state_sums_offset(const StatePool& pool, int64_t s, int64_t g,
+                                                 int64_t heads_k, int64_t head_elems) {
+  return pool.slots == nullptr ? (s * heads_k + g) * head_elems
+                               : pool.slots[s] * pool.sums_stride + g * head_elems;
+}
+
+// Offset of the ref of (sequence s, kv head g), pooled or not.
+CSQ_HOST_DEVICE inline int64_t state_ref_offset(const StatePool& pool, int64_t s, int64_t g,
+                                                int64_t heads_k, int64_t dim_k) {
+  return pool.slots == nullptr ? (s * heads_k + g) * dim_k
+                               : pool.slots[s] * pool.ref_stride + g * dim_k;
+}
+
+// Whether sequence s starts from an empty state whatever its slot holds.
+CSQ_HOST_DEVICE inline bool state_fresh(const StatePool& pool, int64_t s) {
+  return pool.fresh != nullptr && pool.fresh[s] != 0;
+}
+
 // csq_fwd: the chunked algorithm. Every output is contiguous, in the accumulation dtype.
 struct FwdParams : QkvParams {
   // CPU only: positions per chunk (a tuning knob; the result does not depend on it). The CUDA
@@ -59,6 +91,8 @@ struct FwdParams : QkvParams {
   void* den = nullptr;  // (B, Hq, N): sum_j w_ij
   void* state_out = nullptr;  // (S, Hk, F, Dv + 1) when return_state, else null
   void* ref_out = nullptr;    // (S, Hk, Dk): the ref used (read back by the backward)
+  // csq_pool_prefill_ only: state_in / ref_in and state_out / ref_out are one pool, in place.
+  StatePool pool;
 };
 
 // csq_bwd, derived from the forward's parameters: the forward's y, b, den are read back here
@@ -82,6 +116,8 @@ struct DecodeParams : QkvParams {
   void* sums = nullptr;  // (B, Hk, F, Dv + 1), accumulation dtype, contiguous: updated
   void* ref = nullptr;   // (B, Hk, Dk): read; written when the state holds no key yet
   void* y = nullptr;     // (B, Hq, 1, Dv), input dtype, contiguous: the output
+  // csq_pool_decode_ only: sums and ref are a pool, sequence b updates slot pool.slots[b].
+  StatePool pool;
 };
 
 // Keys are summed relative to a reference key r when the sums are built: the carried state's

@@ -1,8 +1,8 @@
 """The CUDA kernels, run on the CPU by the emulator of csrc/cuda/emu/, against the float64
 reference and the CPU backend: the quick subset of check_emu.py (forward and backward of every
 kernel family, several dtypes, strided inputs, carried state, packed batches, the decode step,
-non-finite inputs, outlier and sink keys, the tensor-core path, heads up to 256, and the direct
-path's kernels).
+non-finite inputs, outlier and sink keys, the tensor-core path, heads up to 256, the direct
+path's kernels and the state pool's).
 This is the kernels' correctness evidence between GPU runs; the full check
 (`python csrc/cuda/emu/check_emu.py LIB`) stays a script.
 
@@ -41,7 +41,7 @@ def test_cuda_kernels_in_the_emulator(emulator_library):
     assert run.returncode == 0 and "ALL OK" in run.stdout, report[-6000:]
     # Every family of kernels was exercised (a check that silently ran nothing must fail).
     for family in ("decode", "varlen", "state", "tensor", "outlier", "sink", "wide", "direct",
-                   "direct row inputs"):
+                   "direct row inputs", "pool"):
         assert family in report.lower(), f"no {family} case ran:\n{report[-3000:]}"
     # Heads of 256 (the limit of the chunked CUDA kernels) ran through the forward and backward,
     # the carried state and the decode step, and larger ones were refused.

@@ -89,22 +89,41 @@ inline Ptr task_state(Ptr base, const QkvParams& p, const SeqTask& t) {
   return base + (t.seq * p.heads_k + t.head_k) * state_head_elems(p.dim_k, p.dim_v);
 }
 
+// A task's sums and ref in the forward's carried-state tensors (state_in / state_out, ref_in /
+// ref_out): its own entry, or its slot of a pool (csq_params.h, StatePool).
+template <typename Ptr>
+inline Ptr task_pooled_sums(Ptr base, const FwdParams& p, const SeqTask& t) {
+  return base + state_sums_offset(p.pool, t.seq, t.head_k, p.heads_k,
+                                  state_head_elems(p.dim_k, p.dim_v));
+}
+template <typename Ptr>
+inline Ptr task_pooled_ref(Ptr base, const FwdParams& p, const SeqTask& t) {
+  return base + state_ref_offset(p.pool, t.seq, t.head_k, p.heads_k, p.dim_k);
+}
+
+// The task's carried sums, or null when it has none (no state_in, or a fresh pool slot).
+template <typename acc_t>
+inline const acc_t* carried_sums(const FwdParams& p, const SeqTask& t) {
+  if (p.state_in == nullptr || state_fresh(p.pool, t.seq)) return nullptr;
+  return task_pooled_sums(static_cast<const acc_t*>(p.state_in), p, t);
+}
+
 // The key count that a task's carried state holds (0 without one).
 template <typename acc_t>
 inline acc_t carried_count(const FwdParams& p, const SeqTask& t) {
-  if (p.state_in == nullptr) return acc_t(0);
-  return state_key_count(task_state(static_cast<const acc_t*>(p.state_in), p, t), p.dim_k,
-                         p.dim_v);
+  const acc_t* sums = carried_sums<acc_t>(p, t);
+  return sums == nullptr ? acc_t(0) : state_key_count(sums, p.dim_k, p.dim_v);
 }
 
 // The reference key r of a task (csq_params.h): the carried state's when it holds keys (or
-// when the sequence has none to pick from), else the median of the sequence's first keys.
+// when the sequence has none to pick from), else the median of the sequence's first keys (0
+// for none: a fresh pool slot's r is never read).
 template <typename scalar_t, typename acc_t>
 inline void task_reference(const FwdParams& p, const SeqTask& t, acc_t* ref) {
   const int64_t d = p.dim_k;
-  if (p.ref_in != nullptr && (p.state_in == nullptr || t.len == 0 ||
-                              carried_count<acc_t>(p, t) != acc_t(0))) {
-    const acc_t* src = static_cast<const acc_t*>(p.ref_in) + (t.seq * p.heads_k + t.head_k) * d;
+  if (p.ref_in != nullptr && !state_fresh(p.pool, t.seq) &&
+      (p.state_in == nullptr || t.len == 0 || carried_count<acc_t>(p, t) != acc_t(0))) {
+    const acc_t* src = task_pooled_ref(static_cast<const acc_t*>(p.ref_in), p, t);
     std::copy(src, src + d, ref);
     return;
   }
@@ -123,12 +142,12 @@ template <typename acc_t>
 inline acc_t task_initial_state(const FwdParams& p, const SeqTask& t, acc_t* state,
                                 acc_t* ksum) {
   const int64_t d = p.dim_k, elems = state_head_elems(d, p.dim_v);
-  if (p.state_in == nullptr) {
+  const acc_t* src = carried_sums<acc_t>(p, t);
+  if (src == nullptr) {
     std::fill(state, state + elems, acc_t(0));
     std::fill(ksum, ksum + d, acc_t(0));
     return acc_t(0);
   }
-  const acc_t* src = task_state(static_cast<const acc_t*>(p.state_in), p, t);
   std::copy(src, src + elems, state);
   for (int64_t x = 0; x < d; ++x) ksum[x] = state_key_sum(state, x, d, p.dim_v);
   return state_key_count(state, d, p.dim_v);

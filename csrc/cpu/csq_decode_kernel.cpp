@@ -71,9 +71,14 @@ void launch_decode(const DecodeParams& p) {
   acc_t* sums = static_cast<acc_t*>(p.sums);
   acc_t* ref = static_cast<acc_t*>(p.ref);
   at::parallel_for(0, p.batch * p.heads_k, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task)
-      decode_task<scalar_t, acc_t>(p, task / p.heads_k, task % p.heads_k, sums + task * elems,
-                                   ref + task * p.dim_k);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / p.heads_k, g = task % p.heads_k;
+      acc_t* head = sums + state_sums_offset(p.pool, b, g, p.heads_k, elems);
+      // A fresh pool slot starts empty: its old contents are never read.
+      if (state_fresh(p.pool, b)) std::fill(head, head + elems, acc_t(0));
+      decode_task<scalar_t, acc_t>(p, b, g, head,
+                                   ref + state_ref_offset(p.pool, b, g, p.heads_k, p.dim_k));
+    }
   });
 }
 

@@ -23,7 +23,7 @@ void forward_task(const FwdParams& p, const SeqTask& t) {
   std::vector<acc_t>&kc = keys.kc, &vc = keys.vc, &ref = keys.ref, &ksum = keys.ksum;
   std::vector<acc_t> qc(C * D), mu(C * D), bq(C), phi(C * F), num(C * Dv1), w(C * C);
   keys.start();
-  const bool carried = p.state_in != nullptr;
+  const bool carried = carried_sums<acc_t>(p, t) != nullptr;
   if (!p.causal) keys.absorb_all();
 
   for (int64_t t0 = 0; t0 < N; t0 += C) {
@@ -78,10 +78,10 @@ void forward_task(const FwdParams& p, const SeqTask& t) {
     if (p.causal) keys.absorb(rows);
   }
 
-  std::copy(ref.begin(), ref.end(), static_cast<acc_t*>(p.ref_out) + (t.seq * p.heads_k + g) * D);
+  std::copy(ref.begin(), ref.end(), task_pooled_ref(static_cast<acc_t*>(p.ref_out), p, t));
   if (p.state_out != nullptr)
     std::copy(keys.state.begin(), keys.state.end(),
-              task_state(static_cast<acc_t*>(p.state_out), p, t));
+              task_pooled_sums(static_cast<acc_t*>(p.state_out), p, t));
 }
 
 }  // namespace

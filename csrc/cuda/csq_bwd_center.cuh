@@ -97,7 +97,7 @@ __global__ void __launch_bounds__(kColThreads, 4) center_chunk_sum_kernel(const 
   if (!c.valid) return;
   const int D = static_cast<int>(p.dim_k);
   const Acc tau = Acc(p.scale);
-  const Acc carried = carried_count<Acc>(p, c.seq, g);
+  const Acc carried = carried_count<Acc, false>(p, c.seq, g);
   Acc* out = static_cast<Acc*>(w.center_sums) + (bg * w.nchunks + t) * D;
   for (int d = threadIdx.x; d < D; d += blockDim.x) {
     Acc sum = 0;
@@ -120,7 +120,7 @@ __global__ void __launch_bounds__(kColThreads) center_dk_kernel(const BwdParams 
   const Acc* pre = static_cast<const Acc*>(w.center_prefix) + bg * (nch + 1) * D;
   const Acc* cs = static_cast<const Acc*>(w.center_sums) + bg * nch * D;
   Acc* dk = static_cast<Acc*>(p.dk) + bg * N * D;
-  const Acc carried = carried_count<Acc>(p, c.seq, g);
+  const Acc carried = carried_count<Acc, false>(p, c.seq, g);
   for (int d = threadIdx.x; d < D; d += blockDim.x) {
     if (p.causal) {
       Acc run = pre[t * D + d];

@@ -223,12 +223,23 @@ __device__ __forceinline__ Ptr head_sums(Ptr base, const QkvParams& p, int64_t s
   return base + (seq * p.heads_k + g) * state_head_elems(p.dim_k, p.dim_v);
 }
 
-// The carried key count of a (sequence, kv head), 0 without a carried state.
-template <typename Acc>
+// The same in the forward's carried state (state_in, state_out), which may be a pool: its
+// entry, or its slot (csq_params.h, StatePool; csq_pool_prefill_). The gradients of a state
+// (dstate_*) are never pooled: head_sums, which costs the backward's kernels no registers.
+template <typename Ptr>
+__device__ __forceinline__ Ptr carried_sums(Ptr base, const FwdParams& p, int64_t seq, int64_t g) {
+  return base + state_sums_offset(p.pool, seq, g, p.heads_k, state_head_elems(p.dim_k, p.dim_v));
+}
+
+// The carried key count of a (sequence, kv head), 0 without a carried state. kPool = false
+// for the backward's own kernels, whose state is never a pool (the slot lookup spilled
+// center_dk_kernel<double> on sm_90a).
+template <typename Acc, bool kPool = true>
 __device__ __forceinline__ Acc carried_count(const FwdParams& p, int64_t seq, int64_t g) {
   if (p.state_in == nullptr) return Acc(0);
-  return state_key_count(head_sums(static_cast<const Acc*>(p.state_in), p, seq, g), p.dim_k,
-                         p.dim_v);
+  const Acc* state = static_cast<const Acc*>(p.state_in);
+  return state_key_count(kPool ? carried_sums(state, p, seq, g) : head_sums(state, p, seq, g),
+                         p.dim_k, p.dim_v);
 }
 
 // Coordinate d of the carried key sum (relative to ref), 0 without a carried state.
@@ -236,7 +247,7 @@ template <typename Acc>
 __device__ __forceinline__ Acc carried_key_sum(const FwdParams& p, int64_t seq, int64_t g,
                                                int d) {
   if (p.state_in == nullptr) return Acc(0);
-  return state_key_sum(head_sums(static_cast<const Acc*>(p.state_in), p, seq, g), d, p.dim_k,
+  return state_key_sum(carried_sums(static_cast<const Acc*>(p.state_in), p, seq, g), d, p.dim_k,
                        p.dim_v);
 }
 

@@ -5,6 +5,7 @@
 
 #include "csq_keys.cuh"
 #include "csq_launch_util.cuh"
+#include "csq_pool.cuh"
 #include "csq_state.cuh"
 
 namespace csq {
@@ -34,10 +35,14 @@ Status launch_key_prefix(const FwdParams& p, const Work& w, void* ref_out, cudaS
         p, w, static_cast<const Acc*>(w.key_sums), static_cast<Acc*>(w.key_prefix), false);
     CSQ_CHECK_LAUNCH("chunk_scan_kernel<keys>");
   }
-  if (ref_out != nullptr)
+  if (ref_out != nullptr && p.pool.slots != nullptr) {  // each r into its slot of the pool
+    pool_ref_out_kernel<Acc><<<shk, kPoolThreads, 0, stream>>>(p, w, ref_out);
+    CSQ_CHECK_LAUNCH("pool_ref_out_kernel");
+  } else if (ref_out != nullptr) {
     CSQ_RETURN_IF_ERROR(
         cudaMemcpyAsync(ref_out, w.ref, ref_bytes, cudaMemcpyDeviceToDevice, stream),
         "cudaMemcpyAsync(ref_out)");
+  }
   return Status{};
 }
 

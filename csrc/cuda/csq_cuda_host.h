@@ -4,6 +4,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/cuda/CUDAStream.h>
 
 #include <cstdlib>
 #include <string>
@@ -91,6 +92,22 @@ inline void check_status(const ::csq::cuda::Status& st, const char* direction) {
 // A device scratch buffer from PyTorch's caching allocator, on the current stream.
 inline at::Tensor workspace(const at::Tensor& like, size_t bytes) {
   return at::empty({static_cast<int64_t>(bytes)}, like.options().dtype(at::kByte));
+}
+
+// The chunked forward on the current stream of q's device, for the params a prepare step
+// filled (csq_fwd, csq_pool_prefill_): the packed-batch limits, the tensor-core switch, the
+// workspace and the launcher for q's dtype; `what` names the op in errors.
+inline void run_forward(FwdParams& p, const at::Tensor& q, const char* what) {
+  check_packed(p);
+  p.tensor_core_passes = tensor_core_passes();
+  const ::csq::cuda::DType dt = to_dtype(q.scalar_type());
+  const size_t bytes = ::csq::cuda::fwd_workspace_bytes(p, dt);
+  at::Tensor ws = workspace(q, bytes);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  const ::csq::cuda::Status st = CSQ_DTYPE_SWITCH(q.scalar_type(), DT, [&] {
+    return ::csq::cuda::launch_fwd<DT>(p, ws.data_ptr(), bytes, stream);
+  });
+  check_status(st, what);
 }
 
 }  // namespace cuda_host

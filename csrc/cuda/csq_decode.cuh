@@ -99,18 +99,32 @@ __device__ __forceinline__ Acc query_feature(int kind, const FeatureWalk& fw, co
   return kind == 1 ? Acc(2) * b * tq[kStride * fw.lin()] : b * b;
 }
 
+// The sums and the ref of (sequence, kv head) bg: its entry of p.sums / p.ref, or with a pool
+// (csq_pool_decode_) those of its slot.
+template <typename Acc>
+__device__ __forceinline__ Acc* decode_head_sums(const DecodeParams& p, int64_t bg) {
+  return static_cast<Acc*>(p.sums) + state_sums_offset(p.pool, bg / p.heads_k, bg % p.heads_k,
+                                                       p.heads_k,
+                                                       state_head_elems(p.dim_k, p.dim_v));
+}
+template <typename Acc>
+__device__ __forceinline__ Acc* decode_head_ref(const DecodeParams& p, int64_t bg) {
+  return static_cast<Acc*>(p.ref) +
+         state_ref_offset(p.pool, bg / p.heads_k, bg % p.heads_k, p.heads_k, p.dim_k);
+}
+
 // Coordinate d of the ref of a decode step: the state's, or when the state holds no key yet
 // (count 0) the median of this one key, i.e. the key itself if finite (csq_params.h), as a
 // prefill would pick it. decode_count_kernel, which runs last, writes it into the state.
 template <typename Acc>
 __device__ __forceinline__ Acc decode_ref(const DecodeParams& p, Acc count_before, int64_t bg,
                                           int d, Acc key) {
-  if (count_before != Acc(0)) return static_cast<const Acc*>(p.ref)[bg * p.dim_k + d];
+  if (count_before != Acc(0)) return decode_head_ref<Acc>(p, bg)[d];
   return ref_key_median<Acc>(1, [&](int64_t) { return key; });
 }
 
-// p.sums: (B, Hk, F, Dv + 1) acc, contiguous; p.ref: (B, Hk, Dk) acc; p.y: (B, Hq, 1, Dv) in
-// the input dtype, contiguous; q, k, v strided with N = 1.
+// p.sums: (B, Hk, F, Dv + 1) acc, contiguous, or a pool (p.pool); p.ref: (B, Hk, Dk) acc;
+// p.y: (B, Hq, 1, Dv) in the input dtype, contiguous; q, k, v strided with N = 1.
 template <typename T, typename Acc>
 __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];  // decode_smem_bytes
@@ -128,7 +142,7 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
   const int tid = threadIdx.x, r = tid / kDecCols, c = tid % kDecCols, n = col0 + c;
   const bool col_ok = n < Dv;
   const Acc tau = Acc(p.scale);
-  Acc* S = static_cast<Acc*>(p.sums) + bg * F * V1;
+  Acc* S = decode_head_sums<Acc>(p, bg);
 
   for (int d = tid; d < D; d += blockDim.x) {
     Acc* cd = cv + kDecCoordVals * d;
@@ -230,9 +244,9 @@ __global__ void __launch_bounds__(kThreads) decode_count_kernel(const DecodePara
   const int64_t bg = blockIdx.x, bi = bg / p.heads_k, g = bg % p.heads_k;
   const int D = static_cast<int>(p.dim_k), Dv = static_cast<int>(p.dim_v), V1 = Dv + 1;
   const int64_t F = num_features(D);
-  Acc* S = static_cast<Acc*>(p.sums) + bg * F * V1;
+  Acc* S = decode_head_sums<Acc>(p, bg);
   const Acc count_before = state_key_count(S, D, Dv);
-  Acc* ref_out = static_cast<Acc*>(p.ref) + bg * D;
+  Acc* ref_out = decode_head_ref<Acc>(p, bg);
   for (int d = threadIdx.x; d < D; d += blockDim.x) {
     const Acc kraw = load_el<Acc, T>(p.k, p.k_stride, bi, g, 0, d);
     const Acc r = decode_ref(p, count_before, bg, d, kraw);

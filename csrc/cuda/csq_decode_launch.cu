@@ -1,9 +1,11 @@
 // Decode launcher: the in-place step of csq_decode_ (csq_decode.cuh), for the four input dtypes.
 //   1. the value columns of the state += psi v, and y, by column tiles     decode_kernel
 //   2. the last column (key sums, count) += psi; ref of an empty state      decode_count_kernel
+// With a pool (csq_pool_decode_) each sequence's state is its slot's, fresh slots zeroed first.
 // No workspace, no allocation: the state and y are the only memory written.
 #include "csq_decode.cuh"
 #include "csq_launch_util.cuh"
+#include "csq_pool.cuh"
 
 namespace csq {
 namespace cuda {
@@ -22,6 +24,10 @@ Status launch_decode(const DecodeParams& p, cudaStream_t stream) {
     return Status{cudaErrorInvalidValue, "launch_decode", "sums, ref and y are required"};
   if (p.batch * p.heads_k == 0) return Status{};
   const unsigned bhk = unsigned(p.batch * p.heads_k);
+  // A fresh pool slot starts empty (csq_pool.cuh).
+  st = launch_pool_fresh<Acc>(p.pool, p.batch, p.heads_k, state_head_elems(p.dim_k, p.dim_v),
+                              p.sums, stream);
+  if (!st.ok()) return st;
   const unsigned col_tiles = unsigned(ceil_div(p.dim_v, kDecCols));
   decode_kernel<T, Acc><<<dim3(bhk, col_tiles), kThreads, decode_smem_bytes<Acc>(int(p.dim_k)),
                           stream>>>(p);

@@ -24,17 +24,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> csq_fwd_c
   ForwardCall call = prepare_forward(q, k, v, shift, cu_seqlens, state_in, ref_in, causal, scale,
                                      center, normalize, eps, chunk_size, return_state);
   cuda_host::check_supported(q, k, v, shift);
-  cuda_host::check_packed(call.p);
-  call.p.tensor_core_passes = cuda_host::tensor_core_passes();
-
-  const cuda::DType dt = cuda_host::to_dtype(q.scalar_type());
-  const size_t bytes = cuda::fwd_workspace_bytes(call.p, dt);
-  at::Tensor ws = cuda_host::workspace(q, bytes);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  const cuda::Status st = CSQ_DTYPE_SWITCH(q.scalar_type(), DT, [&] {
-    return cuda::launch_fwd<DT>(call.p, ws.data_ptr(), bytes, stream);
-  });
-  cuda_host::check_status(st, "forward");
+  cuda_host::run_forward(call.p, q, "forward");
   return call.outputs();
 }
 

@@ -8,6 +8,8 @@
 //   3. b_i = c_h - tau <q_i, mu'_i>                              query_shift_kernel
 //   4. the key state against the queries, by feature tiles      key_state_fwd_kernel
 //   5. in-chunk pairs (causal), den and y                        fwd_finalize_kernel
+// A pool prefill (csq_pool_prefill_, p.pool) first zeroes its fresh slots, and step 2 writes
+// each r into its slot.
 #include "csq_common_launch.cuh"
 #include "csq_fwd_chunk.cuh"
 #include "csq_fwd_state.cuh"
@@ -28,6 +30,9 @@ Status launch_fwd(const FwdParams& p, void* workspace, size_t workspace_bytes,
 
   Status st = check_shapes(p);
   if (!st.ok()) return st;
+  if (p.pool.slots != nullptr && p.batch * p.heads_q * p.seqlen == 0)
+    return Status{cudaErrorInvalidValue, "launch_fwd",
+                  "a pool prefill needs tokens (the host layer skips empty calls)"};
   if (p.batch * p.heads_q * p.seqlen == 0) {  // no token: the state passes through unchanged
     st = copy_or_zero(p.state_out, p.state_in, sizeof(Acc) * state_elems(p), stream,
                       "state_out (empty input)");
@@ -43,6 +48,10 @@ Status launch_fwd(const FwdParams& p, void* workspace, size_t workspace_bytes,
   const unsigned nch = unsigned(w.nchunks);
   const int Dv = int(p.dim_v);
 
+  // A fresh pool slot is an empty state: zero sums, count 0 (csq_pool.cuh).
+  st = launch_pool_fresh<Acc>(p.pool, num_sequences(p), p.heads_k,
+                              state_head_elems(p.dim_k, p.dim_v), p.state_out, stream);
+  if (!st.ok()) return st;
   CSQ_RETURN_IF_ERROR(
       cudaMemsetAsync(w.num_state, 0,
                       sizeof(Acc) * size_t(bhq) * size_t(p.seqlen) * size_t(Dv + 1), stream),

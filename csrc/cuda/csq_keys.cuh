@@ -76,7 +76,8 @@ __global__ void __launch_bounds__(kBlock) chunk_map_kernel(const QkvParams p, Wo
 
 // r of each (sequence, kv head), csq_params.h: the given ref_in when the carried state holds
 // keys (or there is no carried state: the backward passes the forward's r), else the
-// coordinate-wise median of the finite values among the first min(len, kRefKeys) keys.
+// coordinate-wise median of the finite values among the first min(len, kRefKeys) keys (0 for
+// none: a fresh pool slot's r is never read).
 // Grid (S Hk).
 template <typename T, typename Acc>
 __global__ void __launch_bounds__(kColThreads) ref_key_kernel(const FwdParams p, Work w) {
@@ -84,10 +85,11 @@ __global__ void __launch_bounds__(kColThreads) ref_key_kernel(const FwdParams p,
   const int D = static_cast<int>(p.dim_k);
   const SeqSpan seq = seq_span(p, w, s);
   Acc* ref = static_cast<Acc*>(w.ref) + tg * D;
-  if (p.ref_in != nullptr &&
+  if (p.ref_in != nullptr && !state_fresh(p.pool, s) &&
       (p.state_in == nullptr || seq.len == 0 || carried_count<Acc>(p, s, g) != Acc(0))) {
-    for (int d = threadIdx.x; d < D; d += blockDim.x)
-      ref[d] = static_cast<const Acc*>(p.ref_in)[tg * D + d];
+    const Acc* ref_in =
+        static_cast<const Acc*>(p.ref_in) + state_ref_offset(p.pool, s, g, p.heads_k, D);
+    for (int d = threadIdx.x; d < D; d += blockDim.x) ref[d] = ref_in[d];
     return;
   }
   const int64_t m = seq.len < kRefKeys ? seq.len : kRefKeys;

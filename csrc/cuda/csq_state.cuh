@@ -184,9 +184,10 @@ struct StateTile {
   }
 
   // The tile starts from this (sequence, kv head)'s rows of a state tensor (a carried state,
-  // or the gradient of a returned one).
-  __device__ __forceinline__ void seed(const Acc* state) {
-    const Acc* src = head_sums(state, p, seq, g) + f0 * V1;
+  // possibly a pool: `carried`, or the gradient of a returned one).
+  __device__ __forceinline__ void seed(const Acc* state, bool carried = false) {
+    const Acc* src =
+        (carried ? carried_sums(state, p, seq, g) : head_sums(state, p, seq, g)) + f0 * V1;
     for (int e = tid; e < nf * V1; e += nthr) {
       const int fi = e / V1, n = e % V1;
       S[fi * SS + n] = src[int64_t(fi) * V1 + n];
@@ -194,10 +195,11 @@ struct StateTile {
     __syncthreads();
   }
 
-  // The final tile into (add: onto) this (sequence, kv head)'s rows of a state tensor.
-  __device__ __forceinline__ void keep(Acc* state, bool add) {
+  // The final tile into (add: onto) this (sequence, kv head)'s rows of a state tensor
+  // (`carried`: the forward's state_out, possibly a pool).
+  __device__ __forceinline__ void keep(Acc* state, bool add, bool carried = false) {
     __syncthreads();  // the last update_state is complete
-    Acc* dst = head_sums(state, p, seq, g) + f0 * V1;
+    Acc* dst = (carried ? carried_sums(state, p, seq, g) : head_sums(state, p, seq, g)) + f0 * V1;
     for (int e = tid; e < nf * V1; e += nthr) {
       const int fi = e / V1, n = e % V1;
       Acc* out = dst + int64_t(fi) * V1 + n;

@@ -7,7 +7,8 @@ several feature tiles and slabs. Emulator only: it says nothing about speed.
 
 Heads above 128, up to the limit of 256, run too (WIDE_CASES: the first ones in quick mode,
 all of them in the full check; `wide` runs only those). The direct path's kernels run too
-(check_emu_direct.py; `direct` runs only those).
+(check_emu_direct.py; `direct` runs only those), and the state pool's (check_emu_pool.py;
+`pool` runs only those).
 """
 import contextlib
 import ctypes
@@ -599,6 +600,13 @@ def run_direct(quick):
     return check_emu_direct.run(lib, quick)
 
 
+def run_pool(quick):
+    """The state-pool ops' kernels (check_emu_pool.py: its lines start with "pool")."""
+    sys.path.insert(0, HERE)
+    import check_emu_pool
+    return check_emu_pool.run(lib, quick)
+
+
 def main():
     cases = []
     # Shapes: partial chunks, odd N, several feature tiles (Dk = 16: F = 153; Dk = 40: 861),
@@ -641,6 +649,10 @@ def main():
         decode_cases = []
     if "direct" in sys.argv:  # only the direct path's kernels (check_emu_direct.py)
         ok = run_direct(QUICK)
+        print("ALL OK" if ok else "SOME FAILED")
+        sys.exit(0 if ok else 1)
+    if "pool" in sys.argv:  # only the state pool (check_emu_pool.py)
+        ok = run_pool(QUICK)
         print("ALL OK" if ok else "SOME FAILED")
         sys.exit(0 if ok else 1)
     if "tc" in sys.argv:  # only the tensor-core comparison
@@ -688,6 +700,7 @@ def main():
     if "big" not in sys.argv:
         ok &= check_wide(QUICK)
         ok &= run_direct(QUICK)
+        ok &= run_pool(QUICK)
     print("ALL OK" if ok else "SOME FAILED")
     sys.exit(0 if ok else 1)
 

@@ -22,6 +22,10 @@ struct StatePtrs {
   void *state_out = nullptr, *ref_out = nullptr, *dstate_in = nullptr, *dref = nullptr;
 } g_state;
 
+// The state pool of the following emu_fwd / emu_decode calls (emu_set_pool): slot indices and
+// fresh flags (host memory) and the slot strides; slots null for none.
+StatePool g_pool;
+
 // The tensor-core passes for bfloat16 / float16 (FwdParams::tensor_core_passes: 0, 1, 3),
 // emu_set_tensor_cores.
 int g_tensor_core_passes = 3;
@@ -41,6 +45,7 @@ void fill_forward(FwdParams& p) {
   p.ref_in = g_state.ref_in;
   p.state_out = g_state.state_out;
   p.ref_out = g_state.ref_out;
+  p.pool = g_pool;
 }
 
 }  // namespace
@@ -49,6 +54,15 @@ void fill_forward(FwdParams& p) {
 extern "C" void emu_set_seqs(const int64_t* cu, int64_t num_seqs) {
   g_cu_seqlens = cu;
   g_num_seqs = num_seqs;
+}
+
+// A state pool for the following emu_fwd and emu_decode calls (csq_params.h, StatePool): the
+// slot of each sequence, optional fresh flags, and the slot strides of sums and ref; the
+// forward takes the pool through emu_set_state (state_in == state_out, ref_in == ref_out).
+// slots = nullptr: no pool.
+extern "C" void emu_set_pool(const int64_t* slots, const uint8_t* fresh, int64_t sums_stride,
+                             int64_t ref_stride) {
+  g_pool = StatePool{slots, fresh, sums_stride, ref_stride};
 }
 
 // How the following calls run the half-precision state products (0, 1 or 3 tensor-core passes).
@@ -125,12 +139,14 @@ extern "C" int emu_decode(int dt, const int64_t* sz, const void* q, const int64_
                           void* sums, const void* ref, void* y, char* msg, int msglen) {
   DecodeParams p;
   fill(p, sz, q, qs, k, ks, v, vs, shift, scale, eps, 1, center, normalize);
-  // Nothing of emu_set_seqs / emu_set_state: the decode step takes only its own state.
+  // Nothing of emu_set_seqs / emu_set_state: the decode step takes only its own state (or the
+  // pool of emu_set_pool).
   p.cu_seqlens = nullptr;
   p.num_seqs = p.batch;
   p.sums = sums;
   p.ref = const_cast<void*>(ref);  // written when the state holds no key yet
   p.y = y;
+  p.pool = g_pool;  // with a pool: sums and ref are its tensors
   const Status st = for_dtype(DType(dt), [&](auto tag) {
     return launch_decode<decltype(tag)::value>(p, nullptr);
   });
