@@ -403,7 +403,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=None,
         (pass it as the next call's initial_state). Its gradient, like every output's, is
         summed over the ranks that use it: the loss is the sum of the ranks' losses.
 
-    Every rank must run the backward when one does. Bytes sent per rank: see README.
+    Every rank must run the backward when one does. Bytes sent per rank: docs/distributed.md.
     """
     options = dict(causal=causal, scale=scale, shift=shift, center=center, normalize=normalize,
                    eps=eps, chunk_size=chunk_size, path=path)
