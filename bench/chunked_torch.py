@@ -1,7 +1,7 @@
 """CSQ attention in plain PyTorch, chunked: the baseline for the benchmarks.
 
 This is what a user would write without csq_ext's kernels: the chunked algorithm of
-docs/SPEC.md (the decomposition in the README's "How the kernels work") with full D x D key features, a Python loop over
+docs/SPEC.md (the decomposition in docs/kernels.md) with full D x D key features, a Python loop over
 chunks and plain autograd for the backward. It never forms an N x N matrix, but autograd keeps
 every chunk's features and state alive for the backward, so its memory grows like
 N (Dk^2 + Dk) plus (N / C) Dk^2 Dv, where csq_ext keeps O(N (Dk + Dv)).

@@ -18,7 +18,7 @@ control fifo switches sampling on after the warm-up), and the samples are groupe
 * ``os``: the kernel (page faults of fresh allocations) and libc (memset, malloc).
 
 Needs `perf` (Debian: linux-perf) with sampling allowed (kernel.perf_event_paranoid <= 2 for a
-process's own samples) and a csq_ext build with symbols (an unstripped build: see the README's
+process's own samples) and a csq_ext build with symbols (an unstripped build: see docs/build.md's
 build switches); otherwise csq_ext's functions show as addresses. Prints the table and writes
 JSON where --out says (nothing is written by default).
 """

@@ -9,7 +9,7 @@
 
 Each estimate is divided by a throughput measured by bench/bench_cpu.py (bench/NOTES.md,
 "direct path"), per head size, for a forward or a forward + backward; the cheaper one runs.
-The README's crossover table is crossover_table()'s output.
+The crossover table of docs/performance.md is crossover_table()'s output.
 
 On CUDA the same counts are divided by the share of the GPU each path's grid can fill (thread
 blocks against _CUDA_SMS) and by per-path rates that are an UNCALIBRATED ESTIMATE: no GPU run
@@ -231,7 +231,7 @@ def crossover(dk: int, dv: int, causal: bool, threads: int, tasks: int, **kw) ->
 
 
 def crossover_table(threads: int = 2, heads: int = 4) -> str:
-    """The README's table: crossovers (B = 1, `heads` heads, Dk = Dv) of the CPU model."""
+    """docs/performance.md's table: crossovers (B = 1, `heads` heads, Dk = Dv) of the CPU model."""
     cols = [("causal", dict(causal=True)),
             ("not causal", dict(causal=False)),
             ("causal, fwd + bwd", dict(causal=True, grad=True)),

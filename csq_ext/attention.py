@@ -39,7 +39,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
             then computes in float64), for streams whose keys spread far beyond their norm
             (docs/SPEC.md, section 6); start one with CSQState.empty(..., dtype=torch.float64).
         return_state: also return the state after the last position.
-        path: "auto" (default: the cheaper algorithm for this call, see the README's
+        path: "auto" (default: the cheaper algorithm for this call, see docs/performance.md's
             crossover table), "direct" (tiles of q against tiles of k, O(N^2 (Dk + Dv)), plus
             O(N Dk^2 Dv) to read a carried state or build the returned one; CPU and CUDA) or
             "chunked" (the state scan, O(N Dk^2 Dv)). The result is the same to rounding.

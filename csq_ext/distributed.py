@@ -366,7 +366,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=None,
         deprecated alias. path: the local attention's (``csq_ext.attention``'s); the same on
         every rank.
 
-    Every rank must run the backward when one does. Bytes sent per rank: see README.
+    Every rank must run the backward when one does. Bytes sent per rank: docs/distributed.md.
     """
     options = dict(causal=causal, scale=scale, shift=shift, center=center, normalize=normalize,
                    eps=eps, path=path)
