@@ -11,7 +11,7 @@
 // (x, y), x <= y <= d, or (x, kOneFactor):
 //   psi_f(ke) = ke_x ke_y   (or ke_x)      phi_f(qe) = m_f qe_x qe_y   (or m_f qe_x)
 // with m_f = Map::query_weight(x, y). What a map provides:
-//   kDegree                       the most factors of a row (1 or 2)
+//   kDegree                       the factors of every row (1 or 2; kernels rely on it)
 //   num_features(d)               F, the rows of the state
 //   row_factors(f, d, &x, &y)     the factors of row f (random access)
 //   for_each_row(d, fn)           fn(f, x, y) for every row in order (sequential walks)

@@ -15,7 +15,7 @@ __global__ void __launch_bounds__(kThreads, state_min_blocks<Acc>())
   extern __shared__ __align__(16) unsigned char smem_raw[];
   __shared__ int64_t seq_rows[2];
   StateTile<T, Acc, FT, SUB, TC, Map> st(p, w, false, smem_raw, seq_rows);
-  if (p.state_in != nullptr) st.seed(static_cast<const Acc*>(p.state_in), true);
+  if (p.state_in != nullptr) st.template seed<true>(static_cast<const Acc*>(p.state_in));
   const auto read = [&](int64_t t) {
     for (int sb = 0; sb < kChunkI / SUB; ++sb) {
       int64_t row0;
@@ -40,7 +40,7 @@ __global__ void __launch_bounds__(kThreads, state_min_blocks<Acc>())
   st.walk(
       false, [&] { return p.state_in != nullptr; }, [&] { return p.state_out != nullptr; }, read,
       [&](int64_t t) { st.absorb_keys(t); });
-  if (p.state_out != nullptr) st.keep(static_cast<Acc*>(p.state_out), false, true);
+  if (p.state_out != nullptr) st.template keep<true>(static_cast<Acc*>(p.state_out), false);
 }
 
 // For launch_state_scan (csq_chunked_launch.cuh).

@@ -120,6 +120,10 @@ struct StateTile {
                 "one warp must cover 32 features of one row in accumulate_dx");
   static_assert(kChunkI % SUB == 0, "the chunk must be a whole number of staged steps");
   using AccT = Acc;
+  // Every row a product of two factors (Map::kDegree, csq_feature_map.h): known at compile time,
+  // so CSQ's scan carries no test for rows of one factor (it spilled the float64
+  // query_state_bwd_kernel on sm_90a by 40 B).
+  static constexpr bool kTwoFactors = Map::kDegree == 2;
   static constexpr int kSubRows = SUB;
   static constexpr bool kTensorCores = TC;
   const FwdParams& p;
@@ -200,10 +204,12 @@ struct StateTile {
   }
 
   // The tile starts from this (sequence, kv head)'s rows of a state tensor (a carried state,
-  // possibly a pool: `carried`, or the gradient of a returned one).
-  __device__ __forceinline__ void seed(const Acc* state, bool carried = false) {
-    const Acc* src = (carried ? carried_sums<Map>(state, p, seq, g)
-                              : head_sums<Map>(state, p, seq, g)) +
+  // possibly a pool: kCarried, or the gradient of a returned one). A template flag: the
+  // backward's kernels (never a pool) must not carry the slot lookup's registers.
+  template <bool kCarried = false>
+  __device__ __forceinline__ void seed(const Acc* state) {
+    const Acc* src = (kCarried ? carried_sums<Map>(state, p, seq, g)
+                               : head_sums<Map>(state, p, seq, g)) +
                      f0 * V1;
     for (int e = tid; e < nf * V1; e += nthr) {
       const int fi = e / V1, n = e % V1;
@@ -213,11 +219,12 @@ struct StateTile {
   }
 
   // The final tile into (add: onto) this (sequence, kv head)'s rows of a state tensor
-  // (`carried`: the forward's state_out, possibly a pool).
-  __device__ __forceinline__ void keep(Acc* state, bool add, bool carried = false) {
+  // (kCarried: the forward's state_out, possibly a pool).
+  template <bool kCarried = false>
+  __device__ __forceinline__ void keep(Acc* state, bool add) {
     __syncthreads();  // the last update_state is complete
-    Acc* dst = (carried ? carried_sums<Map>(state, p, seq, g)
-                        : head_sums<Map>(state, p, seq, g)) +
+    Acc* dst = (kCarried ? carried_sums<Map>(state, p, seq, g)
+                         : head_sums<Map>(state, p, seq, g)) +
                f0 * V1;
     for (int e = tid; e < nf * V1; e += nthr) {
       const int fi = e / V1, n = e % V1;
@@ -277,7 +284,7 @@ struct StateTile {
       if (fi < nf) {
         const int x = fx(fi), y = fy(fi);
         val = Xe[r * XS + x];
-        if (y != kOneFactor) val *= Xe[r * XS + y];
+        if (kTwoFactors) val *= Xe[r * XS + y];
         if (phi) val *= Map::template query_weight<Acc>(x, y);
       }
       Feat[r * FS + fi] = val;
@@ -300,7 +307,7 @@ struct StateTile {
         Acc u = Feat[r * FS + fi];
         if (phi) u *= Map::template query_weight<Acc>(x, y);
         xv = u;
-        if (y != kOneFactor) {
+        if (kTwoFactors) {
           atomicAdd(&Dx[r * XS + y], u * Xe[r * XS + x]);
           xv = u * Xe[r * XS + y];
         }
