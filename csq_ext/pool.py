@@ -54,7 +54,7 @@ def pool_prefill_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens:
                 f"{cu_seqlens.shape[0] - 1} sequences, slots {S}")
     tau, options = _options(q, scale, center, normalize, eps)
     shift_t = _args.shift(shift, q)
-    chunk = _args.chunk_size(chunk_size)
+    chunk = _args.tuning_size("chunk_size", chunk_size)
     with torch.no_grad():
         return ops.csq_pool_prefill_(pool.sums, pool.ref, slots, has_initial_state, q, k, v,
                                      shift_t, cu_seqlens, tau, *options, chunk)
