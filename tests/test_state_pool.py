@@ -177,6 +177,32 @@ def test_pool_ops_equal_the_one_request_ops(gen):
     assert torch.equal(pool.sums[slots], st.sums) and torch.equal(pool.ref[slots], st.ref)
 
 
+def test_pool_prefill_tile_size_and_its_alias(gen):
+    """pool_prefill_'s block length is attention's tile_size: chunk_size is its deprecated alias
+    (a DeprecationWarning, the same numbers), both at once and bad values are refused by name."""
+    Hq, Hk, Dk, Dv, P = 2, 1, 8, 4, 3
+    shift = rand_shift(gen, Hq, torch.float32)
+    q, k, v = draw(gen, 50, Hq, Hk, Dk, Dv, torch.float32)
+    cu, slots = torch.tensor([0, 20, 50]), torch.tensor([2, 0])
+    outs = []
+    for kw in (dict(tile_size=16), dict(chunk_size=16)):
+        _, pool = paged_pool(P, Hk, Dk, Dv, torch.float32, "cpu")
+        pool.sums.zero_()
+        pool.ref.zero_()
+        if "chunk_size" in kw:
+            with pytest.warns(DeprecationWarning, match="chunk_size is deprecated"):
+                outs.append(csq_ext.pool_prefill_(q, k, v, cu, pool, slots, shift=shift, **kw))
+        else:
+            outs.append(csq_ext.pool_prefill_(q, k, v, cu, pool, slots, shift=shift, **kw))
+        outs.append(pool.sums[slots].clone())
+    assert torch.equal(outs[0], outs[2]) and torch.equal(outs[1], outs[3])
+    _, pool = paged_pool(P, Hk, Dk, Dv, torch.float32, "cpu")
+    for kw, name in ((dict(tile_size=0), "tile_size"), (dict(tile_size=2.5), "tile_size"),
+                     (dict(tile_size=16, chunk_size=16), "tile_size")):
+        with pytest.raises((ValueError, TypeError), match=name):
+            csq_ext.pool_prefill_(q, k, v, cu, pool, slots, shift=shift, **kw)
+
+
 def test_pool_decode_does_not_drift(device, gen):
     """600 float32 decode steps of three requests through the pool, keys sharing an offset 30x
     their spread, against the float64 reference: within the spec's 1e-5 at every step."""
