@@ -52,8 +52,8 @@ from csq_ext._ops import ops
 info = ops.build_info()
 print("  ", csq_ext.__file__, info)
 assert "cuda" in info, info
-for op in ("csq_fwd", "csq_bwd", "csq_decode_", "csq_direct_fwd", "csq_direct_bwd",
-           "csq_pool_prefill_", "csq_pool_decode_"):
+for op in ("csq_chunked_fwd", "csq_chunked_bwd", "csq_decode_", "csq_direct_fwd", "csq_direct_bwd",
+           "csq_state", "csq_state_bwd", "csq_pool_prefill_", "csq_pool_decode_"):
     for key in ("CPU", "CUDA"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"csq_ext::{op}", key), (op, key)
 print("   every operator has a CPU and a CUDA kernel")

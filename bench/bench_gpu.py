@@ -28,40 +28,8 @@ be finite with relative Frobenius error <= 2e-2 (the spec's bar). Recorded in th
 failed gate stops the benchmark unless --keep-going (the GPU suite passes it: one lease is
 precious, and the numbers are then marked INVALID).
 
-FLOP conventions (FLOP = 2 x multiply-adds; TFLOP/s = FLOP / median seconds / 1e12)
--------------------------------------------------------------------------------------
-SDPA, FlashAttention's convention (the one in flash-attention's benchmark scripts):
-    forward      = 4 B H N^2 D           (QK^T and PV, 2 N^2 D each; in general
-                                          2 B H N^2 (Dk + Dv)), halved when causal
-    backward     = 2.5 x forward         (5 N^2 D matrix products instead of 2)
-    fwd + bwd    = 3.5 x forward
-  So causal fwd+bwd at B = 1, H = 8, N = 65536, D = 64 counts 3.5 * 4 * 8 * 65536^2 * 64 / 2
-  = 1.54e13 FLOP. These are the FLOPs of the exact softmax computation, not of what flash
-  recomputes.
-csq_ext, the chunked algorithm of csrc/cuda/README.md ("Cost"), useful work only. With
-    F  = Dk (Dk + 1) / 2 + Dk + 1 = (Dk + 1)(Dk + 2) / 2     features (2145 at Dk = 64)
-    V1 = Dv + 1                                                value columns + the ones column
-    P  = sum over chunks of c (c + 1) / 2                      causal in-chunk pairs j <= i
-         (c = 64, the CUDA chunk; P ~ N (C + 1) / 2); P = 0 when not causal
-  per batch element, with Hq query heads and Hk key/value heads (Hq = Hk = H here):
-    forward   MAC = (Hq + Hk) N F V1                  state scan: each query head reads the
-                                                      state (phi(Q) S), each kv head updates
-                                                      it (S += psi(K)^T [V, 1])
-                  + Hq P (Dk + 1 + V1)                in-chunk pairs: s_ij (Dk + 1) and
-                                                      W [V, 1] (V1)
-    backward  MAC = (2 Hq + 3 Hk) N F V1              pass 1: u = S g~ per query, S update
-                                                      per key; pass 2: R update per query,
-                                                      psi(K) R and R [V, 1] per key
-                  + Hq P (3 Dk + 2 Dv + 3)            in-chunk: s (Dk+1), E (V1), dS K~
-                                                      (Dk+1), dS^T Q (Dk), W^T dnum (Dv)
-    fwd + bwd = forward + backward;  FLOP = 2 B MAC.
-  At Dk = Dv = 64, causal: forward 2 B H N (2 F V1 + 32.5 * 130) = 5.66e5 B H N FLOP and
-  fwd+bwd 1.98e6 B H N, the same as causal SDPA's (2 N D per head-token forward) at N = 4423;
-  non-causal 5.58e5 B H N forward, SDPA's at N = 2179. Not counted:
-  O(N F) feature construction and feature gradients (about 2 / V1, 3%), the O(N D) prefix
-  sums and normalization, and the work the CUDA kernels spend on the masked half of each
-  64 x 64 in-chunk block. The two TFLOP/s columns therefore measure different work: compare
-  times (the ratio), and read TFLOP/s as how well each kernel uses the GPU.
+FLOP conventions: bench/gpu_flops.py (SDPA by FlashAttention's convention, csq_ext by the
+chunked algorithm's useful work).
 
 Paths: "csq_ext" is csq_ext.attention with path="auto" (the per-call choice of
 csq_ext/_cost.py, whose CUDA constants are an uncalibrated estimate until this benchmark has
@@ -81,8 +49,6 @@ import argparse
 import contextlib
 import datetime
 import gc
-import json
-import math
 import os
 import re
 import subprocess
@@ -99,16 +65,11 @@ if REPO not in sys.path:  # run as a script from anywhere, without an installed 
 
 import csq_ext  # noqa: E402
 from csq_ext._timing import device_description, interleaved_times, summarize  # noqa: E402
-from csq_ext.reference import csq_attention_reference  # noqa: E402
-from csq_ext.state import num_features  # noqa: E402
-from plot_colors import color  # noqa: E402  (bench/, beside this script)
+from gpu_flops import CONVENTIONS, csq_flops, direct_flops, sdpa_flops  # noqa: E402
+from gpu_gate import correctness_gate  # noqa: E402
+from gpu_report import (MODES, TARGET_CROSSOVER, TARGET_RATIO, fmt_ms, fmt_x,  # noqa: E402
+                        plot, print_table, ratio, summarize_targets, write_outputs)
 
-MODES = ("fwd", "fwd+bwd")
-GROUPS = ("target", "causal", "full")  # in the order they are measured
-CUDA_CHUNK = 64      # csrc/cuda: kChunk, the in-chunk block length used in the FLOP count
-GATE_TOL = 2e-2      # the spec's bar for bfloat16 / float16
-TARGET_RATIO = 3.0   # the issue: SDPA / csq_ext >= 3x, fwd+bwd, B=1 H=8 N=65536 causal
-TARGET_CROSSOVER = 16384
 SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION",
                  "efficient": "EFFICIENT_ATTENTION", "math": "MATH", "default": None}
 
@@ -121,40 +82,6 @@ QUICK = dict(lengths=[1024, 4096, 16384, 65536], full_lengths=[4096, 65536],
 DRY_RUN = dict(lengths=[64, 128, 256], full_lengths=[64, 256], tokens=2 ** 12, heads=8, dim=16,
                target=[1, 8, 256], point_seconds=0.02, warmup=1, min_repeats=2,
                max_repeats=3, budget_s=60.0)
-
-
-# --------------------------------------------------------------------------------------------
-# FLOP counts (see the module docstring)
-# --------------------------------------------------------------------------------------------
-def sdpa_flops(b: int, hq: int, n: int, dk: int, dv: int, causal: bool, mode: str) -> float:
-    """FlashAttention's convention: forward 2 B H N^2 (Dk + Dv) (= 4 B H N^2 D), halved when
-    causal; backward 2.5x forward; forward + backward 3.5x forward."""
-    fwd = 2.0 * b * hq * n * n * (dk + dv)
-    if causal:
-        fwd /= 2
-    return fwd if mode == "fwd" else 3.5 * fwd
-
-
-def direct_flops(b: int, hq: int, n: int, dk: int, dv: int, causal: bool, mode: str) -> float:
-    """The direct path: SDPA's convention with Dv + 1 value columns (the denominator)."""
-    return sdpa_flops(b, hq, n, dk, dv + 1, causal, mode)
-
-
-def causal_chunk_pairs(n: int, chunk: int = CUDA_CHUNK) -> int:
-    """Pairs j <= i inside the chunks of length `chunk` (the last one partial)."""
-    full, rem = divmod(n, chunk)
-    return full * chunk * (chunk + 1) // 2 + rem * (rem + 1) // 2
-
-
-def csq_flops(b: int, hq: int, hk: int, n: int, dk: int, dv: int, causal: bool, mode: str,
-              chunk: int = CUDA_CHUNK) -> float:
-    """Useful FLOPs of the chunked CSQ algorithm (state scans + in-chunk pairs)."""
-    f, v1 = num_features(dk), dv + 1
-    pairs = causal_chunk_pairs(n, chunk) if causal else 0
-    mac = (hq + hk) * n * f * v1 + hq * pairs * (dk + 1 + v1)
-    if mode == "fwd+bwd":
-        mac += (2 * hq + 3 * hk) * n * f * v1 + hq * pairs * (3 * dk + 2 * dv + 3)
-    return 2.0 * b * mac
 
 
 # --------------------------------------------------------------------------------------------
@@ -344,48 +271,6 @@ def make_impls(backends: list[str], fake_oom_above: int | None, paths: bool = Tr
 
 
 # --------------------------------------------------------------------------------------------
-# Correctness gate
-# --------------------------------------------------------------------------------------------
-def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
-    x, ref = x.detach().double(), ref.detach().double()
-    return ((x - ref).norm() / ref.norm()).item()
-
-
-def correctness_gate(args, device, dtype) -> dict:
-    B, H, N = (1, 2, 100) if args.dry_run else (2, 4, 1000)
-    D = args.dim
-    result = {"shape": dict(B=B, H=H, N=N, Dk=D, Dv=D), "dtype": str(dtype), "tol": GATE_TOL,
-              "errors": {}, "passed": True}
-    for causal in (True, False):
-        name = "causal" if causal else "full"
-        try:
-            q, k, v = (torch.randn(B, H, N, D, device=device, dtype=torch.float64).to(dtype)
-                       .requires_grad_() for _ in range(3))
-            dy = torch.randn(B, H, N, D, device=device, dtype=torch.float64).to(dtype)
-            y = csq_ext.attention(q, k, v, causal=causal)
-            grads = torch.autograd.grad(y, (q, k, v), dy)
-            q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-            y64 = csq_attention_reference(q64, k64, v64, causal=causal)
-            grads64 = torch.autograd.grad(y64, (q64, k64, v64), dy.double())
-            errs = {"y": rel_err(y, y64)}
-            errs.update({f"d{n}": rel_err(g, r) for n, g, r in zip("qkv", grads, grads64)})
-            finite = all(bool(torch.isfinite(t).all()) for t in (y, *grads))
-            ok = finite and all(e <= GATE_TOL for e in errs.values())  # NaN fails
-            result["errors"][name] = {**errs, "finite": finite, "passed": ok}
-        except Exception as e:  # noqa: BLE001 - a crash fails the gate
-            ok = False
-            result["errors"][name] = {"error": f"{type(e).__name__}: {str(e)[:500]}",
-                                      "passed": False}
-        result["passed"] &= ok
-        shown = ", ".join(f"{k} {v:.1e}" for k, v in result["errors"][name].items()
-                          if isinstance(v, float))
-        print(f"gate {name:<6} {str(dtype)[6:]} vs float64 reference, B={B} H={H} N={N} D={D}: "
-              f"{shown or result['errors'][name].get('error')}  "
-              f"{'PASS' if ok else 'FAIL'} (bar {GATE_TOL:g})")
-    return result
-
-
-# --------------------------------------------------------------------------------------------
 # Measurement
 # --------------------------------------------------------------------------------------------
 def cuda_alive(device) -> bool:
@@ -504,218 +389,6 @@ def measure(args, item: dict, impls: dict, device, dtype, point_seconds: float) 
     return res
 
 
-def ratio(pt: dict, baseline: str) -> float | None:
-    """Baseline SDPA median over csq_ext's: above 1, csq_ext is faster."""
-    mine, base = pt["impls"].get("csq_ext"), pt["impls"].get(baseline)
-    return base["median_s"] / mine["median_s"] if mine and base else None
-
-
-def crossover(points: list[dict], group: str, mode: str, baseline: str) -> dict:
-    pts = sorted((p for p in points if p["group"] == group and p["mode"] == mode
-                  and ratio(p, baseline) is not None), key=lambda p: p["n"])
-    faster = [p["n"] for p in pts if ratio(p, baseline) > 1]
-    stable = None
-    for p in reversed(pts):
-        if ratio(p, baseline) <= 1:
-            break
-        stable = p["n"]
-    return {"crossover_n": stable, "first_faster_n": min(faster) if faster else None,
-            "measured_n": [p["n"] for p in pts],
-            "faster_at_every_measured_n": bool(pts) and stable == pts[0]["n"]}
-
-
-def summarize_targets(points: list[dict], baseline: str, target: list[int]) -> dict:
-    out = {"baseline": baseline, "target_config": dict(zip(("B", "H", "N"), target)),
-           "goal_ratio_fwd_bwd": TARGET_RATIO, "goal_crossover_n": TARGET_CROSSOVER}
-    for mode in MODES:
-        pt = next((p for p in points if p["group"] == "target" and p["mode"] == mode), None)
-        out[f"target_ratio_{mode}"] = ratio(pt, baseline) if pt else None
-    r = out["target_ratio_fwd+bwd"]
-    out["target_ratio_met"] = None if r is None else r >= TARGET_RATIO
-    out["crossover"] = {f"{g}/{m}": crossover(points, g, m, baseline)
-                        for g in ("causal", "full") for m in MODES}
-    c = out["crossover"]["causal/fwd+bwd"]
-    out["crossover_met"] = (None if not c["measured_n"] else
-                            c["crossover_n"] is not None and c["crossover_n"] <= TARGET_CROSSOVER)
-    return out
-
-
-# --------------------------------------------------------------------------------------------
-# Reports
-# --------------------------------------------------------------------------------------------
-def fmt_ms(entry) -> str:
-    if not entry:
-        return "null"
-    return f"{entry['median_s'] * 1e3:.3f} ({entry['min_s'] * 1e3:.3f})" + \
-        ("*" if entry["runs"] == 1 else "")
-
-
-def fmt_x(r) -> str:
-    return "-" if r is None else f"{r:.2f}x"
-
-
-def fmt_tf(entry) -> str:
-    return "-" if not entry else f"{entry['tflops_median']:.3g}"
-
-
-def fmt_mem(pt, name) -> str:
-    m = pt.get("memory", {}).get(name)
-    return "-" if not m else f"{m['peak_bytes'] / 2**20:.0f} / {m['call_bytes'] / 2**20:.0f}"
-
-
-def group_title(group: str, mode: str) -> str:
-    what = {"target": "target configuration, causal", "causal": "causal sweep",
-            "full": "non-causal sweep"}[group]
-    return f"{what}, {mode}"
-
-
-def markdown(meta: dict, points: list[dict], impls: list[str], baseline: str) -> str:
-    dev, st, gate = meta["device"], meta["settings"], meta.get("gate", {})
-    lines = [f"# csq_ext vs torch SDPA on {dev.get('name')}", ""]
-    if meta.get("invalid"):
-        lines += [f"**INVALID: {meta['invalid']}**", ""]
-    lines += [f"- date {meta['date']}; torch {dev.get('torch')}, torch.version.cuda "
-              f"{dev.get('torch_version_cuda')}, driver {dev.get('driver')}, cuDNN "
-              f"{dev.get('cudnn')}; csq_ext build `{dev.get('csq_build')}`; commit "
-              f"{meta.get('git_commit')}{' (dirty tree)' if meta.get('git_dirty') else ''}",
-              f"- {st['dtype']}, Dk = Dv = {st['dim']}; sweep sizes H = {st['heads']}, "
-              f"B = max(1, {st['tokens']} // (H N)) (B H N = {st['tokens']} head-tokens); "
-              f"target B, H, N = {st['target']}",
-              f"- times: median (min) ms over interleaved repeats after warm-up, "
-              f"{'wall clock (CPU dry run)' if meta['dry_run'] else 'CUDA events'}; "
-              f"* = one run; SDPA/csq > 1: csq_ext faster; baseline `{baseline}`"
-              + (f" ({meta['sdpa_notes'][baseline.removeprefix('sdpa_')]})"
-                 if baseline.removeprefix("sdpa_") in meta.get("sdpa_notes", {}) else
-                 " (backend forced with torch.nn.attention.sdpa_kernel)"),
-              f"- TFLOP/s: SDPA by FlashAttention's convention (4 B H N^2 D forward, / 2 "
-              f"causal, x 3.5 fwd+bwd), csq_ext by the chunked algorithm's useful FLOPs "
-              f"(see bench/bench_gpu.py); peak MiB: torch.cuda.max_memory_allocated during "
-              f"one call / the part allocated by the call (inputs excluded)",
-              f"- correctness gate (bf16 vs float64 reference, bar {GATE_TOL:g}): "
-              f"{'PASS' if gate.get('passed') else 'FAIL'} "
-              + "; ".join(f"{k}: " + ", ".join(f"{n} {v:.1e}" for n, v in e.items()
-                                                if isinstance(v, float))
-                          for k, e in gate.get("errors", {}).items()), ""]
-    t = meta.get("targets")
-    if t:
-        def met(flag):
-            return "-" if flag is None else ("yes" if flag else "NO")
-        lines += ["## Targets", "", "| measure | measured | goal | met |", "|---|---|---|---|",
-                  f"| SDPA / csq_ext, fwd+bwd, B,H,N = {st['target']}, causal | "
-                  f"{fmt_x(t['target_ratio_fwd+bwd'])} | >= {TARGET_RATIO:g}x | "
-                  f"{met(t['target_ratio_met'])} |",
-                  f"| SDPA / csq_ext, fwd, same | {fmt_x(t['target_ratio_fwd'])} | - | - |"]
-        for key, c in t["crossover"].items():
-            goal = f"<= {TARGET_CROSSOVER}" if key == "causal/fwd+bwd" else "-"
-            flag = met(t["crossover_met"]) if key == "causal/fwd+bwd" else "-"
-            shown = "none measured" if not c["measured_n"] else (
-                f"{c['crossover_n']}" + (" (faster at every N)" if c["faster_at_every_measured_n"]
-                                         else "") if c["crossover_n"] else "not reached")
-            lines.append(f"| crossover N, {key} | {shown} | {goal} | {flag} |")
-        lines.append("")
-    for group in GROUPS:
-        for mode in MODES:
-            pts = [p for p in points if p["group"] == group and p["mode"] == mode]
-            if not pts:
-                continue
-            lines += [f"## {group_title(group, mode)}", "",
-                      "| N | B | H | " + " | ".join(f"{n} ms" for n in impls)
-                      + " | SDPA/csq | " + " | ".join(f"{n} TFLOP/s" for n in impls)
-                      + " | " + " | ".join(f"{n} peak MiB" for n in impls) + " |",
-                      "|" + "---|" * (4 + 3 * len(impls))]
-            for p in pts:
-                lines.append(f"| {p['n']} | {p['batch']} | {p['heads']} | "
-                             + " | ".join(fmt_ms(p["impls"][n]) for n in impls)
-                             + f" | {fmt_x(ratio(p, baseline))} | "
-                             + " | ".join(fmt_tf(p["impls"][n]) for n in impls) + " | "
-                             + " | ".join(fmt_mem(p, n) for n in impls) + " |")
-            notes = [f"N={p['n']} {n}: {msg}" for p in pts for n, msg in p["notes"].items()]
-            if notes:
-                lines += [""] + [f"- {x}" for x in notes]
-            lines.append("")
-    return "\n".join(lines)
-
-
-def print_table(points: list[dict], impls: list[str], baseline: str) -> None:
-    head = (f"{'group':<7} {'mode':<8} {'N':>7} {'B':>4} "
-            + " ".join(f"{n + ' ms med (min)':>26}" for n in impls)
-            + f" {'SDPA/csq':>9} " + " ".join(f"{n[:10] + ' TF/s':>15}" for n in impls))
-    print("\n" + head + "\n" + "-" * len(head))
-    for p in points:
-        print(f"{p['group']:<7} {p['mode']:<8} {p['n']:>7} {p['batch']:>4} "
-              + " ".join(f"{fmt_ms(p['impls'][n]):>26}" for n in impls)
-              + f" {fmt_x(ratio(p, baseline)):>9} "
-              + " ".join(f"{fmt_tf(p['impls'][n]):>15}" for n in impls))
-    print("ms: median (min) of the measured runs, * one run; null: not measured (OOM, error or "
-          "time budget, see the JSON notes); SDPA/csq > 1: csq_ext faster")
-
-
-def plot(meta: dict, points: list[dict], impls: list[str], baseline: str, path: str) -> str:
-    """Median time against N (log-log) for the causal and non-causal sweeps, and the ratio
-    SDPA / csq_ext against N; one row per mode. Returns a message."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from matplotlib import ticker
-    except ImportError:
-        return "no PNG: matplotlib is not installed"
-    fig, axes = plt.subplots(len(MODES), 3, figsize=(16, 9), squeeze=False)
-    for row, mode in enumerate(MODES):
-        for col, group in enumerate(("causal", "full")):
-            ax = axes[row][col]
-            pts = [p for p in points if p["group"] == group and p["mode"] == mode]
-            for name in impls:
-                xy = [(p["n"], p["impls"][name]["median_s"] * 1e3) for p in pts
-                      if p["impls"][name]]
-                if xy:
-                    ax.plot(*zip(*xy), marker="o", label=name, color=color(name))
-            ax.set(xscale="log", yscale="log", xlabel="N (B H N constant)", ylabel="median ms",
-                   title=f"{group}, {mode}")
-            ax.grid(True, which="both", alpha=0.3)
-            if ax.lines:
-                ax.legend()
-        ax = axes[row][2]
-        for group, style in (("causal", "o-"), ("full", "s--")):
-            xy = [(p["n"], ratio(p, baseline)) for p in points
-                  if p["group"] == group and p["mode"] == mode and ratio(p, baseline)]
-            if xy:
-                ax.plot(*zip(*xy), style, label=group)
-        ax.axhline(1.0, color="gray", lw=1)
-        ax.axhline(TARGET_RATIO, color="red", lw=1, ls=":", label=f"{TARGET_RATIO:g}x goal")
-        ax.set(xscale="log", yscale="log", xlabel="N", ylabel=f"{baseline} / csq_ext",
-               title=f"speed-up, {mode} (> 1: csq_ext faster)")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
-    lengths = sorted({p["n"] for p in points if p["group"] != "target"})
-    for ax in axes.flat:
-        if lengths:
-            ax.set_xticks(lengths, [f"{n // 1024}K" if n >= 1024 else str(n) for n in lengths])
-        ax.xaxis.set_minor_locator(ticker.NullLocator())
-        ax.yaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-        ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda y, _: f"{y:g}"))
-        ax.yaxis.set_minor_formatter(ticker.NullFormatter())
-    dev, st = meta["device"], meta["settings"]
-    fig.suptitle(f"csq_ext vs {baseline}, {st['dtype']}, Dk=Dv={st['dim']}, H={st['heads']}, "
-                 f"B*H*N={st['tokens']}{'  [CPU DRY RUN]' if meta['dry_run'] else ''}"
-                 f"{'  [INVALID: gate failed]' if meta.get('invalid') else ''}\n"
-                 f"{dev.get('name')}, torch {dev.get('torch')} (CUDA "
-                 f"{dev.get('torch_version_cuda')}), driver {dev.get('driver')}, {meta['date']}",
-                 fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return f"wrote {path}"
-
-
-def write_outputs(meta, points, impls, baseline, paths) -> None:
-    json_path, md_path, _ = paths
-    with open(json_path, "w") as f:
-        json.dump({**meta, "points": points}, f, indent=1)
-    with open(md_path, "w") as f:
-        f.write(markdown(meta, points, impls, baseline) + "\n")
-
-
 # --------------------------------------------------------------------------------------------
 def main(argv=None) -> int:
     args = parse_args(argv)
@@ -738,15 +411,7 @@ def main(argv=None) -> int:
             # the half-precision state products: 3 = 3xTF32 tensor cores (default), 1 = TF32,
             # 0 = CUDA cores (csrc/cuda/README.md, "Tensor cores")
             "csq_cuda_tensor_cores": os.environ.get("CSQ_CUDA_TENSOR_CORES") or "3",
-            "flop_conventions": {
-                "sdpa": "FlashAttention: fwd 2 B H N^2 (Dk + Dv) (= 4 B H N^2 D), / 2 causal; "
-                        "fwd+bwd 3.5 x fwd",
-                "csq_ext": "2 B [(Hq + Hk) N F V1 + Hq P (Dk + 1 + V1)] fwd; bwd adds "
-                           "2 B [(2 Hq + 3 Hk) N F V1 + Hq P (3 Dk + 2 Dv + 3)]; "
-                           "F = (Dk + 1)(Dk + 2) / 2, V1 = Dv + 1, P = causal in-chunk pairs "
-                           f"(chunk {CUDA_CHUNK}), 0 when not causal; for the path 'auto' "
-                           "picked (csq_chunked: always this; csq_direct: as sdpa with "
-                           "Dv + 1 value columns)"},
+            "flop_conventions": CONVENTIONS,
             "gpu_state_before": gpu_state() if device.type == "cuda" else None}
     dev = meta["device"]
     print(f"{dev['name']}: torch {dev['torch']}, torch.version.cuda {dev['torch_version_cuda']},"

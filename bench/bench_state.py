@@ -1,4 +1,4 @@
-"""CPU benchmark of calls that carry a state: the direct path (csq_ext/_direct_state.py)
+"""CPU benchmark of calls that carry a state: the direct path (the op carries it in C++)
 against the chunked one, and what auto picks.
 
 float32, causal, B x H heads, Dk = Dv = D, forward only (serving) or forward + backward

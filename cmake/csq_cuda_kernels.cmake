@@ -3,7 +3,7 @@
 # Include this file from a project that has (or can enable) the CUDA language:
 #     include(cmake/csq_cuda_kernels.cmake)
 #     target_link_libraries(<your torch library> PRIVATE csq_cuda_kernels)
-# and compile csrc/cuda/csq_{fwd,bwd,decode,direct}_cuda.cpp (the torch host files) into that library.
+# and compile csrc/cuda/csq_{chunked_fwd,chunked_bwd,decode,direct,state}_cuda.cpp (the torch host files) into that library.
 # Standalone (nvcc only, no torch): cmake -S csrc/cuda -B build-cuda && cmake --build build-cuda
 #
 # Options (cache variables):
@@ -28,10 +28,11 @@ set(_csq_cuda_dir "${CMAKE_CURRENT_LIST_DIR}/../csrc/cuda")
 get_filename_component(_csq_cuda_dir "${_csq_cuda_dir}" ABSOLUTE)
 
 set(CSQ_CUDA_KERNEL_SOURCES
-  "${_csq_cuda_dir}/csq_fwd_launch.cu"
-  "${_csq_cuda_dir}/csq_bwd_launch.cu"
+  "${_csq_cuda_dir}/csq_chunked_fwd_launch.cu"
+  "${_csq_cuda_dir}/csq_chunked_bwd_launch.cu"
   "${_csq_cuda_dir}/csq_decode_launch.cu"
-  "${_csq_cuda_dir}/csq_direct_launch.cu")
+  "${_csq_cuda_dir}/csq_direct_launch.cu"
+  "${_csq_cuda_dir}/csq_state_launch.cu")
 
 add_library(csq_cuda_kernels OBJECT ${CSQ_CUDA_KERNEL_SOURCES})
 

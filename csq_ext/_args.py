@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 
 import torch
 import torch.autograd.forward_ad as _fwAD
@@ -94,7 +95,7 @@ _TUNING_MAX = 1 << 30
 
 
 def tuning_size(name: str, x) -> int:
-    """A tuning knob's length (chunk_size; the kernels' tile or chunk): None (0 to the op: the
+    """A tuning knob's length (tile_size: the kernels' tile or chunk): None (0 to the op: the
     default) or a positive int, a Python or numpy integer but not a bool. The result does not
     depend on it; a value beyond the sequence or a kernel's limit acts as that limit."""
     if x is None:
@@ -106,6 +107,20 @@ def tuning_size(name: str, x) -> int:
     value = int(x)
     check(value >= 1, lambda: f"{name} must be a positive int or None, got {value}")
     return min(value, _TUNING_MAX)
+
+
+def tile_size(tile, chunk_size=None, stacklevel: int = 3) -> int:
+    """The block length of the kernels (the chunk of the chunked path, the tile of the direct
+    one): ``tile_size``, or its deprecated alias ``chunk_size`` (a DeprecationWarning; each is
+    named by its own name in errors; passing both raises). 0 means the default."""
+    if chunk_size is None:
+        return tuning_size("tile_size", tile)
+    check(tile is None, lambda: "pass tile_size or its deprecated alias chunk_size, not both "
+          f"(got tile_size={tile!r}, chunk_size={chunk_size!r})")
+    if not torch.compiler.is_compiling():
+        warnings.warn("csq_ext: chunk_size is deprecated, pass tile_size (the same block "
+                      "length)", DeprecationWarning, stacklevel=stacklevel)
+    return tuning_size("chunk_size", chunk_size)
 
 
 def no_forward_ad(**tensors) -> None:
@@ -229,8 +244,15 @@ def _shift_tensor(c: float, heads: int, dtype: torch.dtype, device: torch.device
 
 def cu_seqlens(x, q) -> int:
     """Packed sequences: returns S, the number of sequences (the batch size without them)."""
+    return packed_sequences(x, q)[0]
+
+
+def packed_sequences(x, q):
+    """Packed sequences: (S, offsets). S is the number of sequences (the batch size without
+    them); the offsets are x's copy on the CPU, read once here for the data-dependent check and
+    handed to the op, which then reads no device memory for them (x itself when traced)."""
     if x is None:
-        return q.shape[0]
+        return q.shape[0], None
     what = "an int32 or int64 tensor of shape (S + 1,): the offsets of S packed sequences"
     check_type(isinstance(x, torch.Tensor), lambda: f"cu_seqlens must be {what}, got {_kind(x)}")
     check(x.dim() == 1 and x.shape[0] >= 2 and x.dtype in (torch.int32, torch.int64),
@@ -240,11 +262,12 @@ def cu_seqlens(x, q) -> int:
     check(q.shape[0] == 1,
           lambda: f"with cu_seqlens, q, k, v must pack the sequences along N with batch size 1: "
           f"q of shape (1, Hq, T, Dk), got {tuple(q.shape)}")
-    if x.device.type != "meta" and not torch.compiler.is_compiling():
-        c = x.cpu()  # a data-dependent check; the op checks it too
-        check(int(c[0]) == 0 and int(c[-1]) == q.shape[2] and bool((c[1:] >= c[:-1]).all()),
-              lambda: f"cu_seqlens must be non-decreasing offsets from 0 to T = {q.shape[2]}")
-    return x.shape[0] - 1
+    if x.device.type == "meta" or torch.compiler.is_compiling():
+        return x.shape[0] - 1, x
+    c = x.cpu()  # a data-dependent check; the op checks it too
+    check(int(c[0]) == 0 and int(c[-1]) == q.shape[2] and bool((c[1:] >= c[:-1]).all()),
+          lambda: f"cu_seqlens must be non-decreasing offsets from 0 to T = {q.shape[2]}")
+    return x.shape[0] - 1, c
 
 
 def state(st, q, k, v, S: int, name: str, wide: bool = False) -> None:

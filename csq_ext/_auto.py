@@ -8,9 +8,8 @@ every N. Its backward, ``csq_ext::auto_bwd``, runs the backward of the path the 
 (which the forward returns as a 0-dim tensor, so a change of thread count between the two
 cannot mix them up).
 
-Only calls without a carried or returned state take it (the direct path's states are
-Python, csq_ext/_direct_state.py); those keep the Python choice and a graph per side of the
-crossover (docs/compile.md).
+Only calls without a carried or returned state take it; those keep the Python choice and a
+graph per side of the crossover (docs/compile.md).
 """
 from __future__ import annotations
 
@@ -42,13 +41,13 @@ def auto_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shift: torch.Ten
     direct = choose_path(q.shape[2], q.shape[3], v.shape[3], causal, q.device.type,
                          torch.get_num_threads(), S * Hk, packed=cu_seqlens is not None,
                          grad=grad, measure=False) == "direct"
+    # Both ops take the same arguments; the direct one returns no ref without a state (its
+    # backward takes an empty one back), so this op returns zeros of the ref's shape for it.
+    op = ops.csq_direct_fwd if direct else ops.csq_chunked_fwd
+    y, b, den, _, ref = op(q, k, v, shift, cu_seqlens, None, None, causal, scale, center,
+                           normalize, eps, chunk, False)
     if direct:
-        y, b, den = ops.csq_direct_fwd(q, k, v, shift, cu_seqlens, None, None, causal, scale,
-                                       center, normalize, eps, chunk)
         ref = q.new_zeros((S, Hk, q.shape[3]), dtype=acc_dtype(q.dtype))
-    else:
-        y, b, den, _, ref = ops.csq_fwd(q, k, v, shift, cu_seqlens, None, None, causal, scale,
-                                        center, normalize, eps, chunk, False)
     return y, b, den, ref, torch.tensor(int(direct))
 
 
@@ -72,11 +71,11 @@ def auto_bwd(dy: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
              chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv, dshift through the path auto_fwd ran."""
     options = (causal, scale, center, normalize, eps, chunk)
-    if int(path):
-        return tuple(ops.csq_direct_bwd(dy, q, k, v, shift, cu_seqlens, y, b, den,
-                                        *options)[:4])
-    return tuple(ops.csq_bwd(dy, q, k, v, shift, cu_seqlens, None, ref, y, b, den, None,
-                             *options)[:4])
+    direct = bool(int(path))
+    op = ops.csq_direct_bwd if direct else ops.csq_chunked_bwd
+    ref = ref.new_empty((0,)) if direct else ref  # the direct forward's empty ref
+    return tuple(op(dy, q, k, v, shift, cu_seqlens, None, ref, y, b, den, None, None, True,
+                    *options)[:4])
 
 
 @auto_bwd.register_fake

@@ -134,11 +134,13 @@ def cuda_direct_cost(n: int, dk: int, dv: int, causal: bool, tasks: int) -> floa
     return n * per_query / (_CUDA_DIRECT_RATE * min(1.0, blocks / _CUDA_SMS))
 
 
-# The direct path's carried-state work (csq_ext/_direct_state.py) is torch: per position and
-# pass, F feature elements built (measured ~1.3 ns each on one CI core) and a 2 F (Dv + 1)
-# GEMM (MKL through torch, ~91 GFLOP/s). Fitted to forced-path runs at N = 1024-4096,
-# D = 32-128, one thread (bench/NOTES.md, "Direct path" 11): measured 24-62 GFLOP/s for the
-# state work.
+# The direct path's carried-state work: per position and pass, F feature elements built
+# (measured ~1.3 ns each on one CI core) and a 2 F (Dv + 1) GEMM (MKL through torch,
+# ~91 GFLOP/s). Measured when that work was torch (csq_ext/_direct_state.py, before issue 24);
+# it is now the op's (csrc/cpu/csq_direct_state_cpu.h, the same arithmetic in the CPU
+# kernels' feature rows), not re-measured yet, so these constants still describe the old code.
+# Fitted to forced-path runs at N = 1024-4096, D = 32-128, one thread (bench/NOTES.md,
+# "Direct path" 11): measured 24-62 GFLOP/s for the state work.
 _STATE_GEMM_GFLOPS = 91.0
 _STATE_FEATURE_NS = 1.3
 
@@ -162,11 +164,12 @@ def choose_path(n: int, dk: int, dv: int, causal: bool, device_type: str, thread
     have one) takes the chunked path. A carried or returned state costs the direct path an
     extra O(N Dk^2 Dv) each (state_cost; the chunked path reads and builds the state in its
     scan anyway, at a better rate); packed sequences with a state stay chunked (the direct
-    path handles their states one sequence at a time, in Python). `threads` matters on the
-    CPU only; so does `grad` (a backward will follow: the paths' forward + backward rates,
-    whose ratio differs from the forwards'; with a state, whose backward was not measured,
-    the forward rates). On the CPU the rates are this machine's where they were measured
-    (csq_ext/_calibrate.py; ``measure``: measure them now if they were not)."""
+    path's state work was measured without packing), and so do CUDA calls with a state.
+    `threads` matters on the CPU only; so does `grad` (a backward will follow: the paths'
+    forward + backward rates, whose ratio differs from the forwards'; with a state, whose
+    backward was not measured, the forward rates). On the CPU the rates are this machine's
+    where they were measured (csq_ext/_calibrate.py; ``measure``: measure them now if they
+    were not)."""
     args = (n, dk, dv, causal, device_type, threads, tasks, reads_state, returns_state, packed,
             grad, measure)
     if device_type != "cpu" or torch.compiler.is_compiling():
@@ -186,8 +189,7 @@ def prefers_direct(n, dk: int, dv: int, causal: bool, device_type: str, threads:
                    tasks: int, reads_state: bool = False, returns_state: bool = False,
                    packed: bool = False, grad: bool = False, measure: bool = False):
     """choose_path's comparison itself: whether the direct path is the cheaper one. A bool, or
-    under torch.compile with a symbolic n a SymBool: attention hands it to torch.cond, so that
-    one graph serves every n instead of a guard on n per side of the crossover."""
+    under torch.compile with a symbolic n a SymBool."""
     if device_type not in ("cpu", "cuda"):
         return False
     passes = int(reads_state) + int(returns_state)
@@ -196,9 +198,10 @@ def prefers_direct(n, dk: int, dv: int, causal: bool, device_type: str, threads:
     if device_type == "cuda":
         if max(dk, dv) > _CUDA_CHUNKED_MAX_HEAD:  # beyond both CUDA paths: the direct op refuses
             return True
-        extra = passes * 2 * num_features(dk) * (dv + 1) * n / _CUDA_DIRECT_RATE
-        return (cuda_direct_cost(n, dk, dv, causal, tasks) + extra
-                <= cuda_chunked_cost(n, dk, dv, causal, tasks))
+        if passes:  # the CUDA direct kernels carry no states yet (csq_direct_cuda.cpp)
+            return False
+        return cuda_direct_cost(n, dk, dv, causal, tasks) <= cuda_chunked_cost(n, dk, dv, causal,
+                                                                                 tasks)
     grad = grad and not passes
     measured = _calibrate.rates(dk, dv, threads, measure=measure)
     return (direct_cost(n, dk, dv, causal, threads, tasks, grad, measured)

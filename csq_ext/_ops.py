@@ -1,5 +1,12 @@
 """Loads the compiled operators and wires them into PyTorch: shapes for fake tensors
-(torch.compile, meta) and the autograd formula (the backward op)."""
+(torch.compile, meta) and the autograd formulas (the backward ops).
+
+The two algorithms' operators, csq_chunked_fwd / csq_chunked_bwd and csq_direct_fwd /
+csq_direct_bwd, take the same arguments and return the same outputs (the direct forward returns
+its ref only when it reads or returns a state), so one autograd formula serves both. The
+state-only operator csq_state / csq_state_bwd has its own. Which ref a sequence's sums are
+relative to, and where a picked ref's gradient goes, is decided by the operators
+(csrc/csq_params.h); Python only passes gradients along."""
 from __future__ import annotations
 
 import os
@@ -29,28 +36,66 @@ def _check_devices(q, *others):
                                  f"got {t.device}")
 
 
-@torch.library.register_fake("csq_ext::csq_fwd")
-def _csq_fwd_fake(q, k, v, shift, cu_seqlens, state_in, ref_in, causal, scale, center,
-                  normalize, eps, chunk_size, return_state):
+def _num_sequences(k, cu_seqlens):
+    return k.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+
+
+def _state_fakes(k, v, cu_seqlens, returns, with_ref):
+    """The fake state_out (S, Hk, F, Dv + 1) and ref (S, Hk, Dk), or empty tensors."""
+    S, (Hk, Dk), Dv = _num_sequences(k, cu_seqlens), (k.shape[1], k.shape[3]), v.shape[-1]
+    acc = _acc_dtype(k.dtype)
+    state_shape = (S, Hk, _num_features(Dk), Dv + 1) if returns else (0,)
+    return (k.new_empty(state_shape, dtype=acc),
+            k.new_empty((S, Hk, Dk) if with_ref else (0,), dtype=acc))
+
+
+def _fwd_fake(q, k, v, shift, cu_seqlens, state_in, ref_in, return_state, with_ref):
     _check_devices(q, k, v, shift, state_in, ref_in)
-    B, Hq, N, Dk = q.shape
-    Hk, Dv = k.shape[1], v.shape[-1]
-    S = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    B, Hq, N, _ = q.shape
     acc = _acc_dtype(q.dtype)
-    y = q.new_empty((B, Hq, N, Dv), dtype=acc)
-    state_shape = (S, Hk, _num_features(Dk), Dv + 1) if return_state else (0,)
+    y = q.new_empty((B, Hq, N, v.shape[-1]), dtype=acc)
     return (y, q.new_empty((B, Hq, N), dtype=acc), q.new_empty((B, Hq, N), dtype=acc),
-            q.new_empty(state_shape, dtype=acc), q.new_empty((S, Hk, Dk), dtype=acc))
+            *_state_fakes(k, v, cu_seqlens, return_state, with_ref))
 
 
-@torch.library.register_fake("csq_ext::csq_bwd")
-def _csq_bwd_fake(dy, q, k, v, shift, cu_seqlens, state_in, ref, y, b, den, dstate_out, causal,
-                  scale, center, normalize, eps, chunk_size):
-    _check_devices(q, dy, k, v, shift, state_in, ref, y, b, den, dstate_out)
+@torch.library.register_fake("csq_ext::csq_chunked_fwd")
+def _chunked_fwd_fake(q, k, v, shift, cu_seqlens, state_in, ref_in, causal, scale, center,
+                      normalize, eps, tile_size, return_state):
+    return _fwd_fake(q, k, v, shift, cu_seqlens, state_in, ref_in, return_state, True)
+
+
+@torch.library.register_fake("csq_ext::csq_direct_fwd")
+def _direct_fwd_fake(q, k, v, shift, cu_seqlens, state_in, ref_in, causal, scale, center,
+                     normalize, eps, tile_size, return_state):
+    return _fwd_fake(q, k, v, shift, cu_seqlens, state_in, ref_in, return_state,
+                     return_state or state_in is not None)
+
+
+def _bwd_fake(dy, q, k, v, shift, cu_seqlens, state_in, ref, y, b, den, dstate_out, dref_out,
+              ref_given, causal, scale, center, normalize, eps, tile_size):
+    _check_devices(q, dy, k, v, shift, state_in, ref, y, b, den, dstate_out, dref_out)
     # The kernels return contiguous gradients whatever the inputs' strides: say so here too.
     dstate = q.new_empty(state_in.shape if state_in is not None else (0,), dtype=ref.dtype)
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
             shift.new_empty(shift.shape), dstate, ref.new_empty(ref.shape))
+
+
+torch.library.register_fake("csq_ext::csq_chunked_bwd")(_bwd_fake)
+torch.library.register_fake("csq_ext::csq_direct_bwd")(_bwd_fake)
+
+
+@torch.library.register_fake("csq_ext::csq_state")
+def _state_fake(k, v, cu_seqlens, state_in, ref_in, tile_size):
+    _check_devices(k, v, state_in, ref_in)
+    return _state_fakes(k, v, cu_seqlens, True, True)
+
+
+@torch.library.register_fake("csq_ext::csq_state_bwd")
+def _state_bwd_fake(k, v, cu_seqlens, state_in, ref, dstate_out, dref_out, ref_given,
+                    tile_size):
+    _check_devices(k, v, state_in, ref, dstate_out, dref_out)
+    dstate = k.new_empty(state_in.shape if state_in is not None else (0,), dtype=ref.dtype)
+    return k.new_empty(k.shape), v.new_empty(v.shape), dstate, ref.new_empty(ref.shape)
 
 
 @torch.library.register_fake("csq_ext::csq_decode_")
@@ -61,7 +106,7 @@ def _csq_decode_fake(sums, ref, q, k, v, shift, y, scale, center, normalize, eps
 
 @torch.library.register_fake("csq_ext::csq_pool_prefill_")
 def _csq_pool_prefill_fake(sums, ref, slots, has_initial_state, q, k, v, shift, cu_seqlens,
-                           scale, center, normalize, eps, chunk_size):
+                           scale, center, normalize, eps, tile_size):
     _check_devices(q, sums, ref, k, v, shift)
     return q.new_empty((1, q.shape[1], q.shape[2], v.shape[-1]))
 
@@ -75,7 +120,7 @@ def _csq_pool_decode_fake(sums, ref, slots, has_initial_state, q, k, v, shift, y
 
 def _fwd_setup_context(ctx, inputs, output):
     (q, k, v, shift, cu_seqlens, state_in, ref_in, causal, scale, center, normalize, eps,
-     chunk_size, return_state) = inputs
+     tile_size, return_state) = inputs
     y, b, den, _state_out, ref = output
     # Outputs the loss does not use arrive as None, not zeros: the returned state and ref
     # are unused by most callers, and only a used one may pass the ref's gradient on to the
@@ -84,111 +129,49 @@ def _fwd_setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(q, k, v, shift, cu_seqlens, state_in, ref, y, b, den)
     ctx.has_ref_in = ref_in is not None
-    ctx.options = (causal, scale, center, normalize, eps, chunk_size)
+    ctx.options = (causal, scale, center, normalize, eps, tile_size)
 
 
-# How many leading keys of a sequence its ref is picked from (kRefKeys in csrc/csq_params.h).
-_REF_KEYS = 64
+def _backward_with(bwd_op):
+    def backward(ctx, dy, _db, _dden, dstate_out, dref_out):
+        # b and den are auxiliary outputs for the backward; the public function never returns
+        # them, so their incoming gradients are None or zero and are ignored.
+        q, k, v, shift, cu_seqlens, state_in, ref, y, b, den = ctx.saved_tensors
+        if dy is None:
+            dy = torch.zeros_like(y)
+        # dref_in: the gradient of ref_in where the op kept it (0 where it picked its own ref
+        # from the keys: dk holds that part).
+        dq, dk, dv, dshift, dstate_in, dref_in = bwd_op(
+            dy, q, k, v, shift, cu_seqlens, state_in, ref, y, b, den, dstate_out, dref_out,
+            ctx.has_ref_in, *ctx.options)
+        return (dq, dk, dv, dshift, None, dstate_in if state_in is not None else None,
+                dref_in if ctx.has_ref_in else None, None, None, None, None, None, None, None)
+    return backward
 
 
-def _ref_picked_from_keys(state_in, cu_seqlens, N, device):
-    """(S, Hk) or (S, 1) bool: where the op picked ref from the sequence's keys (the median of
-    its first keys) rather than taking the carried state's: no carried state, or one that holds
-    no key (count 0), and a sequence with keys (csrc/csq_params.h)."""
-    lens = (torch.full((1,), N) if cu_seqlens is None else (cu_seqlens[1:] - cu_seqlens[:-1]))
-    has_keys = (lens > 0).view(-1, 1).to(device)
-    if state_in is None:
-        return has_keys
-    return has_keys & (state_in[..., -1, -1] == 0)
-
-
-def first_keys(k, cu_seqlens):
-    """Each sequence's first keys, those the op picks its ref from: ``(keys, valid, pos)`` with
-    keys (S, Hk, m, D) in k's dtype, valid (S, m) bool (False past a sequence's end) and pos
-    (S, m) their positions along N. Without cu_seqlens S = B and m = min(N, _REF_KEYS), all
-    valid; with it m = _REF_KEYS. Indexing keeps keys differentiable with respect to k."""
-    B, Hk, N, D = k.shape
-    if cu_seqlens is None:
-        m = min(N, _REF_KEYS)
-        pos = torch.arange(m, device=k.device).expand(B, m)
-        return k[:, :, :m], torch.ones(B, m, dtype=torch.bool, device=k.device), pos
-    cu = cu_seqlens.to(device=k.device, dtype=torch.int64)
-    pos = cu[:-1, None] + torch.arange(_REF_KEYS, device=k.device)
-    valid = pos < cu[1:, None]
-    pos = pos.clamp(max=max(N - 1, 0))
-    if N == 0:  # nothing to gather from; every entry is invalid
-        keys = k.new_zeros(Hk, pos.shape[0], _REF_KEYS, D)
-    else:
-        keys = k[0][:, pos]                          # (Hk, S, _REF_KEYS, D)
-    return keys.transpose(0, 1), valid, pos
-
-
-def state_ref(k, cu_seqlens, state_in, ref_in, acc):
-    """(S, Hk, Dk) in acc: the ref the op sums a sequence's keys relative to
-    (csrc/csq_params.h), for code that builds states outside it (csq_ext/_direct_state.py):
-    the carried ref where the state holds keys or the sequence has none, else per coordinate
-    the lower median of the finite values among the sequence's first keys (0 if there is no
-    such value). Differentiable with respect to k and ref_in."""
-    N = k.shape[2]
-    if N == 0:  # no keys to pick from: the carried ref, or 0
-        S = k.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
-        return ref_in if ref_in is not None else k.new_zeros(S, k.shape[1], k.shape[3],
-                                                             dtype=acc)
-    picked = _ref_picked_from_keys(state_in, cu_seqlens, N, k.device)[..., None]
-    carried = 0.0 if ref_in is None else ref_in
-    keys, valid, _ = first_keys(k, cu_seqlens)
-    keys = keys.to(acc)
-    keep = valid[:, None, :, None] & torch.isfinite(keys)
-    median = torch.where(keep, keys, float("nan")).nanmedian(dim=2).values
-    return torch.where(picked, torch.nan_to_num(median, nan=0.0), carried)
-
-
-def _ref_key_gradient(k, ref, dref, cu_seqlens):
-    """The gradient that a picked ref (S, Hk, Dk) passes to the keys it was picked from: per
-    coordinate, ref is the lower median of the first _REF_KEYS keys of the sequence, i.e. one of
-    them (the first equal one receives dref). Returns a tensor shaped like k."""
-    acc = ref.dtype
-    B, Hk, N, D = k.shape
-    if N == 0:  # no keys to pick from
-        return torch.zeros_like(k)
-    keys, valid, pos = first_keys(k, cu_seqlens)
-    first = (keys.to(acc) == ref[:, :, None]) & valid[:, None, :, None]
-    first = first & (first.cumsum(2) == 1)
-    part = first * dref[:, :, None]                  # (S, Hk, m, D)
-    if cu_seqlens is None:
-        grad = torch.zeros(B, Hk, N, D, dtype=acc, device=k.device)
-        grad[:, :, :part.shape[2]] = part
-        return grad.to(k.dtype)
-    part = part.transpose(0, 1).reshape(Hk, -1, D)
-    grad = torch.zeros(Hk, N, D, dtype=acc, device=k.device).index_add_(1, pos.reshape(-1), part)
-    return grad[None].to(k.dtype)
-
-
-def _fwd_backward(ctx, dy, _db, _dden, dstate_out, dref_out):
-    # b and den are auxiliary outputs for the backward; the public function never returns them,
-    # so their incoming gradients are None or zero and are ignored.
-    q, k, v, shift, cu_seqlens, state_in, ref, y, b, den = ctx.saved_tensors
-    if dy is None:
-        dy = torch.zeros_like(y)
-    dq, dk, dv, dshift, dstate_in, dref = ops.csq_bwd(
-        dy, q, k, v, shift, cu_seqlens, state_in, ref, y, b, den, dstate_out, *ctx.options)
-    # dref: the gradient of the loss through ref, with the sums in and the keys held fixed;
-    # the returned ref is ref itself. Where the carried state held keys, ref is its ref;
-    # elsewhere the op picked ref from the sequence's keys, and the keys receive it.
-    if dref_out is not None:
-        dref = dref + dref_out
-    picked = _ref_picked_from_keys(state_in, cu_seqlens, k.shape[2], ref.device)
-    dref_in = torch.where(picked[..., None], 0, dref) if ctx.has_ref_in else None
-    # Outputs alone do not depend on a picked ref (it only re-centres the keys of a state that
-    # is empty); the returned state does.
-    if dstate_out is not None or dref_out is not None:
-        dk = dk + _ref_key_gradient(k, ref, torch.where(picked[..., None], dref, 0), cu_seqlens)
-    return (dq, dk, dv, dshift, None, dstate_in if state_in is not None else None, dref_in,
-            None, None, None, None, None, None, None)
-
-
-torch.library.register_autograd("csq_ext::csq_fwd", _fwd_backward,
+torch.library.register_autograd("csq_ext::csq_chunked_fwd", _backward_with(ops.csq_chunked_bwd),
                                 setup_context=_fwd_setup_context)
+torch.library.register_autograd("csq_ext::csq_direct_fwd", _backward_with(ops.csq_direct_bwd),
+                                setup_context=_fwd_setup_context)
+
+
+def _state_setup_context(ctx, inputs, output):
+    k, v, cu_seqlens, state_in, ref_in, tile_size = inputs
+    ctx.save_for_backward(k, v, cu_seqlens, state_in, output[1])
+    ctx.has_ref_in = ref_in is not None
+    ctx.tile_size = tile_size
+
+
+def _state_backward(ctx, dstate_out, dref_out):
+    k, v, cu_seqlens, state_in, ref = ctx.saved_tensors
+    dk, dv, dstate_in, dref_in = ops.csq_state_bwd(k, v, cu_seqlens, state_in, ref, dstate_out,
+                                                   dref_out, ctx.has_ref_in, ctx.tile_size)
+    return (dk, dv, None, dstate_in if state_in is not None else None,
+            dref_in if ctx.has_ref_in else None, None)
+
+
+torch.library.register_autograd("csq_ext::csq_state", _state_backward,
+                                setup_context=_state_setup_context)
 
 
 def _bwd_setup_context(ctx, inputs, output):
@@ -202,5 +185,6 @@ def _bwd_backward(ctx, *grads):
         "for higher-order derivatives.")
 
 
-torch.library.register_autograd("csq_ext::csq_bwd", _bwd_backward,
-                                setup_context=_bwd_setup_context)
+for _name in ("csq_chunked_bwd", "csq_direct_bwd", "csq_state_bwd"):
+    torch.library.register_autograd(f"csq_ext::{_name}", _bwd_backward,
+                                    setup_context=_bwd_setup_context)

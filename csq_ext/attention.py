@@ -4,8 +4,6 @@ from __future__ import annotations
 import torch
 
 from . import _args, _auto
-from . import _direct  # noqa: F401  (registers the direct path's fake and autograd)
-from . import _direct_state
 from ._cost import choose_path
 from ._ops import ops
 from .state import CSQState
@@ -14,9 +12,9 @@ from .state import CSQState
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
               scale: float | None = None, shift: float | torch.Tensor = 1.0,
               center: bool = True, normalize: bool = True, eps: float = 1e-6,
-              chunk_size: int | None = None, cu_seqlens: torch.Tensor | None = None,
+              tile_size: int | None = None, cu_seqlens: torch.Tensor | None = None,
               initial_state: CSQState | None = None, return_state: bool = False,
-              path: str = "auto"):
+              path: str = "auto", chunk_size: int | None = None):
     """CSQ attention: ``y_i = sum_j w_ij v_j / (sum_j w_ij + eps)`` with
     ``w_ij = (scale * <q_i, k_j - mu_i> + shift)^2``, mu_i the mean of the keys query i attends
     to (``center``), over j <= i (``causal``) or all j.
@@ -31,8 +29,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         center: subtract from the keys the mean of the keys each query attends to.
         normalize: divide by the sum of weights plus eps; if False return the weighted sum.
         eps: added to the denominator, >= 0.
-        chunk_size: internal block length: the chunk of the chunked path, the tile of the
-            direct path (tuning only; the result does not depend on it).
+        tile_size: internal block length: the chunk of the chunked path, the tile of the
+            direct path (tuning only; the result does not depend on it). None: the default.
         cu_seqlens: (S + 1,) int32/int64 offsets of S sequences packed along N (batch size 1),
             as in FlashAttention's varlen API; each attends only within itself.
         initial_state: a CSQState (causal only) that the sequences continue: the keys and
@@ -45,6 +43,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
             crossover table), "direct" (tiles of q against tiles of k, O(N^2 (Dk + Dv)), plus
             O(N Dk^2 Dv) to read a carried state or build the returned one; CPU and CUDA) or
             "chunked" (the state scan, O(N Dk^2 Dv)). The result is the same to rounding.
+        chunk_size: deprecated alias of tile_size (a DeprecationWarning; not both).
 
     Returns:
         (B, Hq, N, Dv) in the dtype of the inputs (half precision is computed in float32),
@@ -59,11 +58,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
                    normalize=_args.flag("normalize", normalize), eps=_args.eps(eps),
                    scale=_args.scale(scale, q.shape[3]))
     shift_t = _args.shift(shift, q)
-    chunk = _args.tuning_size("chunk_size", chunk_size)
+    tile = _args.tile_size(tile_size, chunk_size)
     _args.flag("return_state", return_state)
     _args.no_forward_ad(q=q, k=k, v=v, shift=shift_t)
     _args.no_functorch_grad()
-    S = _args.cu_seqlens(cu_seqlens, q)
+    S, cu = _args.packed_sequences(cu_seqlens, q)
     _args.check(causal or not return_state,
                 lambda: "return_state needs causal=True: a non-causal output depends on future keys")
     state_in = ref_in = None
@@ -76,33 +75,26 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         if _args.wide_state(initial_state, q):  # the call in float64, y back in q's dtype
             out = attention(*(t.double() for t in (q, k, v)), causal=causal, scale=scale,
                             shift=shift.double() if isinstance(shift, torch.Tensor) else shift,
-                            center=center, normalize=normalize, eps=eps, chunk_size=chunk_size,
+                            center=center, normalize=normalize, eps=eps, tile_size=tile or None,
                             cu_seqlens=cu_seqlens, initial_state=initial_state,
                             return_state=return_state, path=path)
             return (out[0].to(q.dtype), out[1]) if return_state else out.to(q.dtype)
         state_in, ref_in = initial_state.sums.contiguous(), initial_state.ref.contiguous()
     grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, shift_t, state_in, ref_in))
-    path = _path(path, q, k, v, causal, S, cu_seqlens is not None, initial_state is not None,
+    path = _path(path, q, k, v, causal, S, cu is not None, initial_state is not None,
                  return_state, grad)
     if path == "in graph":
-        y = _auto.auto_fwd(q, k, v, shift_t, cu_seqlens, options["causal"], options["scale"],
-                           options["center"], options["normalize"], options["eps"], chunk,
+        y = _auto.auto_fwd(q, k, v, shift_t, cu, options["causal"], options["scale"],
+                           options["center"], options["normalize"], options["eps"], tile,
                            grad)[0]
-        return y.to(q.dtype)
-    if path == "direct":
-        if initial_state is None and not return_state:
-            y = ops.csq_direct_fwd(q, k, v, shift_t, cu_seqlens, None, None, options["causal"],
-                                   options["scale"], options["center"], options["normalize"],
-                                   options["eps"], chunk)[0]
-            return y if y.dtype == q.dtype else y.to(q.dtype)
-        y, sums, ref = _direct_state.attention(q, k, v, shift_t, cu_seqlens, S, state_in, ref_in,
-                                               return_state, options, chunk)
-    else:
-        y, _, _, sums, ref = ops.csq_fwd(
-            q, k, v, shift_t, cu_seqlens, state_in, ref_in, options["causal"], options["scale"],
-            options["center"], options["normalize"], options["eps"], chunk, return_state)
-    y = y.to(q.dtype)  # the ops compute half precision in float32
+        return y if y.dtype == q.dtype else y.to(q.dtype)
+    # Both algorithms' ops take the same arguments and carry the same states.
+    op = ops.csq_direct_fwd if path == "direct" else ops.csq_chunked_fwd
+    y, _, _, sums, ref = op(q, k, v, shift_t, cu, state_in, ref_in, options["causal"],
+                            options["scale"], options["center"], options["normalize"],
+                            options["eps"], tile, return_state)
+    y = y if y.dtype == q.dtype else y.to(q.dtype)  # half precision is computed in float32
     return (y, CSQState(sums, ref)) if return_state else y
 
 

@@ -9,9 +9,9 @@ only the sum of their states, O(Dk^2 Dv) numbers per head whatever the sequence 
    option, raise on every rank instead of hanging or computing something else;
 2. one common reference key per sequence (centering, or an ``initial_state``): an all-gather
    of one candidate key per sequence and head; the sums are taken relative to it;
-3. the rank's state of its own keys, then one all-gather of the states (causal: rank r starts
-   from the sum of the states of ranks < r) or one all-reduce (non-causal: every query reads
-   the state of the whole sequence);
+3. the rank's state of its own keys (the state-only op, csq_state), then one all-gather of the
+   states (causal: rank r starts from the sum of the states of ranks < r) or one all-reduce
+   (non-causal: every query reads the state of the whole sequence);
 4. local attention from that carried state (``csq_ext.attention``; the non-causal read of a
    full state is a small PyTorch function here, since the op takes states only when causal).
 
@@ -29,9 +29,10 @@ from torch.utils.checkpoint import checkpoint
 
 from . import _args
 from ._args import acc_dtype as _acc_dtype, check as _check
-from ._ops import first_keys
+from ._ops import ops
 from .attention import attention as _attention
-from .state import CSQState, num_features, num_pairs
+from .feature_map import SQUARE
+from .state import CSQState, num_pairs
 
 # all_gather_into_tensor / reduce_scatter_tensor were renamed *_single (same arguments) in
 # recent torch; the old names warn there.
@@ -115,7 +116,7 @@ class _AllReduce(torch.autograd.Function):
 _DTYPES = {torch.float64: 1, torch.float32: 2, torch.bfloat16: 3, torch.float16: 4}
 _PATHS = ("auto", "direct", "chunked")
 # The fields every rank must agree on; the shard length (first) may differ. Every option that
-# changes the result is here (chunk_size, a tuning knob, does not change it): scale and eps as
+# changes the result is here (tile_size, a tuning knob, does not change it): scale and eps as
 # their float64 bits, shift as a digest of its (Hq,) values (a float or a tensor alike).
 _AGREE = ("batch", "heads_q", "heads_k", "dim_k", "dim_v", "dtype", "causal", "center",
           "normalize", "initial_state", "return_state", "sequences", "cu_seqlens",
@@ -154,18 +155,18 @@ def _shift_digest(shift_t: torch.Tensor) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little", signed=True)
 
 
-def _local_fields(q, k, v, shift, scale, eps, chunk_size, causal, center, normalize, cu_seqlens,
-                  initial_state, return_state, path):
+def _local_fields(q, k, v, shift, scale, eps, tile_size, chunk_size, causal, center, normalize,
+                  cu_seqlens, initial_state, return_state, path):
     """Checks this rank's input (the checks of csq_ext.attention, csq_ext/_args.py, with
-    cu_seqlens describing the whole batch) and returns the handshake fields (and the options
-    as shown in a disagreement's message), or raises ValueError / TypeError."""
+    cu_seqlens describing the whole batch) and returns the handshake fields, the options as
+    shown in a disagreement's message and the block length, or raises ValueError / TypeError."""
     _args.qkv(q, k, v)
     for name, value in (("causal", causal), ("center", center), ("normalize", normalize),
                         ("return_state", return_state)):
         _args.flag(name, value)
     eps_v = _args.eps(eps)
     tau = _args.scale(scale, q.shape[3])
-    _args.tuning_size("chunk_size", chunk_size)
+    tile = _args.tile_size(tile_size, chunk_size, stacklevel=4)
     _check(isinstance(path, str) and path in _PATHS,
            lambda: f"path must be 'auto', 'direct' or 'chunked', got {path!r}")
     shift_t = _args.shift(shift, q)
@@ -194,7 +195,7 @@ def _local_fields(q, k, v, shift, scale, eps, chunk_size, causal, center, normal
     values = shift_t.detach().cpu().tolist()
     shown = dict(scale=tau, eps=eps_v, path=path,
                  shift=values[0] if len(set(values)) == 1 else values)
-    return N, fields, cu, shown
+    return N, fields, cu, shown, tile or None
 
 
 def _comm_device(group, q):
@@ -210,7 +211,7 @@ def _handshake(group, q, local):
     error = local if isinstance(local, Exception) else None
     row = torch.zeros(HANDSHAKE_INTS, dtype=torch.int64)
     if error is None:
-        N, fields, _, shown = local
+        N, fields, _, shown, _ = local
         row[0], row[1] = 1, N
         row[2:] = torch.tensor([fields[f] for f in _AGREE])
     dev = _comm_device(group, q)
@@ -243,91 +244,48 @@ def _handshake(group, q, local):
 # ----------------------------------------------------------------------------------------------
 # The pieces of the computation
 # ----------------------------------------------------------------------------------------------
-def _segment_ids(local_cu: torch.Tensor, n: int, device) -> torch.Tensor:
-    """(n,) index of the sequence each local position belongs to."""
-    pos = torch.arange(n, device=device)
-    return torch.searchsorted(local_cu[1:].to(device), pos, right=True)
+def _local_state(k, v, local_cu, ref_in, tile_size):
+    """This rank's state of its keys (the state-only op, csq_state: no queries, no outputs):
+    (sums (S, Hk, F, Dv + 1), ref (S, Hk, Dk)), the sums relative to ref_in when given (the op
+    keeps a ref_in that comes without a state), else to the ref the op picks from the rank's
+    first keys (csrc/csq_params.h: its candidate for the common ref, 0 where it holds no key of
+    a sequence). Differentiable, the picked ref too (its gradient reaches the picked keys)."""
+    return ops.csq_state(k, v, local_cu, None, ref_in, tile_size or 0)
 
 
-def _ref_candidates(k, local_cu):
-    """(S, Hk, Dk + 1): per sequence, this rank's candidate reference key and, in the last
-    column, 1 where the rank holds keys of it. The candidate follows the op's rule
-    (csrc/csq_params.h, ref_key_median) on the rank's piece: the coordinate-wise lower median of
-    the finite values among its first min(n, 64) keys, 0 where there are none. A median stays
-    among the typical keys whatever a sink or an outlier key does, and a non-finite key never
-    reaches every output through it. Differentiable (the gradient reaches the selected key)."""
-    acc = _acc_dtype(k.dtype)
-    B, Hk, N, Dk = k.shape
-    kf = k.to(acc)
-    nan = torch.full((), float("nan"), dtype=acc, device=k.device)
-    keys, valid, _ = first_keys(kf, local_cu)                             # (S, Hk, m, Dk)
-    first = torch.where(valid[:, None, :, None], keys, nan)
+def _ref_candidates(ref, local_cu, k):
+    """(S, Hk, Dk + 1): per sequence, this rank's candidate reference key (the ref its own
+    state was taken relative to, _local_state) and, in the last column, 1 where the rank holds
+    keys of it."""
+    B, Hk, N, _ = k.shape
     if local_cu is None:
-        has = torch.full((B, Hk, 1), float(N > 0), dtype=acc, device=k.device)
+        has = torch.full((B, Hk, 1), float(N > 0), dtype=ref.dtype, device=ref.device)
     else:
-        lengths = (local_cu[1:] - local_cu[:-1]).to(k.device)
-        has = (lengths > 0).to(acc).view(-1, 1, 1).expand(-1, Hk, 1)
-    if first.shape[2] == 0:
-        med = kf.new_zeros(first.shape[0], Hk, Dk)
-    else:
-        med = torch.where(torch.isfinite(first), first, nan).nanmedian(dim=2).values
-        med = torch.where(torch.isnan(med), torch.zeros((), dtype=acc, device=k.device), med)
-    # Every rank's candidates must be in the autograd graph, even a rank without keys: else it
-    # would skip the gather's backward (a collective) that the other ranks run. An empty sum
-    # of k is an exact zero in the graph (never NaN, whatever k holds).
-    anchor = kf[..., :0].sum()
-    return torch.cat([med + anchor, has], dim=-1)
+        lengths = (local_cu[1:] - local_cu[:-1]).to(ref.device)
+        has = (lengths > 0).to(ref.dtype).view(-1, 1, 1).expand(-1, Hk, 1)
+    return torch.cat([ref, has], dim=-1)
 
 
-def _common_ref(k, local_cu, S, center, initial_state, group):
-    """(S, Hk, Dk): the key every rank's sums are relative to. With an initial_state, its ref
-    (rank 0's copy: the stream starts there); else with centering, the candidate of the first
-    rank that holds keys of the sequence; else zeros (no collective: without centering the
+def _common_state(k, v, local_cu, S, center, initial_state, group, tile_size):
+    """(sums, ref): this rank's state, relative to the key every rank's sums are relative to.
+    With an initial_state, its ref (rank 0's copy: the stream starts there); else with
+    centering, the candidate of the first rank that holds keys of the sequence (the rank's
+    own state moved to it, SQUARE.recenter); else zeros (no collective: without centering the
     sums' offset only matters for rounding). Differentiable: gathered with autograd, so the
     returned state's dependence on the keys through ref reaches them."""
     acc = _acc_dtype(k.dtype)
     Hk, Dk = k.shape[1], k.shape[3]
-    if initial_state is not None:
-        return _AllGather.apply(initial_state.ref, group)[0]
-    if not center:
-        return k.new_zeros(S, Hk, Dk, dtype=acc)
-    cand = _AllGather.apply(_ref_candidates(k, local_cu), group)   # (W, S, Hk, Dk + 1)
+    if initial_state is not None or not center:
+        ref = (_AllGather.apply(initial_state.ref, group)[0] if initial_state is not None
+               else k.new_zeros(S, Hk, Dk, dtype=acc))
+        return _local_state(k, v, local_cu, ref, tile_size)[0], ref
+    sums, own = _local_state(k, v, local_cu, None, tile_size)
+    cand = _AllGather.apply(_ref_candidates(own, local_cu, k), group)  # (W, S, Hk, Dk + 1)
     has = cand[..., -1] > 0
     first = has.to(torch.int64).argmax(0)                             # first rank with keys
     ref = cand[..., :-1].gather(0, first.unsqueeze(0).unsqueeze(-1).expand(1, S, Hk, Dk))[0]
-    return ref * has.any(0).unsqueeze(-1).to(acc)                     # no keys anywhere: 0
-
-
-def _local_state(k, v, ref, local_cu, scale, chunk_size, path):
-    """The sums of this rank's keys relative to ref, (S, Hk, F, Dv + 1): the op's state of
-    them (its output y is not used: the keys stand in for the queries, one per key/value head),
-    relative to the offset the op picks, then moved to ref exactly (_recenter). Passing ref in
-    an empty initial state would not do: the op picks its own offset for a state without keys."""
-    _, state = _attention(k.detach(), k, v, causal=True, scale=scale, center=False,
-                          chunk_size=chunk_size, cu_seqlens=local_cu, return_state=True,
-                          path=path)
-    return _recenter(state.sums, state.ref, ref)
-
-
-def _recenter(sums, ref_from, ref_to):
-    """The same keys' sums relative to another offset. With u = k - ref_from and
-    d = ref_from - ref_to, k - ref_to = u + d, so (features in the state's order: pairs a <= b,
-    then the Dk linear terms, then the count row) pair_ab += d_a L_b + d_b L_a + d_a d_b C and
-    L += d C, where L and C are the linear and count rows. Exact and differentiable."""
-    Dk = ref_from.shape[-1]
-    npairs = num_pairs(Dk)
-    pairs, lin, const = sums[..., :npairs, :], sums[..., npairs:npairs + Dk, :], sums[..., -1:, :]
-    d = (ref_from - ref_to).unsqueeze(-1)                                # (S, Hk, Dk, 1)
-    ia, ib = torch.triu_indices(Dk, Dk, device=sums.device)
-    pairs = (pairs + d[..., ia, :] * lin[..., ib, :] + d[..., ib, :] * lin[..., ia, :]
-             + d[..., ia, :] * d[..., ib, :] * const)
-    return torch.cat([pairs, lin + d * const, const], dim=-2)
-
-
-def _zero_state(ref, dim_v):
-    """The state of no keys, relative to ref (S, Hk, Dk)."""
-    S, Hk, Dk = ref.shape
-    return CSQState(ref.new_zeros(S, Hk, num_features(Dk), dim_v + 1), ref)
+    ref = ref * has.any(0).unsqueeze(-1).to(acc)                      # no keys anywhere: 0
+    return SQUARE.recenter(sums, own - ref), ref
 
 
 def _read_full_state(q, sums, ref, shift, tau, center, normalize, eps):
@@ -340,9 +298,9 @@ def _read_full_state(q, sums, ref, shift, tau, center, normalize, eps):
     g, P = Hq // Hk, num_pairs(Dk)
     acc = sums.dtype
     s = sums.repeat_interleave(g, 1)
-    iu = torch.triu_indices(Dk, Dk, device=q.device)
+    pairs = SQUARE.table(Dk)[:P].to(q.device)         # the pair rows' factors x <= y < Dk
     upper = s.new_zeros(B, Hq, Dk, Dk, Dv1)
-    upper[:, :, iu[0], iu[1]] = s[:, :, :P]          # the pair rows, x <= y (the state's order)
+    upper[:, :, pairs[:, 0], pairs[:, 1]] = s[:, :, :P]
     sym = upper + upper.transpose(2, 3) - upper * torch.eye(Dk, dtype=acc, device=q.device)[
         :, :, None]
     lin, const = s[:, :, P:P + Dk], s[:, :, -1]       # (B, Hq, Dk, Dv1), (B, Hq, Dv1)
@@ -384,9 +342,10 @@ def _read_full_packed(q, sums, ref, local_cu, shift, tau, center, normalize, eps
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=None,
               causal: bool = True, scale: float | None = None,
               shift: float | torch.Tensor = 1.0, center: bool = True, normalize: bool = True,
-              eps: float = 1e-6, chunk_size: int | None = None,
+              eps: float = 1e-6, tile_size: int | None = None,
               cu_seqlens: torch.Tensor | None = None, initial_state: CSQState | None = None,
-              return_state: bool = False, path: str = "auto"):
+              return_state: bool = False, path: str = "auto",
+              chunk_size: int | None = None):
     """``csq_ext.attention`` over a sequence split across the ranks of ``group`` (default: the
     world; a single process when torch.distributed is not initialized).
 
@@ -403,35 +362,40 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=None,
         (pass it as the next call's initial_state). Its gradient, like every output's, is
         summed over the ranks that use it: the loss is the sum of the ranks' losses.
 
+    tile_size: the block length of the kernels (``csq_ext.attention``'s); chunk_size: its
+        deprecated alias. path: the local attention's (``csq_ext.attention``'s); the same on
+        every rank.
+
     Every rank must run the backward when one does. Bytes sent per rank: docs/distributed.md.
     """
     options = dict(causal=causal, scale=scale, shift=shift, center=center, normalize=normalize,
-                   eps=eps, chunk_size=chunk_size, path=path)
+                   eps=eps, path=path)
     if group is None and not dist.is_initialized():
         world = 1
     else:
         world = dist.get_world_size(group)
     if world == 1:  # the whole sequence is here
+        tile = _args.tile_size(tile_size, chunk_size) or None
         return _attention(q, k, v, cu_seqlens=cu_seqlens, initial_state=initial_state,
-                          return_state=return_state, **options)
+                          return_state=return_state, tile_size=tile, **options)
     rank = dist.get_rank(group)
     try:
-        local = _local_fields(q, k, v, shift, scale, eps, chunk_size, causal, center, normalize,
-                              cu_seqlens, initial_state, return_state, path)
+        local = _local_fields(q, k, v, shift, scale, eps, tile_size, chunk_size, causal, center,
+                              normalize, cu_seqlens, initial_state, return_state, path)
     except (ValueError, RuntimeError, TypeError) as e:
         local = e
     lengths = _handshake(group, q, local)  # raises on every rank if a rank's input is bad
-    N_r, fields, cu, _ = local
+    N_r, fields, cu, _, tile = local
+    options["tile_size"] = tile
     offset, total = sum(lengths[:rank]), sum(lengths)
     S = fields["sequences"]
     local_cu = None
     if cu is not None:
         _check(int(cu[-1]) == total, lambda: f"cu_seqlens must end at the total length of the "
                f"shards, T = {total} (lengths {lengths}), got {int(cu[-1])}")
-        local_cu = (cu - offset).clamp(0, N_r).to(device=q.device, dtype=cu_seqlens.dtype)
+        local_cu = (cu - offset).clamp(0, N_r)  # on the CPU: the ops read no device memory
 
-    ref = _common_ref(k, local_cu, S, center, initial_state, group)
-    sums = _local_state(k, v, ref, local_cu, scale, chunk_size, path)
+    sums, ref = _common_state(k, v, local_cu, S, center, initial_state, group, tile)
     if not causal:
         full = _AllReduce.apply(sums, group)
         tau, shift_t = _args.scale(scale, q.shape[3]), _args.shift(shift, q)

@@ -18,18 +18,11 @@ kernel     weight of key j for query i (s = scale * <q_i, k_j>, scale = 1/sqrt(h
 learnable affine map of layer-normalized q and k; here it is the bare square of the score,
 i.e. CSQ with no shift and no centering, so that it isolates what those two ingredients do.
 
-"linear" and "taylor" are written here in plain PyTorch, in an O(N) chunked form: inside a
-chunk of ``chunk_size`` positions the C x C weights are computed directly and masked; across
-chunks each query reads prefix sums of the earlier chunks' feature-map states. The feature
-map of "taylor" has ``1 + D + D(D+1)/2`` entries (the symmetric trick), that of "linear" D.
-The default chunk is 64 for "linear" and 256 for "taylor" (whose large feature map makes the
-states dear: at the sequence lengths of the quality study, N <= 256, "taylor" is in effect
-the O(N^2) masked form). ``kernel_attention_reference`` is the O(N^2) masked form the tests
-compare them against.
+"linear" and "taylor" are study baselines in plain PyTorch (csq_ext/baselines.py: an O(N)
+chunked form and the O(N^2) masked form the tests compare it against); their names stay
+importable from here.
 """
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -37,139 +30,12 @@ from torch import nn
 
 from . import _args
 from .attention import attention as csq_attention
+from .baselines import (_DEFAULT_TILE, _FEATURE_KERNELS, _feature_attention,  # noqa: F401
+                        feature_kernel_attention, kernel_attention_reference)
 from .distributed import attention as cp_attention
 from .penalty import negativity_penalty
 
 KERNELS = ("csq", "softmax", "linear", "taylor", "rebased")
-
-
-# ----------------------------------------------------------------------------------------------
-# Feature-map kernels ("linear", "taylor") in plain PyTorch
-# ----------------------------------------------------------------------------------------------
-def _elu1(x: torch.Tensor) -> torch.Tensor:
-    return F.elu(x) + 1.0
-
-
-def _linear_weights(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    return _elu1(q) @ _elu1(k).transpose(-1, -2)
-
-
-def _linear_features(x: torch.Tensor, scale: float) -> torch.Tensor:
-    return _elu1(x)
-
-
-def _taylor_weights(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    s = scale * (q @ k.transpose(-1, -2))
-    return 1.0 + s + 0.5 * s * s
-
-
-def _taylor_features(x: torch.Tensor, scale: float) -> torch.Tensor:
-    """[1, sqrt(scale) x, scale / sqrt(2) * x_a x_b (a <= b, off-diagonal times sqrt(2))], so
-    that <phi(q), phi(k)> = 1 + s + s^2 / 2 with s = scale <q, k>. Built from D slices rather
-    than a gather, whose backward (a scatter) is slow on CPU."""
-    D = x.shape[-1]
-    diag = scale / math.sqrt(2.0)
-    parts = [torch.ones_like(x[..., :1]), x * math.sqrt(scale)]
-    for a in range(D):
-        row = x[..., a:a + 1] * x[..., a:]                     # x_a x_b for b >= a
-        parts.append(torch.cat([row[..., :1] * diag, row[..., 1:] * scale], dim=-1))
-    return torch.cat(parts, dim=-1)
-
-
-_FEATURE_KERNELS = {
-    "linear": (_linear_weights, _linear_features),
-    "taylor": (_taylor_weights, _taylor_features),
-}
-# Per position, the C x C block costs about C (D + Dv) and the chunk states about 2 F Dv, so
-# the best chunk grows with the feature size F: D for "linear", 1 + D + D(D+1)/2 for "taylor"
-# (561 at D = 32, where chunk 64 is about 5x slower than 256 on CPU, forward + backward).
-_DEFAULT_CHUNK = {"linear": 64, "taylor": 256}
-# The C x C blocks of a chunk: a longer chunk_size acts as this one (memory O(N C), not N^2).
-_MAX_CHUNK = 1024
-
-
-def _feature_attention(q, k, v, kind: str, *, causal: bool, scale: float, normalize: bool,
-                       eps: float, chunk_size: int, key_mask=None) -> torch.Tensor:
-    """Chunked O(N C D + N F Dv) attention for a kernel with a finite feature map.
-
-    q, k: (B, H, N, D), v: (B, H, N, Dv), one head count (the caller repeats GQA heads).
-    key_mask (B, N) bool, non-causal only: keys that count (False: padding, never attended).
-    """
-    weights, features = _FEATURE_KERNELS[kind]
-    B, H, N, D = q.shape
-    Dv = v.shape[-1]
-    if not causal:
-        fq, fk = features(q, scale), features(k, scale)
-        if key_mask is not None:  # a zero feature vector adds nothing to numerator or sum
-            fk = fk * key_mask[:, None, :, None].to(fk.dtype)
-        num = fq @ (fk.transpose(-1, -2) @ v)
-        if not normalize:
-            return num
-        return num / (fq @ fk.sum(2).unsqueeze(-1) + eps)
-
-    C = max(1, min(chunk_size, N, _MAX_CHUNK))
-    nc = -(-N // C)
-    pad = nc * C - N
-    if pad:  # padded keys come after every real query, so the causal mask hides them
-        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
-    qc, kc, vc = (t.reshape(B, H, nc, C, t.shape[-1]) for t in (q, k, v))
-
-    mask = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
-    w = weights(qc, kc, scale).masked_fill(~mask, 0.0)       # (B, H, nc, C, C)
-    num = w @ vc
-    den = w.sum(-1, keepdim=True)
-    if nc > 1:
-        fq, fk = features(qc, scale), features(kc, scale)     # (B, H, nc, C, F)
-        state = fk.transpose(-1, -2) @ vc                      # (B, H, nc, F, Dv)
-        zsum = fk.sum(-2)                                      # (B, H, nc, F)
-        # Exclusive prefix sums: chunk c reads the states of chunks 0 .. c-1.
-        state = torch.cat([torch.zeros_like(state[:, :, :1]), state.cumsum(2)[:, :, :-1]], 2)
-        zsum = torch.cat([torch.zeros_like(zsum[:, :, :1]), zsum.cumsum(2)[:, :, :-1]], 2)
-        num = num + fq @ state
-        den = den + fq @ zsum.unsqueeze(-1)
-    out = num if not normalize else num / (den + eps)
-    return out.reshape(B, H, nc * C, Dv)[:, :, :N]
-
-
-def feature_kernel_attention(q, k, v, kernel: str, *, causal: bool, scale: float,
-                             normalize: bool = True, eps: float = 1e-6,
-                             chunk_size: int | None = None, key_mask=None) -> torch.Tensor:
-    """The "linear" or "taylor" kernel on q (B, Hq, N, D), k, v (B, Hk, N, D) -> (B, Hq, N, Dv),
-    in float32 (or float64) math outside autocast. ``key_mask`` (B, N) bool, non-causal only:
-    the real keys (padding is neither attended nor counted in the normalizer)."""
-    if key_mask is not None and causal:
-        raise ValueError(f"kernel {kernel!r}: a key mask is supported for non-causal attention "
-                         "only (causal padding would need a varlen chunked form)")
-    dt = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
-    if dt in (torch.float16, torch.bfloat16):
-        dt = torch.float32
-    q, k, v = q.to(dt), k.to(dt), v.to(dt)
-    if k.shape[1] != q.shape[1]:
-        g = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
-    with torch.autocast(q.device.type, enabled=False):
-        return _feature_attention(q, k, v, kernel, causal=causal, scale=scale,
-                                  normalize=normalize, eps=eps,
-                                  chunk_size=chunk_size or _DEFAULT_CHUNK[kernel],
-                                  key_mask=key_mask)
-
-
-def kernel_attention_reference(q, k, v, kernel: str, *, causal: bool = True,
-                               scale: float | None = None, normalize: bool = True,
-                               eps: float = 1e-6) -> torch.Tensor:
-    """O(N^2) masked form of the "linear" and "taylor" kernels (the tests' oracle).
-
-    q (B, Hq, N, D), k (B, Hk, N, D), v (B, Hk, N, Dv), Hq a multiple of Hk.
-    """
-    weights, _ = _FEATURE_KERNELS[kernel]
-    Hq, Hk, N = q.shape[1], k.shape[1], q.shape[2]
-    tau = q.shape[-1] ** -0.5 if scale is None else scale
-    k, v = k.repeat_interleave(Hq // Hk, 1), v.repeat_interleave(Hq // Hk, 1)
-    w = weights(q, k, tau)
-    if causal:
-        w = w.masked_fill(~torch.ones(N, N, dtype=torch.bool, device=q.device).tril(), 0.0)
-    num = w @ v
-    return num if not normalize else num / (w.sum(-1, keepdim=True) + eps)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -187,16 +53,17 @@ class CSQAttention(nn.Module):
         shift: CSQ's c (kernel "csq"), a float; with ``learnable_shift`` the initial value of
             a per-head parameter of shape (num_heads,).
         learnable_shift: make c a trainable per-head parameter (kernel "csq" only).
-        center, normalize, eps, chunk_size: passed to ``csq_ext.attention``. ``normalize`` and
+        center, normalize, eps, tile_size: passed to ``csq_ext.attention``. ``normalize`` and
             ``eps`` also apply to "linear", "taylor" and "rebased"; ``center`` and ``shift``
-            only to "csq" ("rebased" is fixed at center=False, shift=0.0). ``chunk_size`` is
-            also the chunk of the plain-PyTorch "linear"/"taylor" forms (default 64 / 256).
+            only to "csq" ("rebased" is fixed at center=False, shift=0.0). ``tile_size`` is
+            also the block of the plain-PyTorch "linear"/"taylor" forms (default 64 / 256).
         scale: score scale tau, default 1 / sqrt(head size) (unused by "linear").
         bias: biases in the four projections.
         penalty_window: window W of ``negativity_penalty`` for ``forward(x, return_penalty=True)``.
         process_group: a ``torch.distributed`` group for context parallelism (kernels "csq" and
             "rebased"): every rank of it passes its contiguous shard of the sequences, in rank
             order, and gets its shard of the output (``csq_ext.distributed.attention``).
+        chunk_size: deprecated alias of tile_size (a DeprecationWarning; not both).
 
     Under autocast the projections may come out in a lower precision than the parameters;
     the layer casts q, k, v to one dtype before calling ``csq_ext.attention`` (which computes
@@ -208,8 +75,8 @@ class CSQAttention(nn.Module):
                  causal: bool = True, kernel: str = "csq", shift: float = 1.0,
                  learnable_shift: bool = False, center: bool = True, normalize: bool = True,
                  eps: float = 1e-6, scale: float | None = None, bias: bool = True,
-                 chunk_size: int | None = None, penalty_window: int = 64,
-                 process_group=None, device=None, dtype=None):
+                 tile_size: int | None = None, penalty_window: int = 64,
+                 process_group=None, device=None, dtype=None, chunk_size: int | None = None):
         super().__init__()
         if kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
@@ -235,7 +102,7 @@ class CSQAttention(nn.Module):
         self.causal, self.kernel = causal, kernel
         self.center, self.normalize, self.eps = center, normalize, eps
         self.scale = self.head_dim ** -0.5 if scale is None else float(scale)
-        self.chunk_size = _args.tuning_size("chunk_size", chunk_size) or None
+        self.tile_size = _args.tile_size(tile_size, chunk_size) or None
         self.penalty_window = penalty_window
         self.q_proj = nn.Linear(embed_dim, num_heads * self.head_dim, bias=bias, **fk)
         self.k_proj = nn.Linear(embed_dim, num_kv_heads * self.head_dim, bias=bias, **fk)
@@ -245,6 +112,11 @@ class CSQAttention(nn.Module):
             self.shift = nn.Parameter(torch.full((num_heads,), float(shift), **fk))
         else:
             self.shift = float(shift)
+
+    @property
+    def chunk_size(self) -> int | None:
+        """Deprecated alias of ``tile_size``."""
+        return self.tile_size
 
     def extra_repr(self) -> str:
         shift = "learnable" if isinstance(self.shift, torch.Tensor) else self.shift
@@ -275,7 +147,7 @@ class CSQAttention(nn.Module):
             cp = {} if self.process_group is None else dict(group=self.process_group)
             return (cp_attention if cp else csq_attention)(
                 q, k, v, causal=self.causal, scale=self.scale, shift=shift, center=center,
-                normalize=self.normalize, eps=self.eps, chunk_size=self.chunk_size, **cp)
+                normalize=self.normalize, eps=self.eps, tile_size=self.tile_size, **cp)
         if self.kernel == "softmax":
             dt = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
             q, k, v = q.to(dt), k.to(dt), v.to(dt)
@@ -286,7 +158,7 @@ class CSQAttention(nn.Module):
                                                   scale=self.scale)
         return feature_kernel_attention(q, k, v, self.kernel, causal=self.causal,
                                         scale=self.scale, normalize=self.normalize,
-                                        eps=self.eps, chunk_size=self.chunk_size)
+                                        eps=self.eps, tile_size=self.tile_size)
 
     def forward(self, x: torch.Tensor, *, return_penalty: bool = False):
         """x: (B, N, embed_dim) -> (B, N, embed_dim).

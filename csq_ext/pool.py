@@ -28,6 +28,7 @@ def pool_prefill_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens:
                   has_initial_state: torch.Tensor | None = None, scale: float | None = None,
                   shift: float | torch.Tensor = 1.0, center: bool = True,
                   normalize: bool = True, eps: float = 1e-6,
+                  tile_size: int | None = None,
                   chunk_size: int | None = None) -> torch.Tensor:
     """Causal CSQ attention over S packed sequences, each continuing the state in its slot of
     ``pool`` and leaving its final state there (in place).
@@ -41,7 +42,8 @@ def pool_prefill_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens:
         has_initial_state: optional (S,) bool; False: the sequence starts from an empty state,
             its slot's contents are ignored. None: every sequence continues its slot's state
             (a slot of ``CSQState.empty`` is an empty state).
-        scale, shift, center, normalize, eps, chunk_size: as in ``csq_ext.attention``.
+        scale, shift, center, normalize, eps, tile_size (and its deprecated alias
+            chunk_size): as in ``csq_ext.attention``.
 
     Returns (1, Hq, T, Dv) in q's dtype: equal to ``attention(..., causal=True)`` of each
     sequence after everything its slot's state holds. Slots not named are not touched.
@@ -54,7 +56,7 @@ def pool_prefill_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens:
                 f"{cu_seqlens.shape[0] - 1} sequences, slots {S}")
     tau, options = _options(q, scale, center, normalize, eps)
     shift_t = _args.shift(shift, q)
-    chunk = _args.tuning_size("chunk_size", chunk_size)
+    chunk = _args.tile_size(tile_size, chunk_size)
     with torch.no_grad():
         return ops.csq_pool_prefill_(pool.sums, pool.ref, slots, has_initial_state, q, k, v,
                                      shift_t, cu_seqlens, tau, *options, chunk)

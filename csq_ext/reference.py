@@ -14,6 +14,14 @@ def csq_attention_reference(q, k, v, *, causal=True, scale=None, shift=1.0, cent
     Shapes as in ``csq_ext.attention``: q (B, Hq, N, Dk), k (B, Hk, N, Dk), v (B, Hk, N, Dv).
     ``shift`` is a float or a tensor of shape (Hq,). Computes in the dtype of the inputs.
     """
+    return weighted_attention_reference(lambda s: s ** 2, q, k, v, causal=causal, scale=scale,
+                                        shift=shift, center=center, normalize=normalize, eps=eps)
+
+
+def weighted_attention_reference(weight, q, k, v, *, causal=True, scale=None, shift=1.0,
+                                 center=True, normalize=True, eps=1e-6):
+    """The same definition with w_ij = weight(s_ij) in place of s_ij^2: the reference of any
+    feature map (csq_ext/feature_map.py; the tests' second map)."""
     B, Hq, N, Dk = q.shape
     Hk = k.shape[1]
     tau = Dk ** -0.5 if scale is None else scale
@@ -34,7 +42,7 @@ def csq_attention_reference(q, k, v, *, causal=True, scale=None, shift=1.0, cent
     else:
         b = c.expand(B, Hq, N)
 
-    w = (tau * q @ k_.transpose(-1, -2) + b[..., None]) ** 2
+    w = weight(tau * q @ k_.transpose(-1, -2) + b[..., None])
     if causal:
         w = w.tril()
     num = w @ v_

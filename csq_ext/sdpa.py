@@ -14,7 +14,7 @@ from .attention import attention
 from .packing import run_packed
 
 # csq_ext.attention's options that can be passed through **csq_options.
-CSQ_OPTIONS = ("shift", "center", "normalize", "eps", "chunk_size", "path")
+CSQ_OPTIONS = ("shift", "center", "normalize", "eps", "tile_size", "chunk_size", "path")
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
@@ -41,8 +41,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         scale: tau, default 1 / sqrt(E).
         enable_gqa: as SDPA: with False, Hq must equal Hk; with True, Hq must be a multiple of
             Hk and query head h reads key/value head h // (Hq // Hk).
-        **csq_options: ``shift``, ``center``, ``normalize``, ``eps``, ``chunk_size``, ``path``
-            of ``csq_ext.attention`` (anything else raises a TypeError).
+        **csq_options: ``shift``, ``center``, ``normalize``, ``eps``, ``tile_size`` (or its
+            deprecated alias ``chunk_size``), ``path`` of ``csq_ext.attention`` (anything else
+            raises a TypeError).
 
     Returns:
         (..., Hq, L, Ev) in the dtype of the inputs.

@@ -6,16 +6,19 @@ from typing import NamedTuple
 
 import torch
 
+from .feature_map import SQUARE
+
 
 def num_pairs(dim_k: int) -> int:
-    """Quadratic features k_x k_y (x <= y): the first rows of the state (csrc/csq_features.h)."""
-    return dim_k * (dim_k + 1) // 2
+    """Quadratic features k_x k_y (x <= y): the first rows of the state (CSQ's feature map,
+    csq_ext/feature_map.py, mirroring csrc/csq_feature_map.h)."""
+    return SQUARE.num_pairs(dim_k)
 
 
 def num_features(dim_k: int) -> int:
-    """Length of the key feature vector psi(k) = [k_x k_y (x <= y), k_x, 1]: the state's rows.
-    The one Python home of this count (the C++ one is csrc/csq_features.h)."""
-    return num_pairs(dim_k) + dim_k + 1
+    """Length of the key feature vector psi(k) = [k_x k_y (x <= y), k_x, 1]: the state's rows
+    (the feature map's count, csq_ext/feature_map.py)."""
+    return SQUARE.num_features(dim_k)
 
 
 class CSQState(NamedTuple):

@@ -14,9 +14,7 @@ void fill_direct_params(DirectFwdParams& p, const at::Tensor& q, const at::Tenso
                         const c10::optional<at::Tensor>& cu_seqlens, bool causal, double scale,
                         bool center, bool normalize, double eps, int64_t tile_size,
                         at::Tensor& shift_acc, at::Tensor& cu) {
-  check_inputs(q, k, v, shift, eps, 0);
-  TORCH_CHECK(tile_size >= 0, "csq_ext: tile_size (chunk_size of csq_ext.attention) must be >= 0 "
-              "(0 = default), got ", tile_size);
+  check_inputs(q, k, v, shift, eps, tile_size);
   shift_acc = shift.to(acc_dtype(q.scalar_type())).contiguous();
   fill_qkv_params(p, q, k, v, shift_acc, causal, scale, center, normalize, eps);
   cu = set_packed_sequences(p, q, cu_seqlens);
@@ -28,39 +26,22 @@ void fill_direct_params(DirectFwdParams& p, const at::Tensor& q, const at::Tenso
                                           kMaxDirectTile}));
 }
 
-// An optional per-query input of the forward (row_shift, row_sums): shape (B, Hq, N, extra...),
-// on q's device, floating point; returned contiguous in the accumulation dtype (an undefined
-// tensor when absent).
-at::Tensor per_query_input(const c10::optional<at::Tensor>& t, const char* name,
-                           const at::Tensor& q, c10::IntArrayRef expected) {
-  if (!t.has_value() || !t->defined()) return at::Tensor();
-  TORCH_CHECK(t->device() == q.device(), "csq_ext: ", name, " must be on ", q.device(),
-              " like q, got ", t->device());
-  TORCH_CHECK(at::isFloatingType(t->scalar_type()), "csq_ext: ", name,
-              " must be a floating-point tensor, got ", t->scalar_type());
-  TORCH_CHECK(t->sizes() == expected, "csq_ext: ", name, " must have shape ", expected,
-              ", got ", t->sizes());
-  return t->to(acc_dtype(q.scalar_type())).contiguous();
-}
-
 }  // namespace
 
 DirectForwardCall prepare_direct_forward(const at::Tensor& q, const at::Tensor& k,
                                          const at::Tensor& v, const at::Tensor& shift,
                                          const c10::optional<at::Tensor>& cu_seqlens,
-                                         const c10::optional<at::Tensor>& row_shift,
-                                         const c10::optional<at::Tensor>& row_sums,
-                                         bool causal, double scale, bool center, bool normalize,
-                                         double eps, int64_t tile_size) {
+                                         const c10::optional<at::Tensor>& state_in,
+                                         const c10::optional<at::Tensor>& ref_in, bool causal,
+                                         double scale, bool center, bool normalize, double eps,
+                                         int64_t tile_size, bool return_state,
+                                         FeatureCount features) {
   DirectForwardCall c;
   DirectFwdParams& p = c.p;
   fill_direct_params(p, q, k, v, shift, cu_seqlens, causal, scale, center, normalize, eps,
                      tile_size, c.shift_acc, c.cu_seqlens);
-  c.row_shift = per_query_input(row_shift, "row_shift", q, {p.batch, p.heads_q, p.seqlen});
-  c.row_sums = per_query_input(row_sums, "row_sums", q,
-                               {p.batch, p.heads_q, p.seqlen, p.dim_v + 1});
-  p.row_shift = c.row_shift.defined() ? c.row_shift.data_ptr() : nullptr;
-  p.row_sums = c.row_sums.defined() ? c.row_sums.data_ptr() : nullptr;
+  TORCH_CHECK(causal || !return_state, "csq_ext: return_state needs causal=True");
+  set_carried_state(p, p, q, state_in, ref_in, features);
   const auto opts = q.options().dtype(acc_dtype(q.scalar_type()));
   c.y = at::empty({p.batch, p.heads_q, p.seqlen, p.dim_v}, opts);
   c.b = at::empty({p.batch, p.heads_q, p.seqlen}, opts);
@@ -68,24 +49,31 @@ DirectForwardCall prepare_direct_forward(const at::Tensor& q, const at::Tensor& 
   p.y = c.y.data_ptr();
   p.b = c.b.data_ptr();
   p.den = c.den.data_ptr();
+  // ref_out only with a state: the outputs of a call without one do not depend on a ref.
+  c.state = alloc_state_outputs(p, p, opts, return_state,
+                                return_state || p.state_in != nullptr, features);
   return c;
 }
 
-DirectBackwardCall prepare_direct_backward(const at::Tensor& dy, const at::Tensor& q,
-                                           const at::Tensor& k, const at::Tensor& v,
-                                           const at::Tensor& shift,
-                                           const c10::optional<at::Tensor>& cu_seqlens,
-                                           const at::Tensor& y, const at::Tensor& b,
-                                           const at::Tensor& den, bool causal, double scale,
-                                           bool center, bool normalize, double eps,
-                                           int64_t tile_size) {
+DirectBackwardCall prepare_direct_backward(
+    const at::Tensor& dy, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& shift, const c10::optional<at::Tensor>& cu_seqlens,
+    const c10::optional<at::Tensor>& state_in, const at::Tensor& ref, const at::Tensor& y,
+    const at::Tensor& b, const at::Tensor& den, const c10::optional<at::Tensor>& dstate_out,
+    const c10::optional<at::Tensor>& dref_out, bool ref_given, bool causal, double scale, bool center,
+    bool normalize, double eps, int64_t tile_size, FeatureCount features) {
   DirectBackwardCall c;
   DirectBwdParams& p = c.p;
   c.input_dtype = q.scalar_type();
   c.shift_dtype = shift.scalar_type();
   fill_direct_params(p, q, k, v, shift, cu_seqlens, causal, scale, center, normalize, eps,
                      tile_size, c.shift_acc, c.cu_seqlens);
-  const SavedForward saved = set_saved_forward(p, q, v, dy, y, b, den);
+  // ref is the forward's (empty without a state): the kernels read it instead of picking r.
+  c.ref = ref.contiguous();
+  set_carried_state(p, p, q, state_in, c.ref, features);
+  TORCH_CHECK(p.state_in == nullptr || p.ref_in != nullptr,
+              "csq_ext: state_in needs the forward's ref");
+  const SavedForward saved = set_saved_forward(p, p, q, v, dy, y, b, den);
   c.y = saved.y;
   c.b = saved.b;
   c.den = saved.den;
@@ -94,6 +82,10 @@ DirectBackwardCall prepare_direct_backward(const at::Tensor& dy, const at::Tenso
   c.dk = g.dk;
   c.dv = g.dv;
   c.db = g.db;
+  c.state = set_state_gradients(p, p, p, q.options().dtype(acc_dtype(q.scalar_type())),
+                                dstate_out, dref_out, ref_given, p.ref_in != nullptr, features);
+  TORCH_CHECK(p.ref_in != nullptr || (p.dstate_out == nullptr && p.dref_out == nullptr),
+              "csq_ext: the gradient of a returned state needs the forward's ref");
   return c;
 }
 

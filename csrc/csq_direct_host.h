@@ -1,7 +1,8 @@
 // The host layer of the direct path, shared by every backend (see csq_host.h for the shape of
-// it and the outputs' contract, which is the same here minus the carried state): checks,
-// DirectFwdParams / DirectBwdParams from tensors, and every output allocated. The kernels live
-// in csrc/cpu/csq_direct_*_kernel.cpp.
+// it and the outputs' contract, which is the chunked path's: the same arguments and outputs,
+// but ref_out only when a state is read or returned): checks, DirectFwdParams /
+// DirectBwdParams from tensors, and every output allocated. The kernels live in
+// csrc/cpu/csq_direct_*_kernel.cpp and csrc/cuda/csq_direct_*.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -16,38 +17,47 @@ namespace csq {
 // csq_direct_fwd. tile_size <= 0: the backend's default tile.
 struct DirectForwardCall {
   DirectFwdParams p;
-  at::Tensor shift_acc, cu_seqlens, row_shift, row_sums;  // what p points into
+  at::Tensor shift_acc, cu_seqlens;  // what p points into
   at::Tensor y, b, den;              // accumulation dtype: (B, Hq, N, Dv), (B, Hq, N) twice
-  std::tuple<at::Tensor, at::Tensor, at::Tensor> outputs() const { return {y, b, den}; }
+  StateOutputs state;                // state_out and ref_out, or empty tensors
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> outputs() const {
+    return {y, b, den, state.state_out, state.ref_out};
+  }
 };
 DirectForwardCall prepare_direct_forward(const at::Tensor& q, const at::Tensor& k,
                                          const at::Tensor& v, const at::Tensor& shift,
                                          const c10::optional<at::Tensor>& cu_seqlens,
-                                         const c10::optional<at::Tensor>& row_shift,
-                                         const c10::optional<at::Tensor>& row_sums,
-                                         bool causal, double scale, bool center, bool normalize,
-                                         double eps, int64_t tile_size);
+                                         const c10::optional<at::Tensor>& state_in,
+                                         const c10::optional<at::Tensor>& ref_in, bool causal,
+                                         double scale, bool center, bool normalize, double eps,
+                                         int64_t tile_size, bool return_state,
+                                         FeatureCount features = &StateMap::num_features);
 
-// csq_direct_bwd: the forward's parameters plus dy and the forward's saved y, b, den.
+// csq_direct_bwd: the forward's parameters plus dy, the forward's saved y, b, den and ref (an
+// empty tensor when the forward neither read nor returned a state), and the gradients of the
+// returned state and ref.
 struct DirectBackwardCall {
   DirectBwdParams p;
-  at::Tensor shift_acc, cu_seqlens, y, b, den;  // what p points into
-  at::Tensor dq, dk, dv, db;                    // zeroed accumulators
+  at::Tensor shift_acc, cu_seqlens, ref, y, b, den;  // what p points into
+  at::Tensor dq, dk, dv, db;                         // zeroed accumulators
+  StateGradients state;
   at::ScalarType input_dtype, shift_dtype;
   // dq, dk, dv in the input dtype, dshift (Hq,) in the dtype of shift (gradient_outputs), and
-  // db itself (B, Hq, N), accumulation dtype: the gradient of the forward's row_shift.
-  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> outputs() const {
+  // the gradients of state_in and ref_in (empty when not given), as csq_chunked_bwd.
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> outputs()
+      const {
     const auto g = gradient_outputs(dq, dk, dv, db, input_dtype, shift_dtype);
-    return {std::get<0>(g), std::get<1>(g), std::get<2>(g), std::get<3>(g), db};
+    return {std::get<0>(g), std::get<1>(g), std::get<2>(g), std::get<3>(g), state.dstate_in,
+            state.dref};
   }
 };
-DirectBackwardCall prepare_direct_backward(const at::Tensor& dy, const at::Tensor& q,
-                                           const at::Tensor& k, const at::Tensor& v,
-                                           const at::Tensor& shift,
-                                           const c10::optional<at::Tensor>& cu_seqlens,
-                                           const at::Tensor& y, const at::Tensor& b,
-                                           const at::Tensor& den, bool causal, double scale,
-                                           bool center, bool normalize, double eps,
-                                           int64_t tile_size);
+DirectBackwardCall prepare_direct_backward(
+    const at::Tensor& dy, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& shift, const c10::optional<at::Tensor>& cu_seqlens,
+    const c10::optional<at::Tensor>& state_in, const at::Tensor& ref, const at::Tensor& y,
+    const at::Tensor& b, const at::Tensor& den, const c10::optional<at::Tensor>& dstate_out,
+    const c10::optional<at::Tensor>& dref_out, bool ref_given, bool causal, double scale, bool center,
+    bool normalize, double eps, int64_t tile_size,
+    FeatureCount features = &StateMap::num_features);
 
 }  // namespace csq

@@ -12,8 +12,10 @@
 
 namespace csq {
 
-// csq_direct_fwd: the inputs (QkvParams), the tile length and the outputs y, b (the per-query
-// shift that goes with the tile reference, see below) and den, contiguous, accumulation dtype.
+// csq_direct_fwd: the inputs (QkvParams), the tile length, the outputs (ForwardOutputs: y, b,
+// the per-query shift that goes with the tile reference, see below, and den) and a carried
+// state (CarriedState, causal only: the state's keys join each query's mean and add
+// phi(qe) . sums to its [num | den]; ref_out is written when a state is read or returned).
 //
 // Accuracy: query tile T (rows t0..t0 + tile - 1 of a sequence) uses every key as k_j - r_T
 // with a reference key r_T, and b_i = c_h - tau <q_i, m_i>, m_i = mu_i - r_T when centering
@@ -69,36 +71,24 @@ CSQ_HOST_DEVICE inline int64_t nearest_key(int64_t first, int64_t last, int64_t 
   return best;
 }
 
-struct DirectFwdParams : QkvParams {
+struct DirectFwdParams : QkvParams, ForwardOutputs, CarriedState {
   int64_t tile = 64;  // CPU only: query and key tile length (positions); CUDA uses kDirectTile
   // CUDA, bfloat16 / float16 only: 0 runs the generic kernels instead of the tensor-core ones
   // (CSQ_CUDA_TENSOR_CORES=0, as for FwdParams).
   int tensor_core_passes = 3;
-  // Optional per-query inputs from outside the keys of this call (nullptr: none), contiguous,
-  // accumulation dtype. csq_ext/_direct_state.py uses them to carry a state on the direct
-  // path: the state's keys move each query's mean (row_shift) and add their weighted values
-  // and weights (row_sums).
-  const void* row_shift = nullptr;  // (B, Hq, N): added to each b_i
-  const void* row_sums = nullptr;   // (B, Hq, N, Dv + 1): added to [num | den] before dividing
-  void* y = nullptr;    // (B, Hq, N, Dv)
-  void* b = nullptr;    // (B, Hq, N)
-  void* den = nullptr;  // (B, Hq, N)
+  // CUDA only, internal (set by the launcher, null from the host): per-query terms from
+  // outside the call's keys, contiguous, accumulation dtype: row_shift (B, Hq, N) added to
+  // each b_i, row_sums (B, Hq, N, Dv + 1) added to [num | den] before dividing (a carried
+  // state's read). The emulator checks them directly.
+  const void* row_shift = nullptr;
+  const void* row_sums = nullptr;
 };
 
-// csq_direct_bwd, derived from the forward's: y, b, den are read back (not written). The saved
-// b already holds row_shift and the saved den row_sums' den, so the backward needs neither;
-// their gradients are db and [dy / (den + eps), dden] (computed by the caller).
-struct DirectBwdParams : DirectFwdParams {
-  int64_t dy_stride[4] = {0, 0, 0, 0};
-  const void* dy = nullptr;  // (B, Hq, N, Dv), accumulation dtype
-  // Outputs, contiguous, accumulation dtype, every element written (as for BwdParams).
-  void* dq = nullptr;  // (B, Hq, N, Dk)
-  void* dk = nullptr;  // (B, Hk, N, Dk)
-  void* dv = nullptr;  // (B, Hk, N, Dv)
-  void* db = nullptr;  // (B, Hq, N): dL/db_i; the host layer sums it into the shift gradient
-};
+// csq_direct_bwd, derived from the forward's: y, b, den are read back (not written); ref_in is
+// the forward's ref_out (with a carried state, or when the state was returned).
+struct DirectBwdParams : DirectFwdParams, GradientFields, CarriedStateGrads {};
 
-// The longest CPU tile (chunk_size on the direct path): the tile buffers hold G T^2 scores,
+// The longest CPU tile (tile_size on the direct path): the tile buffers hold G T^2 scores,
 // so a tile never grows with N beyond this (nor beyond the sequence).
 constexpr int64_t kMaxDirectTile = 512;
 // The shortest CPU tile (or the sequence): a row's numerator and denominator are float32 sums

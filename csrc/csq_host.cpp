@@ -2,7 +2,6 @@
 
 #include <algorithm>
 
-#include "csq_direct_params.h"
 
 namespace csq {
 
@@ -11,7 +10,7 @@ at::ScalarType acc_dtype(at::ScalarType input) {
 }
 
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                  const at::Tensor& shift, double eps, int64_t chunk_size) {
+                  const at::Tensor& shift, double eps, int64_t tile_size) {
   TORCH_CHECK(q.dim() == 4, "csq_ext: q must have shape (B, Hq, N, Dk), got ", q.sizes());
   TORCH_CHECK(k.dim() == 4, "csq_ext: k must have shape (B, Hk, N, Dk), got ", k.sizes());
   TORCH_CHECK(v.dim() == 4, "csq_ext: v must have shape (B, Hk, N, Dv), got ", v.sizes());
@@ -34,18 +33,18 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
               "csq_ext: shift must have shape (Hq,) = (", q.size(1), ",), got ", shift.sizes());
   TORCH_CHECK(at::isFloatingType(shift.scalar_type()), "csq_ext: shift must be floating point");
   TORCH_CHECK(eps >= 0, "csq_ext: eps must be >= 0, got ", eps);
-  TORCH_CHECK(chunk_size >= 0, "csq_ext: chunk_size must be >= 0 (0 = default)");
+  TORCH_CHECK(tile_size >= 0, "csq_ext: tile_size must be >= 0 (0 = default), got ",
+              tile_size);
 }
 
-namespace {
-
-// Chunk length used when the caller passes chunk_size <= 0.
 int64_t default_chunk(int64_t dim_k, bool on_cuda) {
   if (on_cuda) return 64;
   // The state GEMMs are (C x F) by (F x Dv); a longer chunk makes them more efficient while the
   // C x C block inside a chunk stays cheap next to them. Measured in bench/NOTES.md.
   return dim_k <= 32 ? 128 : 64;
 }
+
+namespace {
 
 // The chunk a knob asks for, as the CPU kernels run it (docs/SPEC.md, section 7): never
 // longer than the sequence, than kMaxChunk, or than keeps a chunk's feature rows (C x F
@@ -55,8 +54,8 @@ int64_t default_chunk(int64_t dim_k, bool on_cuda) {
 // averages (dq 7e-5, dk 8e-5 from 1e-5 at Dk = 128, scale 1, chunk 1, N = 2).
 constexpr int64_t kMinChunk = 16, kMaxChunk = 512, kMaxChunkFeatureElems = int64_t(1) << 22;
 
-int64_t clamp_chunk(int64_t chunk, int64_t dim_k, int64_t seqlen) {
-  const int64_t by_features = std::max<int64_t>(64, kMaxChunkFeatureElems / num_features(dim_k));
+int64_t clamp_chunk(int64_t chunk, int64_t features, int64_t seqlen) {
+  const int64_t by_features = std::max<int64_t>(64, kMaxChunkFeatureElems / features);
   chunk = std::min({chunk, kMaxChunk, by_features});
   chunk = std::max(chunk, kMinChunk);
   return std::max<int64_t>(1, std::min(chunk, seqlen));
@@ -114,30 +113,33 @@ at::Tensor set_packed_sequences(QkvParams& p, const at::Tensor& q,
   return cu;
 }
 
-std::vector<int64_t> state_shape(const QkvParams& p) {
-  return {p.num_seqs, p.heads_k, num_features(p.dim_k), p.dim_v + 1};
+std::vector<int64_t> state_shape(const QkvParams& p, FeatureCount features) {
+  return {p.num_seqs, p.heads_k, features(p.dim_k), p.dim_v + 1};
 }
 
 namespace {
 
-// The carried state (causal only): checks its sums and ref (shape, dtype, device) and points
-// p at them. ref alone (the backward's, the forward's ref_out) is checked the same way.
-void set_carried_state(FwdParams& p, const at::Tensor& q,
+bool given(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+}  // namespace
+
+void set_carried_state(const QkvParams& p, CarriedState& cs, const at::Tensor& q,
                        const c10::optional<at::Tensor>& state_in,
-                       const c10::optional<at::Tensor>& ref_in) {
-  const bool has_state = state_in.has_value() && state_in->defined();
-  const bool has_ref = ref_in.has_value() && ref_in->defined();
+                       const c10::optional<at::Tensor>& ref_in, FeatureCount features) {
+  const bool has_state = given(state_in);
+  const bool has_ref = given(ref_in) && ref_in->numel() != 0;
   const auto acc = acc_dtype(q.scalar_type());
   if (has_state) {
     TORCH_CHECK(p.causal, "csq_ext: a carried state needs causal=True");
     TORCH_CHECK(has_ref, "csq_ext: state_in needs its ref");
     const at::Tensor& s = *state_in;
-    TORCH_CHECK(s.sizes() == at::IntArrayRef(state_shape(p)) && s.scalar_type() == acc &&
+    const std::vector<int64_t> shape = state_shape(p, features);
+    TORCH_CHECK(s.sizes() == at::IntArrayRef(shape) && s.scalar_type() == acc &&
                     s.device() == q.device() && s.is_contiguous(),
                 "csq_ext: state sums must be a contiguous ", acc, " tensor of shape (S, Hk, F, "
-                "Dv + 1) = ", at::IntArrayRef(state_shape(p)), " on ", q.device(), ", got ",
+                "Dv + 1) = ", at::IntArrayRef(shape), " on ", q.device(), ", got ",
                 s.scalar_type(), " ", s.sizes(), " on ", s.device());
-    p.state_in = s.data_ptr();
+    cs.state_in = s.data_ptr();
   }
   if (has_ref) {
     const at::Tensor& r = *ref_in;
@@ -145,107 +147,134 @@ void set_carried_state(FwdParams& p, const at::Tensor& q,
                     r.scalar_type() == acc && r.device() == q.device() && r.is_contiguous(),
                 "csq_ext: state ref must be a contiguous ", acc, " tensor of shape (S, Hk, Dk) "
                 "= (", p.num_seqs, ", ", p.heads_k, ", ", p.dim_k, ")");
-    p.ref_in = r.data_ptr();
+    cs.ref_in = r.data_ptr();
   }
 }
 
-}  // namespace
+StateOutputs alloc_state_outputs(const QkvParams& p, CarriedState& cs,
+                                 const at::TensorOptions& opts, bool returns, bool with_ref,
+                                 FeatureCount features) {
+  StateOutputs o{returns ? at::empty(state_shape(p, features), opts) : at::empty({0}, opts),
+                 with_ref ? at::empty({p.num_seqs, p.heads_k, p.dim_k}, opts)
+                          : at::empty({0}, opts)};
+  cs.state_out = returns ? o.state_out.data_ptr() : nullptr;
+  cs.ref_out = with_ref ? o.ref_out.data_ptr() : nullptr;
+  return o;
+}
+
+StateGradients set_state_gradients(const QkvParams& p, const CarriedState& cs,
+                                   CarriedStateGrads& g, const at::TensorOptions& opts,
+                                   const c10::optional<at::Tensor>& dstate_out,
+                                   const c10::optional<at::Tensor>& dref_out, bool ref_given, bool with_ref,
+                                   FeatureCount features) {
+  StateGradients t;
+  const std::vector<int64_t> shape = state_shape(p, features);
+  const std::vector<int64_t> ref_shape = {p.num_seqs, p.heads_k, p.dim_k};
+  // The incoming gradients, if given (and not empty): contiguous copies in the accumulation
+  // dtype.
+  if (given(dstate_out) && dstate_out->numel() != 0) {
+    TORCH_CHECK(dstate_out->sizes() == at::IntArrayRef(shape),
+                "csq_ext backward: dstate_out must have the state's shape ",
+                at::IntArrayRef(shape), ", got ", dstate_out->sizes());
+    t.dstate_out = dstate_out->to(opts.dtype()).contiguous();
+    g.dstate_out = t.dstate_out.data_ptr();
+  }
+  g.ref_given = ref_given;
+  if (given(dref_out) && dref_out->numel() != 0) {
+    TORCH_CHECK(with_ref && dref_out->sizes() == at::IntArrayRef(ref_shape),
+                "csq_ext backward: dref_out must have the ref's shape (S, Hk, Dk) = ",
+                at::IntArrayRef(ref_shape), ", got ", dref_out->sizes());
+    t.dref_out = dref_out->to(opts.dtype()).contiguous();
+    g.dref_out = t.dref_out.data_ptr();
+  }
+  const bool carried = cs.state_in != nullptr;
+  t.dstate_in = carried ? at::zeros(shape, opts) : at::empty({0}, opts);
+  t.dref = with_ref ? at::zeros(ref_shape, opts) : at::empty({0}, opts);
+  g.dstate_in = carried ? t.dstate_in.data_ptr() : nullptr;
+  g.dref = with_ref ? t.dref.data_ptr() : nullptr;
+  return t;
+}
 
 void fill_forward_params(FwdParams& p, const at::Tensor& q, const at::Tensor& k,
                          const at::Tensor& v, const at::Tensor& shift,
                          const c10::optional<at::Tensor>& cu_seqlens,
                          const c10::optional<at::Tensor>& state_in,
                          const c10::optional<at::Tensor>& ref_in, bool causal, double scale,
-                         bool center, bool normalize, double eps, int64_t chunk_size,
-                         at::Tensor& shift_acc, at::Tensor& cu) {
+                         bool center, bool normalize, double eps, int64_t tile_size,
+                         FeatureCount features, at::Tensor& shift_acc, at::Tensor& cu) {
   // q, k, v are read through their strides; shift is tiny and converted here.
   shift_acc = shift.to(acc_dtype(q.scalar_type())).contiguous();
   fill_qkv_params(p, q, k, v, shift_acc, causal, scale, center, normalize, eps);
-  p.chunk = clamp_chunk(chunk_size > 0 ? chunk_size : default_chunk(p.dim_k, q.is_cuda()),
-                        p.dim_k, p.seqlen);
+  p.chunk = clamp_chunk(tile_size > 0 ? tile_size : default_chunk(p.dim_k, q.is_cuda()),
+                        features(p.dim_k), p.seqlen);
   cu = set_packed_sequences(p, q, cu_seqlens);
-  set_carried_state(p, q, state_in, ref_in);
+  set_carried_state(p, p, q, state_in, ref_in, features);
 }
 
 ForwardCall prepare_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const at::Tensor& shift, const c10::optional<at::Tensor>& cu_seqlens,
                             const c10::optional<at::Tensor>& state_in,
                             const c10::optional<at::Tensor>& ref_in, bool causal, double scale,
-                            bool center, bool normalize, double eps, int64_t chunk_size,
-                            bool return_state) {
-  check_inputs(q, k, v, shift, eps, chunk_size);
+                            bool center, bool normalize, double eps, int64_t tile_size,
+                            bool return_state, FeatureCount features) {
+  check_inputs(q, k, v, shift, eps, tile_size);
   TORCH_CHECK(causal || !return_state, "csq_ext: return_state needs causal=True");
   ForwardCall c;
   FwdParams& p = c.p;
   fill_forward_params(p, q, k, v, shift, cu_seqlens, state_in, ref_in, causal, scale, center,
-                      normalize, eps, chunk_size, c.shift_acc, c.cu_seqlens);
+                      normalize, eps, tile_size, features, c.shift_acc, c.cu_seqlens);
   // y in the accumulation dtype: the public function rounds it, the backward reads it exact.
   const auto opts = q.options().dtype(acc_dtype(q.scalar_type()));
   c.y = at::empty({p.batch, p.heads_q, p.seqlen, p.dim_v}, opts);
   c.b = at::empty({p.batch, p.heads_q, p.seqlen}, opts);
   c.den = at::empty({p.batch, p.heads_q, p.seqlen}, opts);
-  c.state_out = return_state ? at::empty(state_shape(p), opts) : at::empty({0}, opts);
-  c.ref_out = at::empty({p.num_seqs, p.heads_k, p.dim_k}, opts);
+  const StateOutputs st = alloc_state_outputs(p, p, opts, return_state, true, features);
+  c.state_out = st.state_out;
+  c.ref_out = st.ref_out;
   p.y = c.y.data_ptr();
   p.b = c.b.data_ptr();
   p.den = c.den.data_ptr();
-  p.state_out = return_state ? c.state_out.data_ptr() : nullptr;
-  p.ref_out = c.ref_out.data_ptr();
   return c;
 }
 
-template <typename Params>
-SavedForward set_saved_forward(Params& p, const at::Tensor& q, const at::Tensor& v,
-                               const at::Tensor& dy, const at::Tensor& y, const at::Tensor& b,
-                               const at::Tensor& den) {
+SavedForward set_saved_forward(ForwardOutputs& saved, GradientFields& grad, const at::Tensor& q,
+                               const at::Tensor& v, const at::Tensor& dy, const at::Tensor& y,
+                               const at::Tensor& b, const at::Tensor& den) {
   const auto acc = acc_dtype(q.scalar_type());
   const int64_t B = q.size(0), Hq = q.size(1), N = q.size(2), Dv = v.size(3);
   const auto on_q = [&](const at::Tensor& t) { return t.device() == q.device(); };
   TORCH_CHECK(dy.sizes() == at::IntArrayRef({B, Hq, N, Dv}) && dy.scalar_type() == acc &&
                   on_q(dy),
-              "csq_bwd: dy must have shape (B, Hq, N, Dv) = ", at::IntArrayRef({B, Hq, N, Dv}),
-              ", the accumulation dtype ", acc, " of y and the device of q; got ", dy.sizes(),
-              " ", dy.scalar_type());
+              "csq_ext backward: dy must have shape (B, Hq, N, Dv) = ",
+              at::IntArrayRef({B, Hq, N, Dv}), ", the accumulation dtype ", acc,
+              " of y and the device of q; got ", dy.sizes(), " ", dy.scalar_type());
   TORCH_CHECK(y.sizes() == dy.sizes() && y.scalar_type() == acc && on_q(y),
-              "csq_bwd: y must be the forward's output, (B, Hq, N, Dv) in ", acc);
+              "csq_ext backward: y must be the forward's output, (B, Hq, N, Dv) in ", acc);
   TORCH_CHECK(b.sizes() == at::IntArrayRef({B, Hq, N}) && den.sizes() == b.sizes() &&
                   b.scalar_type() == acc && den.scalar_type() == acc && on_q(b) && on_q(den),
-              "csq_bwd: b and den must be the forward's auxiliary outputs, (B, Hq, N) in ", acc);
+              "csq_ext backward: b and den must be the forward's auxiliary outputs, (B, Hq, N) "
+              "in ", acc);
   // The forward's own outputs are contiguous (free); direct op calls with views stay correct.
   SavedForward s{y.contiguous(), b.contiguous(), den.contiguous()};
-  for (int i = 0; i < 4; ++i) p.dy_stride[i] = dy.stride(i);
-  p.dy = dy.data_ptr();
-  p.y = s.y.data_ptr();
-  p.b = s.b.data_ptr();
-  p.den = s.den.data_ptr();
+  for (int i = 0; i < 4; ++i) grad.dy_stride[i] = dy.stride(i);
+  grad.dy = dy.data_ptr();
+  saved.y = s.y.data_ptr();
+  saved.b = s.b.data_ptr();
+  saved.den = s.den.data_ptr();
   return s;
 }
 
-template <typename Params>
-GradientTensors alloc_gradients(Params& p, const at::Tensor& q, const at::Tensor& k,
+GradientTensors alloc_gradients(GradientFields& grad, const at::Tensor& q, const at::Tensor& k,
                                 const at::Tensor& v) {
   const auto opts = q.options().dtype(acc_dtype(q.scalar_type()));
   GradientTensors g{at::zeros(q.sizes(), opts), at::zeros(k.sizes(), opts),
-                    at::zeros(v.sizes(), opts), at::zeros({p.batch, p.heads_q, p.seqlen}, opts)};
-  p.dq = g.dq.data_ptr();
-  p.dk = g.dk.data_ptr();
-  p.dv = g.dv.data_ptr();
-  p.db = g.db.data_ptr();
+                    at::zeros(v.sizes(), opts), at::zeros({q.size(0), q.size(1), q.size(2)}, opts)};
+  grad.dq = g.dq.data_ptr();
+  grad.dk = g.dk.data_ptr();
+  grad.dv = g.dv.data_ptr();
+  grad.db = g.db.data_ptr();
   return g;
 }
-
-template SavedForward set_saved_forward<BwdParams>(BwdParams&, const at::Tensor&,
-                                                   const at::Tensor&, const at::Tensor&,
-                                                   const at::Tensor&, const at::Tensor&,
-                                                   const at::Tensor&);
-template SavedForward set_saved_forward<DirectBwdParams>(DirectBwdParams&, const at::Tensor&,
-                                                         const at::Tensor&, const at::Tensor&,
-                                                         const at::Tensor&, const at::Tensor&,
-                                                         const at::Tensor&);
-template GradientTensors alloc_gradients<BwdParams>(BwdParams&, const at::Tensor&,
-                                                    const at::Tensor&, const at::Tensor&);
-template GradientTensors alloc_gradients<DirectBwdParams>(DirectBwdParams&, const at::Tensor&,
-                                                          const at::Tensor&, const at::Tensor&);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gradient_outputs(
     const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv, const at::Tensor& db,
@@ -260,10 +289,11 @@ BackwardCall prepare_backward(const at::Tensor& dy, const at::Tensor& q, const a
                               const c10::optional<at::Tensor>& cu_seqlens,
                               const c10::optional<at::Tensor>& state_in, const at::Tensor& ref,
                               const at::Tensor& y, const at::Tensor& b, const at::Tensor& den,
-                              const c10::optional<at::Tensor>& dstate_out, bool causal,
+                              const c10::optional<at::Tensor>& dstate_out,
+                              const c10::optional<at::Tensor>& dref_out, bool ref_given, bool causal,
                               double scale, bool center, bool normalize, double eps,
-                              int64_t chunk_size) {
-  check_inputs(q, k, v, shift, eps, chunk_size);
+                              int64_t tile_size, FeatureCount features) {
+  check_inputs(q, k, v, shift, eps, tile_size);
   BackwardCall c;
   BwdParams& p = c.p;
   c.input_dtype = q.scalar_type();
@@ -271,39 +301,26 @@ BackwardCall prepare_backward(const at::Tensor& dy, const at::Tensor& q, const a
   // ref is the forward's: the kernels read it instead of picking r again.
   c.ref = ref.contiguous();
   fill_forward_params(p, q, k, v, shift, cu_seqlens, state_in, c.ref, causal, scale, center,
-                      normalize, eps, chunk_size, c.shift_acc, c.cu_seqlens);
-  const auto acc = acc_dtype(q.scalar_type());
-  const SavedForward saved = set_saved_forward(p, q, v, dy, y, b, den);
+                      normalize, eps, tile_size, features, c.shift_acc, c.cu_seqlens);
+  const SavedForward saved = set_saved_forward(p, p, q, v, dy, y, b, den);
   c.y = saved.y;
   c.b = saved.b;
   c.den = saved.den;
-  // The gradient of the returned state, if given (and not empty): a contiguous copy in the
-  // accumulation dtype.
-  if (dstate_out.has_value() && dstate_out->defined() && dstate_out->numel() != 0) {
-    TORCH_CHECK(dstate_out->sizes() == at::IntArrayRef(state_shape(p)),
-                "csq_bwd: dstate_out must have the state's shape ",
-                at::IntArrayRef(state_shape(p)), ", got ", dstate_out->sizes());
-    c.dstate_out = dstate_out->to(acc).contiguous();
-    p.dstate_out = c.dstate_out.data_ptr();
-  }
   const GradientTensors g = alloc_gradients(p, q, k, v);
   c.dq = g.dq;
   c.dk = g.dk;
   c.dv = g.dv;
   c.db = g.db;
-  const auto opts = q.options().dtype(acc);
-  const bool carried = p.state_in != nullptr;
-  c.dstate_in = carried ? at::zeros(state_shape(p), opts) : at::empty({0}, opts);
-  c.dref = at::zeros({p.num_seqs, p.heads_k, p.dim_k}, opts);
-  p.dstate_in = carried ? c.dstate_in.data_ptr() : nullptr;
-  p.dref = c.dref.data_ptr();
+  c.state = set_state_gradients(p, p, p, q.options().dtype(acc_dtype(q.scalar_type())),
+                                dstate_out, dref_out, ref_given, true, features);
   return c;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 BackwardCall::outputs() const {
   const auto g = gradient_outputs(dq, dk, dv, db, input_dtype, shift_dtype);
-  return {std::get<0>(g), std::get<1>(g), std::get<2>(g), std::get<3>(g), dstate_in, dref};
+  return {std::get<0>(g), std::get<1>(g), std::get<2>(g), std::get<3>(g), state.dstate_in,
+          state.dref};
 }
 
 double state_condition_limit(at::ScalarType input) {
@@ -322,37 +339,39 @@ at::Tensor like(const at::Tensor& t, at::ScalarType dtype) { return t.to(dtype);
 
 }  // namespace
 
-ForwardOutputs forward_in_float64(ForwardOp op, const at::Tensor& q, const at::Tensor& k,
-                                  const at::Tensor& v, const at::Tensor& shift,
-                                  const c10::optional<at::Tensor>& cu_seqlens,
-                                  const c10::optional<at::Tensor>& state_in,
-                                  const c10::optional<at::Tensor>& ref_in, bool causal,
-                                  double scale, bool center, bool normalize, double eps,
-                                  int64_t chunk_size, bool return_state) {
+ForwardResult forward_in_float64(ForwardOp op, const at::Tensor& q, const at::Tensor& k,
+                                 const at::Tensor& v, const at::Tensor& shift,
+                                 const c10::optional<at::Tensor>& cu_seqlens,
+                                 const c10::optional<at::Tensor>& state_in,
+                                 const c10::optional<at::Tensor>& ref_in, bool causal,
+                                 double scale, bool center, bool normalize, double eps,
+                                 int64_t tile_size, bool return_state) {
   const auto acc = acc_dtype(q.scalar_type());
   const auto out = op(q.to(at::kDouble), k.to(at::kDouble), v.to(at::kDouble),
                       shift.to(at::kDouble), cu_seqlens, in_float64(state_in),
-                      in_float64(ref_in), causal, scale, center, normalize, eps, chunk_size,
+                      in_float64(ref_in), causal, scale, center, normalize, eps, tile_size,
                       return_state);
   return {like(std::get<0>(out), acc), like(std::get<1>(out), acc), like(std::get<2>(out), acc),
           like(std::get<3>(out), acc), like(std::get<4>(out), acc)};
 }
 
-BackwardOutputs backward_in_float64(BackwardOp op, const at::Tensor& dy, const at::Tensor& q,
-                                    const at::Tensor& k, const at::Tensor& v,
-                                    const at::Tensor& shift,
-                                    const c10::optional<at::Tensor>& cu_seqlens,
-                                    const c10::optional<at::Tensor>& state_in,
-                                    const at::Tensor& ref, const at::Tensor& y,
-                                    const at::Tensor& b, const at::Tensor& den,
-                                    const c10::optional<at::Tensor>& dstate_out, bool causal,
-                                    double scale, bool center, bool normalize, double eps,
-                                    int64_t chunk_size) {
+BackwardResult backward_in_float64(BackwardOp op, const at::Tensor& dy, const at::Tensor& q,
+                                   const at::Tensor& k, const at::Tensor& v,
+                                   const at::Tensor& shift,
+                                   const c10::optional<at::Tensor>& cu_seqlens,
+                                   const c10::optional<at::Tensor>& state_in,
+                                   const at::Tensor& ref, const at::Tensor& y,
+                                   const at::Tensor& b, const at::Tensor& den,
+                                   const c10::optional<at::Tensor>& dstate_out,
+                                   const c10::optional<at::Tensor>& dref_out, bool ref_given,
+                                   bool causal, double scale, bool center, bool normalize,
+                                   double eps, int64_t tile_size) {
   const auto acc = acc_dtype(q.scalar_type());
   const auto d = at::kDouble;
   const auto out = op(dy.to(d), q.to(d), k.to(d), v.to(d), shift.to(d), cu_seqlens,
                       in_float64(state_in), ref.to(d), y.to(d), b.to(d), den.to(d),
-                      in_float64(dstate_out), causal, scale, center, normalize, eps, chunk_size);
+                      in_float64(dstate_out), in_float64(dref_out), ref_given, causal, scale,
+                      center, normalize, eps, tile_size);
   return {like(std::get<0>(out), q.scalar_type()), like(std::get<1>(out), q.scalar_type()),
           like(std::get<2>(out), q.scalar_type()), like(std::get<3>(out), shift.scalar_type()),
           like(std::get<4>(out), acc), like(std::get<5>(out), acc)};
@@ -381,11 +400,10 @@ DecodeParams prepare_decode_step(const at::Tensor& q, const at::Tensor& k, const
 DecodeParams prepare_decode(const at::Tensor& sums, const at::Tensor& ref, const at::Tensor& q,
                             const at::Tensor& k, const at::Tensor& v, const at::Tensor& shift,
                             const at::Tensor& y, double scale, bool center, bool normalize,
-                            double eps) {
+                            double eps, FeatureCount features) {
   DecodeParams p = prepare_decode_step(q, k, v, shift, y, scale, center, normalize, eps);
-  FwdParams carried;  // the same checks of sums and ref as a carried state's
-  static_cast<QkvParams&>(carried) = p;
-  set_carried_state(carried, q, sums, ref);
+  CarriedState carried;  // the same checks of sums and ref as a carried state's
+  set_carried_state(p, carried, q, sums, ref, features);
   p.sums = sums.data_ptr();
   p.ref = ref.data_ptr();  // written when the state holds no key yet
   return p;

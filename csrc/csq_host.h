@@ -19,6 +19,7 @@
 #include <tuple>
 #include <vector>
 
+#include "csq_feature_maps.h"
 #include "csq_params.h"
 
 namespace csq {
@@ -29,7 +30,11 @@ at::ScalarType acc_dtype(at::ScalarType input);
 // Checks what the ops rely on. The public Python entry checks first with friendlier
 // messages; these checks guard direct torch.ops calls.
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                  const at::Tensor& shift, double eps, int64_t chunk_size);
+                  const at::Tensor& shift, double eps, int64_t tile_size);
+
+// The chunked path's block (chunk) length when the caller passes tile_size <= 0; also the
+// state-only op's.
+int64_t default_chunk(int64_t dim_k, bool on_cuda);
 
 // Sizes, strides, input pointers and scalars of every op (no packed sequences yet:
 // num_seqs = batch).
@@ -42,8 +47,42 @@ void fill_qkv_params(QkvParams& p, const at::Tensor& q, const at::Tensor& k, con
 at::Tensor set_packed_sequences(QkvParams& p, const at::Tensor& q,
                                 const c10::optional<at::Tensor>& cu_seqlens);
 
+// The rows F of a state for head size Dk: the feature map's count (csq_feature_maps.h). Every
+// op that ships uses StateMap's; a test build for another map passes that map's.
+using FeatureCount = int64_t (*)(int64_t dim_k);
+
 // Shape of the carried sums: (S, Hk, F, Dv + 1).
-std::vector<int64_t> state_shape(const QkvParams& p);
+std::vector<int64_t> state_shape(const QkvParams& p,
+                                 FeatureCount features = &StateMap::num_features);
+
+// A carried state (causal only): checks state_in and ref_in (shape, dtype, q's device,
+// contiguous; an empty ref is none) and points cs at them. A backward's ref (the forward's
+// ref_out) is checked the same way.
+void set_carried_state(const QkvParams& p, CarriedState& cs, const at::Tensor& q,
+                       const c10::optional<at::Tensor>& state_in,
+                       const c10::optional<at::Tensor>& ref_in, FeatureCount features);
+
+// A forward's returned state: state_out (S, Hk, F, Dv + 1) when `returns`, ref_out (S, Hk, Dk)
+// when `with_ref` (else empty tensors); points cs at them.
+struct StateOutputs {
+  at::Tensor state_out, ref_out;
+};
+StateOutputs alloc_state_outputs(const QkvParams& p, CarriedState& cs,
+                                 const at::TensorOptions& opts, bool returns, bool with_ref,
+                                 FeatureCount features);
+
+// A backward's carried-state gradients: checks the incoming dstate_out and dref_out (optional)
+// and points g at contiguous copies; dstate_in (zeroed) when cs has a state_in, dref (zeroed)
+// when `with_ref`, else empty tensors. ref_given: whether the forward was given its ref_in
+// (else it picked its ref, whose gradient goes to the keys).
+struct StateGradients {
+  at::Tensor dstate_out, dref_out, dstate_in, dref;
+};
+StateGradients set_state_gradients(const QkvParams& p, const CarriedState& cs,
+                                   CarriedStateGrads& g, const at::TensorOptions& opts,
+                                   const c10::optional<at::Tensor>& dstate_out,
+                                   const c10::optional<at::Tensor>& dref_out, bool ref_given, bool with_ref,
+                                   FeatureCount features);
 
 // The backward's results from its accumulators (shared with the direct path): dq, dk, dv in
 // the input dtype and dshift = sum of db over batch entries and positions, (Hq,), in the dtype
@@ -52,19 +91,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gradient_outputs(
     const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv, const at::Tensor& db,
     at::ScalarType input_dtype, at::ScalarType shift_dtype);
 
-// The forward's parameters, shared by csq_fwd, csq_bwd and csq_pool_prefill_ (after
-// check_inputs): sizes, scalars, chunk, packed sequences and carried state (none when
-// state_in / ref_in are empty). Returns the tensors p points into through the last two
-// arguments.
+// The forward's parameters, shared by csq_chunked_fwd, csq_chunked_bwd and
+// csq_pool_prefill_ (after check_inputs): sizes, scalars, chunk, packed sequences and carried
+// state (none when state_in / ref_in are empty). Returns the tensors p points into through the
+// last two arguments.
 void fill_forward_params(FwdParams& p, const at::Tensor& q, const at::Tensor& k,
                          const at::Tensor& v, const at::Tensor& shift,
                          const c10::optional<at::Tensor>& cu_seqlens,
                          const c10::optional<at::Tensor>& state_in,
                          const c10::optional<at::Tensor>& ref_in, bool causal, double scale,
-                         bool center, bool normalize, double eps, int64_t chunk_size,
-                         at::Tensor& shift_acc, at::Tensor& cu);
+                         bool center, bool normalize, double eps, int64_t tile_size,
+                         FeatureCount features, at::Tensor& shift_acc, at::Tensor& cu);
 
-// csq_fwd. chunk_size <= 0: the backend's default chunk.
+// csq_chunked_fwd. tile_size <= 0: the backend's default chunk.
 struct ForwardCall {
   FwdParams p;
   at::Tensor shift_acc, cu_seqlens;  // what p points into
@@ -77,8 +116,8 @@ ForwardCall prepare_forward(const at::Tensor& q, const at::Tensor& k, const at::
                             const at::Tensor& shift, const c10::optional<at::Tensor>& cu_seqlens,
                             const c10::optional<at::Tensor>& state_in,
                             const c10::optional<at::Tensor>& ref_in, bool causal, double scale,
-                            bool center, bool normalize, double eps, int64_t chunk_size,
-                            bool return_state);
+                            bool center, bool normalize, double eps, int64_t tile_size,
+                            bool return_state, FeatureCount features = &StateMap::num_features);
 
 // The chunked op's float32 state check (csq_params.h, state_read_ill_conditioned): the limit
 // for inputs of this dtype, 0 for float64 (no check).
@@ -87,44 +126,48 @@ double state_condition_limit(at::ScalarType input);
 // What a backend does when a float32 state cannot serve a call (FwdParams::state_too_coarse):
 // the same op once more on float64 copies of the floating inputs, its results converted back
 // to the dtypes of the float32 call's (outputs in the accumulation dtype, gradients of q, k, v
-// in the input dtype, of shift in shift's). `op` is the backend's own csq_fwd / csq_bwd.
-using ForwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-using ForwardOp = ForwardOutputs (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                     const at::Tensor&, const c10::optional<at::Tensor>&,
-                                     const c10::optional<at::Tensor>&,
-                                     const c10::optional<at::Tensor>&, bool, double, bool, bool,
-                                     double, int64_t, bool);
-ForwardOutputs forward_in_float64(ForwardOp op, const at::Tensor& q, const at::Tensor& k,
-                                  const at::Tensor& v, const at::Tensor& shift,
-                                  const c10::optional<at::Tensor>& cu_seqlens,
-                                  const c10::optional<at::Tensor>& state_in,
-                                  const c10::optional<at::Tensor>& ref_in, bool causal,
-                                  double scale, bool center, bool normalize, double eps,
-                                  int64_t chunk_size, bool return_state);
-using BackwardOutputs =
+// in the input dtype, of shift in shift's). `op` is the backend's own csq_chunked_fwd /
+// csq_chunked_bwd.
+using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using ForwardOp = ForwardResult (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                    const at::Tensor&, const c10::optional<at::Tensor>&,
+                                    const c10::optional<at::Tensor>&,
+                                    const c10::optional<at::Tensor>&, bool, double, bool, bool,
+                                    double, int64_t, bool);
+ForwardResult forward_in_float64(ForwardOp op, const at::Tensor& q, const at::Tensor& k,
+                                 const at::Tensor& v, const at::Tensor& shift,
+                                 const c10::optional<at::Tensor>& cu_seqlens,
+                                 const c10::optional<at::Tensor>& state_in,
+                                 const c10::optional<at::Tensor>& ref_in, bool causal,
+                                 double scale, bool center, bool normalize, double eps,
+                                 int64_t tile_size, bool return_state);
+using BackwardResult =
     std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-using BackwardOp = BackwardOutputs (*)(
+using BackwardOp = BackwardResult (*)(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
     const at::Tensor&, const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-    const c10::optional<at::Tensor>&, bool, double, bool, bool, double, int64_t);
-BackwardOutputs backward_in_float64(BackwardOp op, const at::Tensor& dy, const at::Tensor& q,
-                                    const at::Tensor& k, const at::Tensor& v,
-                                    const at::Tensor& shift,
-                                    const c10::optional<at::Tensor>& cu_seqlens,
-                                    const c10::optional<at::Tensor>& state_in,
-                                    const at::Tensor& ref, const at::Tensor& y,
-                                    const at::Tensor& b, const at::Tensor& den,
-                                    const c10::optional<at::Tensor>& dstate_out, bool causal,
-                                    double scale, bool center, bool normalize, double eps,
-                                    int64_t chunk_size);
+    const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, bool, bool, double,
+    bool, bool, double, int64_t);
+BackwardResult backward_in_float64(BackwardOp op, const at::Tensor& dy, const at::Tensor& q,
+                                   const at::Tensor& k, const at::Tensor& v,
+                                   const at::Tensor& shift,
+                                   const c10::optional<at::Tensor>& cu_seqlens,
+                                   const c10::optional<at::Tensor>& state_in,
+                                   const at::Tensor& ref, const at::Tensor& y,
+                                   const at::Tensor& b, const at::Tensor& den,
+                                   const c10::optional<at::Tensor>& dstate_out,
+                                   const c10::optional<at::Tensor>& dref_out, bool ref_given,
+                                   bool causal, double scale, bool center, bool normalize,
+                                   double eps, int64_t tile_size);
 
-// csq_bwd: the forward's parameters (same checks) plus dy, the forward's saved y, b, den and
-// ref, and the gradient of the returned state.
+// csq_chunked_bwd: the forward's parameters (same checks) plus dy, the forward's saved y, b,
+// den and ref, and the gradients of the returned state and ref.
 struct BackwardCall {
   BwdParams p;
-  at::Tensor shift_acc, cu_seqlens, ref, y, b, den, dstate_out;  // what p points into
-  at::Tensor dq, dk, dv, db, dstate_in, dref;
+  at::Tensor shift_acc, cu_seqlens, ref, y, b, den;  // what p points into
+  at::Tensor dq, dk, dv, db;
+  StateGradients state;
   at::ScalarType input_dtype, shift_dtype;
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> outputs()
       const;
@@ -134,28 +177,28 @@ BackwardCall prepare_backward(const at::Tensor& dy, const at::Tensor& q, const a
                               const c10::optional<at::Tensor>& cu_seqlens,
                               const c10::optional<at::Tensor>& state_in, const at::Tensor& ref,
                               const at::Tensor& y, const at::Tensor& b, const at::Tensor& den,
-                              const c10::optional<at::Tensor>& dstate_out, bool causal,
+                              const c10::optional<at::Tensor>& dstate_out,
+                              const c10::optional<at::Tensor>& dref_out, bool ref_given, bool causal,
                               double scale, bool center, bool normalize, double eps,
-                              int64_t chunk_size);
+                              int64_t tile_size,
+                              FeatureCount features = &StateMap::num_features);
 
 // Checks the backward's dy (B, Hq, N, Dv) and the forward's saved y, b, den (accumulation
-// dtype, q's device); points p at dy and at contiguous y, b, den (returned: keep them alive).
-// Shared with the direct path.
+// dtype, q's device); points `grad` at dy and `saved` at contiguous y, b, den (returned: keep
+// them alive). Shared by both algorithms.
 struct SavedForward {
   at::Tensor y, b, den;
 };
-template <typename Params>
-SavedForward set_saved_forward(Params& p, const at::Tensor& q, const at::Tensor& v,
-                               const at::Tensor& dy, const at::Tensor& y, const at::Tensor& b,
-                               const at::Tensor& den);
+SavedForward set_saved_forward(ForwardOutputs& saved, GradientFields& grad, const at::Tensor& q,
+                               const at::Tensor& v, const at::Tensor& dy, const at::Tensor& y,
+                               const at::Tensor& b, const at::Tensor& den);
 
-// The zeroed accumulators of a backward (dq, dk, dv, db in the accumulation dtype); points p
-// at them. Shared with the direct path.
+// The zeroed accumulators of a backward (dq, dk, dv, db in the accumulation dtype); points
+// `grad` at them. Shared by both algorithms.
 struct GradientTensors {
   at::Tensor dq, dk, dv, db;
 };
-template <typename Params>
-GradientTensors alloc_gradients(Params& p, const at::Tensor& q, const at::Tensor& k,
+GradientTensors alloc_gradients(GradientFields& grad, const at::Tensor& q, const at::Tensor& k,
                                 const at::Tensor& v);
 
 // csq_decode_: checks the arguments (one token; sums (B, Hk, F, Dv + 1) and ref (B, Hk, Dk)
@@ -164,7 +207,7 @@ GradientTensors alloc_gradients(Params& p, const at::Tensor& q, const at::Tensor
 DecodeParams prepare_decode(const at::Tensor& sums, const at::Tensor& ref, const at::Tensor& q,
                             const at::Tensor& k, const at::Tensor& v, const at::Tensor& shift,
                             const at::Tensor& y, double scale, bool center, bool normalize,
-                            double eps);
+                            double eps, FeatureCount features = &StateMap::num_features);
 
 // The same without the state (sums and ref left null): the checks of q, k, v, shift and y,
 // shared with the pool's decode step (csq_pool_host.h).

@@ -4,6 +4,9 @@
 
 #include <string>
 
+#include "csq_feature_map_table.h"
+#include "csq_feature_maps.h"
+
 #ifndef CSQ_BUILD_CUDA_ARCHS
 #define CSQ_BUILD_CUDA_ARCHS ""
 #endif
@@ -19,6 +22,9 @@ std::string build_info() {
   return info;
 }
 
+// The rows of the feature map of every op (StateMap), for the Python mirror's check.
+at::Tensor feature_map_rows(int64_t dim_k) { return csq::feature_map_table<csq::StateMap>(dim_k); }
+
 }  // namespace
 
 TORCH_LIBRARY(csq_ext, m) {
@@ -29,35 +35,50 @@ TORCH_LIBRARY(csq_ext, m) {
   // key offset ref (S, Hk, Dk) they are relative to. cu_seqlens packs S sequences into N;
   // state_in / ref_in continue earlier sequences (causal only).
   m.def(
-      "csq_fwd(Tensor q, Tensor k, Tensor v, Tensor shift, Tensor? cu_seqlens, "
+      "csq_chunked_fwd(Tensor q, Tensor k, Tensor v, Tensor shift, Tensor? cu_seqlens, "
       "Tensor? state_in, Tensor? ref_in, bool causal, float scale, bool center, "
-      "bool normalize, float eps, int chunk_size, bool return_state) "
+      "bool normalize, float eps, int tile_size, bool return_state) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  // Backward: dq, dk, dv in the input dtype, dshift (Hq,) in the dtype of shift, the gradient
-  // of state_in (empty when there is none) and of ref.
+  // Backward: dq, dk, dv in the input dtype, dshift (Hq,) in the dtype of shift, and the
+  // gradients of state_in (empty when there is none) and of ref_in. ref is the forward's;
+  // ref_given says whether the forward was given ref_in: where the sequence kept it, dref is
+  // its gradient; a ref it picked from its keys (csrc/csq_params.h) passes the gradient of the
+  // returned state and ref (dstate_out, dref_out) to those keys, through dk, and dref is 0.
   m.def(
-      "csq_bwd(Tensor dy, Tensor q, Tensor k, Tensor v, Tensor shift, Tensor? cu_seqlens, "
+      "csq_chunked_bwd(Tensor dy, Tensor q, Tensor k, Tensor v, Tensor shift, Tensor? cu_seqlens, "
       "Tensor? state_in, Tensor ref, Tensor y, Tensor b, Tensor den, Tensor? dstate_out, "
-      "bool causal, float scale, bool center, bool normalize, float eps, int chunk_size) "
-      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "Tensor? dref_out, bool ref_given, bool causal, float scale, bool center, bool normalize, "
+      "float eps, int tile_size) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // The direct path (csrc/csq_direct_params.h): weights computed tile by tile from q and k,
-  // O(N^2 (Dk + Dv)) time, no state. Forward: y (B, Hq, N, Dv), b and den (B, Hq, N), all in
-  // the accumulation dtype as for csq_fwd (b goes with the tile's reference key; the backward
-  // reads it back). tile_size 0 = the default. Optional per-query inputs: row_shift (B, Hq, N)
-  // is added to each b_i, row_sums (B, Hq, N, Dv + 1) to each query's [num | den] before the
-  // division (the carried state's share; csq_ext/_direct_state.py); both come back into b and
-  // den.
+  // O(N^2 (Dk + Dv)) time, plus O(N Dk^2 Dv) to read a carried state or build the returned one.
+  // The same arguments and outputs as csq_chunked_fwd / csq_chunked_bwd (b goes with the
+  // tile's reference key; the backward reads it back), but ref (S, Hk, Dk) is returned only
+  // when a state is read or returned (else an empty tensor, which the backward takes back).
   m.def(
       "csq_direct_fwd(Tensor q, Tensor k, Tensor v, Tensor shift, Tensor? cu_seqlens, "
-      "Tensor? row_shift, Tensor? row_sums, bool causal, float scale, bool center, "
-      "bool normalize, float eps, int tile_size) -> (Tensor, Tensor, Tensor)");
-  // Backward: dq, dk, dv in the input dtype, dshift (Hq,) in the dtype of shift, and db
-  // (B, Hq, N) in the accumulation dtype: the gradient of each b_i, hence of row_shift.
+      "Tensor? state_in, Tensor? ref_in, bool causal, float scale, bool center, "
+      "bool normalize, float eps, int tile_size, bool return_state) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "csq_direct_bwd(Tensor dy, Tensor q, Tensor k, Tensor v, Tensor shift, "
-      "Tensor? cu_seqlens, Tensor y, Tensor b, Tensor den, bool causal, float scale, "
+      "Tensor? cu_seqlens, Tensor? state_in, Tensor ref, Tensor y, Tensor b, Tensor den, "
+      "Tensor? dstate_out, Tensor? dref_out, bool ref_given, bool causal, float scale, "
       "bool center, bool normalize, float eps, int tile_size) "
-      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The state alone (no queries, no outputs): the state after the keys and values of k
+  // (B, Hk, N, Dk) and v (B, Hk, N, Dv), continuing state_in / ref_in (or none), and its ref:
+  // what context parallelism and a serving prefill need. (sums (S, Hk, F, Dv + 1), ref
+  // (S, Hk, Dk)) in the accumulation dtype; a given ref_in without state_in is kept, so the
+  // sums are relative to it.
+  m.def(
+      "csq_state(Tensor k, Tensor v, Tensor? cu_seqlens, Tensor? state_in, Tensor? ref_in, "
+      "int tile_size) -> (Tensor, Tensor)");
+  // Backward: dk, dv in the input dtype, the gradients of state_in (empty when there is none)
+  // and of ref_in, as csq_chunked_bwd's.
+  m.def(
+      "csq_state_bwd(Tensor k, Tensor v, Tensor? cu_seqlens, Tensor? state_in, Tensor ref, "
+      "Tensor? dstate_out, Tensor? dref_out, bool ref_given, int tile_size) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
   // One decoding step in place, for serving: the new token's key and value join `sums`, y
   // receives the output; nothing is allocated. A state that holds no key yet (count 0) takes
   // the token's key as its `ref`, written in place. q (B, Hq, 1, Dk), k (B, Hk, 1, Dk),
@@ -75,10 +96,14 @@ TORCH_LIBRARY(csq_ext, m) {
       "csq_pool_prefill_(Tensor(a!) sums, Tensor(b!) ref, Tensor slots, "
       "Tensor? has_initial_state, Tensor q, Tensor k, Tensor v, Tensor shift, "
       "Tensor cu_seqlens, float scale, bool center, bool normalize, float eps, "
-      "int chunk_size) -> Tensor");
+      "int tile_size) -> Tensor");
   m.def(
       "csq_pool_decode_(Tensor(a!) sums, Tensor(b!) ref, Tensor slots, "
       "Tensor? has_initial_state, Tensor q, Tensor k, Tensor v, Tensor shift, Tensor(c!) y, "
       "float scale, bool center, bool normalize, float eps) -> ()");
   m.def("build_info() -> str", &build_info);
+  // The feature map's rows (csrc/csq_feature_map.h): (F, 3) int64, per row its factors x, y of
+  // the extended coordinates (y = -1: one factor) and its query weight m_f, in the state's row
+  // order; csq_ext/feature_map.py mirrors it.
+  m.def("feature_map_rows(int dim_k) -> Tensor", &feature_map_rows);
 }

@@ -1,13 +1,14 @@
 // The plain parameter structs of the ops, shared by every backend. Kernels and launchers see
 // only these: sizes, element strides, raw pointers and scalars. No torch types, so the CUDA
 // kernel files compile with nvcc alone. As in other attention kernels, the backward's
-// parameters derive from the forward's (BwdParams : FwdParams), and every op's from QkvParams.
+// parameters derive from the forward's (BwdParams : FwdParams), every op's from QkvParams, and
+// both algorithms' from the same output (ForwardOutputs) and gradient (GradientFields) fields.
 #pragma once
 
 #include <cmath>
 #include <cstdint>
 
-#include "csq_features.h"
+#include "csq_feature_map.h"
 
 namespace csq {
 
@@ -68,8 +69,57 @@ CSQ_HOST_DEVICE inline bool state_fresh(const StatePool& pool, int64_t s) {
   return pool.fresh != nullptr && pool.fresh[s] != 0;
 }
 
-// csq_fwd: the chunked algorithm. Every output is contiguous, in the accumulation dtype.
-struct FwdParams : QkvParams {
+// What every forward writes and its backward reads back: contiguous, accumulation dtype.
+struct ForwardOutputs {
+  void* y = nullptr;    // (B, Hq, N, Dv): the output
+  void* b = nullptr;    // (B, Hq, N): per-query effective shift, see kRefKeys
+  void* den = nullptr;  // (B, Hq, N): sum_j w_ij
+};
+
+// What every backward reads (dy) and writes: the gradients of q, k, v and of each b_i.
+struct GradientFields {
+  int64_t dy_stride[4] = {0, 0, 0, 0};
+  const void* dy = nullptr;  // (B, Hq, N, Dv), accumulation dtype (the gradient of y)
+  // Outputs, contiguous, accumulation dtype; every element written by every backend.
+  void* dq = nullptr;  // (B, Hq, N, Dk)
+  void* dk = nullptr;  // (B, Hk, N, Dk)
+  void* dv = nullptr;  // (B, Hk, N, Dv)
+  void* db = nullptr;  // (B, Hq, N): dL/db_i; the host layer sums it into the shift gradient
+};
+
+// A carried state (causal only), per (sequence, key/value head), contiguous, accumulation
+// dtype, in the feature map's layout (csq_feature_map.h): sums (S, Hk, F, Dv + 1) =
+// sum_j psi(k_j - ref) [v_j, 1]^T and the key offset ref (S, Hk, Dk) they are relative to.
+// What an op continues (state_in, ref_in) and returns (state_out, ref_out); every op that
+// carries states shares it.
+struct CarriedState {
+  const void* state_in = nullptr;  // optional
+  // ref_in comes with state_in; in a backward it is the forward's ref_out. Which ref a
+  // sequence uses: keeps_ref_in below.
+  const void* ref_in = nullptr;
+  void* state_out = nullptr;  // (S, Hk, F, Dv + 1) when the state is returned, else null
+  void* ref_out = nullptr;    // (S, Hk, Dk): the ref used (read back by the backward)
+  // csq_pool_prefill_ only: state_in / ref_in and state_out / ref_out are one pool, in place.
+  StatePool pool;
+};
+
+// The gradients of a carried state, in a backward: the incoming gradients of the returned
+// state and ref, and those of state_in and ref_in. A ref the sequence picked from its keys
+// (keeps_ref_in with ref_given) passes its gradient to those keys (ref_key_position), and
+// dref is 0 there.
+struct CarriedStateGrads {
+  const void* dstate_out = nullptr;  // optional incoming gradient of state_out
+  const void* dref_out = nullptr;    // optional incoming gradient of ref_out
+  // Whether the forward was given its ref_in (the rule's input; ref_in here holds the
+  // forward's ref, given or picked).
+  bool ref_given = true;
+  void* dstate_in = nullptr;         // (S, Hk, F, Dv + 1), gradient of state_in when given
+  void* dref = nullptr;              // (S, Hk, Dk): gradient of ref_in where it was kept
+};
+
+// csq_chunked_fwd: the chunked algorithm. Every output is contiguous, in the accumulation
+// dtype.
+struct FwdParams : QkvParams, ForwardOutputs, CarriedState {
   // CPU only: positions per chunk (a tuning knob; the result does not depend on it). The CUDA
   // kernels always use csq::cuda::kChunk.
   int64_t chunk = 64;
@@ -77,23 +127,6 @@ struct FwdParams : QkvParams {
   // products per step (3xTF32, float32 accuracy) or 1 (plain TF32), or 0: on the CUDA cores
   // like float32. A switch for comparisons: CSQ_CUDA_TENSOR_CORES=0, 1 or 3 (the default).
   int tensor_core_passes = 3;
-
-  // Carried state, per (sequence, key/value head), contiguous, in the layout of
-  // csq_features.h: sums (S, Hk, F, Dv + 1) = sum_j psi(k_j - ref) [v_j, 1]^T, and the key
-  // offset ref (S, Hk, Dk) the sums are taken relative to.
-  const void* state_in = nullptr;  // optional
-  // ref_in comes with state_in (in the backward: the forward's ref). It is used as given when
-  // the state holds keys; a state whose count is 0 holds none, and the sequence picks its own
-  // (see kRefKeys).
-  const void* ref_in = nullptr;
-
-  void* y = nullptr;    // (B, Hq, N, Dv): the output
-  void* b = nullptr;    // (B, Hq, N): per-query effective shift, see kRefKeys
-  void* den = nullptr;  // (B, Hq, N): sum_j w_ij
-  void* state_out = nullptr;  // (S, Hk, F, Dv + 1) when return_state, else null
-  void* ref_out = nullptr;    // (S, Hk, Dk): the ref used (read back by the backward)
-  // csq_pool_prefill_ only: state_in / ref_in and state_out / ref_out are one pool, in place.
-  StatePool pool;
 
   // The float32 state's conditioning (state_read_ill_conditioned below), float32 and half
   // inputs: a kernel that finds a query row beyond state_condition_limit sets
@@ -103,20 +136,23 @@ struct FwdParams : QkvParams {
   int* state_too_coarse = nullptr;
 };
 
-// csq_bwd, derived from the forward's parameters: the forward's y, b, den are read back here
-// (not written), and ref_in is the forward's ref_out.
-struct BwdParams : FwdParams {
-  int64_t dy_stride[4] = {0, 0, 0, 0};
-  const void* dy = nullptr;  // (B, Hq, N, Dv), accumulation dtype (the gradient of y)
-  // Outputs, contiguous, accumulation dtype; every element written by every backend.
-  void* dq = nullptr;  // (B, Hq, N, Dk)
-  void* dk = nullptr;  // (B, Hk, N, Dk)
+// csq_chunked_bwd, derived from the forward's parameters: the forward's y, b, den are read
+// back here (not written), and ref_in is the forward's ref_out.
+struct BwdParams : FwdParams, GradientFields, CarriedStateGrads {};
+
+// csq_state: the state of a call's keys and values alone, without queries or outputs (the
+// q fields of QkvParams mirror k), continuing state_in / ref_in; state_out and ref_out are
+// always written.
+struct StateParams : QkvParams, CarriedState {
+  int64_t chunk = 64;  // CPU only: keys per block of the state update
+  int tensor_core_passes = 3;  // CUDA, bfloat16 / float16: as FwdParams'
+};
+
+// csq_state_bwd: the gradients of the keys, values, state_in and ref_in from those of the
+// returned state and ref.
+struct StateBwdParams : StateParams, CarriedStateGrads {
+  void* dk = nullptr;  // (B, Hk, N, Dk), contiguous, accumulation dtype
   void* dv = nullptr;  // (B, Hk, N, Dv)
-  void* db = nullptr;  // (B, Hq, N): dL/db_i; the host layer sums it into the shift gradient
-  const void* dstate_out = nullptr;  // optional incoming gradient of state_out
-  void* dstate_in = nullptr;         // (S, Hk, F, Dv + 1), gradient of state_in when given
-  void* dref = nullptr;              // (S, Hk, Dk): gradient of ref through k - ref and b,
-                                     // with or without a carried state
 };
 
 // csq_decode_: one token per sequence (seqlen == 1, causal), in place on a carried state.
@@ -138,7 +174,7 @@ struct DecodeParams : QkvParams {
 // bound_i / den_i <= 2 Dk; keys that drift along the sequence, or a few keys far larger than
 // the rest, grow it with the square of their spread (a drift of 30 times the key norm:
 // ~2000, of 1000 times: ~6e5, the error 5e-2 in the worst rows). Beyond these limits the
-// chunked op computes in float64 instead (the host files; csrc/cpu/csq_fwd_cpu.cpp).
+// chunked op computes in float64 instead (the host files; csrc/cpu/csq_chunked_fwd_cpu.cpp).
 constexpr double kStateConditionLimitFloat = 2048;   // eps * limit = 1.2e-4: rows <= ~5e-5
 constexpr double kStateConditionLimitHalf = 65536;   // 4e-3: bfloat16 / float16 (bar 2e-2)
 
@@ -151,15 +187,25 @@ CSQ_HOST_DEVICE inline bool state_read_ill_conditioned(double tau_qnorm, double 
   return bound - bound == 0.0 && bound > limit * den;
 }
 
-// Keys are summed relative to a reference key r when the sums are built: the carried state's
-// ref when the state holds keys, else the coordinate-wise median of the finite values among
-// the first kRefKeys keys of the sequence (ref_key_median below). Centered CSQ is invariant to
+// Keys are summed relative to a reference key r when the sums are built: the given ref_in when
+// the carried state holds keys (or there is no carried state: a backward passes the forward's
+// ref, a caller its own), else the coordinate-wise median of the finite values among the
+// first kRefKeys keys of the sequence (ref_key_median below). This header is the rule's one
+// home: the CPU and CUDA kernels of every op and the gradient of a picked ref use it; Python
+// reads the ref the ops return. Centered CSQ is invariant to
 // moving every key, so r changes only rounding; a median sits among the typical keys whatever
 // a few outliers or an attention-sink key do (a mean moves with them), which keeps float32
 // sums accurate when keys share a large offset, and keeps a huge key at position p from
 // reaching the rounding of the rows before p. The saved per-query shift is the shift that goes
 // with k - r: b_i = c_h - tau <q_i, mu_i - r> when centering, else b_i = c_h + tau <q_i, r>.
 constexpr int64_t kRefKeys = 64;
+
+// Whether a sequence of `len` keys keeps the given ref (has_ref_in) rather than picking its
+// own: without a carried state, with a state that holds keys, or with no key to pick from.
+CSQ_HOST_DEVICE inline bool keeps_ref_in(bool has_ref_in, bool has_state_in, int64_t len,
+                                         bool state_holds_keys) {
+  return has_ref_in && (!has_state_in || len == 0 || state_holds_keys);
+}
 
 
 // The lower median of the finite values among key(0), ..., key(m - 1), 0 if there is none.
@@ -187,6 +233,17 @@ CSQ_HOST_DEVICE inline Acc ref_key_median(int64_t m, const KeyAt& key) {
     if (less <= want && want < less_eq) return x;
   }
   return Acc(0);
+}
+
+// Which key ref_key_median picked: the first j < m whose finite key(j) equals value, -1 if
+// none (no finite key: the median is 0). The gradient of a picked ref goes to that key.
+template <typename Acc, typename KeyAt>
+CSQ_HOST_DEVICE inline int64_t ref_key_position(int64_t m, Acc value, const KeyAt& key) {
+  for (int64_t j = 0; j < m; ++j) {
+    const Acc x = key(j);
+    if (x - x == Acc(0) && x == value) return j;
+  }
+  return -1;
 }
 
 }  // namespace csq

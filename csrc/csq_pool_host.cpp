@@ -10,7 +10,7 @@ namespace {
 int64_t set_pool_tensors(StatePool& pool, const QkvParams& p, const at::Tensor& q,
                          const at::Tensor& sums, const at::Tensor& ref) {
   const auto acc = acc_dtype(q.scalar_type());
-  const int64_t F = num_features(p.dim_k), V1 = p.dim_v + 1;
+  const int64_t F = StateMap::num_features(p.dim_k), V1 = p.dim_v + 1;
   TORCH_CHECK(sums.dim() == 4 && sums.size(1) == p.heads_k && sums.size(2) == F &&
                   sums.size(3) == V1 && sums.scalar_type() == acc && sums.device() == q.device(),
               "csq_ext pool: sums must be a ", acc, " tensor of shape (P, Hk, F, Dv + 1) = (P, ",
@@ -103,12 +103,13 @@ PoolPrefillCall prepare_pool_prefill(const at::Tensor& sums, const at::Tensor& r
                                      const at::Tensor& q, const at::Tensor& k,
                                      const at::Tensor& v, const at::Tensor& shift,
                                      const at::Tensor& cu_seqlens, double scale, bool center,
-                                     bool normalize, double eps, int64_t chunk_size) {
-  check_inputs(q, k, v, shift, eps, chunk_size);
+                                     bool normalize, double eps, int64_t tile_size) {
+  check_inputs(q, k, v, shift, eps, tile_size);
   PoolPrefillCall c;
   FwdParams& p = c.p;
   fill_forward_params(p, q, k, v, shift, cu_seqlens, c10::nullopt, c10::nullopt, true, scale,
-                      center, normalize, eps, chunk_size, c.shift_acc, c.cu_seqlens);
+                      center, normalize, eps, tile_size, &StateMap::num_features, c.shift_acc,
+                      c.cu_seqlens);
   TORCH_CHECK(p.cu_seqlens != nullptr,
               "csq_ext pool prefill: cu_seqlens is required (S + 1 offsets of the packed "
               "sequences)");

@@ -28,7 +28,7 @@ PoolPrefillCall prepare_pool_prefill(const at::Tensor& sums, const at::Tensor& r
                                      const at::Tensor& q, const at::Tensor& k,
                                      const at::Tensor& v, const at::Tensor& shift,
                                      const at::Tensor& cu_seqlens, double scale, bool center,
-                                     bool normalize, double eps, int64_t chunk_size);
+                                     bool normalize, double eps, int64_t tile_size);
 
 // csq_pool_decode_: the decode step's params over a pool (sequence b in slot slots[b]).
 struct PoolDecodeCall {

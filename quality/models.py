@@ -71,7 +71,7 @@ class TinyLM(nn.Module):
         short_conv: taps of the short causal convolution in each block (0: none).
         max_seq_len: > 0 adds learned absolute position embeddings for that many positions.
         attn_kwargs: passed to ``CSQAttention`` (shift, learnable_shift, center, normalize,
-            eps, chunk_size, penalty_window, bias, ...).
+            eps, tile_size, penalty_window, bias, ...).
     """
 
     def __init__(self, vocab_size: int, d_model: int = 64, n_layers: int = 2,

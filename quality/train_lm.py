@@ -136,7 +136,7 @@ def load_data(cfg: LMConfig, root: str | None = None) -> dict:
 # ----------------------------------------------------------------------------------------------
 def build_model(cfg: LMConfig, kernel: str) -> TinyLM:
     torch.manual_seed(cfg.seed)  # same initial weights for every kernel
-    attn_kwargs = dict(chunk_size=cfg.chunk_size or None, normalize=cfg.normalize)
+    attn_kwargs = dict(tile_size=cfg.chunk_size or None, normalize=cfg.normalize)
     if kernel == "csq":
         attn_kwargs.update(shift=cfg.shift, learnable_shift=cfg.learnable_shift,
                            center=cfg.center, penalty_window=cfg.penalty_window)

@@ -223,7 +223,7 @@ def _to64(x):
 
 def reference(q, k, v, shift=1.0, **kw):
     """The float64 oracle on float64 CPU copies of the inputs. ``kw`` may contain any option of
-    ``csq_ext.attention``; ``chunk_size`` is ignored (the reference has no chunks)."""
+    ``csq_ext.attention``; ``tile_size`` is ignored (the reference has no chunks)."""
     rkw = {key: kw[key] for key in _REF_KEYS if key in kw}
     return csq_attention_reference(_to64(q), _to64(k), _to64(v), shift=_to64(shift), **rkw)
 
@@ -291,18 +291,18 @@ def assert_rel_close(actual, expected, tol, what="output", floor=0.0):
 
 
 def call_op(q, k, v, shift, causal=True, scale=None, center=True, normalize=True, eps=1e-6,
-            chunk_size=0):
-    """torch.ops.csq_ext.csq_fwd with the public defaults filled in: (y, b, den)."""
+            tile_size=0):
+    """torch.ops.csq_ext.csq_chunked_fwd with the public defaults filled in: (y, b, den)."""
     tau = q.shape[-1] ** -0.5 if scale is None else scale
-    return torch.ops.csq_ext.csq_fwd(*fwd_op_args(q, k, v, shift, causal, tau, center,
-                                                  normalize, eps, chunk_size))[:3]
+    return torch.ops.csq_ext.csq_chunked_fwd(*fwd_op_args(q, k, v, shift, causal, tau, center,
+                                                  normalize, eps, tile_size))[:3]
 
 
-def fwd_op_args(q, k, v, shift, causal, scale, center, normalize, eps, chunk_size,
+def fwd_op_args(q, k, v, shift, causal, scale, center, normalize, eps, tile_size,
                 cu_seqlens=None, state_in=None, ref_in=None, return_state=False):
-    """The positional arguments of torch.ops.csq_ext.csq_fwd, in schema order."""
+    """The positional arguments of torch.ops.csq_ext.csq_chunked_fwd, in schema order."""
     return (q, k, v, shift, cu_seqlens, state_in, ref_in, causal, scale, center, normalize,
-            eps, chunk_size, return_state)
+            eps, tile_size, return_state)
 
 
 def reference_blocked(q, k, v, shift=1.0, causal=True, scale=None, center=True,
@@ -340,7 +340,7 @@ def reference_blocked(q, k, v, shift=1.0, causal=True, scale=None, center=True,
 def check_float32_offset_keys(gen, causal, n, dk, dv, device="cpu", **kw):
     """Keys = N(0, 1) + o with |o_x| = 30 (30x their spread), float32 on ``device``: outputs
     and gradients within the spec's 1e-4 of the float64 reference on the same numbers. ``kw``:
-    further options of ``csq_ext.attention`` (path, chunk_size)."""
+    further options of ``csq_ext.attention`` (path, tile_size)."""
     B, Hq, Hk = 1, 4, 2
     offset = 30 * torch.sign(randn(gen, 1, Hk, 1, dk))
     q = randn(gen, B, Hq, n, dk, dtype=torch.float32, device=device)

@@ -44,7 +44,7 @@ def test_gradcheck_returned_state(gen, center, start):
                                        ((Hq, D), (Hk, D), (Hk, Dv))), return_state=True)
 
     def f(q, k, v, shift):
-        y, st = csq_ext.attention(q, k, v, shift=shift, center=center, chunk_size=16,
+        y, st = csq_ext.attention(q, k, v, shift=shift, center=center, tile_size=16,
                                   initial_state=state, return_state=True)
         return y, st.sums, st.ref
 
@@ -58,7 +58,7 @@ def test_gradcheck_returned_state_packed(gen):
     state = CSQState.empty(3, 1, 2, 2, dtype=torch.float64)
 
     def f(k):
-        _, st = csq_ext.attention(q, k, v, cu_seqlens=cu, chunk_size=32, initial_state=state,
+        _, st = csq_ext.attention(q, k, v, cu_seqlens=cu, tile_size=32, initial_state=state,
                                   return_state=True)
         return st.sums, st.ref
 

@@ -33,6 +33,11 @@ ATTENTION = {
     "eps_inf": ("eps", float("inf"), "eps"),
     "eps_str": ("eps", "1e-6", "eps"),
     "eps_requires_grad": ("eps", torch.tensor(1e-6, requires_grad=True), "eps"),
+    "tile_size_float": ("tile_size", 7.5, "tile_size"),
+    "tile_size_str": ("tile_size", "8", "tile_size"),
+    "tile_size_zero": ("tile_size", 0, "tile_size"),
+    "tile_size_bool": ("tile_size", True, "tile_size"),
+    # the deprecated alias: named by its own name
     "chunk_size_float": ("chunk_size", 7.5, "chunk_size"),
     "chunk_size_str": ("chunk_size", "8", "chunk_size"),
     "chunk_size_zero": ("chunk_size", 0, "chunk_size"),

@@ -74,35 +74,35 @@ OP_CASES = [c for c in CASES if "device" not in c and c != "eps_nan"]
 
 @pytest.mark.parametrize("case", OP_CASES)
 def test_raw_op_rejects(gen, case):
-    """torch.ops.csq_ext.csq_fwd checks what the kernel relies on: a RuntimeError, never a
+    """torch.ops.csq_ext.csq_chunked_fwd checks what the kernel relies on: a RuntimeError, never a
     crash or a read out of bounds."""
     args = _good(gen)
     CASES[case][0](args)
     shift = args["shift"]
     with pytest.raises(RuntimeError) as exc_info:
-        torch.ops.csq_ext.csq_fwd(*fwd_op_args(args["q"], args["k"], args["v"], shift, True,
+        torch.ops.csq_ext.csq_chunked_fwd(*fwd_op_args(args["q"], args["k"], args["v"], shift, True,
                                                0.5, True, True, args["eps"], 4))
     _expect(exc_info, CASES[case][1])
 
 
 def test_raw_op_rejects_negative_chunk(gen):
     a = _good(gen)
-    with pytest.raises(RuntimeError, match="chunk_size"):
-        torch.ops.csq_ext.csq_fwd(*fwd_op_args(a["q"], a["k"], a["v"], a["shift"], True, 0.5,
+    with pytest.raises(RuntimeError, match="tile_size"):
+        torch.ops.csq_ext.csq_chunked_fwd(*fwd_op_args(a["q"], a["k"], a["v"], a["shift"], True, 0.5,
                                                True, True, 1e-6, -1))
-    with pytest.raises((ValueError, RuntimeError), match="chunk_size"):
-        csq_ext.attention(a["q"], a["k"], a["v"], chunk_size=-4)
+    with pytest.raises((ValueError, RuntimeError), match="tile_size"):
+        csq_ext.attention(a["q"], a["k"], a["v"], tile_size=-4)
 
 
 @pytest.mark.parametrize("which", ["k", "v", "shift"])
 def test_raw_op_rejects_meta_tensor_among_cpu_tensors(gen, which):
-    """A meta tensor next to CPU tensors sends torch.ops.csq_ext.csq_fwd to the fake (Meta)
+    """A meta tensor next to CPU tensors sends torch.ops.csq_ext.csq_chunked_fwd to the fake (Meta)
     kernel, whatever the other devices are. It must refuse, not hand back uninitialized CPU
     tensors as if they were results."""
     a = _good(gen)
     a[which] = a[which].to("meta")
     with pytest.raises(RuntimeError, match="device"):
-        torch.ops.csq_ext.csq_fwd(*fwd_op_args(a["q"], a["k"], a["v"], a["shift"], True, 0.5,
+        torch.ops.csq_ext.csq_chunked_fwd(*fwd_op_args(a["q"], a["k"], a["v"], a["shift"], True, 0.5,
                                                True, True, 1e-6, 4))
 
 
@@ -125,16 +125,16 @@ def _assert_nonfinite_exactly(y, mask):
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
-@pytest.mark.parametrize("chunk_size", [4, None], ids=["chunk4", "default_chunk"])
+@pytest.mark.parametrize("tile_size", [4, None], ids=["chunk4", "default_chunk"])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
-def test_bad_value_in_v(gen, causal, chunk_size, bad):
+def test_bad_value_in_v(gen, causal, tile_size, bad):
     """v[b=1, kv head 0, j=6, x=2] bad: it reaches y[1, heads 0-1, i, 2] for i >= 6 (causal)
     or every i (non-causal) and nothing else: other batch entries, other head groups, other
     value columns and, when causal, positions before 6 (even in the same chunk) stay
     finite."""
     q, k, v = make_qkv(gen, (2, 4, 2, 10, 3, 4))
     v[1, 0, 6, 2] = bad
-    y = csq(q, k, v, causal=causal, chunk_size=chunk_size)
+    y = csq(q, k, v, causal=causal, tile_size=tile_size)
     mask = torch.zeros_like(y, dtype=torch.bool)
     mask[1, 0:2, 6 if causal else 0:, 2] = True
     _assert_nonfinite_exactly(y, mask)
@@ -147,7 +147,7 @@ def test_bad_value_in_q(gen, causal, bad):
     weights)."""
     q, k, v = make_qkv(gen, (2, 4, 2, 10, 3, 4))
     q[0, 3, 5, 1] = bad
-    y = csq(q, k, v, causal=causal, chunk_size=4)
+    y = csq(q, k, v, causal=causal, tile_size=4)
     mask = torch.zeros_like(y, dtype=torch.bool)
     mask[0, 3, 5, :] = True
     _assert_nonfinite_exactly(y, mask)
@@ -162,7 +162,7 @@ def test_bad_value_in_k(gen, causal, center, bad):
     stay finite with or without centering (the mean a query subtracts only covers j <= i)."""
     q, k, v = make_qkv(gen, (2, 4, 2, 10, 3, 4))
     k[1, 1, 6, 0] = bad
-    y = csq(q, k, v, causal=causal, center=center, chunk_size=4)
+    y = csq(q, k, v, causal=causal, center=center, tile_size=4)
     mask = torch.zeros_like(y, dtype=torch.bool)
     mask[1, 2:4, 6 if causal else 0:, :] = True
     _assert_nonfinite_exactly(y, mask)
@@ -175,7 +175,7 @@ def test_bad_value_backward_does_not_crash(gen, causal):
     q, k, v = make_qkv(gen, (2, 4, 2, 10, 3, 4), requires_grad=True)
     with torch.no_grad():
         v[1, 0, 6, 2] = float("nan")
-    y = csq_ext.attention(q, k, v, causal=causal, chunk_size=4)
+    y = csq_ext.attention(q, k, v, causal=causal, tile_size=4)
     dq, dk, dv = torch.autograd.grad(y, (q, k, v), randn(gen, *y.shape))
     assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
     assert not torch.isfinite(dq[1, 0:2, 6:]).any()

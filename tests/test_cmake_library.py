@@ -23,14 +23,15 @@ q = torch.randn(2, 4, 23, 8, generator=g, dtype=torch.float64)
 k = torch.randn(2, 2, 23, 8, generator=g, dtype=torch.float64)
 v = torch.randn(2, 2, 23, 5, generator=g, dtype=torch.float64)
 shift = torch.randn(4, generator=g, dtype=torch.float64)
-y, b, den, _, _ = torch.ops.csq_ext.csq_fwd(q, k, v, shift, None, None, None, True, 8 ** -0.5,
+y, b, den, _, _ = torch.ops.csq_ext.csq_chunked_fwd(q, k, v, shift, None, None, None, True, 8 ** -0.5,
                                             True, True, 1e-6, 4, False)
 yr = ref(q, k, v, shift=shift)
 err = ((y - yr).norm() / yr.norm()).item()
 assert err < 1e-10, err
 # A library built with CUDA must have registered a CUDA kernel for every operator.
 if "cuda" in torch.ops.csq_ext.build_info():
-    for op in ("csq_fwd", "csq_bwd", "csq_decode_", "csq_direct_fwd", "csq_direct_bwd"):
+    for op in ("csq_chunked_fwd", "csq_chunked_bwd", "csq_decode_", "csq_direct_fwd", "csq_direct_bwd",
+               "csq_state", "csq_state_bwd"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"csq_ext::{op}", "CUDA"), op
 print("cmake library ok", err, torch.ops.csq_ext.build_info())
 """

@@ -192,7 +192,7 @@ def test_carried_state_matches_cpu_and_reference(gen, center, dtype):
 
 
 def test_decode_functional_equals_cpu(gen):
-    """csq_ext.decode (the functional step, through csq_fwd with a state) on CUDA."""
+    """csq_ext.decode (the functional step, through csq_chunked_fwd with a state) on CUDA."""
     q, k, v = make_qkv(gen, (2, 4, 2, 40, 8, 6), torch.float64)
     _, st = csq_ext.attention(q[:, :, :39], k[:, :, :39], v[:, :, :39], return_state=True)
     last = [t[:, :, 39:] for t in (q, k, v)]
@@ -340,7 +340,7 @@ def test_direct_large_heads_and_packed(gen, dk, dv):
     for name in g_cpu:
         assert_rel_close(g_gpu[name].cpu(), g_cpu[name], 2 * TOL[torch.float32], f"d{name}")
     # The op's auxiliary outputs match the CPU's at the same tile length (64).
-    args = (shift, cu, None, None, True, dk ** -0.5, True, True, 1e-6, 64)
+    args = (shift, cu, None, None, True, dk ** -0.5, True, True, 1e-6, 64, False)
     cpu = torch.ops.csq_ext.csq_direct_fwd(q, k, v, *args)
     gpu = torch.ops.csq_ext.csq_direct_fwd(q.to(DEV), k.to(DEV), v.to(DEV), shift.to(DEV),
                                            cu.to(DEV), *args[2:])

@@ -145,7 +145,7 @@ def test_gradcheck(gen, device, causal, center, normalize):
 
     def fn(q, k, v, shift):
         return csq_ext.attention(q, k, v, shift=shift, causal=causal, center=center,
-                                 normalize=normalize, scale=0.6, chunk_size=4)
+                                 normalize=normalize, scale=0.6, tile_size=4)
     assert torch.autograd.gradcheck(fn, (q, k, v, shift), fast_mode=False)
 
 
@@ -194,7 +194,7 @@ def test_opcheck(gen, device):
     shift = rand_shift(gen, 4, torch.float32, device=device)
     for rg in (False, True):
         args = [t.detach().requires_grad_(rg) for t in (q, k, v, shift)]
-        torch.library.opcheck(torch.ops.csq_ext.csq_fwd.default,
+        torch.library.opcheck(torch.ops.csq_ext.csq_chunked_fwd.default,
                               fwd_op_args(*args, True, 0.5, True, True, 1e-6, 0))
 
 

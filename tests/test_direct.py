@@ -45,13 +45,13 @@ def test_paths_match_reference(gen, path, dtype, causal, center, normalize):
     """GQA (Hq = 4 over Hk = 2), Dk = 3 != Dv = 5, N = 13 over blocks of 4 (three full tiles
     and a partial one), custom scale and eps, a per-head shift tensor with its gradient."""
     _check(gen, (2, 4, 2, 13, 3, 5), dtype, path, causal=causal, center=center,
-           normalize=normalize, scale=0.6, eps=0.05, chunk_size=4)
+           normalize=normalize, scale=0.6, eps=0.05, tile_size=4)
 
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("layout", ["transposed", "sliced", "expanded"])
 def test_strided_inputs(gen, path, layout):
-    _check(gen, (2, 3, 1, 21, 6, 4), torch.float64, path, layout=layout, chunk_size=8)
+    _check(gen, (2, 3, 1, 21, 6, 4), torch.float64, path, layout=layout, tile_size=8)
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
@@ -83,7 +83,7 @@ def test_head_sizes_up_to_256(gen, path, dk, dv):
 def test_direct_float32_offset_keys(gen, causal, n):
     """Keys 30x their spread away from 0, float32: within 1e-4 (the tile reference removes the
     offset before the products)."""
-    check_float32_offset_keys(gen, causal, n, dk=32, dv=16, path="direct", chunk_size=64)
+    check_float32_offset_keys(gen, causal, n, dk=32, dv=16, path="direct", tile_size=64)
 
 
 @pytest.mark.parametrize("onednn", [True, False], ids=["microkernel", "blas"])
@@ -94,7 +94,7 @@ def test_cpu_gemm_backends(gen, monkeypatch, onednn, path, causal):
     torch.backends.mkldnn off (csrc/cpu/csq_gemm.h): both within tolerance of the float64
     reference, forward and backward, over several tiles / chunks and a partial one."""
     monkeypatch.setattr(torch.backends.mkldnn, "enabled", onednn)
-    _check(gen, (1, 4, 2, 300, 64, 48), torch.float32, path, causal=causal, chunk_size=64)
+    _check(gen, (1, 4, 2, 300, 64, 48), torch.float32, path, causal=causal, tile_size=64)
 
 
 @pytest.mark.parametrize("store", ["whole", "per-tile"])
@@ -113,7 +113,7 @@ def test_direct_drifting_keys(gen, monkeypatch, store, dtype):
     v = randn(gen, B, Hk, N, Dv, dtype=dtype)
     shift = rand_shift(gen, Hq, dtype)
     dy = randn(gen, B, Hq, N, Dv, dtype=dtype)
-    y, grads = csq_grads(q, k, v, shift, dy, path="direct", chunk_size=16)
+    y, grads = csq_grads(q, k, v, shift, dy, path="direct", tile_size=16)
     y_ref, grads_ref = reference_grads(q, k, v, shift, dy)
     assert_rel_close(y, y_ref, TOL[dtype], "y")
     for name, g in grads.items():
@@ -122,7 +122,7 @@ def test_direct_drifting_keys(gen, monkeypatch, store, dtype):
 
 @pytest.mark.parametrize("n", [64, 1000])
 def test_direct_float32_standard_normal(gen, n):
-    _check(gen, (1, 4, 2, n, 64, 64), torch.float32, "direct", chunk_size=128)
+    _check(gen, (1, 4, 2, n, 64, 64), torch.float32, "direct", tile_size=128)
 
 
 @pytest.mark.parametrize("what", ["k", "v", "q"])
@@ -133,7 +133,7 @@ def test_direct_nan_reaches_exactly_its_rows(gen, what):
     q, k, v = make_qkv(gen, (1, 2, 1, 40, 4, 3))
     p = 13
     {"q": q, "k": k, "v": v}[what][0, 0, p, 1] = float("nan")
-    y = csq(q, k, v, path="direct", chunk_size=8)
+    y = csq(q, k, v, path="direct", tile_size=8)
     bad = ~torch.isfinite(y)
     expect = torch.zeros_like(bad)
     if what == "q":
@@ -153,8 +153,8 @@ def test_direct_is_causal(gen, p):
     k2, v2 = k.clone(), v.clone()
     k2[:, :, p:] = randn(gen, 1, 1, 40 - p, 4, dtype=torch.float32) + 1e4
     v2[:, :, p:] = randn(gen, 1, 1, 40 - p, 3, dtype=torch.float32)
-    y1 = csq(q, k, v, path="direct", chunk_size=8)
-    y2 = csq(q, k2, v2, path="direct", chunk_size=8)
+    y1 = csq(q, k, v, path="direct", tile_size=8)
+    y2 = csq(q, k2, v2, path="direct", tile_size=8)
     assert torch.equal(y1[:, :, :p], y2[:, :, :p])
     assert not torch.equal(y1[:, :, p:], y2[:, :, p:])
 
@@ -169,7 +169,7 @@ def test_direct_cu_seqlens(gen, causal):
     q, k, v = make_qkv(gen, (1, Hq, Hk, T, Dk, Dv))
     shift = rand_shift(gen, Hq)
     dy = randn(gen, 1, Hq, T, Dv)
-    y, grads = csq_grads(q, k, v, shift, dy, causal=causal, cu_seqlens=cu, chunk_size=4,
+    y, grads = csq_grads(q, k, v, shift, dy, causal=causal, cu_seqlens=cu, tile_size=4,
                          path="direct")
     dshift = torch.zeros_like(shift)
     for s0, s1 in zip(cu[:-1].tolist(), cu[1:].tolist()):
@@ -192,33 +192,42 @@ def test_direct_gradcheck(gen, causal, center, normalize):
 
     def fn(q, k, v, shift):
         return csq_ext.attention(q, k, v, shift=shift, causal=causal, center=center,
-                                 normalize=normalize, scale=0.6, chunk_size=4, path="direct")
+                                 normalize=normalize, scale=0.6, tile_size=4, path="direct")
     assert torch.autograd.gradcheck(fn, (q, k, v, shift), fast_mode=False)
 
 
 def test_direct_opcheck(gen):
+    """The direct ops' fake kernels and autograd wiring, without and with a carried state and a
+    returned one (the op computes the state itself; its schema is csq_chunked_fwd's)."""
     q, k, v = make_qkv(gen, (2, 4, 2, 13, 3, 5), torch.float32)
     shift = rand_shift(gen, 4, torch.float32)
-    row_shift = randn(gen, 2, 4, 13, dtype=torch.float32)
-    row_sums = randn(gen, 2, 4, 13, 6, dtype=torch.float32).abs()
+    _, st = csq_ext.attention(*make_qkv(gen, (2, 4, 2, 9, 3, 5), torch.float32),
+                              return_state=True)
     for rg in (False, True):
         args = [t.detach().requires_grad_(rg) for t in (q, k, v, shift)]
         torch.library.opcheck(ops.csq_direct_fwd.default,
-                              (*args, None, None, None, True, 0.5, True, True, 1e-6, 4))
-        rows = [t.detach().requires_grad_(rg) for t in (row_shift, row_sums)]
+                              (*args, None, None, None, True, 0.5, True, True, 1e-6, 4, False))
+        state = [t.detach().requires_grad_(rg) for t in (st.sums, st.ref)]
         torch.library.opcheck(ops.csq_direct_fwd.default,
-                              (*args, None, *rows, True, 0.5, True, True, 1e-6, 4))
-    y, b, den = ops.csq_direct_fwd(q, k, v, shift, None, None, None, True, 0.5, True, True,
-                                   1e-6, 4)
+                              (*args, None, *state, True, 0.5, True, True, 1e-6, 4, True))
+    y, b, den, _, ref = ops.csq_direct_fwd(q, k, v, shift, None, None, None, True, 0.5, True,
+                                           True, 1e-6, 4, False)
     dy = randn(gen, *y.shape, dtype=torch.float32)
     torch.library.opcheck(ops.csq_direct_bwd.default,
-                          (dy, q, k, v, shift, None, y, b, den, True, 0.5, True, True, 1e-6, 4))
+                          (dy, q, k, v, shift, None, None, ref, y, b, den, None, None, False, True,
+                           0.5, True, True, 1e-6, 4))
+    y, b, den, sums, ref = ops.csq_direct_fwd(q, k, v, shift, None, st.sums, st.ref, True, 0.5,
+                                              True, True, 1e-6, 4, True)
+    torch.library.opcheck(ops.csq_direct_bwd.default,
+                          (dy, q, k, v, shift, None, st.sums, ref, y, b, den,
+                           torch.randn_like(sums), torch.randn_like(ref), True, True, 0.5, True,
+                           True, 1e-6, 4))
 
 
 def test_direct_compile_fullgraph(gen):
     """Forward and backward in one compiled function, forced and automatic, equal to eager."""
     def step(q, k, v, shift, path):
-        y = csq_ext.attention(q, k, v, shift=shift, chunk_size=4, path=path)
+        y = csq_ext.attention(q, k, v, shift=shift, tile_size=4, path=path)
         return y.detach(), torch.autograd.grad(y.square().sum(), (q, k, v, shift))
 
     q, k, v = (t.requires_grad_() for t in make_qkv(gen, (2, 4, 2, 11, 4, 3), torch.float32,
@@ -235,9 +244,9 @@ def test_direct_compile_fullgraph(gen):
 
 
 def test_direct_state_compile_fullgraph(gen):
-    """A piece continuing a state and returning the next, compiled in one graph (the state's
-    features are plain torch ops: no graph break), equal to eager with gradients into the
-    carried sums and ref."""
+    """A piece continuing a state and returning the next, compiled in one graph (the op carries
+    the state itself: no graph break), equal to eager with gradients into the carried sums and
+    ref."""
     def step(q, k, v, sums, ref):
         y, st = csq_ext.attention(q, k, v, initial_state=CSQState(sums, ref), return_state=True,
                                   path="direct")
@@ -338,7 +347,7 @@ def test_bad_path_is_refused(gen):
 
 
 # --------------------------------------------------------------------------------------------
-# Carried state on the direct path (csq_ext/_direct_state.py)
+# Carried state on the direct path (the op's: csrc/cpu/csq_direct_state_cpu.h)
 # --------------------------------------------------------------------------------------------
 def _state_run(path, q, k, v, shift, sums, ref, **kw):
     y, st = csq_ext.attention(q, k, v, shift=shift, initial_state=CSQState(sums, ref),
@@ -392,22 +401,22 @@ def test_direct_state_pieces_match_reference(gen, dtype):
     assert_rel_close(torch.cat(ys, 2), reference(q, k, v, shift=shift), TOL[dtype], "y")
 
 
-def test_direct_state_feature_blocks(gen, monkeypatch):
-    """The state's features are built in blocks of rows (and of heads): any block size gives
-    the same output, state and gradients."""
-    from csq_ext import _direct_state
+def test_direct_state_feature_blocks(gen):
+    """The state is read and built in blocks of rows (tiles, and blocks of at most 64 stacked
+    query rows within a tile): any block size gives the same output, state and gradients."""
     q, k, v = make_qkv(gen, (2, 4, 2, 90, 5, 3))
     _, s0 = csq_ext.attention(q[:, :, :30], k[:, :, :30], v[:, :, :30], return_state=True)
     inputs = [t.detach().requires_grad_() for t in (q[:, :, 30:], k[:, :, 30:], v[:, :, 30:])]
 
-    def run():
-        y, st = csq_ext.attention(*inputs, initial_state=s0, return_state=True, path="direct")
+    def run(tile):
+        y, st = csq_ext.attention(*inputs, initial_state=s0, return_state=True, path="direct",
+                                  tile_size=tile)
         return (y, st.sums, *torch.autograd.grad(y.sum() + st.sums.square().sum(), inputs))
 
-    one_block = run()
-    monkeypatch.setattr(_direct_state, "_BLOCK_ELEMS", 3 * 26)  # F = 21: 1-3 rows, 1 head
-    for a, b in zip(run(), one_block):
-        assert_rel_close(a, b, 1e-12)
+    one_block = run(64)
+    for tile in (3, 17, None):
+        for a, b in zip(run(tile), one_block):
+            assert_rel_close(a, b, 1e-12)
 
 
 def test_direct_state_nan_stays_in_its_sequence(gen):

@@ -363,9 +363,13 @@ def test_ref_candidates_gradcheck(gen):
     """The candidate reference keys: per piece of a sequence the lower median of its first keys
     (the op's rule), a flag where the rank holds keys of it; differentiable."""
     k = randn(gen, 1, 2, 7, 3, requires_grad=True)
+    v = randn(gen, 1, 2, 7, 2)
     cu = torch.tensor([0, 0, 2, 7], dtype=torch.int64)
-    cand = cd._ref_candidates(k, cu)
+
+    def candidates(x):  # the ref the state-only op picks for this rank's own state
+        return cd._ref_candidates(cd._local_state(x, v, cu, None, 0)[1], cu, x)
+    cand = candidates(k)
     assert cand[..., -1].tolist() == [[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]]
     assert rel_err(cand[2, :, :-1], k[0, :, 2:7].median(1).values) <= 1e-15
     assert rel_err(cand[1, :, :-1], k[0, :, 0:2].median(1).values) <= 1e-15
-    assert torch.autograd.gradcheck(lambda x: cd._ref_candidates(x, cu), (k,))
+    assert torch.autograd.gradcheck(candidates, (k,))

@@ -149,7 +149,7 @@ def test_far_keys_every_key_store_d128(monkeypatch, store):
     dy = randn(g, 1, 2, n, d).float()
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     with poisoned_memory("cpu"):
-        y = csq_ext.attention(*leaves, path="direct", chunk_size=64)
+        y = csq_ext.attention(*leaves, path="direct", tile_size=64)
         grads = torch.autograd.grad(y, leaves, dy)
     y_ref, g_ref = reference_grads(q, k, v, 1.0, dy)
     assert_rel_close(y[:, :, 51:], y_ref[:, :, 51:], TOL_OUTLIER_DIRECT, "rows after")
@@ -165,7 +165,7 @@ def test_far_keys_every_key_store_d128(monkeypatch, store):
     k[:, :, p, 3] = float("nan")
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     with poisoned_memory("cpu"):
-        y = csq_ext.attention(*leaves, path="direct", chunk_size=64)
+        y = csq_ext.attention(*leaves, path="direct", tile_size=64)
         dq = torch.autograd.grad(y, leaves[0], dy)[0]
     for what, t in (("y", y), ("dq", dq)):
         bad = ~torch.isfinite(t)

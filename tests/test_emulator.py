@@ -42,12 +42,17 @@ def test_cuda_kernels_in_the_emulator(emulator_library):
     assert run.returncode == 0 and "ALL OK" in run.stdout, report[-6000:]
     # Every family of kernels was exercised (a check that silently ran nothing must fail).
     for family in ("decode", "varlen", "state", "tensor", "outlier", "sink", "wide", "direct",
-                   "direct row inputs", "pool", "classes direct", "classes chunked",
-                   "backward causality"):
+                   "direct row inputs", "map linear", "state op", "pool", "classes direct",
+                   "classes chunked", "backward causality"):
         assert family in report.lower(), f"no {family} case ran:\n{report[-3000:]}"
     # Heads of 256 (the limit of the chunked CUDA kernels) ran through the forward and backward,
     # the carried state and the decode step, and larger ones were refused.
     for case in (r"wide \S+ float32 .* Dk256 Dv256 ", r"wide \S+ bfloat16 .* Dk256 ",
                  r"wide \S+ state .* Dk256 ", r"wide \S+ decode .* Dk256 Dv256 ",
-                 r"wide \S+ float32 Dk=257 .* refused"):
+                 r"wide \S+ float32 Dk=257 .* refused",
+                 # the tests' second feature map (csrc/testing/csq_linear_map.h) through the
+                 # chunked and direct kernels, a carried state and the decode step
+                 r"map linear float64 N130 causal=1 center=1 norm=1 ",
+                 r"map linear float64 N130 causal=0 ", r"map linear float64 state and decode",
+                 r"map linear float32 refused"):
         assert re.search(r"^ok +" + case, report, re.M), f"no passing {case!r}:\n{report[-3000:]}"

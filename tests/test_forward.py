@@ -22,21 +22,21 @@ def test_every_flag_every_dtype(gen, dtype, causal, center, normalize):
     q, k, v = make_qkv(gen, shape, dtype)
     shift = rand_shift(gen, shape[1], torch.float32 if dtype != torch.float64 else dtype)
     kw = dict(causal=causal, center=center, normalize=normalize, scale=0.7, shift=shift)
-    y = csq(q, k, v, chunk_size=4, **kw)
+    y = csq(q, k, v, tile_size=4, **kw)
     assert y.dtype == dtype and y.shape == (2, 4, 13, 5)
     assert_rel_close(y, reference(q, k, v, **kw), TOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-@pytest.mark.parametrize("chunk_size", [None, 4, 7, 16], ids=lambda c: f"chunk{c}")
+@pytest.mark.parametrize("tile_size", [None, 4, 7, 16], ids=lambda c: f"chunk{c}")
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 @pytest.mark.parametrize("shape_name", list(SHAPES))
-def test_shapes_and_chunks(gen, shape_name, causal, chunk_size, dtype):
+def test_shapes_and_chunks(gen, shape_name, causal, tile_size, dtype):
     """Every shape family (GQA, Hq == Hk, one kv head, N = 1, 2, a chunk multiple, several
     default chunks, wide heads) with chunk sizes that do and do not divide N."""
     shape = SHAPES[shape_name]
     q, k, v = make_qkv(gen, shape, dtype)
-    y = csq(q, k, v, causal=causal, chunk_size=chunk_size)
+    y = csq(q, k, v, causal=causal, tile_size=tile_size)
     assert y.shape == (shape[0], shape[1], shape[3], shape[5])
     assert_rel_close(y, reference(q, k, v, causal=causal), TOL[dtype])
 
@@ -64,7 +64,7 @@ def test_scale_and_shift(gen, causal, scale, shift, dtype):
     q, k, v = make_qkv(gen, shape, dtype)
     if isinstance(shift, str):
         shift = rand_shift(gen, shape[1], torch.float32 if shift == "tensor32" else torch.float64)
-    y = csq(q, k, v, causal=causal, scale=scale, shift=shift, chunk_size=4)
+    y = csq(q, k, v, causal=causal, scale=scale, shift=shift, tile_size=4)
     assert_rel_close(y, reference(q, k, v, causal=causal, scale=scale, shift=shift), TOL[dtype])
 
 
@@ -72,7 +72,7 @@ def test_scale_and_shift(gen, causal, scale, shift, dtype):
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 def test_eps(gen, causal, eps):
     q, k, v = make_qkv(gen, SHAPES["gqa"], torch.float64)
-    y = csq(q, k, v, causal=causal, eps=eps, chunk_size=4)
+    y = csq(q, k, v, causal=causal, eps=eps, tile_size=4)
     assert_rel_close(y, reference(q, k, v, causal=causal, eps=eps), TOL[torch.float64])
 
 
@@ -95,11 +95,11 @@ def test_strided_inputs(gen, layout, causal, dtype):
     """Transposed (B, N, H, D) views, last-dim stride 2, and stride-0 batch broadcasts."""
     q, k, v = make_qkv(gen, (2, 4, 2, 19, 4, 3), dtype, layout=layout)
     assert not any(t.is_contiguous() for t in (q, k, v))
-    y = csq(q, k, v, causal=causal, chunk_size=8)
+    y = csq(q, k, v, causal=causal, tile_size=8)
     assert y.is_contiguous()
     assert_rel_close(y, reference(q, k, v, causal=causal), TOL[dtype])
     # Same numbers, contiguous copies: the layout must not matter beyond rounding.
-    y_c = csq(q.contiguous(), k.contiguous(), v.contiguous(), causal=causal, chunk_size=8)
+    y_c = csq(q.contiguous(), k.contiguous(), v.contiguous(), causal=causal, tile_size=8)
     assert_rel_close(y, y_c, TOL[dtype] / 10 if dtype == torch.float64 else TOL[dtype])
 
 
@@ -111,7 +111,7 @@ def test_mixed_layouts(gen):
     shift = rand_shift(gen, 8)[::2]
     assert not shift.is_contiguous()
     for causal in (True, False):
-        y = csq(q, k, v, causal=causal, shift=shift, chunk_size=5)
+        y = csq(q, k, v, causal=causal, shift=shift, tile_size=5)
         assert_rel_close(y, reference(q, k, v, causal=causal, shift=shift), TOL[torch.float64])
 
 
@@ -137,12 +137,12 @@ def test_repeatable(gen):
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 def test_aux_outputs_of_the_op(gen, dtype):
-    """torch.ops.csq_ext.csq_fwd returns y (B, Hq, N, Dv), b and den (B, Hq, N) in the
+    """torch.ops.csq_ext.csq_chunked_fwd returns y (B, Hq, N, Dv), b and den (B, Hq, N) in the
     accumulation dtype (float64 for float64, else float32: the public function rounds y)."""
     B, Hq, Hk, N, Dk, Dv = SHAPES["gqa"]
     q, k, v = make_qkv(gen, SHAPES["gqa"], dtype)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    y, b, den = call_op(q, k, v, torch.ones(Hq, dtype=acc), scale=0.5, chunk_size=4)
+    y, b, den = call_op(q, k, v, torch.ones(Hq, dtype=acc), scale=0.5, tile_size=4)
     assert y.shape == (B, Hq, N, Dv) and y.dtype == acc
     assert b.shape == den.shape == (B, Hq, N) and b.dtype == den.dtype == acc
     assert torch.isfinite(b).all() and torch.isfinite(den).all()

@@ -30,7 +30,7 @@ def test_gradcheck_gqa(gen, causal, center, normalize):
     q, k, v = make_qkv(gen, (1, 4, 2, 11, 3, 4), requires_grad=True)
     shift = rand_shift(gen, 4, requires_grad=True)
     _gradcheck(q, k, v, shift, causal=causal, center=center, normalize=normalize, scale=0.6,
-               chunk_size=4)
+               tile_size=4)
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
@@ -38,7 +38,7 @@ def test_gradcheck_mha_dv_larger(gen, causal):
     """Hq == Hk, batch 2, Dk = 4 < Dv = 5, N = 13, default scale and eps."""
     q, k, v = make_qkv(gen, (2, 2, 2, 13, 4, 5), requires_grad=True)
     shift = rand_shift(gen, 2, requires_grad=True)
-    _gradcheck(q, k, v, shift, causal=causal, chunk_size=4)
+    _gradcheck(q, k, v, shift, causal=causal, tile_size=4)
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
@@ -54,7 +54,7 @@ def test_gradcheck_float_shift(gen):
     q, k, v = make_qkv(gen, (1, 2, 1, 12, 4, 3), requires_grad=True)
     for causal in (True, False):
         assert torch.autograd.gradcheck(
-            lambda q, k, v: csq_ext.attention(q, k, v, causal=causal, shift=-0.8, chunk_size=4),
+            lambda q, k, v: csq_ext.attention(q, k, v, causal=causal, shift=-0.8, tile_size=4),
             (q, k, v), fast_mode=False)
 
 
@@ -82,18 +82,18 @@ def _check_grads(gen, shape, dtype, layout="contiguous", tol=None, names=None, f
 @pytest.mark.parametrize("shape_name", ["gqa", "mqa", "long"])
 def test_grads_vs_reference(gen, shape_name, causal, center, normalize, dtype):
     _check_grads(gen, SHAPES[shape_name], dtype, causal=causal, center=center,
-                 normalize=normalize, chunk_size=None if shape_name == "long" else 4)
+                 normalize=normalize, tile_size=None if shape_name == "long" else 4)
 
 
-@pytest.mark.parametrize("chunk_size", [None, 1, 3, 7, 16])
+@pytest.mark.parametrize("tile_size", [None, 1, 3, 7, 16])
 @pytest.mark.parametrize("shape_name", ["n1", "n2", "chunk_multiple", "wide"])
-def test_grads_shapes_and_chunks(gen, shape_name, chunk_size):
+def test_grads_shapes_and_chunks(gen, shape_name, tile_size):
     # At N = 1 with centering, s = c whatever q and k are, so dq = dk = 0 exactly: measure
     # those against a unit floor (the inputs and the other gradients are O(1)).
     floor = 1.0 if SHAPES[shape_name][3] == 1 else 0.0
     for causal in (True, False):
         _check_grads(gen, SHAPES[shape_name], torch.float64, causal=causal,
-                     chunk_size=chunk_size, floor=floor)
+                     tile_size=tile_size, floor=floor)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
@@ -101,7 +101,7 @@ def test_grads_shapes_and_chunks(gen, shape_name, chunk_size):
 def test_grads_strided_inputs(gen, layout, dtype):
     for causal in (True, False):
         _check_grads(gen, (2, 4, 2, 15, 4, 3), dtype, layout=layout, causal=causal,
-                     chunk_size=6)
+                     tile_size=6)
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
@@ -152,7 +152,7 @@ def test_incoming_gradient_layouts(gen, how):
     q, k, v = make_qkv(gen, shape, requires_grad=True)
     B, Hq, _, N, _, Dv = shape
     for causal in (True, False):
-        y = csq_ext.attention(q, k, v, causal=causal, chunk_size=4)
+        y = csq_ext.attention(q, k, v, causal=causal, tile_size=4)
         if how == "sum":
             dy = torch.ones(1, dtype=torch.float64).expand(B, Hq, N, Dv)
         elif how == "transposed":
@@ -209,7 +209,7 @@ def test_double_backward_raises(gen, wrt):
     q, k, v = make_qkv(gen, SHAPES["gqa"], requires_grad=True)
     shift = rand_shift(gen, 4, requires_grad=True)
     inputs = {"q": q, "k": k, "v": v, "shift": shift}
-    y = csq_ext.attention(q, k, v, shift=shift, chunk_size=4)
+    y = csq_ext.attention(q, k, v, shift=shift, tile_size=4)
     dy = randn(gen, *y.shape)
     grads = torch.autograd.grad(y, list(inputs.values()), dy, create_graph=True)
     _, ref = reference_grads(q, k, v, shift, dy)

@@ -26,7 +26,7 @@ def _inputs(gen, B, Hq, Hk, N, Dk, Dv, device, dtype=torch.float64):
 
 def _fwd(q, k, v, shift, cu=None, state=None, return_state=True, **kw):
     o = {**OPTS, **kw}
-    return ops.csq_fwd(q, k, v, shift, cu, None if state is None else state[0],
+    return ops.csq_chunked_fwd(q, k, v, shift, cu, None if state is None else state[0],
                        None if state is None else state[1], o["causal"], o["scale"], o["center"],
                        o["normalize"], o["eps"], 0, return_state)
 
@@ -34,14 +34,16 @@ def _fwd(q, k, v, shift, cu=None, state=None, return_state=True, **kw):
 def _bwd(dy, q, k, v, shift, fwd, cu=None, state=None, dstate_out=None, **kw):
     o = {**OPTS, **kw}
     y, b, den, _, ref = fwd
-    return ops.csq_bwd(dy, q, k, v, shift, cu, None if state is None else state[0], ref, y, b,
-                       den, dstate_out, o["causal"], o["scale"], o["center"], o["normalize"],
-                       o["eps"], 0)
+    # ref_given: dref is the gradient of the forward's ref through k - ref and b, whether the
+    # forward picked it or was given it.
+    return ops.csq_chunked_bwd(dy, q, k, v, shift, cu, None if state is None else state[0], ref,
+                               y, b, den, dstate_out, None, True, o["causal"], o["scale"],
+                               o["center"], o["normalize"], o["eps"], 0)
 
 
 @pytest.mark.parametrize("Dk", [1, 3, 16, 33])
 def test_num_features_is_the_state_row_count(gen, device, Dk):
-    """Python's num_features (csq_ext/state.py) and the C++ one (csrc/csq_features.h) agree:
+    """Python's num_features (csq_ext/state.py) and the C++ one (csrc/csq_feature_map.h) agree:
     the op's returned state, CSQState.empty and the fake kernel have the same shape."""
     B, Hq, Hk, N, Dv = 2, 2, 1, 5, 3
     q, k, v, shift = _inputs(gen, B, Hq, Hk, N, Dk, Dv, device)

@@ -53,7 +53,7 @@ def test_common_key_offset_any_tile(gen, device, tile, offset):
     """The direct path's tiles each have their own reference key: any tile length."""
     q, k, v = _offset_qkv(gen, device, 200, 16, offset)
     dy = randn(gen, *q.shape, dtype=torch.float32, device=device)
-    _check(q, k, v, dy, path="direct", chunk_size=tile)
+    _check(q, k, v, dy, path="direct", tile_size=tile)
 
 
 @pytest.mark.parametrize("offset", OFFSETS)

@@ -94,7 +94,7 @@ def test_feature_kernels_chunked_equal_masked(kernel, causal, N, chunk):
     want = kernel_attention_reference(q, k, v, kernel, causal=causal)
     got = _feature_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), kernel,
                              causal=causal, scale=6 ** -0.5, normalize=True, eps=1e-6,
-                             chunk_size=chunk)
+                             tile_size=chunk)
     assert _rel(got, want) < 1e-12
 
 
@@ -114,7 +114,7 @@ def test_taylor_and_linear_weights_are_their_definitions():
 def test_layer_taylor_linear_match_masked_form():
     torch.manual_seed(0)
     for kernel in ("linear", "taylor"):
-        layer = CSQAttention(16, 2, 1, kernel=kernel, chunk_size=4).double()
+        layer = CSQAttention(16, 2, 1, kernel=kernel, tile_size=4).double()
         x = torch.randn(2, 13, 16, generator=_gen(7), dtype=torch.float64)
         q, k, v = _projected(layer, x)
         assert _rel(layer(x), _out(layer, kernel_attention_reference(q, k, v, kernel))) < 1e-12

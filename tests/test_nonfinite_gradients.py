@@ -60,7 +60,7 @@ def _same(what, got, want):
 def test_nonfinite_reaches_only_what_sees_it(gen, device, path, start, chunk, pos, where,
                                              value):
     q, k, v, dy = _inputs(gen, device)
-    kw = dict(path=path, chunk_size=chunk)
+    kw = dict(path=path, tile_size=chunk)
     if start == "state":
         kw["initial_state"] = _state(gen, device, B)
     clean = _grads(q, k, v, dy, **kw)
@@ -87,7 +87,7 @@ def test_nonfinite_reaches_only_what_sees_it(gen, device, path, start, chunk, po
 def test_nonfinite_stays_in_its_packed_sequence(gen, device, path, causal, start, where, seq):
     q, k, v, dy = _inputs(gen, device)
     cu = CU.to(device)
-    kw = dict(path=path, causal=causal, cu_seqlens=cu, chunk_size=16)
+    kw = dict(path=path, causal=causal, cu_seqlens=cu, tile_size=16)
     if start == "state":
         kw["initial_state"] = _state(gen, device, 2)
     clean = _grads(q, k, v, dy, **kw)

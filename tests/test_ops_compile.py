@@ -18,11 +18,11 @@ def _fresh_dynamo():
 
 
 def _fwd_args(gen, dtype, requires_grad, layout="contiguous", causal=True, center=True,
-              normalize=True, chunk_size=4):
+              normalize=True, tile_size=4):
     q, k, v = make_qkv(gen, SHAPES["gqa"], dtype, layout=layout)
     shift = rand_shift(gen, 4, dtype)
     tensors = [t.detach().requires_grad_(requires_grad) for t in (q, k, v, shift)]
-    return fwd_op_args(*tensors, causal, 0.6, center, normalize, 1e-6, chunk_size)
+    return fwd_op_args(*tensors, causal, 0.6, center, normalize, 1e-6, tile_size)
 
 
 # --------------------------------------------------------------------------------------------
@@ -35,17 +35,17 @@ def _fwd_args(gen, dtype, requires_grad, layout="contiguous", causal=True, cente
                                                      (False, False, True)])
 def test_opcheck_fwd(gen, dtype, requires_grad, causal, center, normalize):
     """Schema, autograd registration, fake tensor and AOT-dispatch (with the backward when
-    inputs require grad) checks of csq_fwd, args (q, k, v, shift, causal, scale, center,
-    normalize, eps, chunk_size)."""
+    inputs require grad) checks of csq_chunked_fwd, args (q, k, v, shift, causal, scale, center,
+    normalize, eps, tile_size)."""
     args = _fwd_args(gen, dtype, requires_grad, causal=causal, center=center,
                      normalize=normalize)
-    torch.library.opcheck(ops.csq_fwd.default, args)
+    torch.library.opcheck(ops.csq_chunked_fwd.default, args)
 
 
 @pytest.mark.parametrize("requires_grad", [False, True], ids=["nograd", "grad"])
 @pytest.mark.parametrize("layout", ["transposed", "sliced"])
 def test_opcheck_fwd_strided(gen, layout, requires_grad):
-    torch.library.opcheck(ops.csq_fwd.default,
+    torch.library.opcheck(ops.csq_chunked_fwd.default,
                           _fwd_args(gen, torch.float64, requires_grad, layout=layout))
 
 
@@ -54,25 +54,25 @@ def test_opcheck_fwd_empty_sequence(gen):
     k = randn(gen, 2, 2, 0, 3, requires_grad=True)
     v = randn(gen, 2, 2, 0, 5, requires_grad=True)
     shift = rand_shift(gen, 4, requires_grad=True)
-    torch.library.opcheck(ops.csq_fwd.default,
+    torch.library.opcheck(ops.csq_chunked_fwd.default,
                           fwd_op_args(q, k, v, shift, True, 0.5, True, True, 1e-6, 0))
 
 
 def _bwd_args(gen, layout):
     args = _fwd_args(gen, torch.float64, False, layout=layout)
     q, k, v, shift = args[:4]
-    opts = args[7:13]  # causal, scale, center, normalize, eps, chunk_size
-    y, b, den, _, ref = ops.csq_fwd(*args)
+    opts = args[7:13]  # causal, scale, center, normalize, eps, tile_size
+    y, b, den, _, ref = ops.csq_chunked_fwd(*args)
     dy = randn(gen, *y.shape)
-    return (dy, q, k, v, shift, None, None, ref, y, b, den, None, *opts)
+    return (dy, q, k, v, shift, None, None, ref, y, b, den, None, None, False, *opts)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "transposed", "sliced"])
 def test_opcheck_bwd(gen, layout):
-    """csq_bwd's fake kernel must describe what the real kernel returns, strides included:
+    """csq_chunked_bwd's fake kernel must describe what the real kernel returns, strides included:
     torch.compile plans memory from the fake outputs. Transposed (B, N, H, D) views are the
     common case (a fused QKV projection)."""
-    torch.library.opcheck(ops.csq_bwd.default, _bwd_args(gen, layout))
+    torch.library.opcheck(ops.csq_chunked_bwd.default, _bwd_args(gen, layout))
 
 
 def test_fake_outputs_match_real(gen):
@@ -83,13 +83,15 @@ def test_fake_outputs_match_real(gen):
         q, k, v = make_qkv(gen, SHAPES["gqa"], dtype)
         shift = rand_shift(gen, 4, torch.float32)
         opts = (True, 0.5, True, True, 1e-6, 4)
-        real = ops.csq_fwd(*fwd_op_args(q, k, v, shift, *opts, return_state=True))
+        real = ops.csq_chunked_fwd(*fwd_op_args(q, k, v, shift, *opts, return_state=True))
         dy = randn(gen, *real[0].shape, dtype=real[0].dtype)  # the gradient of y
-        real_b = ops.csq_bwd(dy, q, k, v, shift, None, None, real[4], *real[:3], real[3], *opts)
+        real_b = ops.csq_chunked_bwd(dy, q, k, v, shift, None, None, real[4], *real[:3], real[3],
+                                     None, False, *opts)
         with FakeTensorMode() as mode:
             f = [mode.from_tensor(t) for t in (q, k, v, shift, dy)]
-            fake = ops.csq_fwd(*fwd_op_args(*f[:4], *opts, return_state=True))
-            fake_b = ops.csq_bwd(f[4], *f[:4], None, None, fake[4], *fake[:3], fake[3], *opts)
+            fake = ops.csq_chunked_fwd(*fwd_op_args(*f[:4], *opts, return_state=True))
+            fake_b = ops.csq_chunked_bwd(f[4], *f[:4], None, None, fake[4], *fake[:3], fake[3],
+                                         None, False, *opts)
         for r, fk in zip(real + real_b, fake + fake_b):
             assert (r.shape, r.dtype, r.stride()) == (fk.shape, fk.dtype, fk.stride())
 
@@ -108,7 +110,7 @@ def test_meta_tensors():
 # --------------------------------------------------------------------------------------------
 def _train_step(q, k, v, shift, w):
     """Forward, a loss, and loss.backward() in one compiled function."""
-    y = csq_ext.attention(q, k, v, shift=shift, scale=0.5, chunk_size=4)
+    y = csq_ext.attention(q, k, v, shift=shift, scale=0.5, tile_size=4)
     loss = (y * w).square().sum()
     loss.backward()
     return y.detach(), loss.detach()
@@ -169,7 +171,7 @@ def test_compile_many_lengths(gen, dynamic):
         return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
 
     def step(q, k, v):
-        y = csq_ext.attention(q, k, v, chunk_size=4)
+        y = csq_ext.attention(q, k, v, tile_size=4)
         return y.detach(), torch.autograd.grad(y.square().sum(), (q, k, v))
 
     compiled = torch.compile(step, backend=counting_backend, fullgraph=True, dynamic=dynamic)

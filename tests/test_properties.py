@@ -23,7 +23,7 @@ def test_translation_invariance_float64(gen, shape_name, causal):
     t = 5 * randn(gen, shape[4])
     shift = rand_shift(gen, shape[1])
     dy = randn(gen, shape[0], shape[1], shape[3], shape[5])
-    kw = dict(causal=causal, chunk_size=7)
+    kw = dict(causal=causal, tile_size=7)
     y, grads = csq_grads(q, k, v, shift, dy, **kw)
     y_t, grads_t = csq_grads(q, k + t, v, shift, dy, **kw)
     assert rel_err(y, reference(q, k, v, shift, **kw)) <= 1e-10  # and both are right
@@ -72,7 +72,7 @@ def test_float32_keys_with_large_common_offset(gen, causal, n):
 @CAUSAL
 @pytest.mark.parametrize("center,normalize", [(True, True), (False, False)],
                          ids=["ctr-norm", "noctr-raw"])
-def test_independent_of_chunk_size(gen, causal, center, normalize):
+def test_independent_of_tile_size(gen, causal, center, normalize):
     """Outputs and all gradients agree to 1e-12 across chunk lengths: 1, divisors and
     non-divisors of N, N itself, longer than N, and the default."""
     shape = (2, 4, 2, 37, 5, 3)
@@ -80,9 +80,9 @@ def test_independent_of_chunk_size(gen, causal, center, normalize):
     shift = rand_shift(gen, 4)
     dy = randn(gen, 2, 4, 37, 3)
     kw = dict(causal=causal, center=center, normalize=normalize)
-    base_y, base_g = csq_grads(q, k, v, shift, dy, chunk_size=1, **kw)
+    base_y, base_g = csq_grads(q, k, v, shift, dy, tile_size=1, **kw)
     for chunk in (2, 3, 5, 8, 13, 36, 37, 64, None):
-        y, g = csq_grads(q, k, v, shift, dy, chunk_size=chunk, **kw)
+        y, g = csq_grads(q, k, v, shift, dy, tile_size=chunk, **kw)
         assert_rel_close(y, base_y, 1e-12, f"y chunk {chunk}")
         for name in g:
             assert_rel_close(g[name], base_g[name], 1e-12, f"d{name} chunk {chunk}")
@@ -133,13 +133,13 @@ def test_single_position_closed_form(gen, causal, center):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 def test_denominator_lower_bound(gen, causal, dtype):
     """With center and normalize, den_i = n_i c^2 + tau^2 q_i^T C_i q_i >= n_i c^2 (the third
-    output of csq_fwd), checked against the closed form and the bound itself."""
+    output of csq_chunked_fwd), checked against the closed form and the bound itself."""
     B, Hq, Hk, N, D = 2, 4, 2, 29, 4
     q, k, v = make_qkv(gen, (B, Hq, Hk, N, D, 3), dtype)
     c = rand_shift(gen, Hq, torch.float64 if dtype == torch.float64 else torch.float32)
     c[0] = 0.05  # small but nonzero: the bound must still hold
     tau = 0.9
-    _, _, den = call_op(q, k, v, c, causal=causal, scale=tau, chunk_size=8)
+    _, _, den = call_op(q, k, v, c, causal=causal, scale=tau, tile_size=8)
     # Closed form in float64: sum over J(i) of tau^2 <q_i, k_j - mu_i>^2, plus n_i c^2.
     q64, k64 = q.double(), k.double().repeat_interleave(Hq // Hk, 1)
     n = torch.arange(1, N + 1, dtype=torch.float64) if causal else torch.full((N,), float(N))
@@ -166,9 +166,9 @@ def test_grouped_heads_equal_repeated_heads(gen, causal):
     q, k, v = make_qkv(gen, SHAPES["gqa"])
     shift = rand_shift(gen, 4)
     dy = randn(gen, 2, 4, 13, 5)
-    y, g = csq_grads(q, k, v, shift, dy, causal=causal, chunk_size=4)
+    y, g = csq_grads(q, k, v, shift, dy, causal=causal, tile_size=4)
     y_r, g_r = csq_grads(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), shift, dy,
-                         causal=causal, chunk_size=4)
+                         causal=causal, tile_size=4)
     assert_rel_close(y, y_r, 1e-13)
     assert_rel_close(g["q"], g_r["q"], 1e-13, "dq")
     assert_rel_close(g["k"], g_r["k"].view(2, 2, 2, 13, 3).sum(2), 1e-13, "dk")
@@ -181,9 +181,9 @@ def test_batch_entries_are_independent(gen):
     parallel loop)."""
     q, k, v = make_qkv(gen, (3, 4, 2, 21, 3, 2))
     for causal in (True, False):
-        y = csq(q, k, v, causal=causal, chunk_size=8)
+        y = csq(q, k, v, causal=causal, tile_size=8)
         for b in range(3):
-            y_b = csq(q[b:b + 1], k[b:b + 1], v[b:b + 1], causal=causal, chunk_size=8)
+            y_b = csq(q[b:b + 1], k[b:b + 1], v[b:b + 1], causal=causal, tile_size=8)
             assert_rel_close(y[b:b + 1], y_b, 1e-13, f"batch {b}")
 
 
@@ -195,8 +195,8 @@ def test_causal_outputs_ignore_the_future(gen, cut):
     q2, k2, v2 = (t.clone() for t in (q, k, v))
     for t in (q2, k2, v2):
         t[:, :, cut + 1:] = randn(gen, *t[:, :, cut + 1:].shape)
-    y = csq(q, k, v, chunk_size=6)
-    y2 = csq(q2, k2, v2, chunk_size=6)
+    y = csq(q, k, v, tile_size=6)
+    y2 = csq(q2, k2, v2, tile_size=6)
     assert_rel_close(y2[:, :, :cut + 1], y[:, :, :cut + 1], 1e-13, "past rows")
     assert rel_err(y2[:, :, cut + 1:], y[:, :, cut + 1:]) > 1e-3
 
@@ -205,8 +205,8 @@ def test_noncausal_permutation_equivariance(gen):
     """Non-causal: permuting positions of q, k, v together permutes the rows of y."""
     q, k, v = make_qkv(gen, (1, 2, 2, 23, 4, 3))
     perm = torch.randperm(23, generator=gen)
-    y = csq(q, k, v, causal=False, chunk_size=5)
-    y_p = csq(q[:, :, perm], k[:, :, perm], v[:, :, perm], causal=False, chunk_size=5)
+    y = csq(q, k, v, causal=False, tile_size=5)
+    y_p = csq(q[:, :, perm], k[:, :, perm], v[:, :, perm], causal=False, tile_size=5)
     assert_rel_close(y_p, y[:, :, perm], 1e-13)
 
 
@@ -235,7 +235,7 @@ def test_thread_count_does_not_change_results(gen):
     try:
         for n in (1, max(2, threads)):
             torch.set_num_threads(n)
-            results.append(csq_grads(q, k, v, shift, dy, chunk_size=8))
+            results.append(csq_grads(q, k, v, shift, dy, tile_size=8))
     finally:
         torch.set_num_threads(threads)
     (y1, g1), (y2, g2) = results

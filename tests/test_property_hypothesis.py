@@ -60,7 +60,7 @@ def test_attention_matches_reference(c):
               scale=c["scale"], shift=shift)
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
     with poisoned_memory(dev):
-        y = csq_ext.attention(*leaves, chunk_size=c["chunk"], path=c["path"], **kw)
+        y = csq_ext.attention(*leaves, tile_size=c["chunk"], path=c["path"], **kw)
     y_ref = reference(q, k, v, **kw)
     tol = TOLS[dt]
     assert y.shape == y_ref.shape and torch.isfinite(y).all()

@@ -71,7 +71,7 @@ def test_positional_order_defaults_and_options(gen):
     q, k, v = qkv(gen, (2,), 2, 2, 9, 9)
     assert_rel_close(sdpa(q, k, v), csq_attention_reference(q, k, v, causal=False),
                      TOL[torch.float64], "defaults")
-    assert_rel_close(sdpa(q, k, v, normalize=False, path="direct", chunk_size=4),
+    assert_rel_close(sdpa(q, k, v, normalize=False, path="direct", tile_size=4),
                      csq_attention_reference(q, k, v, causal=False, normalize=False),
                      TOL[torch.float64], "options")
 

@@ -161,7 +161,7 @@ def test_accuracy_classes(c):
     leaves = [t[:, :, n0:].detach().clone().requires_grad_() for t in f32]
     dy = torch.randn(*leaves[0].shape[:3], c["Dv"], generator=g, dtype=torch.float64)
     with poisoned_memory(dev):
-        out = csq_ext.attention(*leaves, shift=shift_dev, path=c["path"], chunk_size=c["chunk"],
+        out = csq_ext.attention(*leaves, shift=shift_dev, path=c["path"], tile_size=c["chunk"],
                                 initial_state=state, return_state=c["start"] == "returned",
                                 **kw)
         y = out[0] if isinstance(out, tuple) else out
@@ -215,7 +215,7 @@ def test_nonfinite_reaches_only_what_sees_it(c):
     def run(q, k, v):
         leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
         with poisoned_memory(dev):
-            y = csq_ext.attention(*leaves, path=c["path"], chunk_size=c["chunk"], cu_seqlens=cu,
+            y = csq_ext.attention(*leaves, path=c["path"], tile_size=c["chunk"], cu_seqlens=cu,
                                   initial_state=state)
             return (y,) + torch.autograd.grad(y, leaves, dy)
 

@@ -65,7 +65,7 @@ def prefill(gen, pool, requests, lens, fresh, dims, dtype, device, shift, center
     has = torch.tensor([not f for f in fresh], device=device)
     with poisoned_memory(device):
         y = csq_ext.pool_prefill_(q, k, v, cu.to(device), pool, slots, has_initial_state=has,
-                                  shift=shift, center=center, chunk_size=chunk)
+                                  shift=shift, center=center, tile_size=chunk)
     assert y.shape == (1, Hq, sum(lens), Dv) and y.dtype == dtype
     for r, (pq, pk, pv), n, a, f in zip(requests, pieces, lens, cu[:-1].tolist(), fresh):
         if f:
@@ -165,9 +165,9 @@ def test_pool_ops_equal_the_one_request_ops(gen):
     q, k, v = draw(gen, sum(lens), Hq, Hk, Dk, Dv, dtype)
     cu = torch.tensor([0, 33, 40, 130])
     before = csq_ext.CSQState(pool.sums[slots].clone(), pool.ref[slots].clone())
-    y_pool = csq_ext.pool_prefill_(q, k, v, cu, pool, slots, shift=shift, chunk_size=32)
+    y_pool = csq_ext.pool_prefill_(q, k, v, cu, pool, slots, shift=shift, tile_size=32)
     y_one, st = csq_ext.attention(q, k, v, shift=shift, cu_seqlens=cu, initial_state=before,
-                                  return_state=True, path="chunked", chunk_size=32)
+                                  return_state=True, path="chunked", tile_size=32)
     assert torch.equal(y_pool, y_one)
     assert torch.equal(pool.sums[slots], st.sums) and torch.equal(pool.ref[slots], st.ref)
     qd, kd, vd = (x.transpose(0, 2).contiguous() for x in draw(gen, 3, Hq, Hk, Dk, Dv, dtype))
@@ -175,6 +175,32 @@ def test_pool_ops_equal_the_one_request_ops(gen):
     y_one = csq_ext.decode_(qd, kd, vd, st, shift=shift)
     assert torch.equal(y_pool, y_one)
     assert torch.equal(pool.sums[slots], st.sums) and torch.equal(pool.ref[slots], st.ref)
+
+
+def test_pool_prefill_tile_size_and_its_alias(gen):
+    """pool_prefill_'s block length is attention's tile_size: chunk_size is its deprecated alias
+    (a DeprecationWarning, the same numbers), both at once and bad values are refused by name."""
+    Hq, Hk, Dk, Dv, P = 2, 1, 8, 4, 3
+    shift = rand_shift(gen, Hq, torch.float32)
+    q, k, v = draw(gen, 50, Hq, Hk, Dk, Dv, torch.float32)
+    cu, slots = torch.tensor([0, 20, 50]), torch.tensor([2, 0])
+    outs = []
+    for kw in (dict(tile_size=16), dict(chunk_size=16)):
+        _, pool = paged_pool(P, Hk, Dk, Dv, torch.float32, "cpu")
+        pool.sums.zero_()
+        pool.ref.zero_()
+        if "chunk_size" in kw:
+            with pytest.warns(DeprecationWarning, match="chunk_size is deprecated"):
+                outs.append(csq_ext.pool_prefill_(q, k, v, cu, pool, slots, shift=shift, **kw))
+        else:
+            outs.append(csq_ext.pool_prefill_(q, k, v, cu, pool, slots, shift=shift, **kw))
+        outs.append(pool.sums[slots].clone())
+    assert torch.equal(outs[0], outs[2]) and torch.equal(outs[1], outs[3])
+    _, pool = paged_pool(P, Hk, Dk, Dv, torch.float32, "cpu")
+    for kw, name in ((dict(tile_size=0), "tile_size"), (dict(tile_size=2.5), "tile_size"),
+                     (dict(tile_size=16, chunk_size=16), "tile_size")):
+        with pytest.raises((ValueError, TypeError), match=name):
+            csq_ext.pool_prefill_(q, k, v, cu, pool, slots, shift=shift, **kw)
 
 
 def test_pool_decode_does_not_drift(device, gen):

@@ -12,7 +12,7 @@ from csq_ext import CSQState
 from conftest import poisoned_memory, rand_shift, randn, reference, rel_err
 
 TOL_STREAM = {torch.float64: 1e-10, torch.float32: 1e-5}
-# Both exact algorithms carry states (the direct one through csq_ext/_direct_state.py).
+# Both exact algorithms carry states (each op computes its own).
 PATHS = ["chunked", "direct"]
 
 
@@ -41,7 +41,7 @@ def test_prefill_in_two_pieces_then_2048_decode_steps_equals_one_call(gen, dtype
     assert rel_err(whole, expected) <= TOL_STREAM[dtype]
 
     y1, state = attend(piece(q, 0, p1), piece(k, 0, p1), piece(v, 0, p1),
-                       shift=shift, return_state=True, chunk_size=16)
+                       shift=shift, return_state=True, tile_size=16)
     y2, state = attend(piece(q, p1, p1 + p2), piece(k, p1, p1 + p2),
                        piece(v, p1, p1 + p2), shift=shift, initial_state=state,
                        return_state=True)
@@ -124,7 +124,7 @@ def test_gradcheck_through_initial_state(gen, center, device, path):
 
     def run(q, k, v, sums, ref):
         y, st = attend(q, k, v, center=center, initial_state=CSQState(sums, ref),
-                       return_state=True, chunk_size=4)
+                       return_state=True, tile_size=4)
         return y, st.sums, st.ref
 
     assert torch.autograd.gradcheck(run, (q, k, v, sums, ref))
@@ -194,7 +194,7 @@ def test_varlen_equals_per_sequence_calls(gen, index_dtype, causal):
     shift = rand_shift(gen, 4, requires_grad=True)
     dy = randn(gen, 1, 4, T, 3)
     with poisoned_memory():
-        y = csq_ext.attention(q, k, v, causal=causal, shift=shift, cu_seqlens=cu, chunk_size=8)
+        y = csq_ext.attention(q, k, v, causal=causal, shift=shift, cu_seqlens=cu, tile_size=8)
         grads = torch.autograd.grad(y, (q, k, v, shift), dy)
     ys, gs = [], [torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), 0]
     for a, b in segments(cu):
@@ -218,7 +218,7 @@ def test_varlen_gradcheck_and_returned_states(gen, device, path):
     cu = torch.tensor([0, 3, 4, 11])
     q, k, v = (t.requires_grad_() for t in qkv(gen, 1, 2, 1, 11, 3, 2, device=device))
     assert torch.autograd.gradcheck(
-        lambda q, k, v: attend(q, k, v, cu_seqlens=cu, chunk_size=2), (q, k, v))
+        lambda q, k, v: attend(q, k, v, cu_seqlens=cu, tile_size=2), (q, k, v))
     # Per-sequence states: continuing segment s equals attention over its longer sequence.
     _, st = attend(q, k, v, cu_seqlens=cu, return_state=True)
     assert st.sums.shape[0] == 3 and st.count.flatten().tolist() == [3.0, 1.0, 7.0]

@@ -1,4 +1,5 @@
-"""Tuning knobs (chunk_size: the chunked path's chunk, the direct path's tile) change speed,
+"""Tuning knobs (tile_size: the chunked path's chunk, the direct path's tile; chunk_size, its
+deprecated alias, alike) change speed,
 never the result or the memory beyond the problem's (docs/SPEC.md, sections 4 and 7):
 
 * any int is accepted (Python or numpy; values beyond the sequence or a kernel's limit act as
@@ -24,25 +25,27 @@ def _qkv(gen, n, d=8, device="cpu"):
 @pytest.mark.parametrize("value", [0, -1, -(2 ** 63), True, False, 64.0, "64", [64],
                                    torch.tensor(64), np.float32(8), np.bool_(True)],
                          ids=lambda x: f"{type(x).__name__}:{x!r}"[:24])
-def test_bad_chunk_size_is_refused_by_name(gen, value):
+@pytest.mark.parametrize("name", ["tile_size", "chunk_size"])
+@pytest.mark.filterwarnings("ignore:csq_ext. chunk_size is deprecated:DeprecationWarning")
+def test_bad_tile_size_is_refused_by_name(gen, value, name):
     q, k, v = _qkv(gen, 5)
-    with pytest.raises((ValueError, TypeError), match="chunk_size"):
-        csq_ext.attention(q, k, v, chunk_size=value)
+    with pytest.raises((ValueError, TypeError), match=name):
+        csq_ext.attention(q, k, v, **{name: value})
 
 
 @pytest.mark.parametrize("n", [1, 5, 300])
 @pytest.mark.parametrize("value", [10 ** 5, 2 ** 31, 2 ** 63, 2 ** 64 + 3, 10 ** 30],
                          ids=lambda x: f"{x:.0e}")
 @pytest.mark.parametrize("path", PATHS)
-def test_huge_chunk_size_acts_as_the_sequence(gen, device, path, value, n):
+def test_huge_tile_size_acts_as_the_sequence(gen, device, path, value, n):
     """The old code allocated tile buffers by the knob (a MemoryError at N = 5 with
-    chunk_size = 100000) and could not pass 2**63 to the op (an error naming another
+    tile_size = 100000) and could not pass 2**63 to the op (an error naming another
     argument)."""
     q, k, v = _qkv(gen, n, device=device)
     dy = randn(gen, *q.shape, dtype=torch.float32, device=device)
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     with poisoned_memory(device):
-        y = csq_ext.attention(*leaves, path=path, chunk_size=value)
+        y = csq_ext.attention(*leaves, path=path, tile_size=value)
         grads = torch.autograd.grad(y, leaves, dy)
     y_ref, g_ref = reference_grads(q, k, v, 1.0, dy)
     assert rel_err(y.cpu(), y_ref) <= TOL[torch.float32]
@@ -54,8 +57,8 @@ def test_huge_chunk_size_acts_as_the_sequence(gen, device, path, value, n):
                          ids=lambda x: type(x).__name__)
 def test_numpy_integers_are_accepted(gen, value):
     q, k, v = _qkv(gen, 40)
-    want = csq_ext.attention(q, k, v, chunk_size=int(value))
-    assert torch.equal(csq_ext.attention(q, k, v, chunk_size=value), want)
+    want = csq_ext.attention(q, k, v, tile_size=int(value))
+    assert torch.equal(csq_ext.attention(q, k, v, tile_size=value), want)
 
 
 @pytest.mark.parametrize("n", [2, 3, 5, 17, 100])
@@ -63,14 +66,14 @@ def test_numpy_integers_are_accepted(gen, value):
 @pytest.mark.parametrize("path", ["chunked", "direct"])
 def test_tiny_chunks_at_dk128_scale1(gen, device, path, chunk, n):
     """|scale| = 1 at Dk = 128 makes every term of a state read large (tau |q| ~ 11): as
-    accurate with chunk_size 1 to 3 as with the default (the old chunked path: 1.5e-5 in y,
+    accurate with tile_size 1 to 3 as with the default (the old chunked path: 1.5e-5 in y,
     7e-5 in dq at N = 2)."""
     q, k, v = (randn(gen, 1, 2, n, 128, dtype=torch.float32, device=device) for _ in range(3))
     dy = randn(gen, 1, 2, n, 128, dtype=torch.float32, device=device)
     for scale in (1.0, -1.0):
         leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
         with poisoned_memory(device):
-            y = csq_ext.attention(*leaves, scale=scale, path=path, chunk_size=chunk)
+            y = csq_ext.attention(*leaves, scale=scale, path=path, tile_size=chunk)
             grads = torch.autograd.grad(y, leaves, dy)
         y_ref, g_ref = reference_grads(q, k, v, 1.0, dy, scale=scale)
         assert rel_err(y.cpu(), y_ref) <= TOL[torch.float32], f"y, scale {scale}"
@@ -89,7 +92,7 @@ def test_short_direct_tiles_after_a_huge_key(chunk):
     k[:, :, 1] = 1e7 * torch.sign(randn(g, d))
     q, k, v = (t.float() for t in (q, k, v))
     with poisoned_memory("cpu"):
-        y = csq_ext.attention(q, k, v, path="direct", chunk_size=chunk, causal=False)
+        y = csq_ext.attention(q, k, v, path="direct", tile_size=chunk, causal=False)
         y_default = csq_ext.attention(q, k, v, path="direct", causal=False)
     y_ref = reference_grads(q, k, v, 1.0, torch.zeros(1, 1, n, d), causal=False)[0]
     err = rel_err(y[:, :, 2:], y_ref[:, :, 2:])
@@ -97,12 +100,12 @@ def test_short_direct_tiles_after_a_huge_key(chunk):
     assert err <= 10 * rel_err(y_default[:, :, 2:], y_ref[:, :, 2:]), err
 
 
-def test_layer_validates_its_chunk_size():
-    with pytest.raises((ValueError, TypeError), match="chunk_size"):
-        csq_ext.nn.CSQAttention(16, 2, chunk_size=0)
-    with pytest.raises((ValueError, TypeError), match="chunk_size"):
-        csq_ext.nn.CSQAttention(16, 2, chunk_size=2.5)
-    layer = csq_ext.nn.CSQAttention(16, 2, kernel="taylor", chunk_size=10 ** 12)
+def test_layer_validates_its_tile_size():
+    with pytest.raises((ValueError, TypeError), match="tile_size"):
+        csq_ext.nn.CSQAttention(16, 2, tile_size=0)
+    with pytest.raises((ValueError, TypeError), match="tile_size"):
+        csq_ext.nn.CSQAttention(16, 2, tile_size=2.5)
+    layer = csq_ext.nn.CSQAttention(16, 2, kernel="taylor", tile_size=10 ** 12)
     x = torch.randn(1, 20, 16)
     assert layer(x).shape == x.shape
 
@@ -113,4 +116,4 @@ def test_op_refuses_a_negative_tile_by_its_name(gen):
     shift = torch.ones(4)
     with pytest.raises(RuntimeError, match="tile_size|chunk_size"):
         torch.ops.csq_ext.csq_direct_fwd(q, k, v, shift, None, None, None, True, 0.3, True,
-                                         True, 1e-6, -3)
+                                         True, 1e-6, -3, False)

@@ -3,31 +3,39 @@
 // (csq_*_kernel.cpp), the mirror of csrc/cuda/csq_launch.h. The caller passes the params that
 // prepare_* filled (outputs allocated, zeroed where the contract says so) and the input dtype
 // scalar_t (double, float, at::Half, at::BFloat16); each launcher runs the whole op on the
-// ATen thread pool and returns when done.
+// ATen thread pool and returns when done. Map: the feature map (csq_feature_maps.h; the ops
+// pass StateMap).
 #pragma once
 
 #include <type_traits>
 
 #include "../csq_direct_params.h"
+#include "../csq_feature_maps.h"
 #include "../csq_params.h"
 
 namespace csq {
 namespace cpu {
 
-template <typename scalar_t>
+template <typename scalar_t, typename Map>
 void launch_fwd(const FwdParams& p);
 
-template <typename scalar_t>
+template <typename scalar_t, typename Map>
 void launch_bwd(const BwdParams& p);
 
-template <typename scalar_t>
+template <typename scalar_t, typename Map>
 void launch_decode(const DecodeParams& p);
 
-template <typename scalar_t>
+template <typename scalar_t, typename Map>
 void launch_direct_fwd(const DirectFwdParams& p);
 
-template <typename scalar_t>
+template <typename scalar_t, typename Map>
 void launch_direct_bwd(const DirectBwdParams& p);
+
+template <typename scalar_t, typename Map>
+void launch_state(const StateParams& p);
+
+template <typename scalar_t, typename Map>
+void launch_state_bwd(const StateBwdParams& p);
 
 // Accumulation type of an input type: double for double, float for the rest.
 template <typename scalar_t>
@@ -36,9 +44,12 @@ using acc_type_of = std::conditional_t<std::is_same_v<scalar_t, double>, double,
 }  // namespace cpu
 }  // namespace csq
 
-// Instantiates launcher NAME for the four input dtypes (in the kernel file that defines it).
-#define CSQ_CPU_INSTANTIATE(NAME, PARAMS)        \
-  template void NAME<double>(const PARAMS&);     \
-  template void NAME<float>(const PARAMS&);      \
-  template void NAME<c10::Half>(const PARAMS&);  \
-  template void NAME<c10::BFloat16>(const PARAMS&)
+// Instantiates launcher NAME for the four input dtypes and StateMap (in the kernel file that
+// defines it). A test build that includes the kernel files for another map defines it first.
+#ifndef CSQ_CPU_INSTANTIATE
+#define CSQ_CPU_INSTANTIATE(NAME, PARAMS)                  \
+  template void NAME<double, StateMap>(const PARAMS&);     \
+  template void NAME<float, StateMap>(const PARAMS&);      \
+  template void NAME<c10::Half, StateMap>(const PARAMS&);  \
+  template void NAME<c10::BFloat16, StateMap>(const PARAMS&)
+#endif

@@ -17,7 +17,7 @@ void csq_decode_cpu(at::Tensor& sums, at::Tensor& ref, const at::Tensor& q,
   const DecodeParams p =
       prepare_decode(sums, ref, q, k, v, shift, y, scale, center, normalize, eps);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "csq_decode_cpu",
-                                  [&] { launch_decode<scalar_t>(p); });
+                                  [&] { launch_decode<scalar_t, StateMap>(p); });
 }
 
 }  // namespace

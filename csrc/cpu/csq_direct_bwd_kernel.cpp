@@ -1,7 +1,7 @@
 // CSQ attention backward on the CPU, direct path. The weights are recomputed tile by tile (as
 // flash attention does) from q, k and the forward's saved b:
 //   dnum_i = dy_i / (den_i + eps),  dden_i = -<dy_i, y_i> / (den_i + eps)   (normalize)
-//   dw_ij = <dnum_i, v_j> + dden_i,  ds_ij = 2 s_ij dw_ij,  db_i = sum_j ds_ij
+//   dw_ij = <dnum_i, v_j> + dden_i,  ds_ij = w'(s_ij) dw_ij (2 s_ij for CSQ),  db_i = sum_j ds_ij
 //   dq_i = tau sum_j ds_ij (k_j - r) - tau (mu_i - r) db_i,  dk_j = tau sum_i ds_ij q_i,
 //   dv_j = sum_i w_ij dnum_i,  dshift_h = sum_i db_i,
 // plus the centering term of dk: key l is in the mean mu_i of every query i that sees it, so
@@ -18,6 +18,7 @@
 
 #include "csq_cpu_launch.h"
 #include "csq_direct_cpu.h"
+#include "csq_direct_state_cpu.h"
 
 namespace csq {
 namespace cpu {
@@ -25,14 +26,17 @@ namespace {
 
 using namespace direct;
 
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, typename Map>
 struct BackwardTiles {
   const DirectBwdParams& p;
   const KeyPrefix& kp;
+  const DirectCarried<scalar_t, acc_t, Map>& carried;
   const int64_t D, Dv, G, T;
   const acc_t tau, eps;
   QueryTile<scalar_t, acc_t> qt;
   KeyTile<scalar_t, acc_t> kt;
+  StateTileRead<acc_t, Map> state;  // a carried state's read
+  std::vector<acc_t> g;             // [dnum, dden] per stacked row, for the state's gradients
   // Per stacked query row: b, its pair shifts, dnum (Dv), dden, db; delta (D); per pair: s, w,
   // ds (G T x T); dq (G T x D); the tile's q^T (D x G T) and dnum^T (Dv x G T). dk^T and dv^T
   // (D and Dv rows of `acc_ld`) collect a key tile's (or with the per-head schedule a
@@ -41,10 +45,13 @@ struct BackwardTiles {
   int64_t acc_ld = 0;
 
   BackwardTiles(const DirectBwdParams& p_, const KeyPrefix& kp_,
-                const KeyStore<scalar_t, acc_t>& ks_)
-      : p(p_), kp(kp_), D(p_.dim_k), Dv(p_.dim_v), G(p_.group), T(p_.tile),
+                const KeyStore<scalar_t, acc_t>& ks_,
+                const DirectCarried<scalar_t, acc_t, Map>& carried_)
+      : p(p_), kp(kp_), carried(carried_), D(p_.dim_k), Dv(p_.dim_v), G(p_.group), T(p_.tile),
         tau(static_cast<acc_t>(p_.scale)), eps(static_cast<acc_t>(p_.eps)), qt(p_, p_.tile),
-        kt(p_, kp_, ks_), b(G * T), b_pair(G * T), delta(D), dnum(G * T * Dv), dden(G * T),
+        kt(p_, kp_, ks_), state(p_.dim_k, p_.dim_v + 1, p_.state_in ? p_.group * p_.tile : 0),
+        g(p_.state_in ? p_.group * p_.tile * (p_.dim_v + 1) : 0), b(G * T), b_pair(G * T),
+        delta(D), dnum(G * T * Dv), dden(G * T),
         db(G * T), s(G * T * T), w(G * T * T), ds(G * T * T), dq(G * T * D), qT(D * G * T),
         dnumT(Dv * G * T) {}
 
@@ -81,6 +88,17 @@ struct BackwardTiles {
     transpose_into(dnum.data(), grows, Dv, Dv, dnumT.data(), grows);
   }
 
+  // After load_queries: the rows' shifts relative to the carried state's ref (returned) and
+  // g = [dnum, dden] per row.
+  const acc_t* state_rows(const TileTask& t) {
+    const int64_t grows = G * t.rows, Dv1 = Dv + 1;
+    for (int64_t r = 0; r < grows; ++r) {
+      std::copy(dnum.begin() + r * Dv, dnum.begin() + (r + 1) * Dv, g.begin() + r * Dv1);
+      g[r * Dv1 + Dv] = dden[r];
+    }
+    return state.shifts(qt.q.data(), grows, b.data(), tau, carried.ref(t.seq), qt.ref.data());
+  }
+
   // Zeroed dk^T and dv^T accumulators for `len` key positions.
   void start_keys(int64_t len) {
     acc_ld = len;
@@ -109,7 +127,7 @@ struct BackwardTiles {
     const acc_t* bp = pair_shifts(qt.q.data(), grows, D, b.data(), tau, kt.ref, qt.ref.data(),
                                   delta.data(), b_pair.data());
     const bool moved = bp != b.data();  // keys relative to another reference than the queries'
-    shifted_squares<acc_t>(s.data(), grows, rows, cols, bp, tau, diag, s.data(), w.data());
+    shifted_weights<Map, acc_t>(s.data(), grows, rows, cols, bp, tau, diag, s.data(), w.data());
     gemm<acc_t>(false, false, grows, cols, Dv, acc_t(1), dnum.data(), Dv, kt.vT, kt.ld,
                 acc_t(0), ds.data(), cols);
     for (int64_t r = 0; r < grows; ++r) {
@@ -119,7 +137,7 @@ struct BackwardTiles {
       const acc_t* sr = s.data() + r * cols;
       acc_t sum = 0;
       for (int64_t j = 0; j < cols; ++j) {
-        const acc_t x = j <= last ? 2 * sr[j] * (dsr[j] + dd) : acc_t(0);
+        const acc_t x = j <= last ? Map::weight_grad(sr[j]) * (dsr[j] + dd) : acc_t(0);
         dsr[j] = x;
         sum += x;
       }
@@ -181,6 +199,11 @@ struct BackwardTiles {
       kt.load(t.seq, j0, cols);
       pair(t, cols, p.causal && j0 == t.t0, true, with_keys, j0);
     }
+    if (p.state_in != nullptr) {  // the carried state's keys, read by every row
+      const acc_t* b0 = state_rows(t);
+      state.backward(carried.sums(t.seq), qt.q.data(), b0, g.data(), grows, tau, dq.data(),
+                     db.data());
+    }
     for (int64_t r = 0; r < grows; ++r) {
       const int64_t row = qt.out_row(t, r);
       const double* md = qt.mdiff.data() + (r % t.rows) * D;
@@ -219,8 +242,9 @@ struct BackwardTiles {
     };
     acc_t* dk = key_rows(p.dk, sq, 0, D);
     if (p.causal) {
+      const double n0 = kp.count0(sq, p.heads_k);  // a carried state's keys
       for (int64_t i = sq.len - 1; i >= 0; --i) {
-        add_query_terms(i, double(i + 1));
+        add_query_terms(i, n0 + double(i + 1));
         for (int64_t x = 0; x < D; ++x) dk[i * D + x] += static_cast<acc_t>(run[x]);
       }
       return;
@@ -228,6 +252,98 @@ struct BackwardTiles {
     for (int64_t i = 0; i < sq.len; ++i) add_query_terms(i, double(sq.len));
     for (int64_t j = 0; j < sq.len; ++j)
       for (int64_t x = 0; x < D; ++x) dk[j * D + x] += static_cast<acc_t>(run[x]);
+  }
+
+  // A carried state's gradients for a whole (sequence, key/value head), once dq, db and the
+  // tiles' and centering's dk, dv are complete (csq_direct_state_cpu.h): the returned state's
+  // gradient gives the keys and values theirs (the key scan's keys_grad); every query read
+  // the carried state, so dstate_in = dstate_out + sum_i phi(qe0_i) g~_i^T, plus (centering)
+  // the gradients of its key sum and count through the key means; and since every key is
+  // k - ref (and without centering b_i = c + tau <q_i, ref>), ref's gradient, to ref_in or to
+  // the keys it was picked from (finish_ref_gradient).
+  void state_pass(const SeqTask& sq) {
+    if (!carried.any) return;
+    const int64_t F = Map::num_features(D), Dv1 = Dv + 1;
+    acc_t* dk = key_rows(p.dk, sq, 0, D);
+    acc_t* dv = key_rows(p.dv, sq, 0, Dv);
+    std::vector<acc_t> R(F * Dv1, acc_t(0));
+    if (p.dstate_out != nullptr) {
+      const acc_t* Rout = task_state<Map>(static_cast<const acc_t*>(p.dstate_out), p, sq);
+      KeyScan<scalar_t, acc_t, Map> keys(p, p, T, sq);
+      keys.features_by_row = true;
+      for (int64_t t0 = 0; t0 < sq.len; t0 += T) {
+        const int64_t rows = std::min(T, sq.len - t0);
+        keys.load(t0, rows);
+        keys.keys_grad(Rout, rows, dk + t0 * D, dv + t0 * Dv);
+      }
+      std::copy(Rout, Rout + F * Dv1, R.begin());
+    }
+    if (p.state_in != nullptr) {
+      std::vector<acc_t> phi_t(F * kStateReadRows);
+      for (int64_t i = 0; i < num_tiles(sq.len, T); ++i) {
+        const TileTask tq{sq, i * T, std::min(T, sq.len - i * T), i};
+        load_queries(tq, false);
+        const acc_t* b0 = state_rows(tq);
+        const int64_t grows = G * tq.rows;
+        for (int64_t r0 = 0; r0 < grows; r0 += kStateReadRows) {
+          const int64_t rows = std::min(kStateReadRows, grows - r0);
+          query_features_t<Map>(qt.q.data() + r0 * D, b0 + r0, rows, D, tau, phi_t.data(), rows);
+          gemm<acc_t>(false, false, F, Dv1, rows, acc_t(1), phi_t.data(), rows,
+                      g.data() + r0 * Dv1, Dv1, acc_t(1), R.data(), Dv1);
+        }
+      }
+      acc_t* ds = task_state<Map>(static_cast<acc_t*>(p.dstate_in), p, sq);
+      std::copy(R.begin(), R.end(), ds);
+      if (p.center) state_key_gradients(sq, ds);
+    }
+    std::vector<acc_t> dref(D, acc_t(0));
+    for (int64_t j = 0; j < sq.len; ++j)
+      for (int64_t x = 0; x < D; ++x) dref[x] -= dk[j * D + x];
+    if (!p.center) each_query_term(sq, [&](int64_t, const double* g_mu) {
+      for (int64_t x = 0; x < D; ++x) dref[x] -= static_cast<acc_t>(g_mu[x]);
+    });
+    finish_ref_gradient<scalar_t, acc_t, Map>(p, p, p, sq, carried.ref(sq), dref.data(), dk);
+  }
+
+  // fn(i, g) for every position i of sq with g = -tau sum_h q_hi db_hi (D, float64): the
+  // gradient of b_i's key mean (or, without centering, minus that of ref through b_i).
+  template <typename Fn>
+  void each_query_term(const SeqTask& sq, const Fn& fn) {
+    std::vector<double> gm(D);
+    for (int64_t i = 0; i < sq.len; ++i) {
+      std::fill(gm.begin(), gm.end(), 0.0);
+      for (int64_t hh = 0; hh < G; ++hh) {
+        const int64_t h = sq.head_k * G + hh;
+        const int64_t row = (sq.batch * p.heads_q + h) * p.seqlen + sq.start + i;
+        const double c = -double(tau) * static_cast<const acc_t*>(p.db)[row];
+        const scalar_t* qr = row_ptr<scalar_t>(p.q, p.q_stride, sq.batch, h, sq.start + i);
+        for (int64_t x = 0; x < D; ++x) gm[x] += c * static_cast<double>(qr[x * p.q_stride[3]]);
+      }
+      fn(i, gm.data());
+    }
+  }
+
+  // Centering with a carried state: mu_i - ref = (Z1 + sum_{j <= i} (k_j - ref)) / n_i with
+  // n_i = Z0 + i + 1, so the state's key sum Z1 receives sum_i g_i / n_i and its count Z0
+  // -sum_i <g_i, mu_i - ref> / n_i (g_i: each_query_term), in its last column ds.
+  void state_key_gradients(const SeqTask& sq, acc_t* ds) {
+    const acc_t* S = carried.sums(sq);
+    const acc_t* ref = carried.ref(sq);
+    const double n0 = kp.count0(sq, p.heads_k);
+    std::vector<double> run(D), dz(D, 0.0);
+    for (int64_t x = 0; x < D; ++x) run[x] = double(state_key_sum<Map>(S, x, D, Dv));
+    double dcount = 0;
+    each_query_term(sq, [&](int64_t i, const double* gm) {
+      const scalar_t* kr = row_ptr<scalar_t>(p.k, p.k_stride, sq.batch, sq.head_k, sq.start + i);
+      const double n = n0 + double(i + 1);
+      for (int64_t x = 0; x < D; ++x) {
+        run[x] += static_cast<double>(kr[x * p.k_stride[3]]) - double(ref[x]);
+        dz[x] += gm[x] / n;
+        dcount -= gm[x] * run[x] / (n * n);
+      }
+    });
+    for (int64_t x = 0; x < D; ++x) state_key_sum<Map>(ds, x, D, Dv) += static_cast<acc_t>(dz[x]);
+    state_key_count<Map>(ds, D, Dv) += static_cast<acc_t>(dcount);
   }
 };
 
@@ -240,12 +356,14 @@ bool per_head_schedule(const DirectBwdParams& p) {
   return 5.0 * rounds <= 7.0 * double(tasks) / double(threads);
 }
 
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, typename Map>
 void backward(const DirectBwdParams& p) {
-  const KeyPrefix kp = key_prefix<scalar_t>(p);
+  const DirectCarried<scalar_t, acc_t, Map> carried(p, p.dstate_out != nullptr ||
+                                                           p.ref_in != nullptr);
+  const KeyPrefix kp = carried.prefix();
   const KeyStore<scalar_t, acc_t> ks(p, kp, /*backward=*/true);
-  using Work = BackwardTiles<scalar_t, acc_t>;
-  const auto make = [&] { return Work(p, kp, ks); };
+  using Work = BackwardTiles<scalar_t, acc_t, Map>;
+  const auto make = [&] { return Work(p, kp, ks, carried); };
   const auto tiles = all_tiles(p);
   const auto later = [&](const TileTask& t) { return p.causal ? t.index : 0; };
   const auto earlier = [&](const TileTask& t) {
@@ -260,13 +378,14 @@ void backward(const DirectBwdParams& p) {
           work.query_pass({sq, i * work.T, std::min(work.T, sq.len - i * work.T), i}, true);
         work.flush_keys(sq, 0, sq.len);
         work.center_keys(sq);
+        work.state_pass(sq);
       }
     };
     std::vector<SeqTask> heads;
     for (int64_t task = 0; task < p.num_seqs * p.heads_k; ++task)
       heads.push_back(seq_task(p, task));
     run_balanced(heads, [](const SeqTask& sq) { return sq.len; },
-                 [&] { return PerHead{Work(p, kp, ks)}; });
+                 [&] { return PerHead{make()}; });
     return;
   }
   struct QueryPass {
@@ -282,15 +401,18 @@ void backward(const DirectBwdParams& p) {
   at::parallel_for(0, p.num_seqs * p.heads_k, small_pass_grain(p), [&](int64_t begin,
                                                                         int64_t end) {
     Work work = make();
-    for (int64_t task = begin; task < end; ++task) work.center_keys(seq_task(p, task));
+    for (int64_t task = begin; task < end; ++task) {
+      work.center_keys(seq_task(p, task));
+      work.state_pass(seq_task(p, task));
+    }
   });
 }
 
 }  // namespace
 
-template <typename scalar_t>
+template <typename scalar_t, typename Map>
 void launch_direct_bwd(const DirectBwdParams& p) {
-  backward<scalar_t, acc_type_of<scalar_t>>(p);
+  backward<scalar_t, acc_type_of<scalar_t>, Map>(p);
 }
 
 CSQ_CPU_INSTANTIATE(launch_direct_bwd, DirectBwdParams);

@@ -16,7 +16,7 @@
 #include <vector>
 
 #include "../csq_direct_params.h"
-#include "csq_cpu_common.h"
+#include "csq_cpu_rows.h"
 #include "csq_gemm.h"
 
 namespace csq {
@@ -119,12 +119,15 @@ inline void find_far_keys(int64_t j0, int64_t m, int64_t d, const KeyAt& key, co
 // (csq_direct_params.h, direct_reference_candidates) and its far keys (find_far_keys): found
 // once per tile here, not per conversion (without the key store a tile is converted once per
 // query tile that reads it).
+// A carried state's keys (causal only) come first: `carried` of them, summing to carried_sum
+// (raw coordinates: count ref + Z1, csq_direct_state_cpu.h).
 struct KeyPrefix {
   int64_t dim = 0, tile = 1;
   std::vector<int64_t> base;  // per task (sequence, head): its first entry
   std::vector<double> sums;   // entries of `dim`: tile starts 0, T, 2T, ..., then the total
   std::vector<double> refs;   // entries of `dim`: the tiles' references (base indexes them too)
   std::vector<int32_t> far;   // entries of kFarSlots: the tiles' far keys
+  std::vector<double> carried;  // per task: the carried key count (empty: none)
 
   // Sum of the keys at positions < t0 (t0 a tile start, or the length for the total).
   const double* before(const SeqTask& s, int64_t heads_k, int64_t t0) const {
@@ -137,10 +140,16 @@ struct KeyPrefix {
   const int32_t* far_keys(const SeqTask& s, int64_t heads_k, int64_t t0) const {
     return far.data() + (base[s.seq * heads_k + s.head_k] + t0 / tile) * kFarSlots;
   }
+  // The number of keys before position 0 of the sequence (a carried state's).
+  double count0(const SeqTask& s, int64_t heads_k) const {
+    return carried.empty() ? 0.0 : carried[s.seq * heads_k + s.head_k];
+  }
 };
 
+// carried_count (per task) and carried_sum (per task, dim): a carried state's, or null.
 template <typename scalar_t>
-inline KeyPrefix key_prefix(const DirectFwdParams& p) {
+inline KeyPrefix key_prefix(const DirectFwdParams& p, const double* carried_count = nullptr,
+                            const double* carried_sum = nullptr) {
   KeyPrefix kp;
   const int64_t D = p.dim_k, T = p.tile;
   kp.dim = D;
@@ -152,6 +161,8 @@ inline KeyPrefix key_prefix(const DirectFwdParams& p) {
   kp.sums.assign(kp.base[tasks] * D, 0.0);
   kp.refs.assign(kp.base[tasks] * D, 0.0);
   kp.far.assign(kp.base[tasks] * kFarSlots, 0);
+  if (carried_count != nullptr)
+    kp.carried.assign(carried_count, carried_count + tasks);
   at::parallel_for(0, tasks, small_pass_grain(p), [&](int64_t begin, int64_t end) {
     std::vector<double> point(D);
     for (int64_t task = begin; task < end; ++task) {
@@ -163,6 +174,9 @@ inline KeyPrefix key_prefix(const DirectFwdParams& p) {
       double* sums = kp.sums.data() + kp.base[task] * D;
       double* out = sums;
       std::vector<double> run(D, 0.0);
+      if (carried_sum != nullptr)
+        std::copy(carried_sum + task * D, carried_sum + (task + 1) * D, run.begin());
+      const double n0 = kp.count0(s, p.heads_k);
       for (int64_t j = 0; j < s.len; ++j) {
         if (j % T == 0) out = std::copy(run.begin(), run.end(), out);
         for (int64_t x = 0; x < D; ++x) run[x] += key(j, x);
@@ -170,10 +184,10 @@ inline KeyPrefix key_prefix(const DirectFwdParams& p) {
       std::copy(run.begin(), run.end(), out);  // the total
       for (int64_t i = 0; i < num_tiles(s.len, T); ++i) {
         const int64_t t0 = i * T, rows = std::min(T, s.len - t0);
-        const double* at = sums + i * D;               // keys before t0
-        const double* next = sums + (i + 1) * D;       // before t0 + T, or the total
+        const double* at = sums + i * D;          // keys before t0 (a carried state's too)
+        const double* next = sums + (i + 1) * D;  // before t0 + T, or the total
         for (int64_t x = 0; x < D; ++x)
-          point[x] = p.causal ? (at[x] + key(t0, x)) / double(t0 + 1)
+          point[x] = p.causal ? (at[x] + key(t0, x)) / (n0 + double(t0 + 1))
                               : (next[x] - at[x]) / double(rows);
         const DirectCandidates c = direct_reference_candidates(p.causal, t0, T, s.len);
         const int64_t best = nearest_key(c.first, c.last, D, point.data(), key);
@@ -196,7 +210,7 @@ inline void tile_reference(const DirectFwdParams& p, const KeyPrefix& kp, const 
 
 // A query tile: the rows of all query heads of one key/value head, stacked head after head
 // (G * rows rows, so the tile GEMMs are G times taller), its reference key r (keys are used
-// as k - r) and, when centering, mu_i - r per position (0 without centering).
+// as k - r) and m_i per position: mu_i - r when centering, else -r.
 template <typename scalar_t, typename acc_t>
 struct QueryTile {
   const DirectFwdParams& p;
@@ -237,10 +251,11 @@ struct QueryTile {
     // Running key sums from the tile start, in float64: mu_i = sum_{j <= i} k_j / (i + 1).
     std::vector<double> run(kp.before(t.seq, p.heads_k, t.t0),
                             kp.before(t.seq, p.heads_k, t.t0) + D);
+    const double n0 = kp.count0(t.seq, p.heads_k);
     for (int64_t i = 0; i < rows; ++i) {
       const scalar_t* kr = row_ptr<scalar_t>(p.k, p.k_stride, t.seq.batch, t.seq.head_k,
                                              t.seq.start + t.t0 + i);
-      const double n = double(t.t0 + i + 1);
+      const double n = n0 + double(t.t0 + i + 1);
       for (int64_t x = 0; x < D; ++x) {
         run[x] += static_cast<double>(kr[x * p.k_stride[3]]);
         mdiff[i * D + x] = run[x] / n - double(ref[x]);
@@ -440,13 +455,13 @@ inline const acc_t* pair_shifts(const acc_t* q, int64_t grows, int64_t D, const 
   return out;
 }
 
-// s = tau S + b_i and w = s^2 for a (G rows) x cols block of raw scores S, in place into w
-// (and s when given). On a diagonal tile (cols == rows) entries with j > i become 0: selected,
-// not multiplied, so a NaN key after i cannot reach row i. With `den`, each row's sum of w is
+// s = tau S + b_i and w = Map::weight(s) (s^2 for CSQ) for a (G rows) x cols block of raw
+// scores S, in place into w (and s when given). On a diagonal tile (cols == rows) entries with
+// j > i become 0: selected, not multiplied, so a NaN key after i cannot reach row i. With `den`, each row's sum of w is
 // added to den[r * den_ld]: the forward's denominator, so that its value GEMM need not carry a
 // column of ones (an n = Dv + 1 GEMM runs ~20% slower than n = Dv; bench/NOTES.md).
-template <typename acc_t>
-inline void shifted_squares(const acc_t* S, int64_t grows, int64_t rows, int64_t cols,
+template <typename Map, typename acc_t>
+inline void shifted_weights(const acc_t* S, int64_t grows, int64_t rows, int64_t cols,
                             const acc_t* b, acc_t tau, bool diag, acc_t* s_out, acc_t* w_out,
                             acc_t* den = nullptr, int64_t den_ld = 0) {
   constexpr int64_t L = 16;  // independent partial sums: the row sum vectorizes
@@ -460,7 +475,7 @@ inline void shifted_squares(const acc_t* S, int64_t grows, int64_t rows, int64_t
       const acc_t x = tau * in[j] + br;
       const bool keep = j <= last;
       if (s) s[j] = keep ? x : acc_t(0);
-      w[j] = keep ? x * x : acc_t(0);
+      w[j] = keep ? Map::weight(x) : acc_t(0);
     }
     if (den == nullptr) continue;
     acc_t part[L] = {};

@@ -11,16 +11,16 @@ namespace csq {
 namespace cpu {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> csq_direct_fwd_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> csq_direct_fwd_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& shift,
-    const c10::optional<at::Tensor>& cu_seqlens, const c10::optional<at::Tensor>& row_shift,
-    const c10::optional<at::Tensor>& row_sums, bool causal, double scale, bool center,
-    bool normalize, double eps, int64_t tile_size) {
+    const c10::optional<at::Tensor>& cu_seqlens, const c10::optional<at::Tensor>& state_in,
+    const c10::optional<at::Tensor>& ref_in, bool causal, double scale, bool center,
+    bool normalize, double eps, int64_t tile_size, bool return_state) {
   const DirectForwardCall call =
-      prepare_direct_forward(q, k, v, shift, cu_seqlens, row_shift, row_sums, causal, scale,
-                             center, normalize, eps, tile_size);
+      prepare_direct_forward(q, k, v, shift, cu_seqlens, state_in, ref_in, causal, scale, center,
+                             normalize, eps, tile_size, return_state);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "csq_direct_fwd",
-                                  [&] { launch_direct_fwd<scalar_t>(call.p); });
+                                  [&] { launch_direct_fwd<scalar_t, StateMap>(call.p); });
   return call.outputs();
 }
 

@@ -1,14 +1,16 @@
 // CSQ attention forward on the CPU, direct path: for each query tile (all query heads of a
 // key/value head), the weights of each key tile are computed from a GEMM,
-// w = (tau Q (K - r)^T + b)^2, and summed into num with a second GEMM against V (den: the rows'
-// sums of w).
-// Causal key tiles after the query tile are skipped. No N x N tensor, no state.
+// w = weight(tau Q (K - r)^T + b) (its square for CSQ; Map, csq_feature_map.h), and summed
+// into num with a second GEMM against V (den: the rows' sums of w). Causal key tiles after the
+// query tile are skipped. No N x N tensor. A carried state is read first and returned at the
+// end (csq_direct_state_cpu.h).
 #include <ATen/ATen.h>
 
 #include <vector>
 
 #include "csq_cpu_launch.h"
 #include "csq_direct_cpu.h"
+#include "csq_direct_state_cpu.h"
 
 namespace csq {
 namespace cpu {
@@ -16,22 +18,25 @@ namespace {
 
 using namespace direct;
 
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, typename Map>
 struct ForwardTile {
   const DirectFwdParams& p;
   const KeyPrefix& kp;
+  const DirectCarried<scalar_t, acc_t, Map>& carried;
   const int64_t D, Dv1, G, T;
   const acc_t tau, eps;
   QueryTile<scalar_t, acc_t> qt;
   KeyTile<scalar_t, acc_t> kt;
   std::vector<acc_t> b, b_pair, delta, w, num;  // (G T) x 2, (D), (G T x T), (G T x Dv + 1)
+  StateTileRead<acc_t, Map> state;              // a carried state's read
 
   ForwardTile(const DirectFwdParams& p_, const KeyPrefix& kp_,
-              const KeyStore<scalar_t, acc_t>& ks_)
-      : p(p_), kp(kp_), D(p_.dim_k), Dv1(p_.dim_v + 1), G(p_.group), T(p_.tile),
-        tau(static_cast<acc_t>(p_.scale)), eps(static_cast<acc_t>(p_.eps)), qt(p_, p_.tile),
-        kt(p_, kp_, ks_), b(G * T), b_pair(G * T), delta(D),
-        w(G * T * T), num(G * T * Dv1) {}
+              const KeyStore<scalar_t, acc_t>& ks_,
+              const DirectCarried<scalar_t, acc_t, Map>& carried_)
+      : p(p_), kp(kp_), carried(carried_), D(p_.dim_k), Dv1(p_.dim_v + 1), G(p_.group),
+        T(p_.tile), tau(static_cast<acc_t>(p_.scale)), eps(static_cast<acc_t>(p_.eps)),
+        qt(p_, p_.tile), kt(p_, kp_, ks_), b(G * T), b_pair(G * T), delta(D), w(G * T * T),
+        num(G * T * Dv1), state(p_.dim_k, p_.dim_v + 1, p_.state_in ? G * T : 0) {}
 
   void run(const TileTask& t) {
     qt.load(t, kp);
@@ -50,7 +55,13 @@ struct ForwardTile {
       if (row_shift != nullptr) br += double(row_shift[qt.out_row(t, r)]);
       b[r] = static_cast<acc_t>(br);
     }
-    std::fill(num.begin(), num.begin() + grows * Dv1, acc_t(0));
+    if (p.state_in != nullptr) {  // the carried state's keys first: num = phi(q, b0) . S
+      const acc_t* b0 = state.shifts(qt.q.data(), grows, b.data(), tau, carried.ref(t.seq),
+                                     qt.ref.data());
+      state.read(carried.sums(t.seq), qt.q.data(), b0, grows, tau, num.data());
+    } else {
+      std::fill(num.begin(), num.begin() + grows * Dv1, acc_t(0));
+    }
     const int64_t end = p.causal ? t.t0 + rows : t.seq.len;
     for (int64_t j0 = 0; j0 < end; j0 += T) {
       const int64_t cols = std::min(T, end - j0);
@@ -62,13 +73,13 @@ struct ForwardTile {
                   acc_t(0), w.data(), cols);
       kt.exact_far_scores(qt.q.data(), grows, w.data(), cols);
       if (diag && !kt.values_finite()) {
-        shifted_squares<acc_t>(w.data(), grows, rows, cols, bp, tau, diag, nullptr,
+        shifted_weights<Map, acc_t>(w.data(), grows, rows, cols, bp, tau, diag, nullptr,
                                w.data());
         for (int64_t hh = 0; hh < G; ++hh)  // only the kept j <= i, per head
           lower_mm_add(w.data() + hh * rows * cols, rows, kt.v, Dv1, Dv1, acc_t(1),
                        false, num.data() + hh * rows * Dv1, Dv1);
       } else {  // den as row sums of w, the values alone through the GEMM
-        shifted_squares<acc_t>(w.data(), grows, rows, cols, bp, tau, diag, nullptr,
+        shifted_weights<Map, acc_t>(w.data(), grows, rows, cols, bp, tau, diag, nullptr,
                                w.data(), num.data() + p.dim_v, Dv1);
         gemm<acc_t>(false, false, grows, p.dim_v, cols, acc_t(1), w.data(), cols, kt.v,
                     Dv1, acc_t(1), num.data(), Dv1);
@@ -93,15 +104,17 @@ struct ForwardTile {
 
 }  // namespace
 
-template <typename scalar_t>
+template <typename scalar_t, typename Map>
 void launch_direct_fwd(const DirectFwdParams& p) {
   using acc_t = acc_type_of<scalar_t>;
-  const direct::KeyPrefix kp = direct::key_prefix<scalar_t>(p);
+  const direct::DirectCarried<scalar_t, acc_t, Map> carried(p, p.state_out != nullptr);
+  const direct::KeyPrefix kp = carried.prefix();
   const direct::KeyStore<scalar_t, acc_t> ks(p, kp, /*backward=*/false);
   // A causal tile's cost grows with its index: the balanced split keeps both cores busy.
   direct::run_balanced(direct::all_tiles(p),
                        [&](const direct::TileTask& t) { return p.causal ? t.index : 0; },
-                       [&] { return ForwardTile<scalar_t, acc_t>(p, kp, ks); });
+                       [&] { return ForwardTile<scalar_t, acc_t, Map>(p, kp, ks, carried); });
+  direct::write_forward_state(p, carried);
 }
 
 CSQ_CPU_INSTANTIATE(launch_direct_fwd, DirectFwdParams);

@@ -17,15 +17,16 @@ at::Tensor csq_pool_prefill_cpu(at::Tensor& sums, at::Tensor& ref, const at::Ten
                                 const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                 const at::Tensor& shift, const at::Tensor& cu_seqlens,
                                 double scale, bool center, bool normalize, double eps,
-                                int64_t chunk_size) {
+                                int64_t tile_size) {
   const PoolPrefillCall call =
       prepare_pool_prefill(sums, ref, slots, has_initial_state, q, k, v, shift, cu_seqlens,
-                           scale, center, normalize, eps, chunk_size);
+                           scale, center, normalize, eps, tile_size);
   if (call.empty) {
     call.run_empty(sums, ref);
   } else {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(),
-                                    "csq_pool_prefill_cpu", [&] { launch_fwd<scalar_t>(call.p); });
+                                    "csq_pool_prefill_cpu",
+                                    [&] { launch_fwd<scalar_t, StateMap>(call.p); });
   }
   return call.y.to(q.scalar_type());
 }
@@ -37,7 +38,8 @@ void csq_pool_decode_cpu(at::Tensor& sums, at::Tensor& ref, const at::Tensor& sl
   const PoolDecodeCall call = prepare_pool_decode(sums, ref, slots, has_initial_state, q, k, v,
                                                   shift, y, scale, center, normalize, eps);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(),
-                                  "csq_pool_decode_cpu", [&] { launch_decode<scalar_t>(call.p); });
+                                  "csq_pool_decode_cpu",
+                                  [&] { launch_decode<scalar_t, StateMap>(call.p); });
 }
 
 }  // namespace

@@ -19,7 +19,7 @@ namespace cuda {
 // sum_i tau db_i <q_i, mu'_i> / n_i is added to the constant row's last column of dstate_in
 // (one atomic per CTA). Grid (B Hk, nchunks).
 // The minimum of CTAs per SM lifts ptxas's default cap of 64 registers here (spills).
-template <typename T, typename Acc>
+template <typename T, typename Acc, typename Map>
 __global__ void __launch_bounds__(kThreads, 3) center_dq_kernel(const BwdParams p, Work w) {
   extern __shared__ __align__(16) unsigned char smem_raw[];  // key_mean_smem_bytes
   Acc* mu_s = reinterpret_cast<Acc*>(smem_raw);
@@ -33,7 +33,7 @@ __global__ void __launch_bounds__(kThreads, 3) center_dq_kernel(const BwdParams 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
   const bool count_grad = p.state_in != nullptr && p.center;
   const int sub = key_mean_rows(D, sizeof(Acc)), ms = D + 1;
-  ChunkKeyMeans<T, Acc> means(p, w, c, bi, g, t);
+  ChunkKeyMeans<T, Acc, Map> means(p, w, c, bi, g, t);
 
   Acc dcount = 0;  // lane 0 of each warp: its rows' part of the gradient of the carried count
   for (int64_t row0 = c.row0; row0 < c.row1; row0 += sub) {  // uniform over the block
@@ -64,8 +64,8 @@ __global__ void __launch_bounds__(kThreads, 3) center_dq_kernel(const BwdParams 
     if (tid == 0) {
       Acc sum = 0;
       for (int i = 0; i < nwarps; ++i) sum += dcount_part[i];
-      Acc* ds = head_sums(static_cast<Acc*>(p.dstate_in), p, c.seq, g);
-      atomicAdd(&state_key_count(ds, D, p.dim_v), sum);
+      Acc* ds = head_sums<Map>(static_cast<Acc*>(p.dstate_in), p, c.seq, g);
+      atomicAdd(&state_key_count<Map>(ds, D, p.dim_v), sum);
     }
   }
 }
@@ -89,7 +89,7 @@ __device__ __forceinline__ Acc centering_term(const BwdParams& p, const ChunkSpa
 // center_sums[b, g, t, :] = the centering terms summed over the rows of chunk slot t.
 // Grid (B Hk, nchunks). Needs the final db.
 // The minimum of CTAs per SM lifts ptxas's default cap of 64 registers here (spills).
-template <typename T, typename Acc>
+template <typename T, typename Acc, typename Map>
 __global__ void __launch_bounds__(kColThreads, 4) center_chunk_sum_kernel(const BwdParams p,
                                                                           Work w) {
   const int64_t bg = blockIdx.x, t = blockIdx.y, bi = bg / p.heads_k, g = bg % p.heads_k;
@@ -97,7 +97,7 @@ __global__ void __launch_bounds__(kColThreads, 4) center_chunk_sum_kernel(const 
   if (!c.valid) return;
   const int D = static_cast<int>(p.dim_k);
   const Acc tau = Acc(p.scale);
-  const Acc carried = carried_count<Acc, false>(p, c.seq, g);
+  const Acc carried = carried_count<Map, Acc, false>(p, c.seq, g);
   Acc* out = static_cast<Acc*>(w.center_sums) + (bg * w.nchunks + t) * D;
   for (int d = threadIdx.x; d < D; d += blockDim.x) {
     Acc sum = 0;
@@ -109,7 +109,7 @@ __global__ void __launch_bounds__(kColThreads, 4) center_chunk_sum_kernel(const 
 
 // dk_j += sum over i >= j (causal) or all i of cq_i: a reverse cumulative sum within the chunk
 // plus center_prefix[t] (the terms of later chunks; reverse scan). Grid (B Hk, nchunks).
-template <typename T, typename Acc>
+template <typename T, typename Acc, typename Map>
 __global__ void __launch_bounds__(kColThreads) center_dk_kernel(const BwdParams p, Work w) {
   const int64_t bg = blockIdx.x, t = blockIdx.y, bi = bg / p.heads_k, g = bg % p.heads_k;
   const ChunkSpan c = chunk_span(p, w, bi, t);
@@ -120,7 +120,7 @@ __global__ void __launch_bounds__(kColThreads) center_dk_kernel(const BwdParams 
   const Acc* pre = static_cast<const Acc*>(w.center_prefix) + bg * (nch + 1) * D;
   const Acc* cs = static_cast<const Acc*>(w.center_sums) + bg * nch * D;
   Acc* dk = static_cast<Acc*>(p.dk) + bg * N * D;
-  const Acc carried = carried_count<Acc, false>(p, c.seq, g);
+  const Acc carried = carried_count<Map, Acc, false>(p, c.seq, g);
   for (int d = threadIdx.x; d < D; d += blockDim.x) {
     if (p.causal) {
       Acc run = pre[t * D + d];
@@ -142,7 +142,7 @@ __global__ void __launch_bounds__(kColThreads) center_dk_kernel(const BwdParams 
 // all centering terms of the sequence: the reverse scan's total, added once, by the CTA of the
 // sequence's first chunk. Grid (B Hk, nchunks). Without a carried state only dref is written:
 // it carries the gradient of a returned state into the keys that r was picked from.
-template <typename T, typename Acc>
+template <typename T, typename Acc, typename Map>
 __global__ void __launch_bounds__(kColThreads) ref_state_grad_kernel(const BwdParams p, Work w) {
   const int64_t bg = blockIdx.x, t = blockIdx.y, bi = bg / p.heads_k, g = bg % p.heads_k;
   const ChunkSpan c = chunk_span(p, w, bi, t);
@@ -168,8 +168,8 @@ __global__ void __launch_bounds__(kColThreads) ref_state_grad_kernel(const BwdPa
     }
     atomicAdd(dref + d, sum);
     if (carried && p.center && t == c.t0) {
-      Acc* ds = head_sums(static_cast<Acc*>(p.dstate_in), p, c.seq, g);
-      state_key_sum(ds, d, D, p.dim_v) += seq_total(pre, cs, c, D, d, true);
+      Acc* ds = head_sums<Map>(static_cast<Acc*>(p.dstate_in), p, c.seq, g);
+      state_key_sum<Map>(ds, d, D, p.dim_v) += seq_total(pre, cs, c, D, d, true);
     }
   }
 }

@@ -39,11 +39,11 @@ __global__ void __launch_bounds__(kThreads) grad_ext_kernel(const BwdParams p, W
 }
 
 // Grid (B Hq, nchunks), causal only. With s = <qe_i, ke_j>, E = <g~_i, v~_j>, j <= i:
-//   dS = 2 s E:  dqe_i += sum_j dS_ij ke_j (dq += tau dqe[:D], db += dqe[D]),
-//                dke_j += sum_i dS_ij qe_i (dk += dke[:D]);   W = s^2: dv_j += sum_i W_ij dnum_i.
+//   dS = w'(s) E (2 s E for CSQ):  dqe_i += sum_j dS_ij ke_j (dq += tau dqe[:D], db += dqe[D]),
+//                dke_j += sum_i dS_ij qe_i (dk += dke[:D]);   W = w(s): dv_j += sum_i W_ij dnum_i.
 // dq and db rows belong to this CTA (plain read-modify-write after the state kernel); dk and
 // dv are shared by the query heads of a group (atomics).
-template <typename T, typename Acc>
+template <typename T, typename Acc, typename Map>
 __global__ void __launch_bounds__(kThreads) bwd_pairs_kernel(const BwdParams p, Work w) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   Acc* A = reinterpret_cast<Acc*>(smem_raw);
@@ -78,8 +78,8 @@ __global__ void __launch_bounds__(kThreads) bwd_pairs_kernel(const BwdParams p, 
     for (int j = 0; j < 4; ++j) {
       const int r = 4 * mg + i, c = ng + 16 * j;
       const bool on = c <= r && r < nrows;
-      dS[r * kWS + c] = on ? Acc(2) * s[i][j] * e[i][j] : Acc(0);
-      W[r * kWS + c] = on ? s[i][j] * s[i][j] : Acc(0);
+      dS[r * kWS + c] = on ? Map::weight_grad(s[i][j]) * e[i][j] : Acc(0);
+      W[r * kWS + c] = on ? Map::weight(s[i][j]) : Acc(0);
     }
 
   // dq, db: rows i, coordinates z of ke.

@@ -95,7 +95,7 @@ inline at::Tensor workspace(const at::Tensor& like, size_t bytes) {
 }
 
 // The chunked forward on the current stream of q's device, for the params a prepare step
-// filled (csq_fwd, csq_pool_prefill_): the packed-batch limits, the tensor-core switch, the
+// filled (csq_chunked_fwd, csq_pool_prefill_): the packed-batch limits, the tensor-core switch, the
 // workspace and the launcher for q's dtype; `what` names the op in errors.
 inline void run_forward(FwdParams& p, const at::Tensor& q, const char* what) {
   check_packed(p);

@@ -1,7 +1,8 @@
 // The in-place decoding step (csq_decode_): one new token per sequence joins the carried sums,
-// and every query head of the group reads them. The sums are the public CSQState layout
-// (csq_features.h / csq_ext/state.py): per (sequence, kv head) a row-major F x (Dv + 1) matrix,
-// F = num_features(Dk), rows [pairs x <= y | linear x | constant], columns [v | 1].
+// and every query head of the group reads them. The sums are in the feature map's layout
+// (csq_feature_map.h; CSQState's for StateMap): per (sequence, kv head) a row-major
+// F x (Dv + 1) matrix, F = Map::num_features(Dk), columns [v | 1]; the rows are walked with
+// Map::Walk (no division per row).
 //
 // A decode step is memory bound: every element of the state is read once and (except the
 // last column) written once, O(F (Dv + 1)) per head, with a handful of flops per element. So
@@ -22,7 +23,7 @@
 // between the column CTAs (they read the same 4-byte elements, served from L2 after the first).
 #pragma once
 
-#include "csq_common.cuh"
+#include "csq_chunked_work.cuh"
 
 namespace csq {
 namespace cuda {
@@ -47,65 +48,27 @@ inline size_t decode_smem_bytes(int D) {
   return sizeof(Acc) * size_t(kDecCoordVals) * size_t(D);
 }
 
-// Walks the feature rows f = f0, f0 + step, ... of the public order (csq_features.h), keeping
-// the pair (x, y) of f < P = num_pairs(D) without a division (feature_pair divides).
-struct FeatureWalk {
-  int64_t f;
-  int x, y, D;
-  int64_t P;
-  __device__ FeatureWalk(int64_t f0, int d) : f(f0), x(0), y(0), D(d) {
-    P = num_pairs(d);
-    y = static_cast<int>(f0 < P ? f0 : P);
-    normalize();
-  }
-  __device__ void normalize() {
-    while (x < D && y >= D) {  // row x holds y = x .. D - 1
-      y -= D - x - 1;
-      ++x;
-    }
-  }
-  __device__ void advance(int step) {
-    f += step;
-    if (x < D) {
-      y += step;
-      normalize();
-    }
-  }
-  // 0: pair (x, y); 1: linear, coordinate lin(); 2: the constant row.
-  __device__ int kind() const { return f < P ? 0 : (f < P + D ? 1 : 2); }
-  __device__ int lin() const { return static_cast<int>(f - P); }
-};
-
-// psi_f(ke), ke = [kq, 1] (csq_features.h); coordinate d of kq is kq[kStride * d].
-template <int kStride, typename Acc>
-__device__ __forceinline__ Acc key_feature(const FeatureWalk& fw, const Acc* kq) {
-  const int kind = fw.kind();
-  return kind == 0 ? kq[kStride * fw.x] * kq[kStride * fw.y]
-                   : (kind == 1 ? kq[kStride * fw.lin()] : Acc(1));
+// psi_f(ke) of the walk's row (csq_feature_map.h), ke = [kq, 1]; coordinate d of kq is
+// kq[kStride * d].
+template <int kStride, typename Acc, typename Walk>
+__device__ __forceinline__ Acc key_feature_at(const Walk& fw, const Acc* kq, int D) {
+  return key_feature<Acc>(fw.x, fw.y, [&](int z) { return z < D ? kq[kStride * z] : Acc(1); });
 }
 
-// phi_f(qe), qe = [tq, b] with tq = tau q (csq_features.h: m_xy qe_x qe_y, m_xy = 2 off the
-// diagonal, so 2 for every linear row), for the row's kind (fw.kind(), hoisted by the caller
-// out of its loop over heads: computed per head, decode_kernel spilled on sm_90a); coordinate
-// d of tq is tq[kStride * d].
-template <int kStride, typename Acc>
-__device__ __forceinline__ Acc query_feature(int kind, const FeatureWalk& fw, const Acc* tq,
-                                             Acc b) {
-  if (kind == 0) {
-    Acc phi = tq[kStride * fw.x] * tq[kStride * fw.y];
-    if (fw.x != fw.y) phi *= Acc(2);
-    return phi;
-  }
-  return kind == 1 ? Acc(2) * b * tq[kStride * fw.lin()] : b * b;
+// phi_f(qe) of the walk's row, qe = [tq, b] with tq = tau q; coordinate d of tq is
+// tq[kStride * d].
+template <int kStride, typename Map, typename Acc, typename Walk>
+__device__ __forceinline__ Acc query_feature_at(const Walk& fw, const Acc* tq, Acc b, int D) {
+  return query_feature<Map, Acc>(fw.x, fw.y, [&](int z) { return z < D ? tq[kStride * z] : b; });
 }
 
 // The sums and the ref of (sequence, kv head) bg: its entry of p.sums / p.ref, or with a pool
 // (csq_pool_decode_) those of its slot.
-template <typename Acc>
+template <typename Map, typename Acc>
 __device__ __forceinline__ Acc* decode_head_sums(const DecodeParams& p, int64_t bg) {
   return static_cast<Acc*>(p.sums) + state_sums_offset(p.pool, bg / p.heads_k, bg % p.heads_k,
                                                        p.heads_k,
-                                                       state_head_elems(p.dim_k, p.dim_v));
+                                                       state_head_elems<Map>(p.dim_k, p.dim_v));
 }
 template <typename Acc>
 __device__ __forceinline__ Acc* decode_head_ref(const DecodeParams& p, int64_t bg) {
@@ -125,7 +88,7 @@ __device__ __forceinline__ Acc decode_ref(const DecodeParams& p, Acc count_befor
 
 // p.sums: (B, Hk, F, Dv + 1) acc, contiguous, or a pool (p.pool); p.ref: (B, Hk, Dk) acc;
 // p.y: (B, Hq, 1, Dv) in the input dtype, contiguous; q, k, v strided with N = 1.
-template <typename T, typename Acc>
+template <typename T, typename Acc, typename Map>
 __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];  // decode_smem_bytes
   __shared__ Acc vt[kDecCols];                   // this CTA's value columns of v
@@ -137,25 +100,25 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
   const int64_t bg = blockIdx.x, bi = bg / p.heads_k, g = bg % p.heads_k;
   const int D = static_cast<int>(p.dim_k), Dv = static_cast<int>(p.dim_v), V1 = Dv + 1;
   Acc* cv = reinterpret_cast<Acc*>(smem_raw);  // coordinate-major, see kDecCoordVals
-  const int64_t F = num_features(D);
+  const int64_t F = Map::num_features(D);
   const int col0 = static_cast<int>(blockIdx.y) * kDecCols;  // this CTA's first value column
   const int tid = threadIdx.x, r = tid / kDecCols, c = tid % kDecCols, n = col0 + c;
   const bool col_ok = n < Dv;
   const Acc tau = Acc(p.scale);
-  Acc* S = decode_head_sums<Acc>(p, bg);
+  Acc* S = decode_head_sums<Map, Acc>(p, bg);
 
   for (int d = tid; d < D; d += blockDim.x) {
     Acc* cd = cv + kDecCoordVals * d;
     const Acc kraw = load_el<Acc, T>(p.k, p.k_stride, bi, g, 0, d);
-    const Acc rd = decode_ref(p, state_key_count(S, D, Dv), bg, d, kraw);
+    const Acc rd = decode_ref(p, state_key_count<Map>(S, D, Dv), bg, d, kraw);
     const Acc kd = kraw - rd;
     cd[kDecRef] = rd;
     cd[kDecK] = kd;
-    cd[kDecKsum] = state_key_sum(S, d, D, Dv) + kd;
+    cd[kDecKsum] = state_key_sum<Map>(S, d, D, Dv) + kd;
   }
   if (tid < kDecCols)
     vt[tid] = col0 + tid < Dv ? load_el<Acc, T>(p.v, p.v_stride, bi, g, 0, col0 + tid) : Acc(0);
-  if (tid == 0) cnt_s = state_key_count(S, D, Dv) + Acc(1);
+  if (tid == 0) cnt_s = state_key_count<Map>(S, D, Dv) + Acc(1);
 
   const int64_t G = p.group;
   for (int64_t hb = 0; hb < G; hb += kDecHeads) {
@@ -192,9 +155,8 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
     }
     const bool first = hb == 0;  // the first pass writes the update; later ones re-read it
     const Acc vn = vt[c];
-    for (FeatureWalk fw(r, D); fw.f < F; fw.advance(kDecRows)) {
-      const int kind = fw.kind();
-      const Acc psi = key_feature<kDecCoordVals>(fw, cv + kDecK);
+    for (typename Map::Walk fw(r, D); fw.f < F; fw.advance(kDecRows)) {
+      const Acc psi = key_feature_at<kDecCoordVals>(fw, cv + kDecK, D);
       Acc* row = S + fw.f * V1;
       Acc s_new = 0;
       if (col_ok) {
@@ -208,7 +170,7 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
 #pragma unroll
       for (int j = 0; j < kDecHeads; ++j) {
         if (j >= nh) break;
-        const Acc phi = query_feature<kDecCoordVals>(kind, fw, cv + kDecQ + j, bh[j]);
+        const Acc phi = query_feature_at<kDecCoordVals, Map>(fw, cv + kDecQ + j, bh[j], D);
         num[j] = fma(phi, s_new, num[j]);
         den[j] = fma(phi, s_den, den[j]);
       }
@@ -238,14 +200,14 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
 
 // The last column += psi_f(k - ref), after decode_kernel; then the ref of a state that held no
 // key (decode_ref) is written. Grid (B Hk).
-template <typename T, typename Acc>
+template <typename T, typename Acc, typename Map>
 __global__ void __launch_bounds__(kThreads) decode_count_kernel(const DecodeParams p) {
   __shared__ Acc kq[kMaxHeadDim];
   const int64_t bg = blockIdx.x, bi = bg / p.heads_k, g = bg % p.heads_k;
   const int D = static_cast<int>(p.dim_k), Dv = static_cast<int>(p.dim_v), V1 = Dv + 1;
-  const int64_t F = num_features(D);
-  Acc* S = decode_head_sums<Acc>(p, bg);
-  const Acc count_before = state_key_count(S, D, Dv);
+  const int64_t F = Map::num_features(D);
+  Acc* S = decode_head_sums<Map, Acc>(p, bg);
+  const Acc count_before = state_key_count<Map>(S, D, Dv);
   Acc* ref_out = decode_head_ref<Acc>(p, bg);
   for (int d = threadIdx.x; d < D; d += blockDim.x) {
     const Acc kraw = load_el<Acc, T>(p.k, p.k_stride, bi, g, 0, d);
@@ -254,8 +216,8 @@ __global__ void __launch_bounds__(kThreads) decode_count_kernel(const DecodePara
     if (count_before == Acc(0)) ref_out[d] = r;  // read above by the same thread, same d
   }
   __syncthreads();  // kq written, and count_before read by every thread before it changes
-  for (FeatureWalk fw(threadIdx.x, D); fw.f < F; fw.advance(blockDim.x))
-    S[fw.f * V1 + Dv] += key_feature<1>(fw, kq);
+  for (typename Map::Walk fw(threadIdx.x, D); fw.f < F; fw.advance(blockDim.x))
+    S[fw.f * V1 + Dv] += key_feature_at<1>(fw, kq, D);
 }
 
 }  // namespace cuda

@@ -2,7 +2,8 @@
 // tiles of 64 positions and how a thread block finds its tile, the small O(N D) kernels around
 // the tile kernels (tile map of packed sequences, key sums per tile and their scan, the per-tile
 // reference key r_T with mu_i - r_T and b_i, the backward's per-row terms and the centering term
-// of dk), and the block-level tile products on shared memory. Torch-free.
+// of dk). The tile kernels themselves are csq_direct_tiles.cuh, their products an engine's
+// (csq_direct_engine_*.cuh). Torch-free.
 //
 // Semantics are the CPU kernel's (csrc/cpu/csq_direct_cpu.h): query tile T (positions
 // t0 .. t0 + 63 of a sequence) uses keys k_j - r_T with r_T a key near their mean
@@ -10,7 +11,7 @@
 // without centering); the key sums behind mu_i and r_T are taken in float64 as on the CPU.
 #pragma once
 
-#include "csq_common.cuh"
+#include "csq_elements.cuh"
 #include "csq_direct_launch.h"
 
 namespace csq {
@@ -24,8 +25,6 @@ constexpr int kLdA = kSlabD + 1;                    // row stride of the slab bu
 constexpr int kLdX = kT + 1;                        // row stride of the 64 x 64 buffers
 constexpr int kMaxD = static_cast<int>(kDirectMaxHeadDim);
 static_assert(kT == 64 && kDThreads == 256, "the tile kernels map 16 x 16 threads on 64 x 64");
-
-__host__ __device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
 
 // Workspace of the direct path (all pieces 256-byte aligned):
 //   tile0 (S + 1) int64             packed only: first tile slot of each sequence
@@ -363,115 +362,24 @@ __global__ void __launch_bounds__(kDThreads) direct_center_dk_kernel(const Direc
 }
 
 // ---------------------------------------------------------------------------------------------
-// Tile products on shared memory, 256 threads as 16 x 16: thread (ty, tx) owns rows ty + 16 a
-// and columns tx + 16 c (a, c < 4) of a 64 x 64 result, so that a warp (two values of ty)
-// reads one or two rows of the left operand (broadcast) and 16 consecutive rows or columns of
-// the right one (row stride 33 or 65: distinct banks).
-
-struct Lane16 {
-  int ty, tx;
-};
-__device__ __forceinline__ Lane16 lane16() {
-  return Lane16{static_cast<int>(threadIdx.x) / 16, static_cast<int>(threadIdx.x) % 16};
-}
-
-// acc[a][c] += sum_{x < K} A(ty + 16 a, x) B(tx + 16 c, x): A and B (64 x K, given by element
-// functions fa(row, x), fb(row, x) that return 0 for rows outside their tile) staged slab by
-// slab (32 columns) in As, Bs (64 x 33). Starts with __syncthreads (the buffers may still be
-// read) and leaves the last slab in them.
-template <typename Acc, typename FA, typename FB>
-__device__ __forceinline__ void slab_product(Acc (&acc)[4][4], int K, Acc* As, Acc* Bs,
-                                             const FA& fa, const FB& fb) {
-  const Lane16 l = lane16();
-  for (int x0 = 0; x0 < K; x0 += kSlabD) {
-    __syncthreads();
-    for (int e = threadIdx.x; e < kT * kSlabD; e += kDThreads) {
-      const int r = e / kSlabD, x = e % kSlabD;
-      const bool in = x0 + x < K;
-      As[r * kLdA + x] = in ? fa(r, x0 + x) : Acc(0);
-      Bs[r * kLdA + x] = in ? fb(r, x0 + x) : Acc(0);
-    }
-    __syncthreads();
-    const int xn = imin(kSlabD, K - x0);
-    for (int x = 0; x < xn; ++x) {
-      Acc av[4], bv[4];
-#pragma unroll
-      for (int a = 0; a < 4; ++a) av[a] = As[(l.ty + 16 * a) * kLdA + x];
-#pragma unroll
-      for (int c = 0; c < 4; ++c) bv[c] = Bs[(l.tx + 16 * c) * kLdA + x];
-#pragma unroll
-      for (int a = 0; a < 4; ++a)
-#pragma unroll
-        for (int c = 0; c < 4; ++c) acc[a][c] = fma(av[a], bv[c], acc[a][c]);
-    }
-  }
-}
-
-// Masks of the 64 x 64 products on a causal diagonal tile: the term m of output row
-// (ty + 16 a) is kept when m <= row (queries x keys: forward, dq) or m >= row (keys x
-// queries: dk, dv). Selected, not multiplied, so that a NaN or Inf beyond the mask stays out.
+// Masks of the 64 x 64 tile products on a causal diagonal tile: the term m of an output row
+// is kept when m <= row (queries x keys: forward, dq) or m >= row (keys x queries: dk, dv).
+// Selected, not multiplied, so that a NaN or Inf beyond the mask stays out (an engine that
+// cannot select per term falls back to scalar sums where it matters: kFallback).
 enum { kMaskNone = 0, kMaskUpTo = 1, kMaskFrom = 2 };
 
-// acc[a][c] += sum_{m < 64} X'(ty + 16 a, m) Y(m, tx + 16 c), with X' = X or (TRANS) X^T;
-// X and Y 64 x 64 in shared memory with row stride 65.
-template <bool TRANS, typename Acc>
-__device__ __forceinline__ void tile_product(Acc (&acc)[4][4], const Acc* X, const Acc* Y,
-                                             int mask) {
-  const Lane16 l = lane16();
-  for (int m = 0; m < kT; ++m) {
-    Acc xv[4], yv[4];
-#pragma unroll
-    for (int a = 0; a < 4; ++a) {
-      const int row = l.ty + 16 * a;
-      xv[a] = TRANS ? X[m * kLdX + row] : X[row * kLdX + m];
-    }
-#pragma unroll
-    for (int c = 0; c < 4; ++c) yv[c] = Y[m * kLdX + l.tx + 16 * c];
-    if (mask == kMaskNone) {
-#pragma unroll
-      for (int a = 0; a < 4; ++a)
-#pragma unroll
-        for (int c = 0; c < 4; ++c) acc[a][c] = fma(xv[a], yv[c], acc[a][c]);
-    } else {
-#pragma unroll
-      for (int a = 0; a < 4; ++a) {
-        const int row = l.ty + 16 * a;
-        const bool keep = mask == kMaskUpTo ? m <= row : m >= row;
-#pragma unroll
-        for (int c = 0; c < 4; ++c) acc[a][c] = keep ? fma(xv[a], yv[c], acc[a][c]) : acc[a][c];
-      }
-    }
+// Columns x0 .. x0 + kSlabD - 1 of two 64 x K operands given by element functions fa(row, x),
+// fb(row, x), 0 past K, handed to put(row, x - x0, a, b) (which stores them in an engine's
+// slab buffers): the staging step of every engine's A B^T product.
+template <typename Acc, typename FA, typename FB, typename Put>
+__device__ __forceinline__ void stage_slab(int x0, int K, const FA& fa, const FB& fb,
+                                           const Put& put) {
+  for (int e = threadIdx.x; e < kT * kSlabD; e += kDThreads) {
+    const int r = e / kSlabD, x = e % kSlabD;
+    const bool in = x0 + x < K;
+    put(r, x, in ? Acc(fa(r, x0 + x)) : Acc(0), in ? Acc(fb(r, x0 + x)) : Acc(0));
   }
 }
-
-// Sum over the 16 threads tx of a row group (lanes differing in their low 4 bits).
-template <typename Acc>
-__device__ __forceinline__ Acc sum16(Acc x) {
-#pragma unroll
-  for (int off = 8; off > 0; off >>= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
-  return x;
-}
-
-// Shared memory of the tile kernels, in Acc elements: As, Bs (64 x 33), X, Y (64 x 65), the
-// reference key (up to 256) and four per-row vectors of 64.
-constexpr int kDirectSmemElems = 2 * kT * kLdA + 2 * kT * kLdX + kMaxD + 4 * kT;
-
-template <typename Acc>
-struct TileSmem {
-  Acc *As, *Bs, *X, *Y, *ref, *r0, *r1, *r2, *r3;
-  __device__ __forceinline__ explicit TileSmem(unsigned char* raw) {
-    Acc* s = reinterpret_cast<Acc*>(raw);
-    As = s;
-    Bs = As + kT * kLdA;
-    X = Bs + kT * kLdA;
-    Y = X + kT * kLdX;
-    ref = Y + kT * kLdX;
-    r0 = ref + kMaxD;
-    r1 = r0 + kT;
-    r2 = r1 + kT;
-    r3 = r2 + kT;
-  }
-};
 
 }  // namespace direct
 }  // namespace cuda

@@ -36,17 +36,27 @@ void check_launch(const DirectFwdParams& p) {
   cuda_host::check_status(st, "direct path");
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> csq_direct_fwd_cuda(
+// The CUDA direct kernels do not carry states yet (the CPU's do): csq_ext.attention takes the
+// chunked path on CUDA when a state is read or returned; a direct op call with one is refused.
+void check_no_state(const CarriedState& cs, bool returns) {
+  TORCH_CHECK(cs.state_in == nullptr && !returns,
+              "csq_ext (CUDA, direct path): a carried or returned state runs on the chunked path "
+              "on CUDA (path='chunked' or 'auto'); the CUDA direct kernels do not carry states "
+              "yet");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> csq_direct_fwd_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& shift,
-    const c10::optional<at::Tensor>& cu_seqlens, const c10::optional<at::Tensor>& row_shift,
-    const c10::optional<at::Tensor>& row_sums, bool causal, double scale, bool center,
-    bool normalize, double eps, int64_t tile_size) {
+    const c10::optional<at::Tensor>& cu_seqlens, const c10::optional<at::Tensor>& state_in,
+    const c10::optional<at::Tensor>& ref_in, bool causal, double scale, bool center,
+    bool normalize, double eps, int64_t tile_size, bool return_state) {
   const c10::cuda::CUDAGuard guard(q.device());
   // The shared checks and outputs first (as on the CPU), then what the CUDA kernels support.
-  DirectForwardCall call = prepare_direct_forward(q, k, v, shift, cu_seqlens, row_shift,
-                                                  row_sums, causal, scale, center, normalize,
-                                                  eps, tile_size);
+  DirectForwardCall call =
+      prepare_direct_forward(q, k, v, shift, cu_seqlens, state_in, ref_in, causal, scale,
+                             center, normalize, eps, tile_size, return_state);
   check_direct_supported(q, k, v, shift);
+  check_no_state(call.p, return_state);
   call.p.tensor_core_passes = cuda_host::tensor_core_passes();
   check_launch(call.p);
   const cuda::DType dt = cuda_host::to_dtype(q.scalar_type());
@@ -60,18 +70,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> csq_direct_fwd_cuda(
   return call.outputs();
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> csq_direct_bwd_cuda(
-    const at::Tensor& dy, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& shift, const c10::optional<at::Tensor>& cu_seqlens, const at::Tensor& y,
-    const at::Tensor& b, const at::Tensor& den, bool causal, double scale, bool center,
-    bool normalize, double eps, int64_t tile_size) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+csq_direct_bwd_cuda(const at::Tensor& dy, const at::Tensor& q, const at::Tensor& k,
+                    const at::Tensor& v, const at::Tensor& shift,
+                    const c10::optional<at::Tensor>& cu_seqlens,
+                    const c10::optional<at::Tensor>& state_in, const at::Tensor& ref,
+                    const at::Tensor& y, const at::Tensor& b, const at::Tensor& den,
+                    const c10::optional<at::Tensor>& dstate_out,
+                    const c10::optional<at::Tensor>& dref_out, bool ref_given, bool causal, double scale,
+                    bool center, bool normalize, double eps, int64_t tile_size) {
   const c10::cuda::CUDAGuard guard(q.device());
   // Checks dy, y, b, den besides the inputs; allocates dq, dk, dv and db (every row written by
   // the kernels; the host layer sums db into the shift gradient, as on the CPU).
-  DirectBackwardCall call = prepare_direct_backward(dy, q, k, v, shift, cu_seqlens, y, b, den,
-                                                    causal, scale, center, normalize, eps,
-                                                    tile_size);
+  DirectBackwardCall call =
+      prepare_direct_backward(dy, q, k, v, shift, cu_seqlens, state_in, ref, y, b, den,
+                              dstate_out, dref_out, ref_given, causal, scale, center, normalize, eps,
+                              tile_size);
   check_direct_supported(q, k, v, shift);
+  check_no_state(call.p, call.p.ref_in != nullptr);
   call.p.tensor_core_passes = cuda_host::tensor_core_passes();
   check_launch(call.p);
   const cuda::DType dt = cuda_host::to_dtype(q.scalar_type());

@@ -2,17 +2,18 @@
 // Forward:
 //   1. cu_seqlens: the first tile slot of each sequence          direct_tile_map_kernel
 //   2. per-tile key sums (float64) and their scan                  direct_tile_sum/scan_kernel
-//   3. r_T per query tile, mu_i - r_T, b_i                        direct_rows_kernel
+//   3. r_T per query tile, m_i, b_i                               direct_rows_kernel
 //   4. the tiles: y, den                                          direct_fwd_kernel
-//      (bfloat16 / float16: direct_fwd_mma_kernel, on tensor cores, unless
-//      p.tensor_core_passes == 0; likewise the backward's dq and dk / dv kernels)
+//      (csq_direct_tiles.cuh) on an engine: bfloat16 / float16 on tensor cores
+//      (MmaEngine) unless p.tensor_core_passes == 0, else on CUDA cores (CoreEngine);
+//      likewise the backward's dq and dk / dv kernels
 // Backward: 1-3 (without b: the forward's is read), the per-row terms (direct_row_grad_kernel),
 // dq and db (direct_dq_kernel), dk and dv (direct_dkdv_kernel), then with centering the dk
 // term of the key means: per-tile sums, their reverse scan, direct_center_dk_kernel.
-#include "csq_direct_bwd.cuh"
-#include "csq_direct_fwd.cuh"
-#include "csq_direct_mma.cuh"
-#include "csq_launch_util.cuh"
+#include "csq_direct_engine_cores.cuh"
+#include "csq_direct_engine_mma.cuh"
+#include "csq_direct_tiles.cuh"
+#include "csq_launch_checks.cuh"
 
 namespace csq {
 namespace cuda {
@@ -49,12 +50,7 @@ namespace {
 template <DType DT>
 constexpr bool kHalfInput = DT == DType::kFloat16 || DT == DType::kBFloat16;
 
-template <typename Acc>
-constexpr size_t tile_smem_bytes() {
-  return sizeof(Acc) * size_t(kDirectSmemElems);
-}
-
-// Steps 1-3: the tile map, the key sums, r_T, mu_i - r_T and (forward) b.
+// Steps 1-3: the tile map, the key sums, r_T, m_i and (forward) b.
 template <typename T, typename Acc>
 Status launch_direct_rows(const DirectFwdParams& p, const DirectWork& w, bool write_b,
                           cudaStream_t stream) {
@@ -85,44 +81,64 @@ Status launch_tiles(Kernel kernel, dim3 grid, size_t smem, const Params& p,
   return Status{};
 }
 
+// The engines of the tile kernels (csq_direct_tiles.cuh): run(Use<E>{}) with the one this
+// call takes. Registering an engine is one branch here.
+template <typename E>
+struct Use {
+  using type = E;
+};
+template <DType DT, typename Run>
+Status on_engine(const DirectFwdParams& p, const Run& run) {
+  using T = typename DTypeOf<DT>::type;
+  if constexpr (kHalfInput<DT>) {
+    if (p.tensor_core_passes > 0) return run(Use<MmaEngine<T>>{});
+  }
+  return run(Use<CoreEngine<T, typename GenericTraits<DT>::Acc>>{});
+}
+
+// The start of both launchers: checks, the workspace and steps 1-3 (b only forward);
+// *empty when there is nothing to compute.
+template <DType DT>
+Status start_direct(const DirectFwdParams& p, bool backward, void* workspace,
+                    size_t workspace_bytes, DirectWork* w, bool* empty, cudaStream_t stream) {
+  Status st = check_direct_shapes(p);
+  if (!st.ok()) return st;
+  *empty = p.batch * p.heads_q * p.seqlen == 0;
+  if (*empty) return Status{};
+  if (workspace_bytes < carve_direct(p, DT, backward, workspace, w))
+    return Status{cudaErrorInvalidValue, backward ? "launch_direct_bwd" : "launch_direct_fwd",
+                  "workspace too small"};
+  return launch_direct_rows<typename DTypeOf<DT>::type, typename GenericTraits<DT>::Acc>(
+      p, *w, !backward, stream);
+}
+
 }  // namespace
 
-template <DType DT>
+template <DType DT, typename Map>
 Status launch_direct_fwd(const DirectFwdParams& p, void* workspace, size_t workspace_bytes,
                          cudaStream_t stream) {
   using T = typename DTypeOf<DT>::type;
-  using Acc = typename GenericTraits<DT>::Acc;
-  Status st = check_direct_shapes(p);
-  if (!st.ok()) return st;
-  if (p.batch * p.heads_q * p.seqlen == 0) return Status{};
   DirectWork w;
-  if (workspace_bytes < carve_direct(p, DT, false, workspace, &w))
-    return Status{cudaErrorInvalidValue, "launch_direct_fwd", "workspace too small"};
-  st = launch_direct_rows<T, Acc>(p, w, true, stream);
-  if (!st.ok()) return st;
+  bool empty = false;
+  Status st = start_direct<DT>(p, false, workspace, workspace_bytes, &w, &empty, stream);
+  if (!st.ok() || empty) return st;
   const dim3 grid(unsigned(w.slots), unsigned(p.heads_q), unsigned(ceil_div(p.dim_v, kT)));
-  if constexpr (kHalfInput<DT>) {
-    if (p.tensor_core_passes > 0)
-      return launch_tiles(direct_fwd_mma_kernel<T>, grid, MmaSmem<T>::kBytes, p, w, stream,
-                          "direct_fwd_mma_kernel");
-  }
-  return launch_tiles(direct_fwd_kernel<T, Acc>, grid, tile_smem_bytes<Acc>(), p, w, stream,
-                      "direct_fwd_kernel");
+  return on_engine<DT>(p, [&](auto use) {
+    using E = typename decltype(use)::type;
+    return launch_tiles(direct_fwd_kernel<T, E, Map>, grid, E::kSmemBytes, p, w, stream,
+                        "direct_fwd_kernel");
+  });
 }
 
-template <DType DT>
+template <DType DT, typename Map>
 Status launch_direct_bwd(const DirectBwdParams& p, void* workspace, size_t workspace_bytes,
                          cudaStream_t stream) {
   using T = typename DTypeOf<DT>::type;
   using Acc = typename GenericTraits<DT>::Acc;
-  Status st = check_direct_shapes(p);
-  if (!st.ok()) return st;
-  if (p.batch * p.heads_q * p.seqlen == 0) return Status{};
   DirectWork w;
-  if (workspace_bytes < carve_direct(p, DT, true, workspace, &w))
-    return Status{cudaErrorInvalidValue, "launch_direct_bwd", "workspace too small"};
-  st = launch_direct_rows<T, Acc>(p, w, false, stream);
-  if (!st.ok()) return st;
+  bool empty = false;
+  Status st = start_direct<DT>(p, true, workspace, workspace_bytes, &w, &empty, stream);
+  if (!st.ok() || empty) return st;
   const int64_t rows = p.batch * p.heads_q * p.seqlen;
   const unsigned row_blocks = unsigned(ceil_div(rows, kDThreads / 32));
   direct_row_grad_kernel<Acc><<<row_blocks, kDThreads, 0, stream>>>(p, w);
@@ -130,26 +146,15 @@ Status launch_direct_bwd(const DirectBwdParams& p, void* workspace, size_t works
   const unsigned nbk = unsigned(ceil_div(p.dim_k, kT)), nbv = unsigned(ceil_div(p.dim_v, kT));
   const dim3 dq_grid(unsigned(w.slots), unsigned(p.heads_q), nbk);
   const dim3 dkdv_grid(unsigned(w.slots), unsigned(p.heads_k), nbk + nbv);
-  bool done = false;
-  if constexpr (kHalfInput<DT>) {
-    if (p.tensor_core_passes > 0) {
-      st = launch_tiles(direct_dq_mma_kernel<T>, dq_grid, MmaSmem<T>::kBytes, p, w, stream,
-                        "direct_dq_mma_kernel");
-      if (!st.ok()) return st;
-      st = launch_tiles(direct_dkdv_mma_kernel<T>, dkdv_grid, MmaSmem<T>::kBytes, p, w, stream,
-                        "direct_dkdv_mma_kernel");
-      if (!st.ok()) return st;
-      done = true;
-    }
-  }
-  if (!done) {
-    st = launch_tiles(direct_dq_kernel<T, Acc>, dq_grid, tile_smem_bytes<Acc>(), p, w, stream,
-                      "direct_dq_kernel");
-    if (!st.ok()) return st;
-    st = launch_tiles(direct_dkdv_kernel<T, Acc>, dkdv_grid, tile_smem_bytes<Acc>(), p, w,
-                      stream, "direct_dkdv_kernel");
-    if (!st.ok()) return st;
-  }
+  st = on_engine<DT>(p, [&](auto use) {
+    using E = typename decltype(use)::type;
+    Status s = launch_tiles(direct_dq_kernel<T, E, Map>, dq_grid, E::kSmemBytes, p, w, stream,
+                            "direct_dq_kernel");
+    if (!s.ok()) return s;
+    return launch_tiles(direct_dkdv_kernel<T, E, Map>, dkdv_grid, E::kSmemBytes, p, w, stream,
+                        "direct_dkdv_kernel");
+  });
+  if (!st.ok()) return st;
   if (p.center) {  // needs the complete db of every query row
     const dim3 tiles(unsigned(w.slots), unsigned(p.heads_k));
     const auto center_sums = direct_tile_sum_kernel<T, Acc, kSumCenterDk, DirectBwdParams>;
@@ -164,22 +169,12 @@ Status launch_direct_bwd(const DirectBwdParams& p, void* workspace, size_t works
   return Status{};
 }
 
-template Status launch_direct_fwd<DType::kFloat64>(const DirectFwdParams&, void*, size_t,
-                                                   cudaStream_t);
-template Status launch_direct_fwd<DType::kFloat32>(const DirectFwdParams&, void*, size_t,
-                                                   cudaStream_t);
-template Status launch_direct_fwd<DType::kFloat16>(const DirectFwdParams&, void*, size_t,
-                                                   cudaStream_t);
-template Status launch_direct_fwd<DType::kBFloat16>(const DirectFwdParams&, void*, size_t,
-                                                    cudaStream_t);
-template Status launch_direct_bwd<DType::kFloat64>(const DirectBwdParams&, void*, size_t,
-                                                   cudaStream_t);
-template Status launch_direct_bwd<DType::kFloat32>(const DirectBwdParams&, void*, size_t,
-                                                   cudaStream_t);
-template Status launch_direct_bwd<DType::kFloat16>(const DirectBwdParams&, void*, size_t,
-                                                   cudaStream_t);
-template Status launch_direct_bwd<DType::kBFloat16>(const DirectBwdParams&, void*, size_t,
-                                                    cudaStream_t);
+#define CSQ_INSTANTIATE(DT, MAP)                                                               \
+  template Status launch_direct_fwd<DT, MAP>(const DirectFwdParams&, void*, size_t,              \
+                                             cudaStream_t);                                      \
+  template Status launch_direct_bwd<DT, MAP>(const DirectBwdParams&, void*, size_t, cudaStream_t);
+CSQ_CUDA_FOR_EACH_LAUNCH(CSQ_INSTANTIATE)
+#undef CSQ_INSTANTIATE
 
 }  // namespace cuda
 }  // namespace csq

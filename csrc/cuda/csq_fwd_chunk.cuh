@@ -13,7 +13,7 @@ namespace cuda {
 // b_i = c_h - tau <q_i, mu'_i> (ChunkKeyMeans) for the rows of chunk t of key head (b, g) and
 // every query head of its group. Grid (B Hk, nchunks).
 // The minimum of CTAs per SM lifts ptxas's default cap of 64 registers here (spills).
-template <typename T, typename Acc>
+template <typename T, typename Acc, typename Map>
 __global__ void __launch_bounds__(kThreads, 3) query_shift_kernel(const FwdParams p, Work w) {
   extern __shared__ __align__(16) unsigned char smem_raw[];  // key_mean_smem_bytes
   Acc* mu_s = reinterpret_cast<Acc*>(smem_raw);
@@ -25,7 +25,7 @@ __global__ void __launch_bounds__(kThreads, 3) query_shift_kernel(const FwdParam
   const Acc tau = Acc(p.scale);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
   const int sub = key_mean_rows(D, sizeof(Acc)), ms = D + 1;
-  ChunkKeyMeans<T, Acc> means(p, w, c, bi, g, t);
+  ChunkKeyMeans<T, Acc, Map> means(p, w, c, bi, g, t);
   for (int64_t row0 = c.row0; row0 < c.row1; row0 += sub) {  // uniform over the block
     const int nrows = static_cast<int>(min64(sub, c.row1 - row0));
     __syncthreads();  // mu_s of the previous sub-block is no longer read
@@ -47,9 +47,9 @@ __global__ void __launch_bounds__(kThreads, 3) query_shift_kernel(const FwdParam
 }
 
 // y and den: the state part of num~ (Work::num_state; zero in chunk 0 when causal) plus, causal,
-// the in-chunk pairs W_ij = s_ij^2 (j <= i) directly; then den and y = num / (den + eps).
-// Grid (B Hq, nchunks).
-template <typename T, typename Acc>
+// the in-chunk pairs W_ij = Map::weight(s_ij) (j <= i) directly; then den and
+// y = num / (den + eps). Grid (B Hq, nchunks).
+template <typename T, typename Acc, typename Map>
 __global__ void __launch_bounds__(kThreads) fwd_finalize_kernel(const FwdParams p, Work w) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   Acc* A = reinterpret_cast<Acc*>(smem_raw);
@@ -72,7 +72,7 @@ __global__ void __launch_bounds__(kThreads) fwd_finalize_kernel(const FwdParams 
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         const int r = 4 * mg + i, c = ng + 16 * j;
-        W[r * kWS + c] = c <= r ? s[i][j] * s[i][j] : Acc(0);
+        W[r * kWS + c] = c <= r ? Map::weight(s[i][j]) : Acc(0);
       }
     __syncthreads();
     for (int r = tid; r < kChunkI; r += blockDim.x) {

@@ -4,7 +4,7 @@
 // center_dq_kernel in the backward). Per-column work, one thread per key coordinate.
 #pragma once
 
-#include "csq_common.cuh"
+#include "csq_chunked_work.cuh"
 
 namespace csq {
 namespace cuda {
@@ -28,7 +28,7 @@ inline size_t key_mean_smem_bytes(int D) {
   return size_t(key_mean_rows(D, sizeof(Acc))) * size_t(D + 1) * sizeof(Acc);
 }
 
-// cu_seqlens only: the chunk slots of every sequence (see csq_common.cuh). One block:
+// cu_seqlens only: the chunk slots of every sequence (see csq_chunked_work.cuh). One block:
 // seq_chunk0 = exclusive scan of ceil(len_s / C) over s (a block scan per 256 sequences),
 // then chunk_seq[t] = the last s with seq_chunk0[s] <= t (an upper-bound search; empty
 // sequences own no slot), -1 past the end.
@@ -74,19 +74,28 @@ __global__ void __launch_bounds__(kBlock) chunk_map_kernel(const QkvParams p, Wo
   }
 }
 
+// Whether (sequence s, kv head g) keeps ref_in (csq_params.h, keeps_ref_in). A fresh pool
+// slot's ref is never read: the sequence starts as one without ref_in.
+template <typename Map, typename Acc>
+__device__ __forceinline__ bool seq_keeps_ref(const FwdParams& p, const SeqSpan& seq, int64_t s,
+                                              int64_t g) {
+  return keeps_ref_in(p.ref_in != nullptr && !state_fresh(p.pool, s), p.state_in != nullptr,
+                      seq.len, carried_count<Map, Acc>(p, s, g) != Acc(0));
+}
+
 // r of each (sequence, kv head), csq_params.h: the given ref_in when the carried state holds
 // keys (or there is no carried state: the backward passes the forward's r), else the
 // coordinate-wise median of the finite values among the first min(len, kRefKeys) keys (0 for
 // none: a fresh pool slot's r is never read).
 // Grid (S Hk).
-template <typename T, typename Acc>
+
+template <typename T, typename Acc, typename Map>
 __global__ void __launch_bounds__(kColThreads) ref_key_kernel(const FwdParams p, Work w) {
   const int64_t tg = blockIdx.x, s = tg / p.heads_k, g = tg % p.heads_k;
   const int D = static_cast<int>(p.dim_k);
   const SeqSpan seq = seq_span(p, w, s);
   Acc* ref = static_cast<Acc*>(w.ref) + tg * D;
-  if (p.ref_in != nullptr && !state_fresh(p.pool, s) &&
-      (p.state_in == nullptr || seq.len == 0 || carried_count<Acc>(p, s, g) != Acc(0))) {
+  if (seq_keeps_ref<Map, Acc>(p, seq, s, g)) {
     const Acc* ref_in =
         static_cast<const Acc*>(p.ref_in) + state_ref_offset(p.pool, s, g, p.heads_k, D);
     for (int d = threadIdx.x; d < D; d += blockDim.x) ref[d] = ref_in[d];
@@ -97,6 +106,40 @@ __global__ void __launch_bounds__(kColThreads) ref_key_kernel(const FwdParams p,
     ref[d] = ref_key_median<Acc>(m, [&](int64_t j) {
       return load_el<Acc, T>(p.k, p.k_stride, seq.bi, g, seq.start + j, d);
     });
+}
+
+// The end of a backward, once dk is complete: ref's gradient, p.dref (the op's through k - ref
+// and b; with `sum_keys`, computed here as minus the sum of dk over the sequence) plus that of
+// the returned ref (dref_out), goes to ref_in where the sequence kept it, else, when the
+// returned state or ref carries a gradient, to the keys the median picked (ref_key_position;
+// the outputs alone do not depend on a picked ref); p.dref then holds ref_in's gradient (0
+// where picked). As the CPU's finish_ref_gradient. Grid (S Hk); one thread per coordinate.
+template <typename T, typename Acc, typename Map>
+__global__ void __launch_bounds__(kColThreads) ref_gradient_kernel(const BwdParams p, Work w,
+                                                                   bool sum_keys) {
+  const int64_t tg = blockIdx.x, s = tg / p.heads_k, g = tg % p.heads_k;
+  const int D = static_cast<int>(p.dim_k);
+  const SeqSpan seq = seq_span(p, w, s);
+  const bool keeps = keeps_ref_in(p.ref_given, p.state_in != nullptr, seq.len,
+                                  carried_count<Map, Acc>(p, s, g) != Acc(0));
+  Acc* dk = static_cast<Acc*>(p.dk) + ((seq.bi * p.heads_k + g) * p.seqlen + seq.start) * D;
+  const Acc* ref = static_cast<const Acc*>(w.ref) + tg * D;
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    Acc* dref = static_cast<Acc*>(p.dref) + tg * D + d;
+    Acc total = *dref;
+    if (sum_keys) {
+      total = Acc(0);
+      for (int64_t j = 0; j < seq.len; ++j) total -= dk[j * D + d];
+    }
+    if (p.dref_out != nullptr) total += static_cast<const Acc*>(p.dref_out)[tg * D + d];
+    *dref = keeps ? total : Acc(0);
+    if (keeps || (p.dstate_out == nullptr && p.dref_out == nullptr)) continue;
+    const int64_t m = seq.len < kRefKeys ? seq.len : kRefKeys;
+    const int64_t j = ref_key_position<Acc>(m, ref[d], [&](int64_t i) {
+      return load_el<Acc, T>(p.k, p.k_stride, seq.bi, g, seq.start + i, d);
+    });
+    if (j >= 0) dk[j * D + d] += total;
+  }
 }
 
 // The reference key of the sequence of a chunk.
@@ -172,7 +215,7 @@ __device__ __forceinline__ Acc seq_total(const Acc* pre, const Acc* cs, const Ch
 // mu'_i = (Z1 + sum of this sequence's keys up to i) / (carried + position + 1). Without
 // centering r is not 0 either (csq_params.h): the keys are k - r, and mu' = -r puts
 // tau <q_i, r> back into b_i (and tau db_i r into dq_i).
-template <typename T, typename Acc>
+template <typename T, typename Acc, typename Map>
 struct ChunkKeyMeans {
   static_assert(kThreads >= kMaxHeadDim, "ChunkKeyMeans: one thread per key coordinate");
   const FwdParams& p;
@@ -188,14 +231,14 @@ struct ChunkKeyMeans {
       : p(p_), c(c_), bi(bi_), g(g_) {
     D = static_cast<int>(p.dim_k);
     ref = seq_ref<Acc>(p, w, c.seq, g);
-    carried = carried_count<Acc>(p, c.seq, g);
+    carried = carried_count<Map, Acc>(p, c.seq, g);
     const int64_t bg = bi * p.heads_k + g, nch = w.nchunks;
     const Acc* pre = static_cast<const Acc*>(w.key_prefix) + bg * (nch + 1) * D;
     const Acc* cs = static_cast<const Acc*>(w.key_sums) + bg * nch * D;
     const int tid = threadIdx.x;
     run = 0;
     if (p.center && tid < D)
-      run = p.causal ? pre[t * D + tid] + carried_key_sum<Acc>(p, c.seq, g, tid)
+      run = p.causal ? pre[t * D + tid] + carried_key_sum<Map, Acc>(p, c.seq, g, tid)
                      : seq_total(pre, cs, c, D, tid, false) / Acc(c.len);
   }
 

@@ -13,6 +13,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "../csq_feature_maps.h"
 #include "../csq_params.h"
 
 namespace csq {
@@ -41,33 +42,58 @@ struct Status {
 size_t fwd_workspace_bytes(const FwdParams& p, DType dt);
 size_t bwd_workspace_bytes(const BwdParams& p, DType dt);
 
+// Every launcher takes the feature map Map (csq_feature_maps.h): StateMap, the map of every op
+// that ships; the emulator also instantiates the tests' maps (CSQ_TEST_FEATURE_MAPS).
+
 // Forward. Reads q, k, v (strided), shift, state_in / ref_in if given; writes y, b, den,
 // ref_out and state_out if given (the host layer's contract, csq_host.h).
-template <DType DT>
+template <DType DT, typename Map = StateMap>
 Status launch_fwd(const FwdParams& p, void* workspace, size_t workspace_bytes,
                   cudaStream_t stream);
 
 // Backward. Reads q, k, v, dy (strided), the forward's y, b, den, ref (ref_in), shift,
 // state_in and dstate_out if given; writes dq, dk, dv, db, dref and dstate_in if given (the
 // host layer's contract). Zeroes every output itself first.
-template <DType DT>
+template <DType DT, typename Map = StateMap>
 Status launch_bwd(const BwdParams& p, void* workspace, size_t workspace_bytes,
                   cudaStream_t stream);
 
 // One decoding step in place (csq_decode_): p.sums updated, p.ref written for a state that
 // holds no key yet, p.y written. No workspace: nothing is allocated.
-template <DType DT>
+template <DType DT, typename Map = StateMap>
 Status launch_decode(const DecodeParams& p, cudaStream_t stream);
 
-// Instantiated in the .cu files for the four dtypes.
-#define CSQ_CUDA_DECLARE_LAUNCHERS(DT)                                                   \
-  extern template Status launch_fwd<DT>(const FwdParams&, void*, size_t, cudaStream_t); \
-  extern template Status launch_bwd<DT>(const BwdParams&, void*, size_t, cudaStream_t); \
-  extern template Status launch_decode<DT>(const DecodeParams&, cudaStream_t)
-CSQ_CUDA_DECLARE_LAUNCHERS(DType::kFloat64);
-CSQ_CUDA_DECLARE_LAUNCHERS(DType::kFloat32);
-CSQ_CUDA_DECLARE_LAUNCHERS(DType::kFloat16);
-CSQ_CUDA_DECLARE_LAUNCHERS(DType::kBFloat16);
+// The state-only op (csq_state, csq_state_bwd): the state of the keys and values alone (the q
+// fields mirror k). Forward: state_out and ref_out; backward: dk, dv, dstate_in (when state_in
+// is given) and dref, every element written.
+size_t state_workspace_bytes(const StateParams& p, DType dt);
+template <DType DT, typename Map = StateMap>
+Status launch_state(const StateParams& p, void* workspace, size_t workspace_bytes,
+                    cudaStream_t stream);
+template <DType DT, typename Map = StateMap>
+Status launch_state_bwd(const StateBwdParams& p, void* workspace, size_t workspace_bytes,
+                        cudaStream_t stream);
+
+// X(DT, MAP) for every (dtype, map) the launchers are instantiated for (in the .cu files).
+#ifdef CSQ_TEST_FEATURE_MAPS
+#define CSQ_CUDA_FOR_EACH_TEST_LAUNCH(X) X(DType::kFloat64, LinearMap)
+#else
+#define CSQ_CUDA_FOR_EACH_TEST_LAUNCH(X)
+#endif
+#define CSQ_CUDA_FOR_EACH_LAUNCH(X)                                                          \
+  X(DType::kFloat64, StateMap)                                                               \
+  X(DType::kFloat32, StateMap) X(DType::kFloat16, StateMap) X(DType::kBFloat16, StateMap) \
+  CSQ_CUDA_FOR_EACH_TEST_LAUNCH(X)
+
+#define CSQ_CUDA_DECLARE_LAUNCHERS(DT, MAP)                                                    \
+  extern template Status launch_fwd<DT, MAP>(const FwdParams&, void*, size_t, cudaStream_t); \
+  extern template Status launch_bwd<DT, MAP>(const BwdParams&, void*, size_t, cudaStream_t); \
+  extern template Status launch_decode<DT, MAP>(const DecodeParams&, cudaStream_t);           \
+  extern template Status launch_state<DT, MAP>(const StateParams&, void*, size_t,              \
+                                               cudaStream_t);                                  \
+  extern template Status launch_state_bwd<DT, MAP>(const StateBwdParams&, void*, size_t,       \
+                                                   cudaStream_t);
+CSQ_CUDA_FOR_EACH_LAUNCH(CSQ_CUDA_DECLARE_LAUNCHERS)
 #undef CSQ_CUDA_DECLARE_LAUNCHERS
 
 }  // namespace cuda

@@ -5,7 +5,7 @@
 // 4 mg .. 4 mg + 3 and columns ng + 16 j (mg = tid / 16, ng = tid % 16).
 #pragma once
 
-#include "csq_common.cuh"
+#include "csq_chunked_work.cuh"
 
 namespace csq {
 namespace cuda {

@@ -7,7 +7,8 @@
 //   pool_ref_out_kernel  grid (S Hk): the forward's r of (sequence, kv head) into its slot's ref
 #pragma once
 
-#include "csq_launch_util.cuh"
+#include "csq_chunked_work.cuh"
+#include "csq_launch_checks.cuh"
 
 namespace csq {
 namespace cuda {

@@ -19,11 +19,11 @@ at::Tensor csq_pool_prefill_cuda(at::Tensor& sums, at::Tensor& ref, const at::Te
                                  const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                  const at::Tensor& shift, const at::Tensor& cu_seqlens,
                                  double scale, bool center, bool normalize, double eps,
-                                 int64_t chunk_size) {
+                                 int64_t tile_size) {
   const c10::cuda::CUDAGuard guard(q.device());
   PoolPrefillCall call = prepare_pool_prefill(sums, ref, slots, has_initial_state, q, k, v,
                                               shift, cu_seqlens, scale, center, normalize, eps,
-                                              chunk_size);
+                                              tile_size);
   cuda_host::check_supported(q, k, v, shift);
   if (call.empty) {
     call.run_empty(sums, ref);

@@ -20,17 +20,19 @@
 // reads the state of chunks before t (after t for R); the pairs inside a chunk are the
 // in-chunk kernels' job. Not causal: the full state, then every chunk reads it. Each tile adds
 // a partial sum over its features, hence the atomics. The rows of a tile are features
-// f0 .. f0 + FT - 1 in the public order (csq_features.h), the order of the carried state,
+// f0 .. f0 + FT - 1 in the feature map's order (csq_feature_map.h; the public order for
+// StateMap), the order of the carried state,
 // which is therefore read and written as is.
 #pragma once
 
-#include "csq_common.cuh"
+#include "csq_block_gemm.cuh"
+#include "csq_chunked_work.cuh"
 #include "csq_mma.cuh"
 
 namespace csq {
 namespace cuda {
 
-// Shared memory of the state kernels, in Acc elements (the feature table, 2 FT ints, follows).
+// Shared memory of the state kernels, in Acc elements (the feature table, 3 FT ints, follows).
 //   S    [FT][SS]     the state tile (rows: features f0 .. f0 + FT - 1; columns: Dv + 1)
 //   Feat [SUB][FS]    features of the staged rows (phi or psi), later u
 //   Vec  [SUB][VS]    v~ or g~ of the staged rows
@@ -60,7 +62,7 @@ struct StateLayout {
 template <typename Acc>
 inline size_t state_smem_bytes(int D, int Dv, int FT, int SUB, bool backward) {
   const StateLayout L(D, Dv, FT, SUB, backward);
-  return size_t(L.n_acc) * sizeof(Acc) + size_t(2 * FT) * sizeof(int);
+  return size_t(L.n_acc) * sizeof(Acc) + size_t(3 * FT) * sizeof(int);
 }
 
 // The fewest rows a state scan stages per step.
@@ -111,16 +113,28 @@ __device__ __forceinline__ void state_gemm_aug(int M, int dv, int K, const FA& a
 // One CTA's tile of a state scan: its shared memory, feature table and staged rows, and the
 // steps every scan is made of. Built at the start of a kernel (it zeroes the tile and reads the
 // feature table and ref, with a barrier); every method is called by all threads of the CTA.
-template <typename T, typename Acc, int FT, int SUB, bool TC>
+template <typename T, typename Acc, int FT, int SUB, bool TC, typename Map>
 struct StateTile {
   static_assert(!TC || std::is_same<Acc, float>::value, "tensor cores: float accumulation");
   static_assert((SUB * FT) % kThreads == 0 && FT % 32 == 0,
                 "one warp must cover 32 features of one row in accumulate_dx");
   static_assert(kChunkI % SUB == 0, "the chunk must be a whole number of staged steps");
+  using AccT = Acc;
+  // Every row a product of two factors (Map::kDegree, csq_feature_map.h): known at compile time,
+  // so CSQ's scan carries no test for rows of one factor (it spilled the float64
+  // query_state_bwd_kernel on sm_90a by 40 B).
+  static constexpr bool kTwoFactors = Map::kDegree == 2;
+  static constexpr int kSubRows = SUB;
+  static constexpr bool kTensorCores = TC;
   const FwdParams& p;
   const Work& w;
   Acc *S, *Feat, *Vec, *Xe, *Dx, *rs;
-  int *fx, *fy;
+  // The feature table [3][FT]: per row of the tile its factors (csq_feature_map.h) and its
+  // run, behind one pointer (a pointer per column cost the backward scan a spill on sm_90a).
+  int* ftab;
+  __device__ __forceinline__ int& fx(int fi) const { return ftab[fi]; }
+  __device__ __forceinline__ int& fy(int fi) const { return ftab[FT + fi]; }
+  __device__ __forceinline__ int& fr(int fi) const { return ftab[2 * FT + fi]; }
   int SS, FS, VS, XS;
   int D, Dv, De, V1, nf, zlo, tid, nthr;
   // The sequence's first and end rows live in shared memory (read once per staged step): kept
@@ -143,8 +157,7 @@ struct StateTile {
     Xe = S + L.xe;
     Dx = S + L.dx;
     rs = S + L.ref;
-    fx = reinterpret_cast<int*>(S + L.n_acc);
-    fy = fx + FT;
+    ftab = reinterpret_cast<int*>(S + L.n_acc);
     SS = L.SS;
     FS = L.FS;
     VS = L.VS;
@@ -165,29 +178,39 @@ struct StateTile {
       seq_rows[0] = sq.start;
       seq_rows[1] = sq.start + sq.len;
     }
-    const int64_t F = num_features(D);
+    const int64_t F = Map::num_features(D);
     f0 = int64_t(blockIdx.y) * FT;
     nf = static_cast<int>(min64(FT, F - f0));
     tau = Acc(p.scale);
     for (int i = tid; i < L.ref; i += nthr) S[i] = Acc(0);  // everything but ref and the table
     for (int fi = tid; fi < FT; fi += nthr) {
-      int x = -1, y = -1;
-      if (fi < nf) feature_pair(f0 + fi, D, &x, &y);
-      fx[fi] = x;
-      fy[fi] = y;
+      int x = 0, y = 0;
+      if (fi < nf) Map::row_factors(f0 + fi, D, &x, &y);
+      fx(fi) = x;
+      fy(fi) = y;
     }
     for (int d = tid; d < D; d += nthr) rs[d] = static_cast<const Acc*>(w.ref)[tg * D + d];
     __syncthreads();
-    // Every coordinate this tile touches is >= zlo: its first x, or 0 once the tile reaches
-    // the linear rows (x, D), whose x start again from 0.
-    zlo = f0 + nf > num_pairs(D) ? 0 : fx[0];
+    // Runs: stretches of consecutive rows with one x (accumulate_dx sums them in a warp first).
+    if (tid == 0)
+      for (int fi = 0; fi < FT; ++fi) fr(fi) = fi > 0 && fx(fi) == fx(fi - 1) ? fr(fi - 1) : fi;
+    // Every coordinate this tile touches is >= zlo (rows past nf hold 0).
+    zlo = D;
+    for (int fi = 0; fi < nf; ++fi) {
+      zlo = imin(zlo, fx(fi));
+      if (fy(fi) != kOneFactor) zlo = imin(zlo, fy(fi));
+    }
+    __syncthreads();
   }
 
   // The tile starts from this (sequence, kv head)'s rows of a state tensor (a carried state,
-  // possibly a pool: `carried`, or the gradient of a returned one).
-  __device__ __forceinline__ void seed(const Acc* state, bool carried = false) {
-    const Acc* src =
-        (carried ? carried_sums(state, p, seq, g) : head_sums(state, p, seq, g)) + f0 * V1;
+  // possibly a pool: kCarried, or the gradient of a returned one). A template flag: the
+  // backward's kernels (never a pool) must not carry the slot lookup's registers.
+  template <bool kCarried = false>
+  __device__ __forceinline__ void seed(const Acc* state) {
+    const Acc* src = (kCarried ? carried_sums<Map>(state, p, seq, g)
+                               : head_sums<Map>(state, p, seq, g)) +
+                     f0 * V1;
     for (int e = tid; e < nf * V1; e += nthr) {
       const int fi = e / V1, n = e % V1;
       S[fi * SS + n] = src[int64_t(fi) * V1 + n];
@@ -196,10 +219,13 @@ struct StateTile {
   }
 
   // The final tile into (add: onto) this (sequence, kv head)'s rows of a state tensor
-  // (`carried`: the forward's state_out, possibly a pool).
-  __device__ __forceinline__ void keep(Acc* state, bool add, bool carried = false) {
+  // (kCarried: the forward's state_out, possibly a pool).
+  template <bool kCarried = false>
+  __device__ __forceinline__ void keep(Acc* state, bool add) {
     __syncthreads();  // the last update_state is complete
-    Acc* dst = (carried ? carried_sums(state, p, seq, g) : head_sums(state, p, seq, g)) + f0 * V1;
+    Acc* dst = (kCarried ? carried_sums<Map>(state, p, seq, g)
+                         : head_sums<Map>(state, p, seq, g)) +
+               f0 * V1;
     for (int e = tid; e < nf * V1; e += nthr) {
       const int fi = e / V1, n = e % V1;
       Acc* out = dst + int64_t(fi) * V1 + n;
@@ -249,42 +275,44 @@ struct StateTile {
   __device__ __forceinline__ void zero_dx() {
     for (int e = tid; e < SUB * XS; e += nthr) Dx[e] = Acc(0);
   }
-  // Feat[r][fi] = phi_f or psi_f of the staged extended vectors (csq_features.h: m_xy = 2 off
-  // the diagonal for phi, 1 for psi).
+  // Feat[r][fi] = phi_f or psi_f of the staged extended vectors (csq_feature_map.h: the row's
+  // factors times Map::query_weight for phi, 1 for psi).
   __device__ __forceinline__ void build_feat(bool phi) {
     for (int e = tid; e < SUB * FT; e += nthr) {
       const int r = e / FT, fi = e % FT;
       Acc val = 0;
       if (fi < nf) {
-        const int x = fx[fi], y = fy[fi];
-        val = Xe[r * XS + x] * Xe[r * XS + y];
-        if (phi) val *= pair_weight<Acc>(x, y);
+        const int x = fx(fi), y = fy(fi);
+        val = Xe[r * XS + x];
+        if (kTwoFactors) val *= Xe[r * XS + y];
+        if (phi) val *= Map::template query_weight<Acc>(x, y);
       }
       Feat[r * FS + fi] = val;
     }
   }
   // With u in Feat: Dx[r][z] += d/dXe[r][z] of sum_f m_f u[r][f] Xe[r][x_f] Xe[r][y_f], i.e.
-  // m u Xe[y] to x and m u Xe[x] to y. The y side hits distinct addresses across a warp; the
-  // x side is nearly constant across a warp (the pair rows are sorted by x), so it is summed by
-  // a segmented warp scan first and added once per run. A run is a stretch of pair rows with
-  // one x; each linear row (x, D) and the constant row is a run of its own (their x repeat
-  // those of the pair rows a few lanes earlier when D < 32, so runs are told apart by `run`,
-  // not by x).
+  // m u Xe[y] to x and m u Xe[x] to y (m u to x for a row of one factor). The y side hits
+  // distinct addresses across a warp; the x side is nearly constant across a warp (CSQ's pair
+  // rows are sorted by x), so it is summed by a segmented warp scan first and added once per
+  // run: a stretch of consecutive rows with one x (fr, told apart by their first row, since an
+  // x may come back a few rows later).
   __device__ __forceinline__ void accumulate_dx(int nrows, bool phi) {
     const int lane = tid & 31;
-    const int64_t pairs = num_pairs(D);
     for (int e = tid; e < SUB * FT; e += nthr) {  // the same trip count on every thread
       const int r = e / FT, fi = e % FT;           // one r per warp (FT % 32 == 0)
       int key = -1, run = -1;
       Acc xv = 0;
       if (r < nrows && fi < nf) {
-        const int x = fx[fi], y = fy[fi];
+        const int x = fx(fi), y = fy(fi);
         Acc u = Feat[r * FS + fi];
-        if (phi) u *= pair_weight<Acc>(x, y);
-        atomicAdd(&Dx[r * XS + y], u * Xe[r * XS + x]);
-        xv = u * Xe[r * XS + y];
+        if (phi) u *= Map::template query_weight<Acc>(x, y);
+        xv = u;
+        if (kTwoFactors) {
+          atomicAdd(&Dx[r * XS + y], u * Xe[r * XS + x]);
+          xv = u * Xe[r * XS + y];
+        }
         key = x;
-        run = f0 + fi < pairs ? x : De + fi;
+        run = fr(fi);
       }
 #pragma unroll
       for (int off = 1; off < 32; off <<= 1) {

@@ -13,22 +13,20 @@ causality (check_emu_classes.py; `classes` runs only those).
 """
 import contextlib
 import ctypes
-import os
-import runpy
 import sys
 
 import torch
 
+from emu_cases import (DECODE_CASES, STATE_CASES, STATE_OP_CASES, VARLEN_CASES, WIDE_CASES,
+                       WIDE_QUICK)
+from emu_common import (C, DT, HERE, TOL, Emu, acc_of, arr, ptr, reference, rel, report,
+                        shift_grad, strided)
 from emu_inputs import nonfinite_case
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(HERE)))
-reference = runpy.run_path(os.path.join(ROOT, "csq_ext", "reference.py"))["csq_attention_reference"]
 lib = ctypes.CDLL(sys.argv[1] if len(sys.argv) > 1 else "/tmp/csqemu/libcsqemu.so")
+EMU = Emu(lib)
+emu_fwd, emu_bwd, emu_decode = EMU.fwd, EMU.bwd, EMU.decode
 QUICK = "quick" in sys.argv
-DT = {torch.float64: 0, torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}
-TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
-C = "contiguous"  # the layout of most inputs (strided() makes the others)
 
 
 # Shared memory a block may opt into (bytes) on the devices the emulator can pose as: the state
@@ -45,108 +43,6 @@ def device(name_or_bytes):
         yield
     finally:
         lib.emu_set_smem_optin(DEVICES["H100"])
-
-
-def arr(xs):
-    return (ctypes.c_int64 * len(xs))(*[int(x) for x in xs])
-
-
-def ptr(t):
-    return ctypes.c_void_p(t.data_ptr())
-
-
-def acc_of(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def emu_fwd(q, k, v, shift, causal, scale, center, normalize, eps, refusal=False):
-    """The forward of the CUDA kernels: y, b, den; refusal=True: the launcher's return code and
-    message instead (for shapes it must refuse)."""
-    B, Hq, N, Dk = q.shape
-    Hk, Dv = k.shape[1], v.shape[-1]
-    acc = acc_of(q.dtype)
-    shift_acc = shift.to(acc).contiguous()
-    y = torch.full((B, Hq, N, Dv), float("nan"), dtype=acc)  # the op's y is unrounded
-    b = torch.full((B, Hq, N), float("nan"), dtype=acc)
-    den = torch.full((B, Hq, N), float("nan"), dtype=acc)
-    msg = ctypes.create_string_buffer(512)
-    rc = lib.emu_fwd(DT[q.dtype], arr([B, Hq, Hk, N, Dk, Dv]), ptr(q), arr(q.stride()), ptr(k),
-                     arr(k.stride()), ptr(v), arr(v.stride()), ptr(shift_acc),
-                     ctypes.c_double(scale), ctypes.c_double(eps), int(causal), int(center),
-                     int(normalize), ptr(y), ptr(b), ptr(den), msg, 512)
-    if refusal:
-        return rc, msg.value.decode()
-    assert rc == 0, msg.value
-    return y, b, den
-
-
-def shift_grad(db):
-    """The op's shift gradient from the kernels' db, as the host layer takes it
-    (csrc/csq_host.h: db summed over batch entries and positions)."""
-    return db.sum((0, 2))
-
-
-def emu_bwd(dy, q, k, v, shift, y, b, den, causal, scale, center, normalize, eps):
-    B, Hq, N, Dk = q.shape
-    Hk, Dv = k.shape[1], v.shape[-1]
-    acc = acc_of(q.dtype)
-    shift_acc = shift.to(acc).contiguous()
-    nan = float("nan")
-    dq = torch.full(q.shape, nan, dtype=acc)
-    dk = torch.full(k.shape, nan, dtype=acc)
-    dv = torch.full(v.shape, nan, dtype=acc)
-    db = torch.full((B, Hq, N), nan, dtype=acc)
-    msg = ctypes.create_string_buffer(512)
-    rc = lib.emu_bwd(DT[q.dtype], arr([B, Hq, Hk, N, Dk, Dv]), ptr(q), arr(q.stride()), ptr(k),
-                     arr(k.stride()), ptr(v), arr(v.stride()), ptr(shift_acc),
-                     ctypes.c_double(scale), ctypes.c_double(eps), int(causal), int(center),
-                     int(normalize), ptr(dy), arr(dy.stride()), ptr(y), ptr(b), ptr(den), ptr(dq),
-                     ptr(dk), ptr(dv), ptr(db), msg, 512)
-    assert rc == 0, msg.value
-    return dq, dk, dv, shift_grad(db)
-
-
-def rel(a, b):
-    a, b = a.double(), b.double()
-    # Relative, with a floor of 1: some gradients vanish (N = 1 with centering) or nearly.
-    return (a - b).norm().item() / max(b.norm().item(), 1.0)
-
-
-def report(name, errs, tol):
-    """Prints one case's line (ok / FAIL, its worst error, the errors over tol); True if ok."""
-    bad = {k_: e for k_, e in errs.items() if not (e <= tol)}
-    print(("FAIL " if bad else "ok   ") + name + f"  max err {max(errs.values()):.2e}" +
-          (f"  {bad}" if bad else ""), flush=True)
-    return not bad
-
-
-def strided(shape, dtype, g, kind, offset=0.0):
-    """A random (B, H, N, D) tensor, as a non-contiguous view when kind says so."""
-    B, H, N, D = shape
-    if kind == "transposed":
-        t = torch.randn(B, N, H, D, generator=g, dtype=torch.float64).transpose(1, 2)
-    elif kind == "padded":
-        t = torch.randn(B, H, N, D + 3, generator=g, dtype=torch.float64)[..., :D]
-    elif kind == "every_other":
-        t = torch.randn(B, H, N, 2 * D, generator=g, dtype=torch.float64)[..., ::2]
-    elif kind == "expanded":
-        t = torch.randn(1, H, N, D, generator=g, dtype=torch.float64)
-    else:
-        t = torch.randn(B, H, N, D, generator=g, dtype=torch.float64)
-    t = t + offset
-    if kind == "expanded":  # stride 0 over the batch
-        return t.to(dtype).expand(B, H, N, D)
-    if kind == "transposed":
-        return t.transpose(1, 2).contiguous().to(dtype).transpose(1, 2)
-    if kind == "padded":
-        base = torch.zeros(B, H, N, D + 3, dtype=dtype)
-        base[..., :D] = t.to(dtype)
-        return base[..., :D]
-    if kind == "every_other":
-        base = torch.zeros(B, H, N, 2 * D, dtype=dtype)
-        base[..., ::2] = t.to(dtype)
-        return base[..., ::2]
-    return t.to(dtype).contiguous()
 
 
 LAST_ERRS = {}  # the errors of the last check_case
@@ -223,20 +119,6 @@ def check_case(dtype, B, Hq, Hk, N, Dk, Dv, causal, center, normalize, kinds, se
             f"causal={int(causal)} center={int(center)} norm={int(normalize)} "
             f"{'/'.join(kk[:5] for kk in kinds)} off={key_offset}")
     return report(name, errs, tol)
-
-
-def emu_decode(q, k, v, shift, sums, ref, scale, center, normalize, eps):
-    """One in-place step of the CUDA decode kernels on (sums, ref); returns y."""
-    B, Hq, _, Dk = q.shape
-    Hk, Dv = k.shape[1], v.shape[-1]
-    y = torch.full((B, Hq, 1, Dv), float("nan"), dtype=q.dtype)
-    msg = ctypes.create_string_buffer(512)
-    rc = lib.emu_decode(DT[q.dtype], arr([B, Hq, Hk, 1, Dk, Dv]), ptr(q), arr(q.stride()),
-                        ptr(k), arr(k.stride()), ptr(v), arr(v.stride()), ptr(shift),
-                        ctypes.c_double(scale), ctypes.c_double(eps), int(center),
-                        int(normalize), ptr(sums), ptr(ref), ptr(y), msg, 512)
-    assert rc == 0, msg.value
-    return y
 
 
 def check_decode(dtype, B, Hq, Hk, Dk, Dv, center, normalize, prefill, steps, kinds, seed,
@@ -366,10 +248,10 @@ def check_state(dtype, Hq, Hk, lens, prefill, Dk, Dv, center, normalize, seed, c
         q0 = strided((S, Hq, prefill, Dk), dtype, g, "contiguous")
         k0 = strided((S, Hk, prefill, Dk), dtype, g, "contiguous", 0.5)
         v0 = strided((S, Hk, prefill, Dv), dtype, g, "contiguous")
-        out0 = torch.ops.csq_ext.csq_fwd(q0, k0, v0, shift, None, None, None, True, scale, True,
+        out0 = torch.ops.csq_ext.csq_chunked_fwd(q0, k0, v0, shift, None, None, None, True, scale, True,
                                          normalize, eps, 0, True)
         state_in, ref_in = out0[3].contiguous(), out0[4].contiguous()
-    cpu = torch.ops.csq_ext.csq_fwd(q, k, v, shift, cu, state_in, ref_in, True, scale, center,
+    cpu = torch.ops.csq_ext.csq_chunked_fwd(q, k, v, shift, cu, state_in, ref_in, True, scale, center,
                                     normalize, eps, 0, True)
     nan = float("nan")
     F = csq_ext.state.num_features(Dk)
@@ -396,9 +278,11 @@ def check_state(dtype, Hq, Hk, lens, prefill, Dk, Dv, center, normalize, seed, c
         if grads:
             dy = torch.randn(B, Hq, T, Dv, generator=g, dtype=torch.float64).to(acc)
             dstate_out = torch.randn(S, Hk, F, Dv + 1, generator=g, dtype=torch.float64).to(acc)
-            gc = torch.ops.csq_ext.csq_bwd(dy, q, k, v, shift, cu, state_in, cpu[4], cpu[0],
-                                           cpu[1], cpu[2], dstate_out, True, scale, center,
-                                           normalize, eps, 0)
+            dref_out = torch.randn(S, Hk, Dk, generator=g, dtype=torch.float64).to(acc)
+            gc = torch.ops.csq_ext.csq_chunked_bwd(dy, q, k, v, shift, cu, state_in, cpu[4],
+                                                   cpu[0], cpu[1], cpu[2], dstate_out, dref_out,
+                                                   carried, True, scale, center, normalize, eps,
+                                                   0)
             dq = torch.full(q.shape, nan, dtype=acc)
             dk = torch.full(k.shape, nan, dtype=acc)
             dv = torch.full(v.shape, nan, dtype=acc)
@@ -407,6 +291,7 @@ def check_state(dtype, Hq, Hk, lens, prefill, Dk, Dv, center, normalize, seed, c
             dref = torch.full((S, Hk, Dk), nan, dtype=acc)
             lib.emu_set_state(opt(state_in), ptr(ref_out), null, null, ptr(dstate_out),
                               opt(dstate_in if carried else None), ptr(dref))
+            lib.emu_set_ref_grad(ptr(dref_out), int(carried))
             rc = lib.emu_bwd(DT[dtype], arr([B, Hq, Hk, T, Dk, Dv]), ptr(q), arr(q.stride()),
                              ptr(k), arr(k.stride()), ptr(v), arr(v.stride()), ptr(shift),
                              ctypes.c_double(scale), ctypes.c_double(eps), 1, int(center),
@@ -427,45 +312,65 @@ def check_state(dtype, Hq, Hk, lens, prefill, Dk, Dv, center, normalize, seed, c
     return report(name, errs, tol)
 
 
-STATE_CASES = [
-    # dtype, Hq, Hk, lens (N for B = 2, or segment lengths), prefill, Dk, Dv, center, normalize
-    (torch.float64, 4, 2, 100, 70, 5, 3, True, True),
-    (torch.float64, 2, 1, 1, 3, 4, 6, True, True),
-    (torch.float64, 2, 2, 65, 9, 3, 4, False, True),
-    (torch.float64, 2, 1, 40, 5, 6, 2, True, False),
-    (torch.float64, 2, 1, 0, 5, 3, 2, True, True),
-    (torch.float64, 4, 2, [0, 70, 1, 64, 5], 20, 5, 3, True, True),
-    (torch.float64, 2, 1, [3, 0, 66], 4, 4, 4, False, False),
-    (torch.float32, 3, 1, 130, 80, 16, 8, True, True),
-    (torch.bfloat16, 2, 1, 70, 30, 8, 8, True, True),
-    # prefill 0: an empty carried state (count 0), which picks its ref from the keys
-    (torch.float64, 2, 1, [0, 70, 3], 0, 4, 3, True, True),
-    (torch.float32, 2, 1, 70, 0, 5, 3, False, True),
-]
-
-
-VARLEN_CASES = [
-    # dtype, Hq, Hk, lens, Dk, Dv, causal, center, normalize
-    (torch.float64, 4, 2, [1, 0, 70, 64, 5, 130], 5, 3, True, True, True),
-    (torch.float64, 2, 1, [33, 0, 0, 100, 1], 6, 4, False, True, True),
-    (torch.float64, 2, 2, [3, 65, 9], 4, 3, True, False, False),
-    (torch.float32, 3, 1, [70, 20, 64], 16, 8, True, True, True),
-    (torch.float32, 2, 1, [129, 2], 9, 5, False, False, True),
-    (torch.bfloat16, 2, 1, [40, 90], 8, 8, True, True, True),
-]
-
-
-DECODE_CASES = [
-    # dtype, B, Hq, Hk, Dk, Dv, center, normalize, prefill, steps, kinds
-    (torch.float64, 2, 4, 2, 5, 3, True, True, 9, 3, ("contiguous",) * 3),
-    (torch.float64, 1, 6, 1, 16, 20, True, True, 70, 2, ("transposed", "padded", "every_other")),
-    (torch.float64, 2, 2, 2, 7, 17, False, False, 5, 2, ("contiguous",) * 3),
-    (torch.float64, 1, 2, 1, 3, 2, True, True, 0, 3, ("contiguous",) * 3),
-    (torch.float32, 3, 8, 2, 12, 33, True, True, 40, 2, ("padded", "contiguous", "transposed")),
-    (torch.float32, 1, 1, 1, 1, 1, True, False, 4, 2, ("contiguous",) * 3),
-    (torch.float16, 2, 4, 2, 8, 8, True, True, 30, 2, ("contiguous",) * 3),
-    (torch.bfloat16, 1, 5, 1, 16, 16, False, True, 30, 2, ("every_other", "contiguous", "padded")),
-]
+def check_state_op(dtype, Hk, lens, prefill, Dk, Dv, seed):
+    """The state-only op (csq_state / csq_state_bwd; csq_state_launch.cu) against the CPU
+    backend's: state_out, ref_out, then dk, dv, dstate_in and dref from random gradients of
+    the returned state and ref (a picked ref's gradient reaches its keys). prefill 0: an empty
+    carried state (count 0: the op picks its ref); None: no carried state."""
+    import csq_ext  # noqa: F401  (loads the CPU operators)
+    ops = torch.ops.csq_ext
+    g = torch.Generator().manual_seed(seed)
+    acc = acc_of(dtype)
+    varlen = isinstance(lens, list)
+    B, S = (1, len(lens)) if varlen else (2, 2)
+    T = sum(lens) if varlen else lens
+    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int64) if varlen else None
+    k = strided((B, Hk, T, Dk), dtype, g, "padded", 3.0)
+    v = strided((B, Hk, T, Dv), dtype, g, "transposed")
+    F = (Dk + 1) * (Dk + 2) // 2
+    state_in = ref_in = None
+    if prefill == 0:
+        state_in = torch.zeros(S, Hk, F, Dv + 1, dtype=acc)
+        ref_in = torch.randn(S, Hk, Dk, generator=g, dtype=torch.float64).to(acc)
+    elif prefill is not None:
+        state_in, ref_in = ops.csq_state(strided((S, Hk, prefill, Dk), dtype, g, C, 3.0),
+                                         strided((S, Hk, prefill, Dv), dtype, g, C), None, None,
+                                         None, 0)
+    cpu = ops.csq_state(k, v, cu, state_in, ref_in, 0)
+    nan, null = float("nan"), ctypes.c_void_p(None)
+    opt = lambda t: null if t is None else ptr(t)
+    sums, ref = torch.full((S, Hk, F, Dv + 1), nan, dtype=acc), torch.full((S, Hk, Dk), nan,
+                                                                          dtype=acc)
+    dk, dv = torch.full(k.shape, nan, dtype=acc), torch.full(v.shape, nan, dtype=acc)
+    dstate_in = None if state_in is None else torch.full(state_in.shape, nan, dtype=acc)
+    dref = torch.full((S, Hk, Dk), nan, dtype=acc)
+    dsums = torch.randn(S, Hk, F, Dv + 1, generator=g, dtype=torch.float64).to(acc)
+    dref_out = torch.randn(S, Hk, Dk, generator=g, dtype=torch.float64).to(acc)
+    msg = ctypes.create_string_buffer(512)
+    sz = arr([B, Hk, Hk, T, Dk, Dv])
+    if varlen:
+        lib.emu_set_seqs(ctypes.cast(cu.data_ptr(), ctypes.POINTER(ctypes.c_int64)), S)
+    try:
+        lib.emu_set_state(opt(state_in), opt(ref_in), null, null, null, null, null)
+        rc = lib.emu_state(DT[dtype], sz, ptr(k), arr(k.stride()), ptr(v), arr(v.stride()),
+                           ptr(sums), ptr(ref), msg, 512)
+        assert rc == 0, msg.value
+        lib.emu_set_state(opt(state_in), ptr(ref), null, null, ptr(dsums), opt(dstate_in),
+                          ptr(dref))
+        lib.emu_set_ref_grad(ptr(dref_out), int(state_in is not None))
+        rc = lib.emu_state_bwd(DT[dtype], sz, ptr(k), arr(k.stride()), ptr(v), arr(v.stride()),
+                               ptr(dk), ptr(dv), msg, 512)
+        assert rc == 0, msg.value
+    finally:
+        lib.emu_set_seqs(None, 0)
+        lib.emu_set_state(null, null, null, null, null, null, null)
+    gc = ops.csq_state_bwd(k, v, cu, state_in, cpu[1], dsums, dref_out, state_in is not None, 0)
+    errs = {"sums": rel(sums, cpu[0]), "ref": rel(ref, cpu[1]), "dk": rel(dk, gc[0]),
+            "dv": rel(dv, gc[1]), "dref": rel(dref, gc[3])}
+    if state_in is not None:
+        errs["dstate_in"] = rel(dstate_in, gc[2])
+    name = (f"state op {str(dtype)[6:]:8s} Hk{Hk} lens={lens} prefill={prefill} Dk{Dk} Dv{Dv}")
+    return report(name, errs, TOL[dtype])
 
 
 def check_outliers():
@@ -527,48 +432,6 @@ def check_nonfinite():
     return ok
 
 
-# Heads above 128, up to the limit of 256 (Gemma's heads): D = 256, odd sizes, Dk != Dv both
-# ways, forward and backward, carried state, decode; float32 and bfloat16 (tensor cores) at
-# least. Each case runs on an emulated device (DEVICES, or its opt-in bytes): its shared memory
-# decides how many rows the state scans stage per step (32, 16 or 8; csq_state.cuh), noted as
-# fwd/bwd rows. The first WIDE_QUICK cases run in quick mode (and so in CI: about 50 s), all of
-# them in wide mode and in the full check.
-WIDE_CASES = [
-    # device, check, arguments (of check_case / check_state / check_decode)
-    ("A100", "case", (torch.float32, 1, 1, 1, 70, 256, 256, True, True, True,
-                      (C, "transposed", C))),  # rows 32 / 16
-    ("H100", "case", (torch.bfloat16, 1, 1, 1, 65, 256, 64, True, True, True, (C, C, C))),
-    ("sm86", "case", (torch.bfloat16, 1, 2, 1, 66, 64, 256, True, True, True,
-                      ("transposed", C, "padded"))),  # rows 16 / 16
-    ("sm86", "case", (torch.float64, 1, 1, 1, 66, 64, 256, True, True, True, (C, C, C))),  # 8 / 8
-    (50688, "case", (torch.float32, 1, 1, 1, 65, 256, 32, True, True, True, (C, C, C))),  # 16 / 8
-    ("H100", "case", (torch.float32, 1, 2, 1, 100, 200, 129, False, True, False,
-                      ("padded", C, "every_other"))),
-    ("H100", "state", (torch.float32, 2, 1, [5, 66], 20, 256, 64, True, True)),
-    ("H100", "state", (torch.bfloat16, 2, 1, [5, 66], 20, 64, 256, True, True)),
-    ("H100", "decode", (torch.float32, 1, 2, 1, 256, 256, True, True, 10, 2, (C, C, C))),
-    ("H100", "decode", (torch.bfloat16, 1, 4, 2, 256, 64, True, True, 10, 2,
-                        ("padded", C, "transposed"))),
-    ("H100", "decode", (torch.bfloat16, 1, 2, 1, 64, 256, False, True, 0, 2, (C, C, C))),
-    ("H100", "decode", (torch.float32, 2, 2, 2, 200, 129, True, False, 3, 2, (C, C, C))),
-    # wide mode and the full check only
-    ("H100", "case", (torch.bfloat16, 1, 2, 1, 65, 256, 256, True, True, True, (C, C, C))),
-    # float64 at 256: rows 32 / 16 on an H100, 16 / 8 on an A100
-    ("H100", "case", (torch.float64, 1, 1, 1, 67, 256, 256, False, True, True, (C, C, C))),
-    ("A100", "case", (torch.float64, 1, 1, 1, 70, 256, 256, True, True, True, (C, C, C))),
-    ("sm86", "case", (torch.float32, 1, 1, 1, 70, 256, 256, True, True, True, (C, C, C))),  # 8 / 8
-    ("H100", "case", (torch.float16, 1, 1, 1, 70, 129, 200, True, False, True, (C, C, C))),
-    ("A100", "case", (torch.bfloat16, 1, 1, 1, 130, 256, 256, True, True, True,
-                      (C, C, C))),  # rows 32 / 16
-    ("H100", "state", (torch.float32, 2, 1, [66], 10, 256, 256, True, True)),
-    ("H100", "state", (torch.bfloat16, 2, 1, [5, 66], 20, 200, 48, True, True)),
-    ("A100", "state", (torch.float64, 2, 1, [70], 20, 256, 256, True, True)),
-    ("H100", "decode", (torch.float64, 1, 2, 1, 256, 256, True, True, 10, 2, (C, C, C))),
-    ("H100", "decode", (torch.float16, 1, 2, 1, 129, 200, True, True, 0, 3, (C, C, C))),
-]
-WIDE_QUICK = 12
-
-
 def check_wide(quick):
     """WIDE_CASES (the first WIDE_QUICK when quick); heads of 257 refused with a message that
     names the limit, and float64 heads of 256 on a device whose shared memory cannot hold the
@@ -607,6 +470,13 @@ def run_direct(quick):
     sys.path.insert(0, HERE)
     import check_emu_direct
     return check_emu_direct.run(lib, quick)
+
+
+def run_maps():
+    """The tests' second feature map through the kernels (check_emu_maps.py: "map linear")."""
+    sys.path.insert(0, HERE)
+    import check_emu_maps
+    return check_emu_maps.run(lib)
 
 
 def run_pool(quick):
@@ -656,26 +526,17 @@ def main():
         varlen_cases = []
     if "varlen" in sys.argv:
         decode_cases = []
-    if "direct" in sys.argv:  # only the direct path's kernels (check_emu_direct.py)
-        ok = run_direct(QUICK)
-        print("ALL OK" if ok else "SOME FAILED")
-        sys.exit(0 if ok else 1)
-    if "pool" in sys.argv:  # only the state pool (check_emu_pool.py)
-        ok = run_pool(QUICK)
-        print("ALL OK" if ok else "SOME FAILED")
-        sys.exit(0 if ok else 1)
-    if "classes" in sys.argv:  # only the input classes (check_emu_classes.py)
-        ok = run_classes(QUICK)
-        print("ALL OK" if ok else "SOME FAILED")
-        sys.exit(0 if ok else 1)
-    if "tc" in sys.argv:  # only the tensor-core comparison
-        ok = check_tensor_cores()
-        print("ALL OK" if ok else "SOME FAILED")
-        sys.exit(0 if ok else 1)
-    if "wide" in sys.argv:  # only the heads above 128 (all of WIDE_CASES)
-        ok = check_wide(False)
-        print("ALL OK" if ok else "SOME FAILED")
-        sys.exit(0 if ok else 1)
+    # One family only: the second feature map (check_emu_maps.py), the direct path's kernels
+    # (check_emu_direct.py), the state pool (check_emu_pool.py), the input classes
+    # (check_emu_classes.py), the tensor-core comparison, the heads above 128 (all of WIDE_CASES).
+    alone = {"maps": run_maps, "direct": lambda: run_direct(QUICK), "pool": lambda: run_pool(QUICK),
+             "classes": lambda: run_classes(QUICK), "tc": check_tensor_cores,
+             "wide": lambda: check_wide(False)}
+    for name, run in alone.items():
+        if name in sys.argv:
+            ok = run()
+            print("ALL OK" if ok else "SOME FAILED")
+            sys.exit(0 if ok else 1)
     state_cases = [] if "decode" in sys.argv or "varlen" in sys.argv else STATE_CASES
     if QUICK:
         state_cases = state_cases[:2]
@@ -684,6 +545,9 @@ def main():
     ok = True
     for i, c in enumerate(state_cases):
         ok &= check_state(*c, seed=600 + i)
+    if state_cases:  # the state-only op: fresh, carried, empty carried (picked ref), packed
+        for i, c in enumerate(STATE_OP_CASES[:2] if QUICK else STATE_OP_CASES):
+            ok &= check_state_op(*c, seed=680 + i)
     if state_cases:  # no initial state, but return_state and its gradient
         ok &= check_state(torch.float64, 2, 1, 70, 0, 4, 3, True, True, seed=650, carried=False)
         ok &= check_state(torch.float32, 2, 2, [5, 64, 0, 30], 0, 6, 5, True, True, seed=651,
@@ -713,6 +577,7 @@ def main():
     if "big" not in sys.argv:
         ok &= check_wide(QUICK)
         ok &= run_direct(QUICK)
+        ok &= run_maps()
         ok &= run_pool(QUICK)
         ok &= run_classes(QUICK)
     print("ALL OK" if ok else "SOME FAILED")

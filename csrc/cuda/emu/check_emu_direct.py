@@ -10,38 +10,15 @@ Used by check_emu.py (which prints "direct" on every line of this family); alone
     python check_emu_direct.py LIB [quick]
 """
 import ctypes
-import os
-import runpy
 import sys
 
 import torch
 
+from emu_common import C, DT, TOL, acc_of, arr, opt_ptr, ptr, reference, rel, report, strided
 from emu_inputs import nonfinite_case
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(HERE)))
-reference = runpy.run_path(os.path.join(ROOT, "csq_ext", "reference.py"))["csq_attention_reference"]
-DT = {torch.float64: 0, torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}
-TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
 TILE = 64  # kDirectTile
-C = "contiguous"
 MAX_ERR = {}  # dtype -> worst error against the reference over every case
-
-
-def _arr(xs):
-    return (ctypes.c_int64 * len(xs))(*[int(x) for x in xs])
-
-
-def _ptr(t):
-    return ctypes.c_void_p(t.data_ptr())
-
-
-def _opt_ptr(t):
-    return ctypes.c_void_p(None) if t is None else _ptr(t)
-
-
-def _acc(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _cu_args(cu):
@@ -55,7 +32,7 @@ def emu_direct_fwd(lib, q, k, v, shift, cu, opts, tensor_cores=1, row_shift=None
     causal, scale, center, normalize, eps = opts
     B, Hq, N, Dk = q.shape
     Hk, Dv = k.shape[1], v.shape[-1]
-    acc = _acc(q.dtype)
+    acc = acc_of(q.dtype)
     nan = float("nan")
     y = torch.full((B, Hq, N, Dv), nan, dtype=acc)
     b = torch.full((B, Hq, N), nan, dtype=acc)
@@ -64,12 +41,12 @@ def emu_direct_fwd(lib, q, k, v, shift, cu, opts, tensor_cores=1, row_shift=None
     row_shift, row_sums = (None if t is None else t.to(acc).contiguous()
                            for t in (row_shift, row_sums))
     msg = ctypes.create_string_buffer(512)
-    rc = lib.emu_direct_fwd(DT[q.dtype], _arr([B, Hq, Hk, N, Dk, Dv]), _ptr(q), _arr(q.stride()),
-                            _ptr(k), _arr(k.stride()), _ptr(v), _arr(v.stride()),
-                            _ptr(shift.to(acc).contiguous()), ctypes.c_double(scale),
+    rc = lib.emu_direct_fwd(DT[q.dtype], arr([B, Hq, Hk, N, Dk, Dv]), ptr(q), arr(q.stride()),
+                            ptr(k), arr(k.stride()), ptr(v), arr(v.stride()),
+                            ptr(shift.to(acc).contiguous()), ctypes.c_double(scale),
                             ctypes.c_double(eps), int(causal), int(center), int(normalize),
-                            *_cu_args(cu), int(tensor_cores), _opt_ptr(row_shift),
-                            _opt_ptr(row_sums), _ptr(y), _ptr(b), _ptr(den), msg, 512)
+                            *_cu_args(cu), int(tensor_cores), opt_ptr(row_shift),
+                            opt_ptr(row_sums), ptr(y), ptr(b), ptr(den), msg, 512)
     assert rc == 0, msg.value
     return y, b, den
 
@@ -78,56 +55,28 @@ def emu_direct_bwd(lib, dy, q, k, v, shift, cu, y, b, den, opts, tensor_cores=1)
     causal, scale, center, normalize, eps = opts
     B, Hq, N, Dk = q.shape
     Hk, Dv = k.shape[1], v.shape[-1]
-    acc = _acc(q.dtype)
+    acc = acc_of(q.dtype)
     nan = float("nan")
     dq = torch.full(q.shape, nan, dtype=acc)
     dk = torch.full(k.shape, nan, dtype=acc)
     dv = torch.full(v.shape, nan, dtype=acc)
     db = torch.full((B, Hq, N), nan, dtype=acc)
     msg = ctypes.create_string_buffer(512)
-    rc = lib.emu_direct_bwd(DT[q.dtype], _arr([B, Hq, Hk, N, Dk, Dv]), _ptr(q), _arr(q.stride()),
-                            _ptr(k), _arr(k.stride()), _ptr(v), _arr(v.stride()),
-                            _ptr(shift.to(acc).contiguous()), ctypes.c_double(scale),
+    rc = lib.emu_direct_bwd(DT[q.dtype], arr([B, Hq, Hk, N, Dk, Dv]), ptr(q), arr(q.stride()),
+                            ptr(k), arr(k.stride()), ptr(v), arr(v.stride()),
+                            ptr(shift.to(acc).contiguous()), ctypes.c_double(scale),
                             ctypes.c_double(eps), int(causal), int(center), int(normalize),
-                            *_cu_args(cu), int(tensor_cores), _ptr(dy), _arr(dy.stride()),
-                            _ptr(y), _ptr(b), _ptr(den), _ptr(dq), _ptr(dk), _ptr(dv), _ptr(db),
+                            *_cu_args(cu), int(tensor_cores), ptr(dy), arr(dy.stride()),
+                            ptr(y), ptr(b), ptr(den), ptr(dq), ptr(dk), ptr(dv), ptr(db),
                             msg, 512)
     assert rc == 0, msg.value
     return dq, dk, dv, db.sum((0, 2))
 
 
-def _rel(a, b):
-    a, b = a.double(), b.double()
-    return (a - b).norm().item() / max(b.norm().item(), 1.0)
-
-
 def _report(name, errs, tol, track=None):
-    bad = {k_: e for k_, e in errs.items() if not (e <= tol)}
-    worst = max(errs.values())
     if track is not None:
-        MAX_ERR[track] = max(MAX_ERR.get(track, 0.0), worst)
-    print(("FAIL " if bad else "ok   ") + "direct " + name + f"  max err {worst:.2e}" +
-          (f"  {bad}" if bad else ""), flush=True)
-    return not bad
-
-
-def _tensor(shape, dtype, g, kind, offset=0.0):
-    """A random (B, H, N, D) tensor of `dtype`, as a view with the strides `kind` names."""
-    B, H, N, D = shape
-    t = torch.randn(B, H, N, D, generator=g, dtype=torch.float64) + offset
-    if kind == "transposed":
-        return t.transpose(1, 2).contiguous().to(dtype).transpose(1, 2)
-    if kind == "padded":
-        base = torch.zeros(B, H, N, D + 3, dtype=dtype)
-        base[..., :D] = t.to(dtype)
-        return base[..., :D]
-    if kind == "every_other":
-        base = torch.zeros(B, H, N, 2 * D, dtype=dtype)
-        base[..., ::2] = t.to(dtype)
-        return base[..., ::2]
-    if kind == "expanded":
-        return t[:1].to(dtype).expand(B, H, N, D)
-    return t.to(dtype).contiguous()
+        MAX_ERR[track] = max(MAX_ERR.get(track, 0.0), max(errs.values()))
+    return report("direct " + name, errs, tol)
 
 
 def _cpu_op():
@@ -149,10 +98,10 @@ def check_direct(lib, dtype, B, Hq, Hk, N, Dk, Dv, causal, center, normalize, ki
     if lens is not None:
         cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int64)
         B, N = 1, int(cu[-1])
-    q = _tensor((B, Hq, N, Dk), dtype, g, kinds[0])
-    k = _tensor((B, Hk, N, Dk), dtype, g, kinds[1], key_offset)
-    v = _tensor((B, Hk, N, Dv), dtype, g, kinds[2])
-    acc = _acc(dtype)
+    q = strided((B, Hq, N, Dk), dtype, g, kinds[0])
+    k = strided((B, Hk, N, Dk), dtype, g, kinds[1], key_offset)
+    v = strided((B, Hk, N, Dv), dtype, g, kinds[2])
+    acc = acc_of(dtype)
     shift = (torch.rand(Hq, generator=g, dtype=torch.float64) + 0.5).to(acc)
     opts = (causal, Dk ** -0.5, center, normalize, 1e-6)
     y, b, den = emu_direct_fwd(lib, q, k, v, shift, cu, opts, tensor_cores)
@@ -177,22 +126,24 @@ def check_direct(lib, dtype, B, Hq, Hk, N, Dk, Dv, causal, center, normalize, ki
         yref[sl] = yr.detach()
         loss = loss + (yr * dy[sl].double()).sum()
     tol = TOL[dtype] * (10 if key_offset else 1)
-    errs = {"y": _rel(y, yref)}
+    errs = {"y": rel(y, yref)}
     if grads and N > 0:
         loss.backward()
-        errs.update(dq=_rel(dq, q64.grad), dk=_rel(dk, k64.grad), dv=_rel(dv, v64.grad),
-                    dshift=_rel(dshift, s64.grad))
+        errs.update(dq=rel(dq, q64.grad), dk=rel(dk, k64.grad), dv=rel(dv, v64.grad),
+                    dshift=rel(dshift, s64.grad))
     ops = _cpu_op() if cpu else None
     if ops is not None:
-        cy, cb, cden = ops.csq_direct_fwd(q, k, v, shift, cu, None, None, causal, opts[1],
-                                          center, normalize, opts[4], TILE)
-        errs.update(y_cpu=_rel(y, cy), b_cpu=_rel(b, cb), den_cpu=_rel(den, cden))
+        cy, cb, cden, _, cref = ops.csq_direct_fwd(q, k, v, shift, cu, None, None, causal,
+                                                   opts[1], center, normalize, opts[4], TILE,
+                                                   False)
+        errs.update(y_cpu=rel(y, cy), b_cpu=rel(b, cb), den_cpu=rel(den, cden))
         if grads:
-            cq, ck, cv, cs, _ = ops.csq_direct_bwd(dy, q, k, v, shift, cu, cy, cb, cden, causal,
-                                                   opts[1], center, normalize, opts[4], TILE)
+            cq, ck, cv, cs, _, _ = ops.csq_direct_bwd(dy, q, k, v, shift, cu, None, cref, cy, cb,
+                                                      cden, None, None, False, causal, opts[1],
+                                                      center, normalize, opts[4], TILE)
             # The op returns dq, dk, dv in the input dtype (the host file rounds them).
-            errs.update(dq_cpu=_rel(dq.to(dtype), cq), dk_cpu=_rel(dk.to(dtype), ck),
-                        dv_cpu=_rel(dv.to(dtype), cv), dshift_cpu=_rel(dshift, cs))
+            errs.update(dq_cpu=rel(dq.to(dtype), cq), dk_cpu=rel(dk.to(dtype), ck),
+                        dv_cpu=rel(dv.to(dtype), cv), dshift_cpu=rel(dshift, cs))
     name = (f"{str(dtype)[6:]:8s} B{B} Hq{Hq} Hk{Hk} N{N:<4d} Dk{Dk:<3d} Dv{Dv:<3d} "
             f"causal={int(causal)} center={int(center)} norm={int(normalize)} "
             f"{'/'.join(kk[:5] for kk in kinds)}" + (f" lens={lens}" if lens else "") +
@@ -220,9 +171,9 @@ def _dense_with_rows(q, k, v, shift, row_shift, row_sums, causal, scale, normali
 
 
 def check_direct_row_inputs(lib):
-    """row_shift and row_sums (the carried state's share, csq_ext/_direct_state.py): the
-    forward against the definition and against the CPU op fed the same rows; the backward,
-    which reads them back through b and den, against the CPU op's."""
+    """The kernels' per-query row_shift and row_sums (a carried state's share, internal to the
+    launchers): the forward against the definition; the backward, which reads them back
+    through b and den, against the CPU op's on the same y, b, den."""
     ok = True
     ops = _cpu_op()
     cases = [  # dtype, Hq, Hk, N, Dk, Dv, causal, normalize, tensor_cores
@@ -234,7 +185,7 @@ def check_direct_row_inputs(lib):
     ]
     for i, (dtype, Hq, Hk, N, Dk, Dv, causal, normalize, tc) in enumerate(cases):
         g = torch.Generator().manual_seed(1500 + i)
-        acc = _acc(dtype)
+        acc = acc_of(dtype)
         q, k, v = (torch.randn(1, h, N, d, generator=g, dtype=torch.float64).to(dtype)
                    for h, d in ((Hq, Dk), (Hk, Dk), (Hk, Dv)))
         shift = (torch.rand(Hq, generator=g, dtype=torch.float64) + 0.5).to(acc)
@@ -246,18 +197,16 @@ def check_direct_row_inputs(lib):
         y, b, den = emu_direct_fwd(lib, q, k, v, shift, None, opts, tc, row_shift, row_sums)
         yref, dref = _dense_with_rows(q, k, v, shift, row_shift, row_sums, causal, opts[1],
                                       normalize, opts[4])
-        errs = {"y": _rel(y, yref), "den": _rel(den, dref)}
+        errs = {"y": rel(y, yref), "den": rel(den, dref)}
         if ops is not None:
-            cy, cb, cden = ops.csq_direct_fwd(q, k, v, shift, None, row_shift, row_sums, causal,
-                                              opts[1], True, normalize, opts[4], TILE)
-            errs.update(y_cpu=_rel(y, cy), b_cpu=_rel(b, cb), den_cpu=_rel(den, cden))
             dy = torch.randn(1, Hq, N, Dv, generator=g, dtype=torch.float64).to(acc)
             dq, dk, dv, dshift = emu_direct_bwd(lib, dy, q, k, v, shift, None, y, b, den, opts, tc)
-            cq, ck, cv, cs, _ = ops.csq_direct_bwd(dy, q, k, v, shift, None, cy, cb, cden,
-                                                   causal, opts[1], True, normalize, opts[4],
-                                                   TILE)
-            errs.update(dq_cpu=_rel(dq.to(dtype), cq), dk_cpu=_rel(dk.to(dtype), ck),
-                        dv_cpu=_rel(dv.to(dtype), cv), dshift_cpu=_rel(dshift, cs))
+            no_ref = torch.empty(0, dtype=acc)
+            cq, ck, cv, cs, _, _ = ops.csq_direct_bwd(dy, q, k, v, shift, None, None, no_ref, y,
+                                                      b, den, None, None, False, causal, opts[1],
+                                                      True, normalize, opts[4], TILE)
+            errs.update(dq_cpu=rel(dq.to(dtype), cq), dk_cpu=rel(dk.to(dtype), ck),
+                        dv_cpu=rel(dv.to(dtype), cv), dshift_cpu=rel(dshift, cs))
         ok &= _report(f"row inputs {str(dtype)[6:]:8s} Hq{Hq} Hk{Hk} N{N} Dk{Dk} Dv{Dv} "
                       f"causal={int(causal)} norm={int(normalize)} tc={tc}", errs,
                       TOL[dtype], track=dtype)
@@ -350,15 +299,15 @@ def check_direct_tensor_cores(lib):
             ok &= check_direct(lib, dtype, 1, 2, 1, 90, 24, 12, False, True, True, (C, C, C),
                                seed=1500 + i, tensor_cores=tc, cpu=False)
             g = torch.Generator().manual_seed(1500 + i)
-            q = _tensor((1, 2, 90, 24), dtype, g, C)
-            k = _tensor((1, 1, 90, 24), dtype, g, C)
-            v = _tensor((1, 1, 90, 12), dtype, g, C)
+            q = strided((1, 2, 90, 24), dtype, g, C)
+            k = strided((1, 1, 90, 24), dtype, g, C)
+            v = strided((1, 1, 90, 12), dtype, g, C)
             shift = (torch.rand(2, generator=g, dtype=torch.float64) + 0.5).float()
             opts = (False, 24 ** -0.5, True, True, 1e-6)
             outs.append(emu_direct_fwd(lib, q, k, v, shift, None, opts, tc)[0])
         differ = not torch.equal(outs[0], outs[1])
         print(("ok   " if differ else "FAIL ") + f"direct tensor cores {str(dtype)[6:]}: the "
-              f"tensor-core and CUDA-core outputs differ by {_rel(outs[0], outs[1]):.1e} "
+              f"tensor-core and CUDA-core outputs differ by {rel(outs[0], outs[1]):.1e} "
               f"(rounding)", flush=True)
         ok &= differ
     return ok

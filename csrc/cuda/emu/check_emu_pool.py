@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-from check_emu_direct import DT, TOL, _acc, _arr, _ptr, reference
+from emu_common import DT, TOL, acc_of, arr, ptr, reference
 
 
 def _rel(a, b):
@@ -51,19 +51,19 @@ def emu_pool_prefill(lib, q, k, v, shift, cu, slots, fresh, sums, ref, opts):
     scale, center, normalize, eps = opts
     _, Hq, T, Dk = q.shape
     Hk, Dv = k.shape[1], v.shape[-1]
-    acc = _acc(q.dtype)
+    acc = acc_of(q.dtype)
     y, b, den = (torch.full(s, float("nan"), dtype=acc)
                  for s in ((1, Hq, T, Dv), (1, Hq, T), (1, Hq, T)))
     null = ctypes.c_void_p(None)
     lib.emu_set_seqs(ctypes.cast(cu.data_ptr(), ctypes.POINTER(ctypes.c_int64)), cu.numel() - 1)
-    lib.emu_set_state(_ptr(sums), _ptr(ref), _ptr(sums), _ptr(ref), null, null, null)
+    lib.emu_set_state(ptr(sums), ptr(ref), ptr(sums), ptr(ref), null, null, null)
     _set_pool(lib, slots, fresh, sums, ref)
     try:
         msg = ctypes.create_string_buffer(512)
-        rc = lib.emu_fwd(DT[q.dtype], _arr([1, Hq, Hk, T, Dk, Dv]), _ptr(q), _arr(q.stride()),
-                         _ptr(k), _arr(k.stride()), _ptr(v), _arr(v.stride()), _ptr(shift),
+        rc = lib.emu_fwd(DT[q.dtype], arr([1, Hq, Hk, T, Dk, Dv]), ptr(q), arr(q.stride()),
+                         ptr(k), arr(k.stride()), ptr(v), arr(v.stride()), ptr(shift),
                          ctypes.c_double(scale), ctypes.c_double(eps), 1, int(center),
-                         int(normalize), _ptr(y), _ptr(b), _ptr(den), msg, 512)
+                         int(normalize), ptr(y), ptr(b), ptr(den), msg, 512)
     finally:
         lib.emu_set_seqs(None, 0)
         lib.emu_set_state(null, null, null, null, null, null, null)
@@ -80,10 +80,10 @@ def emu_pool_decode(lib, q, k, v, shift, slots, fresh, sums, ref, opts):
     _set_pool(lib, slots, fresh, sums, ref)
     try:
         msg = ctypes.create_string_buffer(512)
-        rc = lib.emu_decode(DT[q.dtype], _arr([B, Hq, Hk, 1, Dk, Dv]), _ptr(q), _arr(q.stride()),
-                            _ptr(k), _arr(k.stride()), _ptr(v), _arr(v.stride()), _ptr(shift),
+        rc = lib.emu_decode(DT[q.dtype], arr([B, Hq, Hk, 1, Dk, Dv]), ptr(q), arr(q.stride()),
+                            ptr(k), arr(k.stride()), ptr(v), arr(v.stride()), ptr(shift),
                             ctypes.c_double(scale), ctypes.c_double(eps), int(center),
-                            int(normalize), _ptr(sums), _ptr(ref), _ptr(y), msg, 512)
+                            int(normalize), ptr(sums), ptr(ref), ptr(y), msg, 512)
     finally:
         lib.emu_set_pool(None, None, 0, 0)
     assert rc == 0, msg.value
@@ -97,7 +97,7 @@ def check_pool(lib, dtype, Hq, Hk, Dk, Dv, lens, fresh_mask, decode_steps, cente
     steps over the named slots in another order plus one fresh slot (a one-token request)."""
     import csq_ext  # the CPU build: its pool ops are what the emulated kernels must match
     g = torch.Generator().manual_seed(seed)
-    acc = _acc(dtype)
+    acc = acc_of(dtype)
     S, P, prefix = len(lens), len(lens) + 4, 9
     opts = (Dk ** -0.5, center, True, 1e-6)
     scale, _, normalize, eps = opts

@@ -39,8 +39,8 @@ extern "C" int emu_direct_fwd(int dt, const int64_t* sz, const void* q, const in
   p.den = den;
   const DType d = DType(dt);
   std::vector<unsigned char> ws(direct_fwd_workspace_bytes(p, d) + 1, 0xFF);  // poisoned
-  const Status st = for_dtype(d, [&](auto tag) {
-    return launch_direct_fwd<decltype(tag)::value>(p, ws.data(), ws.size(), nullptr);
+  const Status st = for_launch(d, [&](auto tag, auto map) {
+    return launch_direct_fwd<decltype(tag)::value, decltype(map)>(p, ws.data(), ws.size(), nullptr);
   });
   return report(st, msg, msglen);
 }
@@ -66,8 +66,8 @@ extern "C" int emu_direct_bwd(int dt, const int64_t* sz, const void* q, const in
   p.db = db;
   const DType d = DType(dt);
   std::vector<unsigned char> ws(direct_bwd_workspace_bytes(p, d) + 1, 0xFF);
-  const Status st = for_dtype(d, [&](auto tag) {
-    return launch_direct_bwd<decltype(tag)::value>(p, ws.data(), ws.size(), nullptr);
+  const Status st = for_launch(d, [&](auto tag, auto map) {
+    return launch_direct_bwd<decltype(tag)::value, decltype(map)>(p, ws.data(), ws.size(), nullptr);
   });
   return report(st, msg, msglen);
 }

@@ -20,6 +20,8 @@ int64_t g_num_seqs = 0;
 struct StatePtrs {
   const void *state_in = nullptr, *ref_in = nullptr, *dstate_out = nullptr;
   void *state_out = nullptr, *ref_out = nullptr, *dstate_in = nullptr, *dref = nullptr;
+  const void* dref_out = nullptr;  // emu_set_ref_grad
+  bool ref_given = true;           // emu_set_ref_grad
 } g_state;
 
 // The state pool of the following emu_fwd / emu_decode calls (emu_set_pool): slot indices and
@@ -76,11 +78,22 @@ extern "C" void emu_set_smem_optin(int bytes) {
   emu::smem_limits().clear();
 }
 
+// The feature map of the following calls: 0 StateMap, 1 the tests' LinearMap (float64).
+extern "C" void emu_set_feature_map(int map) { feature_map() = map; }
+
 // The carried-state tensors of the following calls (any may be null).
 extern "C" void emu_set_state(const void* state_in, const void* ref_in, void* state_out,
                               void* ref_out, const void* dstate_out, void* dstate_in,
                               void* dref) {
-  g_state = StatePtrs{state_in, ref_in, dstate_out, state_out, ref_out, dstate_in, dref};
+  g_state = StatePtrs{state_in, ref_in, dstate_out, state_out, ref_out, dstate_in, dref,
+                      nullptr, true};
+}
+
+// For the next backward (after emu_set_state): the incoming gradient of the returned ref, and
+// whether the forward was given its ref_in (CarriedStateGrads::ref_given).
+extern "C" void emu_set_ref_grad(const void* dref_out, int ref_given) {
+  g_state.dref_out = dref_out;
+  g_state.ref_given = ref_given != 0;
 }
 
 extern "C" int emu_fwd(int dt, const int64_t* sz, const void* q, const int64_t* qs, const void* k,
@@ -95,8 +108,8 @@ extern "C" int emu_fwd(int dt, const int64_t* sz, const void* q, const int64_t* 
   p.den = den;
   const DType d = DType(dt);
   std::vector<unsigned char> ws(fwd_workspace_bytes(p, d) + 1, 0xFF);  // poisoned
-  const Status st = for_dtype(d, [&](auto tag) {
-    return launch_fwd<decltype(tag)::value>(p, ws.data(), ws.size(), nullptr);
+  const Status st = for_launch(d, [&](auto tag, auto map) {
+    return launch_fwd<decltype(tag)::value, decltype(map)>(p, ws.data(), ws.size(), nullptr);
   });
   return report(st, msg, msglen);
 }
@@ -114,6 +127,8 @@ extern "C" int emu_bwd(int dt, const int64_t* sz, const void* q, const int64_t* 
   p.dstate_out = g_state.dstate_out;
   p.dstate_in = g_state.dstate_in;
   p.dref = g_state.dref;
+  p.dref_out = g_state.dref_out;
+  p.ref_given = g_state.ref_given;
   for (int i = 0; i < 4; ++i) p.dy_stride[i] = dys[i];
   p.dy = dy;
   p.y = const_cast<void*>(y);
@@ -125,8 +140,8 @@ extern "C" int emu_bwd(int dt, const int64_t* sz, const void* q, const int64_t* 
   p.db = db;
   const DType d = DType(dt);
   std::vector<unsigned char> ws(bwd_workspace_bytes(p, d) + 1, 0xFF);
-  const Status st = for_dtype(d, [&](auto tag) {
-    return launch_bwd<decltype(tag)::value>(p, ws.data(), ws.size(), nullptr);
+  const Status st = for_launch(d, [&](auto tag, auto map) {
+    return launch_bwd<decltype(tag)::value, decltype(map)>(p, ws.data(), ws.size(), nullptr);
   });
   return report(st, msg, msglen);
 }
@@ -147,8 +162,54 @@ extern "C" int emu_decode(int dt, const int64_t* sz, const void* q, const int64_
   p.ref = const_cast<void*>(ref);  // written when the state holds no key yet
   p.y = y;
   p.pool = g_pool;  // with a pool: sums and ref are its tensors
-  const Status st = for_dtype(DType(dt), [&](auto tag) {
-    return launch_decode<decltype(tag)::value>(p, nullptr);
+  const Status st = for_launch(DType(dt), [&](auto tag, auto map) {
+    return launch_decode<decltype(tag)::value, decltype(map)>(p, nullptr);
+  });
+  return report(st, msg, msglen);
+}
+
+// The state-only op (csq_state): sz = (B, Hk, Hk, N, Dk, Dv) (no queries: q mirrors k);
+// state_in / ref_in and packed sequences from emu_set_state / emu_set_seqs.
+extern "C" int emu_state(int dt, const int64_t* sz, const void* k, const int64_t* ks,
+                         const void* v, const int64_t* vs, void* state_out, void* ref_out,
+                         char* msg, int msglen) {
+  StateParams p;
+  fill(p, sz, k, ks, k, ks, v, vs, k, 1.0, 0.0, 1, 0, 1);
+  p.state_in = g_state.state_in;
+  p.ref_in = g_state.ref_in;
+  p.state_out = state_out;
+  p.ref_out = ref_out;
+  p.tensor_core_passes = g_tensor_core_passes;
+  const DType d = DType(dt);
+  std::vector<unsigned char> ws(state_workspace_bytes(p, d) + 1, 0xFF);
+  const Status st = for_launch(d, [&](auto tag, auto map) {
+    return launch_state<decltype(tag)::value, decltype(map)>(p, ws.data(), ws.size(), nullptr);
+  });
+  return report(st, msg, msglen);
+}
+
+// Its backward: ref_in is the forward's ref; dstate_out, dstate_in, dref (emu_set_state) and
+// dref_out (emu_set_dref_out).
+extern "C" int emu_state_bwd(int dt, const int64_t* sz, const void* k, const int64_t* ks,
+                             const void* v, const int64_t* vs, void* dk, void* dv, char* msg,
+                             int msglen) {
+  StateBwdParams p;
+  fill(p, sz, k, ks, k, ks, v, vs, k, 1.0, 0.0, 1, 0, 1);
+  p.state_in = g_state.state_in;
+  p.ref_in = g_state.ref_in;
+  p.dstate_out = g_state.dstate_out;
+  p.dref_out = g_state.dref_out;
+  p.dstate_in = g_state.dstate_in;
+  p.dref = g_state.dref;
+  p.ref_given = g_state.ref_given;
+  p.dk = dk;
+  p.dv = dv;
+  p.tensor_core_passes = g_tensor_core_passes;
+  const DType d = DType(dt);
+  std::vector<unsigned char> ws(state_workspace_bytes(p, d) + 1, 0xFF);
+  const Status st = for_launch(d, [&](auto tag, auto map) {
+    return launch_state_bwd<decltype(tag)::value, decltype(map)>(p, ws.data(), ws.size(),
+                                                                 nullptr);
   });
   return report(st, msg, msglen);
 }

@@ -42,18 +42,32 @@ inline void fill_qkv(QkvParams& p, const int64_t* sz, const void* q, const int64
   p.num_seqs = cu != nullptr ? num_seqs : p.batch;
 }
 
-// f(std::integral_constant<DType, DT>{}) for the runtime dtype d: a launcher template
-// instantiated for each of the four dtypes in one place.
+// The feature map of the following calls (emu_set_feature_map): 0 StateMap, 1 the tests'
+// LinearMap (csq_feature_maps.h; float64 only).
+inline int& feature_map() {
+  static int map = 0;
+  return map;
+}
+
+// f(std::integral_constant<DType, DT>{}, Map{}) for the runtime dtype d and feature_map(): a
+// launcher template instantiated for each (dtype, map) in one place.
 template <typename F>
-cuda::Status for_dtype(cuda::DType d, F f) {
+cuda::Status for_launch(cuda::DType d, F f) {
   using cuda::DType;
-  switch (d) {
-    case DType::kFloat64: return f(std::integral_constant<DType, DType::kFloat64>{});
-    case DType::kFloat32: return f(std::integral_constant<DType, DType::kFloat32>{});
-    case DType::kFloat16: return f(std::integral_constant<DType, DType::kFloat16>{});
-    case DType::kBFloat16: return f(std::integral_constant<DType, DType::kBFloat16>{});
+  if (feature_map() == 1) {
+    if (d != DType::kFloat64)
+      return cuda::Status{cudaErrorInvalidValue, "for_launch",
+                          "the tests' feature map is instantiated for float64 only"};
+    return f(std::integral_constant<DType, DType::kFloat64>{}, LinearMap{});
   }
-  return cuda::Status{cudaErrorInvalidValue, "for_dtype", "unknown dtype"};
+  switch (d) {
+    case DType::kFloat64: return f(std::integral_constant<DType, DType::kFloat64>{}, StateMap{});
+    case DType::kFloat32: return f(std::integral_constant<DType, DType::kFloat32>{}, StateMap{});
+    case DType::kFloat16: return f(std::integral_constant<DType, DType::kFloat16>{}, StateMap{});
+    case DType::kBFloat16:
+      return f(std::integral_constant<DType, DType::kBFloat16>{}, StateMap{});
+  }
+  return cuda::Status{cudaErrorInvalidValue, "for_launch", "unknown dtype"};
 }
 
 // 0 when st is ok; else the message into msg and a nonzero code (-1 when the Status carries

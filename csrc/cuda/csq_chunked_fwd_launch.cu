@@ -10,7 +10,7 @@
 //   5. in-chunk pairs (causal), den and y                        fwd_finalize_kernel
 // A pool prefill (csq_pool_prefill_, p.pool) first zeroes its fresh slots, and step 2 writes
 // each r into its slot.
-#include "csq_common_launch.cuh"
+#include "csq_chunked_launch.cuh"
 #include "csq_fwd_chunk.cuh"
 #include "csq_fwd_state.cuh"
 
@@ -21,7 +21,7 @@ size_t fwd_workspace_bytes(const FwdParams& p, DType dt) {
   return carve_workspace(p, dt, Direction::kForward, nullptr, nullptr);
 }
 
-template <DType DT>
+template <DType DT, typename Map>
 Status launch_fwd(const FwdParams& p, void* workspace, size_t workspace_bytes,
                   cudaStream_t stream) {
   using Tr = GenericTraits<DT>;
@@ -34,7 +34,7 @@ Status launch_fwd(const FwdParams& p, void* workspace, size_t workspace_bytes,
     return Status{cudaErrorInvalidValue, "launch_fwd",
                   "a pool prefill needs tokens (the host layer skips empty calls)"};
   if (p.batch * p.heads_q * p.seqlen == 0) {  // no token: the state passes through unchanged
-    st = copy_or_zero(p.state_out, p.state_in, sizeof(Acc) * state_elems(p), stream,
+    st = copy_or_zero(p.state_out, p.state_in, sizeof(Acc) * state_elems<Map>(p), stream,
                       "state_out (empty input)");
     if (!st.ok()) return st;
     return copy_or_zero(p.ref_out, p.ref_in, sizeof(Acc) * ref_elems(p), stream,
@@ -50,22 +50,22 @@ Status launch_fwd(const FwdParams& p, void* workspace, size_t workspace_bytes,
 
   // A fresh pool slot is an empty state: zero sums, count 0 (csq_pool.cuh).
   st = launch_pool_fresh<Acc>(p.pool, num_sequences(p), p.heads_k,
-                              state_head_elems(p.dim_k, p.dim_v), p.state_out, stream);
+                              state_head_elems<Map>(p.dim_k, p.dim_v), p.state_out, stream);
   if (!st.ok()) return st;
   CSQ_RETURN_IF_ERROR(
       cudaMemsetAsync(w.num_state, 0,
                       sizeof(Acc) * size_t(bhq) * size_t(p.seqlen) * size_t(Dv + 1), stream),
       "cudaMemsetAsync(num_state)");
-  st = launch_key_prefix<T, Acc>(p, w, p.ref_out, stream);
+  st = launch_key_prefix<T, Acc, Map>(p, w, p.ref_out, stream);
   if (!st.ok()) return st;
-  query_shift_kernel<T, Acc><<<dim3(bhk, nch), kThreads, key_mean_smem_bytes<Acc>(int(p.dim_k)),
-                               stream>>>(p, w);
+  const size_t mean_smem = key_mean_smem_bytes<Acc>(int(p.dim_k));
+  query_shift_kernel<T, Acc, Map><<<dim3(bhk, nch), kThreads, mean_smem, stream>>>(p, w);
   CSQ_CHECK_LAUNCH("query_shift_kernel");
 
-  st = launch_state_scan<DT, KeyStateFwd>(p, w, stream);
+  st = launch_state_scan<DT, KeyStateFwd, Map>(p, w, stream);
   if (!st.ok()) return st;
   {
-    auto kernel = fwd_finalize_kernel<T, Acc>;
+    auto kernel = fwd_finalize_kernel<T, Acc, Map>;
     const size_t smem = finalize_smem_bytes<Acc>();
     st = prepare_smem(kernel, smem, "fwd_finalize_kernel");
     if (!st.ok()) return st;
@@ -75,10 +75,10 @@ Status launch_fwd(const FwdParams& p, void* workspace, size_t workspace_bytes,
   return Status{};
 }
 
-template Status launch_fwd<DType::kFloat64>(const FwdParams&, void*, size_t, cudaStream_t);
-template Status launch_fwd<DType::kFloat32>(const FwdParams&, void*, size_t, cudaStream_t);
-template Status launch_fwd<DType::kFloat16>(const FwdParams&, void*, size_t, cudaStream_t);
-template Status launch_fwd<DType::kBFloat16>(const FwdParams&, void*, size_t, cudaStream_t);
+#define CSQ_INSTANTIATE(DT, MAP) \
+  template Status launch_fwd<DT, MAP>(const FwdParams&, void*, size_t, cudaStream_t);
+CSQ_CUDA_FOR_EACH_LAUNCH(CSQ_INSTANTIATE)
+#undef CSQ_INSTANTIATE
 
 }  // namespace cuda
 }  // namespace csq

@@ -2,7 +2,7 @@
 // shapes the kernels do not support (with a message, never a crash), and state sizes.
 #pragma once
 
-#include "csq_common.cuh"
+#include "csq_chunked_work.cuh"
 
 namespace csq {
 namespace cuda {
@@ -65,8 +65,9 @@ inline Status check_shapes(const QkvParams& p) {
 }
 
 // Elements of one state tensor (sums of every (sequence, kv head)) and of its ref.
+template <typename Map>
 inline size_t state_elems(const QkvParams& p) {
-  return size_t(num_sequences(p) * p.heads_k * state_head_elems(p.dim_k, p.dim_v));
+  return size_t(num_sequences(p) * p.heads_k * state_head_elems<Map>(p.dim_k, p.dim_v));
 }
 inline size_t ref_elems(const QkvParams& p) {
   return size_t(num_sequences(p) * p.heads_k * p.dim_k);

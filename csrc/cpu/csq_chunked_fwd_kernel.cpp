@@ -1,40 +1,42 @@
 // CSQ attention forward on the CPU: the chunked algorithm of the spec, one task per
-// (sequence, key/value head), all query heads of the group served by one key state.
+// (sequence, key/value head), all query heads of the group served by one key state; for any
+// feature map (Map, csq_feature_map.h).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <vector>
 
-#include "csq_cpu_common.h"
+#include "csq_cpu_key_scan.h"
 #include "csq_cpu_launch.h"
+#include "csq_cpu_state_check.h"
 
 namespace csq {
 namespace cpu {
 namespace {
 
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, typename Map>
 void forward_task(const FwdParams& p, const SeqTask& t) {
   const int64_t N = t.len, D = p.dim_k, Dv = p.dim_v, Dv1 = Dv + 1;
-  const int64_t F = num_features(D), C = p.chunk, g = t.head_k;
+  const int64_t F = Map::num_features(D), C = p.chunk, g = t.head_k;
   const acc_t tau = static_cast<acc_t>(p.scale), eps = static_cast<acc_t>(p.eps);
   const acc_t* shift = static_cast<const acc_t*>(p.shift);
 
-  KeyScan<scalar_t, acc_t> keys(p, t);
+  KeyScan<scalar_t, acc_t, Map> keys(p, p, p.chunk, t);
   std::vector<acc_t>&kc = keys.kc, &vc = keys.vc, &ref = keys.ref, &ksum = keys.ksum;
   std::vector<acc_t> qc(C * D), mu(C * D), bq(C), phi(C * F), num(C * Dv1), w(C * C);
   keys.start();
-  const bool carried = carried_sums<acc_t>(p, t) != nullptr;
+  const bool carried = carried_sums<Map, acc_t>(p, p, t) != nullptr;
   if (!p.causal) keys.absorb_all();
 
   // The state's conditioning (csq_params.h): a row beyond the limit stops the task and sends
   // the whole op to float64 (the host); so does a flag another task raised.
-  const bool check = p.state_condition_limit > 0;
+  const bool check = checks_state<Map>(p);
   for (int64_t t0 = 0; t0 < N; t0 += C) {
     if (check && state_flagged(p)) return;
     const int64_t rows = std::min(C, N - t0);
     const bool reads_state = !(p.causal && t0 == 0 && !carried);
     double trace = 0, count = 0;
-    if (check && reads_state) state_key_spread(keys.state.data(), D, Dv, &trace, &count);
+    if (check && reads_state) state_key_spread<Map>(keys.state.data(), D, Dv, &trace, &count);
     if (p.causal) keys.load(t0, rows);
     if (p.center)
       key_means(kc.data(), rows, D, ksum.data(), keys.carried_keys + acc_t(t0), p.causal, N,
@@ -50,19 +52,18 @@ void forward_task(const FwdParams& p, const SeqTask& t) {
       if (!reads_state) {
         std::fill(num.begin(), num.begin() + rows * Dv1, acc_t(0));
       } else {
-        query_features(qc.data(), bq.data(), rows, D, tau, phi.data());
-        gemm<acc_t>(false, false, rows, Dv1, F, acc_t(1), phi.data(), F, keys.state.data(), Dv1,
-                    acc_t(0), num.data(), Dv1);
+        read_state<Map>(keys.state.data(), qc.data(), bq.data(), rows, D, Dv1, tau, phi.data(),
+                        num.data(), Dv1, acc_t(0));
       }
 
-      // Keys of this chunk directly: W_ij = (tau <q_i, k_j> + b_i)^2 for j <= i.
+      // Keys of this chunk directly: W_ij = weight(tau <q_i, k_j> + b_i) for j <= i.
       if (p.causal) {
         gemm<acc_t>(false, true, rows, rows, D, acc_t(1), qc.data(), D, kc.data(), D, acc_t(0),
                     w.data(), rows);
         for (int64_t i = 0; i < rows; ++i)
           for (int64_t j = 0; j < rows; ++j) {
             const acc_t s = tau * w[i * rows + j] + bq[i];
-            w[i * rows + j] = j <= i ? s * s : acc_t(0);
+            w[i * rows + j] = j <= i ? Map::weight(s) : acc_t(0);
           }
         if (all_finite(vc, rows * Dv1))
           gemm<acc_t>(false, false, rows, Dv1, rows, acc_t(1), w.data(), rows, vc.data(), Dv1,
@@ -91,20 +92,20 @@ void forward_task(const FwdParams& p, const SeqTask& t) {
     if (p.causal) keys.absorb(rows);
   }
 
-  std::copy(ref.begin(), ref.end(), task_pooled_ref(static_cast<acc_t*>(p.ref_out), p, t));
+  std::copy(ref.begin(), ref.end(), task_pooled_ref(static_cast<acc_t*>(p.ref_out), p, p, t));
   if (p.state_out != nullptr)
     std::copy(keys.state.begin(), keys.state.end(),
-              task_pooled_sums(static_cast<acc_t*>(p.state_out), p, t));
+              task_pooled_sums<Map>(static_cast<acc_t*>(p.state_out), p, p, t));
 }
 
 }  // namespace
 
-template <typename scalar_t>
+template <typename scalar_t, typename Map>
 void launch_fwd(const FwdParams& p) {
   using acc_t = acc_type_of<scalar_t>;
   at::parallel_for(0, p.num_seqs * p.heads_k, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task)
-      forward_task<scalar_t, acc_t>(p, seq_task(p, task));
+      forward_task<scalar_t, acc_t, Map>(p, seq_task(p, task));
   });
 }
 

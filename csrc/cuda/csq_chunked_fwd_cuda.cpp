@@ -1,6 +1,6 @@
-// CUDA host of csq_fwd: guards (what the CUDA kernels support, the device), the shared host
+// CUDA host of csq_chunked_fwd: guards (what the CUDA kernels support, the device), the shared host
 // layer's prepare step (checks, params, outputs), then the launcher for the dtype on the
-// current stream of q's device (csq_fwd_launch.cu).
+// current stream of q's device (csq_chunked_fwd_launch.cu).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -15,14 +15,14 @@
 namespace csq {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> csq_fwd_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> csq_chunked_fwd_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& shift,
     const c10::optional<at::Tensor>& cu_seqlens, const c10::optional<at::Tensor>& state_in,
     const c10::optional<at::Tensor>& ref_in, bool causal, double scale, bool center,
-    bool normalize, double eps, int64_t chunk_size, bool return_state) {
+    bool normalize, double eps, int64_t tile_size, bool return_state) {
   const c10::cuda::CUDAGuard guard(q.device());
   ForwardCall call = prepare_forward(q, k, v, shift, cu_seqlens, state_in, ref_in, causal, scale,
-                                     center, normalize, eps, chunk_size, return_state);
+                                     center, normalize, eps, tile_size, return_state);
   cuda_host::check_supported(q, k, v, shift);
   cuda_host::run_forward(call.p, q, "forward");
   return call.outputs();
@@ -31,4 +31,4 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> csq_fwd_c
 }  // namespace
 }  // namespace csq
 
-TORCH_LIBRARY_IMPL(csq_ext, CUDA, m) { m.impl("csq_fwd", &csq::csq_fwd_cuda); }
+TORCH_LIBRARY_IMPL(csq_ext, CUDA, m) { m.impl("csq_chunked_fwd", &csq::csq_chunked_fwd_cuda); }

@@ -10,14 +10,15 @@
 
 #include <vector>
 
-#include "csq_cpu_common.h"
+#include "csq_cpu_key_scan.h"
 #include "csq_cpu_launch.h"
+#include "csq_cpu_state_check.h"
 
 namespace csq {
 namespace cpu {
 namespace {
 
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, typename Map>
 struct BackwardTask {
   const BwdParams& p;
   const SeqTask t;
@@ -27,24 +28,22 @@ struct BackwardTask {
   acc_t dcount = 0;    // gradient of its key count through the key means
   // The key side: pass 1 uses its state S; pass 2 only its chunk loader (shifted keys,
   // augmented values, key features), after taking over the memory of S for R.
-  KeyScan<scalar_t, acc_t> keys;
+  KeyScan<scalar_t, acc_t, Map> keys;
   std::vector<acc_t>&ref, &kc, &vc, &psi, &ksum;
   std::vector<acc_t> query_state;  // pass 2: R = sum phi(q, b) g~^T of later (or all) queries
   // Pass 2, centering: the per-key terms of a chunk (D each) and their running sum.
   std::vector<acc_t> center_terms, center_sum;
   std::vector<acc_t> dref, qc, bq, gc, phi_t, blk, blk2, mu;
-  // u^T (F x C) = a state times G~^T or V~^T (C rows transposed: gT, Dv + 1 x C), with the
-  // chunk's q^T or k^T (xT) and the gradient it gives them (dxT), D x C, and <q_i, linear u_i>.
-  std::vector<acc_t> uT, gT, xT, dxT, qlin;
+  StateReadGrad<Map, acc_t> read_grad;  // pass 1: the key state's read by the queries
 
   BackwardTask(const BwdParams& p_, const SeqTask& t_)
       : p(p_), t(t_), g(t_.head_k), N(t_.len), D(p_.dim_k), Dv(p_.dim_v), Dv1(p_.dim_v + 1),
-        F(num_features(p_.dim_k)), C(p_.chunk),
+        F(Map::num_features(p_.dim_k)), C(p_.chunk),
         tau(static_cast<acc_t>(p_.scale)), eps(static_cast<acc_t>(p_.eps)),
-        carried(p_.state_in != nullptr), keys(p_, t_), ref(keys.ref), kc(keys.kc),
+        carried(p_.state_in != nullptr), keys(p_, p_, p_.chunk, t_), ref(keys.ref), kc(keys.kc),
         vc(keys.vc), psi(keys.psi), ksum(keys.ksum), center_terms(C * D), center_sum(D),
         dref(D, acc_t(0)), qc(C * D), bq(C), gc(C * Dv1), phi_t(F * C), blk(C * C),
-        blk2(C * C), mu(C * D), uT(F * C), gT(Dv1 * C), xT(D * C), dxT(D * C), qlin(C) {}
+        blk2(C * C), mu(C * D), read_grad(D, Dv1, C) {}
 
   int64_t qrow0(int64_t h, int64_t t0) const {
     return (t.batch * p.heads_q + h) * p.seqlen + t.start + t0;
@@ -94,35 +93,17 @@ struct BackwardTask {
     acc_t* db = out(p.db, row0, 1);
     std::fill(db, db + rows, acc_t(0));
 
-    // Earlier (or all) keys through the state: u_i = S g~_i, the gradient of phi_i, for the
-    // whole chunk as u^T = S G~^T (F x rows; the GEMM microkernel takes no transposed
-    // operand), consumed along the rows with q^T and dq^T (D x rows).
+    // Earlier (or all) keys through the state: the gradient of the read (StateReadGrad):
+    // dq = tau dqe[:D], db = dqe[D].
     if (!state_empty) {
-      transpose_into(gc.data(), rows, Dv1, Dv1, gT.data(), rows);
-      transpose_into(qc.data(), rows, D, D, xT.data(), rows);
-      gemm<acc_t>(false, false, F, rows, Dv1, acc_t(1), keys.state.data(), Dv1, gT.data(), rows,
-                  acc_t(0), uT.data(), rows);
-      std::fill(dxT.begin(), dxT.begin() + D * rows, acc_t(0));
-      sym_matvec_add_t(uT.data(), rows, xT.data(), rows, D, rows, 2 * tau * tau, 2 * tau * tau,
-                       dxT.data(), rows);
-      std::fill(qlin.begin(), qlin.begin() + rows, acc_t(0));
-      for (int64_t x = 0; x < D; ++x) {
-        const acc_t* lin = uT.data() + linear_row(x, D) * rows;
-        const acc_t* qx = xT.data() + x * rows;
-        acc_t* dqx = dxT.data() + x * rows;
-        for (int64_t i = 0; i < rows; ++i) {
-          dqx[i] += 2 * tau * bq[i] * lin[i];
-          qlin[i] += qx[i] * lin[i];
-        }
-      }
-      const acc_t* cst = uT.data() + constant_row(D) * rows;
+      const acc_t* deT = read_grad(keys.state.data(), gc.data(), qc.data(), bq.data(), rows, tau);
       for (int64_t i = 0; i < rows; ++i) {
-        db[i] += 2 * tau * qlin[i] + 2 * bq[i] * cst[i];
-        for (int64_t x = 0; x < D; ++x) dq[i * D + x] += dxT[x * rows + i];
+        db[i] += deT[D * rows + i];
+        for (int64_t x = 0; x < D; ++x) dq[i * D + x] += tau * deT[x * rows + i];
       }
     }
 
-    // Keys of this chunk directly: s = tau Q K^T + b, E = G~ V~^T, dS = 2 s E (j <= i).
+    // Keys of this chunk directly: s = tau Q K^T + b, E = G~ V~^T, dS = w'(s) E (j <= i).
     if (p.causal) {
       at::Tensor S = mat(blk.data(), rows, rows), E = mat(blk2.data(), rows, rows);
       mm_into(S, mat(qc.data(), rows, D), mat(kc.data(), rows, D).t());
@@ -131,8 +112,8 @@ struct BackwardTask {
         acc_t rowsum = 0;
         for (int64_t j = 0; j < rows; ++j) {
           const acc_t s = tau * blk[i * rows + j] + bq[i];
-          const acc_t ds = j <= i ? 2 * s * blk2[i * rows + j] : acc_t(0);
-          blk[i * rows + j] = j <= i ? s * s : acc_t(0);  // W, for dv
+          const acc_t ds = j <= i ? Map::weight_grad(s) * blk2[i * rows + j] : acc_t(0);
+          blk[i * rows + j] = j <= i ? Map::weight(s) : acc_t(0);  // W, for dv
           blk2[i * rows + j] = ds;
           rowsum += ds;
         }
@@ -177,7 +158,7 @@ struct BackwardTask {
   // Returns false when a query row reads the state beyond its float32 conditioning limit (the
   // forward's test, on the saved b and den; csq_params.h): the op runs again in float64.
   bool pass_forward_order() {
-    const bool check = p.state_condition_limit > 0;
+    const bool check = checks_state<Map>(p);
     keys.start();
     if (!p.causal) keys.absorb_all();
     for (int64_t t0 = 0; t0 < N; t0 += C) {
@@ -185,7 +166,7 @@ struct BackwardTask {
       const int64_t rows = std::min(C, N - t0);
       const bool reads_state = !(p.causal && t0 == 0 && !carried);
       double trace = 0, count = 0;
-      if (check && reads_state) state_key_spread(keys.state.data(), D, Dv, &trace, &count);
+      if (check && reads_state) state_key_spread<Map>(keys.state.data(), D, Dv, &trace, &count);
       if (p.causal) keys.load(t0, rows);
       if (p.center)
         key_means(kc.data(), rows, D, ksum.data(), n_before(t0), p.causal, N, mu.data());
@@ -225,23 +206,7 @@ struct BackwardTask {
 
   // Pass 2 for one chunk of keys: later (or all) queries through R.
   void keys_reverse_order(int64_t t0, int64_t rows) {
-    acc_t* dk = out(p.dk, krow0(t0), D);
-    gemm<acc_t>(false, false, rows, Dv, F, acc_t(1), psi.data(), F, query_state.data(), Dv1,
-                acc_t(1), out(p.dv, krow0(t0), Dv), Dv);
-    // u_j = R v~_j (the gradient of psi_j), as u^T = R V~^T (F x rows), consumed along the
-    // rows with k^T and dk^T (D x rows).
-    transpose_into(vc.data(), rows, Dv1, Dv1, gT.data(), rows);
-    transpose_into(kc.data(), rows, D, D, xT.data(), rows);
-    gemm<acc_t>(false, false, F, rows, Dv1, acc_t(1), query_state.data(), Dv1, gT.data(), rows,
-                acc_t(0), uT.data(), rows);
-    for (int64_t x = 0; x < D; ++x) {  // the linear features' part first
-      const acc_t* lin = uT.data() + linear_row(x, D) * rows;
-      std::copy(lin, lin + rows, dxT.data() + x * rows);
-    }
-    sym_matvec_add_t(uT.data(), rows, xT.data(), rows, D, rows, acc_t(1), acc_t(2), dxT.data(),
-                     rows);
-    for (int64_t j = 0; j < rows; ++j)
-      for (int64_t x = 0; x < D; ++x) dk[j * D + x] += dxT[x * rows + j];
+    keys.keys_grad(query_state.data(), rows, out(p.dk, krow0(t0), D), out(p.dv, krow0(t0), Dv));
   }
 
   void pass_reverse_order() {
@@ -252,7 +217,7 @@ struct BackwardTask {
     keys.features_by_row = true;  // for dv += psi R
     const bool seeded = p.dstate_out != nullptr;
     if (seeded) {
-      const acc_t* src = task_state(static_cast<const acc_t*>(p.dstate_out), p, t);
+      const acc_t* src = task_state<Map>(static_cast<const acc_t*>(p.dstate_out), p, t);
       std::copy(src, src + F * Dv1, query_state.begin());
     } else {
       std::fill(query_state.begin(), query_state.end(), acc_t(0));
@@ -262,7 +227,7 @@ struct BackwardTask {
       for (int64_t hh = 0; hh < p.group; ++hh) {
         const int64_t h = g * p.group + hh;
         load_queries(h, t0, rows);
-        query_features_t(qc.data(), bq.data(), rows, D, tau, phi_t.data(), C);
+        query_features_t<Map>(qc.data(), bq.data(), rows, D, tau, phi_t.data(), C);
         gemm<acc_t>(false, false, F, Dv1, rows, acc_t(1), phi_t.data(), C, gc.data(), Dv1,
                     acc_t(1), query_state.data(), Dv1);
       }
@@ -314,28 +279,28 @@ struct BackwardTask {
   // key of the sequence is k - ref, so ref receives minus the sum of their gradients.
   void finish_state_gradients() {
     if (carried) {
-      acc_t* ds = task_state(static_cast<acc_t*>(p.dstate_in), p, t);
+      acc_t* ds = task_state<Map>(static_cast<acc_t*>(p.dstate_in), p, t);
       std::copy(query_state.begin(), query_state.end(), ds);
       if (p.center) {
-        for (int64_t x = 0; x < D; ++x) state_key_sum(ds, x, D, Dv) += center_sum[x];
-        state_key_count(ds, D, Dv) += dcount;
+        for (int64_t x = 0; x < D; ++x) state_key_sum<Map>(ds, x, D, Dv) += center_sum[x];
+        state_key_count<Map>(ds, D, Dv) += dcount;
       }
     }
-    const acc_t* dk = out(p.dk, krow0(0), D);
+    acc_t* dk = out(p.dk, krow0(0), D);
     for (int64_t j = 0; j < N; ++j)
       for (int64_t x = 0; x < D; ++x) dref[x] -= dk[j * D + x];
-    std::copy(dref.begin(), dref.end(), static_cast<acc_t*>(p.dref) + (t.seq * p.heads_k + g) * D);
+    finish_ref_gradient<scalar_t, acc_t, Map>(p, p, p, t, ref.data(), dref.data(), dk);
   }
 };
 
 }  // namespace
 
-template <typename scalar_t>
+template <typename scalar_t, typename Map>
 void launch_bwd(const BwdParams& p) {
   using acc_t = acc_type_of<scalar_t>;
   at::parallel_for(0, p.num_seqs * p.heads_k, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
-      BackwardTask<scalar_t, acc_t> work(p, seq_task(p, task));
+      BackwardTask<scalar_t, acc_t, Map> work(p, seq_task(p, task));
       if (work.pass_forward_order()) work.pass_reverse_order();
     }
   });

@@ -10,6 +10,7 @@
 //                                                                  chunk_scan_kernel<reverse>,
 //                                                                  center_dk_kernel
 //   9. dref; carried state: the gradient of the carried key sum    ref_state_grad_kernel
+//  10. dref to ref_in, or to the keys a picked ref came from        ref_gradient_kernel
 // Steps 6 and 8 need the complete db, i.e. steps 4 and 5 done (stream order). The shift's
 // gradient is db summed, taken by the host layer.
 // A carried state (state_in, causal only): pass 1 starts from it, pass 2 from dstate_out (the
@@ -18,7 +19,7 @@
 #include "csq_bwd_center.cuh"
 #include "csq_bwd_chunk.cuh"
 #include "csq_bwd_state.cuh"
-#include "csq_common_launch.cuh"
+#include "csq_chunked_launch.cuh"
 
 namespace csq {
 namespace cuda {
@@ -27,7 +28,7 @@ size_t bwd_workspace_bytes(const BwdParams& p, DType dt) {
   return carve_workspace(p, dt, Direction::kBackward, nullptr, nullptr);
 }
 
-template <DType DT>
+template <DType DT, typename Map>
 Status launch_bwd(const BwdParams& p, void* workspace, size_t workspace_bytes,
                   cudaStream_t stream) {
   using Tr = GenericTraits<DT>;
@@ -48,29 +49,34 @@ Status launch_bwd(const BwdParams& p, void* workspace, size_t workspace_bytes,
   CSQ_RETURN_IF_ERROR(cudaMemsetAsync(p.db, 0, a * size_t(B * Hq * N), stream), "memset(db)");
   const bool carried = p.state_in != nullptr;
   if (carried)  // the gradients of the carried state and of ref are sums of parts
-    CSQ_RETURN_IF_ERROR(cudaMemsetAsync(p.dstate_in, 0, a * state_elems(p), stream),
+    CSQ_RETURN_IF_ERROR(cudaMemsetAsync(p.dstate_in, 0, a * state_elems<Map>(p), stream),
                         "memset(dstate_in)");
   if (p.dref != nullptr)  // the host always asks for it; a carried state needs it
     CSQ_RETURN_IF_ERROR(cudaMemsetAsync(p.dref, 0, a * ref_elems(p), stream), "memset(dref)");
-  if (B * Hq * N == 0)  // no token: the carried state's gradient is the returned state's
-    return carried ? copy_or_zero(p.dstate_in, p.dstate_out, a * state_elems(p), stream,
+  if (B * Hq * N == 0) {  // no token: the carried state's gradients are the returned state's
+    if (p.dref != nullptr && p.dref_out != nullptr)
+      CSQ_RETURN_IF_ERROR(cudaMemcpyAsync(p.dref, p.dref_out, a * ref_elems(p),
+                                          cudaMemcpyDeviceToDevice, stream),
+                          "dref (empty input)");
+    return carried ? copy_or_zero(p.dstate_in, p.dstate_out, a * state_elems<Map>(p), stream,
                                   "dstate_in (empty input)")
                    : Status{};
+  }
   Work w;
   if (workspace_bytes < carve_workspace(p, DT, Direction::kBackward, workspace, &w))
     return Status{cudaErrorInvalidValue, "launch_bwd", "workspace too small"};
 
   const unsigned bhk = unsigned(B * Hk), bhq = unsigned(B * Hq), nch = unsigned(w.nchunks);
 
-  st = launch_key_prefix<T, Acc>(p, w, nullptr, stream);
+  st = launch_key_prefix<T, Acc, Map>(p, w, nullptr, stream);
   if (!st.ok()) return st;
   grad_ext_kernel<T, Acc><<<dim3(bhq, nch), kThreads, 0, stream>>>(p, w);
   CSQ_CHECK_LAUNCH("grad_ext_kernel");
 
-  st = launch_state_scan<DT, KeyStateBwd>(p, w, stream);
+  st = launch_state_scan<DT, KeyStateBwd, Map>(p, w, stream);
   if (!st.ok()) return st;
   if (p.causal) {
-    auto kernel = bwd_pairs_kernel<T, Acc>;
+    auto kernel = bwd_pairs_kernel<T, Acc, Map>;
     const size_t smem = bwd_pairs_smem_bytes<Acc>();
     st = prepare_smem(kernel, smem, "bwd_pairs_kernel");
     if (!st.ok()) return st;
@@ -78,31 +84,36 @@ Status launch_bwd(const BwdParams& p, void* workspace, size_t workspace_bytes,
     CSQ_CHECK_LAUNCH("bwd_pairs_kernel");
   }
   // Also without centering: dq += tau db r (r is not 0, csq_params.h).
-  center_dq_kernel<T, Acc><<<dim3(bhk, nch), kThreads, key_mean_smem_bytes<Acc>(D), stream>>>(p, w);
+  center_dq_kernel<T, Acc, Map><<<dim3(bhk, nch), kThreads, key_mean_smem_bytes<Acc>(D),
+                                  stream>>>(p, w);
   CSQ_CHECK_LAUNCH("center_dq_kernel");
 
-  st = launch_state_scan<DT, QueryStateBwd>(p, w, stream);
+  st = launch_state_scan<DT, QueryStateBwd, Map>(p, w, stream);
   if (!st.ok()) return st;
   if (p.center) {
-    center_chunk_sum_kernel<T, Acc><<<dim3(bhk, nch), kColThreads, 0, stream>>>(p, w);
+    center_chunk_sum_kernel<T, Acc, Map><<<dim3(bhk, nch), kColThreads, 0, stream>>>(p, w);
     CSQ_CHECK_LAUNCH("center_chunk_sum_kernel");
     chunk_scan_kernel<Acc><<<bhk, kColThreads, 0, stream>>>(
         p, w, static_cast<const Acc*>(w.center_sums), static_cast<Acc*>(w.center_prefix), true);
     CSQ_CHECK_LAUNCH("chunk_scan_kernel<reverse>");
-    center_dk_kernel<T, Acc><<<dim3(bhk, nch), kColThreads, 0, stream>>>(p, w);
+    center_dk_kernel<T, Acc, Map><<<dim3(bhk, nch), kColThreads, 0, stream>>>(p, w);
     CSQ_CHECK_LAUNCH("center_dk_kernel");
   }
   if (p.dref != nullptr) {  // r reaches a returned state; and the carried key sum
-    ref_state_grad_kernel<T, Acc><<<dim3(bhk, nch), kColThreads, 0, stream>>>(p, w);
+    ref_state_grad_kernel<T, Acc, Map><<<dim3(bhk, nch), kColThreads, 0, stream>>>(p, w);
     CSQ_CHECK_LAUNCH("ref_state_grad_kernel");
+    // Then to ref_in, or to the keys it was picked from.
+    const unsigned shk = unsigned(num_sequences(p) * p.heads_k);
+    ref_gradient_kernel<T, Acc, Map><<<shk, kColThreads, 0, stream>>>(p, w, false);
+    CSQ_CHECK_LAUNCH("ref_gradient_kernel");
   }
   return Status{};
 }
 
-template Status launch_bwd<DType::kFloat64>(const BwdParams&, void*, size_t, cudaStream_t);
-template Status launch_bwd<DType::kFloat32>(const BwdParams&, void*, size_t, cudaStream_t);
-template Status launch_bwd<DType::kFloat16>(const BwdParams&, void*, size_t, cudaStream_t);
-template Status launch_bwd<DType::kBFloat16>(const BwdParams&, void*, size_t, cudaStream_t);
+#define CSQ_INSTANTIATE(DT, MAP) \
+  template Status launch_bwd<DT, MAP>(const BwdParams&, void*, size_t, cudaStream_t);
+CSQ_CUDA_FOR_EACH_LAUNCH(CSQ_INSTANTIATE)
+#undef CSQ_INSTANTIATE
 
 }  // namespace cuda
 }  // namespace csq

@@ -1,10 +1,11 @@
 // The kernel sequences both launchers run: the key side (csq_keys.cuh) and a state scan
-// (csq_state.cuh; the scans themselves are in csq_fwd_state.cuh and csq_bwd_state.cuh). Header-only templates, so that csq_fwd_launch.cu and csq_bwd_launch.cu each
-// instantiate what they use.
+// (csq_state.cuh; the scans themselves are in csq_fwd_state.cuh and csq_bwd_state.cuh).
+// Header-only templates, so that csq_chunked_fwd_launch.cu and csq_chunked_bwd_launch.cu each
+// instantiate what they use; Map is the feature map (csq_feature_maps.h).
 #pragma once
 
 #include "csq_keys.cuh"
-#include "csq_launch_util.cuh"
+#include "csq_launch_checks.cuh"
 #include "csq_pool.cuh"
 #include "csq_state.cuh"
 
@@ -15,7 +16,7 @@ namespace cuda {
 // (a carried state's that holds keys, or in the backward the forward's), else the median of the
 // first keys; with centering the per-chunk key sums and their scan (mu' of every row). The
 // forward also reports the r it used (ref_out, an output of the op).
-template <typename T, typename Acc>
+template <typename T, typename Acc, typename Map>
 Status launch_key_prefix(const FwdParams& p, const Work& w, void* ref_out, cudaStream_t stream) {
   const unsigned bhk = unsigned(p.batch * p.heads_k);
   const unsigned shk = unsigned(num_sequences(p) * p.heads_k);  // (sequence, kv head) tasks
@@ -26,7 +27,7 @@ Status launch_key_prefix(const FwdParams& p, const Work& w, void* ref_out, cudaS
     CSQ_CHECK_LAUNCH("chunk_map_kernel");
   }
   if (shk == 0) return Status{};
-  ref_key_kernel<T, Acc><<<shk, kColThreads, 0, stream>>>(p, w);
+  ref_key_kernel<T, Acc, Map><<<shk, kColThreads, 0, stream>>>(p, w);
   CSQ_CHECK_LAUNCH("ref_key_kernel");
   if (p.center) {
     key_chunk_sum_kernel<T, Acc><<<chunks, kColThreads, 0, stream>>>(p, w);
@@ -46,30 +47,32 @@ Status launch_key_prefix(const FwdParams& p, const Work& w, void* ref_out, cudaS
   return Status{};
 }
 
+template <typename Map>
 inline int num_feature_tiles(int64_t dim_k, int ft) {
-  return static_cast<int>(ceil_div(num_features(dim_k), ft));
+  return static_cast<int>(ceil_div(Map::num_features(dim_k), ft));
 }
 
-// Launches a state scan, Scan<T, Acc, FT, SUB, TC>::kernel() (KeyStateFwd, KeyStateBwd,
+// Launches a state scan, Scan<T, Acc, FT, SUB, TC, Map>::kernel() (KeyStateFwd, KeyStateBwd,
 // QueryStateBwd), on grid (S Hk, feature tiles): on tensor cores (TC) for bfloat16 / float16
 // inputs unless p.tensor_core_passes is 0, else on the CUDA cores; staging SUB = kSub rows per
 // step, or fewer where the device's shared memory needs it (state_rows: large heads).
-template <DType DT, template <typename, typename, int, int, bool> class Scan, typename Params>
+template <DType DT, template <typename, typename, int, int, bool, typename> class Scan,
+          typename Map, typename Params>
 Status launch_state_scan(const Params& p, const Work& w, cudaStream_t stream) {
   using Tr = GenericTraits<DT>;
   using T = typename Tr::T;
   using Acc = typename Tr::Acc;
   constexpr int FT = Tr::kFeatTile;
   constexpr bool kHalf = DT == DType::kFloat16 || DT == DType::kBFloat16;
-  constexpr bool kBackward = Scan<T, Acc, FT, kSub, false>::kBackward;
-  const char* name = Scan<T, Acc, FT, kSub, false>::kName;
+  constexpr bool kBackward = Scan<T, Acc, FT, kSub, false, Map>::kBackward;
+  const char* name = Scan<T, Acc, FT, kSub, false, Map>::kName;
   const int D = int(p.dim_k), Dv = int(p.dim_v);
   size_t optin = 0;
   const Status st = smem_optin(&optin, name);
   if (!st.ok()) return st;
   const int sub = state_rows<Acc>(D, Dv, FT, kBackward, optin);
   const size_t smem = state_smem_bytes<Acc>(D, Dv, FT, sub, kBackward);
-  const dim3 grid(unsigned(num_sequences(p) * p.heads_k), unsigned(num_feature_tiles(D, FT)));
+  const dim3 grid(unsigned(num_sequences(p) * p.heads_k), unsigned(num_feature_tiles<Map>(D, FT)));
   auto go = [&](auto kernel) {
     const Status ready = prepare_smem(kernel, smem, name);
     if (!ready.ok()) return ready;
@@ -80,9 +83,9 @@ Status launch_state_scan(const Params& p, const Work& w, cudaStream_t stream) {
   auto with_rows = [&](auto tc) {  // tc: std::bool_constant<TC>
     constexpr bool TC = decltype(tc)::value;
     static_assert(kSub / 4 == kMinStateRows, "state_rows picks one of these three");
-    if (sub == kSub) return go(Scan<T, Acc, FT, kSub, TC>::kernel());
-    if (sub == kSub / 2) return go(Scan<T, Acc, FT, kSub / 2, TC>::kernel());
-    return go(Scan<T, Acc, FT, kMinStateRows, TC>::kernel());
+    if (sub == kSub) return go(Scan<T, Acc, FT, kSub, TC, Map>::kernel());
+    if (sub == kSub / 2) return go(Scan<T, Acc, FT, kSub / 2, TC, Map>::kernel());
+    return go(Scan<T, Acc, FT, kMinStateRows, TC, Map>::kernel());
   };
   if constexpr (kHalf) {
     if (p.tensor_core_passes > 0) return with_rows(std::true_type{});

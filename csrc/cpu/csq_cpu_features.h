@@ -1,0 +1,152 @@
+// The feature rows of the CPU kernels, for any feature map (csq_feature_map.h): key features
+// psi and query features phi of a block of rows, as rows or transposed (the GEMM microkernel's
+// operand layout, csq_gemm.h), and the gradient that maps a feature-space vector back to the
+// extended coordinates (q and b, or k). Transposed, every loop runs along the rows and
+// vectorizes, whatever the map's row order.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "../csq_feature_map.h"
+#include "csq_cpu_rows.h"
+#include "csq_gemm.h"
+
+namespace csq {
+namespace cpu {
+
+// The extended coordinates of a block of rows, transposed: eT ((d + 1) x rows, ld rows), rows
+// x < d scale * x^T, row d the constant coordinate: c[i] (queries: b_i), or 1 with c null
+// (keys). x: rows x d, row-major.
+template <typename acc_t>
+inline void extended_t(const acc_t* x, const acc_t* c, int64_t rows, int64_t d, acc_t scale,
+                       acc_t* eT) {
+  transpose_into(x, rows, d, d, eT, rows);
+  if (scale != acc_t(1))
+    for (int64_t e = 0; e < d * rows; ++e) eT[e] *= scale;
+  acc_t* last = eT + d * rows;
+  if (c != nullptr)
+    std::copy(c, c + rows, last);
+  else
+    std::fill(last, last + rows, acc_t(1));
+}
+
+// Row f of a feature block from the extended coordinates eT: m_f eT_x eT_y (eT_x for a row of
+// one factor), m_f = Map::query_weight for query features (kQuery), 1 for key features.
+template <typename Map, bool kQuery, typename acc_t>
+inline void features_from_extended_t(const acc_t* eT, int64_t rows, int64_t d, acc_t* out,
+                                     int64_t ld) {
+  Map::for_each_row(static_cast<int>(d), [&](int64_t f, int x, int y) {
+    const acc_t m = kQuery ? Map::template query_weight<acc_t>(x, y) : acc_t(1);
+    const acc_t* ex = eT + x * rows;
+    acc_t* o = out + f * ld;
+    if (y == kOneFactor) {
+      for (int64_t i = 0; i < rows; ++i) o[i] = m * ex[i];
+    } else {
+      const acc_t* ey = eT + y * rows;
+      for (int64_t i = 0; i < rows; ++i) o[i] = m * ex[i] * ey[i];
+    }
+  });
+}
+
+// Key features psi(k) transposed: psi^T (F x rows, ld >= rows), the left operand of the state
+// update S += psi^T V~ as the GEMM microkernel takes it (csq_gemm.h). Built feature by feature
+// from k^T, so every write is contiguous (one key at a time, writing F rows apart, made the
+// chunked forward 35% slower at Dk = 32).
+template <typename Map, typename acc_t>
+inline void key_features_t(const acc_t* k, int64_t rows, int64_t d, acc_t* psi_t, int64_t ld) {
+  acc_t* eT = thread_scratch<acc_t>((d + 1) * rows);
+  extended_t<acc_t>(k, nullptr, rows, d, acc_t(1), eT);
+  features_from_extended_t<Map, false>(eT, rows, d, psi_t, ld);
+}
+
+// Query features phi(tau q, b) transposed: phi^T (F x rows, ld >= rows), so that
+// phi . psi(k) = Map::weight(tau <q, k> + b); for the backward's query state R += phi^T G~.
+template <typename Map, typename acc_t>
+inline void query_features_t(const acc_t* q, const acc_t* bq, int64_t rows, int64_t d, acc_t tau,
+                             acc_t* phi_t, int64_t ld) {
+  acc_t* eT = thread_scratch<acc_t>((d + 1) * rows);
+  extended_t(q, bq, rows, d, tau, eT);
+  features_from_extended_t<Map, true>(eT, rows, d, phi_t, ld);
+}
+
+// The same features as rows (rows x F): psi(k), or with kQuery phi(tau q, b) (b one per row).
+template <typename Map, bool kQuery, typename acc_t>
+inline void features_rows(const acc_t* x, const acc_t* b, int64_t rows, int64_t d, acc_t tau,
+                          acc_t* out) {
+  const int64_t F = Map::num_features(d);
+  for (int64_t i = 0; i < rows; ++i) {
+    const acc_t* xi = x + i * d;
+    const acc_t c = kQuery ? b[i] : acc_t(1), scale = kQuery ? tau : acc_t(1);
+    const auto e = [&](int z) { return z < d ? scale * xi[z] : c; };
+    acc_t* o = out + i * F;
+    Map::for_each_row(static_cast<int>(d), [&](int64_t f, int x, int y) {
+      o[f] = kQuery ? query_feature<Map, acc_t>(x, y, e) : key_feature<acc_t>(x, y, e);
+    });
+  }
+}
+
+// dE^T ((d + 1) x rows, ld ldd) += the gradient with respect to the extended coordinates eT
+// of sum_f u_f feature_f(e) for every row (u^T: F x rows, ld ldu): a row (x, y) gives
+// m u e_y to coordinate x and m u e_x to y (2 m u e_x when x == y), one factor m u to x.
+// Queries (kQuery, m = Map::query_weight): dq = tau dE[:d], db = dE[d]; keys: dk = dE[:d].
+template <typename Map, bool kQuery, typename acc_t>
+inline void features_grad_t(const acc_t* uT, int64_t ldu, const acc_t* eT, int64_t rows,
+                            int64_t d, acc_t* dE, int64_t ldd) {
+  Map::for_each_row(static_cast<int>(d), [&](int64_t f, int x, int y) {
+    const acc_t m = kQuery ? Map::template query_weight<acc_t>(x, y) : acc_t(1);
+    const acc_t* u = uT + f * ldu;
+    acc_t* dx = dE + x * ldd;
+    if (y == kOneFactor) {
+      for (int64_t i = 0; i < rows; ++i) dx[i] += m * u[i];
+      return;
+    }
+    const acc_t* ex = eT + x * rows;
+    const acc_t* ey = eT + y * rows;
+    acc_t* dy = dE + y * ldd;
+    for (int64_t i = 0; i < rows; ++i) {
+      const acc_t w = m * u[i];
+      dx[i] += w * ey[i];
+      dy[i] += w * ex[i];
+    }
+  });
+}
+
+// A block of query rows reading a state S (F x (Dv + 1)): num (rows x Dv + 1, ld ldn) =
+// beta num + phi(tau q_i, b_i) . S, the features built into phi (rows x F). The chunked
+// forward reads the state of the earlier chunks this way, the direct path a carried state.
+template <typename Map, typename acc_t>
+inline void read_state(const acc_t* S, const acc_t* q, const acc_t* b, int64_t rows, int64_t d,
+                       int64_t dv1, acc_t tau, acc_t* phi, acc_t* num, int64_t ldn, acc_t beta) {
+  const int64_t F = Map::num_features(d);
+  features_rows<Map, true>(q, b, rows, d, tau, phi);
+  gemm<acc_t>(false, false, rows, dv1, F, acc_t(1), phi, F, S, dv1, beta, num, ldn);
+}
+
+// The gradient of read_state for a block of rows, from g~_i (the gradient of num_i): with
+// u_i = S g~_i (as u^T = S G~^T, F x rows: the GEMM microkernel takes no transposed
+// operand), dqe^T ((D + 1) x rows) = d/dqe <phi(qe_i), u_i> along the rows of
+// qe^T = [tau q, b]^T: dq = tau dqe[:D], db = dqe[D]. Owns its buffers (C rows at most).
+template <typename Map, typename acc_t>
+struct StateReadGrad {
+  const int64_t D, Dv1, F;
+  std::vector<acc_t> gT, uT, eT, deT;
+  StateReadGrad(int64_t d, int64_t dv1, int64_t C)
+      : D(d), Dv1(dv1), F(Map::num_features(d)), gT(dv1 * C), uT(F * C), eT((d + 1) * C),
+        deT((d + 1) * C) {}
+  // g: rows x (Dv + 1), q: rows x D, b: rows (row-major). Returns dqe^T, rows apart.
+  const acc_t* operator()(const acc_t* S, const acc_t* g, const acc_t* q, const acc_t* b,
+                          int64_t rows, acc_t tau) {
+    transpose_into(g, rows, Dv1, Dv1, gT.data(), rows);
+    gemm<acc_t>(false, false, F, rows, Dv1, acc_t(1), S, Dv1, gT.data(), rows, acc_t(0),
+                uT.data(), rows);
+    extended_t(q, b, rows, D, tau, eT.data());
+    std::fill(deT.begin(), deT.begin() + (D + 1) * rows, acc_t(0));
+    features_grad_t<Map, true>(uT.data(), rows, eT.data(), rows, D, deT.data(), rows);
+    return deT.data();
+  }
+};
+
+}  // namespace cpu
+}  // namespace csq
