@@ -13,12 +13,11 @@ import pytest
 import torch
 
 import csq_ext
-from conftest import randn
+from conftest import randn, repository_folder
 from csq_ext.feature_map import MAPS, SQUARE, LinearMap
 from csq_ext.reference import weighted_attention_reference
 from csq_ext.state import num_features
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LINEAR = LinearMap()
 
 
@@ -60,12 +59,16 @@ def test_mirror_features_are_the_kernels_state(gen, path):
 # ----------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
+    """The CPU kernels built again with the toy map, from the repository's sources: skipped, with
+    the reason, where the tests run against an installed wheel without csrc/ (CI's installed
+    stage; the README's test command runs them)."""
     from torch.utils import cpp_extension
+    csrc = repository_folder("csrc")
     build = tmp_path_factory.mktemp("csq_test_maps")
     return cpp_extension.load(
         name="csq_test_maps", build_directory=str(build), verbose=False,
-        sources=[os.path.join(ROOT, "csrc", p) for p in ("testing/csq_test_maps.cpp",
-                                                          "csq_host.cpp", "csq_direct_host.cpp")],
+        sources=[os.path.join(csrc, p) for p in ("testing/csq_test_maps.cpp",
+                                                  "csq_host.cpp", "csq_direct_host.cpp")],
         extra_cflags=["-O1", "-std=c++17", "-fopenmp"], extra_ldflags=["-fopenmp"])
 
 
