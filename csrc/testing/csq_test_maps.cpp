@@ -34,7 +34,7 @@ void float64_only(const at::Tensor& q) {
 // prepare_forward or prepare_direct_forward (given the toy map's feature count), Launch the CPU
 // launcher of that algorithm, instantiated here for LinearMap.
 template <auto Prepare, auto Launch>
-csq::ForwardResult forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+csq::ForwardResult forward_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                            const at::Tensor& shift, const Opt& cu_seqlens, const Opt& state_in,
                            const Opt& ref_in, bool causal, double scale, bool center,
                            bool normalize, double eps, int64_t tile_size, bool return_state) {
@@ -47,7 +47,7 @@ csq::ForwardResult forward(const at::Tensor& q, const at::Tensor& k, const at::T
 
 // The same for the backward ops (prepare_backward or prepare_direct_backward).
 template <auto Prepare, auto Launch>
-csq::BackwardResult backward(const at::Tensor& dy, const at::Tensor& q, const at::Tensor& k,
+csq::BackwardResult backward_op(const at::Tensor& dy, const at::Tensor& q, const at::Tensor& k,
                              const at::Tensor& v, const at::Tensor& shift, const Opt& cu_seqlens,
                              const Opt& state_in, const at::Tensor& ref, const at::Tensor& y,
                              const at::Tensor& b, const at::Tensor& den, const Opt& dstate_out,
@@ -74,11 +74,13 @@ void decode_(at::Tensor& sums, at::Tensor& ref, const at::Tensor& q, const at::T
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("feature_map_rows", &csq::feature_map_table<Map>);
-  m.def("chunked_fwd", &forward<&csq::prepare_forward, &csq::cpu::launch_fwd<double, Map>>);
-  m.def("chunked_bwd", &backward<&csq::prepare_backward, &csq::cpu::launch_bwd<double, Map>>);
+  m.def("chunked_fwd",
+        &forward_op<&csq::prepare_forward, &csq::cpu::launch_fwd<double, Map>>);
+  m.def("chunked_bwd",
+        &backward_op<&csq::prepare_backward, &csq::cpu::launch_bwd<double, Map>>);
   m.def("decode_", &decode_);
   m.def("direct_fwd",
-        &forward<&csq::prepare_direct_forward, &csq::cpu::launch_direct_fwd<double, Map>>);
+        &forward_op<&csq::prepare_direct_forward, &csq::cpu::launch_direct_fwd<double, Map>>);
   m.def("direct_bwd",
-        &backward<&csq::prepare_direct_backward, &csq::cpu::launch_direct_bwd<double, Map>>);
+        &backward_op<&csq::prepare_direct_backward, &csq::cpu::launch_direct_bwd<double, Map>>);
 }
