@@ -8,6 +8,7 @@
 #pragma once
 
 #include "csq_direct.cuh"
+#include "csq_register_block.cuh"
 
 namespace csq {
 namespace cuda {
@@ -29,17 +30,9 @@ __device__ __forceinline__ void slab_product(Acc (&acc)[4][4], int K, Acc* As, A
     });
     __syncthreads();
     const int xn = imin(kSlabD, K - x0);
-    for (int x = 0; x < xn; ++x) {
-      Acc av[4], bv[4];
-#pragma unroll
-      for (int a = 0; a < 4; ++a) av[a] = As[(ty + 16 * a) * kLdA + x];
-#pragma unroll
-      for (int c = 0; c < 4; ++c) bv[c] = Bs[(tx + 16 * c) * kLdA + x];
-#pragma unroll
-      for (int a = 0; a < 4; ++a)
-#pragma unroll
-        for (int c = 0; c < 4; ++c) acc[a][c] = fma(av[a], bv[c], acc[a][c]);
-    }
+    for (int x = 0; x < xn; ++x)
+      outer_product_step(acc, [&](int u) { return As[(ty + 16 * u) * kLdA + x]; },
+                         [&](int v) { return Bs[(tx + 16 * v) * kLdA + x]; });
   }
 }
 
@@ -59,10 +52,7 @@ __device__ __forceinline__ void tile_product(Acc (&acc)[4][4], const Acc* X, con
 #pragma unroll
     for (int c = 0; c < 4; ++c) yv[c] = Y[m * kLdX + tx + 16 * c];
     if (mask == kMaskNone) {
-#pragma unroll
-      for (int a = 0; a < 4; ++a)
-#pragma unroll
-        for (int c = 0; c < 4; ++c) acc[a][c] = fma(xv[a], yv[c], acc[a][c]);
+      outer_product_step(acc, [&](int u) { return xv[u]; }, [&](int v) { return yv[v]; });
     } else {
 #pragma unroll
       for (int a = 0; a < 4; ++a) {

@@ -22,6 +22,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "csq_direct.cuh"
 #include "csq_mma.cuh"
@@ -84,67 +85,98 @@ struct MmaSmem {
 };
 static_assert(2 * 64 * kLdH * 2 <= 2 * 64 * kLdF * 4, "half slabs fit the float slab space");
 
-// acc += A B^T for this warp's block, A and B (64 x K) given by element functions (0 outside
-// their tiles), staged 32 columns at a time as the input dtype in sm.Ah, sm.Bh: m16n8k16.
-// Starts with __syncthreads; on its first slab thread 0 clears sm.flag (every thread is past
-// the previous tile's reads of it).
-template <typename T, typename FA, typename FB>
-__device__ __forceinline__ void scores_f16(float (&acc)[4][4], int K, const MmaSmem<T>& sm,
-                                           const FA& fa, const FB& fb) {
-  const Frag f = frag();
-  for (int x0 = 0; x0 < K; x0 += kSlabD) {
-    __syncthreads();
-    if (x0 == 0 && threadIdx.x == 0) *sm.flag = 0;
-    stage_slab<float>(x0, K, fa, fb, [&](int r, int x, float a, float b) {
-      store_el(&sm.Ah[r * kLdH + x], a);
-      store_el(&sm.Bh[r * kLdH + x], b);
-    });
-    __syncthreads();
+// The instruction for operands of type In: TF32 m16n8k8 for float32 values, m16n8k16 for
+// bfloat16 / float16 (csq_mma.cuh); kK the k of one mma, kPerReg the elements of A or B in one
+// 32-bit register.
+template <typename In>
+struct MmaFor {
+  static constexpr bool kTf32 = std::is_same<In, float>::value;
+  static constexpr int kK = kTf32 ? 8 : 16, kPerReg = kTf32 ? 1 : 2;
+  __device__ __forceinline__ static void run(float (&d)[4], const uint32_t (&a)[4],
+                                             const uint32_t (&b)[2]) {
+    if constexpr (kTf32)
+      mma_tf32(d, a, b);
+    else
+      mma_f16<In>(d, a, b);
+  }
+};
+
+// Where a product's operands sit (the policies of warp_mma_step and slab_mma): Mma the
+// instruction; a(m, k) and b(n, k) the register of A's row m and of B^T's row n (B's column n)
+// that starts at column k; store(r, x, a, b) stages slab element (r, x) of A and B.
+// bfloat16 / float16 slabs (row stride kLdH) in shared memory.
+template <typename T>
+struct HalfSlabs {
+  using Mma = MmaFor<T>;
+  T *A, *B;
+  __device__ __forceinline__ void store(int r, int x, float a, float b) const {
+    store_el(&A[r * kLdH + x], a);
+    store_el(&B[r * kLdH + x], b);
+  }
+  __device__ __forceinline__ uint32_t a(int m, int k) const { return ld32(A, 2 * (m * kLdH + k)); }
+  __device__ __forceinline__ uint32_t b(int n, int k) const { return ld32(B, 2 * (n * kLdH + k)); }
+};
+
+// float32 slabs (row stride kLdF), rounded to TF32 as they are read.
+struct FloatSlabs {
+  using Mma = MmaFor<float>;
+  float *A, *B;
+  __device__ __forceinline__ void store(int r, int x, float a, float b) const {
+    A[r * kLdF + x] = a;
+    B[r * kLdF + x] = b;
+  }
+  __device__ __forceinline__ uint32_t a(int m, int k) const { return to_tf32(A[m * kLdF + k]); }
+  __device__ __forceinline__ uint32_t b(int n, int k) const { return to_tf32(B[n * kLdF + k]); }
+};
+
+// The float32 64 x 64 tiles X' (X, or TRANS X^T) and Y (row stride kLdM) of tile_tf32, rounded
+// to TF32 as they are read.
+template <bool TRANS>
+struct TileOperands {
+  using Mma = MmaFor<float>;
+  const float *X, *Y;
+  __device__ __forceinline__ uint32_t a(int m, int k) const {
+    return to_tf32(TRANS ? X[k * kLdM + m] : X[m * kLdM + k]);
+  }
+  __device__ __forceinline__ uint32_t b(int n, int k) const { return to_tf32(Y[k * kLdM + n]); }
+};
+
+// One mma step of this warp's block over columns k0 .. k0 + kK of the operands: acc[j] +=
+// A(rows, k) B(columns of block j, k)^T for the four 8-column blocks j. The fragments start at
+// k0 + kPerReg t and k0 + kPerReg t + kK / 2 (both instructions' layout, csq_mma.cuh).
+template <typename Op>
+__device__ __forceinline__ void warp_mma_step(float (&acc)[4][4], const Frag& f, int k0,
+                                              const Op& op) {
+  using Mma = typename Op::Mma;
+  constexpr int kHalf = Mma::kK / 2;
+  const int k = k0 + Mma::kPerReg * f.t;
+  const uint32_t a[4] = {op.a(f.m0 + f.g, k), op.a(f.m0 + f.g + 8, k),
+                         op.a(f.m0 + f.g, k + kHalf), op.a(f.m0 + f.g + 8, k + kHalf)};
 #pragma unroll
-    for (int ks = 0; ks < kSlabD; ks += 16) {
-      const int kk = ks + 2 * f.t;
-      const uint32_t a[4] = {ld32(sm.Ah, 2 * ((f.m0 + f.g) * kLdH + kk)),
-                             ld32(sm.Ah, 2 * ((f.m0 + f.g + 8) * kLdH + kk)),
-                             ld32(sm.Ah, 2 * ((f.m0 + f.g) * kLdH + kk + 8)),
-                             ld32(sm.Ah, 2 * ((f.m0 + f.g + 8) * kLdH + kk + 8))};
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int n = f.nb + 8 * j + f.g;
-        const uint32_t b[2] = {ld32(sm.Bh, 2 * (n * kLdH + kk)),
-                               ld32(sm.Bh, 2 * (n * kLdH + kk + 8))};
-        mma_f16<T>(acc[j], a, b);
-      }
-    }
+  for (int j = 0; j < 4; ++j) {
+    const int n = f.nb + 8 * j + f.g;
+    const uint32_t b[2] = {op.b(n, k), op.b(n, k + kHalf)};
+    Mma::run(acc[j], a, b);
   }
 }
 
-// acc += A B^T with float32 operands (element functions), staged as float32 in sm.Af, sm.Bf:
-// TF32 m16n8k8. Starts with __syncthreads.
-template <typename T, typename FA, typename FB>
-__device__ __forceinline__ void product_tf32(float (&acc)[4][4], int K, const MmaSmem<T>& sm,
-                                             const FA& fa, const FB& fb) {
+// acc += A B^T for this warp's block, A and B (64 x K) given by element functions (0 outside
+// their tiles), staged 32 columns at a time into the slabs of `op` (HalfSlabs: the scores,
+// FloatSlabs: the products of float32 quantities). Starts with __syncthreads; on its first
+// slab thread 0 clears *clear_flag when one is given (every thread is past the previous
+// tile's reads of it).
+template <typename Op, typename FA, typename FB>
+__device__ __forceinline__ void slab_mma(float (&acc)[4][4], int K, const Op& op,
+                                         int* clear_flag, const FA& fa, const FB& fb) {
   const Frag f = frag();
   for (int x0 = 0; x0 < K; x0 += kSlabD) {
     __syncthreads();
-    stage_slab<float>(x0, K, fa, fb, [&](int r, int x, float a, float b) {
-      sm.Af[r * kLdF + x] = a;
-      sm.Bf[r * kLdF + x] = b;
-    });
+    if (clear_flag != nullptr && x0 == 0 && threadIdx.x == 0) *clear_flag = 0;
+    stage_slab<float>(x0, K, fa, fb,
+                      [&](int r, int x, float a, float b) { op.store(r, x, a, b); });
     __syncthreads();
 #pragma unroll
-    for (int k0 = 0; k0 < kSlabD; k0 += 8) {
-      const int k = k0 + f.t;
-      const uint32_t a[4] = {to_tf32(sm.Af[(f.m0 + f.g) * kLdF + k]),
-                             to_tf32(sm.Af[(f.m0 + f.g + 8) * kLdF + k]),
-                             to_tf32(sm.Af[(f.m0 + f.g) * kLdF + k + 4]),
-                             to_tf32(sm.Af[(f.m0 + f.g + 8) * kLdF + k + 4])};
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int n = f.nb + 8 * j + f.g;
-        const uint32_t b[2] = {to_tf32(sm.Bf[n * kLdF + k]), to_tf32(sm.Bf[n * kLdF + k + 4])};
-        mma_tf32(acc[j], a, b);
-      }
-    }
+    for (int k0 = 0; k0 < kSlabD; k0 += Op::Mma::kK) warp_mma_step(acc, f, k0, op);
   }
 }
 
@@ -153,19 +185,9 @@ __device__ __forceinline__ void product_tf32(float (&acc)[4][4], int K, const Mm
 template <bool TRANS>
 __device__ __forceinline__ void tile_tf32(float (&acc)[4][4], const float* X, const float* Y) {
   const Frag f = frag();
-  const auto xa = [&](int m, int k) { return TRANS ? X[k * kLdM + m] : X[m * kLdM + k]; };
+  const TileOperands<TRANS> op{X, Y};
 #pragma unroll 2
-  for (int k0 = 0; k0 < 64; k0 += 8) {
-    const int k = k0 + f.t;
-    const uint32_t a[4] = {to_tf32(xa(f.m0 + f.g, k)), to_tf32(xa(f.m0 + f.g + 8, k)),
-                           to_tf32(xa(f.m0 + f.g, k + 4)), to_tf32(xa(f.m0 + f.g + 8, k + 4))};
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int n = f.nb + 8 * j + f.g;
-      const uint32_t b[2] = {to_tf32(Y[k * kLdM + n]), to_tf32(Y[(k + 4) * kLdM + n])};
-      mma_tf32(acc[j], a, b);
-    }
-  }
+  for (int k0 = 0; k0 < 64; k0 += MmaFor<float>::kK) warp_mma_step(acc, f, k0, op);
 }
 
 // The same product as masked scalar sums in float32 (the diagonal tile when the multiplied
@@ -228,12 +250,12 @@ struct MmaEngine {
   template <typename FA, typename FB>
   __device__ __forceinline__ static void scores(float (&acc)[4][4], int K, const Smem& sm,
                                                 const FA& fa, const FB& fb) {
-    scores_f16<T>(acc, K, sm, fa, fb);
+    slab_mma(acc, K, HalfSlabs<T>{sm.Ah, sm.Bh}, sm.flag, fa, fb);  // m16n8k16
   }
   template <typename FA, typename FB>
   __device__ __forceinline__ static void product(float (&acc)[4][4], int K, const Smem& sm,
                                                  const FA& fa, const FB& fb) {
-    product_tf32<T>(acc, K, sm, fa, fb);
+    slab_mma(acc, K, FloatSlabs{sm.Af, sm.Bf}, nullptr, fa, fb);  // TF32 m16n8k8
   }
 
   // A diagonal tile (mask != kMaskNone) whose operand was flagged runs masked scalar sums.

@@ -94,6 +94,18 @@ inline float emu_bits_16(uint32_t bits16) {
 }
 #endif
 
+#ifndef CSQ_CUDA_EMULATOR
+// The mma.sync instruction of one shape and operand types (INSTR, a string literal such as
+// "m16n8k8.row.col.f32.tf32.tf32.f32"): d (4 float32 accumulators) += A (a: 4 registers) B (b:
+// 2 registers), the register lists every shape here shares. A macro, as an asm statement takes
+// its instruction as a string literal, which no template argument can supply.
+#define CSQ_MMA_SYNC(INSTR, d, a, b)                                                        \
+  asm volatile("mma.sync.aligned." INSTR " {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, " \
+               "{%0, %1, %2, %3};\n"                                                        \
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                             \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]))
+#endif
+
 // d += A B for one 16 x 8 x 8 tile, TF32 operands; every lane of the warp calls it
 // (warp-synchronous).
 __device__ __forceinline__ void mma_tf32(float (&d)[4], const uint32_t (&a)[4],
@@ -106,11 +118,7 @@ __device__ __forceinline__ void mma_tf32(float (&d)[4], const uint32_t (&a)[4],
       },
       [](const EmuFrags* all, int k, int n) { return emu_bits_f32(all[4 * n + k % 4].b[k / 4]); });
 #else
-  asm volatile(
-      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-      "{%8, %9}, {%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  CSQ_MMA_SYNC("m16n8k8.row.col.f32.tf32.tf32.f32", d, a, b);
 #endif
 }
 
@@ -130,19 +138,10 @@ __device__ __forceinline__ void mma_f16(float (&d)[4], const uint32_t (&a)[4],
         return emu_bits_16<T>(k % 2 ? u >> 16 : u);
       });
 #else
-  if constexpr (std::is_same<T, __half>::value) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
-        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-  } else {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
-        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-  }
+  if constexpr (std::is_same<T, __half>::value)
+    CSQ_MMA_SYNC("m16n8k16.row.col.f32.f16.f16.f32", d, a, b);
+  else
+    CSQ_MMA_SYNC("m16n8k16.row.col.f32.bf16.bf16.f32", d, a, b);
 #endif
 }
 

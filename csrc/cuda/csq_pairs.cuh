@@ -6,6 +6,7 @@
 #pragma once
 
 #include "csq_chunked_work.cuh"
+#include "csq_register_block.cuh"
 
 namespace csq {
 namespace cuda {
@@ -37,17 +38,9 @@ template <typename Acc>
 __device__ __forceinline__ void pair_block_slab(const Acc* A, const Acc* B, int mg, int ng,
                                                 Acc (&acc)[4][4]) {
 #pragma unroll 4
-  for (int c = 0; c < kSlab; ++c) {
-    Acc av[4], bv[4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) av[i] = A[(4 * mg + i) * kAS + c];
-#pragma unroll
-    for (int j = 0; j < 4; ++j) bv[j] = B[(ng + 16 * j) * kAS + c];
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-      for (int j = 0; j < 4; ++j) acc[i][j] = fma(av[i], bv[j], acc[i][j]);
-  }
+  for (int c = 0; c < kSlab; ++c)
+    outer_product_step(acc, [&](int i) { return A[(4 * mg + i) * kAS + c]; },
+                       [&](int j) { return B[(ng + 16 * j) * kAS + c]; });
 }
 
 // out[i][j] = sum_l P(row, l) B[l][ng + 16 j] with row = 4 mg + i: a 64 x kSlab product with

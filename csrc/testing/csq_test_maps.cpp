@@ -30,30 +30,34 @@ void float64_only(const at::Tensor& q) {
   TORCH_CHECK(q.scalar_type() == at::kDouble, "the test maps are instantiated for float64 only");
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> chunked_fwd(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& shift,
-    const Opt& cu_seqlens, const Opt& state_in, const Opt& ref_in, bool causal, double scale,
-    bool center, bool normalize, double eps, int64_t tile_size, bool return_state) {
+// Both algorithms' forward ops take the same arguments: Prepare is the shared host layer's
+// prepare_forward or prepare_direct_forward (given the toy map's feature count), Launch the CPU
+// launcher of that algorithm, instantiated here for LinearMap.
+template <auto Prepare, auto Launch>
+csq::ForwardResult forward_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                           const at::Tensor& shift, const Opt& cu_seqlens, const Opt& state_in,
+                           const Opt& ref_in, bool causal, double scale, bool center,
+                           bool normalize, double eps, int64_t tile_size, bool return_state) {
   float64_only(q);
-  const csq::ForwardCall call =
-      csq::prepare_forward(q, k, v, shift, cu_seqlens, state_in, ref_in, causal, scale, center,
-                           normalize, eps, tile_size, return_state, &Map::num_features);
-  csq::cpu::launch_fwd<double, Map>(call.p);
+  const auto call = Prepare(q, k, v, shift, cu_seqlens, state_in, ref_in, causal, scale, center,
+                            normalize, eps, tile_size, return_state, &Map::num_features);
+  Launch(call.p);
   return call.outputs();
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> chunked_bwd(
-    const at::Tensor& dy, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& shift, const Opt& cu_seqlens, const Opt& state_in, const at::Tensor& ref,
-    const at::Tensor& y, const at::Tensor& b, const at::Tensor& den, const Opt& dstate_out,
-    const Opt& dref_out, bool ref_given, bool causal, double scale, bool center, bool normalize,
-    double eps, int64_t tile_size) {
+// The same for the backward ops (prepare_backward or prepare_direct_backward).
+template <auto Prepare, auto Launch>
+csq::BackwardResult backward_op(const at::Tensor& dy, const at::Tensor& q, const at::Tensor& k,
+                             const at::Tensor& v, const at::Tensor& shift, const Opt& cu_seqlens,
+                             const Opt& state_in, const at::Tensor& ref, const at::Tensor& y,
+                             const at::Tensor& b, const at::Tensor& den, const Opt& dstate_out,
+                             const Opt& dref_out, bool ref_given, bool causal, double scale,
+                             bool center, bool normalize, double eps, int64_t tile_size) {
   float64_only(q);
-  const csq::BackwardCall call =
-      csq::prepare_backward(dy, q, k, v, shift, cu_seqlens, state_in, ref, y, b, den,
-                            dstate_out, dref_out, ref_given, causal, scale, center, normalize,
-                            eps, tile_size, &Map::num_features);
-  csq::cpu::launch_bwd<double, Map>(call.p);
+  const auto call = Prepare(dy, q, k, v, shift, cu_seqlens, state_in, ref, y, b, den, dstate_out,
+                            dref_out, ref_given, causal, scale, center, normalize, eps, tile_size,
+                            &Map::num_features);
+  Launch(call.p);
   return call.outputs();
 }
 
@@ -66,40 +70,17 @@ void decode_(at::Tensor& sums, at::Tensor& ref, const at::Tensor& q, const at::T
   csq::cpu::launch_decode<double, Map>(p);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> direct_fwd(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& shift,
-    const Opt& cu_seqlens, const Opt& state_in, const Opt& ref_in, bool causal, double scale,
-    bool center, bool normalize, double eps, int64_t tile_size, bool return_state) {
-  float64_only(q);
-  const csq::DirectForwardCall call =
-      csq::prepare_direct_forward(q, k, v, shift, cu_seqlens, state_in, ref_in, causal, scale,
-                                  center, normalize, eps, tile_size, return_state,
-                                  &Map::num_features);
-  csq::cpu::launch_direct_fwd<double, Map>(call.p);
-  return call.outputs();
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> direct_bwd(
-    const at::Tensor& dy, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& shift, const Opt& cu_seqlens, const Opt& state_in, const at::Tensor& ref,
-    const at::Tensor& y, const at::Tensor& b, const at::Tensor& den, const Opt& dstate_out,
-    const Opt& dref_out, bool ref_given, bool causal, double scale, bool center, bool normalize,
-    double eps, int64_t tile_size) {
-  float64_only(q);
-  const csq::DirectBackwardCall call = csq::prepare_direct_backward(
-      dy, q, k, v, shift, cu_seqlens, state_in, ref, y, b, den, dstate_out, dref_out, ref_given,
-      causal, scale, center, normalize, eps, tile_size, &Map::num_features);
-  csq::cpu::launch_direct_bwd<double, Map>(call.p);
-  return call.outputs();
-}
-
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("feature_map_rows", &csq::feature_map_table<Map>);
-  m.def("chunked_fwd", &chunked_fwd);
-  m.def("chunked_bwd", &chunked_bwd);
+  m.def("chunked_fwd",
+        &forward_op<&csq::prepare_forward, &csq::cpu::launch_fwd<double, Map>>);
+  m.def("chunked_bwd",
+        &backward_op<&csq::prepare_backward, &csq::cpu::launch_bwd<double, Map>>);
   m.def("decode_", &decode_);
-  m.def("direct_fwd", &direct_fwd);
-  m.def("direct_bwd", &direct_bwd);
+  m.def("direct_fwd",
+        &forward_op<&csq::prepare_direct_forward, &csq::cpu::launch_direct_fwd<double, Map>>);
+  m.def("direct_bwd",
+        &backward_op<&csq::prepare_direct_backward, &csq::cpu::launch_direct_bwd<double, Map>>);
 }

@@ -19,9 +19,10 @@ import torch
 
 from emu_cases import (DECODE_CASES, STATE_CASES, STATE_OP_CASES, VARLEN_CASES, WIDE_CASES,
                        WIDE_QUICK)
-from emu_common import (C, DT, HERE, TOL, Emu, acc_of, arr, ptr, reference, rel, report,
-                        shift_grad, strided)
-from emu_inputs import nonfinite_case
+from emu_common import (C, DT, HERE, TOL, Emu, acc_of, arr, call, cu_seqlens, forward_outputs,
+                        gradient_outputs, nan_full, opt_ptr, packed_batch, ptr, qkv_args,
+                        reference, rel, report, scalar_args, shift_grad, strided)
+from emu_inputs import nonfinite_reach
 
 lib = ctypes.CDLL(sys.argv[1] if len(sys.argv) > 1 else "/tmp/csqemu/libcsqemu.so")
 EMU = Emu(lib)
@@ -166,7 +167,7 @@ def check_varlen(dtype, Hq, Hk, lens, Dk, Dv, causal, center, normalize, seed, g
     the reference by check_case) and against the float64 reference: y, b, den, and dq, dk, dv,
     dshift."""
     g = torch.Generator().manual_seed(seed)
-    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int64)
+    cu = cu_seqlens(lens)
     T = int(cu[-1])
     q = strided((1, Hq, T, Dk), dtype, g, "transposed")
     k = strided((1, Hk, T, Dk), dtype, g, "padded", 0.5)
@@ -230,10 +231,7 @@ def check_state(dtype, Hq, Hk, lens, prefill, Dk, Dv, center, normalize, seed, c
     import csq_ext  # noqa: F401  (loads the CPU operators)
     g = torch.Generator().manual_seed(seed)
     acc = acc_of(dtype)
-    varlen = isinstance(lens, list)
-    B, S = (1, len(lens)) if varlen else (2, 2)
-    T = sum(lens) if varlen else lens
-    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int64) if varlen else None
+    B, S, T, cu = packed_batch(lens)
     q = strided((B, Hq, T, Dk), dtype, g, "transposed")
     k = strided((B, Hk, T, Dk), dtype, g, "padded", 0.5)
     v = strided((B, Hk, T, Dv), dtype, g, "contiguous")
@@ -253,26 +251,18 @@ def check_state(dtype, Hq, Hk, lens, prefill, Dk, Dv, center, normalize, seed, c
         state_in, ref_in = out0[3].contiguous(), out0[4].contiguous()
     cpu = torch.ops.csq_ext.csq_chunked_fwd(q, k, v, shift, cu, state_in, ref_in, True, scale, center,
                                     normalize, eps, 0, True)
-    nan = float("nan")
     F = csq_ext.state.num_features(Dk)
-    y = torch.full((B, Hq, T, Dv), nan, dtype=acc)
-    b = torch.full((B, Hq, T), nan, dtype=acc)
-    den = torch.full((B, Hq, T), nan, dtype=acc)
-    state_out = torch.full((S, Hk, F, Dv + 1), nan, dtype=acc)
-    ref_out = torch.full((S, Hk, Dk), nan, dtype=acc)
+    y, b, den = forward_outputs(q, v)
+    state_out = nan_full((S, Hk, F, Dv + 1), acc)
+    ref_out = nan_full((S, Hk, Dk), acc)
     null = ctypes.c_void_p(None)
-    opt = lambda t: null if t is None else ptr(t)
-    if varlen:
+    if cu is not None:
         lib.emu_set_seqs(ctypes.cast(cu.data_ptr(), ctypes.POINTER(ctypes.c_int64)), S)
     try:
-        lib.emu_set_state(opt(state_in), opt(ref_in), ptr(state_out), ptr(ref_out), null, null,
-                          null)
-        msg = ctypes.create_string_buffer(512)
-        rc = lib.emu_fwd(DT[dtype], arr([B, Hq, Hk, T, Dk, Dv]), ptr(q), arr(q.stride()), ptr(k),
-                         arr(k.stride()), ptr(v), arr(v.stride()), ptr(shift),
-                         ctypes.c_double(scale), ctypes.c_double(eps), 1, int(center),
-                         int(normalize), ptr(y), ptr(b), ptr(den), msg, 512)
-        assert rc == 0, msg.value
+        lib.emu_set_state(opt_ptr(state_in), opt_ptr(ref_in), ptr(state_out), ptr(ref_out), null,
+                          null, null)
+        call(lib.emu_fwd, *qkv_args(q, k, v, shift),
+             *scalar_args(scale, eps, True, center, normalize), ptr(y), ptr(b), ptr(den))
         errs = {"y": rel(y, cpu[0]), "b": rel(b, cpu[1]), "den": rel(den, cpu[2]),
                 "state_out": rel(state_out, cpu[3]), "ref_out": rel(ref_out, cpu[4])}
         if grads:
@@ -283,21 +273,15 @@ def check_state(dtype, Hq, Hk, lens, prefill, Dk, Dv, center, normalize, seed, c
                                                    cpu[0], cpu[1], cpu[2], dstate_out, dref_out,
                                                    carried, True, scale, center, normalize, eps,
                                                    0)
-            dq = torch.full(q.shape, nan, dtype=acc)
-            dk = torch.full(k.shape, nan, dtype=acc)
-            dv = torch.full(v.shape, nan, dtype=acc)
-            db = torch.full((B, Hq, T), nan, dtype=acc)
-            dstate_in = torch.full((S, Hk, F, Dv + 1), nan, dtype=acc)
-            dref = torch.full((S, Hk, Dk), nan, dtype=acc)
-            lib.emu_set_state(opt(state_in), ptr(ref_out), null, null, ptr(dstate_out),
-                              opt(dstate_in if carried else None), ptr(dref))
+            dq, dk, dv, db = gradient_outputs(q, k, v)
+            dstate_in = nan_full((S, Hk, F, Dv + 1), acc)
+            dref = nan_full((S, Hk, Dk), acc)
+            lib.emu_set_state(opt_ptr(state_in), ptr(ref_out), null, null, ptr(dstate_out),
+                              opt_ptr(dstate_in if carried else None), ptr(dref))
             lib.emu_set_ref_grad(ptr(dref_out), int(carried))
-            rc = lib.emu_bwd(DT[dtype], arr([B, Hq, Hk, T, Dk, Dv]), ptr(q), arr(q.stride()),
-                             ptr(k), arr(k.stride()), ptr(v), arr(v.stride()), ptr(shift),
-                             ctypes.c_double(scale), ctypes.c_double(eps), 1, int(center),
-                             int(normalize), ptr(dy), arr(dy.stride()), ptr(y), ptr(b), ptr(den),
-                             ptr(dq), ptr(dk), ptr(dv), ptr(db), msg, 512)
-            assert rc == 0, msg.value
+            call(lib.emu_bwd, *qkv_args(q, k, v, shift),
+                 *scalar_args(scale, eps, True, center, normalize), ptr(dy), arr(dy.stride()),
+                 ptr(y), ptr(b), ptr(den), ptr(dq), ptr(dk), ptr(dv), ptr(db))
             errs.update(dq=rel(dq, gc[0]), dk=rel(dk, gc[1]), dv=rel(dv, gc[2]),
                         dshift=rel(shift_grad(db), gc[3]))
             errs.update(dref=rel(dref, gc[5]))
@@ -321,10 +305,7 @@ def check_state_op(dtype, Hk, lens, prefill, Dk, Dv, seed):
     ops = torch.ops.csq_ext
     g = torch.Generator().manual_seed(seed)
     acc = acc_of(dtype)
-    varlen = isinstance(lens, list)
-    B, S = (1, len(lens)) if varlen else (2, 2)
-    T = sum(lens) if varlen else lens
-    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int64) if varlen else None
+    B, S, T, cu = packed_batch(lens)
     k = strided((B, Hk, T, Dk), dtype, g, "padded", 3.0)
     v = strided((B, Hk, T, Dv), dtype, g, "transposed")
     F = (Dk + 1) * (Dk + 2) // 2
@@ -337,30 +318,25 @@ def check_state_op(dtype, Hk, lens, prefill, Dk, Dv, seed):
                                          strided((S, Hk, prefill, Dv), dtype, g, C), None, None,
                                          None, 0)
     cpu = ops.csq_state(k, v, cu, state_in, ref_in, 0)
-    nan, null = float("nan"), ctypes.c_void_p(None)
-    opt = lambda t: null if t is None else ptr(t)
-    sums, ref = torch.full((S, Hk, F, Dv + 1), nan, dtype=acc), torch.full((S, Hk, Dk), nan,
-                                                                          dtype=acc)
-    dk, dv = torch.full(k.shape, nan, dtype=acc), torch.full(v.shape, nan, dtype=acc)
-    dstate_in = None if state_in is None else torch.full(state_in.shape, nan, dtype=acc)
-    dref = torch.full((S, Hk, Dk), nan, dtype=acc)
+    null = ctypes.c_void_p(None)
+    sums, ref = nan_full((S, Hk, F, Dv + 1), acc), nan_full((S, Hk, Dk), acc)
+    dk, dv = nan_full(k.shape, acc), nan_full(v.shape, acc)
+    dstate_in = None if state_in is None else nan_full(state_in.shape, acc)
+    dref = nan_full((S, Hk, Dk), acc)
     dsums = torch.randn(S, Hk, F, Dv + 1, generator=g, dtype=torch.float64).to(acc)
     dref_out = torch.randn(S, Hk, Dk, generator=g, dtype=torch.float64).to(acc)
-    msg = ctypes.create_string_buffer(512)
     sz = arr([B, Hk, Hk, T, Dk, Dv])
-    if varlen:
+    if cu is not None:
         lib.emu_set_seqs(ctypes.cast(cu.data_ptr(), ctypes.POINTER(ctypes.c_int64)), S)
     try:
-        lib.emu_set_state(opt(state_in), opt(ref_in), null, null, null, null, null)
-        rc = lib.emu_state(DT[dtype], sz, ptr(k), arr(k.stride()), ptr(v), arr(v.stride()),
-                           ptr(sums), ptr(ref), msg, 512)
-        assert rc == 0, msg.value
-        lib.emu_set_state(opt(state_in), ptr(ref), null, null, ptr(dsums), opt(dstate_in),
-                          ptr(dref))
+        lib.emu_set_state(opt_ptr(state_in), opt_ptr(ref_in), null, null, null, null, null)
+        call(lib.emu_state, DT[dtype], sz, ptr(k), arr(k.stride()), ptr(v), arr(v.stride()),
+             ptr(sums), ptr(ref))
+        lib.emu_set_state(opt_ptr(state_in), ptr(ref), null, null, ptr(dsums),
+                          opt_ptr(dstate_in), ptr(dref))
         lib.emu_set_ref_grad(ptr(dref_out), int(state_in is not None))
-        rc = lib.emu_state_bwd(DT[dtype], sz, ptr(k), arr(k.stride()), ptr(v), arr(v.stride()),
-                               ptr(dk), ptr(dv), msg, 512)
-        assert rc == 0, msg.value
+        call(lib.emu_state_bwd, DT[dtype], sz, ptr(k), arr(k.stride()), ptr(v), arr(v.stride()),
+             ptr(dk), ptr(dv))
     finally:
         lib.emu_set_seqs(None, 0)
         lib.emu_set_state(null, null, null, null, null, null, null)
@@ -414,18 +390,10 @@ def check_nonfinite():
                                  ("shift", True)):
                 g = torch.Generator().manual_seed(C)
                 C += 1
-                q, k, v, shift, mask = nonfinite_case(g, n, j, bad, what, causal)
-                y, b, den = emu_fwd(q, k, v, shift, causal, 0.6, center, True, 1e-6)
-                nonfin = ~torch.isfinite(y)
-                good = bool(nonfin[mask].all()) and not bool((nonfin & ~mask).any())
-                if what == "v" and bad != bad:  # the backward with a NaN in v
-                    dy = torch.randn(y.shape, generator=g, dtype=torch.float64).to(y.dtype)
-                    dq, dk, dv, _ = emu_bwd(dy, q, k, v, shift, y, b, den, causal, 0.6, center,
-                                            True, 1e-6)
-                    good &= not bool(torch.isfinite(dq[1, 0:2, j:]).any())
-                    good &= all(bool(torch.isfinite(t[0]).all()) for t in (dq, dk, dv))
-                    if causal:
-                        good &= bool(torch.isfinite(dq[1, :, :j]).all())
+                good, grads = nonfinite_reach(emu_fwd, emu_bwd, g, n, j, bad, what, causal,
+                                              center)
+                if grads is not None:  # dq from j on, of the query heads that read the NaN
+                    good &= not bool(torch.isfinite(grads[0][1, 0:2, j:]).any())
                 print(("ok   " if good else "FAIL ") + f"non-finite {bad} at {j} of N={n} in {what}, "
                       f"causal={int(causal)} center={int(center)}", flush=True)
                 ok &= good

@@ -14,8 +14,10 @@ import sys
 
 import torch
 
-from emu_common import C, DT, TOL, acc_of, arr, opt_ptr, ptr, reference, rel, report, strided
-from emu_inputs import nonfinite_case
+from emu_common import (C, TOL, acc_of, arr, call, cu_seqlens, forward_outputs, gradient_outputs,
+                        opt_ptr, ptr, qkv_args, reference, rel, report, scalar_args, shift_grad,
+                        strided)
+from emu_inputs import nonfinite_reach
 
 TILE = 64  # kDirectTile
 MAX_ERR = {}  # dtype -> worst error against the reference over every case
@@ -30,47 +32,26 @@ def _cu_args(cu):
 def emu_direct_fwd(lib, q, k, v, shift, cu, opts, tensor_cores=1, row_shift=None,
                    row_sums=None):
     causal, scale, center, normalize, eps = opts
-    B, Hq, N, Dk = q.shape
-    Hk, Dv = k.shape[1], v.shape[-1]
     acc = acc_of(q.dtype)
-    nan = float("nan")
-    y = torch.full((B, Hq, N, Dv), nan, dtype=acc)
-    b = torch.full((B, Hq, N), nan, dtype=acc)
-    den = torch.full((B, Hq, N), nan, dtype=acc)
+    shift_acc = shift.to(acc).contiguous()
+    y, b, den = forward_outputs(q, v)
     # The optional per-query inputs, as the host layer passes them: contiguous, accumulation dtype.
     row_shift, row_sums = (None if t is None else t.to(acc).contiguous()
                            for t in (row_shift, row_sums))
-    msg = ctypes.create_string_buffer(512)
-    rc = lib.emu_direct_fwd(DT[q.dtype], arr([B, Hq, Hk, N, Dk, Dv]), ptr(q), arr(q.stride()),
-                            ptr(k), arr(k.stride()), ptr(v), arr(v.stride()),
-                            ptr(shift.to(acc).contiguous()), ctypes.c_double(scale),
-                            ctypes.c_double(eps), int(causal), int(center), int(normalize),
-                            *_cu_args(cu), int(tensor_cores), opt_ptr(row_shift),
-                            opt_ptr(row_sums), ptr(y), ptr(b), ptr(den), msg, 512)
-    assert rc == 0, msg.value
+    call(lib.emu_direct_fwd, *qkv_args(q, k, v, shift_acc),
+         *scalar_args(scale, eps, causal, center, normalize), *_cu_args(cu), int(tensor_cores),
+         opt_ptr(row_shift), opt_ptr(row_sums), ptr(y), ptr(b), ptr(den))
     return y, b, den
 
 
 def emu_direct_bwd(lib, dy, q, k, v, shift, cu, y, b, den, opts, tensor_cores=1):
     causal, scale, center, normalize, eps = opts
-    B, Hq, N, Dk = q.shape
-    Hk, Dv = k.shape[1], v.shape[-1]
-    acc = acc_of(q.dtype)
-    nan = float("nan")
-    dq = torch.full(q.shape, nan, dtype=acc)
-    dk = torch.full(k.shape, nan, dtype=acc)
-    dv = torch.full(v.shape, nan, dtype=acc)
-    db = torch.full((B, Hq, N), nan, dtype=acc)
-    msg = ctypes.create_string_buffer(512)
-    rc = lib.emu_direct_bwd(DT[q.dtype], arr([B, Hq, Hk, N, Dk, Dv]), ptr(q), arr(q.stride()),
-                            ptr(k), arr(k.stride()), ptr(v), arr(v.stride()),
-                            ptr(shift.to(acc).contiguous()), ctypes.c_double(scale),
-                            ctypes.c_double(eps), int(causal), int(center), int(normalize),
-                            *_cu_args(cu), int(tensor_cores), ptr(dy), arr(dy.stride()),
-                            ptr(y), ptr(b), ptr(den), ptr(dq), ptr(dk), ptr(dv), ptr(db),
-                            msg, 512)
-    assert rc == 0, msg.value
-    return dq, dk, dv, db.sum((0, 2))
+    shift_acc = shift.to(acc_of(q.dtype)).contiguous()
+    dq, dk, dv, db = gradient_outputs(q, k, v)
+    call(lib.emu_direct_bwd, *qkv_args(q, k, v, shift_acc),
+         *scalar_args(scale, eps, causal, center, normalize), *_cu_args(cu), int(tensor_cores),
+         ptr(dy), arr(dy.stride()), ptr(y), ptr(b), ptr(den), ptr(dq), ptr(dk), ptr(dv), ptr(db))
+    return dq, dk, dv, shift_grad(db)
 
 
 def _report(name, errs, tol, track=None):
@@ -96,7 +77,7 @@ def check_direct(lib, dtype, B, Hq, Hk, N, Dk, Dv, causal, center, normalize, ki
     g = torch.Generator().manual_seed(seed)
     cu = None
     if lens is not None:
-        cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int64)
+        cu = cu_seqlens(lens)
         B, N = 1, int(cu[-1])
     q = strided((B, Hq, N, Dk), dtype, g, kinds[0])
     k = strided((B, Hk, N, Dk), dtype, g, kinds[1], key_offset)
@@ -218,23 +199,18 @@ def check_direct_nonfinite(lib):
     stays out of the other batch entry's gradients and, causal, of dq of earlier rows."""
     ok = True
     s = 0
+    # Emu.fwd's and Emu.bwd's arguments (nonfinite_reach), unpacked.
+    fwd = lambda q, k, v, shift, *opts: emu_direct_fwd(lib, q, k, v, shift, None, opts)
+    bwd = lambda dy, q, k, v, shift, y, b, den, *opts: emu_direct_bwd(lib, dy, q, k, v, shift,
+                                                                       None, y, b, den, opts)
     for bad, n, j in ((float("nan"), 10, 6), (float("inf"), 70, 66), (float("nan"), 150, 70)):
         for causal in (True, False):
             for what in ("v", "q", "k"):
                 g = torch.Generator().manual_seed(900 + s)
                 s += 1
-                q, k, v, shift, mask = nonfinite_case(g, n, j, bad, what, causal)
-                opts = (causal, 0.6, True, True, 1e-6)
-                y, b, den = emu_direct_fwd(lib, q, k, v, shift, None, opts)
-                nonfin = ~torch.isfinite(y)
-                good = bool(nonfin[mask].all()) and not bool((nonfin & ~mask).any())
-                if what == "v" and bad != bad:
-                    dy = torch.randn(y.shape, generator=g, dtype=torch.float64)
-                    dq, dk, dv, _ = emu_direct_bwd(lib, dy, q, k, v, shift, None, y, b, den, opts)
-                    good &= all(bool(torch.isfinite(t[0]).all()) for t in (dq, dk, dv))
-                    if causal:
-                        good &= bool(torch.isfinite(dq[1, :, :j]).all())
-                        good &= bool(torch.isfinite(dv[1, :, :j]).all())
+                good, grads = nonfinite_reach(fwd, bwd, g, n, j, bad, what, causal, True)
+                if grads is not None and causal:  # dv of the keys before the NaN's position
+                    good &= bool(torch.isfinite(grads[2][1, :, :j]).all())
                 print(("ok   " if good else "FAIL ") + f"direct non-finite {bad} at {j} of N={n} "
                       f"in {what}, causal={int(causal)}", flush=True)
                 ok &= good

@@ -15,7 +15,8 @@ import sys
 
 import torch
 
-from emu_common import DT, TOL, acc_of, arr, ptr, reference
+from emu_common import (TOL, acc_of, call, forward_outputs, nan_full, ptr, qkv_args, reference,
+                        scalar_args)
 
 
 def _rel(a, b):
@@ -49,44 +50,30 @@ def _set_pool(lib, slots, fresh, sums, ref):
 
 def emu_pool_prefill(lib, q, k, v, shift, cu, slots, fresh, sums, ref, opts):
     scale, center, normalize, eps = opts
-    _, Hq, T, Dk = q.shape
-    Hk, Dv = k.shape[1], v.shape[-1]
-    acc = acc_of(q.dtype)
-    y, b, den = (torch.full(s, float("nan"), dtype=acc)
-                 for s in ((1, Hq, T, Dv), (1, Hq, T), (1, Hq, T)))
+    y, b, den = forward_outputs(q, v)
     null = ctypes.c_void_p(None)
     lib.emu_set_seqs(ctypes.cast(cu.data_ptr(), ctypes.POINTER(ctypes.c_int64)), cu.numel() - 1)
     lib.emu_set_state(ptr(sums), ptr(ref), ptr(sums), ptr(ref), null, null, null)
     _set_pool(lib, slots, fresh, sums, ref)
     try:
-        msg = ctypes.create_string_buffer(512)
-        rc = lib.emu_fwd(DT[q.dtype], arr([1, Hq, Hk, T, Dk, Dv]), ptr(q), arr(q.stride()),
-                         ptr(k), arr(k.stride()), ptr(v), arr(v.stride()), ptr(shift),
-                         ctypes.c_double(scale), ctypes.c_double(eps), 1, int(center),
-                         int(normalize), ptr(y), ptr(b), ptr(den), msg, 512)
+        call(lib.emu_fwd, *qkv_args(q, k, v, shift),
+             *scalar_args(scale, eps, True, center, normalize), ptr(y), ptr(b), ptr(den))
     finally:
         lib.emu_set_seqs(None, 0)
         lib.emu_set_state(null, null, null, null, null, null, null)
         lib.emu_set_pool(None, None, 0, 0)
-    assert rc == 0, msg.value
     return y
 
 
 def emu_pool_decode(lib, q, k, v, shift, slots, fresh, sums, ref, opts):
     scale, center, normalize, eps = opts
-    B, Hq, _, Dk = q.shape
-    Hk, Dv = k.shape[1], v.shape[-1]
-    y = torch.full((B, Hq, 1, Dv), float("nan"), dtype=q.dtype)
+    y = nan_full(q.shape[:3] + v.shape[-1:], q.dtype)
     _set_pool(lib, slots, fresh, sums, ref)
     try:
-        msg = ctypes.create_string_buffer(512)
-        rc = lib.emu_decode(DT[q.dtype], arr([B, Hq, Hk, 1, Dk, Dv]), ptr(q), arr(q.stride()),
-                            ptr(k), arr(k.stride()), ptr(v), arr(v.stride()), ptr(shift),
-                            ctypes.c_double(scale), ctypes.c_double(eps), int(center),
-                            int(normalize), ptr(sums), ptr(ref), ptr(y), msg, 512)
+        call(lib.emu_decode, *qkv_args(q, k, v, shift),
+             *scalar_args(scale, eps, center, normalize), ptr(sums), ptr(ref), ptr(y))
     finally:
         lib.emu_set_pool(None, None, 0, 0)
-    assert rc == 0, msg.value
     return y
 
 

@@ -1,6 +1,8 @@
-"""What the emulator's check scripts share (check_emu.py, check_emu_direct.py): the dtype codes
-of the harnesses, the tolerances (docs/SPEC.md), ctypes argument helpers, the error measure and
-the report line, and random inputs with the strides a case names."""
+"""What the emulator's check scripts share (check_emu.py, check_emu_direct.py, check_emu_pool.py):
+the dtype codes of the harnesses, the tolerances (docs/SPEC.md), ctypes argument helpers (the
+inputs' leading arguments of every entry point, a call that raises with the harness's message),
+outputs poisoned with NaN, packed batches, the error measure and the report line, and random
+inputs with the strides a case names."""
 import contextlib
 import ctypes
 import os
@@ -30,6 +32,69 @@ def opt_ptr(t):
 
 def acc_of(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def qkv_args(q, k, v, shift):
+    """The leading C arguments of the harnesses' entry points (emu_params.h, fill_qkv): the
+    dtype code, the sizes (B, Hq, Hk, N, Dk, Dv), q, k, v with their element strides, and shift
+    (a tensor the caller keeps alive: the accumulation dtype, contiguous)."""
+    B, Hq, N, Dk = q.shape
+    return (DT[q.dtype], arr([B, Hq, k.shape[1], N, Dk, v.shape[-1]]), ptr(q), arr(q.stride()),
+            ptr(k), arr(k.stride()), ptr(v), arr(v.stride()), ptr(shift))
+
+
+def scalar_args(scale, eps, *flags):
+    """The C arguments after qkv_args: scale and eps as doubles, then the flags as ints."""
+    return (ctypes.c_double(scale), ctypes.c_double(eps), *(int(f) for f in flags))
+
+
+def call_status(entry, *args):
+    """entry(*args, msg, msglen) (a harness entry point): its return code and message."""
+    msg = ctypes.create_string_buffer(512)
+    rc = entry(*args, msg, 512)
+    return rc, msg.value.decode()
+
+
+def call(entry, *args):
+    """entry(*args, msg, msglen), which must succeed (an AssertionError with its message)."""
+    rc, msg = call_status(entry, *args)
+    assert rc == 0, msg
+
+
+def nan_full(shape, dtype):
+    """An output buffer that the kernels must write everywhere: NaN until they do."""
+    return torch.full(shape, float("nan"), dtype=dtype)
+
+
+def forward_outputs(q, v):
+    """A forward's y (B, Hq, N, Dv), b and den (B, Hq, N) for q (B, Hq, N, Dk) and v (.., Dv):
+    the accumulation dtype (the op's y is unrounded), NaN."""
+    B, Hq, N, _ = q.shape
+    acc = acc_of(q.dtype)
+    return (nan_full((B, Hq, N, v.shape[-1]), acc), nan_full((B, Hq, N), acc),
+            nan_full((B, Hq, N), acc))
+
+
+def gradient_outputs(q, k, v):
+    """A backward's dq, dk, dv (the shapes of q, k, v) and db (B, Hq, N): the accumulation
+    dtype, NaN."""
+    acc = acc_of(q.dtype)
+    return (nan_full(q.shape, acc), nan_full(k.shape, acc), nan_full(v.shape, acc),
+            nan_full(q.shape[:3], acc))
+
+
+def cu_seqlens(lens):
+    """The int64 cu_seqlens (S + 1 offsets) of sequences of these lengths."""
+    return torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int64)
+
+
+def packed_batch(lens):
+    """(B, S, T, cu) of a carried-state case: lens an int N, two batch entries of N positions
+    (B = S = 2, no cu_seqlens), or a list of sequence lengths packed into one batch entry
+    (B = 1, S = len(lens), T their sum, cu their cu_seqlens)."""
+    if isinstance(lens, list):
+        return 1, len(lens), sum(lens), cu_seqlens(lens)
+    return 2, 2, lens, None
 
 
 def rel(a, b):
@@ -101,51 +166,27 @@ class Emu:
     def fwd(self, q, k, v, shift, causal, scale, center, normalize, eps, refusal=False):
         """The forward of the CUDA kernels: y, b, den; refusal=True: the launcher's return code and
         message instead (for shapes it must refuse)."""
-        B, Hq, N, Dk = q.shape
-        Hk, Dv = k.shape[1], v.shape[-1]
-        acc = acc_of(q.dtype)
-        shift_acc = shift.to(acc).contiguous()
-        y = torch.full((B, Hq, N, Dv), float("nan"), dtype=acc)  # the op's y is unrounded
-        b = torch.full((B, Hq, N), float("nan"), dtype=acc)
-        den = torch.full((B, Hq, N), float("nan"), dtype=acc)
-        msg = ctypes.create_string_buffer(512)
-        rc = self.lib.emu_fwd(DT[q.dtype], arr([B, Hq, Hk, N, Dk, Dv]), ptr(q), arr(q.stride()), ptr(k),
-                         arr(k.stride()), ptr(v), arr(v.stride()), ptr(shift_acc),
-                         ctypes.c_double(scale), ctypes.c_double(eps), int(causal), int(center),
-                         int(normalize), ptr(y), ptr(b), ptr(den), msg, 512)
+        shift_acc = shift.to(acc_of(q.dtype)).contiguous()
+        y, b, den = forward_outputs(q, v)
+        rc, msg = call_status(self.lib.emu_fwd, *qkv_args(q, k, v, shift_acc),
+                              *scalar_args(scale, eps, causal, center, normalize), ptr(y), ptr(b),
+                              ptr(den))
         if refusal:
-            return rc, msg.value.decode()
-        assert rc == 0, msg.value
+            return rc, msg
+        assert rc == 0, msg
         return y, b, den
 
     def bwd(self, dy, q, k, v, shift, y, b, den, causal, scale, center, normalize, eps):
-        B, Hq, N, Dk = q.shape
-        Hk, Dv = k.shape[1], v.shape[-1]
-        acc = acc_of(q.dtype)
-        shift_acc = shift.to(acc).contiguous()
-        nan = float("nan")
-        dq = torch.full(q.shape, nan, dtype=acc)
-        dk = torch.full(k.shape, nan, dtype=acc)
-        dv = torch.full(v.shape, nan, dtype=acc)
-        db = torch.full((B, Hq, N), nan, dtype=acc)
-        msg = ctypes.create_string_buffer(512)
-        rc = self.lib.emu_bwd(DT[q.dtype], arr([B, Hq, Hk, N, Dk, Dv]), ptr(q), arr(q.stride()), ptr(k),
-                         arr(k.stride()), ptr(v), arr(v.stride()), ptr(shift_acc),
-                         ctypes.c_double(scale), ctypes.c_double(eps), int(causal), int(center),
-                         int(normalize), ptr(dy), arr(dy.stride()), ptr(y), ptr(b), ptr(den), ptr(dq),
-                         ptr(dk), ptr(dv), ptr(db), msg, 512)
-        assert rc == 0, msg.value
+        shift_acc = shift.to(acc_of(q.dtype)).contiguous()
+        dq, dk, dv, db = gradient_outputs(q, k, v)
+        call(self.lib.emu_bwd, *qkv_args(q, k, v, shift_acc),
+             *scalar_args(scale, eps, causal, center, normalize), ptr(dy), arr(dy.stride()), ptr(y),
+             ptr(b), ptr(den), ptr(dq), ptr(dk), ptr(dv), ptr(db))
         return dq, dk, dv, shift_grad(db)
 
     def decode(self, q, k, v, shift, sums, ref, scale, center, normalize, eps):
         """One in-place step of the CUDA decode kernels on (sums, ref); returns y."""
-        B, Hq, _, Dk = q.shape
-        Hk, Dv = k.shape[1], v.shape[-1]
-        y = torch.full((B, Hq, 1, Dv), float("nan"), dtype=q.dtype)
-        msg = ctypes.create_string_buffer(512)
-        rc = self.lib.emu_decode(DT[q.dtype], arr([B, Hq, Hk, 1, Dk, Dv]), ptr(q), arr(q.stride()),
-                            ptr(k), arr(k.stride()), ptr(v), arr(v.stride()), ptr(shift),
-                            ctypes.c_double(scale), ctypes.c_double(eps), int(center),
-                            int(normalize), ptr(sums), ptr(ref), ptr(y), msg, 512)
-        assert rc == 0, msg.value
+        y = nan_full(q.shape[:3] + v.shape[-1:], q.dtype)
+        call(self.lib.emu_decode, *qkv_args(q, k, v, shift),
+             *scalar_args(scale, eps, center, normalize), ptr(sums), ptr(ref), ptr(y))
         return y

@@ -1,7 +1,6 @@
 // C entry points over the direct path's launchers (csq_direct_launch.h), for check_emu.py
 // (ctypes). Emulator only. Packed sequences and the tensor-core switch are explicit arguments.
 #include <cstdio>
-#include <vector>
 
 #include "csq_direct_launch.h"
 #include "emu_params.h"
@@ -34,15 +33,9 @@ extern "C" int emu_direct_fwd(int dt, const int64_t* sz, const void* q, const in
               num_seqs, tensor_cores);
   p.row_shift = row_shift;  // may be null
   p.row_sums = row_sums;
-  p.y = y;
-  p.b = b;
-  p.den = den;
-  const DType d = DType(dt);
-  std::vector<unsigned char> ws(direct_fwd_workspace_bytes(p, d) + 1, 0xFF);  // poisoned
-  const Status st = for_launch(d, [&](auto tag, auto map) {
-    return launch_direct_fwd<decltype(tag)::value, decltype(map)>(p, ws.data(), ws.size(), nullptr);
-  });
-  return report(st, msg, msglen);
+  static_cast<ForwardOutputs&>(p) = ForwardOutputs{y, b, den};
+  return launch_with_workspace(dt, p, direct_fwd_workspace_bytes, msg, msglen,
+                               EMU_LAUNCHER(launch_direct_fwd));
 }
 
 extern "C" int emu_direct_bwd(int dt, const int64_t* sz, const void* q, const int64_t* qs,
@@ -55,19 +48,7 @@ extern "C" int emu_direct_bwd(int dt, const int64_t* sz, const void* q, const in
   DirectBwdParams p;
   fill_direct(p, sz, q, qs, k, ks, v, vs, shift, scale, eps, causal, center, normalize, cu,
               num_seqs, tensor_cores);
-  for (int i = 0; i < 4; ++i) p.dy_stride[i] = dys[i];
-  p.dy = dy;
-  p.y = const_cast<void*>(y);
-  p.b = const_cast<void*>(b);
-  p.den = const_cast<void*>(den);
-  p.dq = dq;
-  p.dk = dk;
-  p.dv = dv;
-  p.db = db;
-  const DType d = DType(dt);
-  std::vector<unsigned char> ws(direct_bwd_workspace_bytes(p, d) + 1, 0xFF);
-  const Status st = for_launch(d, [&](auto tag, auto map) {
-    return launch_direct_bwd<decltype(tag)::value, decltype(map)>(p, ws.data(), ws.size(), nullptr);
-  });
-  return report(st, msg, msglen);
+  fill_gradients(p, p, dy, dys, y, b, den, dq, dk, dv, db);
+  return launch_with_workspace(dt, p, direct_bwd_workspace_bytes, msg, msglen,
+                               EMU_LAUNCHER(launch_direct_bwd));
 }

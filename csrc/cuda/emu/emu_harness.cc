@@ -1,7 +1,6 @@
 // C entry points over the launchers, for check_emu.py (ctypes). Emulator only.
 #include <cstdio>
 #include <cstdlib>
-#include <vector>
 
 #include "csq_launch.h"
 #include "emu_params.h"
@@ -15,13 +14,12 @@ namespace {
 const int64_t* g_cu_seqlens = nullptr;
 int64_t g_num_seqs = 0;
 
-// Carried-state pointers for the next emu_fwd / emu_bwd calls (emu_set_state); all null for
-// none. The backward reads ref_in as the forward's ref (as the op does).
-struct StatePtrs {
-  const void *state_in = nullptr, *ref_in = nullptr, *dstate_out = nullptr;
-  void *state_out = nullptr, *ref_out = nullptr, *dstate_in = nullptr, *dref = nullptr;
-  const void* dref_out = nullptr;  // emu_set_ref_grad
-  bool ref_given = true;           // emu_set_ref_grad
+// The carried state and its gradients for the next emu_fwd / emu_bwd / emu_state calls
+// (emu_set_state, emu_set_ref_grad); all null for none. A backward reads carried.ref_in as the
+// forward's ref (as the op does).
+struct StateArgs {
+  CarriedState carried;      // its pool stays empty: emu_set_pool's is g_pool
+  CarriedStateGrads grads;
 } g_state;
 
 // The state pool of the following emu_fwd / emu_decode calls (emu_set_pool): slot indices and
@@ -43,10 +41,7 @@ void fill(QkvParams& p, const int64_t* sz, const void* q, const int64_t* qs, con
 void fill_forward(FwdParams& p) {
   p.chunk = 7;  // ignored by the CUDA backend
   p.tensor_core_passes = g_tensor_core_passes;
-  p.state_in = g_state.state_in;
-  p.ref_in = g_state.ref_in;
-  p.state_out = g_state.state_out;
-  p.ref_out = g_state.ref_out;
+  static_cast<CarriedState&>(p) = g_state.carried;
   p.pool = g_pool;
 }
 
@@ -85,15 +80,15 @@ extern "C" void emu_set_feature_map(int map) { feature_map() = map; }
 extern "C" void emu_set_state(const void* state_in, const void* ref_in, void* state_out,
                               void* ref_out, const void* dstate_out, void* dstate_in,
                               void* dref) {
-  g_state = StatePtrs{state_in, ref_in, dstate_out, state_out, ref_out, dstate_in, dref,
-                      nullptr, true};
+  g_state.carried = CarriedState{state_in, ref_in, state_out, ref_out, StatePool{}};
+  g_state.grads = CarriedStateGrads{dstate_out, nullptr, true, dstate_in, dref};
 }
 
 // For the next backward (after emu_set_state): the incoming gradient of the returned ref, and
 // whether the forward was given its ref_in (CarriedStateGrads::ref_given).
 extern "C" void emu_set_ref_grad(const void* dref_out, int ref_given) {
-  g_state.dref_out = dref_out;
-  g_state.ref_given = ref_given != 0;
+  g_state.grads.dref_out = dref_out;
+  g_state.grads.ref_given = ref_given != 0;
 }
 
 extern "C" int emu_fwd(int dt, const int64_t* sz, const void* q, const int64_t* qs, const void* k,
@@ -103,15 +98,9 @@ extern "C" int emu_fwd(int dt, const int64_t* sz, const void* q, const int64_t* 
   FwdParams p;
   fill(p, sz, q, qs, k, ks, v, vs, shift, scale, eps, causal, center, normalize);
   fill_forward(p);
-  p.y = y;
-  p.b = b;
-  p.den = den;
-  const DType d = DType(dt);
-  std::vector<unsigned char> ws(fwd_workspace_bytes(p, d) + 1, 0xFF);  // poisoned
-  const Status st = for_launch(d, [&](auto tag, auto map) {
-    return launch_fwd<decltype(tag)::value, decltype(map)>(p, ws.data(), ws.size(), nullptr);
-  });
-  return report(st, msg, msglen);
+  static_cast<ForwardOutputs&>(p) = ForwardOutputs{y, b, den};
+  return launch_with_workspace(dt, p, fwd_workspace_bytes, msg, msglen,
+                               EMU_LAUNCHER(launch_fwd));
 }
 
 extern "C" int emu_bwd(int dt, const int64_t* sz, const void* q, const int64_t* qs, const void* k,
@@ -124,26 +113,10 @@ extern "C" int emu_bwd(int dt, const int64_t* sz, const void* q, const int64_t* 
   fill(p, sz, q, qs, k, ks, v, vs, shift, scale, eps, causal, center, normalize);
   fill_forward(p);
   p.state_out = p.ref_out = nullptr;  // forward outputs; the backward reads ref_in
-  p.dstate_out = g_state.dstate_out;
-  p.dstate_in = g_state.dstate_in;
-  p.dref = g_state.dref;
-  p.dref_out = g_state.dref_out;
-  p.ref_given = g_state.ref_given;
-  for (int i = 0; i < 4; ++i) p.dy_stride[i] = dys[i];
-  p.dy = dy;
-  p.y = const_cast<void*>(y);
-  p.b = const_cast<void*>(b);
-  p.den = const_cast<void*>(den);
-  p.dq = dq;
-  p.dk = dk;
-  p.dv = dv;
-  p.db = db;
-  const DType d = DType(dt);
-  std::vector<unsigned char> ws(bwd_workspace_bytes(p, d) + 1, 0xFF);
-  const Status st = for_launch(d, [&](auto tag, auto map) {
-    return launch_bwd<decltype(tag)::value, decltype(map)>(p, ws.data(), ws.size(), nullptr);
-  });
-  return report(st, msg, msglen);
+  static_cast<CarriedStateGrads&>(p) = g_state.grads;
+  fill_gradients(p, p, dy, dys, y, b, den, dq, dk, dv, db);
+  return launch_with_workspace(dt, p, bwd_workspace_bytes, msg, msglen,
+                               EMU_LAUNCHER(launch_bwd));
 }
 
 // One in-place decoding step: sums (B, Hk, F, Dv + 1) and ref (B, Hk, Dk) in the acc dtype,
@@ -175,41 +148,28 @@ extern "C" int emu_state(int dt, const int64_t* sz, const void* k, const int64_t
                          char* msg, int msglen) {
   StateParams p;
   fill(p, sz, k, ks, k, ks, v, vs, k, 1.0, 0.0, 1, 0, 1);
-  p.state_in = g_state.state_in;
-  p.ref_in = g_state.ref_in;
+  p.state_in = g_state.carried.state_in;
+  p.ref_in = g_state.carried.ref_in;
   p.state_out = state_out;
   p.ref_out = ref_out;
   p.tensor_core_passes = g_tensor_core_passes;
-  const DType d = DType(dt);
-  std::vector<unsigned char> ws(state_workspace_bytes(p, d) + 1, 0xFF);
-  const Status st = for_launch(d, [&](auto tag, auto map) {
-    return launch_state<decltype(tag)::value, decltype(map)>(p, ws.data(), ws.size(), nullptr);
-  });
-  return report(st, msg, msglen);
+  return launch_with_workspace(dt, p, state_workspace_bytes, msg, msglen,
+                               EMU_LAUNCHER(launch_state));
 }
 
 // Its backward: ref_in is the forward's ref; dstate_out, dstate_in, dref (emu_set_state) and
-// dref_out (emu_set_dref_out).
+// dref_out (emu_set_ref_grad).
 extern "C" int emu_state_bwd(int dt, const int64_t* sz, const void* k, const int64_t* ks,
                              const void* v, const int64_t* vs, void* dk, void* dv, char* msg,
                              int msglen) {
   StateBwdParams p;
   fill(p, sz, k, ks, k, ks, v, vs, k, 1.0, 0.0, 1, 0, 1);
-  p.state_in = g_state.state_in;
-  p.ref_in = g_state.ref_in;
-  p.dstate_out = g_state.dstate_out;
-  p.dref_out = g_state.dref_out;
-  p.dstate_in = g_state.dstate_in;
-  p.dref = g_state.dref;
-  p.ref_given = g_state.ref_given;
+  p.state_in = g_state.carried.state_in;
+  p.ref_in = g_state.carried.ref_in;
+  static_cast<CarriedStateGrads&>(p) = g_state.grads;
   p.dk = dk;
   p.dv = dv;
   p.tensor_core_passes = g_tensor_core_passes;
-  const DType d = DType(dt);
-  std::vector<unsigned char> ws(state_workspace_bytes(p, d) + 1, 0xFF);
-  const Status st = for_launch(d, [&](auto tag, auto map) {
-    return launch_state_bwd<decltype(tag)::value, decltype(map)>(p, ws.data(), ws.size(),
-                                                                 nullptr);
-  });
-  return report(st, msg, msglen);
+  return launch_with_workspace(dt, p, state_workspace_bytes, msg, msglen,
+                               EMU_LAUNCHER(launch_state_bwd));
 }

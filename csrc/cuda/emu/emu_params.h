@@ -1,11 +1,13 @@
 // What the chunked ops' harness (emu_harness.cc) and the direct path's (emu_direct_harness.cc)
-// share: the inputs' part of the params (QkvParams) from the C arguments that check_emu.py
-// passes, the launch for a runtime dtype, and the Status -> C return code. Emulator only.
+// share: the inputs' part of the params (QkvParams) and a backward's dy, saved outputs and
+// gradients from the C arguments that check_emu.py passes, the launch for a runtime dtype on a
+// poisoned workspace, and the Status -> C return code. Emulator only.
 #pragma once
 
 #include <cstdint>
 #include <cstdio>
 #include <type_traits>
+#include <vector>
 
 #include "csq_launch.h"  // csq_params.h: QkvParams
 
@@ -40,6 +42,23 @@ inline void fill_qkv(QkvParams& p, const int64_t* sz, const void* q, const int64
   p.normalize = normalize;
   p.cu_seqlens = cu;
   p.num_seqs = cu != nullptr ? num_seqs : p.batch;
+}
+
+// A backward's arguments beyond the forward's, shared by both algorithms (GradientFields and
+// the forward's saved outputs): dy with its element strides dys, the forward's y, b, den (read
+// back, not written) and the gradient outputs dq, dk, dv, db.
+inline void fill_gradients(ForwardOutputs& saved, GradientFields& grad, const void* dy,
+                           const int64_t* dys, const void* y, const void* b, const void* den,
+                           void* dq, void* dk, void* dv, void* db) {
+  for (int i = 0; i < 4; ++i) grad.dy_stride[i] = dys[i];
+  grad.dy = dy;
+  saved.y = const_cast<void*>(y);
+  saved.b = const_cast<void*>(b);
+  saved.den = const_cast<void*>(den);
+  grad.dq = dq;
+  grad.dk = dk;
+  grad.dv = dv;
+  grad.db = db;
 }
 
 // The feature map of the following calls (emu_set_feature_map): 0 StateMap, 1 the tests'
@@ -77,5 +96,27 @@ inline int report(const cuda::Status& st, char* msg, int msglen) {
   snprintf(msg, msglen, "%s: %s", st.where, st.message ? st.message : "cuda error");
   return int(st.code) == 0 ? -1 : int(st.code);
 }
+
+// launch(tag, map, p, workspace, bytes) through for_launch for the dtype code dt, on a
+// workspace of workspace_bytes(p, dtype) (+ 1, so that it is never empty) poisoned with 0xFF
+// bytes (NaN in every float type: a kernel that reads what it did not write shows up); its
+// Status reported into msg. `launch` is EMU_LAUNCHER(name) below.
+template <typename Params, typename WorkspaceBytes, typename Launch>
+int launch_with_workspace(int dt, const Params& p, WorkspaceBytes workspace_bytes, char* msg,
+                          int msglen, const Launch& launch) {
+  const cuda::DType d = cuda::DType(dt);
+  std::vector<unsigned char> ws(workspace_bytes(p, d) + 1, 0xFF);
+  const cuda::Status st = for_launch(
+      d, [&](auto tag, auto map) { return launch(tag, map, p, ws.data(), ws.size()); });
+  return report(st, msg, msglen);
+}
+
+// The launcher template NAME (csq_launch.h, csq_direct_launch.h: NAME<DT, Map>(p, workspace,
+// bytes, stream)) as launch_with_workspace's `launch`. A macro: a function template cannot be
+// passed to another template by its name.
+#define EMU_LAUNCHER(NAME)                                                           \
+  [](auto tag, auto map, const auto& params, void* workspace, size_t bytes) {        \
+    return NAME<decltype(tag)::value, decltype(map)>(params, workspace, bytes, nullptr); \
+  }
 
 }  // namespace csq
