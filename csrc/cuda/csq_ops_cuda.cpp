@@ -1,0 +1,168 @@
+// The CUDA backend of every op: the shared entries (../csq_op_entries.h: the schema's
+// arguments, the host layer's checks, params and outputs; outputs and gradients follow the
+// CPU's contract, so the Python autograd wiring is shared) with the CUDA's run functions: the
+// device guard, what the CUDA kernels support beyond the host layer's checks, the workspace,
+// and the launcher for the dtype on the current stream of the inputs' device. The launchers
+// are in csq_*_launch.cu (csq_launch.h, csq_direct_launch.h).
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <type_traits>
+
+#include "../csq_op_entries.h"
+#include "csq_cuda_host.h"
+#include "csq_direct_launch.h"
+#include "csq_launch.h"
+
+namespace csq {
+namespace {
+
+// The launcher for like's dtype on the current stream, with a workspace of `bytes`:
+// run(DType constant, workspace, bytes, stream) returns its Status; `what` names the op in
+// errors.
+template <typename Run>
+void launch_with_workspace(const at::Tensor& like, size_t bytes, const char* what,
+                           const Run& run) {
+  at::Tensor ws = cuda_host::workspace(like, bytes);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  const cuda::Status st = CSQ_DTYPE_SWITCH(like.scalar_type(), DT, [&] {
+    return run(std::integral_constant<cuda::DType, DT>{}, ws.data_ptr(), bytes, stream);
+  });
+  cuda_host::check_status(st, what);
+}
+
+// The chunked kernels' backward and the state ops: the guard, the CUDA checks (the packed
+// batch's grid included), the tensor-core switch, then the launcher with a workspace of
+// workspace_bytes(p, dtype), also with no token (B Hq N == 0: the backward's launcher then
+// only zeroes the gradients and passes dstate_out through to dstate_in).
+template <typename Params, typename BytesParams, typename Run>
+void run_chunked(Params& p, const OpInputs& in,
+                 size_t (*workspace_bytes)(const BytesParams&, cuda::DType), const char* what,
+                 const Run& run) {
+  const c10::cuda::CUDAGuard guard(in.q.device());
+  cuda_host::check_supported(in.q, in.k, in.v, in.shift);
+  cuda_host::check_packed(p);
+  p.tensor_core_passes = cuda_host::tensor_core_passes();
+  const size_t bytes = workspace_bytes(p, cuda_host::to_dtype(in.q.scalar_type()));
+  launch_with_workspace(in.q, bytes, what, run);
+}
+
+bool run_chunked_forward(ForwardCall& call, const OpInputs& in, bool /*return_state*/) {
+  const c10::cuda::CUDAGuard guard(in.q.device());
+  cuda_host::check_supported(in.q, in.k, in.v, in.shift);
+  cuda_host::run_forward(call.p, in.q, "forward");
+  return true;  // the CUDA kernels do not check the float32 state's conditioning
+}
+
+bool run_chunked_backward(BackwardCall& call, const OpInputs& in) {
+  run_chunked(call.p, in, &cuda::bwd_workspace_bytes, "backward",
+              [&](auto dt, void* ws, size_t bytes, cudaStream_t s) {
+                return cuda::launch_bwd<decltype(dt)::value>(call.p, ws, bytes, s);
+              });
+  return true;
+}
+
+void run_state(StateCall& call, const OpInputs& in) {
+  run_chunked(call.p, in, &cuda::state_workspace_bytes, "state",
+              [&](auto dt, void* ws, size_t bytes, cudaStream_t s) {
+                return cuda::launch_state<decltype(dt)::value>(call.p, ws, bytes, s);
+              });
+}
+
+void run_state_backward(StateBackwardCall& call, const OpInputs& in) {
+  run_chunked(call.p, in, &cuda::state_workspace_bytes, "state backward",
+              [&](auto dt, void* ws, size_t bytes, cudaStream_t s) {
+                return cuda::launch_state_bwd<decltype(dt)::value>(call.p, ws, bytes, s);
+              });
+}
+
+// What the CUDA direct kernels support beyond the host layer's checks.
+void check_direct_supported(const OpInputs& in) {
+  TORCH_CHECK(in.q.is_cuda() && in.k.is_cuda() && in.v.is_cuda() && in.shift.is_cuda(),
+              "csq_ext (CUDA, direct path): q, k, v and shift must be CUDA tensors");
+  const int64_t dk = in.q.size(3), dv = in.v.size(3), maxd = cuda::kDirectMaxHeadDim;
+  TORCH_CHECK(dk >= 1 && dk <= maxd && dv >= 1 && dv <= maxd,
+              "csq_ext (CUDA, direct path): supports head sizes 1 <= Dk <= ", maxd,
+              " and 1 <= Dv <= ", maxd, "; got Dk = ", dk, ", Dv = ", dv,
+              ". Larger heads run on the CPU backend.");
+  TORCH_CHECK(in.q.size(1) <= 65535, "csq_ext (CUDA, direct path): supports Hq <= 65535, got ",
+              in.q.size(1));
+}
+
+// Both directions of the direct path: the guard, the CUDA checks, the tensor-core switch, the
+// launch shapes, then the launcher with a workspace of workspace_bytes(p, dtype).
+// The CUDA direct kernels do not carry states yet (the CPU's do): csq_ext.attention takes the
+// chunked path on CUDA when a state is read or returned (with_state); a direct op call with
+// one is refused.
+template <typename Params, typename Run>
+bool run_direct(Params& p, const OpInputs& in, bool with_state,
+                size_t (*workspace_bytes)(const DirectFwdParams&, cuda::DType), const char* what,
+                const Run& run) {
+  const c10::cuda::CUDAGuard guard(in.q.device());
+  check_direct_supported(in);
+  TORCH_CHECK(!with_state,
+              "csq_ext (CUDA, direct path): a carried or returned state runs on the chunked path "
+              "on CUDA (path='chunked' or 'auto'); the CUDA direct kernels do not carry states "
+              "yet");
+  p.tensor_core_passes = cuda_host::tensor_core_passes();
+  cuda_host::check_status(cuda::check_direct_shapes(p), "direct path");
+  const size_t bytes = workspace_bytes(p, cuda_host::to_dtype(in.q.scalar_type()));
+  launch_with_workspace(in.q, bytes, what, run);
+  return true;
+}
+
+bool run_direct_forward(DirectForwardCall& call, const OpInputs& in, bool return_state) {
+  return run_direct(call.p, in, call.p.state_in != nullptr || return_state,
+                    &cuda::direct_fwd_workspace_bytes, "direct forward",
+                    [&](auto dt, void* ws, size_t bytes, cudaStream_t s) {
+                      return cuda::launch_direct_fwd<decltype(dt)::value>(call.p, ws, bytes, s);
+                    });
+}
+
+// The backward's ref is the forward's, given only when the forward read or returned a state.
+bool run_direct_backward(DirectBackwardCall& call, const OpInputs& in) {
+  return run_direct(call.p, in, call.p.state_in != nullptr || call.p.ref_in != nullptr,
+                    &cuda::direct_bwd_workspace_bytes, "direct backward",
+                    [&](auto dt, void* ws, size_t bytes, cudaStream_t s) {
+                      return cuda::launch_direct_bwd<decltype(dt)::value>(call.p, ws, bytes, s);
+                    });
+}
+
+// csq_decode_ and csq_pool_decode_: allocates nothing (the state's sums and the caller's y
+// are the only memory written; the kernels are in csq_decode.cuh).
+void run_decode(const DecodeParams& p, const OpInputs& in, const char* what) {
+  cuda_host::check_supported(in.q, in.k, in.v, in.shift);
+  if (p.batch * p.heads_k == 0) return;
+  const c10::cuda::CUDAGuard guard(in.q.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  const cuda::Status st = CSQ_DTYPE_SWITCH(in.q.scalar_type(), DT, [&] {
+    return cuda::launch_decode<DT>(p, stream);
+  });
+  cuda_host::check_status(st, what);
+}
+
+// The pool's prefill is the chunked forward over the pool's slots (StatePool); the forward's
+// launcher zeroes the fresh slots first (csq_pool.cuh).
+void run_pool_prefill(PoolPrefillCall& call, const OpInputs& in) {
+  const c10::cuda::CUDAGuard guard(in.q.device());
+  cuda_host::check_supported(in.q, in.k, in.v, in.shift);
+  if (!call.empty) cuda_host::run_forward(call.p, in.q, "pool prefill");
+}
+
+}  // namespace
+}  // namespace csq
+
+TORCH_LIBRARY_IMPL(csq_ext, CUDA, m) {
+  using namespace csq;
+  m.impl("csq_chunked_fwd", &forward_entry<&prepare_forward, &run_chunked_forward>);
+  m.impl("csq_chunked_bwd", &backward_entry<&prepare_backward, &run_chunked_backward>);
+  m.impl("csq_direct_fwd", &forward_entry<&prepare_direct_forward, &run_direct_forward>);
+  m.impl("csq_direct_bwd", &backward_entry<&prepare_direct_backward, &run_direct_backward>);
+  m.impl("csq_state", &state_entry<&run_state>);
+  m.impl("csq_state_bwd", &state_backward_entry<&run_state_backward>);
+  m.impl("csq_decode_", &decode_entry<&run_decode>);
+  m.impl("csq_pool_decode_", &pool_decode_entry<&run_decode>);
+  m.impl("csq_pool_prefill_", &pool_prefill_entry<&run_pool_prefill>);
+}
