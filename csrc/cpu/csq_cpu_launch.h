@@ -1,9 +1,9 @@
-// The interface between the CPU host file (csq_ops_cpu.cpp: the shared entries' run functions,
-// dtype dispatch, TORCH_LIBRARY_IMPL) and the CPU kernels (csq_*_kernel.cpp), the mirror of csrc/cuda/csq_launch.h. The caller passes the params that
-// prepare_* filled (outputs allocated, zeroed where the contract says so) and the input dtype
-// scalar_t (double, float, at::Half, at::BFloat16); each launcher runs the whole op on the
-// ATen thread pool and returns when done. Map: the feature map (csq_feature_maps.h; the ops
-// pass StateMap).
+// The interface between the CPU host file (csq_ops_cpu.cpp: the shared entries' run
+// functions, dtype dispatch, TORCH_LIBRARY_IMPL) and the CPU kernels (csq_*_kernel.cpp), the
+// mirror of csrc/cuda/csq_launch.h. The caller passes the params that prepare_* filled
+// (outputs allocated, zeroed where the contract says so) and the input dtype scalar_t (double,
+// float, at::Half, at::BFloat16); each launcher runs the whole op on the ATen thread pool and
+// returns when done. Map: the feature map (csq_feature_maps.h; the ops pass StateMap).
 #pragma once
 
 #include <type_traits>
