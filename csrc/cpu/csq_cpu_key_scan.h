@@ -1,7 +1,8 @@
 // The key side of the chunked path's CPU kernels (forward and the backward's passes), for any
-// feature map (csq_feature_map.h): a task's carried state and reference key, the per-query shifts b_i and key means mu_i of a chunk, and
-// the key scan (shifted keys, augmented values, key features and the key state S). The big
-// products go through csq_gemm.h (oneDNN's microkernel / BLAS).
+// feature map (csq_feature_map.h): a task's carried state and reference key, the per-query
+// shifts b_i and key means mu_i of a chunk, and the key scan (shifted keys, augmented values,
+// key features and the key state S). The big products go through csq_gemm.h (oneDNN's
+// microkernel / BLAS).
 #pragma once
 
 #include <algorithm>

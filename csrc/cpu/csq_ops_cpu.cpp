@@ -12,14 +12,21 @@ namespace csq {
 namespace cpu {
 namespace {
 
-// Runs launch(scalar_t()) for the input dtype: the kernels' four (CSQ_CPU_INSTANTIATE).
-template <typename Launch>
-void for_input_dtype(at::ScalarType dtype, const char* op, const Launch& launch) {
+// A launcher template (launch_fwd, ...) for StateMap as a value, for run_for_dtype: a function
+// template cannot be passed as an argument, a generic lambda can.
+#define CSQ_CPU_LAUNCHER(NAME) \
+  [](const auto& p, auto dtype_tag) { NAME<decltype(dtype_tag), StateMap>(p); }
+
+// Runs launcher(p, scalar_t()) for the input dtype: the kernels' four (CSQ_CPU_INSTANTIATE);
+// `op` names the op in errors.
+template <typename Params, typename Launcher>
+void run_for_dtype(const Params& p, at::ScalarType dtype, const char* op,
+                   const Launcher& launcher) {
   switch (dtype) {
-    case at::kDouble: return launch(double());
-    case at::kFloat: return launch(float());
-    case at::kHalf: return launch(c10::Half());
-    case at::kBFloat16: return launch(c10::BFloat16());
+    case at::kDouble: return launcher(p, double());
+    case at::kFloat: return launcher(p, float());
+    case at::kHalf: return launcher(p, c10::Half());
+    case at::kBFloat16: return launcher(p, c10::BFloat16());
     default:
       TORCH_CHECK(false, "csq_ext (CPU) ", op, ": unsupported dtype ", dtype,
                   "; supported: float64, float32, float16, bfloat16");
@@ -29,62 +36,56 @@ void for_input_dtype(at::ScalarType dtype, const char* op, const Launch& launch)
 // The chunked kernels check the float32 state's conditioning (csq_params.h): false when a
 // query row needs the float64 rerun (the entry's). The backward makes the same test on the
 // saved b and den.
-template <typename Launch>
-bool run_checking_state(FwdParams& p, at::ScalarType dtype, const char* op,
-                        const Launch& launch) {
+template <typename Params, typename Launcher>
+bool run_checking_state(Params& p, at::ScalarType dtype, const char* op,
+                        const Launcher& launcher) {
   int too_coarse = 0;
   p.state_condition_limit = state_condition_limit(dtype);
   p.state_too_coarse = &too_coarse;
-  for_input_dtype(dtype, op, launch);
+  run_for_dtype(p, dtype, op, launcher);
   p.state_too_coarse = nullptr;
   return too_coarse == 0;
 }
 
 bool run_chunked_forward(ForwardCall& call, const OpInputs& in, bool /*return_state*/) {
-  return run_checking_state(call.p, in.q.scalar_type(), "csq_chunked_fwd", [&](auto t) {
-    launch_fwd<decltype(t), StateMap>(call.p);
-  });
+  return run_checking_state(call.p, in.q.scalar_type(), "csq_chunked_fwd",
+                            CSQ_CPU_LAUNCHER(launch_fwd));
 }
 
 bool run_chunked_backward(BackwardCall& call, const OpInputs& in) {
-  return run_checking_state(call.p, in.q.scalar_type(), "csq_chunked_bwd", [&](auto t) {
-    launch_bwd<decltype(t), StateMap>(call.p);
-  });
+  return run_checking_state(call.p, in.q.scalar_type(), "csq_chunked_bwd",
+                            CSQ_CPU_LAUNCHER(launch_bwd));
 }
 
 bool run_direct_forward(DirectForwardCall& call, const OpInputs& in, bool /*return_state*/) {
-  for_input_dtype(in.q.scalar_type(), "csq_direct_fwd",
-                  [&](auto t) { launch_direct_fwd<decltype(t), StateMap>(call.p); });
+  run_for_dtype(call.p, in.q.scalar_type(), "csq_direct_fwd",
+                CSQ_CPU_LAUNCHER(launch_direct_fwd));
   return true;
 }
 
 bool run_direct_backward(DirectBackwardCall& call, const OpInputs& in) {
-  for_input_dtype(in.q.scalar_type(), "csq_direct_bwd",
-                  [&](auto t) { launch_direct_bwd<decltype(t), StateMap>(call.p); });
+  run_for_dtype(call.p, in.q.scalar_type(), "csq_direct_bwd",
+                CSQ_CPU_LAUNCHER(launch_direct_bwd));
   return true;
 }
 
 void run_state(StateCall& call, const OpInputs& in) {
-  for_input_dtype(in.k.scalar_type(), "csq_state",
-                  [&](auto t) { launch_state<decltype(t), StateMap>(call.p); });
+  run_for_dtype(call.p, in.k.scalar_type(), "csq_state", CSQ_CPU_LAUNCHER(launch_state));
 }
 
 void run_state_backward(StateBackwardCall& call, const OpInputs& in) {
-  for_input_dtype(in.k.scalar_type(), "csq_state_bwd",
-                  [&](auto t) { launch_state_bwd<decltype(t), StateMap>(call.p); });
+  run_for_dtype(call.p, in.k.scalar_type(), "csq_state_bwd", CSQ_CPU_LAUNCHER(launch_state_bwd));
 }
 
 void run_decode(const DecodeParams& p, const OpInputs& in, const char* op) {
-  for_input_dtype(in.q.scalar_type(), op,
-                  [&](auto t) { launch_decode<decltype(t), StateMap>(p); });
+  run_for_dtype(p, in.q.scalar_type(), op, CSQ_CPU_LAUNCHER(launch_decode));
 }
 
 // The pool's prefill is the chunked forward over the pool's slots (StatePool); its float32
 // state is not checked (p.state_too_coarse stays null).
 void run_pool_prefill(PoolPrefillCall& call, const OpInputs& in) {
   if (call.empty) return;
-  for_input_dtype(in.q.scalar_type(), "csq_pool_prefill_",
-                  [&](auto t) { launch_fwd<decltype(t), StateMap>(call.p); });
+  run_for_dtype(call.p, in.q.scalar_type(), "csq_pool_prefill_", CSQ_CPU_LAUNCHER(launch_fwd));
 }
 
 }  // namespace

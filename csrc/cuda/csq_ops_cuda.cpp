@@ -19,16 +19,22 @@
 namespace csq {
 namespace {
 
-// The launcher for like's dtype on the current stream, with a workspace of `bytes`:
-// run(DType constant, workspace, bytes, stream) returns its Status; `what` names the op in
-// errors.
-template <typename Run>
-void launch_with_workspace(const at::Tensor& like, size_t bytes, const char* what,
-                           const Run& run) {
+// A launcher template (cuda::launch_bwd, ...) as a value, for launch_with_workspace: a
+// function template cannot be passed as an argument, a generic lambda can.
+#define CSQ_CUDA_LAUNCHER(NAME)                                                        \
+  [](const auto& p, auto dtype_constant, void* ws, size_t bytes, cudaStream_t stream) { \
+    return cuda::NAME<decltype(dtype_constant)::value>(p, ws, bytes, stream);          \
+  }
+
+// launcher(p, DType constant, workspace, bytes, stream) for like's dtype on the current stream,
+// with a workspace of `bytes`; `what` names the op in errors.
+template <typename Params, typename Launcher>
+void launch_with_workspace(const Params& p, const at::Tensor& like, size_t bytes,
+                           const char* what, const Launcher& launcher) {
   at::Tensor ws = cuda_host::workspace(like, bytes);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   const cuda::Status st = CSQ_DTYPE_SWITCH(like.scalar_type(), DT, [&] {
-    return run(std::integral_constant<cuda::DType, DT>{}, ws.data_ptr(), bytes, stream);
+    return launcher(p, std::integral_constant<cuda::DType, DT>{}, ws.data_ptr(), bytes, stream);
   });
   cuda_host::check_status(st, what);
 }
@@ -37,16 +43,16 @@ void launch_with_workspace(const at::Tensor& like, size_t bytes, const char* wha
 // batch's grid included), the tensor-core switch, then the launcher with a workspace of
 // workspace_bytes(p, dtype), also with no token (B Hq N == 0: the backward's launcher then
 // only zeroes the gradients and passes dstate_out through to dstate_in).
-template <typename Params, typename BytesParams, typename Run>
+template <typename Params, typename BytesParams, typename Launcher>
 void run_chunked(Params& p, const OpInputs& in,
                  size_t (*workspace_bytes)(const BytesParams&, cuda::DType), const char* what,
-                 const Run& run) {
+                 const Launcher& launcher) {
   const c10::cuda::CUDAGuard guard(in.q.device());
   cuda_host::check_supported(in.q, in.k, in.v, in.shift);
   cuda_host::check_packed(p);
   p.tensor_core_passes = cuda_host::tensor_core_passes();
   const size_t bytes = workspace_bytes(p, cuda_host::to_dtype(in.q.scalar_type()));
-  launch_with_workspace(in.q, bytes, what, run);
+  launch_with_workspace(p, in.q, bytes, what, launcher);
 }
 
 bool run_chunked_forward(ForwardCall& call, const OpInputs& in, bool /*return_state*/) {
@@ -57,25 +63,17 @@ bool run_chunked_forward(ForwardCall& call, const OpInputs& in, bool /*return_st
 }
 
 bool run_chunked_backward(BackwardCall& call, const OpInputs& in) {
-  run_chunked(call.p, in, &cuda::bwd_workspace_bytes, "backward",
-              [&](auto dt, void* ws, size_t bytes, cudaStream_t s) {
-                return cuda::launch_bwd<decltype(dt)::value>(call.p, ws, bytes, s);
-              });
+  run_chunked(call.p, in, &cuda::bwd_workspace_bytes, "backward", CSQ_CUDA_LAUNCHER(launch_bwd));
   return true;
 }
 
 void run_state(StateCall& call, const OpInputs& in) {
-  run_chunked(call.p, in, &cuda::state_workspace_bytes, "state",
-              [&](auto dt, void* ws, size_t bytes, cudaStream_t s) {
-                return cuda::launch_state<decltype(dt)::value>(call.p, ws, bytes, s);
-              });
+  run_chunked(call.p, in, &cuda::state_workspace_bytes, "state", CSQ_CUDA_LAUNCHER(launch_state));
 }
 
 void run_state_backward(StateBackwardCall& call, const OpInputs& in) {
   run_chunked(call.p, in, &cuda::state_workspace_bytes, "state backward",
-              [&](auto dt, void* ws, size_t bytes, cudaStream_t s) {
-                return cuda::launch_state_bwd<decltype(dt)::value>(call.p, ws, bytes, s);
-              });
+              CSQ_CUDA_LAUNCHER(launch_state_bwd));
 }
 
 // What the CUDA direct kernels support beyond the host layer's checks.
@@ -96,10 +94,10 @@ void check_direct_supported(const OpInputs& in) {
 // The CUDA direct kernels do not carry states yet (the CPU's do): csq_ext.attention takes the
 // chunked path on CUDA when a state is read or returned (with_state); a direct op call with
 // one is refused.
-template <typename Params, typename Run>
+template <typename Params, typename Launcher>
 bool run_direct(Params& p, const OpInputs& in, bool with_state,
                 size_t (*workspace_bytes)(const DirectFwdParams&, cuda::DType), const char* what,
-                const Run& run) {
+                const Launcher& launcher) {
   const c10::cuda::CUDAGuard guard(in.q.device());
   check_direct_supported(in);
   TORCH_CHECK(!with_state,
@@ -109,25 +107,21 @@ bool run_direct(Params& p, const OpInputs& in, bool with_state,
   p.tensor_core_passes = cuda_host::tensor_core_passes();
   cuda_host::check_status(cuda::check_direct_shapes(p), "direct path");
   const size_t bytes = workspace_bytes(p, cuda_host::to_dtype(in.q.scalar_type()));
-  launch_with_workspace(in.q, bytes, what, run);
+  launch_with_workspace(p, in.q, bytes, what, launcher);
   return true;
 }
 
 bool run_direct_forward(DirectForwardCall& call, const OpInputs& in, bool return_state) {
   return run_direct(call.p, in, call.p.state_in != nullptr || return_state,
                     &cuda::direct_fwd_workspace_bytes, "direct forward",
-                    [&](auto dt, void* ws, size_t bytes, cudaStream_t s) {
-                      return cuda::launch_direct_fwd<decltype(dt)::value>(call.p, ws, bytes, s);
-                    });
+                    CSQ_CUDA_LAUNCHER(launch_direct_fwd));
 }
 
 // The backward's ref is the forward's, given only when the forward read or returned a state.
 bool run_direct_backward(DirectBackwardCall& call, const OpInputs& in) {
   return run_direct(call.p, in, call.p.state_in != nullptr || call.p.ref_in != nullptr,
                     &cuda::direct_bwd_workspace_bytes, "direct backward",
-                    [&](auto dt, void* ws, size_t bytes, cudaStream_t s) {
-                      return cuda::launch_direct_bwd<decltype(dt)::value>(call.p, ws, bytes, s);
-                    });
+                    CSQ_CUDA_LAUNCHER(launch_direct_bwd));
 }
 
 // csq_decode_ and csq_pool_decode_: allocates nothing (the state's sums and the caller's y
