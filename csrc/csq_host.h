@@ -1,8 +1,9 @@
 // The host layer shared by every backend (torch types; the kernels never see it). Each op has
 // one `prepare_*` step that checks the arguments, fills the op's parameter struct and allocates
 // every output, and the backward one `outputs()` that turns the accumulators into the op's
-// results. A backend's host file then only guards (device checks, device guard), dispatches on
-// the dtype and launches its kernels.
+// results. The ops' entries (csq_op_entries.h) call them for every backend; a backend's host
+// file then only guards (device checks, device guard), dispatches on the dtype and launches
+// its kernels.
 //
 // One contract for every backend's outputs (what the kernels must write):
 //   forward:  y, b, den for every query row; ref_out for every (sequence, kv head); state_out
