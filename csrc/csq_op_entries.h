@@ -30,8 +30,9 @@ struct OpInputs {
 // csq_chunked_fwd and csq_direct_fwd. Prepare: prepare_forward or prepare_direct_forward.
 // Run(call, inputs, return_state) returns false when a float32 state could not serve the call
 // (FwdParams::state_too_coarse): the op then runs once more on float64 copies
-// (forward_in_float64).
-template <auto Prepare, auto Run>
+// (forward_in_float64). Features: the feature map's row count (the ops' StateMap; a test build
+// for another map passes that map's).
+template <auto Prepare, auto Run, FeatureCount Features = &StateMap::num_features>
 ForwardResult forward_entry(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const at::Tensor& shift, const c10::optional<at::Tensor>& cu_seqlens,
                             const c10::optional<at::Tensor>& state_in,
@@ -39,15 +40,15 @@ ForwardResult forward_entry(const at::Tensor& q, const at::Tensor& k, const at::
                             bool center, bool normalize, double eps, int64_t tile_size,
                             bool return_state) {
   auto call = Prepare(q, k, v, shift, cu_seqlens, state_in, ref_in, causal, scale, center,
-                      normalize, eps, tile_size, return_state, &StateMap::num_features);
+                      normalize, eps, tile_size, return_state, Features);
   if (Run(call, OpInputs{q, k, v, shift}, return_state)) return call.outputs();
-  return forward_in_float64(&forward_entry<Prepare, Run>, q, k, v, shift, cu_seqlens, state_in,
+  return forward_in_float64(&forward_entry<Prepare, Run, Features>, q, k, v, shift, cu_seqlens, state_in,
                             ref_in, causal, scale, center, normalize, eps, tile_size,
                             return_state);
 }
 
 // csq_chunked_bwd and csq_direct_bwd, as forward_entry (backward_in_float64).
-template <auto Prepare, auto Run>
+template <auto Prepare, auto Run, FeatureCount Features = &StateMap::num_features>
 BackwardResult backward_entry(
     const at::Tensor& dy, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& shift, const c10::optional<at::Tensor>& cu_seqlens,
@@ -57,9 +58,9 @@ BackwardResult backward_entry(
     bool center, bool normalize, double eps, int64_t tile_size) {
   auto call = Prepare(dy, q, k, v, shift, cu_seqlens, state_in, ref, y, b, den, dstate_out,
                       dref_out, ref_given, causal, scale, center, normalize, eps, tile_size,
-                      &StateMap::num_features);
+                      Features);
   if (Run(call, OpInputs{q, k, v, shift})) return call.outputs();
-  return backward_in_float64(&backward_entry<Prepare, Run>, dy, q, k, v, shift, cu_seqlens,
+  return backward_in_float64(&backward_entry<Prepare, Run, Features>, dy, q, k, v, shift, cu_seqlens,
                              state_in, ref, y, b, den, dstate_out, dref_out, ref_given, causal,
                              scale, center, normalize, eps, tile_size);
 }
