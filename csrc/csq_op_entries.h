@@ -42,8 +42,8 @@ ForwardResult forward_entry(const at::Tensor& q, const at::Tensor& k, const at::
   auto call = Prepare(q, k, v, shift, cu_seqlens, state_in, ref_in, causal, scale, center,
                       normalize, eps, tile_size, return_state, Features);
   if (Run(call, OpInputs{q, k, v, shift}, return_state)) return call.outputs();
-  return forward_in_float64(&forward_entry<Prepare, Run, Features>, q, k, v, shift, cu_seqlens, state_in,
-                            ref_in, causal, scale, center, normalize, eps, tile_size,
+  return forward_in_float64(&forward_entry<Prepare, Run, Features>, q, k, v, shift, cu_seqlens,
+                            state_in, ref_in, causal, scale, center, normalize, eps, tile_size,
                             return_state);
 }
 
@@ -60,9 +60,9 @@ BackwardResult backward_entry(
                       dref_out, ref_given, causal, scale, center, normalize, eps, tile_size,
                       Features);
   if (Run(call, OpInputs{q, k, v, shift})) return call.outputs();
-  return backward_in_float64(&backward_entry<Prepare, Run, Features>, dy, q, k, v, shift, cu_seqlens,
-                             state_in, ref, y, b, den, dstate_out, dref_out, ref_given, causal,
-                             scale, center, normalize, eps, tile_size);
+  return backward_in_float64(&backward_entry<Prepare, Run, Features>, dy, q, k, v, shift,
+                             cu_seqlens, state_in, ref, y, b, den, dstate_out, dref_out,
+                             ref_given, causal, scale, center, normalize, eps, tile_size);
 }
 
 // csq_state: Run(StateCall&, inputs {k, k, v, k}).
