@@ -2,12 +2,13 @@
 // takes the schema's arguments, runs the host layer's prepare step (checks, params, outputs)
 // and hands the prepared call to its backend's run function, so that a backend's host file
 // (csrc/cpu/csq_ops_cpu.cpp, csrc/cuda/csq_ops_cuda.cpp) holds only what differs between
-// backends: guards, extra checks and the launchers. A backend registers, e.g.,
-//   m.impl("csq_chunked_fwd", &forward_entry<&prepare_forward, &run_chunked_forward>);
-// Run functions get the prepared call and the op's input tensors (for their checks and dtype).
+// backends: guards, extra checks and the launchers. Run functions get the prepared call and
+// the op's input tensors (for their checks and dtype); register_backend (below) registers
+// every op with a backend's.
 #pragma once
 
 #include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <tuple>
 
@@ -126,6 +127,21 @@ at::Tensor pool_prefill_entry(at::Tensor& sums, at::Tensor& ref, const at::Tenso
   Run(call, OpInputs{q, k, v, shift});
   if (call.empty) call.run_empty(sums, ref);
   return call.y.to(q.scalar_type());
+}
+
+// Registers every op of one backend (called in its TORCH_LIBRARY_IMPL): the entries above with
+// the backend's run functions, the static members of Runs.
+template <typename Runs>
+void register_backend(torch::Library& m) {
+  m.impl("csq_chunked_fwd", &forward_entry<&prepare_forward, &Runs::chunked_forward>);
+  m.impl("csq_chunked_bwd", &backward_entry<&prepare_backward, &Runs::chunked_backward>);
+  m.impl("csq_direct_fwd", &forward_entry<&prepare_direct_forward, &Runs::direct_forward>);
+  m.impl("csq_direct_bwd", &backward_entry<&prepare_direct_backward, &Runs::direct_backward>);
+  m.impl("csq_state", &state_entry<&Runs::state>);
+  m.impl("csq_state_bwd", &state_backward_entry<&Runs::state_backward>);
+  m.impl("csq_decode_", &decode_entry<&Runs::decode>);
+  m.impl("csq_pool_decode_", &pool_decode_entry<&Runs::decode>);
+  m.impl("csq_pool_prefill_", &pool_prefill_entry<&Runs::pool_prefill>);
 }
 
 }  // namespace csq

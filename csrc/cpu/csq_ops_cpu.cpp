@@ -47,61 +47,52 @@ bool run_checking_state(Params& p, at::ScalarType dtype, const char* op,
   return too_coarse == 0;
 }
 
-bool run_chunked_forward(ForwardCall& call, const OpInputs& in, bool /*return_state*/) {
-  return run_checking_state(call.p, in.q.scalar_type(), "csq_chunked_fwd",
-                            CSQ_CPU_LAUNCHER(launch_fwd));
-}
+// The CPU run functions of the entries (register_backend).
+struct CpuRuns {
+  static bool chunked_forward(ForwardCall& call, const OpInputs& in, bool /*return_state*/) {
+    return run_checking_state(call.p, in.q.scalar_type(), "csq_chunked_fwd",
+                              CSQ_CPU_LAUNCHER(launch_fwd));
+  }
 
-bool run_chunked_backward(BackwardCall& call, const OpInputs& in) {
-  return run_checking_state(call.p, in.q.scalar_type(), "csq_chunked_bwd",
-                            CSQ_CPU_LAUNCHER(launch_bwd));
-}
+  static bool chunked_backward(BackwardCall& call, const OpInputs& in) {
+    return run_checking_state(call.p, in.q.scalar_type(), "csq_chunked_bwd",
+                              CSQ_CPU_LAUNCHER(launch_bwd));
+  }
 
-bool run_direct_forward(DirectForwardCall& call, const OpInputs& in, bool /*return_state*/) {
-  run_for_dtype(call.p, in.q.scalar_type(), "csq_direct_fwd",
-                CSQ_CPU_LAUNCHER(launch_direct_fwd));
-  return true;
-}
+  static bool direct_forward(DirectForwardCall& call, const OpInputs& in, bool /*return_state*/) {
+    run_for_dtype(call.p, in.q.scalar_type(), "csq_direct_fwd",
+                  CSQ_CPU_LAUNCHER(launch_direct_fwd));
+    return true;
+  }
 
-bool run_direct_backward(DirectBackwardCall& call, const OpInputs& in) {
-  run_for_dtype(call.p, in.q.scalar_type(), "csq_direct_bwd",
-                CSQ_CPU_LAUNCHER(launch_direct_bwd));
-  return true;
-}
+  static bool direct_backward(DirectBackwardCall& call, const OpInputs& in) {
+    run_for_dtype(call.p, in.q.scalar_type(), "csq_direct_bwd",
+                  CSQ_CPU_LAUNCHER(launch_direct_bwd));
+    return true;
+  }
 
-void run_state(StateCall& call, const OpInputs& in) {
-  run_for_dtype(call.p, in.k.scalar_type(), "csq_state", CSQ_CPU_LAUNCHER(launch_state));
-}
+  static void state(StateCall& call, const OpInputs& in) {
+    run_for_dtype(call.p, in.k.scalar_type(), "csq_state", CSQ_CPU_LAUNCHER(launch_state));
+  }
 
-void run_state_backward(StateBackwardCall& call, const OpInputs& in) {
-  run_for_dtype(call.p, in.k.scalar_type(), "csq_state_bwd", CSQ_CPU_LAUNCHER(launch_state_bwd));
-}
+  static void state_backward(StateBackwardCall& call, const OpInputs& in) {
+    run_for_dtype(call.p, in.k.scalar_type(), "csq_state_bwd", CSQ_CPU_LAUNCHER(launch_state_bwd));
+  }
 
-void run_decode(const DecodeParams& p, const OpInputs& in, const char* op) {
-  run_for_dtype(p, in.q.scalar_type(), op, CSQ_CPU_LAUNCHER(launch_decode));
-}
+  static void decode(const DecodeParams& p, const OpInputs& in, const char* op) {
+    run_for_dtype(p, in.q.scalar_type(), op, CSQ_CPU_LAUNCHER(launch_decode));
+  }
 
-// The pool's prefill is the chunked forward over the pool's slots (StatePool); its float32
-// state is not checked (p.state_too_coarse stays null).
-void run_pool_prefill(PoolPrefillCall& call, const OpInputs& in) {
-  if (call.empty) return;
-  run_for_dtype(call.p, in.q.scalar_type(), "csq_pool_prefill_", CSQ_CPU_LAUNCHER(launch_fwd));
-}
+  // The pool's prefill is the chunked forward over the pool's slots (StatePool); its float32
+  // state is not checked (p.state_too_coarse stays null).
+  static void pool_prefill(PoolPrefillCall& call, const OpInputs& in) {
+    if (call.empty) return;
+    run_for_dtype(call.p, in.q.scalar_type(), "csq_pool_prefill_", CSQ_CPU_LAUNCHER(launch_fwd));
+  }
+};
 
 }  // namespace
 }  // namespace cpu
 }  // namespace csq
 
-TORCH_LIBRARY_IMPL(csq_ext, CPU, m) {
-  using namespace csq;
-  using namespace csq::cpu;
-  m.impl("csq_chunked_fwd", &forward_entry<&prepare_forward, &run_chunked_forward>);
-  m.impl("csq_chunked_bwd", &backward_entry<&prepare_backward, &run_chunked_backward>);
-  m.impl("csq_direct_fwd", &forward_entry<&prepare_direct_forward, &run_direct_forward>);
-  m.impl("csq_direct_bwd", &backward_entry<&prepare_direct_backward, &run_direct_backward>);
-  m.impl("csq_state", &state_entry<&run_state>);
-  m.impl("csq_state_bwd", &state_backward_entry<&run_state_backward>);
-  m.impl("csq_decode_", &decode_entry<&run_decode>);
-  m.impl("csq_pool_decode_", &pool_decode_entry<&run_decode>);
-  m.impl("csq_pool_prefill_", &pool_prefill_entry<&run_pool_prefill>);
-}
+TORCH_LIBRARY_IMPL(csq_ext, CPU, m) { csq::register_backend<csq::cpu::CpuRuns>(m); }

@@ -55,27 +55,6 @@ void run_chunked(Params& p, const OpInputs& in,
   launch_with_workspace(p, in.q, bytes, what, launcher);
 }
 
-bool run_chunked_forward(ForwardCall& call, const OpInputs& in, bool /*return_state*/) {
-  const c10::cuda::CUDAGuard guard(in.q.device());
-  cuda_host::check_supported(in.q, in.k, in.v, in.shift);
-  cuda_host::run_forward(call.p, in.q, "forward");
-  return true;  // the CUDA kernels do not check the float32 state's conditioning
-}
-
-bool run_chunked_backward(BackwardCall& call, const OpInputs& in) {
-  run_chunked(call.p, in, &cuda::bwd_workspace_bytes, "backward", CSQ_CUDA_LAUNCHER(launch_bwd));
-  return true;
-}
-
-void run_state(StateCall& call, const OpInputs& in) {
-  run_chunked(call.p, in, &cuda::state_workspace_bytes, "state", CSQ_CUDA_LAUNCHER(launch_state));
-}
-
-void run_state_backward(StateBackwardCall& call, const OpInputs& in) {
-  run_chunked(call.p, in, &cuda::state_workspace_bytes, "state backward",
-              CSQ_CUDA_LAUNCHER(launch_state_bwd));
-}
-
 // What the CUDA direct kernels support beyond the host layer's checks.
 void check_direct_supported(const OpInputs& in) {
   TORCH_CHECK(in.q.is_cuda() && in.k.is_cuda() && in.v.is_cuda() && in.shift.is_cuda(),
@@ -111,52 +90,65 @@ bool run_direct(Params& p, const OpInputs& in, bool with_state,
   return true;
 }
 
-bool run_direct_forward(DirectForwardCall& call, const OpInputs& in, bool return_state) {
-  return run_direct(call.p, in, call.p.state_in != nullptr || return_state,
-                    &cuda::direct_fwd_workspace_bytes, "direct forward",
-                    CSQ_CUDA_LAUNCHER(launch_direct_fwd));
-}
+// The CUDA run functions of the entries (register_backend).
+struct CudaRuns {
+  static bool chunked_forward(ForwardCall& call, const OpInputs& in, bool /*return_state*/) {
+    const c10::cuda::CUDAGuard guard(in.q.device());
+    cuda_host::check_supported(in.q, in.k, in.v, in.shift);
+    cuda_host::run_forward(call.p, in.q, "forward");
+    return true;  // the CUDA kernels do not check the float32 state's conditioning
+  }
 
-// The backward's ref is the forward's, given only when the forward read or returned a state.
-bool run_direct_backward(DirectBackwardCall& call, const OpInputs& in) {
-  return run_direct(call.p, in, call.p.state_in != nullptr || call.p.ref_in != nullptr,
-                    &cuda::direct_bwd_workspace_bytes, "direct backward",
-                    CSQ_CUDA_LAUNCHER(launch_direct_bwd));
-}
+  static bool chunked_backward(BackwardCall& call, const OpInputs& in) {
+    run_chunked(call.p, in, &cuda::bwd_workspace_bytes, "backward", CSQ_CUDA_LAUNCHER(launch_bwd));
+    return true;
+  }
 
-// csq_decode_ and csq_pool_decode_: allocates nothing (the state's sums and the caller's y
-// are the only memory written; the kernels are in csq_decode.cuh).
-void run_decode(const DecodeParams& p, const OpInputs& in, const char* what) {
-  cuda_host::check_supported(in.q, in.k, in.v, in.shift);
-  if (p.batch * p.heads_k == 0) return;
-  const c10::cuda::CUDAGuard guard(in.q.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  const cuda::Status st = CSQ_DTYPE_SWITCH(in.q.scalar_type(), DT, [&] {
-    return cuda::launch_decode<DT>(p, stream);
-  });
-  cuda_host::check_status(st, what);
-}
+  static void state(StateCall& call, const OpInputs& in) {
+    run_chunked(call.p, in, &cuda::state_workspace_bytes, "state", CSQ_CUDA_LAUNCHER(launch_state));
+  }
 
-// The pool's prefill is the chunked forward over the pool's slots (StatePool); the forward's
-// launcher zeroes the fresh slots first (csq_pool.cuh).
-void run_pool_prefill(PoolPrefillCall& call, const OpInputs& in) {
-  const c10::cuda::CUDAGuard guard(in.q.device());
-  cuda_host::check_supported(in.q, in.k, in.v, in.shift);
-  if (!call.empty) cuda_host::run_forward(call.p, in.q, "pool prefill");
-}
+  static void state_backward(StateBackwardCall& call, const OpInputs& in) {
+    run_chunked(call.p, in, &cuda::state_workspace_bytes, "state backward",
+                CSQ_CUDA_LAUNCHER(launch_state_bwd));
+  }
+
+  static bool direct_forward(DirectForwardCall& call, const OpInputs& in, bool return_state) {
+    return run_direct(call.p, in, call.p.state_in != nullptr || return_state,
+                      &cuda::direct_fwd_workspace_bytes, "direct forward",
+                      CSQ_CUDA_LAUNCHER(launch_direct_fwd));
+  }
+
+  // The backward's ref is the forward's, given only when the forward read or returned a state.
+  static bool direct_backward(DirectBackwardCall& call, const OpInputs& in) {
+    return run_direct(call.p, in, call.p.state_in != nullptr || call.p.ref_in != nullptr,
+                      &cuda::direct_bwd_workspace_bytes, "direct backward",
+                      CSQ_CUDA_LAUNCHER(launch_direct_bwd));
+  }
+
+  // csq_decode_ and csq_pool_decode_: allocates nothing (the state's sums and the caller's y
+  // are the only memory written; the kernels are in csq_decode.cuh).
+  static void decode(const DecodeParams& p, const OpInputs& in, const char* what) {
+    cuda_host::check_supported(in.q, in.k, in.v, in.shift);
+    if (p.batch * p.heads_k == 0) return;
+    const c10::cuda::CUDAGuard guard(in.q.device());
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+    const cuda::Status st = CSQ_DTYPE_SWITCH(in.q.scalar_type(), DT, [&] {
+      return cuda::launch_decode<DT>(p, stream);
+    });
+    cuda_host::check_status(st, what);
+  }
+
+  // The pool's prefill is the chunked forward over the pool's slots (StatePool); the forward's
+  // launcher zeroes the fresh slots first (csq_pool.cuh).
+  static void pool_prefill(PoolPrefillCall& call, const OpInputs& in) {
+    const c10::cuda::CUDAGuard guard(in.q.device());
+    cuda_host::check_supported(in.q, in.k, in.v, in.shift);
+    if (!call.empty) cuda_host::run_forward(call.p, in.q, "pool prefill");
+  }
+};
 
 }  // namespace
 }  // namespace csq
 
-TORCH_LIBRARY_IMPL(csq_ext, CUDA, m) {
-  using namespace csq;
-  m.impl("csq_chunked_fwd", &forward_entry<&prepare_forward, &run_chunked_forward>);
-  m.impl("csq_chunked_bwd", &backward_entry<&prepare_backward, &run_chunked_backward>);
-  m.impl("csq_direct_fwd", &forward_entry<&prepare_direct_forward, &run_direct_forward>);
-  m.impl("csq_direct_bwd", &backward_entry<&prepare_direct_backward, &run_direct_backward>);
-  m.impl("csq_state", &state_entry<&run_state>);
-  m.impl("csq_state_bwd", &state_backward_entry<&run_state_backward>);
-  m.impl("csq_decode_", &decode_entry<&run_decode>);
-  m.impl("csq_pool_decode_", &pool_decode_entry<&run_decode>);
-  m.impl("csq_pool_prefill_", &pool_prefill_entry<&run_pool_prefill>);
-}
+TORCH_LIBRARY_IMPL(csq_ext, CUDA, m) { csq::register_backend<csq::CudaRuns>(m); }
