@@ -196,7 +196,7 @@ def prefers_direct(n, dk: int, dv: int, causal: bool, device_type: str, threads:
     if device_type == "cuda":
         if max(dk, dv) > _CUDA_CHUNKED_MAX_HEAD:  # beyond both CUDA paths: the direct op refuses
             return True
-        if passes:  # the CUDA direct kernels carry no states yet (csq_direct_cuda.cpp)
+        if passes:  # the CUDA direct kernels carry no states yet (csrc/cuda/csq_ops_cuda.cpp)
             return False
         return cuda_direct_cost(n, dk, dv, causal, tasks) <= cuda_chunked_cost(n, dk, dv, causal,
                                                                                  tasks)

@@ -64,8 +64,6 @@ DirectBackwardCall prepare_direct_backward(
     bool normalize, double eps, int64_t tile_size, FeatureCount features) {
   DirectBackwardCall c;
   DirectBwdParams& p = c.p;
-  c.input_dtype = q.scalar_type();
-  c.shift_dtype = shift.scalar_type();
   fill_direct_params(p, q, k, v, shift, cu_seqlens, causal, scale, center, normalize, eps,
                      tile_size, c.shift_acc, c.cu_seqlens);
   // ref is the forward's (empty without a state): the kernels read it instead of picking r.
@@ -73,17 +71,8 @@ DirectBackwardCall prepare_direct_backward(
   set_carried_state(p, p, q, state_in, c.ref, features);
   TORCH_CHECK(p.state_in == nullptr || p.ref_in != nullptr,
               "csq_ext: state_in needs the forward's ref");
-  const SavedForward saved = set_saved_forward(p, p, q, v, dy, y, b, den);
-  c.y = saved.y;
-  c.b = saved.b;
-  c.den = saved.den;
-  const GradientTensors g = alloc_gradients(p, q, k, v);
-  c.dq = g.dq;
-  c.dk = g.dk;
-  c.dv = g.dv;
-  c.db = g.db;
-  c.state = set_state_gradients(p, p, p, q.options().dtype(acc_dtype(q.scalar_type())),
-                                dstate_out, dref_out, ref_given, p.ref_in != nullptr, features);
+  set_backward_tensors(c, p, p, p, p, p, dy, q, k, v, shift, y, b, den, dstate_out, dref_out,
+                       ref_given, /*with_ref=*/p.ref_in != nullptr, features);
   TORCH_CHECK(p.ref_in != nullptr || (p.dstate_out == nullptr && p.dref_out == nullptr),
               "csq_ext: the gradient of a returned state needs the forward's ref");
   return c;

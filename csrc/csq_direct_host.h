@@ -36,20 +36,8 @@ DirectForwardCall prepare_direct_forward(const at::Tensor& q, const at::Tensor& 
 // csq_direct_bwd: the forward's parameters plus dy, the forward's saved y, b, den and ref (an
 // empty tensor when the forward neither read nor returned a state), and the gradients of the
 // returned state and ref.
-struct DirectBackwardCall {
+struct DirectBackwardCall : BackwardTensors {
   DirectBwdParams p;
-  at::Tensor shift_acc, cu_seqlens, ref, y, b, den;  // what p points into
-  at::Tensor dq, dk, dv, db;                         // zeroed accumulators
-  StateGradients state;
-  at::ScalarType input_dtype, shift_dtype;
-  // dq, dk, dv in the input dtype, dshift (Hq,) in the dtype of shift (gradient_outputs), and
-  // the gradients of state_in and ref_in (empty when not given), as csq_chunked_bwd.
-  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> outputs()
-      const {
-    const auto g = gradient_outputs(dq, dk, dv, db, input_dtype, shift_dtype);
-    return {std::get<0>(g), std::get<1>(g), std::get<2>(g), std::get<3>(g), state.dstate_in,
-            state.dref};
-  }
 };
 DirectBackwardCall prepare_direct_backward(
     const at::Tensor& dy, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

@@ -237,9 +237,13 @@ ForwardCall prepare_forward(const at::Tensor& q, const at::Tensor& k, const at::
   return c;
 }
 
-SavedForward set_saved_forward(ForwardOutputs& saved, GradientFields& grad, const at::Tensor& q,
-                               const at::Tensor& v, const at::Tensor& dy, const at::Tensor& y,
-                               const at::Tensor& b, const at::Tensor& den) {
+namespace {
+
+// Checks dy and the forward's saved y, b, den (set_backward_tensors); points `grad` at dy and
+// `saved` at contiguous y, b, den, kept in c.
+void set_saved_forward(BackwardTensors& c, ForwardOutputs& saved, GradientFields& grad,
+                       const at::Tensor& q, const at::Tensor& v, const at::Tensor& dy,
+                       const at::Tensor& y, const at::Tensor& b, const at::Tensor& den) {
   const auto acc = acc_dtype(q.scalar_type());
   const int64_t B = q.size(0), Hq = q.size(1), N = q.size(2), Dv = v.size(3);
   const auto on_q = [&](const at::Tensor& t) { return t.device() == q.device(); };
@@ -255,33 +259,56 @@ SavedForward set_saved_forward(ForwardOutputs& saved, GradientFields& grad, cons
               "csq_ext backward: b and den must be the forward's auxiliary outputs, (B, Hq, N) "
               "in ", acc);
   // The forward's own outputs are contiguous (free); direct op calls with views stay correct.
-  SavedForward s{y.contiguous(), b.contiguous(), den.contiguous()};
+  c.y = y.contiguous();
+  c.b = b.contiguous();
+  c.den = den.contiguous();
   for (int i = 0; i < 4; ++i) grad.dy_stride[i] = dy.stride(i);
   grad.dy = dy.data_ptr();
-  saved.y = s.y.data_ptr();
-  saved.b = s.b.data_ptr();
-  saved.den = s.den.data_ptr();
-  return s;
+  saved.y = c.y.data_ptr();
+  saved.b = c.b.data_ptr();
+  saved.den = c.den.data_ptr();
 }
 
-GradientTensors alloc_gradients(GradientFields& grad, const at::Tensor& q, const at::Tensor& k,
-                                const at::Tensor& v) {
+// The zeroed accumulators dq, dk, dv, db (accumulation dtype), kept in c; points `grad` at them.
+void alloc_gradients(BackwardTensors& c, GradientFields& grad, const at::Tensor& q,
+                     const at::Tensor& k, const at::Tensor& v) {
   const auto opts = q.options().dtype(acc_dtype(q.scalar_type()));
-  GradientTensors g{at::zeros(q.sizes(), opts), at::zeros(k.sizes(), opts),
-                    at::zeros(v.sizes(), opts), at::zeros({q.size(0), q.size(1), q.size(2)}, opts)};
-  grad.dq = g.dq.data_ptr();
-  grad.dk = g.dk.data_ptr();
-  grad.dv = g.dv.data_ptr();
-  grad.db = g.db.data_ptr();
-  return g;
+  c.dq = at::zeros(q.sizes(), opts);
+  c.dk = at::zeros(k.sizes(), opts);
+  c.dv = at::zeros(v.sizes(), opts);
+  c.db = at::zeros({q.size(0), q.size(1), q.size(2)}, opts);
+  grad.dq = c.dq.data_ptr();
+  grad.dk = c.dk.data_ptr();
+  grad.dv = c.dv.data_ptr();
+  grad.db = c.db.data_ptr();
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gradient_outputs(
-    const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv, const at::Tensor& db,
-    at::ScalarType input_dtype, at::ScalarType shift_dtype) {
+}  // namespace
+
+void set_backward_tensors(BackwardTensors& c, const QkvParams& p, const CarriedState& cs,
+                          ForwardOutputs& saved, GradientFields& grad, CarriedStateGrads& g,
+                          const at::Tensor& dy, const at::Tensor& q, const at::Tensor& k,
+                          const at::Tensor& v, const at::Tensor& shift, const at::Tensor& y,
+                          const at::Tensor& b, const at::Tensor& den,
+                          const c10::optional<at::Tensor>& dstate_out,
+                          const c10::optional<at::Tensor>& dref_out, bool ref_given,
+                          bool with_ref, FeatureCount features) {
+  c.input_dtype = q.scalar_type();
+  c.shift_dtype = shift.scalar_type();
+  set_saved_forward(c, saved, grad, q, v, dy, y, b, den);
+  alloc_gradients(c, grad, q, k, v);
+  c.state = set_state_gradients(p, cs, g, q.options().dtype(acc_dtype(q.scalar_type())),
+                                dstate_out, dref_out, ref_given, with_ref, features);
+}
+
+BackwardResult BackwardTensors::outputs() const {
   // The shift of head h is in every b_i of that head, in every batch entry and sequence.
-  return {dq.to(input_dtype), dk.to(input_dtype), dv.to(input_dtype),
-          db.sum(at::IntArrayRef{0, 2}).to(shift_dtype)};
+  return {dq.to(input_dtype),
+          dk.to(input_dtype),
+          dv.to(input_dtype),
+          db.sum(at::IntArrayRef{0, 2}).to(shift_dtype),
+          state.dstate_in,
+          state.dref};
 }
 
 BackwardCall prepare_backward(const at::Tensor& dy, const at::Tensor& q, const at::Tensor& k,
@@ -296,31 +323,13 @@ BackwardCall prepare_backward(const at::Tensor& dy, const at::Tensor& q, const a
   check_inputs(q, k, v, shift, eps, tile_size);
   BackwardCall c;
   BwdParams& p = c.p;
-  c.input_dtype = q.scalar_type();
-  c.shift_dtype = shift.scalar_type();
   // ref is the forward's: the kernels read it instead of picking r again.
   c.ref = ref.contiguous();
   fill_forward_params(p, q, k, v, shift, cu_seqlens, state_in, c.ref, causal, scale, center,
                       normalize, eps, tile_size, features, c.shift_acc, c.cu_seqlens);
-  const SavedForward saved = set_saved_forward(p, p, q, v, dy, y, b, den);
-  c.y = saved.y;
-  c.b = saved.b;
-  c.den = saved.den;
-  const GradientTensors g = alloc_gradients(p, q, k, v);
-  c.dq = g.dq;
-  c.dk = g.dk;
-  c.dv = g.dv;
-  c.db = g.db;
-  c.state = set_state_gradients(p, p, p, q.options().dtype(acc_dtype(q.scalar_type())),
-                                dstate_out, dref_out, ref_given, true, features);
+  set_backward_tensors(c, p, p, p, p, p, dy, q, k, v, shift, y, b, den, dstate_out, dref_out,
+                       ref_given, /*with_ref=*/true, features);
   return c;
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-BackwardCall::outputs() const {
-  const auto g = gradient_outputs(dq, dk, dv, db, input_dtype, shift_dtype);
-  return {std::get<0>(g), std::get<1>(g), std::get<2>(g), std::get<3>(g), state.dstate_in,
-          state.dref};
 }
 
 double state_condition_limit(at::ScalarType input) {

@@ -1,8 +1,9 @@
 // The host layer shared by every backend (torch types; the kernels never see it). Each op has
 // one `prepare_*` step that checks the arguments, fills the op's parameter struct and allocates
 // every output, and the backward one `outputs()` that turns the accumulators into the op's
-// results. A backend's host file then only guards (device checks, device guard), dispatches on
-// the dtype and launches its kernels.
+// results. The ops' entries (csq_op_entries.h) call them for every backend; a backend's host
+// file then only guards (device checks, device guard), dispatches on the dtype and launches
+// its kernels.
 //
 // One contract for every backend's outputs (what the kernels must write):
 //   forward:  y, b, den for every query row; ref_out for every (sequence, kv head); state_out
@@ -84,13 +85,6 @@ StateGradients set_state_gradients(const QkvParams& p, const CarriedState& cs,
                                    const c10::optional<at::Tensor>& dref_out, bool ref_given, bool with_ref,
                                    FeatureCount features);
 
-// The backward's results from its accumulators (shared with the direct path): dq, dk, dv in
-// the input dtype and dshift = sum of db over batch entries and positions, (Hq,), in the dtype
-// of shift.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gradient_outputs(
-    const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv, const at::Tensor& db,
-    at::ScalarType input_dtype, at::ScalarType shift_dtype);
-
 // The forward's parameters, shared by csq_chunked_fwd, csq_chunked_bwd and
 // csq_pool_prefill_ (after check_inputs): sizes, scalars, chunk, packed sequences and carried
 // state (none when state_in / ref_in are empty). Returns the tensors p points into through the
@@ -161,16 +155,38 @@ BackwardResult backward_in_float64(BackwardOp op, const at::Tensor& dy, const at
                                    bool causal, double scale, bool center, bool normalize,
                                    double eps, int64_t tile_size);
 
-// csq_chunked_bwd: the forward's parameters (same checks) plus dy, the forward's saved y, b,
-// den and ref, and the gradients of the returned state and ref.
-struct BackwardCall {
-  BwdParams p;
+// What a backward of either algorithm holds besides its params (BackwardCall here,
+// DirectBackwardCall in csq_direct_host.h): the tensors the params point into, the zeroed
+// accumulators, the carried state's gradients and the dtypes of the results.
+struct BackwardTensors {
   at::Tensor shift_acc, cu_seqlens, ref, y, b, den;  // what p points into
-  at::Tensor dq, dk, dv, db;
+  at::Tensor dq, dk, dv, db;                         // zeroed, accumulation dtype
   StateGradients state;
   at::ScalarType input_dtype, shift_dtype;
-  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> outputs()
-      const;
+  // The op's results: dq, dk, dv in the input dtype, dshift = db summed over batch entries and
+  // positions, (Hq,), in the dtype of shift, then the gradients of state_in and ref_in (empty
+  // tensors when not given).
+  BackwardResult outputs() const;
+};
+
+// The backward's preparation that both algorithms share, after the forward's params and
+// carried state: checks dy (B, Hq, N, Dv) and the forward's saved y, b, den (accumulation
+// dtype, q's device) and points `saved` and `grad` at dy and contiguous y, b, den; allocates
+// the zeroed dq, dk, dv, db (grad's outputs); the carried state's gradients
+// (set_state_gradients, dref when with_ref); records the dtypes of the results.
+void set_backward_tensors(BackwardTensors& c, const QkvParams& p, const CarriedState& cs,
+                          ForwardOutputs& saved, GradientFields& grad, CarriedStateGrads& g,
+                          const at::Tensor& dy, const at::Tensor& q, const at::Tensor& k,
+                          const at::Tensor& v, const at::Tensor& shift, const at::Tensor& y,
+                          const at::Tensor& b, const at::Tensor& den,
+                          const c10::optional<at::Tensor>& dstate_out,
+                          const c10::optional<at::Tensor>& dref_out, bool ref_given,
+                          bool with_ref, FeatureCount features);
+
+// csq_chunked_bwd: the forward's parameters (same checks) plus dy, the forward's saved y, b,
+// den and ref, and the gradients of the returned state and ref.
+struct BackwardCall : BackwardTensors {
+  BwdParams p;
 };
 BackwardCall prepare_backward(const at::Tensor& dy, const at::Tensor& q, const at::Tensor& k,
                               const at::Tensor& v, const at::Tensor& shift,
@@ -182,24 +198,6 @@ BackwardCall prepare_backward(const at::Tensor& dy, const at::Tensor& q, const a
                               double scale, bool center, bool normalize, double eps,
                               int64_t tile_size,
                               FeatureCount features = &StateMap::num_features);
-
-// Checks the backward's dy (B, Hq, N, Dv) and the forward's saved y, b, den (accumulation
-// dtype, q's device); points `grad` at dy and `saved` at contiguous y, b, den (returned: keep
-// them alive). Shared by both algorithms.
-struct SavedForward {
-  at::Tensor y, b, den;
-};
-SavedForward set_saved_forward(ForwardOutputs& saved, GradientFields& grad, const at::Tensor& q,
-                               const at::Tensor& v, const at::Tensor& dy, const at::Tensor& y,
-                               const at::Tensor& b, const at::Tensor& den);
-
-// The zeroed accumulators of a backward (dq, dk, dv, db in the accumulation dtype); points
-// `grad` at them. Shared by both algorithms.
-struct GradientTensors {
-  at::Tensor dq, dk, dv, db;
-};
-GradientTensors alloc_gradients(GradientFields& grad, const at::Tensor& q, const at::Tensor& k,
-                                const at::Tensor& v);
 
 // csq_decode_: checks the arguments (one token; sums (B, Hk, F, Dv + 1) and ref (B, Hk, Dk)
 // contiguous in the accumulation dtype on q's device, like shift; y a contiguous

@@ -174,7 +174,8 @@ struct DecodeParams : QkvParams {
 // bound_i / den_i <= 2 Dk; keys that drift along the sequence, or a few keys far larger than
 // the rest, grow it with the square of their spread (a drift of 30 times the key norm:
 // ~2000, of 1000 times: ~6e5, the error 5e-2 in the worst rows). Beyond these limits the
-// chunked op computes in float64 instead (the host files; csrc/cpu/csq_chunked_fwd_cpu.cpp).
+// chunked op computes in float64 instead (forward_entry, csrc/csq_op_entries.h; the CPU
+// kernels check, csrc/cpu/csq_ops_cpu.cpp).
 constexpr double kStateConditionLimitFloat = 2048;   // eps * limit = 1.2e-4: rows <= ~5e-5
 constexpr double kStateConditionLimitHalf = 65536;   // 4e-3: bfloat16 / float16 (bar 2e-2)
 

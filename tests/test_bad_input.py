@@ -106,6 +106,21 @@ def test_raw_op_rejects_meta_tensor_among_cpu_tensors(gen, which):
                                                True, True, 1e-6, 4))
 
 
+@pytest.mark.skipif(not hasattr(torch, "float8_e4m3fn"), reason="this torch has no float8")
+def test_raw_ops_reject_a_floating_dtype_without_kernels(gen):
+    """float8 passes the host layer's floating-point check but has no kernel: each backend's
+    dtype dispatch (csrc/cpu/csq_ops_cpu.cpp) refuses it naming the op and the dtype."""
+    a = _good(gen)
+    q8, k8, v8 = (a[name].to(torch.float8_e4m3fn) for name in ("q", "k", "v"))
+    ops = torch.ops.csq_ext
+    for op, name in ((ops.csq_chunked_fwd, "csq_chunked_fwd"),
+                     (ops.csq_direct_fwd, "csq_direct_fwd")):
+        with pytest.raises(RuntimeError, match=name + r".*dtype Float8_e4m3fn"):
+            op(*fwd_op_args(q8, k8, v8, a["shift"], True, 0.5, True, True, 1e-6, 4))
+    with pytest.raises(RuntimeError, match=r"csq_state.*dtype Float8_e4m3fn"):
+        ops.csq_state(k8, v8, None, None, None, 0)
+
+
 def test_not_a_tensor(gen):
     a = _good(gen)
     with pytest.raises((ValueError, TypeError, RuntimeError), match=r"\bq\b"):

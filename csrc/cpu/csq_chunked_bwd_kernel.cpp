@@ -29,7 +29,7 @@ struct BackwardTask {
   // The key side: pass 1 uses its state S; pass 2 only its chunk loader (shifted keys,
   // augmented values, key features), after taking over the memory of S for R.
   KeyScan<scalar_t, acc_t, Map> keys;
-  std::vector<acc_t>&ref, &kc, &vc, &psi, &ksum;
+  std::vector<acc_t>&ref, &kc, &vc, &psi;
   std::vector<acc_t> query_state;  // pass 2: R = sum phi(q, b) g~^T of later (or all) queries
   // Pass 2, centering: the per-key terms of a chunk (D each) and their running sum.
   std::vector<acc_t> center_terms, center_sum;
@@ -41,7 +41,7 @@ struct BackwardTask {
         F(Map::num_features(p_.dim_k)), C(p_.chunk),
         tau(static_cast<acc_t>(p_.scale)), eps(static_cast<acc_t>(p_.eps)),
         carried(p_.state_in != nullptr), keys(p_, p_, p_.chunk, t_), ref(keys.ref), kc(keys.kc),
-        vc(keys.vc), psi(keys.psi), ksum(keys.ksum), center_terms(C * D), center_sum(D),
+        vc(keys.vc), psi(keys.psi), center_terms(C * D), center_sum(D),
         dref(D, acc_t(0)), qc(C * D), bq(C), gc(C * Dv1), phi_t(F * C), blk(C * C),
         blk2(C * C), mu(C * D), read_grad(D, Dv1, C) {}
 
@@ -163,20 +163,16 @@ struct BackwardTask {
     if (!p.causal) keys.absorb_all();
     for (int64_t t0 = 0; t0 < N; t0 += C) {
       if (check && state_flagged(p)) return false;
-      const int64_t rows = std::min(C, N - t0);
-      const bool reads_state = !(p.causal && t0 == 0 && !carried);
-      double trace = 0, count = 0;
-      if (check && reads_state) state_key_spread<Map>(keys.state.data(), D, Dv, &trace, &count);
-      if (p.causal) keys.load(t0, rows);
-      if (p.center)
-        key_means(kc.data(), rows, D, ksum.data(), n_before(t0), p.causal, N, mu.data());
+      const ForwardChunk chunk = keys.forward_chunk(t0, carried, check, mu.data());
+      const int64_t rows = chunk.rows;
+      const bool reads_state = chunk.reads_state;
       for (int64_t hh = 0; hh < p.group; ++hh) {
         const int64_t h = g * p.group + hh;
         load_queries(h, t0, rows);
         if (check && reads_state &&
             rows_ill_conditioned(p, qc.data(), bq.data(),
-                                 static_cast<const acc_t*>(p.den) + qrow0(h, t0), 1, rows, trace,
-                                 count)) {
+                                 static_cast<const acc_t*>(p.den) + qrow0(h, t0), 1, rows,
+                                 chunk.trace, chunk.count)) {
           flag_state(p);
           return false;
         }

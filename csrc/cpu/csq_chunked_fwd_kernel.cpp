@@ -22,7 +22,7 @@ void forward_task(const FwdParams& p, const SeqTask& t) {
   const acc_t* shift = static_cast<const acc_t*>(p.shift);
 
   KeyScan<scalar_t, acc_t, Map> keys(p, p, p.chunk, t);
-  std::vector<acc_t>&kc = keys.kc, &vc = keys.vc, &ref = keys.ref, &ksum = keys.ksum;
+  std::vector<acc_t>&kc = keys.kc, &vc = keys.vc, &ref = keys.ref;
   std::vector<acc_t> qc(C * D), mu(C * D), bq(C), phi(C * F), num(C * Dv1), w(C * C);
   keys.start();
   const bool carried = carried_sums<Map, acc_t>(p, p, t) != nullptr;
@@ -33,14 +33,9 @@ void forward_task(const FwdParams& p, const SeqTask& t) {
   const bool check = checks_state<Map>(p);
   for (int64_t t0 = 0; t0 < N; t0 += C) {
     if (check && state_flagged(p)) return;
-    const int64_t rows = std::min(C, N - t0);
-    const bool reads_state = !(p.causal && t0 == 0 && !carried);
-    double trace = 0, count = 0;
-    if (check && reads_state) state_key_spread<Map>(keys.state.data(), D, Dv, &trace, &count);
-    if (p.causal) keys.load(t0, rows);
-    if (p.center)
-      key_means(kc.data(), rows, D, ksum.data(), keys.carried_keys + acc_t(t0), p.causal, N,
-                mu.data());
+    const ForwardChunk chunk = keys.forward_chunk(t0, carried, check, mu.data());
+    const int64_t rows = chunk.rows;
+    const bool reads_state = chunk.reads_state;
 
     for (int64_t hh = 0; hh < p.group; ++hh) {
       const int64_t h = g * p.group + hh;
@@ -73,8 +68,8 @@ void forward_task(const FwdParams& p, const SeqTask& t) {
       }
 
       if (check && reads_state &&
-          rows_ill_conditioned(p, qc.data(), bq.data(), num.data() + Dv, Dv1, rows, trace,
-                               count)) {
+          rows_ill_conditioned(p, qc.data(), bq.data(), num.data() + Dv, Dv1, rows, chunk.trace,
+                               chunk.count)) {
         flag_state(p);
         return;
       }

@@ -1,7 +1,8 @@
 // The key side of the chunked path's CPU kernels (forward and the backward's passes), for any
-// feature map (csq_feature_map.h): a task's carried state and reference key, the per-query shifts b_i and key means mu_i of a chunk, and
-// the key scan (shifted keys, augmented values, key features and the key state S). The big
-// products go through csq_gemm.h (oneDNN's microkernel / BLAS).
+// feature map (csq_feature_map.h): a task's carried state and reference key, the per-query
+// shifts b_i and key means mu_i of a chunk, and the key scan (shifted keys, augmented values,
+// key features and the key state S). The big products go through csq_gemm.h (oneDNN's
+// microkernel / BLAS).
 #pragma once
 
 #include <algorithm>
@@ -11,6 +12,7 @@
 #include "../csq_params.h"
 #include "csq_cpu_features.h"
 #include "csq_cpu_rows.h"
+#include "csq_cpu_state_check.h"
 #include "csq_gemm.h"
 
 namespace csq {
@@ -172,6 +174,15 @@ inline void key_means(const acc_t* kc, int64_t rows, int64_t d, const acc_t* ksu
 // values and key features, and the key state S = sum psi(k - ref) [v, 1]^T with the running
 // sum of shifted keys. The features are built transposed (psi_t, F x C) for the state update,
 // or row by row (psi, C x F) with `features_by_row` for the keys' gradients (keys_grad).
+// A chunk of the forward order (KeyScan::forward_chunk): its rows; whether its queries read
+// the key state (all but a causal sequence's first chunk without a carried state); the key
+// spread of that state (state_key_spread) when the call checks it, else 0.
+struct ForwardChunk {
+  int64_t rows;
+  bool reads_state;
+  double trace, count;
+};
+
 template <typename scalar_t, typename acc_t, typename Map>
 struct KeyScan {
   const QkvParams& p;
@@ -211,6 +222,22 @@ struct KeyScan {
     gemm<acc_t>(false, false, F, Dv1, rows, acc_t(1), psi_t.data(), C, vc.data(), Dv1, acc_t(1),
                 state.data(), Dv1);
     add_rows(kc.data(), rows, D, ksum.data());
+  }
+
+  // The start of the chunk at t0 in the forward order, shared by the chunked forward and the
+  // backward's first pass (`carried`: a carried state precedes the sequence): with `check`
+  // the spread of the state its queries read, for the conditioning check (taken before the
+  // chunk joins it), then its keys (causal; otherwise every key is in already) and their
+  // means mu (rows x D) when centering.
+  ForwardChunk forward_chunk(int64_t t0, bool carried, bool check, acc_t* mu) {
+    ForwardChunk c{std::min(C, t.len - t0), !(p.causal && t0 == 0 && !carried), 0, 0};
+    if (check && c.reads_state)
+      state_key_spread<Map>(state.data(), D, Dv1 - 1, &c.trace, &c.count);
+    if (p.causal) load(t0, c.rows);
+    if (p.center)
+      key_means(kc.data(), c.rows, D, ksum.data(), carried_keys + acc_t(t0), p.causal, t.len,
+                mu);
+    return c;
   }
 
   // Every key joins the state (before any query reads it, when not causal).

@@ -1,10 +1,9 @@
-// The interface between the CPU host files (csq_*_cpu.cpp: checks and allocation through the
-// shared host layer, dtype dispatch, TORCH_LIBRARY_IMPL) and the CPU kernels
-// (csq_*_kernel.cpp), the mirror of csrc/cuda/csq_launch.h. The caller passes the params that
-// prepare_* filled (outputs allocated, zeroed where the contract says so) and the input dtype
-// scalar_t (double, float, at::Half, at::BFloat16); each launcher runs the whole op on the
-// ATen thread pool and returns when done. Map: the feature map (csq_feature_maps.h; the ops
-// pass StateMap).
+// The interface between the CPU host file (csq_ops_cpu.cpp: the shared entries' run
+// functions, dtype dispatch, TORCH_LIBRARY_IMPL) and the CPU kernels (csq_*_kernel.cpp), the
+// mirror of csrc/cuda/csq_launch.h. The caller passes the params that prepare_* filled
+// (outputs allocated, zeroed where the contract says so) and the input dtype scalar_t (double,
+// float, at::Half, at::BFloat16); each launcher runs the whole op on the ATen thread pool and
+// returns when done. Map: the feature map (csq_feature_maps.h; the ops pass StateMap).
 #pragma once
 
 #include <type_traits>
@@ -16,26 +15,23 @@
 namespace csq {
 namespace cpu {
 
-template <typename scalar_t, typename Map>
-void launch_fwd(const FwdParams& p);
+// The launchers, one per op family: name and params. Each is declared here as
+//   template <typename scalar_t, typename Map> void NAME(const PARAMS& p);
+// and defined and instantiated (CSQ_CPU_INSTANTIATE) in its kernel file.
+#define CSQ_CPU_LAUNCHERS(X)            \
+  X(launch_fwd, FwdParams)              \
+  X(launch_bwd, BwdParams)              \
+  X(launch_decode, DecodeParams)        \
+  X(launch_direct_fwd, DirectFwdParams) \
+  X(launch_direct_bwd, DirectBwdParams) \
+  X(launch_state, StateParams)          \
+  X(launch_state_bwd, StateBwdParams)
 
-template <typename scalar_t, typename Map>
-void launch_bwd(const BwdParams& p);
-
-template <typename scalar_t, typename Map>
-void launch_decode(const DecodeParams& p);
-
-template <typename scalar_t, typename Map>
-void launch_direct_fwd(const DirectFwdParams& p);
-
-template <typename scalar_t, typename Map>
-void launch_direct_bwd(const DirectBwdParams& p);
-
-template <typename scalar_t, typename Map>
-void launch_state(const StateParams& p);
-
-template <typename scalar_t, typename Map>
-void launch_state_bwd(const StateBwdParams& p);
+#define CSQ_CPU_DECLARE_LAUNCHER(NAME, PARAMS) \
+  template <typename scalar_t, typename Map>   \
+  void NAME(const PARAMS& p);
+CSQ_CPU_LAUNCHERS(CSQ_CPU_DECLARE_LAUNCHER)
+#undef CSQ_CPU_DECLARE_LAUNCHER
 
 // Accumulation type of an input type: double for double, float for the rest.
 template <typename scalar_t>

@@ -27,31 +27,22 @@ namespace {
 using namespace direct;
 
 template <typename scalar_t, typename acc_t, typename Map>
-struct BackwardTiles {
-  const DirectBwdParams& p;
-  const KeyPrefix& kp;
-  const DirectCarried<scalar_t, acc_t, Map>& carried;
-  const int64_t D, Dv, G, T;
-  const acc_t tau, eps;
-  QueryTile<scalar_t, acc_t> qt;
-  KeyTile<scalar_t, acc_t> kt;
-  StateTileRead<acc_t, Map> state;  // a carried state's read
-  std::vector<acc_t> g;             // [dnum, dden] per stacked row, for the state's gradients
-  // Per stacked query row: b, its pair shifts, dnum (Dv), dden, db; delta (D); per pair: s, w,
-  // ds (G T x T); dq (G T x D); the tile's q^T (D x G T) and dnum^T (Dv x G T). dk^T and dv^T
-  // (D and Dv rows of `acc_ld`) collect a key tile's (or with the per-head schedule a
-  // sequence's) gradients unscaled.
-  std::vector<acc_t> b, b_pair, delta, dnum, dden, db, s, w, ds, dq, qT, dnumT, dkT, dvT;
+struct BackwardTiles : QueryTileWork<scalar_t, acc_t, Map, DirectBwdParams> {
+  using Base = QueryTileWork<scalar_t, acc_t, Map, DirectBwdParams>;
+  using Base::p, Base::kp, Base::carried, Base::D, Base::Dv, Base::G, Base::T, Base::tau,
+      Base::eps, Base::qt, Base::kt, Base::state, Base::b, Base::b_pair, Base::delta;
+  std::vector<acc_t> g;  // [dnum, dden] per stacked row, for the state's gradients
+  // Per stacked query row: dnum (Dv), dden, db; per pair: s, w, ds (G T x T); dq (G T x D);
+  // the tile's q^T (D x G T) and dnum^T (Dv x G T). dk^T and dv^T (D and Dv rows of `acc_ld`)
+  // collect a key tile's (or with the per-head schedule a sequence's) gradients unscaled.
+  std::vector<acc_t> dnum, dden, db, s, w, ds, dq, qT, dnumT, dkT, dvT;
   int64_t acc_ld = 0;
 
   BackwardTiles(const DirectBwdParams& p_, const KeyPrefix& kp_,
                 const KeyStore<scalar_t, acc_t>& ks_,
                 const DirectCarried<scalar_t, acc_t, Map>& carried_)
-      : p(p_), kp(kp_), carried(carried_), D(p_.dim_k), Dv(p_.dim_v), G(p_.group), T(p_.tile),
-        tau(static_cast<acc_t>(p_.scale)), eps(static_cast<acc_t>(p_.eps)), qt(p_, p_.tile),
-        kt(p_, kp_, ks_), state(p_.dim_k, p_.dim_v + 1, p_.state_in ? p_.group * p_.tile : 0),
-        g(p_.state_in ? p_.group * p_.tile * (p_.dim_v + 1) : 0), b(G * T), b_pair(G * T),
-        delta(D), dnum(G * T * Dv), dden(G * T),
+      : Base(p_, kp_, ks_, carried_),
+        g(p_.state_in ? p_.group * p_.tile * (p_.dim_v + 1) : 0), dnum(G * T * Dv), dden(G * T),
         db(G * T), s(G * T * T), w(G * T * T), ds(G * T * T), dq(G * T * D), qT(D * G * T),
         dnumT(Dv * G * T) {}
 

@@ -19,24 +19,17 @@ namespace {
 using namespace direct;
 
 template <typename scalar_t, typename acc_t, typename Map>
-struct ForwardTile {
-  const DirectFwdParams& p;
-  const KeyPrefix& kp;
-  const DirectCarried<scalar_t, acc_t, Map>& carried;
-  const int64_t D, Dv1, G, T;
-  const acc_t tau, eps;
-  QueryTile<scalar_t, acc_t> qt;
-  KeyTile<scalar_t, acc_t> kt;
-  std::vector<acc_t> b, b_pair, delta, w, num;  // (G T) x 2, (D), (G T x T), (G T x Dv + 1)
-  StateTileRead<acc_t, Map> state;              // a carried state's read
+struct ForwardTile : QueryTileWork<scalar_t, acc_t, Map, DirectFwdParams> {
+  using Base = QueryTileWork<scalar_t, acc_t, Map, DirectFwdParams>;
+  using Base::p, Base::kp, Base::carried, Base::D, Base::G, Base::T, Base::tau, Base::eps,
+      Base::qt, Base::kt, Base::state, Base::b, Base::b_pair, Base::delta;
+  const int64_t Dv1;
+  std::vector<acc_t> w, num;  // (G T x T), (G T x Dv + 1)
 
   ForwardTile(const DirectFwdParams& p_, const KeyPrefix& kp_,
               const KeyStore<scalar_t, acc_t>& ks_,
               const DirectCarried<scalar_t, acc_t, Map>& carried_)
-      : p(p_), kp(kp_), carried(carried_), D(p_.dim_k), Dv1(p_.dim_v + 1), G(p_.group),
-        T(p_.tile), tau(static_cast<acc_t>(p_.scale)), eps(static_cast<acc_t>(p_.eps)),
-        qt(p_, p_.tile), kt(p_, kp_, ks_), b(G * T), b_pair(G * T), delta(D), w(G * T * T),
-        num(G * T * Dv1), state(p_.dim_k, p_.dim_v + 1, p_.state_in ? G * T : 0) {}
+      : Base(p_, kp_, ks_, carried_), Dv1(p_.dim_v + 1), w(G * T * T), num(G * T * Dv1) {}
 
   void run(const TileTask& t) {
     qt.load(t, kp);

@@ -139,6 +139,31 @@ struct StateTileRead {
   }
 };
 
+// What a worker of either direction (ForwardTile, BackwardTiles: one per thread, reused for
+// every query tile it runs) holds for its query tile: the call's params, key prefix and carried
+// state, the sizes, the query tile and the current key tile, the rows' shifts b with their copy
+// for a (query tile, key tile) pair and the references' difference (pair_shifts), and the
+// carried state's read. Params: DirectFwdParams or DirectBwdParams.
+template <typename scalar_t, typename acc_t, typename Map, typename Params>
+struct QueryTileWork {
+  const Params& p;
+  const KeyPrefix& kp;
+  const DirectCarried<scalar_t, acc_t, Map>& carried;
+  const int64_t D, Dv, G, T;
+  const acc_t tau, eps;
+  QueryTile<scalar_t, acc_t> qt;
+  KeyTile<scalar_t, acc_t> kt;
+  StateTileRead<acc_t, Map> state;
+  std::vector<acc_t> b, b_pair, delta;  // G T, G T, D
+
+  QueryTileWork(const Params& p_, const KeyPrefix& kp_, const KeyStore<scalar_t, acc_t>& ks_,
+                const DirectCarried<scalar_t, acc_t, Map>& carried_)
+      : p(p_), kp(kp_), carried(carried_), D(p_.dim_k), Dv(p_.dim_v), G(p_.group), T(p_.tile),
+        tau(static_cast<acc_t>(p_.scale)), eps(static_cast<acc_t>(p_.eps)), qt(p_, p_.tile),
+        kt(p_, kp_, ks_), state(p_.dim_k, p_.dim_v + 1, p_.state_in ? G * T : 0), b(G * T),
+        b_pair(G * T), delta(D) {}
+};
+
 }  // namespace direct
 }  // namespace cpu
 }  // namespace csq
