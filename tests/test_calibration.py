@@ -80,8 +80,11 @@ def test_cached_rates_are_read_by_a_new_process(calib):
     code = ("import torch, csq_ext._calibrate as c, csq_ext._cost as m\n"
             "c._measure_entry = None\n"  # a measurement would fail
             f"print(m.choose_path(1024, 64, 64, True, 'cpu', {threads}, 4, measure=True))")
+    # The file's key names the GEMM backend, which each process picks by timing: the child
+    # is told this process's pick, or a busy machine could make it pick the other and miss.
+    env = dict(os.environ, CSQ_CPU_GEMM=_calibrate._gemm_backend())
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env=dict(os.environ), check=True).stdout.strip()
+                         env=env, check=True).stdout.strip()
     # The shipped rates run N = 1024, D = 64 direct; the cached (absurd) ones say chunked.
     assert _cost.choose_path(1024, 64, 64, True, "cpu", threads, 4) == "chunked"
     assert out == "chunked"
