@@ -3,7 +3,7 @@
 # Include this file from a project that has (or can enable) the CUDA language:
 #     include(cmake/csq_cuda_kernels.cmake)
 #     target_link_libraries(<your torch library> PRIVATE csq_cuda_kernels)
-# and compile csrc/cuda/csq_{chunked_fwd,chunked_bwd,decode,direct,state}_cuda.cpp (the torch host files) into that library.
+# and compile csrc/cuda/csq_ops_cuda.cpp (the torch host file: every op's CUDA entry) into that library.
 # Standalone (nvcc only, no torch): cmake -S csrc/cuda -B build-cuda && cmake --build build-cuda
 #
 # Options (cache variables):
