@@ -14,7 +14,7 @@ namespace cuda {
 struct KeyStateBwd : BackwardScan {
   static constexpr const char* kName = "state_scan_kernel<KeyStateBwd>";
   template <typename Tile>
-  __device__ __forceinline__ static void run(Tile& st, const BwdParams& p, const Work&) {
+  static __device__ __forceinline__ void run(Tile& st, const BwdParams& p, const Work&) {
     using Acc = typename Tile::AccT;
     st.seed(p.state_in);
     const auto read = [&](int64_t t) {
@@ -73,7 +73,7 @@ __device__ __forceinline__ void keys_read_state(Tile& st, const BwdParams& p, in
 struct QueryStateBwd : BackwardScan {
   static constexpr const char* kName = "state_scan_kernel<QueryStateBwd>";
   template <typename Tile>
-  __device__ __forceinline__ static void run(Tile& st, const BwdParams& p, const Work&) {
+  static __device__ __forceinline__ void run(Tile& st, const BwdParams& p, const Work&) {
     st.seed(p.dstate_out);
     st.walk(
         true, [&] { return p.dstate_out != nullptr; }, [&] { return p.dstate_in != nullptr; },
@@ -87,7 +87,7 @@ struct QueryStateBwd : BackwardScan {
 struct StateKeysBwd : BackwardScan {
   static constexpr const char* kName = "state_scan_kernel<StateKeysBwd>";
   template <typename Tile>
-  __device__ __forceinline__ static void run(Tile& st, const BwdParams& p, const Work&) {
+  static __device__ __forceinline__ void run(Tile& st, const BwdParams& p, const Work&) {
     st.seed(p.dstate_out);
     for (int64_t t = 0; t < st.nch; ++t) keys_read_state(st, p, t);
   }

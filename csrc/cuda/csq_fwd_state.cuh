@@ -13,7 +13,7 @@ namespace cuda {
 struct KeyStateFwd : ForwardScan {
   static constexpr const char* kName = "state_scan_kernel<KeyStateFwd>";
   template <typename Tile>
-  __device__ __forceinline__ static void run(Tile& st, const FwdParams& p, const Work& w) {
+  static __device__ __forceinline__ void run(Tile& st, const FwdParams& p, const Work& w) {
     using Acc = typename Tile::AccT;
     st.template seed<true>(p.state_in);
     const auto read = [&](int64_t t) {
@@ -40,7 +40,7 @@ struct KeyStateFwd : ForwardScan {
 struct KeyStateBuild : ForwardScan {
   static constexpr const char* kName = "state_scan_kernel<KeyStateBuild>";
   template <typename Tile>
-  __device__ __forceinline__ static void run(Tile& st, const FwdParams& p, const Work&) {
+  static __device__ __forceinline__ void run(Tile& st, const FwdParams& p, const Work&) {
     st.seed(p.state_in);
     for (int64_t t = 0; t < st.nch; ++t) st.absorb_keys(t);
     st.keep(p.state_out, false);

@@ -38,12 +38,12 @@ struct Status {
   bool ok() const { return code == cudaSuccess; }
 };
 
-// Returns the Status of `call` (an expression giving a Status) from the enclosing launcher when
-// it is a failure.
-#define CSQ_RETURN_IF_FAILED(call)               \
-  do {                                           \
-    const ::csq::cuda::Status csq_st_ = (call);  \
-    if (!csq_st_.ok()) return csq_st_;           \
+// Returns the Status of the expression `...` (variadic: a template's commas may stand in it)
+// from the enclosing launcher when it is a failure.
+#define CSQ_RETURN_IF_FAILED(...)                      \
+  do {                                                 \
+    const ::csq::cuda::Status csq_st_ = (__VA_ARGS__); \
+    if (!csq_st_.ok()) return csq_st_;                 \
   } while (0)
 
 // Bytes of device scratch memory the launchers need, 256-byte aligned pieces. See README.md.

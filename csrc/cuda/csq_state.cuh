@@ -123,7 +123,7 @@ struct StateTile {
   using AccT = Acc;
   // Every row a product of two factors (Map::kDegree, csq_feature_map.h): known at compile time,
   // so CSQ's scan carries no test for rows of one factor (it spilled the float64
-  // query_state_bwd_kernel on sm_90a by 40 B).
+  // query-state scan (QueryStateBwd) on sm_90a by 40 B).
   static constexpr bool kTwoFactors = Map::kDegree == 2;
   const FwdParams& p;
   const Work& w;
@@ -340,10 +340,10 @@ struct StateTile {
     }
   }
 
-  // ---- the three block products on the staged rows.
+  // ---- the block products on the staged rows.
   // S += Feat^T Vec over the nrows staged rows. At SUB = kMinStateRows the loop over them
   // (nrows <= 8) is not unrolled: the compiler unrolled it completely, and unrolled 2 or 4
-  // times it still spilled the float64 query_state_bwd_kernel on sm_80 or sm_90a.
+  // times it still spilled the float64 query-state scan (QueryStateBwd) on sm_80 or sm_90a.
   __device__ __forceinline__ void update_state(int nrows) {
     state_gemm_aug<4, 4, TC, Acc, SUB <= kMinStateRows ? 1 : 0>(
         nf, Dv, nrows, [&](int m, int k) { return Feat[k * FS + m]; },
@@ -385,7 +385,6 @@ struct StateTile {
       if (val != Acc(0)) emit(r, z, val);
     }
   }
-
 
   // f(row0, nrows) for each staged step of chunk t: rows [row0, row0 + nrows) of its
   // sequence, SUB at most; none past the sequence's end.
