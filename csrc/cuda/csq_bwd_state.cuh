@@ -26,7 +26,7 @@ struct KeyStateBwd : BackwardScan {
         __syncthreads();
         Acc* dq = static_cast<Acc*>(p.dq) + (bh * st.N + row0) * st.D;
         Acc* db = static_cast<Acc*>(p.db) + bh * st.N + row0;
-        st.read_gradients(nrows, true, [&](int r, int z, Acc val) {
+        st.template read_gradients<false>(nrows, true, [&](int r, int z, Acc val) {
           if (z < st.D)
             atomicAdd(dq + int64_t(r) * st.D + z, st.tau * val);
           else
@@ -59,8 +59,8 @@ __device__ __forceinline__ void keys_read_state(Tile& st, const BwdParams& p, in
         nrows, [&](int m, int n, Acc val) { atomicAdd(dv + int64_t(m) * st.Dv + n, val); });
     __syncthreads();
     Acc* dk = static_cast<Acc*>(p.dk) + (st.bg * st.N + row0) * st.D;
-    st.read_gradients(nrows, false, [&](int r, int z, Acc val) {
-      if (z < st.D) atomicAdd(dk + int64_t(r) * st.D + z, val);  // z == D: ke's constant 1
+    st.template read_gradients<true>(nrows, false, [&](int r, int z, Acc val) {
+      atomicAdd(dk + int64_t(r) * st.D + z, val);
     });
   });
 }
