@@ -60,7 +60,7 @@ def impls(n: int, d: int, heads: int, grad: bool) -> dict:
         "csq direct": lambda: csq_ext.attention(q, k, v, path="direct"),
         "csq chunked": lambda: csq_ext.attention(q, k, v, path="chunked"),
         "op direct": lambda: ops.csq_direct_fwd(q, k, v, shift, None, None, None, True, scale,
-                                                True, True, 1e-6, 0),
+                                                True, True, 1e-6, 0, False),
     }
 
 

@@ -135,24 +135,22 @@ def cuda_direct_cost(n: int, dk: int, dv: int, causal: bool, tasks: int) -> floa
 
 
 # The direct path's carried-state work: per position and pass, F feature elements built
-# (measured ~1.3 ns each on one CI core) and a 2 F (Dv + 1) GEMM (MKL through torch,
-# ~91 GFLOP/s). Measured when that work was torch (csq_ext/_direct_state.py, before issue 24);
-# it is now the op's (csrc/cpu/csq_direct_state_cpu.h, the same arithmetic in the CPU
-# kernels' feature rows), not re-measured yet, so these constants still describe the old code.
-# Fitted to forced-path runs at N = 1024-4096, D = 32-128, one thread (bench/NOTES.md,
-# "Direct path" 11): measured 24-62 GFLOP/s for the state work.
-_STATE_GEMM_GFLOPS = 91.0
-_STATE_FEATURE_NS = 1.3
+# (_STATE_FEATURE_NS each) and a 2 F (Dv + 1) product (_STATE_GEMM_GFLOPS), counted per thread
+# and spread over min(threads, tasks) (csrc/cpu/csq_direct_state_cpu.h: the state is built per
+# (sequence, head) task; the carried state is read inside the query tiles). Fitted by
+# bench/fit_state_cost.py (forced direct forwards with and without a state, interleaved;
+# D = 32-128, N = 1K and 4K, H = 4, 2 threads) on an AMD EPYC Zen 4 (2026-12-07): 80 GFLOP/s
+# and 0.64 ns per feature; the fit predicts the measured passes within 3-26% (D = 32-128)
+# (bench/NOTES.md 15).
+_STATE_GEMM_GFLOPS = 80.0
+_STATE_FEATURE_NS = 0.64
 
 
-def state_cost(n: int, dk: int, dv: int, passes: int, tasks: int) -> float:
+def state_cost(n: int, dk: int, dv: int, passes: int, tasks: int, threads: int = 1) -> float:
     """Estimated nanoseconds of the direct path's state work: `passes` of reading the carried
-    state (each query) and building the returned one (each key), counted on one thread
-    whatever the threads: on two it ran at most ~1.4x faster (bench/results/cpu_state.json and
-    cpu_state_one_thread.json: the D = 128, N = 1024 prefill took 93 ms direct on two threads,
-    134 on one, 5-10 ms of it the direct kernels), and earlier not faster at all."""
+    state (each query) and building the returned one (each key)."""
     per_pass = num_features(dk) * (2 * (dv + 1) / _STATE_GEMM_GFLOPS + _STATE_FEATURE_NS)
-    return max(1, tasks) * n * passes * per_pass
+    return max(1, tasks) * n * passes * per_pass / max(1, min(threads, tasks))
 
 
 def choose_path(n: int, dk: int, dv: int, causal: bool, device_type: str, threads: int,
@@ -205,7 +203,7 @@ def prefers_direct(n, dk: int, dv: int, causal: bool, device_type: str, threads:
     grad = grad and not passes
     measured = _calibrate.rates(dk, dv, threads, measure=measure)
     return (direct_cost(n, dk, dv, causal, threads, tasks, grad, measured)
-            + state_cost(n, dk, dv, passes, tasks)
+            + state_cost(n, dk, dv, passes, tasks, threads)
             <= chunked_cost(n, dk, dv, causal, threads, tasks, grad, measured))
 
 

@@ -224,3 +224,67 @@ def test_compiled_graphs_use_the_cached_rates(calib, gen):
         assert runtime_choice() == "direct"
     finally:
         os.environ["CSQ_CALIBRATE"] = "1"
+
+
+def _shipped_times(fraction: float, dk: int) -> dict:
+    return {m: {p: fraction * _cost._shipped_rate(m, p, dk) for p in _calibrate.PATHS}
+            for m in _calibrate.MODES}
+
+
+def test_a_busy_machines_measurement_is_not_cached(calib, monkeypatch):
+    """Rates all far below the shipped ones (a measurement while other work shared the cores)
+    serve this process, with one warning, and are never written; plausible ones are."""
+    threads = torch.get_num_threads()
+    busy = {"rates": _shipped_times(0.1, 64)}
+    monkeypatch.setattr(_calibrate, "_measure_entry", lambda dk, dv, t: busy)
+    with pytest.warns(RuntimeWarning, match="looks busy"):
+        got = _calibrate.rates(64, 64, threads, measure=True)
+    assert got == busy["rates"]
+    assert _cache_files(calib) == []
+    plausible = {"rates": _shipped_times(0.1, 64)}
+    plausible["rates"]["fwd"]["direct causal"] = _cost._shipped_rate("fwd", "direct causal", 64)
+    monkeypatch.setattr(_calibrate, "_measure_entry", lambda dk, dv, t: plausible)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _calibrate.rates(128, 128, threads, measure=True) == plausible["rates"]
+    assert len(_cache_files(calib)) == 1
+
+
+def test_a_cached_busy_entry_is_measured_again(calib, monkeypatch):
+    """A cache written before the busy rule (rates a tenth of the shipped ones at Dk = 64) is
+    not read: the next auto call measures again. Small heads are never judged (below the
+    shipped table's Dk = 32 the rates are low for real)."""
+    threads = torch.get_num_threads()
+    desc = _calibrate.machine()
+    record = {"format": _calibrate.FORMAT, "machine": desc, "entries": {
+        f"threads={threads},dk=64,dv=64": {"rates": _shipped_times(0.1, 64)},
+        f"threads={threads},dk=8,dv=8": {"rates": _shipped_times(0.01, 32)}}}
+    with open(_calibrate._path_for(_calibrate._file_key(desc)), "w") as f:
+        json.dump(record, f)
+    fresh = {"rates": _shipped_times(0.8, 64)}
+    calls = []
+    monkeypatch.setattr(_calibrate, "_measure_entry",
+                        lambda dk, dv, t: calls.append((dk, dv)) or fresh)
+    assert _calibrate.rates(8, 8, threads, measure=True) == record["entries"][
+        f"threads={threads},dk=8,dv=8"]["rates"]
+    assert _calibrate.rates(64, 64, threads, measure=True) == fresh["rates"]
+    assert calls == [(64, 64)]
+
+
+def test_the_measurement_interleaves_its_runs(calib, monkeypatch):
+    """Every one of the six runs is timed once per round, in turn (a load change reaches all
+    paths alike), after one warm-up call each."""
+    order = []
+    module = sys.modules["csq_ext.attention"]  # the package's name `attention` is the function
+    real = module.attention
+
+    def spy(q, k, v, *, causal, path, **kw):
+        order.append((path, causal, q.requires_grad))
+        return real(q, k, v, causal=causal, path=path, **kw)
+    monkeypatch.setattr(module, "attention", spy)
+    monkeypatch.setattr(_calibrate, "_lengths", lambda dk, dv, t: (64, 64))
+    entry = _calibrate._measure_entry(8, 8, torch.get_num_threads())
+    assert entry is not None
+    runs = order[:6]
+    assert len(set(runs)) == 6
+    assert order == runs * 4  # warm-up, then three rounds in the same order

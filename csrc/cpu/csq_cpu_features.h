@@ -71,19 +71,61 @@ inline void query_features_t(const acc_t* q, const acc_t* bq, int64_t rows, int6
   features_from_extended_t<Map, true>(eT, rows, d, phi_t, ld);
 }
 
+// A map's rows grouped into runs: consecutive rows f0 .. f0 + len - 1 with one first factor x
+// and one weight m whose second factors are consecutive coordinates y0 .. y0 + len - 1 (or a
+// single row of one factor, y0 = kOneFactor). Walking runs, the feature rows below are
+// contiguous products that vectorize (SquareMap: 3 d + 1 runs for its (d + 1)(d + 2) / 2 rows);
+// walking single rows with the weight chosen per row ran scalar and made the chunked forward
+// 14% slower at Dk = 64 (bench/NOTES.md 15).
+template <typename acc_t>
+struct FeatureRun {
+  int64_t f0;
+  int x, y0, len;
+  acc_t m;
+};
+
+template <typename Map, bool kQuery, typename acc_t>
+inline std::vector<FeatureRun<acc_t>> feature_runs(int64_t d) {
+  std::vector<FeatureRun<acc_t>> runs;
+  Map::for_each_row(static_cast<int>(d), [&](int64_t f, int x, int y) {
+    const acc_t m = kQuery ? Map::template query_weight<acc_t>(x, y) : acc_t(1);
+    if (!runs.empty()) {
+      FeatureRun<acc_t>& r = runs.back();
+      if (y != kOneFactor && r.y0 != kOneFactor && r.x == x && r.m == m &&
+          r.f0 + r.len == f && r.y0 + r.len == y) {
+        ++r.len;
+        return;
+      }
+    }
+    runs.push_back({f, x, y, 1, m});
+  });
+  return runs;
+}
+
 // The same features as rows (rows x F): psi(k), or with kQuery phi(tau q, b) (b one per row).
 template <typename Map, bool kQuery, typename acc_t>
 inline void features_rows(const acc_t* x, const acc_t* b, int64_t rows, int64_t d, acc_t tau,
                           acc_t* out) {
   const int64_t F = Map::num_features(d);
+  const std::vector<FeatureRun<acc_t>> runs = feature_runs<Map, kQuery, acc_t>(d);
+  std::vector<acc_t> ext(d + 1);  // the row's extended coordinates
+  acc_t* e = ext.data();
   for (int64_t i = 0; i < rows; ++i) {
     const acc_t* xi = x + i * d;
-    const acc_t c = kQuery ? b[i] : acc_t(1), scale = kQuery ? tau : acc_t(1);
-    const auto e = [&](int z) { return z < d ? scale * xi[z] : c; };
+    const acc_t scale = kQuery ? tau : acc_t(1);
+    for (int64_t z = 0; z < d; ++z) e[z] = scale * xi[z];
+    e[d] = kQuery ? b[i] : acc_t(1);
     acc_t* o = out + i * F;
-    Map::for_each_row(static_cast<int>(d), [&](int64_t f, int x, int y) {
-      o[f] = kQuery ? query_feature<Map, acc_t>(x, y, e) : key_feature<acc_t>(x, y, e);
-    });
+    for (const FeatureRun<acc_t>& r : runs) {
+      const acc_t a = r.m * e[r.x];
+      if (r.y0 == kOneFactor) {
+        o[r.f0] = a;
+        continue;
+      }
+      const acc_t* ey = e + r.y0;
+      acc_t* orun = o + r.f0;
+      for (int k = 0; k < r.len; ++k) orun[k] = a * ey[k];
+    }
   }
 }
 

@@ -385,7 +385,7 @@ void backward(const DirectBwdParams& p) {
     for (int64_t task = 0; task < p.num_seqs * p.heads_k; ++task)
       heads.push_back(seq_task(p, task));
     run_balanced(heads, [](const SeqTask& sq) { return sq.len; },
-                 [&] { return PerHead{make()}; });
+                 [&] { return PerHead{make()}; }, direct_lanes(p));
     return;
   }
   struct QueryPass {
@@ -396,8 +396,8 @@ void backward(const DirectBwdParams& p) {
     Work work;
     void run(const TileTask& t) { work.key_pass(t); }
   };
-  run_balanced(tiles, later, [&] { return QueryPass{make()}; });
-  run_balanced(tiles, earlier, [&] { return KeyPass{make()}; });
+  run_balanced(tiles, later, [&] { return QueryPass{make()}; }, direct_lanes(p));
+  run_balanced(tiles, earlier, [&] { return KeyPass{make()}; }, direct_lanes(p));
   at::parallel_for(0, p.num_seqs * p.heads_k, small_pass_grain(p), [&](int64_t begin,
                                                                         int64_t end) {
     Work work = make();

@@ -46,17 +46,27 @@ inline std::vector<TileTask> all_tiles(const DirectFwdParams& p) {
 // contiguous ranges would give one thread all the cheap early causal tiles, the other the dear
 // late ones.) Each thread makes one worker (its buffers) with make().
 template <typename T, typename Cost, typename Make>
-inline void run_balanced(std::vector<T> tasks, Cost cost, Make make) {
+inline void run_balanced(std::vector<T> tasks, Cost cost, Make make, int64_t max_lanes) {
   std::stable_sort(tasks.begin(), tasks.end(),
                    [&](const T& a, const T& b) { return cost(a) > cost(b); });
   const int64_t n = static_cast<int64_t>(tasks.size());
-  const int64_t lanes = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
+  const int64_t lanes =
+      std::max<int64_t>(1, std::min<int64_t>({at::get_num_threads(), n, max_lanes}));
   at::parallel_for(0, lanes, 1, [&](int64_t begin, int64_t end) {
     for (int64_t lane = begin; lane < end; ++lane) {
       auto worker = make();
       for (int64_t i = lane; i < n; i += lanes) worker.run(tasks[i]);
     }
   });
+}
+
+// The lanes of a call's tile passes: one when its products are about a million multiply-adds
+// (N = 16, H = 4, D = 64: 0.14M), as cheap as waking the thread pool: a second lane made
+// such a call slower (bench/bench_overhead.py, bench/NOTES.md 15).
+inline int64_t direct_lanes(const DirectFwdParams& p) {
+  const double n = static_cast<double>(p.seqlen), seen = p.causal ? (n + 1) / 2 : n;
+  const double macs = double(p.batch) * double(p.heads_q) * n * seen * double(p.dim_k + p.dim_v);
+  return macs < double(int64_t(1) << 20) ? 1 : at::get_num_threads();
 }
 
 // Grain for at::parallel_for over (sequence, key/value head) tasks of an O(N D) pass: one
@@ -337,7 +347,7 @@ struct KeyStore {
     if (!whole) return;
     data.reset(new acc_t[base[tasks]]);
     refs.resize(ref_base[tasks]);
-    at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, tasks, small_pass_grain(p), [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
         const SeqTask s = seq_task(p, task);
         convert_keys<scalar_t, acc_t>(p, kp, layout, s, 0, s.len, data.get() + base[task],

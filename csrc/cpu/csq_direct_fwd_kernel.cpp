@@ -113,7 +113,8 @@ void launch_direct_fwd(const DirectFwdParams& p) {
   // A causal tile's cost grows with its index: the balanced split keeps both cores busy.
   direct::run_balanced(direct::all_tiles(p),
                        [&](const direct::TileTask& t) { return p.causal ? t.index : 0; },
-                       [&] { return ForwardTile<scalar_t, acc_t, Map>(p, kp, ks, carried); });
+                       [&] { return ForwardTile<scalar_t, acc_t, Map>(p, kp, ks, carried); },
+                       direct::direct_lanes(p));
   direct::write_forward_state(p, carried);
 }
 

@@ -100,9 +100,12 @@ struct StateTileRead {
   const int64_t D, Dv1, F;
   std::vector<acc_t> b0, delta, phi;
   StateReadGrad<Map, acc_t> grad;
+  // grows_max = 0: no carried state, no buffers (those of a read are F x 64 elements, whose
+  // zeroing was a quarter of a small call's time).
   StateTileRead(int64_t d, int64_t dv1, int64_t grows_max)
       : D(d), Dv1(dv1), F(Map::num_features(d)), b0(grows_max), delta(d),
-        phi(kStateReadRows * Map::num_features(d)), grad(d, dv1, kStateReadRows) {}
+        phi(grows_max > 0 ? kStateReadRows * Map::num_features(d) : 0),
+        grad(d, dv1, grows_max > 0 ? kStateReadRows : 0) {}
 
   // b0 (returned) and delta = ref - r_T.
   const acc_t* shifts(const acc_t* q, int64_t grows, const acc_t* b, acc_t tau,
