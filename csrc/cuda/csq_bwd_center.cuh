@@ -8,7 +8,7 @@
 //   ref_state_grad_kernel    dref; with a carried state the gradient of its key sum
 #pragma once
 
-#include "csq_keys.cuh"
+#include "csq_key_chunk.cuh"
 
 namespace csq {
 namespace cuda {
@@ -21,51 +21,30 @@ namespace cuda {
 // The minimum of CTAs per SM lifts ptxas's default cap of 64 registers here (spills).
 template <typename T, typename Acc, typename Map>
 __global__ void __launch_bounds__(kThreads, 3) center_dq_kernel(const BwdParams p, Work w) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];  // key_mean_smem_bytes
-  Acc* mu_s = reinterpret_cast<Acc*>(smem_raw);
   __shared__ Acc dcount_part[kThreads / 32];
-  const int64_t bg = blockIdx.x, t = blockIdx.y, bi = bg / p.heads_k, g = bg % p.heads_k;
-  const ChunkSpan c = chunk_span(p, w, bi, t);
-  if (!c.valid) return;  // uniform over the block
-  const int D = static_cast<int>(p.dim_k);
-  const int64_t N = p.seqlen, G = p.group;
-  const Acc tau = Acc(p.scale);
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
+  const KeyChunk<Acc> kc(p, w);
+  if (!kc.c.valid) return;  // uniform over the block
   const bool count_grad = p.state_in != nullptr && p.center;
-  const int sub = key_mean_rows(D, sizeof(Acc)), ms = D + 1;
-  ChunkKeyMeans<T, Acc, Map> means(p, w, c, bi, g, t);
-
+  ChunkKeyMeans<T, Acc, Map> means(p, w, kc.c, kc.bi, kc.g, kc.t);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   Acc dcount = 0;  // lane 0 of each warp: its rows' part of the gradient of the carried count
-  for (int64_t row0 = c.row0; row0 < c.row1; row0 += sub) {  // uniform over the block
-    const int nrows = static_cast<int>(min64(sub, c.row1 - row0));
-    __syncthreads();  // mu_s of the previous sub-block is no longer read
-    means.fill(mu_s, row0, nrows);
-    __syncthreads();
-    // One warp per (query head, row).
-    for (int64_t e = warp; e < G * nrows; e += nwarps) {
-      const int64_t hh = e / nrows, h = g * G + hh, bh = bi * p.heads_q + h;
-      const int r = static_cast<int>(e % nrows);
-      const int64_t row = row0 + r;
-      const Acc coef = tau * static_cast<const Acc*>(p.db)[bh * N + row];
-      Acc* dq = static_cast<Acc*>(p.dq) + (bh * N + row) * D;
-      for (int d = lane; d < D; d += 32) dq[d] -= coef * mu_s[r * ms + d];
-      if (count_grad) {
-        Acc dot = 0;
-        for (int d = lane; d < D; d += 32)
-          dot += load_el<Acc, T>(p.q, p.q_stride, bi, h, row, d) * mu_s[r * ms + d];
-        dot = warp_sum(dot);
-        dcount += coef * dot / (means.carried + Acc(row - c.start + 1));
-      }
-    }
-  }
+  for_each_query_mean(p, kc, means, [&](int64_t h, int64_t row, const Acc* mu) {
+    const int64_t bh = kc.bi * p.heads_q + h;
+    const Acc coef = kc.tau * static_cast<const Acc*>(p.db)[bh * kc.N + row];
+    Acc* dq = static_cast<Acc*>(p.dq) + (bh * kc.N + row) * kc.D;
+    for (int d = lane; d < kc.D; d += 32) dq[d] -= coef * mu[d];
+    if (count_grad)
+      dcount += coef * query_dot<T>(p, kc, h, row, mu) /
+                (means.carried + Acc(row - kc.c.start + 1));
+  });
   if (count_grad) {
     if (lane == 0) dcount_part[warp] = dcount;
     __syncthreads();
-    if (tid == 0) {
+    if (threadIdx.x == 0) {
       Acc sum = 0;
-      for (int i = 0; i < nwarps; ++i) sum += dcount_part[i];
-      Acc* ds = head_sums<Map>(static_cast<Acc*>(p.dstate_in), p, c.seq, g);
-      atomicAdd(&state_key_count<Map>(ds, D, p.dim_v), sum);
+      for (int i = 0; i < int(blockDim.x >> 5); ++i) sum += dcount_part[i];
+      Acc* ds = head_sums<Map>(static_cast<Acc*>(p.dstate_in), p, kc.c.seq, kc.g);
+      atomicAdd(&state_key_count<Map>(ds, kc.D, p.dim_v), sum);
     }
   }
 }
@@ -73,18 +52,32 @@ __global__ void __launch_bounds__(kThreads, 3) center_dq_kernel(const BwdParams 
 // The centering term of dk at a row: cq_i = sum_{h in group} -tau db_hi q_hi / n_i (n_i =
 // position in the sequence + 1 + the carried key count, or the length when not causal).
 template <typename T, typename Acc>
-__device__ __forceinline__ Acc centering_term(const BwdParams& p, const ChunkSpan& c,
-                                              int64_t bi, int64_t g, int64_t row, int d,
-                                              Acc tau, Acc carried) {
+__device__ __forceinline__ Acc centering_term(const BwdParams& p, const KeyChunk<Acc>& kc,
+                                              int64_t row, int d, Acc carried) {
   const Acc* db = static_cast<const Acc*>(p.db);
-  const Acc n = p.causal ? carried + Acc(row - c.start + 1) : Acc(c.len);
+  const Acc n = p.causal ? carried + Acc(row - kc.c.start + 1) : Acc(kc.c.len);
   Acc s = 0;
   for (int64_t hh = 0; hh < p.group; ++hh) {
-    const int64_t h = g * p.group + hh, bh = bi * p.heads_q + h;
-    s += db[bh * p.seqlen + row] * load_el<Acc, T>(p.q, p.q_stride, bi, h, row, d);
+    const int64_t h = kc.g * p.group + hh, bh = kc.bi * p.heads_q + h;
+    s += db[bh * p.seqlen + row] * load_el<Acc, T>(p.q, p.q_stride, kc.bi, h, row, d);
   }
-  return -tau * s / n;
+  return -kc.tau * s / n;
 }
+
+// The reverse scan of the centering terms of the CTA's kv head (center_chunk_sum_kernel, then
+// chunk_scan_kernel<reverse>): the per-chunk sums and their exclusive prefix.
+template <typename Acc>
+struct CenterScan {
+  const Acc* pre;
+  const Acc* cs;
+  __device__ CenterScan(const Work& w, const KeyChunk<Acc>& kc)
+      : pre(static_cast<const Acc*>(w.center_prefix) + kc.bg * (w.nchunks + 1) * kc.D),
+        cs(static_cast<const Acc*>(w.center_sums) + kc.bg * w.nchunks * kc.D) {}
+  // Column d of the total over the chunk's sequence.
+  __device__ __forceinline__ Acc seq_total(const KeyChunk<Acc>& kc, int d) const {
+    return ::csq::cuda::seq_total(pre, cs, kc.c, kc.D, d, true);
+  }
+};
 
 // center_sums[b, g, t, :] = the centering terms summed over the rows of chunk slot t.
 // Grid (B Hk, nchunks). Needs the final db.
@@ -92,17 +85,14 @@ __device__ __forceinline__ Acc centering_term(const BwdParams& p, const ChunkSpa
 template <typename T, typename Acc, typename Map>
 __global__ void __launch_bounds__(kColThreads, 4) center_chunk_sum_kernel(const BwdParams p,
                                                                           Work w) {
-  const int64_t bg = blockIdx.x, t = blockIdx.y, bi = bg / p.heads_k, g = bg % p.heads_k;
-  const ChunkSpan c = chunk_span(p, w, bi, t);
-  if (!c.valid) return;
-  const int D = static_cast<int>(p.dim_k);
-  const Acc tau = Acc(p.scale);
-  const Acc carried = carried_count<Map, Acc, false>(p, c.seq, g);
-  Acc* out = static_cast<Acc*>(w.center_sums) + (bg * w.nchunks + t) * D;
-  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+  const KeyChunk<Acc> kc(p, w);
+  if (!kc.c.valid) return;
+  const Acc carried = carried_count<Map, Acc, false>(p, kc.c.seq, kc.g);
+  Acc* out = static_cast<Acc*>(w.center_sums) + (kc.bg * w.nchunks + kc.t) * kc.D;
+  for (int d = threadIdx.x; d < kc.D; d += blockDim.x) {
     Acc sum = 0;
-    for (int64_t j = c.row0; j < c.row1; ++j)
-      sum += centering_term<T, Acc>(p, c, bi, g, j, d, tau, carried);
+    for (int64_t j = kc.c.row0; j < kc.c.row1; ++j)
+      sum += centering_term<T, Acc>(p, kc, j, d, carried);
     out[d] = sum;
   }
 }
@@ -111,26 +101,21 @@ __global__ void __launch_bounds__(kColThreads, 4) center_chunk_sum_kernel(const 
 // plus center_prefix[t] (the terms of later chunks; reverse scan). Grid (B Hk, nchunks).
 template <typename T, typename Acc, typename Map>
 __global__ void __launch_bounds__(kColThreads) center_dk_kernel(const BwdParams p, Work w) {
-  const int64_t bg = blockIdx.x, t = blockIdx.y, bi = bg / p.heads_k, g = bg % p.heads_k;
-  const ChunkSpan c = chunk_span(p, w, bi, t);
-  if (!c.valid) return;
-  const int D = static_cast<int>(p.dim_k);
-  const int64_t N = p.seqlen, nch = w.nchunks;
-  const Acc tau = Acc(p.scale);
-  const Acc* pre = static_cast<const Acc*>(w.center_prefix) + bg * (nch + 1) * D;
-  const Acc* cs = static_cast<const Acc*>(w.center_sums) + bg * nch * D;
-  Acc* dk = static_cast<Acc*>(p.dk) + bg * N * D;
-  const Acc carried = carried_count<Map, Acc, false>(p, c.seq, g);
-  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+  const KeyChunk<Acc> kc(p, w);
+  if (!kc.c.valid) return;
+  const CenterScan<Acc> scan(w, kc);
+  Acc* dk = static_cast<Acc*>(p.dk) + kc.bg * kc.N * kc.D;
+  const Acc carried = carried_count<Map, Acc, false>(p, kc.c.seq, kc.g);
+  for (int d = threadIdx.x; d < kc.D; d += blockDim.x) {
     if (p.causal) {
-      Acc run = pre[t * D + d];
-      for (int64_t j = c.row1 - 1; j >= c.row0; --j) {
-        run += centering_term<T, Acc>(p, c, bi, g, j, d, tau, carried);
-        dk[j * D + d] += run;
+      Acc run = scan.pre[kc.t * kc.D + d];
+      for (int64_t j = kc.c.row1 - 1; j >= kc.c.row0; --j) {
+        run += centering_term<T, Acc>(p, kc, j, d, carried);
+        dk[j * kc.D + d] += run;
       }
     } else {
-      const Acc total = seq_total(pre, cs, c, D, d, true);
-      for (int64_t j = c.row0; j < c.row1; ++j) dk[j * D + d] += total;
+      const Acc total = scan.seq_total(kc, d);
+      for (int64_t j = kc.c.row0; j < kc.c.row1; ++j) dk[j * kc.D + d] += total;
     }
   }
 }
@@ -144,32 +129,29 @@ __global__ void __launch_bounds__(kColThreads) center_dk_kernel(const BwdParams 
 // it carries the gradient of a returned state into the keys that r was picked from.
 template <typename T, typename Acc, typename Map>
 __global__ void __launch_bounds__(kColThreads) ref_state_grad_kernel(const BwdParams p, Work w) {
-  const int64_t bg = blockIdx.x, t = blockIdx.y, bi = bg / p.heads_k, g = bg % p.heads_k;
-  const ChunkSpan c = chunk_span(p, w, bi, t);
-  if (!c.valid) return;
-  const int D = static_cast<int>(p.dim_k);
-  const int64_t N = p.seqlen, nch = w.nchunks;
-  const Acc tau = Acc(p.scale);
-  const Acc* dk = static_cast<const Acc*>(p.dk) + bg * N * D;
+  const KeyChunk<Acc> kc(p, w);
+  if (!kc.c.valid) return;
+  const int D = kc.D;
+  const int64_t N = kc.N, bi = kc.bi, g = kc.g;
+  const Acc* dk = static_cast<const Acc*>(p.dk) + kc.bg * N * D;
   const Acc* db = static_cast<const Acc*>(p.db);
-  const Acc* pre = static_cast<const Acc*>(w.center_prefix) + bg * (nch + 1) * D;
-  const Acc* cs = static_cast<const Acc*>(w.center_sums) + bg * nch * D;
-  Acc* dref = static_cast<Acc*>(p.dref) + (c.seq * p.heads_k + g) * D;
-  const bool carried = p.state_in != nullptr;
+  Acc* dref = static_cast<Acc*>(p.dref) + (kc.c.seq * p.heads_k + g) * D;
+  // The CTA of the sequence's first chunk adds the gradient of the carried key sum.
+  const bool key_sum_grad = p.state_in != nullptr && p.center && kc.t == kc.c.t0;
   for (int d = threadIdx.x; d < D; d += blockDim.x) {
     Acc sum = 0;
-    for (int64_t j = c.row0; j < c.row1; ++j) {
+    for (int64_t j = kc.c.row0; j < kc.c.row1; ++j) {
       sum -= dk[j * D + d];
       if (!p.center)
         for (int64_t hh = 0; hh < p.group; ++hh) {
           const int64_t h = g * p.group + hh, bh = bi * p.heads_q + h;
-          sum += tau * db[bh * N + j] * load_el<Acc, T>(p.q, p.q_stride, bi, h, j, d);
+          sum += kc.tau * db[bh * N + j] * load_el<Acc, T>(p.q, p.q_stride, bi, h, j, d);
         }
     }
     atomicAdd(dref + d, sum);
-    if (carried && p.center && t == c.t0) {
-      Acc* ds = head_sums<Map>(static_cast<Acc*>(p.dstate_in), p, c.seq, g);
-      state_key_sum<Map>(ds, d, D, p.dim_v) += seq_total(pre, cs, c, D, d, true);
+    if (key_sum_grad) {
+      Acc* ds = head_sums<Map>(static_cast<Acc*>(p.dstate_in), p, kc.c.seq, g);
+      state_key_sum<Map>(ds, d, D, p.dim_v) += CenterScan<Acc>(w, kc).seq_total(kc, d);
     }
   }
 }

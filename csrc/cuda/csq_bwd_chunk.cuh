@@ -3,7 +3,7 @@
 //   bwd_pairs_kernel  causal: the in-chunk pairs of the backward (dq, db, dk, dv)
 #pragma once
 
-#include "csq_pairs.cuh"
+#include "csq_pair_chunk.cuh"
 
 namespace csq {
 namespace cuda {
@@ -45,98 +45,51 @@ __global__ void __launch_bounds__(kThreads) grad_ext_kernel(const BwdParams p, W
 // dv are shared by the query heads of a group (atomics).
 template <typename T, typename Acc, typename Map>
 __global__ void __launch_bounds__(kThreads) bwd_pairs_kernel(const BwdParams p, Work w) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  Acc* A = reinterpret_cast<Acc*>(smem_raw);
-  Acc* B = A + kChunkI * kAS;
-  Acc* dS = B + kChunkI * kAS;
-  Acc* W = dS + kChunkI * kWS;
-  const int64_t bh = blockIdx.x, t = blockIdx.y, N = p.seqlen;
-  const ChunkRows<T, Acc> cr(p, w, bh, t);
+  extern __shared__ __align__(16) unsigned char smem_raw[];  // bwd_pairs_smem_bytes
+  const PairChunk<T, Acc> cr(p, w, smem_raw);
   if (!cr.valid) return;  // an unused chunk slot (cu_seqlens): uniform over the block
-  const int D = cr.D, De = D + 1, Dv = cr.Dv, V1 = Dv + 1;
-  const int nrows = cr.nrows;
-  const int tid = threadIdx.x, mg = tid / 16, ng = tid % 16;
-  const Acc* gs = static_cast<const Acc*>(w.g_ext) + (bh * N + cr.row0) * V1;
+  const int D = cr.D, Dv = cr.Dv, V1 = Dv + 1, nrows = cr.nrows;
+  Acc* dS = cr.pair_matrix(0);
+  Acc* W = cr.pair_matrix(1);
+  const Acc* gs = cr.query_rows(w.g_ext, V1);
   auto ge = [&](int r, int z) { return gs[int64_t(r) * V1 + z]; };
 
   Acc s[4][4], e[4][4];
-  chunk_scores(cr, nrows, A, B, mg, ng, s);
+  chunk_scores(cr, nrows, cr.A, cr.B, cr.mg, cr.ng, s);
 #pragma unroll
   for (int i = 0; i < 4; ++i)
 #pragma unroll
     for (int j = 0; j < 4; ++j) e[i][j] = Acc(0);
   for (int z0 = 0; z0 < V1; z0 += kSlab) {
     __syncthreads();
-    stage_slab(A, nrows, z0, V1, ge);
-    stage_slab(B, nrows, z0, V1, [&](int r, int z) { return cr.ve(r, z); });
+    stage_slab(cr.A, nrows, z0, V1, ge);
+    stage_slab(cr.B, nrows, z0, V1, [&](int r, int z) { return cr.ve(r, z); });
     __syncthreads();
-    pair_block_slab(A, B, mg, ng, e);
+    pair_block_slab(cr.A, cr.B, cr.mg, cr.ng, e);
   }
-#pragma unroll
-  for (int i = 0; i < 4; ++i)
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int r = 4 * mg + i, c = ng + 16 * j;
-      const bool on = c <= r && r < nrows;
-      dS[r * kWS + c] = on ? Map::weight_grad(s[i][j]) * e[i][j] : Acc(0);
-      W[r * kWS + c] = on ? Map::weight(s[i][j]) : Acc(0);
-    }
+  cr.fill_causal(dS, [&](int i, int j) { return Map::weight_grad(s[i][j]) * e[i][j]; });
+  cr.fill_causal(W, [&](int i, int j) { return Map::weight(s[i][j]); });
 
-  // dq, db: rows i, coordinates z of ke.
-  Acc* dq = static_cast<Acc*>(p.dq) + (bh * N + cr.row0) * D;
-  Acc* db = static_cast<Acc*>(p.db) + bh * N + cr.row0;
-  for (int z0 = 0; z0 < De; z0 += kSlab) {
-    __syncthreads();  // dS and W are written; the previous slab of B is no longer read
-    stage_slab(B, nrows, z0, De, [&](int r, int z) { return cr.ke(r, z); });
-    __syncthreads();
-    Acc o[4][2];
-    pair_times_slab<false>(dS, B, mg, ng, o);
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        const int r = 4 * mg + i, z = z0 + ng + 16 * j;
-        if (r >= nrows) continue;
+  // dq, db: rows i, coordinates z of ke (z == D: b's).
+  Acc* dq = cr.query_rows(p.dq, D);
+  Acc* db = cr.query_rows(p.db, 1);
+  cr.template pairs_times_rows<false>(
+      dS, cr.B, D + 1, [&](int r, int z) { return cr.ke(r, z); },
+      [&](int r, int z, Acc o) {
         if (z < D)
-          dq[int64_t(r) * D + z] += cr.tau * o[i][j];
-        else if (z == D)
-          db[r] += o[i][j];
-      }
-  }
-
+          dq[int64_t(r) * D + z] += cr.tau * o;
+        else
+          db[r] += o;
+      });
   // dk: key rows j, coordinates z < D of qe.
-  Acc* dk = static_cast<Acc*>(p.dk) + (cr.bg * N + cr.row0) * D;
-  for (int z0 = 0; z0 < D; z0 += kSlab) {
-    __syncthreads();
-    stage_slab(A, nrows, z0, D, [&](int r, int z) { return cr.qe(r, z); });
-    __syncthreads();
-    Acc o[4][2];
-    pair_times_slab<true>(dS, A, mg, ng, o);
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        const int r = 4 * mg + i, z = z0 + ng + 16 * j;
-        if (r < nrows && z < D) atomicAdd(dk + int64_t(r) * D + z, o[i][j]);
-      }
-  }
-
+  Acc* dk = cr.key_rows(p.dk, D);
+  cr.template pairs_times_rows<true>(
+      dS, cr.A, D, [&](int r, int z) { return cr.qe(r, z); },
+      [&](int r, int z, Acc o) { atomicAdd(dk + int64_t(r) * D + z, o); });
   // dv: key rows j, value coordinates v < Dv of g~ (dnum).
-  Acc* dv = static_cast<Acc*>(p.dv) + (cr.bg * N + cr.row0) * Dv;
-  for (int z0 = 0; z0 < Dv; z0 += kSlab) {
-    __syncthreads();
-    stage_slab(A, nrows, z0, Dv, ge);
-    __syncthreads();
-    Acc o[4][2];
-    pair_times_slab<true>(W, A, mg, ng, o);
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        const int r = 4 * mg + i, z = z0 + ng + 16 * j;
-        if (r < nrows && z < Dv) atomicAdd(dv + int64_t(r) * Dv + z, o[i][j]);
-      }
-  }
+  Acc* dv = cr.key_rows(p.dv, Dv);
+  cr.template pairs_times_rows<true>(
+      W, cr.A, Dv, ge, [&](int r, int z, Acc o) { atomicAdd(dv + int64_t(r) * Dv + z, o); });
 }
 
 }  // namespace cuda

@@ -2,10 +2,11 @@
 //   1. zero dq, dk, dv, db (and dstate_in, dref)
 //   2. the key side, as in the forward (launch_key_prefix; r is the forward's, read back)
 //   3. g~ = [dnum, dden]                                           grad_ext_kernel
-//   4. pass 1, key state S in order: dq, db from earlier keys      key_state_bwd_kernel
+//   4. pass 1, key state S in order: dq, db from earlier keys      state_scan_kernel<KeyStateBwd>
 //   5. causal: in-chunk pairs: dq, db, dk, dv                      bwd_pairs_kernel
 //   6. dq -= tau db mu' (mu' = -r without centering)               center_dq_kernel
-//   7. pass 2, query state R in reverse: dk, dv from later queries query_state_bwd_kernel
+//   7. pass 2, query state R in reverse: dk, dv from later queries
+//                                                              state_scan_kernel<QueryStateBwd>
 //   8. center: dk += reverse cumulative sum of -tau db q / n       center_chunk_sum_kernel,
 //                                                                  chunk_scan_kernel<reverse>,
 //                                                                  center_dk_kernel
@@ -31,12 +32,9 @@ size_t bwd_workspace_bytes(const BwdParams& p, DType dt) {
 template <DType DT, typename Map>
 Status launch_bwd(const BwdParams& p, void* workspace, size_t workspace_bytes,
                   cudaStream_t stream) {
-  using Tr = GenericTraits<DT>;
-  using T = typename Tr::T;
-  using Acc = typename Tr::Acc;
-
-  Status st = check_shapes(p);
-  if (!st.ok()) return st;
+  using T = typename GenericTraits<DT>::T;
+  using Acc = typename GenericTraits<DT>::Acc;
+  CSQ_RETURN_IF_FAILED(check_shapes(p));
   const int64_t B = p.batch, Hq = p.heads_q, Hk = p.heads_k, N = p.seqlen;
   const int D = int(p.dim_k), Dv = int(p.dim_v);
 
@@ -63,33 +61,26 @@ Status launch_bwd(const BwdParams& p, void* workspace, size_t workspace_bytes,
                    : Status{};
   }
   Work w;
-  if (workspace_bytes < carve_workspace(p, DT, Direction::kBackward, workspace, &w))
-    return Status{cudaErrorInvalidValue, "launch_bwd", "workspace too small"};
+  CSQ_RETURN_IF_FAILED(
+      take_workspace(p, DT, Direction::kBackward, workspace, workspace_bytes, &w, "launch_bwd"));
 
   const unsigned bhk = unsigned(B * Hk), bhq = unsigned(B * Hq), nch = unsigned(w.nchunks);
 
-  st = launch_key_prefix<T, Acc, Map>(p, w, nullptr, stream);
-  if (!st.ok()) return st;
+  CSQ_RETURN_IF_FAILED(launch_key_prefix<DT, Map>(p, w, nullptr, stream));
   grad_ext_kernel<T, Acc><<<dim3(bhq, nch), kThreads, 0, stream>>>(p, w);
   CSQ_CHECK_LAUNCH("grad_ext_kernel");
 
-  st = launch_state_scan<DT, KeyStateBwd, Map>(p, w, stream);
-  if (!st.ok()) return st;
-  if (p.causal) {
-    auto kernel = bwd_pairs_kernel<T, Acc, Map>;
-    const size_t smem = bwd_pairs_smem_bytes<Acc>();
-    st = prepare_smem(kernel, smem, "bwd_pairs_kernel");
-    if (!st.ok()) return st;
-    kernel<<<dim3(bhq, nch), kThreads, smem, stream>>>(p, w);
-    CSQ_CHECK_LAUNCH("bwd_pairs_kernel");
-  }
+  CSQ_RETURN_IF_FAILED(launch_state_scan<DT, KeyStateBwd, Map>(p, w, stream));
+  if (p.causal)
+    CSQ_RETURN_IF_FAILED(launch_with_smem(bwd_pairs_kernel<T, Acc, Map>, dim3(bhq, nch),
+                                          bwd_pairs_smem_bytes<Acc>(), p, w, stream,
+                                          "bwd_pairs_kernel"));
   // Also without centering: dq += tau db r (r is not 0, csq_params.h).
   center_dq_kernel<T, Acc, Map><<<dim3(bhk, nch), kThreads, key_mean_smem_bytes<Acc>(D),
                                   stream>>>(p, w);
   CSQ_CHECK_LAUNCH("center_dq_kernel");
 
-  st = launch_state_scan<DT, QueryStateBwd, Map>(p, w, stream);
-  if (!st.ok()) return st;
+  CSQ_RETURN_IF_FAILED(launch_state_scan<DT, QueryStateBwd, Map>(p, w, stream));
   if (p.center) {
     center_chunk_sum_kernel<T, Acc, Map><<<dim3(bhk, nch), kColThreads, 0, stream>>>(p, w);
     CSQ_CHECK_LAUNCH("center_chunk_sum_kernel");
@@ -99,15 +90,12 @@ Status launch_bwd(const BwdParams& p, void* workspace, size_t workspace_bytes,
     center_dk_kernel<T, Acc, Map><<<dim3(bhk, nch), kColThreads, 0, stream>>>(p, w);
     CSQ_CHECK_LAUNCH("center_dk_kernel");
   }
-  if (p.dref != nullptr) {  // r reaches a returned state; and the carried key sum
-    ref_state_grad_kernel<T, Acc, Map><<<dim3(bhk, nch), kColThreads, 0, stream>>>(p, w);
-    CSQ_CHECK_LAUNCH("ref_state_grad_kernel");
-    // Then to ref_in, or to the keys it was picked from.
-    const unsigned shk = unsigned(num_sequences(p) * p.heads_k);
-    ref_gradient_kernel<T, Acc, Map><<<shk, kColThreads, 0, stream>>>(p, w, false);
-    CSQ_CHECK_LAUNCH("ref_gradient_kernel");
-  }
-  return Status{};
+  if (p.dref == nullptr) return Status{};
+  // r reaches a returned state; and the carried key sum. Then to ref_in, or to the keys it was
+  // picked from.
+  ref_state_grad_kernel<T, Acc, Map><<<dim3(bhk, nch), kColThreads, 0, stream>>>(p, w);
+  CSQ_CHECK_LAUNCH("ref_state_grad_kernel");
+  return launch_ref_gradient<DT, Map>(p, w, false, stream);
 }
 
 #define CSQ_INSTANTIATE(DT, MAP) \

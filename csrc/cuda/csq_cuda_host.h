@@ -15,26 +15,21 @@
 namespace csq {
 namespace cuda_host {
 
+// One case of CSQ_DTYPE_SWITCH: torch's scalar type AT_TYPE runs as DType::KIND.
+#define CSQ_DTYPE_CASE(AT_TYPE, KIND, DT, ...)        \
+  case AT_TYPE: {                                     \
+    constexpr auto DT = ::csq::cuda::DType::KIND;     \
+    return __VA_ARGS__();                             \
+  }
+
 // Runs `__VA_ARGS__` (a lambda) with the constexpr csq::cuda::DType `DT` of `scalar_type`.
 #define CSQ_DTYPE_SWITCH(scalar_type, DT, ...)                                              \
   [&] {                                                                                     \
     switch (scalar_type) {                                                                  \
-      case at::kDouble: {                                                                   \
-        constexpr auto DT = ::csq::cuda::DType::kFloat64;                                   \
-        return __VA_ARGS__();                                                               \
-      }                                                                                     \
-      case at::kFloat: {                                                                    \
-        constexpr auto DT = ::csq::cuda::DType::kFloat32;                                   \
-        return __VA_ARGS__();                                                               \
-      }                                                                                     \
-      case at::kHalf: {                                                                     \
-        constexpr auto DT = ::csq::cuda::DType::kFloat16;                                   \
-        return __VA_ARGS__();                                                               \
-      }                                                                                     \
-      case at::kBFloat16: {                                                                 \
-        constexpr auto DT = ::csq::cuda::DType::kBFloat16;                                  \
-        return __VA_ARGS__();                                                               \
-      }                                                                                     \
+      CSQ_DTYPE_CASE(at::kDouble, kFloat64, DT, __VA_ARGS__)                                \
+      CSQ_DTYPE_CASE(at::kFloat, kFloat32, DT, __VA_ARGS__)                                 \
+      CSQ_DTYPE_CASE(at::kHalf, kFloat16, DT, __VA_ARGS__)                                  \
+      CSQ_DTYPE_CASE(at::kBFloat16, kBFloat16, DT, __VA_ARGS__)                             \
       default:                                                                              \
         TORCH_CHECK(false, "csq_ext (CUDA): unsupported dtype ", scalar_type,               \
                     "; supported: float64, float32, float16, bfloat16");                    \

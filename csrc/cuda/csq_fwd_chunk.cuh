@@ -4,8 +4,8 @@
 //   fwd_finalize_kernel  causal: the in-chunk pairs; den and y
 #pragma once
 
-#include "csq_keys.cuh"
-#include "csq_pairs.cuh"
+#include "csq_key_chunk.cuh"
+#include "csq_pair_chunk.cuh"
 
 namespace csq {
 namespace cuda {
@@ -15,35 +15,15 @@ namespace cuda {
 // The minimum of CTAs per SM lifts ptxas's default cap of 64 registers here (spills).
 template <typename T, typename Acc, typename Map>
 __global__ void __launch_bounds__(kThreads, 3) query_shift_kernel(const FwdParams p, Work w) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];  // key_mean_smem_bytes
-  Acc* mu_s = reinterpret_cast<Acc*>(smem_raw);
-  const int64_t bg = blockIdx.x, t = blockIdx.y, bi = bg / p.heads_k, g = bg % p.heads_k;
-  const ChunkSpan c = chunk_span(p, w, bi, t);
-  if (!c.valid) return;  // uniform over the block
-  const int D = static_cast<int>(p.dim_k);
-  const int64_t N = p.seqlen, G = p.group;
-  const Acc tau = Acc(p.scale);
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
-  const int sub = key_mean_rows(D, sizeof(Acc)), ms = D + 1;
-  ChunkKeyMeans<T, Acc, Map> means(p, w, c, bi, g, t);
-  for (int64_t row0 = c.row0; row0 < c.row1; row0 += sub) {  // uniform over the block
-    const int nrows = static_cast<int>(min64(sub, c.row1 - row0));
-    __syncthreads();  // mu_s of the previous sub-block is no longer read
-    means.fill(mu_s, row0, nrows);
-    __syncthreads();
-    // One warp per (query head, row).
-    for (int64_t e = warp; e < G * nrows; e += nwarps) {
-      const int64_t hh = e / nrows, h = g * G + hh, bh = bi * p.heads_q + h;
-      const int r = static_cast<int>(e % nrows);
-      const int64_t row = row0 + r;
-      Acc dot = 0;
-      for (int d = lane; d < D; d += 32)
-        dot += load_el<Acc, T>(p.q, p.q_stride, bi, h, row, d) * mu_s[r * ms + d];
-      dot = warp_sum(dot);
-      if (lane == 0)
-        static_cast<Acc*>(p.b)[bh * N + row] = static_cast<const Acc*>(p.shift)[h] - tau * dot;
-    }
-  }
+  const KeyChunk<Acc> kc(p, w);
+  if (!kc.c.valid) return;  // uniform over the block
+  ChunkKeyMeans<T, Acc, Map> means(p, w, kc.c, kc.bi, kc.g, kc.t);
+  for_each_query_mean(p, kc, means, [&](int64_t h, int64_t row, const Acc* mu) {
+    const Acc dot = query_dot<T>(p, kc, h, row, mu);
+    if ((threadIdx.x & 31) == 0)
+      static_cast<Acc*>(p.b)[(kc.bi * p.heads_q + h) * kc.N + row] =
+          static_cast<const Acc*>(p.shift)[h] - kc.tau * dot;
+  });
 }
 
 // y and den: the state part of num~ (Work::num_state; zero in chunk 0 when causal) plus, causal,
@@ -51,68 +31,45 @@ __global__ void __launch_bounds__(kThreads, 3) query_shift_kernel(const FwdParam
 // y = num / (den + eps). Grid (B Hq, nchunks).
 template <typename T, typename Acc, typename Map>
 __global__ void __launch_bounds__(kThreads) fwd_finalize_kernel(const FwdParams p, Work w) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  Acc* A = reinterpret_cast<Acc*>(smem_raw);
-  Acc* B = A + kChunkI * kAS;
-  Acc* W = B + kChunkI * kAS;
-  Acc* den_s = W + kChunkI * kWS;
-  const int64_t bh = blockIdx.x, t = blockIdx.y, N = p.seqlen;
-  const ChunkRows<T, Acc> cr(p, w, bh, t);
+  extern __shared__ __align__(16) unsigned char smem_raw[];  // finalize_smem_bytes
+  const PairChunk<T, Acc> cr(p, w, smem_raw);
   if (!cr.valid) return;  // an unused chunk slot (cu_seqlens): uniform over the block
-  const int Dv = cr.Dv, V1 = Dv + 1;
-  const int nrows = cr.nrows;
-  const int tid = threadIdx.x, mg = tid / 16, ng = tid % 16;
-  const Acc* num = static_cast<const Acc*>(w.num_state) + (bh * N + cr.row0) * V1;
+  const int Dv = cr.Dv, V1 = Dv + 1, nrows = cr.nrows;
+  Acc* W = cr.pair_matrix(0);
+  Acc* den_s = cr.pair_matrix(1);
+  const Acc* num = cr.query_rows(w.num_state, V1);
 
   if (p.causal) {
     Acc s[4][4];
-    chunk_scores(cr, nrows, A, B, mg, ng, s);
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int r = 4 * mg + i, c = ng + 16 * j;
-        W[r * kWS + c] = c <= r ? Map::weight(s[i][j]) : Acc(0);
-      }
+    chunk_scores(cr, nrows, cr.A, cr.B, cr.mg, cr.ng, s);
+    cr.fill_causal(W, [&](int i, int j) { return Map::weight(s[i][j]); });
     __syncthreads();
-    for (int r = tid; r < kChunkI; r += blockDim.x) {
+    for (int r = threadIdx.x; r < kChunkI; r += blockDim.x) {
       Acc sum = 0;
       for (int c = 0; c <= r; ++c) sum += W[r * kWS + c];
       den_s[r] = (r < nrows ? num[int64_t(r) * V1 + Dv] : Acc(0)) + sum;
     }
   } else {
-    for (int r = tid; r < kChunkI; r += blockDim.x)
+    for (int r = threadIdx.x; r < kChunkI; r += blockDim.x)
       den_s[r] = r < nrows ? num[int64_t(r) * V1 + Dv] : Acc(0);
   }
   __syncthreads();
-  Acc* den = static_cast<Acc*>(p.den) + bh * N + cr.row0;
-  for (int r = tid; r < nrows; r += blockDim.x) den[r] = den_s[r];
+  Acc* den = cr.query_rows(p.den, 1);
+  for (int r = threadIdx.x; r < nrows; r += blockDim.x) den[r] = den_s[r];
 
-  Acc* y = static_cast<Acc*>(p.y) + (bh * N + cr.row0) * Dv;  // unrounded: see csq_ops.cpp
+  Acc* y = cr.query_rows(p.y, Dv);  // unrounded: see csq_ops.cpp
   const Acc eps = Acc(p.eps);
-  for (int v0 = 0; v0 < Dv; v0 += kSlab) {
-    Acc o[4][2];
-    if (p.causal) {
-      __syncthreads();  // the previous slab of B is no longer read
-      stage_slab(B, nrows, v0, Dv, [&](int r, int z) { return cr.ve(r, z); });
-      __syncthreads();
-      pair_times_slab<false>(W, B, mg, ng, o);
-    } else {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) o[i][0] = o[i][1] = Acc(0);
-    }
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        const int r = 4 * mg + i, c = v0 + ng + 16 * j;
-        if (r < nrows && c < Dv) {
-          Acc val = num[int64_t(r) * V1 + c] + o[i][j];
-          if (p.normalize) val /= den_s[r] + eps;
-          store_el(y + int64_t(r) * Dv + c, val);
-        }
-      }
-  }
+  // o: the in-chunk pairs' part of num~ (causal only).
+  const auto emit_y = [&](int r, int c, Acc o) {
+    Acc val = num[int64_t(r) * V1 + c] + o;
+    if (p.normalize) val /= den_s[r] + eps;
+    store_el(y + int64_t(r) * Dv + c, val);
+  };
+  if (p.causal)
+    cr.template pairs_times_rows<false>(W, cr.B, Dv, [&](int r, int z) { return cr.ve(r, z); },
+                                        emit_y);
+  else
+    for (int e = threadIdx.x; e < nrows * Dv; e += blockDim.x) emit_y(e / Dv, e % Dv, Acc(0));
 }
 
 }  // namespace cuda

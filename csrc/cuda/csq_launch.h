@@ -38,6 +38,14 @@ struct Status {
   bool ok() const { return code == cudaSuccess; }
 };
 
+// Returns the Status of the expression `...` (variadic: a template's commas may stand in it)
+// from the enclosing launcher when it is a failure.
+#define CSQ_RETURN_IF_FAILED(...)                      \
+  do {                                                 \
+    const ::csq::cuda::Status csq_st_ = (__VA_ARGS__); \
+    if (!csq_st_.ok()) return csq_st_;                 \
+  } while (0)
+
 // Bytes of device scratch memory the launchers need, 256-byte aligned pieces. See README.md.
 size_t fwd_workspace_bytes(const FwdParams& p, DType dt);
 size_t bwd_workspace_bytes(const BwdParams& p, DType dt);

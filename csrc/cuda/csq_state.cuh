@@ -2,18 +2,20 @@
 // (sequence, key/value head, tile of FT state rows = features) walks the chunks of its
 // sequence, holding its FT x (Dv + 1) slice of a state in shared memory. Per chunk it first
 // "reads" the state (the queries or keys of the chunk against the state of the earlier, or
-// later, chunks) and then "updates" it with the chunk. The three scans (csq_fwd_state.cuh,
-// csq_bwd_state.cuh) differ only in which state they hold, what they read and where it goes:
+// later, chunks) and then "updates" it with the chunk. Every scan is one kernel,
+// state_scan_kernel (below), run with a policy (csq_fwd_state.cuh, csq_bwd_state.cuh); the
+// policies differ only in which state they hold, what they read and where it goes:
 //
-//   key_state_fwd_kernel    S = sum_j psi(ke_j) v~_j^T (keys in order).
-//                           read: num~_i += phi(qe_i) . S_tile      -> atomics into num_state
-//   key_state_bwd_kernel    the same S (backward pass 1).
-//                           read: u_i = S_tile g~_i, dqe_i += d/dqe <phi(qe_i), u_i>
+//   KeyStateFwd     S = sum_j psi(ke_j) v~_j^T (keys in order).
+//                   read: num~_i += phi(qe_i) . S_tile              -> atomics into num_state
+//   KeyStateBwd     the same S (backward pass 1).
+//                   read: u_i = S_tile g~_i, dqe_i += d/dqe <phi(qe_i), u_i>
 //                                                                   -> atomics into dq, db
-//   query_state_bwd_kernel  R = sum_i phi(qe_i) g~_i^T over all query heads of the group
-//                           (reverse order; backward pass 2).
-//                           read: dv_j += psi(ke_j) . R_tile, u_j = R_tile v~_j,
-//                                 dke_j += d/dke <psi(ke_j), u_j>   -> atomics into dv, dk
+//   QueryStateBwd   R = sum_i phi(qe_i) g~_i^T over all query heads of the group
+//                   (reverse order; backward pass 2).
+//                   read: dv_j += psi(ke_j) . R_tile, u_j = R_tile v~_j,
+//                         dke_j += d/dke <psi(ke_j), u_j>           -> atomics into dv, dk
+//   KeyStateBuild, StateKeysBwd: the state-only op's S, and its backward's keys reading R.
 //
 // Grid (S Hk, feature tiles): a CTA per (sequence, kv head, tile), which walks the chunks of
 // its sequence (t is the chunk index within the sequence; rows are global). Causal: chunk t
@@ -21,8 +23,7 @@
 // in-chunk kernels' job. Not causal: the full state, then every chunk reads it. Each tile adds
 // a partial sum over its features, hence the atomics. The rows of a tile are features
 // f0 .. f0 + FT - 1 in the feature map's order (csq_feature_map.h; the public order for
-// StateMap), the order of the carried state,
-// which is therefore read and written as is.
+// StateMap), the order of the carried state, which is therefore read and written as is.
 #pragma once
 
 #include "csq_block_gemm.cuh"
@@ -122,10 +123,8 @@ struct StateTile {
   using AccT = Acc;
   // Every row a product of two factors (Map::kDegree, csq_feature_map.h): known at compile time,
   // so CSQ's scan carries no test for rows of one factor (it spilled the float64
-  // query_state_bwd_kernel on sm_90a by 40 B).
+  // query-state scan (QueryStateBwd) on sm_90a by 40 B).
   static constexpr bool kTwoFactors = Map::kDegree == 2;
-  static constexpr int kSubRows = SUB;
-  static constexpr bool kTensorCores = TC;
   const FwdParams& p;
   const Work& w;
   Acc *S, *Feat, *Vec, *Xe, *Dx, *rs;
@@ -203,13 +202,16 @@ struct StateTile {
     __syncthreads();
   }
 
-  // The tile starts from this (sequence, kv head)'s rows of a state tensor (a carried state,
-  // possibly a pool: kCarried, or the gradient of a returned one). A template flag: the
-  // backward's kernels (never a pool) must not carry the slot lookup's registers.
+  // The tile starts from this (sequence, kv head)'s rows of a state tensor when one is given
+  // (a carried state, possibly a pool: kCarried, or the gradient of a returned one), else it
+  // stays 0. A template flag: the backward's kernels (never a pool) must not carry the slot
+  // lookup's registers.
   template <bool kCarried = false>
-  __device__ __forceinline__ void seed(const Acc* state) {
-    const Acc* src = (kCarried ? carried_sums<Map>(state, p, seq, g)
-                               : head_sums<Map>(state, p, seq, g)) +
+  __device__ __forceinline__ void seed(const void* state) {
+    if (state == nullptr) return;  // uniform over the block
+    const Acc* base = static_cast<const Acc*>(state);
+    const Acc* src = (kCarried ? carried_sums<Map>(base, p, seq, g)
+                               : head_sums<Map>(base, p, seq, g)) +
                      f0 * V1;
     for (int e = tid; e < nf * V1; e += nthr) {
       const int fi = e / V1, n = e % V1;
@@ -218,13 +220,15 @@ struct StateTile {
     __syncthreads();
   }
 
-  // The final tile into (add: onto) this (sequence, kv head)'s rows of a state tensor
-  // (kCarried: the forward's state_out, possibly a pool).
+  // The final tile into (add: onto) this (sequence, kv head)'s rows of a state tensor when one
+  // is given (kCarried: the forward's state_out, possibly a pool).
   template <bool kCarried = false>
-  __device__ __forceinline__ void keep(Acc* state, bool add) {
+  __device__ __forceinline__ void keep(void* state, bool add) {
+    if (state == nullptr) return;  // uniform over the block
     __syncthreads();  // the last update_state is complete
-    Acc* dst = (kCarried ? carried_sums<Map>(state, p, seq, g)
-                         : head_sums<Map>(state, p, seq, g)) +
+    Acc* base = static_cast<Acc*>(state);
+    Acc* dst = (kCarried ? carried_sums<Map>(base, p, seq, g)
+                         : head_sums<Map>(base, p, seq, g)) +
                f0 * V1;
     for (int e = tid; e < nf * V1; e += nthr) {
       const int fi = e / V1, n = e % V1;
@@ -270,6 +274,17 @@ struct StateTile {
     for (int e = tid; e < SUB * V1; e += nthr) {
       const int r = e / V1, n = e % V1;
       Vec[r * VS + n] = r < nrows ? gs[int64_t(r) * V1 + n] : Acc(0);
+    }
+  }
+  // One side's rows: a query head h's qe and g~ (kQueries), or the keys' ke and v~.
+  template <bool kQueries>
+  __device__ __forceinline__ void stage_rows(int64_t h, int64_t row0, int nrows) {
+    if constexpr (kQueries) {
+      stage_q(h, row0, nrows);
+      stage_g(h, row0, nrows);
+    } else {
+      stage_k(row0, nrows);
+      stage_v(row0, nrows);
     }
   }
   __device__ __forceinline__ void zero_dx() {
@@ -325,10 +340,10 @@ struct StateTile {
     }
   }
 
-  // ---- the three block products on the staged rows.
+  // ---- the block products on the staged rows.
   // S += Feat^T Vec over the nrows staged rows. At SUB = kMinStateRows the loop over them
   // (nrows <= 8) is not unrolled: the compiler unrolled it completely, and unrolled 2 or 4
-  // times it still spilled the float64 query_state_bwd_kernel on sm_80 or sm_90a.
+  // times it still spilled the float64 query-state scan (QueryStateBwd) on sm_80 or sm_90a.
   __device__ __forceinline__ void update_state(int nrows) {
     state_gemm_aug<4, 4, TC, Acc, SUB <= kMinStateRows ? 1 : 0>(
         nf, Dv, nrows, [&](int m, int k) { return Feat[k * FS + m]; },
@@ -342,15 +357,55 @@ struct StateTile {
         [&](int k, int n) { return S[n * SS + k]; },
         [&](int m, int n, Acc val) { Feat[m * FS + n] = val; }, p.tensor_core_passes > 1);
   }
+  // emit(m, n, sum_f Feat[m][f] S[f][n]) for the staged rows m < nrows and the value columns
+  // n < Dv, and with kCount also n = Dv (the count column).
+  template <bool kCount, typename Emit>
+  __device__ __forceinline__ void features_times_state(int nrows, const Emit& emit) {
+    const auto feat = [&](int m, int k) { return Feat[m * FS + k]; };
+    const auto state = [&](int k, int n) { return S[k * SS + n]; };
+    if constexpr (kCount)
+      state_gemm_aug<2, 4, TC, Acc>(nrows, Dv, nf, feat, state, emit, p.tensor_core_passes > 1);
+    else
+      state_gemm<2, 4, TC, Acc>(nrows, Dv, nf, feat, state, emit, p.tensor_core_passes > 1);
+  }
+  // The read of a gradient through the features of the staged rows (Vec: g~ or v~ staged, Dx
+  // zeroed, a barrier since): u = S_tile Vec, Dx = d/dXe <features, u>, then emit(r, z, Dx[r][z])
+  // for each coordinate z >= zlo (every one the tile touches; kSkipConstant: but z == D, the
+  // constant coordinate of ke, skipped before its load: the float64 QueryStateBwd spilled 40 B
+  // on sm_90a when it was tested after) whose value is not 0: untouched by this tile (a NaN
+  // still goes through).
+  template <bool kSkipConstant, typename Emit>
+  __device__ __forceinline__ void read_gradients(int nrows, bool phi, const Emit& emit) {
+    features_grad(nrows);
+    __syncthreads();
+    accumulate_dx(nrows, phi);
+    __syncthreads();
+    for (int e = tid; e < nrows * De; e += nthr) {
+      const int r = e / De, z = e % De;
+      if (z < zlo || (kSkipConstant && z >= D)) continue;
+      const Acc val = Dx[r * XS + z];
+      if (val == Acc(0)) continue;
+      emit(r, z, val);
+    }
+  }
 
-
-  // Rows [row0, row0 + nrows) of sub-block sb of chunk t; false past the sequence's end.
-  __device__ __forceinline__ bool sub_block(int64_t t, int sb, int64_t* row0, int* nrows) const {
-    *row0 = seq_rows[0] + t * kChunk + sb * SUB;
-    const int64_t seq_end = seq_rows[1];
-    if (*row0 >= seq_end) return false;
-    *nrows = static_cast<int>(min64(SUB, seq_end - *row0));
-    return true;
+  // f(row0, nrows) for each staged step of chunk t: rows [row0, row0 + nrows) of its
+  // sequence, SUB at most; none past the sequence's end.
+  template <typename F>
+  __device__ __forceinline__ void for_each_step(int64_t t, const F& f) const {
+    for (int sb = 0; sb < kChunkI / SUB; ++sb) {
+      const int64_t row0 = seq_rows[0] + t * kChunk + sb * SUB;
+      const int64_t seq_end = seq_rows[1];
+      if (row0 >= seq_end) break;
+      f(row0, static_cast<int>(min64(SUB, seq_end - row0)));
+    }
+  }
+  // f(h, row0, nrows) for each staged step of chunk t and each query head h of the group.
+  template <typename F>
+  __device__ __forceinline__ void for_each_query_step(int64_t t, const F& f) const {
+    for_each_step(t, [&](int64_t row0, int nrows) {
+      for (int64_t hh = 0; hh < G; ++hh) f(g * G + hh, row0, nrows);
+    });
   }
 
   // The walk over the chunks: read(t) and update(t) per chunk t, in order (reverse: from the
@@ -373,22 +428,48 @@ struct StateTile {
     }
   }
 
-  // The update of a key state (S) with the keys of chunk t.
+  // The updates: a key state (S) with the keys of chunk t, a query state (R) with its queries
+  // of every head of the group.
   __device__ __forceinline__ void absorb_keys(int64_t t) {
-    for (int sb = 0; sb < kChunkI / SUB; ++sb) {
-      int64_t row0;
-      int nrows;
-      if (!sub_block(t, sb, &row0, &nrows)) break;
-      __syncthreads();
-      stage_k(row0, nrows);
-      stage_v(row0, nrows);
-      __syncthreads();
-      build_feat(false);
-      __syncthreads();
-      update_state(nrows);
-    }
+    for_each_step(t, [&](int64_t row0, int nrows) { absorb<false>(0, row0, nrows); });
+  }
+  __device__ __forceinline__ void absorb_queries(int64_t t) {
+    for_each_query_step(t,
+                        [&](int64_t h, int64_t row0, int nrows) { absorb<true>(h, row0, nrows); });
+  }
+  template <bool kQueries>
+  __device__ __forceinline__ void absorb(int64_t h, int64_t row0, int nrows) {
+    __syncthreads();
+    stage_rows<kQueries>(h, row0, nrows);
+    __syncthreads();
+    build_feat(kQueries);
+    __syncthreads();
+    update_state(nrows);
   }
 };
+
+// The two kinds of scan policy: the forward's (FwdParams) and the backward's (BwdParams; its
+// tiles also hold Dx).
+struct ForwardScan {
+  using Params = FwdParams;
+  static constexpr bool kBackward = false;
+};
+struct BackwardScan {
+  using Params = BwdParams;
+  static constexpr bool kBackward = true;
+};
+
+// Every state scan: this CTA's tile, then what the policy Scan does with it (Scan::run; Scan:
+// a ForwardScan or BackwardScan with kName, its name in errors). Launched by
+// launch_state_scan (csq_chunked_launch.cuh).
+template <typename Scan, typename T, typename Acc, int FT, int SUB, bool TC, typename Map>
+__global__ void __launch_bounds__(kThreads, state_min_blocks<Acc>())
+    state_scan_kernel(const typename Scan::Params p, Work w) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  __shared__ int64_t seq_rows[2];
+  StateTile<T, Acc, FT, SUB, TC, Map> st(p, w, Scan::kBackward, smem_raw, seq_rows);
+  Scan::run(st, p, w);
+}
 
 }  // namespace cuda
 }  // namespace csq
