@@ -1,4 +1,4 @@
-// Helpers shared by the CUDA host files (csq_{fwd,bwd,decode}_cuda.cpp): what the
+// Helpers of the CUDA host file (csq_ops_cuda.cpp): what the
 // CUDA backend supports, the dtype switch, and turning a launcher Status into a torch error.
 // Includes torch; the kernels and launchers never see this file.
 #pragma once

@@ -1,5 +1,5 @@
 // The torch-free interface of the CUDA direct path (csrc/csq_direct_params.h): what the host
-// file csq_direct_cuda.cpp (and the emulator's harness) calls, implemented in
+// file csq_ops_cuda.cpp (and the emulator's harness) calls, implemented in
 // csq_direct_launch.cu. Only csq_direct_params.h, csq_launch.h (DType, Status) and the CUDA
 // runtime: the launcher compiles with nvcc alone.
 //
@@ -37,7 +37,7 @@ size_t direct_bwd_workspace_bytes(const DirectFwdParams& p, DType dt);
 
 // Forward. Reads q, k, v (strided), shift (acc dtype, (Hq,)); writes y (acc dtype,
 // contiguous (B, Hq, N, Dv)), b and den (acc dtype, contiguous (B, Hq, N)), as the CPU
-// kernel csrc/cpu/csq_direct_fwd_cpu.cpp does. bfloat16 / float16 run their products on
+// kernel csrc/cpu/csq_direct_fwd_kernel.cpp does. bfloat16 / float16 run their products on
 // tensor cores unless p.tensor_core_passes is 0.
 template <DType DT, typename Map = StateMap>
 Status launch_direct_fwd(const DirectFwdParams& p, void* workspace, size_t workspace_bytes,

@@ -1,5 +1,5 @@
-// The torch-free interface between the CUDA host files (csq_{fwd,bwd,decode}_cuda.cpp) and the
-// launchers (csq_{fwd,bwd,decode}_launch.cu). Only csq_params.h, the CUDA
+// The torch-free interface between the CUDA host file (csq_ops_cuda.cpp) and the
+// launchers (csq_chunked_{fwd,bwd}_launch.cu, csq_state_launch.cu, csq_decode_launch.cu). Only csq_params.h, the CUDA
 // runtime and standard headers: the launchers compile with nvcc alone.
 //
 // The caller fills the op's params (csq::prepare_forward / prepare_backward / prepare_decode,
