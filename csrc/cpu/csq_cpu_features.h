@@ -84,9 +84,14 @@ struct FeatureRun {
   acc_t m;
 };
 
+// The runs of head size d, walked once per thread and head size: features_rows runs on the
+// hot path (every chunk of the chunked forward, every block of a carried-state read).
 template <typename Map, bool kQuery, typename acc_t>
-inline std::vector<FeatureRun<acc_t>> feature_runs(int64_t d) {
-  std::vector<FeatureRun<acc_t>> runs;
+inline const std::vector<FeatureRun<acc_t>>& feature_runs(int64_t d) {
+  thread_local int64_t walked_d = -1;
+  thread_local std::vector<FeatureRun<acc_t>> runs;
+  if (walked_d == d) return runs;
+  runs.clear();
   Map::for_each_row(static_cast<int>(d), [&](int64_t f, int x, int y) {
     const acc_t m = kQuery ? Map::template query_weight<acc_t>(x, y) : acc_t(1);
     if (!runs.empty()) {
@@ -99,6 +104,7 @@ inline std::vector<FeatureRun<acc_t>> feature_runs(int64_t d) {
     }
     runs.push_back({f, x, y, 1, m});
   });
+  walked_d = d;
   return runs;
 }
 
@@ -107,7 +113,7 @@ template <typename Map, bool kQuery, typename acc_t>
 inline void features_rows(const acc_t* x, const acc_t* b, int64_t rows, int64_t d, acc_t tau,
                           acc_t* out) {
   const int64_t F = Map::num_features(d);
-  const std::vector<FeatureRun<acc_t>> runs = feature_runs<Map, kQuery, acc_t>(d);
+  const std::vector<FeatureRun<acc_t>>& runs = feature_runs<Map, kQuery, acc_t>(d);
   std::vector<acc_t> ext(d + 1);  // the row's extended coordinates
   acc_t* e = ext.data();
   for (int64_t i = 0; i < rows; ++i) {
