@@ -138,7 +138,7 @@ def no_forward_ad(**tensors) -> None:
 
 def no_functorch_grad() -> None:
     """torch.func's reverse-mode transforms (grad, vjp, jacrev, hessian) cannot run the
-    operators' autograd (registered with torch.library, which they do not support): refuse
+    operators' autograd (a C++ torch::autograd::Function, which they do not support): refuse
     with a message that says what works, instead of PyTorch's generic setup_context error.
     torch.func.vmap alone works (the operators run once per batch element)."""
     if not torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling():
@@ -149,7 +149,7 @@ def no_functorch_grad() -> None:
     if any(i.key() == TransformType.Grad for i in retrieve_all_functorch_interpreters()):
         raise NotImplementedError(
             "csq_ext: torch.func.grad / vjp / jacrev / hessian cannot differentiate "
-            "csq_ext.attention (its operators' gradients are registered with torch.library, "
+            "csq_ext.attention (its operators' gradients are a C++ autograd function, "
             "which torch.func's transforms do not run); use torch.autograd.grad or "
             ".backward() (torch.func.vmap without grad works), or "
             "csq_ext.reference.csq_attention_reference inside torch.func")

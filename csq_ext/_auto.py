@@ -19,7 +19,7 @@ import torch
 
 from ._args import acc_dtype
 from ._cost import choose_path
-from ._ops import _bwd_backward, _check_devices, ops
+from ._ops import _check_devices, ops
 
 
 def _sequences(q, cu_seqlens) -> int:
@@ -104,6 +104,13 @@ def _backward(ctx, dy, _db, _dden, _dref, _dpath):
     return dq, dk, dv, dshift, None, None, None, None, None, None, None, None
 
 
+def _no_double_backward(ctx, *grads):
+    # The message of the compiled ops' double backward (csrc/csq_autograd.cpp).
+    raise RuntimeError(
+        "csq_ext.attention does not support double backward (gradients of gradients). "
+        "Use the reference implementation csq_ext.reference.csq_attention_reference "
+        "for higher-order derivatives.")
+
+
 auto_fwd.register_autograd(_backward, setup_context=_setup_context)
-# Double backward is refused with the other ops' message.
-auto_bwd.register_autograd(_bwd_backward, setup_context=lambda ctx, inputs, output: None)
+auto_bwd.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)

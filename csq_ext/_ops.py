@@ -1,12 +1,10 @@
-"""Loads the compiled operators and wires them into PyTorch: shapes for fake tensors
-(torch.compile, meta) and the autograd formulas (the backward ops).
+"""Loads the compiled operators and gives them shapes for fake tensors (torch.compile, meta).
 
-The two algorithms' operators, csq_chunked_fwd / csq_chunked_bwd and csq_direct_fwd /
-csq_direct_bwd, take the same arguments and return the same outputs (the direct forward returns
-its ref only when it reads or returns a state), so one autograd formula serves both. The
-state-only operator csq_state / csq_state_bwd has its own. Which ref a sequence's sums are
-relative to, and where a picked ref's gradient goes, is decided by the operators
-(csrc/csq_params.h); Python only passes gradients along."""
+Their autograd is registered by the library itself, in C++ (csrc/csq_autograd.cpp: the forward
+ops save what the backward ops read; a double backward raises): a Python autograd wrapper cost
+more than the whole operator at small N. The two algorithms' operators, csq_chunked_fwd /
+csq_chunked_bwd and csq_direct_fwd / csq_direct_bwd, take the same arguments and return the
+same outputs (the direct forward returns its ref only when it reads or returns a state)."""
 from __future__ import annotations
 
 import os
@@ -116,75 +114,3 @@ def _csq_pool_decode_fake(sums, ref, slots, has_initial_state, q, k, v, shift, y
                           normalize, eps):
     _check_devices(q, sums, ref, k, v, shift, y)
     return None
-
-
-def _fwd_setup_context(ctx, inputs, output):
-    (q, k, v, shift, cu_seqlens, state_in, ref_in, causal, scale, center, normalize, eps,
-     tile_size, return_state) = inputs
-    y, b, den, _state_out, ref = output
-    # Outputs the loss does not use arrive as None, not zeros: the returned state and ref
-    # are unused by most callers, and only a used one may pass the ref's gradient on to the
-    # keys it was picked from (_fwd_backward), where a NaN after them would otherwise reach
-    # them too.
-    ctx.set_materialize_grads(False)
-    ctx.save_for_backward(q, k, v, shift, cu_seqlens, state_in, ref, y, b, den)
-    ctx.has_ref_in = ref_in is not None
-    ctx.options = (causal, scale, center, normalize, eps, tile_size)
-
-
-def _backward_with(bwd_op):
-    def backward(ctx, dy, _db, _dden, dstate_out, dref_out):
-        # b and den are auxiliary outputs for the backward; the public function never returns
-        # them, so their incoming gradients are None or zero and are ignored.
-        q, k, v, shift, cu_seqlens, state_in, ref, y, b, den = ctx.saved_tensors
-        if dy is None:
-            dy = torch.zeros_like(y)
-        # dref_in: the gradient of ref_in where the op kept it (0 where it picked its own ref
-        # from the keys: dk holds that part).
-        dq, dk, dv, dshift, dstate_in, dref_in = bwd_op(
-            dy, q, k, v, shift, cu_seqlens, state_in, ref, y, b, den, dstate_out, dref_out,
-            ctx.has_ref_in, *ctx.options)
-        return (dq, dk, dv, dshift, None, dstate_in if state_in is not None else None,
-                dref_in if ctx.has_ref_in else None, None, None, None, None, None, None, None)
-    return backward
-
-
-torch.library.register_autograd("csq_ext::csq_chunked_fwd", _backward_with(ops.csq_chunked_bwd),
-                                setup_context=_fwd_setup_context)
-torch.library.register_autograd("csq_ext::csq_direct_fwd", _backward_with(ops.csq_direct_bwd),
-                                setup_context=_fwd_setup_context)
-
-
-def _state_setup_context(ctx, inputs, output):
-    k, v, cu_seqlens, state_in, ref_in, tile_size = inputs
-    ctx.save_for_backward(k, v, cu_seqlens, state_in, output[1])
-    ctx.has_ref_in = ref_in is not None
-    ctx.tile_size = tile_size
-
-
-def _state_backward(ctx, dstate_out, dref_out):
-    k, v, cu_seqlens, state_in, ref = ctx.saved_tensors
-    dk, dv, dstate_in, dref_in = ops.csq_state_bwd(k, v, cu_seqlens, state_in, ref, dstate_out,
-                                                   dref_out, ctx.has_ref_in, ctx.tile_size)
-    return (dk, dv, None, dstate_in if state_in is not None else None,
-            dref_in if ctx.has_ref_in else None, None)
-
-
-torch.library.register_autograd("csq_ext::csq_state", _state_backward,
-                                setup_context=_state_setup_context)
-
-
-def _bwd_setup_context(ctx, inputs, output):
-    pass
-
-
-def _bwd_backward(ctx, *grads):
-    raise RuntimeError(
-        "csq_ext.attention does not support double backward (gradients of gradients). "
-        "Use the reference implementation csq_ext.reference.csq_attention_reference "
-        "for higher-order derivatives.")
-
-
-for _name in ("csq_chunked_bwd", "csq_direct_bwd", "csq_state_bwd"):
-    torch.library.register_autograd(f"csq_ext::{_name}", _bwd_backward,
-                                    setup_context=_bwd_setup_context)

@@ -219,3 +219,28 @@ def test_double_backward_raises(gen, wrt):
     assert g.requires_grad
     with pytest.raises(RuntimeError, match="double backward"):
         torch.autograd.grad(g.square().sum(), list(inputs.values()), allow_unused=True)
+
+
+@pytest.mark.parametrize("op", ["csq_chunked_fwd", "csq_direct_fwd"])
+def test_ops_record_a_graph_only_when_one_is_needed(gen, op):
+    """The C++ autograd (csrc/csq_autograd.cpp): a call records a node only with grad mode on
+    and an input that requires grad; then y carries the gradient and the backward's auxiliary
+    outputs b, den do not (they are not differentiable)."""
+    fwd = getattr(csq_ext._ops.ops, op)
+    q, k, v = make_qkv(gen, SHAPES["gqa"], requires_grad=True)
+    shift = rand_shift(gen, 4)
+    args = (shift, None, None, None, True, 0.5, True, True, 1e-6, 4, True)
+    y, b, den, st, ref = fwd(q, k, v, *args)
+    assert y.grad_fn is not None and st.grad_fn is not None
+    assert not b.requires_grad and not den.requires_grad
+    with torch.no_grad():
+        assert all(t.grad_fn is None for t in fwd(q, k, v, *args))
+    plain = [t.detach() for t in (q, k, v)]
+    assert all(t.grad_fn is None for t in fwd(*plain, *args))
+    # The graph's gradient is the one the public function gives.
+    dy = randn(gen, *y.shape)
+    got = torch.autograd.grad(y, (q, k, v), dy)
+    want = torch.autograd.grad(csq_ext.attention(q, k, v, shift=shift, scale=0.5, tile_size=4,
+                                                 path=op.split("_")[1]), (q, k, v), dy)
+    for g, w in zip(got, want):
+        assert_rel_close(g, w, TOL[torch.float64], op)

@@ -105,3 +105,14 @@ def test_state_op_rejects_bad_input(gen):
                                                                                   dtype=F64), 0)
     with pytest.raises(RuntimeError, match="tile_size"):
         ops.csq_state(k, v, None, None, None, -1)
+
+
+def test_state_op_double_backward_raises(gen):
+    """Gradients of csq_state with create_graph=True can be taken; differentiating them again
+    raises (csrc/csq_autograd.cpp), never silent zeros."""
+    k, v = (t.requires_grad_() for t in _kv(gen, 1, 2, 9, 3, 2))
+    sums, _ = ops.csq_state(k, v, None, None, None, 4)
+    (dk,) = torch.autograd.grad(sums.square().sum(), k, create_graph=True)
+    assert dk.requires_grad
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(dk.sum(), (k, v), allow_unused=True)

@@ -1,9 +1,9 @@
 // The CUDA backend of every op: the shared entries (../csq_op_entries.h: the schema's
 // arguments, the host layer's checks, params and outputs; outputs and gradients follow the
-// CPU's contract, so the Python autograd wiring is shared) with the CUDA's run functions: the
-// device guard, what the CUDA kernels support beyond the host layer's checks, the workspace,
-// and the launcher for the dtype on the current stream of the inputs' device. The launchers
-// are in csq_*_launch.cu (csq_launch.h, csq_direct_launch.h).
+// CPU's contract, so the autograd of csrc/csq_autograd.cpp is shared) with the CUDA's run
+// functions: the device guard, what the CUDA kernels support beyond the host layer's checks,
+// the workspace, and the launcher for the dtype on the current stream of the inputs' device.
+// The launchers are in csq_*_launch.cu (csq_launch.h, csq_direct_launch.h).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
