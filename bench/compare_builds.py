@@ -28,7 +28,14 @@ POINTS = [("causal", 64, 1024), ("causal", 64, 4096), ("causal", 128, 4096),
 PATHS = ["direct", "chunked", "auto"]
 
 
-def worker(points, seconds):
+def _point(text):
+    mask, dim, n = text.split(":")
+    if mask not in ("causal", "full"):
+        raise argparse.ArgumentTypeError(f"MASK must be causal or full, got {mask!r}")
+    return (mask, int(dim), int(n))
+
+
+def worker(points, seconds, paths=PATHS):
     """Runs inside one build's Python: times every point and path, prints JSON."""
     import time
 
@@ -39,7 +46,7 @@ def worker(points, seconds):
     out = {}
     for mask, dim, n in points:
         q, k, v = (torch.randn(1, 4, n, dim) for _ in range(3))
-        for path in PATHS:
+        for path in paths:
             for mode in ("fwd", "fwd+bwd"):
                 def call():
                     if mode == "fwd":
@@ -60,9 +67,9 @@ def worker(points, seconds):
     print(json.dumps(out))
 
 
-def run_build(spec, points, seconds):
+def run_build(spec, points, seconds, paths=PATHS):
     python, folder = spec.split(":", 1)
-    cmd = [python, os.path.abspath(__file__), "--worker", json.dumps(points),
+    cmd = [python, os.path.abspath(__file__), "--worker", json.dumps([points, paths]),
            "--seconds", str(seconds)]
     env = dict(os.environ, PYTHONPATH=os.path.abspath(folder))
     res = subprocess.run(cmd, cwd=os.path.abspath(folder), env=env, capture_output=True,
@@ -77,13 +84,17 @@ def main(argv=None):
     p.add_argument("--before", help="PYTHON:CHECKOUT of the old build")
     p.add_argument("--after", help="PYTHON:CHECKOUT of the new build")
     p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--points", type=_point, nargs="+", default=POINTS,
+                   help="MASK:D:N, e.g. causal:64:4096 (default: the five points above)")
+    p.add_argument("--paths", nargs="+", choices=PATHS, default=PATHS)
     p.add_argument("--seconds", type=float, default=1.0, help="per point, path and mode")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                  "out", "compare_builds.json"))
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker is not None:
-        worker([tuple(x) for x in json.loads(args.worker)], args.seconds)
+        points, paths = json.loads(args.worker)
+        worker([tuple(x) for x in points], args.seconds, paths)
         return
     if not (args.before and args.after):
         p.error("--before and --after are required")
@@ -91,7 +102,8 @@ def main(argv=None):
     for r in range(args.rounds):
         order = ["before", "after"] if r % 2 == 0 else ["after", "before"]
         for name in order:
-            runs[name].append(run_build(getattr(args, name), POINTS, args.seconds))
+            runs[name].append(run_build(getattr(args, name), args.points, args.seconds,
+                                        args.paths))
             print(f"round {r + 1}/{args.rounds}: {name} done", flush=True)
     keys = list(runs["before"][0])
     table = {}
@@ -113,6 +125,7 @@ def main(argv=None):
                    "device": device_description(torch.device("cpu")),
                    "torch": torch.__version__, "threads": torch.get_num_threads(),
                    "before": args.before, "after": args.after, "rounds": args.rounds,
+                   "seconds": args.seconds,
                    "points": table, "raw": runs}, f, indent=1)
     print("wrote", args.out)
 

@@ -39,17 +39,35 @@ CSQ_HOST_DEVICE inline DirectCandidates direct_reference_candidates(bool causal,
   return {t0, (t0 + tile < len ? t0 + tile : len) - 1};
 }
 
-// The squared distance of key j to `point` (D coordinates), in float64 summed over x in
-// order, or -1 where it is not finite (a NaN or Inf key is never a reference). key(j, x)
-// returns coordinate x of key j as a double.
+// The float64 sum of term(x) over x < n, in four partial sums (terms 4i, 4i + 1, 4i + 2,
+// 4i + 3; the remainder in the first) added at the end: one running sum is a chain of
+// dependent adds, latency-bound, and the CPU direct path sums N D such terms per head for its
+// references, far keys and per-query shifts (bench/NOTES.md 16). A fixed order: the same
+// result on every backend and thread count.
+template <typename Term>
+CSQ_HOST_DEVICE inline double sum_f64(int64_t n, const Term& term) {
+  double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+  int64_t x = 0;
+  for (; x + 4 <= n; x += 4) {
+    s0 += term(x);
+    s1 += term(x + 1);
+    s2 += term(x + 2);
+    s3 += term(x + 3);
+  }
+  for (; x < n; ++x) s0 += term(x);
+  return (s0 + s1) + (s2 + s3);
+}
+
+// The squared distance of key j to `point` (D coordinates), in float64 (sum_f64), or -1 where
+// it is not finite (a NaN or Inf key is never a reference). key(j, x) returns coordinate x of
+// key j as a double.
 template <typename KeyAt>
 CSQ_HOST_DEVICE inline double key_distance(int64_t j, int64_t d, const double* point,
                                            const KeyAt& key) {
-  double dist = 0;
-  for (int64_t x = 0; x < d; ++x) {
+  const double dist = sum_f64(d, [&](int64_t x) {
     const double e = key(j, x) - point[x];
-    dist += e * e;
-  }
+    return e * e;
+  });
   return dist - dist == 0.0 ? dist : -1.0;
 }
 

@@ -42,13 +42,20 @@ def test_fit_state_cost_fits_both_constants(tmp_path):
 
 
 def test_compare_builds_worker_times_every_path(capsys):
-    compare_builds.main(["--worker", json.dumps([["causal", 16, 64], ["full", 8, 32]]),
+    compare_builds.main(["--worker",
+                         json.dumps([[["causal", 16, 64], ["full", 8, 32]], compare_builds.PATHS]),
                          "--seconds", "0.01"])
     times = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     expected = {f"{m} D={d} N={n} {path} {mode}" for m, d, n in (("causal", 16, 64),
                                                                   ("full", 8, 32))
                 for path in compare_builds.PATHS for mode in ("fwd", "fwd+bwd")}
     assert set(times) == expected and all(t > 0 for t in times.values())
+
+
+def test_compare_builds_points_are_parsed_and_checked():
+    assert compare_builds._point("full:128:4096") == ("full", 128, 4096)
+    with pytest.raises(SystemExit):
+        compare_builds.main(["--points", "sideways:64:1024", "--before", "a:.", "--after", "b:."])
 
 
 def test_compare_builds_needs_both_builds():

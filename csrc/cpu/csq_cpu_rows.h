@@ -111,13 +111,22 @@ inline at::Tensor mat(acc_t* data, int64_t rows, int64_t cols) {
   return mat(data, rows, cols, cols);
 }
 
-inline bool all_finite_impl(const float* x, int64_t n) {
-  for (int64_t i = 0; i < n; ++i)
-    if (!std::isfinite(x[i])) return false;
-  return true;
-}
-inline bool all_finite_impl(const double* x, int64_t n) {
-  for (int64_t i = 0; i < n; ++i)
+// Whether x[0, n) holds no NaN or Inf. x - x is 0 for a finite x and NaN otherwise; summed in
+// 16 partial sums per block of 256 (the loop vectorizes, where a test per element with an
+// early exit did not), a block's sum is NaN exactly when the block holds a NaN or an Inf.
+template <typename T>
+inline bool all_finite_impl(const T* x, int64_t n) {
+  constexpr int64_t L = 16, kBlock = 256;
+  int64_t i = 0;
+  for (; i + kBlock <= n; i += kBlock) {
+    T part[L] = {};
+    for (int64_t j = i; j < i + kBlock; j += L)
+      for (int64_t l = 0; l < L; ++l) part[l] += x[j + l] - x[j + l];
+    T sum = 0;
+    for (int64_t l = 0; l < L; ++l) sum += part[l];
+    if (!(sum == 0)) return false;
+  }
+  for (; i < n; ++i)
     if (!std::isfinite(x[i])) return false;
   return true;
 }

@@ -126,12 +126,9 @@ struct BackwardTiles : QueryTileWork<scalar_t, acc_t, Map, DirectBwdParams> {
       const acc_t dd = dden[r];
       acc_t* dsr = ds.data() + r * cols;
       const acc_t* sr = s.data() + r * cols;
-      acc_t sum = 0;
-      for (int64_t j = 0; j < cols; ++j) {
-        const acc_t x = j <= last ? Map::weight_grad(sr[j]) * (dsr[j] + dd) : acc_t(0);
-        dsr[j] = x;
-        sum += x;
-      }
+      for (int64_t j = 0; j < cols; ++j)
+        dsr[j] = j <= last ? Map::weight_grad(sr[j]) * (dsr[j] + dd) : acc_t(0);
+      const acc_t sum = row_sum(dsr, cols);
       db[r] += sum;
       // dq_i sums ds_ij (k_j - r_i) = ds_ij (k_j - r_j) + ds_ij (r_j - r_i)
       if (with_dq && moved)

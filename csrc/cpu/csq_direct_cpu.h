@@ -97,11 +97,10 @@ inline void find_far_keys(int64_t j0, int64_t m, int64_t d, const KeyAt& key, co
   double dist[kMaxDirectTile];
   std::vector<double> sorted;
   for (int64_t j = 0; j < m; ++j) {
-    double d2 = 0;
-    for (int64_t x = 0; x < d; ++x) {
+    const double d2 = sum_f64(d, [&](int64_t x) {
       const double e = key(j0 + j, x) - r[x];
-      d2 += e * e;
-    }
+      return e * e;
+    });
     dist[j] = d2;
     if (d2 - d2 == 0.0) sorted.push_back(d2);
   }
@@ -422,9 +421,9 @@ struct KeyTile {
       for (int64_t x = 0; x < D; ++x)
         far_x[x] = static_cast<double>(kr[x * p.k_stride[3]]) - double(ref[x]);
       for (int64_t r = 0; r < grows; ++r) {
-        double dot = 0;
-        for (int64_t x = 0; x < D; ++x) dot += double(q[r * D + x]) * far_x[x];
-        S[r * cols + j] = static_cast<acc_t>(dot);
+        const acc_t* qr = q + r * D;
+        S[r * cols + j] =
+            static_cast<acc_t>(sum_f64(D, [&](int64_t x) { return double(qr[x]) * far_x[x]; }));
       }
     }
   }
@@ -457,12 +456,30 @@ inline const acc_t* pair_shifts(const acc_t* q, int64_t grows, int64_t D, const 
     d[x] = double(key_ref[x]) - double(query_ref[x]);
     delta[x] = static_cast<acc_t>(d[x]);
   }
+  // Every (query tile, key tile) pair: sum_f64's partial sums, not one latency-bound chain
+  // (bench/NOTES.md 16).
+  const double* dd = d.data();
   for (int64_t r = 0; r < grows; ++r) {
-    double dot = 0;
-    for (int64_t x = 0; x < D; ++x) dot += double(q[r * D + x]) * d[x];
+    const acc_t* qr = q + r * D;
+    const double dot = sum_f64(D, [&](int64_t x) { return double(qr[x]) * dd[x]; });
     out[r] = static_cast<acc_t>(double(b[r]) + double(tau) * dot);
   }
   return out;
+}
+
+// The sum of x[0, n) in 16 independent partial sums: the loop vectorizes, where one running
+// sum is a latency-bound chain of adds (a row of a tile pair's weights or their gradients).
+template <typename acc_t>
+inline acc_t row_sum(const acc_t* x, int64_t n) {
+  constexpr int64_t L = 16;
+  acc_t part[L] = {};
+  int64_t j = 0;
+  for (; j + L <= n; j += L)
+    for (int64_t l = 0; l < L; ++l) part[l] += x[j + l];
+  acc_t sum = 0;
+  for (; j < n; ++j) sum += x[j];
+  for (int64_t l = 0; l < L; ++l) sum += part[l];
+  return sum;
 }
 
 // s = tau S + b_i and w = Map::weight(s) (s^2 for CSQ) for a (G rows) x cols block of raw
@@ -474,7 +491,6 @@ template <typename Map, typename acc_t>
 inline void shifted_weights(const acc_t* S, int64_t grows, int64_t rows, int64_t cols,
                             const acc_t* b, acc_t tau, bool diag, acc_t* s_out, acc_t* w_out,
                             acc_t* den = nullptr, int64_t den_ld = 0) {
-  constexpr int64_t L = 16;  // independent partial sums: the row sum vectorizes
   for (int64_t r = 0; r < grows; ++r) {
     const acc_t br = b[r];
     const int64_t last = diag ? r % rows : cols - 1;  // last unmasked column
@@ -487,15 +503,7 @@ inline void shifted_weights(const acc_t* S, int64_t grows, int64_t rows, int64_t
       if (s) s[j] = keep ? x : acc_t(0);
       w[j] = keep ? Map::weight(x) : acc_t(0);
     }
-    if (den == nullptr) continue;
-    acc_t part[L] = {};
-    int64_t j = 0;
-    for (; j + L <= cols; j += L)
-      for (int64_t l = 0; l < L; ++l) part[l] += w[j + l];
-    acc_t sum = 0;
-    for (; j < cols; ++j) sum += w[j];
-    for (int64_t l = 0; l < L; ++l) sum += part[l];
-    den[r * den_ld] += sum;
+    if (den != nullptr) den[r * den_ld] += row_sum(w, cols);
   }
 }
 

@@ -42,8 +42,7 @@ struct ForwardTile : QueryTileWork<scalar_t, acc_t, Map, DirectFwdParams> {
     for (int64_t r = 0; r < grows; ++r) {
       const acc_t* qr = qt.q.data() + r * D;
       const double* md = qt.mdiff.data() + (r % rows) * D;
-      double dot = 0;
-      for (int64_t x = 0; x < D; ++x) dot += double(qr[x]) * md[x];
+      const double dot = sum_f64(D, [&](int64_t x) { return double(qr[x]) * md[x]; });
       double br = double(shift[t.seq.head_k * G + r / rows]) - p.scale * dot;
       if (row_shift != nullptr) br += double(row_shift[qt.out_row(t, r)]);
       b[r] = static_cast<acc_t>(br);
