@@ -39,23 +39,17 @@ size_t direct_bwd_workspace_bytes(const DirectFwdParams& p, DType dt);
 // contiguous (B, Hq, N, Dv)), b and den (acc dtype, contiguous (B, Hq, N)), as the CPU
 // kernel csrc/cpu/csq_direct_fwd_kernel.cpp does. bfloat16 / float16 run their products on
 // tensor cores unless p.tensor_core_passes is 0.
-template <DType DT, typename Map = StateMap>
-Status launch_direct_fwd(const DirectFwdParams& p, void* workspace, size_t workspace_bytes,
-                         cudaStream_t stream);
+CSQ_CUDA_WORKSPACE_LAUNCHER(launch_direct_fwd, DirectFwdParams);
 
 // Backward. Reads q, k, v, dy (strided), y, b, den (contiguous, acc dtype), shift; writes
 // every element of dq, dk, dv (acc dtype, contiguous) and db (B, Hq, N), dL/db_i: the shift
 // gradient is its sum over batch and positions (the host file takes it). Deterministic: every
 // output element is written by one thread block, no atomics.
-template <DType DT, typename Map = StateMap>
-Status launch_direct_bwd(const DirectBwdParams& p, void* workspace, size_t workspace_bytes,
-                         cudaStream_t stream);
+CSQ_CUDA_WORKSPACE_LAUNCHER(launch_direct_bwd, DirectBwdParams);
 
-#define CSQ_CUDA_DECLARE_DIRECT(DT, MAP)                                                       \
-  extern template Status launch_direct_fwd<DT, MAP>(const DirectFwdParams&, void*, size_t,       \
-                                                    cudaStream_t);                               \
-  extern template Status launch_direct_bwd<DT, MAP>(const DirectBwdParams&, void*, size_t,       \
-                                                    cudaStream_t);
+#define CSQ_CUDA_DECLARE_DIRECT(DT, MAP)                                          \
+  CSQ_CUDA_EXTERN_WORKSPACE_LAUNCHER(launch_direct_fwd, DirectFwdParams, DT, MAP) \
+  CSQ_CUDA_EXTERN_WORKSPACE_LAUNCHER(launch_direct_bwd, DirectBwdParams, DT, MAP)
 CSQ_CUDA_FOR_EACH_LAUNCH(CSQ_CUDA_DECLARE_DIRECT)
 #undef CSQ_CUDA_DECLARE_DIRECT
 

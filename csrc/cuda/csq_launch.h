@@ -46,25 +46,31 @@ struct Status {
     if (!csq_st_.ok()) return csq_st_;                 \
   } while (0)
 
+// Every launcher takes the feature map Map (csq_feature_maps.h): StateMap, the map of every op
+// that ships; the emulator also instantiates the tests' maps (CSQ_TEST_FEATURE_MAPS). A
+// launcher with a device workspace has one signature, declared by this macro (for any op's
+// params, here and in csq_direct_launch.h):
+//   template <DType DT, typename Map = StateMap>
+//   Status NAME(const PARAMS& p, void* workspace, size_t workspace_bytes, cudaStream_t stream);
+#define CSQ_CUDA_WORKSPACE_LAUNCHER(NAME, PARAMS) \
+  template <DType DT, typename Map = StateMap>     \
+  Status NAME(const PARAMS& p, void* workspace, size_t workspace_bytes, cudaStream_t stream)
+// Its explicit instantiation for (DT, MAP), defined in the launcher's .cu file.
+#define CSQ_CUDA_EXTERN_WORKSPACE_LAUNCHER(NAME, PARAMS, DT, MAP) \
+  extern template Status NAME<DT, MAP>(const PARAMS&, void*, size_t, cudaStream_t);
+
 // Bytes of device scratch memory the launchers need, 256-byte aligned pieces. See README.md.
 size_t fwd_workspace_bytes(const FwdParams& p, DType dt);
 size_t bwd_workspace_bytes(const BwdParams& p, DType dt);
 
-// Every launcher takes the feature map Map (csq_feature_maps.h): StateMap, the map of every op
-// that ships; the emulator also instantiates the tests' maps (CSQ_TEST_FEATURE_MAPS).
-
 // Forward. Reads q, k, v (strided), shift, state_in / ref_in if given; writes y, b, den,
 // ref_out and state_out if given (the host layer's contract, csq_host.h).
-template <DType DT, typename Map = StateMap>
-Status launch_fwd(const FwdParams& p, void* workspace, size_t workspace_bytes,
-                  cudaStream_t stream);
+CSQ_CUDA_WORKSPACE_LAUNCHER(launch_fwd, FwdParams);
 
 // Backward. Reads q, k, v, dy (strided), the forward's y, b, den, ref (ref_in), shift,
 // state_in and dstate_out if given; writes dq, dk, dv, db, dref and dstate_in if given (the
 // host layer's contract). Zeroes every output itself first.
-template <DType DT, typename Map = StateMap>
-Status launch_bwd(const BwdParams& p, void* workspace, size_t workspace_bytes,
-                  cudaStream_t stream);
+CSQ_CUDA_WORKSPACE_LAUNCHER(launch_bwd, BwdParams);
 
 // One decoding step in place (csq_decode_): p.sums updated, p.ref written for a state that
 // holds no key yet, p.y written. No workspace: nothing is allocated.
@@ -75,12 +81,8 @@ Status launch_decode(const DecodeParams& p, cudaStream_t stream);
 // fields mirror k). Forward: state_out and ref_out; backward: dk, dv, dstate_in (when state_in
 // is given) and dref, every element written.
 size_t state_workspace_bytes(const StateParams& p, DType dt);
-template <DType DT, typename Map = StateMap>
-Status launch_state(const StateParams& p, void* workspace, size_t workspace_bytes,
-                    cudaStream_t stream);
-template <DType DT, typename Map = StateMap>
-Status launch_state_bwd(const StateBwdParams& p, void* workspace, size_t workspace_bytes,
-                        cudaStream_t stream);
+CSQ_CUDA_WORKSPACE_LAUNCHER(launch_state, StateParams);
+CSQ_CUDA_WORKSPACE_LAUNCHER(launch_state_bwd, StateBwdParams);
 
 // X(DT, MAP) for every (dtype, map) the launchers are instantiated for (in the .cu files).
 #ifdef CSQ_TEST_FEATURE_MAPS
@@ -93,14 +95,12 @@ Status launch_state_bwd(const StateBwdParams& p, void* workspace, size_t workspa
   X(DType::kFloat32, StateMap) X(DType::kFloat16, StateMap) X(DType::kBFloat16, StateMap) \
   CSQ_CUDA_FOR_EACH_TEST_LAUNCH(X)
 
-#define CSQ_CUDA_DECLARE_LAUNCHERS(DT, MAP)                                                    \
-  extern template Status launch_fwd<DT, MAP>(const FwdParams&, void*, size_t, cudaStream_t); \
-  extern template Status launch_bwd<DT, MAP>(const BwdParams&, void*, size_t, cudaStream_t); \
-  extern template Status launch_decode<DT, MAP>(const DecodeParams&, cudaStream_t);           \
-  extern template Status launch_state<DT, MAP>(const StateParams&, void*, size_t,              \
-                                               cudaStream_t);                                  \
-  extern template Status launch_state_bwd<DT, MAP>(const StateBwdParams&, void*, size_t,       \
-                                                   cudaStream_t);
+#define CSQ_CUDA_DECLARE_LAUNCHERS(DT, MAP)                                      \
+  CSQ_CUDA_EXTERN_WORKSPACE_LAUNCHER(launch_fwd, FwdParams, DT, MAP)             \
+  CSQ_CUDA_EXTERN_WORKSPACE_LAUNCHER(launch_bwd, BwdParams, DT, MAP)             \
+  CSQ_CUDA_EXTERN_WORKSPACE_LAUNCHER(launch_state, StateParams, DT, MAP)         \
+  CSQ_CUDA_EXTERN_WORKSPACE_LAUNCHER(launch_state_bwd, StateBwdParams, DT, MAP)  \
+  extern template Status launch_decode<DT, MAP>(const DecodeParams&, cudaStream_t);
 CSQ_CUDA_FOR_EACH_LAUNCH(CSQ_CUDA_DECLARE_LAUNCHERS)
 #undef CSQ_CUDA_DECLARE_LAUNCHERS
 
