@@ -244,3 +244,24 @@ def test_ops_record_a_graph_only_when_one_is_needed(gen, op):
                                                  path=op.split("_")[1]), (q, k, v), dy)
     for g, w in zip(got, want):
         assert_rel_close(g, w, TOL[torch.float64], op)
+
+
+@pytest.mark.parametrize("path", ["direct", "chunked"])
+def test_activation_checkpointing_gives_the_same_gradients(gen, path):
+    """torch.utils.checkpoint (both variants) recomputes the forward in the backward: the C++
+    autograd's saved tensors and options must survive that; gradients equal the plain ones."""
+    from torch.utils.checkpoint import checkpoint
+    q, k, v = make_qkv(gen, SHAPES["gqa"], requires_grad=True)
+    shift = rand_shift(gen, 4, requires_grad=True)
+    dy = randn(gen, 2, 4, 13, 5)
+
+    def f(q_, k_, v_, s_):
+        return csq_ext.attention(q_, k_, v_, shift=s_, path=path, tile_size=4)
+    want = torch.autograd.grad(f(q, k, v, shift), (q, k, v, shift), dy)
+    for reentrant in (False, True):
+        for t in (q, k, v, shift):
+            t.grad = None
+        # .backward(), not autograd.grad: the reentrant variant supports only the former.
+        checkpoint(f, q, k, v, shift, use_reentrant=reentrant).backward(dy)
+        for t, w in zip((q, k, v, shift), want):
+            assert_rel_close(t.grad, w, 1e-12, f"{path} use_reentrant={reentrant}")
