@@ -34,8 +34,9 @@ using StateBwdSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, const Tensor&,
     const OptTensor&, const OptTensor&, bool, int64_t);
 
-// The operator below autograd (torch::autograd::Function::apply has already excluded the
-// Autograd keys when forward runs; backward runs with grad mode off unless create_graph).
+// A typed handle of a registered operator. Every call through one sits under an
+// at::AutoDispatchBelowADInplaceOrView guard, so that it reaches the backend kernel and not this
+// file's kernels again (Function::apply only turns grad mode off).
 template <typename Sig>
 c10::TypedOperatorHandle<Sig> op_handle(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
