@@ -36,6 +36,7 @@ struct BackwardTiles : QueryTileWork<scalar_t, acc_t, Map, DirectBwdParams> {
   // the tile's q^T (D x G T) and dnum^T (Dv x G T). dk^T and dv^T (D and Dv rows of `acc_ld`)
   // collect a key tile's (or with the per-head schedule a sequence's) gradients unscaled.
   std::vector<acc_t> dnum, dden, db, s, w, ds, dq, qT, dnumT, dkT, dvT;
+  PairDots pairs;  // the query pass's <q_r, r_j - r_i> for every key tile it reads
   int64_t acc_ld = 0;
 
   BackwardTiles(const DirectBwdParams& p_, const KeyPrefix& kp_,
@@ -108,15 +109,20 @@ struct BackwardTiles : QueryTileWork<scalar_t, acc_t, Map, DirectBwdParams> {
   }
 
   // One (query tile, key tile) pair, keys [j0, j0 + cols) already in kt. Adds to dq and db
-  // when `with_dq`, to the accumulators' columns from `col` on when `with_keys`.
+  // when `with_dq`, to the accumulators' columns from `col` on when `with_keys`. dots: the
+  // pair's <q_r, r_j - r_i> when the caller has them (PairDots), else null.
   void pair(const TileTask& t, int64_t cols, bool diag, bool with_dq, bool with_keys,
-            int64_t col) {
+            int64_t col, const double* dots = nullptr) {
     const int64_t rows = t.rows, grows = G * rows;
     gemm<acc_t>(false, false, grows, cols, D, acc_t(1), qt.q.data(), D, kt.kT, kt.ld, acc_t(0),
                 s.data(), cols);
     kt.exact_far_scores(qt.q.data(), grows, s.data(), cols);
-    const acc_t* bp = pair_shifts(qt.q.data(), grows, D, b.data(), tau, kt.ref, qt.ref.data(),
-                                  delta.data(), b_pair.data());
+    const acc_t* bp =
+        dots != nullptr
+            ? pair_shifts_from(dots, grows, D, b.data(), tau, kt.ref, qt.ref.data(),
+                               delta.data(), b_pair.data())
+            : pair_shifts(qt.q.data(), grows, D, b.data(), tau, kt.ref, qt.ref.data(),
+                          delta.data(), b_pair.data());
     const bool moved = bp != b.data();  // keys relative to another reference than the queries'
     shifted_weights<Map, acc_t>(s.data(), grows, rows, cols, bp, tau, diag, s.data(), w.data());
     gemm<acc_t>(false, false, grows, cols, Dv, acc_t(1), dnum.data(), Dv, kt.vT, kt.ld,
@@ -182,10 +188,11 @@ struct BackwardTiles : QueryTileWork<scalar_t, acc_t, Map, DirectBwdParams> {
     std::fill(db.begin(), db.begin() + grows, acc_t(0));
     std::fill(dq.begin(), dq.begin() + grows * D, acc_t(0));
     const int64_t end = p.causal ? t.t0 + t.rows : t.seq.len;
+    pairs.compute(qt.q.data(), grows, kp, t.seq, p.heads_k, t.t0, end);
     for (int64_t j0 = 0; j0 < end; j0 += T) {
       const int64_t cols = std::min(T, end - j0);
       kt.load(t.seq, j0, cols);
-      pair(t, cols, p.causal && j0 == t.t0, true, with_keys, j0);
+      pair(t, cols, p.causal && j0 == t.t0, true, with_keys, j0, pairs.at(j0, T));
     }
     if (p.state_in != nullptr) {  // the carried state's keys, read by every row
       const acc_t* b0 = state_rows(t);

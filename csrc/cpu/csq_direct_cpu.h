@@ -429,43 +429,80 @@ struct KeyTile {
   }
 };
 
-// A per-thread float64 vector for pair_shifts.
-inline std::vector<double>& pair_delta_scratch() {
-  thread_local std::vector<double> d;
-  return d;
-}
-
 // The shifts of a (query tile, key tile) pair: out_r = b_r + tau <q_r, r_j - r_i> (the key
 // tile's reference minus the query tile's), or b itself when the references are equal (the
-// diagonal). delta receives r_j - r_i. In float64: the references are keys (exact), and their
-// difference can be far larger than the scores (keys drifting along the sequence), so the
-// product is taken exactly enough that only the sum is rounded.
+// diagonal). delta receives r_j - r_i; dots[r] holds <q_r, r_j - r_i> in float64 (PairDots,
+// or pair_shifts below). In float64: the references are keys (exact), and their difference can
+// be far larger than the scores (keys drifting along the sequence), so the product is taken
+// exactly enough that only the sum is rounded.
 template <typename acc_t>
-inline const acc_t* pair_shifts(const acc_t* q, int64_t grows, int64_t D, const acc_t* b,
-                                acc_t tau, const acc_t* key_ref, const acc_t* query_ref,
-                                acc_t* delta, acc_t* out) {
+inline const acc_t* pair_shifts_from(const double* dots, int64_t grows, int64_t D,
+                                     const acc_t* b, acc_t tau, const acc_t* key_ref,
+                                     const acc_t* query_ref, acc_t* delta, acc_t* out) {
   bool same = true;
   for (int64_t x = 0; x < D; ++x) same = same && key_ref[x] == query_ref[x];
   if (same) {
     std::fill(delta, delta + D, acc_t(0));
     return b;
   }
-  std::vector<double>& d = pair_delta_scratch();
+  for (int64_t x = 0; x < D; ++x)
+    delta[x] = static_cast<acc_t>(double(key_ref[x]) - double(query_ref[x]));
+  for (int64_t r = 0; r < grows; ++r)
+    out[r] = static_cast<acc_t>(double(b[r]) + double(tau) * dots[r]);
+  return out;
+}
+
+// pair_shifts_from with the dot products taken here, one row at a time (sum_f64): for a pair
+// met once (the backward's key pass, a carried state's read).
+template <typename acc_t>
+inline const acc_t* pair_shifts(const acc_t* q, int64_t grows, int64_t D, const acc_t* b,
+                                acc_t tau, const acc_t* key_ref, const acc_t* query_ref,
+                                acc_t* delta, acc_t* out) {
+  thread_local std::vector<double> d, dots;
   d.resize(D);
-  for (int64_t x = 0; x < D; ++x) {
-    d[x] = double(key_ref[x]) - double(query_ref[x]);
-    delta[x] = static_cast<acc_t>(d[x]);
-  }
-  // Every (query tile, key tile) pair: sum_f64's partial sums, not one latency-bound chain
-  // (bench/NOTES.md 16).
+  dots.resize(grows);
+  for (int64_t x = 0; x < D; ++x) d[x] = double(key_ref[x]) - double(query_ref[x]);
   const double* dd = d.data();
   for (int64_t r = 0; r < grows; ++r) {
     const acc_t* qr = q + r * D;
-    const double dot = sum_f64(D, [&](int64_t x) { return double(qr[x]) * dd[x]; });
-    out[r] = static_cast<acc_t>(double(b[r]) + double(tau) * dot);
+    dots[r] = sum_f64(D, [&](int64_t x) { return double(qr[x]) * dd[x]; });
   }
-  return out;
+  return pair_shifts_from(dots.data(), grows, D, b, tau, key_ref, query_ref, delta, out);
 }
+
+// The float64 products <q_r, r_j - r_i> of a query tile's rows (q, grows x D) with the
+// reference r_j of each key tile it reads minus its own r_i, for all those key tiles at once:
+// one float64 GEMM per query tile, where a dot product per row for every pair cost a tenth of
+// a full-attention forward at N = 4K (bench/NOTES.md 16).
+struct PairDots {
+  std::vector<double> q, refs, dots;  // (grows x D), (tiles x D), (tiles x grows)
+  int64_t grows = 0;
+
+  // Key tiles 0, T, ..., up to position `end` of sequence s; the query tile starts at t0.
+  template <typename acc_t>
+  void compute(const acc_t* qrows, int64_t grows_, const KeyPrefix& kp, const SeqTask& s,
+               int64_t heads_k, int64_t t0, int64_t end) {
+    const int64_t D = kp.dim, tiles = num_tiles(end, kp.tile);
+    grows = grows_;
+    dots.resize(tiles * grows);
+    if (tiles == 1) {  // the query tile's own key tile alone: pair_shifts_from returns b
+      std::fill(dots.begin(), dots.end(), 0.0);
+      return;
+    }
+    q.resize(grows * D);
+    refs.resize(tiles * D);
+    for (int64_t i = 0; i < grows * D; ++i) q[i] = static_cast<double>(qrows[i]);
+    const double* own = kp.ref(s, heads_k, t0);
+    for (int64_t jt = 0; jt < tiles; ++jt) {
+      const double* r = kp.ref(s, heads_k, jt * kp.tile);
+      for (int64_t x = 0; x < D; ++x) refs[jt * D + x] = r[x] - own[x];
+    }
+    gemm<double>(false, true, tiles, grows, D, 1.0, refs.data(), D, q.data(), D, 0.0,
+                 dots.data(), grows);
+  }
+  // <q_r, r_j - r_i> for the key tile starting at j0, r = 0 .. grows - 1.
+  const double* at(int64_t j0, int64_t tile) const { return dots.data() + (j0 / tile) * grows; }
+};
 
 // The sum of x[0, n) in 16 independent partial sums: the loop vectorizes, where one running
 // sum is a latency-bound chain of adds (a row of a tile pair's weights or their gradients).

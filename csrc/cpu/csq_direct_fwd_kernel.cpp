@@ -25,6 +25,7 @@ struct ForwardTile : QueryTileWork<scalar_t, acc_t, Map, DirectFwdParams> {
       Base::qt, Base::kt, Base::state, Base::b, Base::b_pair, Base::delta;
   const int64_t Dv1;
   std::vector<acc_t> w, num;  // (G T x T), (G T x Dv + 1)
+  PairDots pairs;             // <q_r, r_j - r_i> for every key tile the query tile reads
 
   ForwardTile(const DirectFwdParams& p_, const KeyPrefix& kp_,
               const KeyStore<scalar_t, acc_t>& ks_,
@@ -55,12 +56,13 @@ struct ForwardTile : QueryTileWork<scalar_t, acc_t, Map, DirectFwdParams> {
       std::fill(num.begin(), num.begin() + grows * Dv1, acc_t(0));
     }
     const int64_t end = p.causal ? t.t0 + rows : t.seq.len;
+    pairs.compute(qt.q.data(), grows, kp, t.seq, p.heads_k, t.t0, end);
     for (int64_t j0 = 0; j0 < end; j0 += T) {
       const int64_t cols = std::min(T, end - j0);
       const bool diag = p.causal && j0 == t.t0;
       kt.load(t.seq, j0, cols);
-      const acc_t* bp = pair_shifts(qt.q.data(), grows, D, b.data(), tau, kt.ref,
-                                    qt.ref.data(), delta.data(), b_pair.data());
+      const acc_t* bp = pair_shifts_from(pairs.at(j0, T), grows, D, b.data(), tau, kt.ref,
+                                         qt.ref.data(), delta.data(), b_pair.data());
       gemm<acc_t>(false, false, grows, cols, D, acc_t(1), qt.q.data(), D, kt.kT, kt.ld,
                   acc_t(0), w.data(), cols);
       kt.exact_far_scores(qt.q.data(), grows, w.data(), cols);
