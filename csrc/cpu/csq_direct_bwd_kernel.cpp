@@ -30,13 +30,13 @@ template <typename scalar_t, typename acc_t, typename Map>
 struct BackwardTiles : QueryTileWork<scalar_t, acc_t, Map, DirectBwdParams> {
   using Base = QueryTileWork<scalar_t, acc_t, Map, DirectBwdParams>;
   using Base::p, Base::kp, Base::carried, Base::D, Base::Dv, Base::G, Base::T, Base::tau,
-      Base::eps, Base::qt, Base::kt, Base::state, Base::b, Base::b_pair, Base::delta;
+      Base::eps, Base::qt, Base::kt, Base::state, Base::b, Base::b_pair, Base::delta,
+      Base::pairs;
   std::vector<acc_t> g;  // [dnum, dden] per stacked row, for the state's gradients
   // Per stacked query row: dnum (Dv), dden, db; per pair: s, w, ds (G T x T); dq (G T x D);
   // the tile's q^T (D x G T) and dnum^T (Dv x G T). dk^T and dv^T (D and Dv rows of `acc_ld`)
   // collect a key tile's (or with the per-head schedule a sequence's) gradients unscaled.
   std::vector<acc_t> dnum, dden, db, s, w, ds, dq, qT, dnumT, dkT, dvT;
-  PairDots pairs;  // the query pass's <q_r, r_j - r_i> for every key tile it reads
   int64_t acc_ld = 0;
 
   BackwardTiles(const DirectBwdParams& p_, const KeyPrefix& kp_,

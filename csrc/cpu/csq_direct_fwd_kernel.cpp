@@ -22,10 +22,9 @@ template <typename scalar_t, typename acc_t, typename Map>
 struct ForwardTile : QueryTileWork<scalar_t, acc_t, Map, DirectFwdParams> {
   using Base = QueryTileWork<scalar_t, acc_t, Map, DirectFwdParams>;
   using Base::p, Base::kp, Base::carried, Base::D, Base::G, Base::T, Base::tau, Base::eps,
-      Base::qt, Base::kt, Base::state, Base::b, Base::b_pair, Base::delta;
+      Base::qt, Base::kt, Base::state, Base::b, Base::b_pair, Base::delta, Base::pairs;
   const int64_t Dv1;
   std::vector<acc_t> w, num;  // (G T x T), (G T x Dv + 1)
-  PairDots pairs;             // <q_r, r_j - r_i> for every key tile the query tile reads
 
   ForwardTile(const DirectFwdParams& p_, const KeyPrefix& kp_,
               const KeyStore<scalar_t, acc_t>& ks_,

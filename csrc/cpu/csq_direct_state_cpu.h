@@ -142,7 +142,8 @@ struct StateTileRead {
 // What a worker of either direction (ForwardTile, BackwardTiles: one per thread, reused for
 // every query tile it runs) holds for its query tile: the call's params, key prefix and carried
 // state, the sizes, the query tile and the current key tile, the rows' shifts b with their copy
-// for a (query tile, key tile) pair and the references' difference (pair_shifts), and the
+// for a (query tile, key tile) pair and the references' difference (pair_shifts), the
+// products behind those shifts for every key tile the query tile reads (PairDots), and the
 // carried state's read. Params: DirectFwdParams or DirectBwdParams.
 template <typename scalar_t, typename acc_t, typename Map, typename Params>
 struct QueryTileWork {
@@ -155,6 +156,7 @@ struct QueryTileWork {
   KeyTile<scalar_t, acc_t> kt;
   StateTileRead<acc_t, Map> state;
   std::vector<acc_t> b, b_pair, delta;  // G T, G T, D
+  PairDots pairs;
 
   QueryTileWork(const Params& p_, const KeyPrefix& kp_, const KeyStore<scalar_t, acc_t>& ks_,
                 const DirectCarried<scalar_t, acc_t, Map>& carried_)
