@@ -66,11 +66,27 @@ inline void load_rows(const void* base, const int64_t* stride, int64_t b, int64_
 
 // The rows transposed: out[x * ld + i] (d x rows, ld >= rows), for GEMM operands that the
 // microkernel wants as (k x n) rows (csq_gemm.h).
+// Rows of contiguous coordinates go eight at a time, a coordinate of eight rows per step: one
+// contiguous store of eight where the row by row loop stored each element alone (the store
+// was 3/4 of the key store's time, bench/NOTES.md 17).
 template <typename scalar_t, typename acc_t>
 inline void load_rows_t(const void* base, const int64_t* stride, int64_t b, int64_t h,
                         int64_t row0, int64_t rows, int64_t d, const acc_t* ref, acc_t* out,
                         int64_t ld) {
-  load_block<scalar_t, acc_t>(base, stride, b, h, row0, rows, d, ref, out, 1, ld);
+  constexpr int64_t R = 8;
+  int64_t i0 = 0;
+  if (stride[3] == 1) {
+    for (; i0 + R <= rows; i0 += R) {
+      const scalar_t* src[R];
+      for (int64_t i = 0; i < R; ++i) src[i] = row_ptr<scalar_t>(base, stride, b, h, row0 + i0 + i);
+      for (int64_t x = 0; x < d; ++x) {
+        const acc_t r = ref != nullptr ? ref[x] : acc_t(0);
+        acc_t* dst = out + x * ld + i0;
+        for (int64_t i = 0; i < R; ++i) dst[i] = static_cast<acc_t>(src[i][x]) - r;
+      }
+    }
+  }
+  load_block<scalar_t, acc_t>(base, stride, b, h, row0 + i0, rows - i0, d, ref, out + i0, 1, ld);
 }
 
 // Values with a ones column appended: rows x (Dv + 1). The ones column turns the denominator

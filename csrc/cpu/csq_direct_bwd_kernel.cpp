@@ -201,7 +201,7 @@ struct BackwardTiles : QueryTileWork<scalar_t, acc_t, Map, DirectBwdParams> {
     }
     for (int64_t r = 0; r < grows; ++r) {
       const int64_t row = qt.out_row(t, r);
-      const double* md = qt.mdiff.data() + (r % t.rows) * D;
+      const double* md = qt.m(r % t.rows);
       acc_t* out = static_cast<acc_t*>(p.dq) + row * D;
       for (int64_t x = 0; x < D; ++x)
         out[x] = static_cast<acc_t>(p.scale * (double(dq[r * D + x]) - md[x] * double(db[r])));

@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <memory>
+#include <utility>
 #include <vector>
 
 #include "../csq_direct_params.h"
@@ -69,14 +70,18 @@ inline int64_t direct_lanes(const DirectFwdParams& p) {
   return macs < double(int64_t(1) << 20) ? 1 : at::get_num_threads();
 }
 
-// Grain for at::parallel_for over (sequence, key/value head) tasks of an O(N D) pass: one
-// thread unless there are a few million elements. A parallel region costs microseconds on an
-// idle machine but a scheduler time slice (~10 ms) when the cores are shared, which these
-// cheap passes cannot win back.
+// The elements (positions x coordinates) an O(N D) pass gives each thread at least: a
+// parallel region costs microseconds on an idle machine but up to a scheduler time slice when
+// the cores are shared, so a pass stays on one thread below ~0.3 ms of work. (At 2^22, these
+// passes ran on one thread up to N = 4K at D = 128: 12% of a full-attention forward's time at
+// N = 1K, D = 128 went to the key store alone while the other core waited; bench/NOTES.md 17.)
+constexpr int64_t kPassElemsPerThread = int64_t(1) << 18;
+
+// Grain for at::parallel_for over (sequence, key/value head) tasks of an O(N D) pass.
 inline int64_t small_pass_grain(const DirectFwdParams& p) {
   const int64_t seqs = std::max<int64_t>(1, p.num_seqs);
   const int64_t per_task = std::max<int64_t>(1, p.seqlen * p.dim_k * p.group / seqs);
-  return std::max<int64_t>(1, (int64_t(1) << 22) / per_task);
+  return std::max<int64_t>(1, kPassElemsPerThread / per_task);
 }
 
 // Far keys: a key much farther from its tile's reference than the tile's typical key (an
@@ -230,9 +235,13 @@ struct QueryTile {
   // large as an outlier's share of the mean must not be rounded before a query nearly
   // orthogonal to it makes the product small.
   std::vector<double> mdiff;
+  bool uniform = false;  // every row's m_i is row 0's (not causal, or no centering)
 
   QueryTile(const DirectFwdParams& p_, int64_t tile)
       : p(p_), D(p_.dim_k), G(p_.group), q(G * tile * D), ref(D), mdiff(tile * D) {}
+
+  // m_i of position i of the tile (D coordinates).
+  const double* m(int64_t i) const { return mdiff.data() + (uniform ? 0 : i * D); }
 
   // Row of output tensors (B, Hq, N, ...) for stacked row r of this tile.
   int64_t out_row(const TileTask& t, int64_t r) const {
@@ -249,12 +258,13 @@ struct QueryTile {
     tile_reference(p, kp, t.seq, t.t0, ref.data());
     // m_i = mu_i - r (centering) or -r, in float64 from r (a key, exact in acc_t): as small as
     // the keys' spread, whatever their common offset (csq_direct_params.h).
-    if (!p.center || !p.causal) {
+    // Without causal masking (or centering) every row shares one m: row 0 holds it (filling
+    // a copy per row, column by column, was a third of the tile loop's own time at N = 1K).
+    uniform = !p.center || !p.causal;
+    if (uniform) {
       const double* total = kp.before(t.seq, p.heads_k, t.seq.len);
-      for (int64_t x = 0; x < D; ++x) {
-        const double mu = p.center ? total[x] / double(t.seq.len) : 0.0;
-        for (int64_t i = 0; i < rows; ++i) mdiff[i * D + x] = mu - double(ref[x]);
-      }
+      for (int64_t x = 0; x < D; ++x)
+        mdiff[x] = (p.center ? total[x] / double(t.seq.len) : 0.0) - double(ref[x]);
       return;
     }
     // Running key sums from the tile start, in float64: mu_i = sum_{j <= i} k_j / (i + 1).
@@ -346,11 +356,20 @@ struct KeyStore {
     if (!whole) return;
     data.reset(new acc_t[base[tasks]]);
     refs.resize(ref_base[tasks]);
-    at::parallel_for(0, tasks, small_pass_grain(p), [&](int64_t begin, int64_t end) {
-      for (int64_t task = begin; task < end; ++task) {
+    // Tile by tile, so that a call of a few heads fills every thread.
+    std::vector<std::pair<int64_t, int64_t>> units;  // (task, tile)
+    for (int64_t task = 0; task < tasks; ++task)
+      for (int64_t i = 0; i < num_tiles(seq_task(p, task).len, p.tile); ++i)
+        units.emplace_back(task, i);
+    const int64_t grain = std::max<int64_t>(1, kPassElemsPerThread / layout.block());
+    at::parallel_for(0, int64_t(units.size()), grain, [&](int64_t begin, int64_t end) {
+      for (int64_t u = begin; u < end; ++u) {
+        const auto [task, i] = units[u];
         const SeqTask s = seq_task(p, task);
-        convert_keys<scalar_t, acc_t>(p, kp, layout, s, 0, s.len, data.get() + base[task],
-                                      refs.data() + ref_base[task]);
+        const int64_t j0 = i * p.tile;
+        convert_keys<scalar_t, acc_t>(p, kp, layout, s, j0, std::min(p.tile, s.len - j0),
+                                      data.get() + base[task] + i * layout.block(),
+                                      refs.data() + ref_base[task] + i * p.dim_k);
       }
     });
   }
@@ -521,9 +540,9 @@ inline acc_t row_sum(const acc_t* x, int64_t n) {
 
 // s = tau S + b_i and w = Map::weight(s) (s^2 for CSQ) for a (G rows) x cols block of raw
 // scores S, in place into w (and s when given). On a diagonal tile (cols == rows) entries with
-// j > i become 0: selected, not multiplied, so a NaN key after i cannot reach row i. With `den`, each row's sum of w is
-// added to den[r * den_ld]: the forward's denominator, so that its value GEMM need not carry a
-// column of ones (an n = Dv + 1 GEMM runs ~20% slower than n = Dv; bench/NOTES.md).
+// j > i become 0: selected, not multiplied, so a NaN key after i cannot reach row i. With
+// `den`, each row's sum of w is added to den[r * den_ld]: the forward's denominator, so that
+// its value GEMM need not carry a column of ones (an n = Dv + 1 GEMM runs ~20% slower than n = Dv; bench/NOTES.md).
 template <typename Map, typename acc_t>
 inline void shifted_weights(const acc_t* S, int64_t grows, int64_t rows, int64_t cols,
                             const acc_t* b, acc_t tau, bool diag, acc_t* s_out, acc_t* w_out,

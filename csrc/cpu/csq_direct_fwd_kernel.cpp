@@ -41,7 +41,7 @@ struct ForwardTile : QueryTileWork<scalar_t, acc_t, Map, DirectFwdParams> {
     // may be the difference of two large numbers.
     for (int64_t r = 0; r < grows; ++r) {
       const acc_t* qr = qt.q.data() + r * D;
-      const double* md = qt.mdiff.data() + (r % rows) * D;
+      const double* md = qt.m(r % rows);
       const double dot = sum_f64(D, [&](int64_t x) { return double(qr[x]) * md[x]; });
       double br = double(shift[t.seq.head_k * G + r / rows]) - p.scale * dot;
       if (row_shift != nullptr) br += double(row_shift[qt.out_row(t, r)]);
