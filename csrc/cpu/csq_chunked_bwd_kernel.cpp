@@ -224,8 +224,8 @@ struct BackwardTask {
         const int64_t h = g * p.group + hh;
         load_queries(h, t0, rows);
         query_features_t<Map>(qc.data(), bq.data(), rows, D, tau, phi_t.data(), C);
-        gemm<acc_t>(false, false, F, Dv1, rows, acc_t(1), phi_t.data(), C, gc.data(), Dv1,
-                    acc_t(1), query_state.data(), Dv1);
+        gemm_den_apart<acc_t>(F, Dv1, rows, phi_t.data(), C, gc.data(), Dv1, acc_t(1),
+                              query_state.data(), Dv1);
       }
     };
 

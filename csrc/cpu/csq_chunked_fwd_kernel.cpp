@@ -61,8 +61,8 @@ void forward_task(const FwdParams& p, const SeqTask& t) {
             w[i * rows + j] = j <= i ? Map::weight(s) : acc_t(0);
           }
         if (all_finite(vc, rows * Dv1))
-          gemm<acc_t>(false, false, rows, Dv1, rows, acc_t(1), w.data(), rows, vc.data(), Dv1,
-                      acc_t(1), num.data(), Dv1);
+          gemm_den_apart<acc_t>(rows, Dv1, rows, w.data(), rows, vc.data(), Dv1, acc_t(1),
+                                num.data(), Dv1);
         else
           lower_mm_add(w.data(), rows, vc.data(), Dv1, Dv1, acc_t(1), false, num.data(), Dv1);
       }

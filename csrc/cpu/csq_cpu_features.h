@@ -169,7 +169,7 @@ inline void read_state(const acc_t* S, const acc_t* q, const acc_t* b, int64_t r
                        int64_t dv1, acc_t tau, acc_t* phi, acc_t* num, int64_t ldn, acc_t beta) {
   const int64_t F = Map::num_features(d);
   features_rows<Map, true>(q, b, rows, d, tau, phi);
-  gemm<acc_t>(false, false, rows, dv1, F, acc_t(1), phi, F, S, dv1, beta, num, ldn);
+  gemm_den_apart<acc_t>(rows, dv1, F, phi, F, S, dv1, beta, num, ldn);
 }
 
 // The gradient of read_state for a block of rows, from g~_i (the gradient of num_i): with

@@ -219,8 +219,8 @@ struct KeyScan {
 
   // The loaded chunk joins the state: S += Psi^T V~, and the running key sum.
   void absorb(int64_t rows) {
-    gemm<acc_t>(false, false, F, Dv1, rows, acc_t(1), psi_t.data(), C, vc.data(), Dv1, acc_t(1),
-                state.data(), Dv1);
+    gemm_den_apart<acc_t>(F, Dv1, rows, psi_t.data(), C, vc.data(), Dv1, acc_t(1), state.data(),
+                          Dv1);
     add_rows(kc.data(), rows, D, ksum.data());
   }
 

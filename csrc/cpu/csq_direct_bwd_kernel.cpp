@@ -283,8 +283,8 @@ struct BackwardTiles : QueryTileWork<scalar_t, acc_t, Map, DirectBwdParams> {
         for (int64_t r0 = 0; r0 < grows; r0 += kStateReadRows) {
           const int64_t rows = std::min(kStateReadRows, grows - r0);
           query_features_t<Map>(qt.q.data() + r0 * D, b0 + r0, rows, D, tau, phi_t.data(), rows);
-          gemm<acc_t>(false, false, F, Dv1, rows, acc_t(1), phi_t.data(), rows,
-                      g.data() + r0 * Dv1, Dv1, acc_t(1), R.data(), Dv1);
+          gemm_den_apart<acc_t>(F, Dv1, rows, phi_t.data(), rows, g.data() + r0 * Dv1, Dv1,
+                                acc_t(1), R.data(), Dv1);
         }
       }
       acc_t* ds = task_state<Map>(static_cast<acc_t*>(p.dstate_in), p, sq);

@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
+#include <vector>
 
 #if AT_BUILD_WITH_BLAS()
 // The Fortran BLAS that torch itself links (MKL or OpenBLAS): a tile GEMM without the
@@ -121,6 +122,47 @@ inline void blas_gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, acc_t a
   else
     C.mul_(beta).add_(AB, alpha);
 #endif
+}
+
+// The dot product of x and y (n each) in 16 partial sums, added in a fixed order: the loop
+// vectorizes, where one running sum is a latency-bound chain of adds.
+template <typename acc_t>
+inline acc_t dot16(const acc_t* x, const acc_t* y, int64_t n) {
+  constexpr int64_t L = 16;
+  acc_t part[L] = {};
+  int64_t j = 0;
+  for (; j + L <= n; j += L)
+    for (int64_t l = 0; l < L; ++l) part[l] += x[j + l] * y[j + l];
+  acc_t sum = 0;
+  for (; j < n; ++j) sum += x[j] * y[j];
+  for (int64_t l = 0; l < L; ++l) sum += part[l];
+  return sum;
+}
+
+// Row-major C (m x n1, ld ldc) = A B + beta C (beta 0 or 1; 0 never reads C) for the products
+// whose n1 = Dv + 1 columns end in a denominator column (B = [V, 1], or a state F x (Dv + 1)):
+// on the microkernel, the first Dv columns as a GEMM and the last as m dot products with B's
+// last column. The chunked forward at D = 64, N = 4K ran 67.0 ms with Dv + 1 = 65 columns
+// against 49.8 with Dv = 63 (64 columns), at 1.5% fewer FLOPs (D = 128: 468 against 389 ms):
+// the microkernel's column blocks are 16 wide, so a 65th column costs far more than 1/65
+// (bench/NOTES.md 17). BLAS products (float64, CSQ_CPU_GEMM=blas) stay whole.
+template <typename acc_t>
+inline void gemm_den_apart(int64_t m, int64_t n1, int64_t k, const acc_t* a, int64_t lda,
+                           const acc_t* b, int64_t ldb, acc_t beta, acc_t* c, int64_t ldc) {
+  if (!(std::is_same_v<acc_t, float> && use_microkernel()) || n1 < 2 || m == 0 || k == 0) {
+    gemm<acc_t>(false, false, m, n1, k, acc_t(1), a, lda, b, ldb, beta, c, ldc);
+    return;
+  }
+  const int64_t last = n1 - 1;
+  gemm<acc_t>(false, false, m, last, k, acc_t(1), a, lda, b, ldb, beta, c, ldc);
+  thread_local std::vector<acc_t> column;
+  if (static_cast<int64_t>(column.size()) < k) column.resize(k);
+  for (int64_t j = 0; j < k; ++j) column[j] = b[j * ldb + last];
+  for (int64_t i = 0; i < m; ++i) {
+    const acc_t d = dot16(a + i * lda, column.data(), k);
+    acc_t* ci = c + i * ldc + last;
+    *ci = beta == acc_t(0) ? d : *ci + d;
+  }
 }
 
 // out (cols x rows, ld ldo) = in^T for in (rows x cols, ld ldi): in blocks, so that both sides
