@@ -68,7 +68,7 @@ inline void load_rows(const void* base, const int64_t* stride, int64_t b, int64_
 // microkernel wants as (k x n) rows (csq_gemm.h).
 // Rows of contiguous coordinates go eight at a time, a coordinate of eight rows per step: one
 // contiguous store of eight where the row by row loop stored each element alone (the store
-// was 3/4 of the key store's time, bench/NOTES.md 17).
+// was half of the key store's time, bench/NOTES.md 17).
 template <typename scalar_t, typename acc_t>
 inline void load_rows_t(const void* base, const int64_t* stride, int64_t b, int64_t h,
                         int64_t row0, int64_t rows, int64_t d, const acc_t* ref, acc_t* out,

@@ -73,8 +73,9 @@ inline int64_t direct_lanes(const DirectFwdParams& p) {
 // The elements (positions x coordinates) an O(N D) pass gives each thread at least: a
 // parallel region costs microseconds on an idle machine but up to a scheduler time slice when
 // the cores are shared, so a pass stays on one thread below ~0.3 ms of work. (At 2^22, these
-// passes ran on one thread up to N = 4K at D = 128: 12% of a full-attention forward's time at
-// N = 1K, D = 128 went to the key store alone while the other core waited; bench/NOTES.md 17.)
+// passes ran on one thread up to N = 4K at D = 128: the key store, key prefix and far keys
+// held a full-attention forward at N = 1K, D = 128 on one core for ~12% of its time while the
+// other waited; bench/NOTES.md 17.)
 constexpr int64_t kPassElemsPerThread = int64_t(1) << 18;
 
 // Grain for at::parallel_for over (sequence, key/value head) tasks of an O(N D) pass.
@@ -542,7 +543,8 @@ inline acc_t row_sum(const acc_t* x, int64_t n) {
 // scores S, in place into w (and s when given). On a diagonal tile (cols == rows) entries with
 // j > i become 0: selected, not multiplied, so a NaN key after i cannot reach row i. With
 // `den`, each row's sum of w is added to den[r * den_ld]: the forward's denominator, so that
-// its value GEMM need not carry a column of ones (an n = Dv + 1 GEMM runs ~20% slower than n = Dv; bench/NOTES.md).
+// its value GEMM need not carry a column of ones (an n = Dv + 1 GEMM runs ~20% slower than
+// n = Dv; bench/NOTES.md 17).
 template <typename Map, typename acc_t>
 inline void shifted_weights(const acc_t* S, int64_t grows, int64_t rows, int64_t cols,
                             const acc_t* b, acc_t tau, bool diag, acc_t* s_out, acc_t* w_out,
