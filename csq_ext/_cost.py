@@ -70,7 +70,7 @@ def _rate(mode: str, path: str, dk: int, measured: dict | None) -> float:
 
 def chunked_flops(n: int, dk: int, dv: int, causal: bool, tasks: int) -> float:
     """The chunked path's forward FLOPs for one call (the unit its rates are counted in)."""
-    chunk = 128 if dk <= 32 else 64  # csrc/csq_host.cpp, default_chunk
+    chunk = 128 if dk <= 32 or dk > 128 else 64  # csrc/csq_host.cpp, default_chunk
     per_query = 2 * 2 * num_features(dk) * (dv + 1)  # the state's read and update
     if causal:
         per_query += min(chunk, n) * (dk + dv + 1)  # the in-chunk block, half of it masked

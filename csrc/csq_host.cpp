@@ -40,8 +40,11 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 int64_t default_chunk(int64_t dim_k, bool on_cuda) {
   if (on_cuda) return 64;
   // The state GEMMs are (C x F) by (F x Dv); a longer chunk makes them more efficient while the
-  // C x C block inside a chunk stays cheap next to them. Measured in bench/NOTES.md.
-  return dim_k <= 32 ? 128 : 64;
+  // C x C block inside a chunk stays cheap next to them. Measured in bench/NOTES.md (5, 17):
+  // 128 for small heads, and for heads above 128, whose state (F x (Dv + 1): 34 MB at
+  // Dk = Dv = 256) a chunk reads and updates from memory, so that longer chunks cross it less
+  // often (clamp_chunk caps it by the features: 126 at Dk = 256).
+  return dim_k <= 32 || dim_k > 128 ? 128 : 64;
 }
 
 namespace {
