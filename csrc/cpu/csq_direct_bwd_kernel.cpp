@@ -134,7 +134,7 @@ struct BackwardTiles : QueryTileWork<scalar_t, acc_t, Map, DirectBwdParams> {
       const acc_t* sr = s.data() + r * cols;
       for (int64_t j = 0; j < cols; ++j)
         dsr[j] = j <= last ? Map::weight_grad(sr[j]) * (dsr[j] + dd) : acc_t(0);
-      const acc_t sum = row_sum(dsr, cols);
+      const acc_t sum = sum16<acc_t>(cols, [&](int64_t j) { return dsr[j]; });
       db[r] += sum;
       // dq_i sums ds_ij (k_j - r_i) = ds_ij (k_j - r_j) + ds_ij (r_j - r_i)
       if (with_dq && moved)

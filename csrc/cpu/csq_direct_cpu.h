@@ -348,20 +348,18 @@ struct KeyStore {
     const int64_t tasks = p.num_seqs * p.heads_k;
     base.assign(tasks + 1, 0);
     ref_base.assign(tasks + 1, 0);
+    // Converted tile by tile, so that a call of a few heads fills every thread.
+    std::vector<std::pair<int64_t, int64_t>> units;  // (task, tile)
     for (int64_t task = 0; task < tasks; ++task) {
-      const int64_t len = seq_task(p, task).len;
+      const int64_t len = seq_task(p, task).len, tiles = num_tiles(len, p.tile);
       base[task + 1] = base[task] + layout.elems(len);
-      ref_base[task + 1] = ref_base[task] + num_tiles(len, p.tile) * p.dim_k;
+      ref_base[task + 1] = ref_base[task] + tiles * p.dim_k;
+      for (int64_t i = 0; i < tiles; ++i) units.emplace_back(task, i);
     }
     whole = base[tasks] <= max_elems();
     if (!whole) return;
     data.reset(new acc_t[base[tasks]]);
     refs.resize(ref_base[tasks]);
-    // Tile by tile, so that a call of a few heads fills every thread.
-    std::vector<std::pair<int64_t, int64_t>> units;  // (task, tile)
-    for (int64_t task = 0; task < tasks; ++task)
-      for (int64_t i = 0; i < num_tiles(seq_task(p, task).len, p.tile); ++i)
-        units.emplace_back(task, i);
     const int64_t grain = std::max<int64_t>(1, kPassElemsPerThread / layout.block());
     at::parallel_for(0, int64_t(units.size()), grain, [&](int64_t begin, int64_t end) {
       for (int64_t u = begin; u < end; ++u) {
@@ -449,6 +447,14 @@ struct KeyTile {
   }
 };
 
+// Whether a pair's two references are the same key (the diagonal pair, or equal keys).
+template <typename acc_t>
+inline bool same_reference(const acc_t* key_ref, const acc_t* query_ref, int64_t D) {
+  bool same = true;
+  for (int64_t x = 0; x < D; ++x) same = same && key_ref[x] == query_ref[x];
+  return same;
+}
+
 // The shifts of a (query tile, key tile) pair: out_r = b_r + tau <q_r, r_j - r_i> (the key
 // tile's reference minus the query tile's), or b itself when the references are equal (the
 // diagonal). delta receives r_j - r_i; dots[r] holds <q_r, r_j - r_i> in float64 (PairDots,
@@ -459,9 +465,7 @@ template <typename acc_t>
 inline const acc_t* pair_shifts_from(const double* dots, int64_t grows, int64_t D,
                                      const acc_t* b, acc_t tau, const acc_t* key_ref,
                                      const acc_t* query_ref, acc_t* delta, acc_t* out) {
-  bool same = true;
-  for (int64_t x = 0; x < D; ++x) same = same && key_ref[x] == query_ref[x];
-  if (same) {
+  if (same_reference(key_ref, query_ref, D)) {
     std::fill(delta, delta + D, acc_t(0));
     return b;
   }
@@ -478,6 +482,8 @@ template <typename acc_t>
 inline const acc_t* pair_shifts(const acc_t* q, int64_t grows, int64_t D, const acc_t* b,
                                 acc_t tau, const acc_t* key_ref, const acc_t* query_ref,
                                 acc_t* delta, acc_t* out) {
+  if (same_reference(key_ref, query_ref, D))  // the diagonal: no products to take
+    return pair_shifts_from<acc_t>(nullptr, grows, D, b, tau, key_ref, query_ref, delta, out);
   thread_local std::vector<double> d, dots;
   d.resize(D);
   dots.resize(grows);
@@ -524,21 +530,6 @@ struct PairDots {
   const double* at(int64_t j0, int64_t tile) const { return dots.data() + (j0 / tile) * grows; }
 };
 
-// The sum of x[0, n) in 16 independent partial sums: the loop vectorizes, where one running
-// sum is a latency-bound chain of adds (a row of a tile pair's weights or their gradients).
-template <typename acc_t>
-inline acc_t row_sum(const acc_t* x, int64_t n) {
-  constexpr int64_t L = 16;
-  acc_t part[L] = {};
-  int64_t j = 0;
-  for (; j + L <= n; j += L)
-    for (int64_t l = 0; l < L; ++l) part[l] += x[j + l];
-  acc_t sum = 0;
-  for (; j < n; ++j) sum += x[j];
-  for (int64_t l = 0; l < L; ++l) sum += part[l];
-  return sum;
-}
-
 // s = tau S + b_i and w = Map::weight(s) (s^2 for CSQ) for a (G rows) x cols block of raw
 // scores S, in place into w (and s when given). On a diagonal tile (cols == rows) entries with
 // j > i become 0: selected, not multiplied, so a NaN key after i cannot reach row i. With
@@ -561,7 +552,7 @@ inline void shifted_weights(const acc_t* S, int64_t grows, int64_t rows, int64_t
       if (s) s[j] = keep ? x : acc_t(0);
       w[j] = keep ? Map::weight(x) : acc_t(0);
     }
-    if (den != nullptr) den[r * den_ld] += row_sum(w, cols);
+    if (den != nullptr) den[r * den_ld] += sum16<acc_t>(cols, [&](int64_t j) { return w[j]; });
   }
 }
 

@@ -124,17 +124,18 @@ inline void blas_gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, acc_t a
 #endif
 }
 
-// The dot product of x and y (n each) in 16 partial sums, added in a fixed order: the loop
-// vectorizes, where one running sum is a latency-bound chain of adds.
-template <typename acc_t>
-inline acc_t dot16(const acc_t* x, const acc_t* y, int64_t n) {
+// The sum of term(j) over j < n in 16 independent partial sums, added in a fixed order: the
+// loop vectorizes, where one running sum is a latency-bound chain of adds (a row of a tile
+// pair's weights or their gradients, a denominator column's dot products).
+template <typename acc_t, typename Term>
+inline acc_t sum16(int64_t n, const Term& term) {
   constexpr int64_t L = 16;
   acc_t part[L] = {};
   int64_t j = 0;
   for (; j + L <= n; j += L)
-    for (int64_t l = 0; l < L; ++l) part[l] += x[j + l] * y[j + l];
+    for (int64_t l = 0; l < L; ++l) part[l] += term(j + l);
   acc_t sum = 0;
-  for (; j < n; ++j) sum += x[j] * y[j];
+  for (; j < n; ++j) sum += term(j);
   for (int64_t l = 0; l < L; ++l) sum += part[l];
   return sum;
 }
@@ -158,8 +159,10 @@ inline void gemm_den_apart(int64_t m, int64_t n1, int64_t k, const acc_t* a, int
   thread_local std::vector<acc_t> column;
   if (static_cast<int64_t>(column.size()) < k) column.resize(k);
   for (int64_t j = 0; j < k; ++j) column[j] = b[j * ldb + last];
+  const acc_t* col = column.data();
   for (int64_t i = 0; i < m; ++i) {
-    const acc_t d = dot16(a + i * lda, column.data(), k);
+    const acc_t* ai = a + i * lda;
+    const acc_t d = sum16<acc_t>(k, [&](int64_t j) { return ai[j] * col[j]; });
     acc_t* ci = c + i * ldc + last;
     *ci = beta == acc_t(0) ? d : *ci + d;
   }
