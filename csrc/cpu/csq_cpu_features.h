@@ -33,18 +33,26 @@ inline void extended_t(const acc_t* x, const acc_t* c, int64_t rows, int64_t d, 
 }
 
 // Row f of a feature block from the extended coordinates eT: m_f eT_x eT_y (eT_x for a row of
-// one factor), m_f = Map::query_weight for query features (kQuery), 1 for key features.
+// one factor), m_f = Map::query_weight for query features (kQuery), 1 for key features. With
+// sums (F), also each row's sum over the block, in sum16's order: the key features' sums are
+// the state update's denominator column (KeyScan::absorb), taken while the row is in registers
+// instead of from a second pass over the F x C block.
 template <typename Map, bool kQuery, typename acc_t>
 inline void features_from_extended_t(const acc_t* eT, int64_t rows, int64_t d, acc_t* out,
-                                     int64_t ld) {
+                                     int64_t ld, acc_t* sums = nullptr) {
   Map::for_each_row(static_cast<int>(d), [&](int64_t f, int x, int y) {
     const acc_t m = kQuery ? Map::template query_weight<acc_t>(x, y) : acc_t(1);
     const acc_t* ex = eT + x * rows;
+    const acc_t* ey = y == kOneFactor ? nullptr : eT + y * rows;
     acc_t* o = out + f * ld;
-    if (y == kOneFactor) {
+    if (sums != nullptr) {
+      sums[f] = ey == nullptr ? sum16<acc_t>(rows, [&](int64_t i) { return o[i] = m * ex[i]; })
+                              : sum16<acc_t>(rows, [&](int64_t i) {
+                                  return o[i] = m * ex[i] * ey[i];
+                                });
+    } else if (ey == nullptr) {
       for (int64_t i = 0; i < rows; ++i) o[i] = m * ex[i];
     } else {
-      const acc_t* ey = eT + y * rows;
       for (int64_t i = 0; i < rows; ++i) o[i] = m * ex[i] * ey[i];
     }
   });
@@ -54,11 +62,13 @@ inline void features_from_extended_t(const acc_t* eT, int64_t rows, int64_t d, a
 // update S += psi^T V~ as the GEMM microkernel takes it (csq_gemm.h). Built feature by feature
 // from k^T, so every write is contiguous (one key at a time, writing F rows apart, made the
 // chunked forward 35% slower at Dk = 32).
+// With sums (F): each feature row's sum over the block (features_from_extended_t).
 template <typename Map, typename acc_t>
-inline void key_features_t(const acc_t* k, int64_t rows, int64_t d, acc_t* psi_t, int64_t ld) {
+inline void key_features_t(const acc_t* k, int64_t rows, int64_t d, acc_t* psi_t, int64_t ld,
+                           acc_t* sums = nullptr) {
   acc_t* eT = thread_scratch<acc_t>((d + 1) * rows);
   extended_t<acc_t>(k, nullptr, rows, d, acc_t(1), eT);
-  features_from_extended_t<Map, false>(eT, rows, d, psi_t, ld);
+  features_from_extended_t<Map, false>(eT, rows, d, psi_t, ld, sums);
 }
 
 // Query features phi(tau q, b) transposed: phi^T (F x rows, ld >= rows), so that
@@ -71,41 +81,62 @@ inline void query_features_t(const acc_t* q, const acc_t* bq, int64_t rows, int6
   features_from_extended_t<Map, true>(eT, rows, d, phi_t, ld);
 }
 
-// A map's rows grouped into runs: consecutive rows f0 .. f0 + len - 1 with one first factor x
-// and one weight m whose second factors are consecutive coordinates y0 .. y0 + len - 1 (or a
-// single row of one factor, y0 = kOneFactor). Walking runs, the feature rows below are
-// contiguous products that vectorize (SquareMap: 3 d + 1 runs for its (d + 1)(d + 2) / 2 rows);
-// walking single rows with the weight chosen per row ran scalar and made the chunked forward
-// 14% slower at Dk = 64 (bench/NOTES.md 15).
+// A map's rows grouped for building them row by row: runs of consecutive rows f0 .. f0 + len - 1
+// (len >= 2) with one first factor x and one weight m whose second factors are consecutive
+// coordinates y0 .. y0 + len - 1, whose products are contiguous and vectorize; and every other
+// row alone, m e_x e_y with y = d + 1 for a row of one factor (e_{d+1} = 1), so that the lone
+// rows (SquareMap: the diagonal, linear and constant ones, 2 d + 1 of its 3 d + 1 runs) run in
+// one loop without a branch. Walking single rows with the weight chosen per row ran scalar and
+// made the chunked forward 14% slower at Dk = 64 (bench/NOTES.md 15); a lone row as a run of
+// one with a branch on its kind was the larger part of the feature build at Dk = 32 (NOTES 18).
 template <typename acc_t>
 struct FeatureRun {
   int64_t f0;
   int x, y0, len;
   acc_t m;
 };
+template <typename acc_t>
+struct FeatureSingle {
+  int64_t f;
+  int x, y;
+  acc_t m;
+};
+template <typename acc_t>
+struct FeatureRuns {
+  std::vector<FeatureRun<acc_t>> runs;
+  std::vector<FeatureSingle<acc_t>> singles;
+};
 
 // The runs of head size d, walked once per thread and head size: features_rows runs on the
 // hot path (every chunk of the chunked forward, every block of a carried-state read).
 template <typename Map, bool kQuery, typename acc_t>
-inline const std::vector<FeatureRun<acc_t>>& feature_runs(int64_t d) {
+inline const FeatureRuns<acc_t>& feature_runs(int64_t d) {
   thread_local int64_t walked_d = -1;
-  thread_local std::vector<FeatureRun<acc_t>> runs;
-  if (walked_d == d) return runs;
-  runs.clear();
+  thread_local FeatureRuns<acc_t> out;
+  if (walked_d == d) return out;
+  std::vector<FeatureRun<acc_t>> all;
   Map::for_each_row(static_cast<int>(d), [&](int64_t f, int x, int y) {
     const acc_t m = kQuery ? Map::template query_weight<acc_t>(x, y) : acc_t(1);
-    if (!runs.empty()) {
-      FeatureRun<acc_t>& r = runs.back();
+    if (!all.empty()) {
+      FeatureRun<acc_t>& r = all.back();
       if (y != kOneFactor && r.y0 != kOneFactor && r.x == x && r.m == m &&
           r.f0 + r.len == f && r.y0 + r.len == y) {
         ++r.len;
         return;
       }
     }
-    runs.push_back({f, x, y, 1, m});
+    all.push_back({f, x, y, 1, m});
   });
+  out.runs.clear();
+  out.singles.clear();
+  for (const FeatureRun<acc_t>& r : all) {
+    if (r.len >= 2)
+      out.runs.push_back(r);
+    else
+      out.singles.push_back({r.f0, r.x, r.y0 == kOneFactor ? static_cast<int>(d) + 1 : r.y0, r.m});
+  }
   walked_d = d;
-  return runs;
+  return out;
 }
 
 // The same features as rows (rows x F): psi(k), or with kQuery phi(tau q, b) (b one per row).
@@ -113,25 +144,23 @@ template <typename Map, bool kQuery, typename acc_t>
 inline void features_rows(const acc_t* x, const acc_t* b, int64_t rows, int64_t d, acc_t tau,
                           acc_t* out) {
   const int64_t F = Map::num_features(d);
-  const std::vector<FeatureRun<acc_t>>& runs = feature_runs<Map, kQuery, acc_t>(d);
-  std::vector<acc_t> ext(d + 1);  // the row's extended coordinates
+  const FeatureRuns<acc_t>& fr = feature_runs<Map, kQuery, acc_t>(d);
+  std::vector<acc_t> ext(d + 2);  // the row's extended coordinates, then 1 for lone factors
   acc_t* e = ext.data();
+  e[d + 1] = acc_t(1);
   for (int64_t i = 0; i < rows; ++i) {
     const acc_t* xi = x + i * d;
     const acc_t scale = kQuery ? tau : acc_t(1);
     for (int64_t z = 0; z < d; ++z) e[z] = scale * xi[z];
     e[d] = kQuery ? b[i] : acc_t(1);
     acc_t* o = out + i * F;
-    for (const FeatureRun<acc_t>& r : runs) {
+    for (const FeatureRun<acc_t>& r : fr.runs) {
       const acc_t a = r.m * e[r.x];
-      if (r.y0 == kOneFactor) {
-        o[r.f0] = a;
-        continue;
-      }
       const acc_t* ey = e + r.y0;
       acc_t* orun = o + r.f0;
       for (int k = 0; k < r.len; ++k) orun[k] = a * ey[k];
     }
+    for (const FeatureSingle<acc_t>& r : fr.singles) o[r.f] = r.m * e[r.x] * e[r.y];
   }
 }
 
