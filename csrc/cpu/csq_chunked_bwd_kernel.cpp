@@ -34,6 +34,7 @@ struct BackwardTask {
   // Pass 2, centering: the per-key terms of a chunk (D each) and their running sum.
   std::vector<acc_t> center_terms, center_sum;
   std::vector<acc_t> dref, qc, bq, gc, phi_t, blk, blk2, mu;
+  std::vector<acc_t> tr;  // pass 1, causal: the chunk's k^T, v~^T and the transposes of dS, W
   StateReadGrad<Map, acc_t> read_grad;  // pass 1: the key state's read by the queries
 
   BackwardTask(const BwdParams& p_, const SeqTask& t_)
@@ -43,7 +44,8 @@ struct BackwardTask {
         carried(p_.state_in != nullptr), keys(p_, p_, p_.chunk, t_), ref(keys.ref), kc(keys.kc),
         vc(keys.vc), psi(keys.psi), center_terms(C * D), center_sum(D),
         dref(D, acc_t(0)), qc(C * D), bq(C), gc(C * Dv1), phi_t(F * C), blk(C * C),
-        blk2(C * C), mu(C * D), read_grad(D, Dv1, C) {}
+        blk2(C * C), mu(C * D), tr(p_.causal ? C * (D + Dv1 + 2 * C) : 0),
+        read_grad(D, Dv1, C) {}
 
   int64_t qrow0(int64_t h, int64_t t0) const {
     return (t.batch * p.heads_q + h) * p.seqlen + t.start + t0;
@@ -104,31 +106,42 @@ struct BackwardTask {
     }
 
     // Keys of this chunk directly: s = tau Q K^T + b, E = G~ V~^T, dS = w'(s) E (j <= i).
+    // Every product on gemm (csq_gemm.h) with untransposed operands, alpha 1 (tau is in dS):
+    // the GEMM microkernel's form. (Through at::mm with transposed views they ran on BLAS
+    // with the dispatcher's microseconds per call, at AVX2 speed on the AMD EPYC.)
     if (p.causal) {
-      at::Tensor S = mat(blk.data(), rows, rows), E = mat(blk2.data(), rows, rows);
-      mm_into(S, mat(qc.data(), rows, D), mat(kc.data(), rows, D).t());
-      mm_into(E, mat(gc.data(), rows, Dv1), mat(vc.data(), rows, Dv1).t());
+      acc_t *kT = tr.data(), *vT = kT + D * rows, *dST = vT + Dv1 * rows, *WT = dST + rows * rows;
+      transpose_into(kc.data(), rows, D, D, kT, rows);
+      transpose_into(vc.data(), rows, Dv1, Dv1, vT, rows);
+      gemm<acc_t>(false, false, rows, rows, D, acc_t(1), qc.data(), D, kT, rows, acc_t(0),
+                  blk.data(), rows);
+      gemm<acc_t>(false, false, rows, rows, Dv1, acc_t(1), gc.data(), Dv1, vT, rows, acc_t(0),
+                  blk2.data(), rows);
       for (int64_t i = 0; i < rows; ++i) {
         acc_t rowsum = 0;
         for (int64_t j = 0; j < rows; ++j) {
           const acc_t s = tau * blk[i * rows + j] + bq[i];
           const acc_t ds = j <= i ? Map::weight_grad(s) * blk2[i * rows + j] : acc_t(0);
           blk[i * rows + j] = j <= i ? Map::weight(s) : acc_t(0);  // W, for dv
-          blk2[i * rows + j] = ds;
+          blk2[i * rows + j] = tau * ds;                            // tau dS, for dq and dk
           rowsum += ds;
         }
         db[i] += rowsum;
       }
-      at::Tensor dS = E;
       acc_t* dk = out(p.dk, krow0(t0), D);
       acc_t* dv = out(p.dv, krow0(t0), Dv);
       if (all_finite(kc, rows * D) && all_finite(qc, rows * D) && all_finite(gc, rows * Dv1)) {
-        mat(dq, rows, D).addmm_(dS, mat(kc.data(), rows, D), 1, tau);
-        mat(dk, rows, D).addmm_(dS.t(), mat(qc.data(), rows, D), 1, tau);
-        mat(dv, rows, Dv).addmm_(S.t(), mat(gc.data(), rows, Dv1, Dv1).narrow(1, 0, Dv));
+        transpose_into(blk2.data(), rows, rows, rows, dST, rows);
+        transpose_into(blk.data(), rows, rows, rows, WT, rows);
+        gemm<acc_t>(false, false, rows, D, rows, acc_t(1), blk2.data(), rows, kc.data(), D,
+                    acc_t(1), dq, D);
+        gemm<acc_t>(false, false, rows, D, rows, acc_t(1), dST, rows, qc.data(), D, acc_t(1),
+                    dk, D);
+        gemm<acc_t>(false, false, rows, Dv, rows, acc_t(1), WT, rows, gc.data(), Dv1, acc_t(1),
+                    dv, Dv);
       } else {  // keep NaN / Inf on their side of the causal mask
-        lower_mm_add(blk2.data(), rows, kc.data(), D, D, tau, false, dq, D);
-        lower_mm_add(blk2.data(), rows, qc.data(), D, D, tau, true, dk, D);
+        lower_mm_add(blk2.data(), rows, kc.data(), D, D, acc_t(1), false, dq, D);
+        lower_mm_add(blk2.data(), rows, qc.data(), D, D, acc_t(1), true, dk, D);
         lower_mm_add(blk.data(), rows, gc.data(), Dv, Dv1, acc_t(1), true, dv, Dv);
       }
     }

@@ -166,10 +166,5 @@ inline void lower_mm_add(const acc_t* L, int64_t rows, const acc_t* X, int64_t c
     }
 }
 
-// out = a @ b into an existing view (at::mm_out wants an lvalue).
-inline void mm_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b) {
-  at::mm_out(out, a, b);
-}
-
 }  // namespace cpu
 }  // namespace csq
