@@ -236,9 +236,9 @@ struct BackwardTask {
       for (int64_t hh = 0; hh < p.group; ++hh) {
         const int64_t h = g * p.group + hh;
         load_queries(h, t0, rows);
-        query_features_t<Map>(qc.data(), bq.data(), rows, D, tau, phi_t.data(), C);
-        gemm_den_apart<acc_t>(F, Dv1, rows, phi_t.data(), C, gc.data(), Dv1, acc_t(1),
-                              query_state.data(), Dv1);
+        add_features_t_product<Map, true>(qc.data(), bq.data(), rows, D, tau, phi_t.data(), C,
+                                          gc.data(), Dv1, /*ones_column=*/false,
+                                          query_state.data());
       }
     };
 

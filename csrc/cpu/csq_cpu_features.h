@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "../csq_feature_map.h"
@@ -34,9 +35,7 @@ inline void extended_t(const acc_t* x, const acc_t* c, int64_t rows, int64_t d, 
 
 // Row f of a feature block from the extended coordinates eT: m_f eT_x eT_y (eT_x for a row of
 // one factor), m_f = Map::query_weight for query features (kQuery), 1 for key features. With
-// sums (F), also each row's sum over the block, in sum16's order: the key features' sums are
-// the state update's denominator column (KeyScan::absorb), taken while the row is in registers
-// instead of from a second pass over the F x C block.
+// sums (F), also each row's sum over the block, in sum16's order (add_features_t_product).
 template <typename Map, bool kQuery, typename acc_t>
 inline void features_from_extended_t(const acc_t* eT, int64_t rows, int64_t d, acc_t* out,
                                      int64_t ld, acc_t* sums = nullptr) {
@@ -58,27 +57,36 @@ inline void features_from_extended_t(const acc_t* eT, int64_t rows, int64_t d, a
   });
 }
 
-// Key features psi(k) transposed: psi^T (F x rows, ld >= rows), the left operand of the state
-// update S += psi^T V~ as the GEMM microkernel takes it (csq_gemm.h). Built feature by feature
-// from k^T, so every write is contiguous (one key at a time, writing F rows apart, made the
-// chunked forward 35% slower at Dk = 32).
-// With sums (F): each feature row's sum over the block (features_from_extended_t).
-template <typename Map, typename acc_t>
-inline void key_features_t(const acc_t* k, int64_t rows, int64_t d, acc_t* psi_t, int64_t ld,
-                           acc_t* sums = nullptr) {
+// A state product over a block of rows: Z (F x n1, ld n1) += feat^T B, with the block's
+// features built transposed into feat_t (F x rows, ld ld), the left operand as the GEMM
+// microkernel takes it: key features psi(x) (the key state's update, B = [V, 1]) or with
+// kQuery phi(tau x, b) (the backward's query states R, B = G~). Built feature by feature from
+// x^T, so that every write is contiguous (one row at a time, writing F rows apart, made the
+// chunked forward 35% slower at Dk = 32). B's last column is a denominator column, its
+// product apart from the GEMM (gemm_den_apart, csq_gemm.h, says why); when that column is all
+// ones (ones_column: B = [V, 1]) its products are the feature rows' sums, taken while each row
+// is built (in the order of gemm_den_apart's dot products: the same sums) instead of in a
+// second pass over the F x rows block (bench/NOTES.md 18; with other weights the fused
+// products measured no faster than the second pass).
+template <typename Map, bool kQuery, typename acc_t>
+inline void add_features_t_product(const acc_t* x, const acc_t* b, int64_t rows, int64_t d,
+                                   acc_t tau, acc_t* feat_t, int64_t ld, const acc_t* B,
+                                   int64_t n1, bool ones_column, acc_t* Z) {
+  const int64_t F = Map::num_features(d);
   acc_t* eT = thread_scratch<acc_t>((d + 1) * rows);
-  extended_t<acc_t>(k, nullptr, rows, d, acc_t(1), eT);
-  features_from_extended_t<Map, false>(eT, rows, d, psi_t, ld, sums);
-}
-
-// Query features phi(tau q, b) transposed: phi^T (F x rows, ld >= rows), so that
-// phi . psi(k) = Map::weight(tau <q, k> + b); for the backward's query state R += phi^T G~.
-template <typename Map, typename acc_t>
-inline void query_features_t(const acc_t* q, const acc_t* bq, int64_t rows, int64_t d, acc_t tau,
-                             acc_t* phi_t, int64_t ld) {
-  acc_t* eT = thread_scratch<acc_t>((d + 1) * rows);
-  extended_t(q, bq, rows, d, tau, eT);
-  features_from_extended_t<Map, true>(eT, rows, d, phi_t, ld);
+  extended_t<acc_t>(x, kQuery ? b : nullptr, rows, d, kQuery ? tau : acc_t(1), eT);
+  const bool fuse =
+      ones_column && std::is_same_v<acc_t, float> && use_microkernel() && n1 > 1 && rows > 0;
+  if (!fuse) {
+    features_from_extended_t<Map, kQuery>(eT, rows, d, feat_t, ld);
+    gemm_den_apart<acc_t>(F, n1, rows, feat_t, ld, B, n1, acc_t(1), Z, n1);
+    return;
+  }
+  thread_local std::vector<acc_t> sums;
+  sums.resize(F);
+  features_from_extended_t<Map, kQuery>(eT, rows, d, feat_t, ld, sums.data());
+  gemm<acc_t>(false, false, F, n1 - 1, rows, acc_t(1), feat_t, ld, B, n1, acc_t(1), Z, n1);
+  for (int64_t f = 0; f < F; ++f) Z[f * n1 + n1 - 1] += sums[f];
 }
 
 // A map's rows grouped for building them row by row: runs of consecutive rows f0 .. f0 + len - 1

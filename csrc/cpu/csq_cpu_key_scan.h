@@ -173,8 +173,9 @@ inline void key_means(const acc_t* kc, int64_t rows, int64_t d, const acc_t* ksu
 // The key side of a task's scan, shared by the chunked forward and backward, the direct
 // path's carried state and the state-only op: the current chunk's shifted keys, augmented
 // values and key features, and the key state S = sum psi(k - ref) [v, 1]^T with the running
-// sum of shifted keys. The features are built transposed (psi_t, F x C) for the state update,
-// or row by row (psi, C x F) with `features_by_row` for the keys' gradients (keys_grad).
+// sum of shifted keys. The features are built transposed (psi_t, F x C) by the state update
+// (absorb), or row by row (psi, C x F) by load with `features_by_row` for the keys' gradients
+// (keys_grad).
 // A chunk of the forward order (KeyScan::forward_chunk): its rows; whether its queries read
 // the key state (all but a causal sequence's first chunk without a carried state); the key
 // spread of that state (state_key_spread) when the call checks it, else 0.
@@ -191,11 +192,6 @@ struct KeyScan {
   const SeqTask t;
   const int64_t D, Dv1, F, C;
   std::vector<acc_t> ref, kc, vc, psi, psi_t, ksum, state;
-  // The loaded chunk's key feature sums (F), the update's denominator column, when its product
-  // runs on the microkernel (psi_sums_ready); gemm_den_apart's dot products with the ones
-  // column of V~ took them in a second pass over psi_t (5% of a chunked forward at D = 64).
-  std::vector<acc_t> psi_sums;
-  bool psi_sums_ready = false;
   std::vector<acc_t> gT, uT, eT, deT;  // keys_grad's V~^T, u^T, ke^T and its gradient
   acc_t carried_keys = 0;  // keys carried in by an initial state
   bool features_by_row = false;
@@ -209,7 +205,8 @@ struct KeyScan {
   // The state before the sequence: the carried one, or empty.
   void start() { carried_keys = task_initial_state<Map>(p, cs, t, state.data(), ksum.data()); }
 
-  // Keys (shifted by ref), values with their ones column, and key features of a chunk.
+  // Keys (shifted by ref) and values with their ones column of a chunk; with features_by_row
+  // their key features as rows.
   void load(int64_t t0, int64_t rows) {
     load_rows<scalar_t, acc_t>(p.k, p.k_stride, t.batch, t.head_k, t.start + t0, rows, D,
                                ref.data(), kc.data(), D);
@@ -218,25 +215,15 @@ struct KeyScan {
       psi.resize(C * F);  // only the backward's second pass asks for it
       features_rows<Map, false>(kc.data(), static_cast<const acc_t*>(nullptr), rows, D,
                                 acc_t(1), psi.data());
-    } else {
-      psi_sums_ready = std::is_same_v<acc_t, float> && use_microkernel() && Dv1 > 1;
-      if (psi_sums_ready) psi_sums.resize(F);
-      key_features_t<Map>(kc.data(), rows, D, psi_t.data(), C,
-                          psi_sums_ready ? psi_sums.data() : nullptr);
     }
   }
 
-  // The loaded chunk joins the state: S += Psi^T V~ (V~'s last column is ones: its product is
-  // the feature sums), and the running key sum.
+  // The loaded chunk joins the state: S += Psi^T V~ (the key features built here: a causal
+  // forward's last chunk, which joins no state, builds none), and the running key sum.
   void absorb(int64_t rows) {
-    if (psi_sums_ready && rows > 0) {
-      gemm<acc_t>(false, false, F, Dv1 - 1, rows, acc_t(1), psi_t.data(), C, vc.data(), Dv1,
-                  acc_t(1), state.data(), Dv1);
-      for (int64_t f = 0; f < F; ++f) state[f * Dv1 + Dv1 - 1] += psi_sums[f];
-    } else {
-      gemm_den_apart<acc_t>(F, Dv1, rows, psi_t.data(), C, vc.data(), Dv1, acc_t(1),
-                            state.data(), Dv1);
-    }
+    add_features_t_product<Map, false>(kc.data(), static_cast<const acc_t*>(nullptr), rows, D,
+                                       acc_t(1), psi_t.data(), C, vc.data(), Dv1,
+                                       /*ones_column=*/true, state.data());
     add_rows(kc.data(), rows, D, ksum.data());
   }
 

@@ -282,9 +282,9 @@ struct BackwardTiles : QueryTileWork<scalar_t, acc_t, Map, DirectBwdParams> {
         const int64_t grows = G * tq.rows;
         for (int64_t r0 = 0; r0 < grows; r0 += kStateReadRows) {
           const int64_t rows = std::min(kStateReadRows, grows - r0);
-          query_features_t<Map>(qt.q.data() + r0 * D, b0 + r0, rows, D, tau, phi_t.data(), rows);
-          gemm_den_apart<acc_t>(F, Dv1, rows, phi_t.data(), rows, g.data() + r0 * Dv1, Dv1,
-                                acc_t(1), R.data(), Dv1);
+          add_features_t_product<Map, true>(qt.q.data() + r0 * D, b0 + r0, rows, D, tau,
+                                            phi_t.data(), rows, g.data() + r0 * Dv1, Dv1,
+                                            /*ones_column=*/false, R.data());
         }
       }
       acc_t* ds = task_state<Map>(static_cast<acc_t*>(p.dstate_in), p, sq);
