@@ -34,7 +34,7 @@ struct BackwardTask {
   // Pass 2, centering: the per-key terms of a chunk (D each) and their running sum.
   std::vector<acc_t> center_terms, center_sum;
   std::vector<acc_t> dref, qc, bq, gc, phi_t, blk, blk2, mu;
-  std::vector<acc_t> tr;  // pass 1, causal: the chunk's k^T, v~^T and the transposes of dS, W
+  std::vector<acc_t> tr;  // pass 1, causal: the chunk's v~^T (per chunk), dS^T and W^T
   StateReadGrad<Map, acc_t> read_grad;  // pass 1: the key state's read by the queries
 
   BackwardTask(const BwdParams& p_, const SeqTask& t_)
@@ -44,7 +44,7 @@ struct BackwardTask {
         carried(p_.state_in != nullptr), keys(p_, p_, p_.chunk, t_), ref(keys.ref), kc(keys.kc),
         vc(keys.vc), psi(keys.psi), center_terms(C * D), center_sum(D),
         dref(D, acc_t(0)), qc(C * D), bq(C), gc(C * Dv1), phi_t(F * C), blk(C * C),
-        blk2(C * C), mu(C * D), tr(p_.causal ? C * (D + Dv1 + 2 * C) : 0),
+        blk2(C * C), mu(C * D), tr(p_.causal ? C * (Dv1 + 2 * C) : 0),
         read_grad(D, Dv1, C) {}
 
   int64_t qrow0(int64_t h, int64_t t0) const {
@@ -110,11 +110,10 @@ struct BackwardTask {
     // the GEMM microkernel's form. (Through at::mm with transposed views they ran on BLAS
     // with the dispatcher's microseconds per call, at AVX2 speed on the AMD EPYC.)
     if (p.causal) {
-      acc_t *kT = tr.data(), *vT = kT + D * rows, *dST = vT + Dv1 * rows, *WT = dST + rows * rows;
-      transpose_into(kc.data(), rows, D, D, kT, rows);
-      transpose_into(vc.data(), rows, Dv1, Dv1, vT, rows);
-      gemm<acc_t>(false, false, rows, rows, D, acc_t(1), qc.data(), D, kT, rows, acc_t(0),
-                  blk.data(), rows);
+      const acc_t* vT = tr.data();  // pass_forward_order's, once per chunk
+      acc_t *dST = tr.data() + Dv1 * rows, *WT = dST + rows * rows;
+      gemm<acc_t>(false, false, rows, rows, D, acc_t(1), qc.data(), D, keys.kT.data(), rows,
+                  acc_t(0), blk.data(), rows);
       gemm<acc_t>(false, false, rows, rows, Dv1, acc_t(1), gc.data(), Dv1, vT, rows, acc_t(0),
                   blk2.data(), rows);
       for (int64_t i = 0; i < rows; ++i) {
@@ -179,6 +178,7 @@ struct BackwardTask {
       const ForwardChunk chunk = keys.forward_chunk(t0, carried, check, mu.data());
       const int64_t rows = chunk.rows;
       const bool reads_state = chunk.reads_state;
+      if (p.causal) transpose_into(vc.data(), rows, Dv1, Dv1, tr.data(), rows);
       for (int64_t hh = 0; hh < p.group; ++hh) {
         const int64_t h = g * p.group + hh;
         load_queries(h, t0, rows);

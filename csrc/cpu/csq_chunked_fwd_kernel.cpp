@@ -24,10 +24,6 @@ void forward_task(const FwdParams& p, const SeqTask& t) {
   KeyScan<scalar_t, acc_t, Map> keys(p, p, p.chunk, t);
   std::vector<acc_t>&kc = keys.kc, &vc = keys.vc, &ref = keys.ref;
   std::vector<acc_t> qc(C * D), mu(C * D), bq(C), phi(C * F), num(C * Dv1), w(C * C);
-  // The chunk's keys transposed (D x rows), the in-chunk scores' right operand as the GEMM
-  // microkernel takes it (with kc itself, transposed, the product ran on BLAS: at Dk = 32 on
-  // the AMD EPYC, 5% of the forward; bench/NOTES.md 18).
-  std::vector<acc_t> kT(p.causal ? C * D : 0);
   keys.start();
   const bool carried = carried_sums<Map, acc_t>(p, p, t) != nullptr;
   if (!p.causal) keys.absorb_all();
@@ -40,7 +36,6 @@ void forward_task(const FwdParams& p, const SeqTask& t) {
     const ForwardChunk chunk = keys.forward_chunk(t0, carried, check, mu.data());
     const int64_t rows = chunk.rows;
     const bool reads_state = chunk.reads_state;
-    if (p.causal) transpose_into(kc.data(), rows, D, D, kT.data(), rows);
 
     for (int64_t hh = 0; hh < p.group; ++hh) {
       const int64_t h = g * p.group + hh;
@@ -58,7 +53,7 @@ void forward_task(const FwdParams& p, const SeqTask& t) {
 
       // Keys of this chunk directly: W_ij = weight(tau <q_i, k_j> + b_i) for j <= i.
       if (p.causal) {
-        gemm<acc_t>(false, false, rows, rows, D, acc_t(1), qc.data(), D, kT.data(), rows,
+        gemm<acc_t>(false, false, rows, rows, D, acc_t(1), qc.data(), D, keys.kT.data(), rows,
                     acc_t(0), w.data(), rows);
         for (int64_t i = 0; i < rows; ++i)
           for (int64_t j = 0; j < rows; ++j) {

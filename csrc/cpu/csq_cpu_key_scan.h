@@ -192,13 +192,18 @@ struct KeyScan {
   const SeqTask t;
   const int64_t D, Dv1, F, C;
   std::vector<acc_t> ref, kc, vc, psi, psi_t, ksum, state;
+  // Causal, forward order: the chunk's keys transposed (D x rows), the right operand of the
+  // in-chunk scores Q K^T as the GEMM microkernel takes it (with kc itself, transposed, that
+  // product ran on BLAS: 5% of the forward at Dk = 32 on the AMD EPYC; bench/NOTES.md 18).
+  std::vector<acc_t> kT;
   std::vector<acc_t> gT, uT, eT, deT;  // keys_grad's V~^T, u^T, ke^T and its gradient
   acc_t carried_keys = 0;  // keys carried in by an initial state
   bool features_by_row = false;
 
   KeyScan(const QkvParams& p_, const CarriedState& cs_, int64_t chunk, const SeqTask& t_)
       : p(p_), cs(cs_), t(t_), D(p_.dim_k), Dv1(p_.dim_v + 1), F(Map::num_features(p_.dim_k)),
-        C(chunk), ref(D), kc(C * D), vc(C * Dv1), psi_t(C * F), ksum(D), state(F * Dv1) {
+        C(chunk), ref(D), kc(C * D), vc(C * Dv1), psi_t(C * F), ksum(D), state(F * Dv1),
+        kT(p_.causal ? C * D : 0) {
     task_reference<scalar_t, acc_t, Map>(p, cs, t, ref.data());
   }
 
@@ -230,13 +235,16 @@ struct KeyScan {
   // The start of the chunk at t0 in the forward order, shared by the chunked forward and the
   // backward's first pass (`carried`: a carried state precedes the sequence): with `check`
   // the spread of the state its queries read, for the conditioning check (taken before the
-  // chunk joins it), then its keys (causal; otherwise every key is in already) and their
-  // means mu (rows x D) when centering.
+  // chunk joins it), then its keys (causal; otherwise every key is in already) with kT, and
+  // their means mu (rows x D) when centering.
   ForwardChunk forward_chunk(int64_t t0, bool carried, bool check, acc_t* mu) {
     ForwardChunk c{std::min(C, t.len - t0), !(p.causal && t0 == 0 && !carried), 0, 0};
     if (check && c.reads_state)
       state_key_spread<Map>(state.data(), D, Dv1 - 1, &c.trace, &c.count);
-    if (p.causal) load(t0, c.rows);
+    if (p.causal) {
+      load(t0, c.rows);
+      transpose_into(kc.data(), c.rows, D, D, kT.data(), c.rows);
+    }
     if (p.center)
       key_means(kc.data(), c.rows, D, ksum.data(), carried_keys + acc_t(t0), p.causal, t.len,
                 mu);
